@@ -1,0 +1,33 @@
+"""lmforge: train a tokenizer, prepare a corpus, pretrain a Transformer, generate from it.
+
+The Python API mirrors the command line; names are imported lazily so ``import lmforge`` (and
+the worker processes of ``prepare``) stay fast.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_API = {
+    "train_tokenizer": "lmforge.tokenizer",
+    "Tokenizer": "lmforge.tokenizer",
+    "prepare": "lmforge.data.prepare",
+    "Config": "lmforge.model.config",
+    "GPT": "lmforge.model.gpt",
+    "load_model": "lmforge.model.checkpoint",
+    "save_model": "lmforge.model.checkpoint",
+    "TrainConfig": "lmforge.train.config",
+    "pretrain": "lmforge.train.loop",
+    "generate": "lmforge.infer.generate",
+    "SamplingParams": "lmforge.infer.generate",
+    "write_report": "lmforge.eval.report",
+    "LmforgeError": "lmforge.errors",
+}
+
+__all__ = list(_API) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'lmforge' has no attribute {name!r}")

@@ -1,0 +1,185 @@
+"""The `lmforge` command: thin subcommands over the Python API.
+
+A mistake in the input prints one line, ``lmforge: error: ...``, and exits with status 2;
+``--debug`` (anywhere on the line) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmforge import __version__
+from lmforge.errors import LmforgeError
+
+
+def cmd_tokenizer_train(args) -> None:
+    from lmforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(args.inputs, args.out, args.vocab_size, args.min_frequency, args.text_field, progress=not args.quiet)
+    print(f"cleaning: {tok.train_stats.summary()}")
+    _warn_non_utf8(tok.train_stats.non_utf8_bytes)
+    print(f"saved a {tok.vocab_size}-token byte-level BPE to {tok.path}")
+
+
+def cmd_prepare(args) -> None:
+    from lmforge.data.prepare import prepare
+
+    meta = prepare(
+        args.inputs, args.tokenizer, args.out, args.val_fraction, args.seed, args.min_chars, args.workers,
+        args.text_field, args.shard_tokens, args.overwrite, progress=not args.quiet,
+    )
+    stats = meta["cleaning"]
+    print(
+        f"cleaning: {stats['documents']} documents read, {stats['dropped_duplicates']} exact duplicates and "
+        f"{stats['dropped_short']} shorter than {meta['min_chars']} characters dropped, "
+        f"{stats['control_chars_removed']} control characters removed"
+    )
+    _warn_non_utf8(stats["non_utf8_bytes"])
+    for split, info in meta["splits"].items():
+        per = info["bytes"] / max(info["tokens"], 1)
+        print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens ({per:.2f} bytes/token) "
+              f"in {len(info['shards'])} shard(s)")
+    print(f"wrote {args.out}")
+
+
+def _warn_non_utf8(n: int) -> None:
+    if n:
+        from lmforge.utils import warn
+
+        warn(f"{n} bytes were not valid UTF-8 and were replaced by U+FFFD")
+
+
+def cmd_pretrain(args, extra: list[str]) -> None:
+    from lmforge.train.config import parse_overrides
+    from lmforge.train.loop import pretrain
+
+    summary = pretrain(args.config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                       **parse_overrides(extra))
+    if summary["checkpoint"]:
+        print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens; latest checkpoint {summary['checkpoint']}")
+
+
+def cmd_generate(args) -> None:
+    from lmforge.infer.generate import SamplingParams, stream_generate
+    from lmforge.model.checkpoint import load_model, load_tokenizer_for
+    from lmforge.utils import pick_device
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model = load_model(args.model, pick_device(args.device))
+    tokenizer = load_tokenizer_for(model, args.tokenizer)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, stop=args.stop or [], seed=args.seed, truncate=args.truncate,
+    )
+    if args.echo:
+        sys.stdout.write(prompt)
+    for piece in stream_generate(model, tokenizer, prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_report(args) -> None:
+    from lmforge.eval.report import write_report
+
+    print(f"wrote {write_report(args.run)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmforge", description="Train, fine-tune, run and evaluate language models.")
+    p.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def inputs(sp):
+        sp.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="files or folders of .txt .md .py .jsonl .parquet, or - for stdin "
+                             "(default: this Python's standard library)")
+        sp.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text (default: text)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    tt = tok_sub.add_parser("train", help="train a tokenizer.json on a corpus")
+    inputs(tt)
+    tt.add_argument("--out", default="tokenizer", help="folder to write tokenizer.json into (default: tokenizer)")
+    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
+    tt.set_defaults(func=cmd_tokenizer_train)
+
+    pr = sub.add_parser("prepare", help="clean, split and tokenize a corpus into shards")
+    inputs(pr)
+    pr.add_argument("--tokenizer", required=True, help="tokenizer.json, or a folder holding one")
+    pr.add_argument("--out", default="data", help="output folder (default: data)")
+    pr.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default: 0.05)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    pr.add_argument("--min-chars", type=int, default=64, help="drop documents shorter than this (default: 64)")
+    pr.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count; 0: none)")
+    pr.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    pr.set_defaults(func=cmd_prepare)
+
+    pt = sub.add_parser(
+        "pretrain", help="train a model from scratch (or continue one)", allow_abbrev=False,
+        description="Any config key can be given as --key value (for example --max-steps 200 --lr 3e-4); "
+                    "these override --config. Keys: see lmforge/train/config.py or the README.",
+    )
+    pt.add_argument("--config", help="YAML file of config keys")
+    pt.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    pt.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
+    pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    pt.set_defaults(func=cmd_pretrain)
+
+    ge = sub.add_parser("generate", help="continue a prompt with a model")
+    ge.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    ge.add_argument("--model", required=True, help="a model folder, or a run folder (its latest checkpoint)")
+    ge.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the model folder's)")
+    ge.add_argument("--max-new-tokens", type=int, default=128)
+    ge.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (default: 1.0)")
+    ge.add_argument("--top-k", type=int, default=0, help="0 turns it off")
+    ge.add_argument("--top-p", type=float, default=1.0)
+    ge.add_argument("--repetition-penalty", type=float, default=1.0)
+    ge.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+    ge.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    ge.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    ge.add_argument("--truncate", action="store_true", help="keep the end of a prompt that does not fit the context")
+    ge.add_argument("--device", default="auto")
+    ge.set_defaults(func=cmd_generate)
+
+    rp = sub.add_parser("report", help="write report.md and plots for a training run")
+    rp.add_argument("run", help="the run folder")
+    rp.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.func is not cmd_pretrain:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.func is cmd_pretrain:
+            cmd_pretrain(args, extra)
+        else:
+            args.func(args)
+    except LmforgeError as e:
+        if debug:
+            raise
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0  # the reader (say, `| head`) has gone
+    except OSError as e:
+        if debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"lmforge: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    return 0

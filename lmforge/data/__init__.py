@@ -1,0 +1,1 @@
+"""Corpus reading and cleaning, tokenised shards, and the training-window loader."""

@@ -1,0 +1,225 @@
+"""Read documents from files, folders or stdin, and clean them.
+
+A document is one ``.txt``/``.md``/``.py`` file, one JSONL line (its ``text`` field), one Parquet
+row, or all of standard input. With no input, the corpus is the Python standard library of the
+running interpreter: about 12 MB of real code and prose that every machine running lmforge has.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import re
+import sys
+import sysconfig
+import unicodedata
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+TEXT_SUFFIXES = {".txt", ".md", ".py"}
+SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".parquet"}
+# Folders of the standard library left out of the default corpus.
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+# C0 and C1 control characters except tab and newline (carriage returns become newlines first).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+@dataclass
+class Document:
+    text: str
+    source: str  # "path" or "path:line" or "<stdin>"
+
+
+@dataclass
+class CorpusStats:
+    """What reading and cleaning saw and dropped; printed by `prepare` and saved in its metadata."""
+
+    files: int = 0
+    skipped_files: int = 0  # files in folders with a suffix lmforge does not read
+    documents: int = 0
+    non_utf8_bytes: int = 0  # undecodable bytes, each replaced by U+FFFD
+    control_chars_removed: int = 0
+    dropped_duplicates: int = 0
+    dropped_short: int = 0
+    kept: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"{self.documents} documents from {self.files} files: kept {self.kept}, "
+            f"dropped {self.dropped_duplicates} exact duplicates and {self.dropped_short} too short; "
+            f"removed {self.control_chars_removed} control characters; "
+            f"replaced {self.non_utf8_bytes} non-UTF-8 bytes"
+        )
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def default_corpus_files() -> list[Path]:
+    """The ``.py`` files of the running Python's standard library, test folders excluded."""
+    files = []
+    for folder, dirs, names in os.walk(stdlib_root()):
+        dirs[:] = sorted(d for d in dirs if d not in _STDLIB_SKIP)
+        files += [Path(folder) / n for n in sorted(names) if n.endswith(".py")]
+    return files
+
+
+_undecodable = [0]  # bytes replaced by the handler below since the last reset
+
+
+def _count_and_replace(err: UnicodeDecodeError):
+    _undecodable[0] += err.end - err.start
+    return "\ufffd" * (err.end - err.start), err.end
+
+
+codecs.register_error("lmforge-count-replace", _count_and_replace)
+
+
+def _decode(data: bytes, stats: CorpusStats) -> str:
+    """UTF-8 text of ``data``; undecodable bytes become U+FFFD and are counted in ``stats``."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        _undecodable[0] = 0
+        text = data.decode("utf-8", errors="lmforge-count-replace")
+        stats.non_utf8_bytes += _undecodable[0]
+        return text
+
+
+def _expand(inputs: Sequence[str | os.PathLike], stats: CorpusStats) -> Iterator[Path | str]:
+    for item in inputs:
+        if str(item) == "-":
+            yield "-"
+            continue
+        path = Path(item)
+        if not path.exists():
+            raise LmforgeError(f"input {path} does not exist; pass files or folders of {_suffix_list()}, or - for stdin")
+        if path.is_dir():
+            found = False
+            for folder, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(names):
+                    p = Path(folder) / name
+                    if p.suffix.lower() in SUFFIXES:
+                        found = True
+                        yield p
+                    else:
+                        stats.skipped_files += 1
+            if not found:
+                raise LmforgeError(f"folder {path} holds no {_suffix_list()} files")
+        elif path.suffix.lower() in SUFFIXES:
+            yield path
+        else:
+            raise LmforgeError(f"cannot read {path}: unsupported file type {path.suffix or '(none)'}; use {_suffix_list()}")
+
+
+def _suffix_list() -> str:
+    return ", ".join(sorted(SUFFIXES))
+
+
+def read_documents(
+    inputs: Sequence[str | os.PathLike] | None, text_field: str = "text", stats: CorpusStats | None = None
+) -> Iterator[Document]:
+    """Yield raw documents from ``inputs`` (default: the standard library)."""
+    stats = stats if stats is not None else CorpusStats()
+    sources = _expand(inputs, stats) if inputs else iter(default_corpus_files())
+    for src in sources:
+        stats.files += 1
+        if src == "-":
+            yield Document(_decode(sys.stdin.buffer.read(), stats), "<stdin>")
+            continue
+        try:
+            if src.suffix.lower() == ".jsonl":
+                yield from _read_jsonl(src, text_field, stats)
+            elif src.suffix.lower() == ".parquet":
+                yield from _read_parquet(src, text_field)
+            else:
+                yield Document(_decode(src.read_bytes(), stats), str(src))
+        except PermissionError:
+            raise LmforgeError(f"cannot read {src}: permission denied") from None
+        except IsADirectoryError:
+            raise LmforgeError(f"cannot read {src}: it is a folder") from None
+
+
+def _read_jsonl(path: Path, text_field: str, stats: CorpusStats) -> Iterator[Document]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(raw, stats).strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LmforgeError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be an object with a {text_field!r} string"
+                ) from None
+            value = row.get(text_field) if isinstance(row, dict) else None
+            if not isinstance(value, str):
+                fields = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
+                raise LmforgeError(
+                    f"{path}:{lineno}: expected a {text_field!r} string field, found {fields or 'no fields'}; "
+                    f"pass --text-field to name the field that holds the text"
+                )
+            yield Document(value, f"{path}:{lineno}")
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError on a corrupt file
+        raise LmforgeError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    columns = pf.schema_arrow.names
+    if text_field not in columns:
+        raise LmforgeError(
+            f"{path} has no column {text_field!r} (columns: {', '.join(columns)}); pass --text-field to choose one"
+        )
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if value is not None:
+                yield Document(str(value), f"{path}:{row}")
+
+
+def clean_text(text: str) -> tuple[str, int]:
+    """Normalise newlines, apply Unicode NFC, drop control characters; returns (text, n_removed)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = unicodedata.normalize("NFC", text)
+    text, removed = _CONTROL.subn("", text)
+    return text, removed
+
+
+def read_clean_documents(
+    inputs: Sequence[str | os.PathLike] | None,
+    text_field: str = "text",
+    min_chars: int = 64,
+    stats: CorpusStats | None = None,
+) -> Iterator[Document]:
+    """Documents after cleaning, exact de-duplication (by hash) and the minimum-length filter."""
+    stats = stats if stats is not None else CorpusStats()
+    seen: set[bytes] = set()
+    for doc in read_documents(inputs, text_field, stats):
+        stats.documents += 1
+        text, removed = clean_text(doc.text)
+        stats.control_chars_removed += removed
+        if len(text.strip()) < min_chars:
+            stats.dropped_short += 1
+            continue
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        if digest in seen:
+            stats.dropped_duplicates += 1
+            continue
+        seen.add(digest)
+        stats.kept += 1
+        yield Document(text, doc.source)

@@ -1,0 +1,114 @@
+"""Windows of tokens from prepared shards, for training and validation.
+
+Training batches are a pure function of ``(seed, batch_index)``: the loader's whole position is
+one integer, saved in every checkpoint, so resume is exact. Each batch is drawn for all
+processes at once and every rank takes its own rows, so N processes with batch B/N see exactly
+the rows one process with batch B sees.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.data.prepare import META_FORMAT
+from lmforge.errors import LmforgeError
+from lmforge.utils import read_json
+
+
+def read_meta(data_dir: str | os.PathLike) -> dict:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise LmforgeError(f"data folder {data_dir} does not exist; create it with `lmforge prepare --out {data_dir}`")
+    meta = read_json(data_dir / "meta.json", "prepared-data metadata")
+    if meta.get("format") != META_FORMAT:
+        raise LmforgeError(f"{data_dir}/meta.json is not lmforge prepared data; run `lmforge prepare` again")
+    return meta
+
+
+class TokenSplit:
+    """The shards of one split, memory-mapped (never read whole into memory)."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: str):
+        data_dir = Path(data_dir)
+        self.meta = read_meta(data_dir)
+        info = self.meta["splits"].get(split)
+        if info is None:
+            raise LmforgeError(f"{data_dir} has no {split!r} split")
+        self.split = split
+        self.bytes = info["bytes"]
+        self.shards: list[np.ndarray] = []
+        for shard in info["shards"]:
+            path = data_dir / shard["file"]
+            expected = shard["tokens"] * np.dtype(self.meta["dtype"]).itemsize
+            if not path.exists() or path.stat().st_size != expected:
+                raise LmforgeError(f"{path} is missing or truncated; run `lmforge prepare` again")
+            self.shards.append(np.memmap(path, dtype=self.meta["dtype"], mode="r"))
+        self.tokens = sum(len(s) for s in self.shards)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / max(self.tokens, 1)
+
+
+class TrainBatches:
+    """Random windows of ``block_size + 1`` tokens; batch ``b`` depends only on ``(seed, b)``."""
+
+    def __init__(self, split: TokenSplit, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.split, self.block_size, self.seed = split, block_size, seed
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        # A window must lie inside one shard; count the valid start positions of each.
+        starts = [max(len(s) - block_size, 0) for s in split.shards]
+        self.cum_starts = np.cumsum(starts)
+        if self.cum_starts[-1] == 0:
+            raise LmforgeError(
+                f"the {split.split} split has {split.tokens} tokens, too few for windows of block_size+1="
+                f"{block_size + 1}; lower block_size or prepare more data"
+            )
+        self.batch_index = 0
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "batch_index": self.batch_index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.batch_index = int(state["seed"]), int(state["batch_index"])
+
+    def next_batch(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (inputs, targets), each (batch_size, block_size) int64."""
+        rng = np.random.default_rng([self.seed, self.batch_index])
+        self.batch_index += 1
+        # Draw the whole global batch, then keep this rank's rows.
+        flat = rng.integers(0, self.cum_starts[-1], size=self.batch_size * self.world_size)
+        flat = flat[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        shard_ids = np.searchsorted(self.cum_starts, flat, side="right")
+        rows = np.empty((self.batch_size, self.block_size + 1), dtype=np.int64)
+        for r, (shard, pos) in enumerate(zip(shard_ids, flat)):
+            offset = pos - (self.cum_starts[shard - 1] if shard > 0 else 0)
+            rows[r] = self.split.shards[shard][offset : offset + self.block_size + 1]
+        t = torch.from_numpy(rows)
+        if device != "cpu" and torch.device(device).type == "cuda":
+            t = t.pin_memory().to(device, non_blocking=True)
+        return t[:, :-1], t[:, 1:]
+
+
+def eval_windows(split: TokenSplit, block_size: int, max_windows: int) -> list[tuple[int, int]]:
+    """Fixed, evenly spaced (shard, offset) windows over a split: the same set at every evaluation."""
+    all_windows = [(s, o) for s, shard in enumerate(split.shards) for o in range(0, len(shard) - block_size, block_size)]
+    if not all_windows:
+        raise LmforgeError(
+            f"the {split.split} split has {split.tokens} tokens, too few for one window of {block_size + 1}; "
+            f"lower block_size or raise --val-fraction in `lmforge prepare`"
+        )
+    if len(all_windows) <= max_windows:
+        return all_windows
+    step = len(all_windows) / max_windows
+    return [all_windows[int(i * step)] for i in range(max_windows)]
+
+
+def window_batch(split: TokenSplit, windows: list[tuple[int, int]], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = np.stack([split.shards[s][o : o + block_size + 1].astype(np.int64) for s, o in windows])
+    t = torch.from_numpy(rows)
+    return t[:, :-1], t[:, 1:]

@@ -1,0 +1,1 @@
+"""Measuring models: the run report (and, later, evaluation tasks)."""

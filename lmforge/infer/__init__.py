@@ -1,0 +1,1 @@
+"""Generation from a model: KV-cache decoding, sampling controls, streamed text."""

@@ -1,0 +1,1 @@
+"""The decoder Transformer, its configuration and presets, and Hugging Face checkpoint folders."""

@@ -1,0 +1,165 @@
+"""Byte-level BPE tokenizers, trained and stored the Hugging Face way (``tokenizer.json``).
+
+The BPE itself is the Rust ``tokenizers`` library; this module chooses its settings, reserves the
+special tokens later stages need, and wraps loading so any existing ``tokenizer.json`` (GPT-2's,
+a WordPiece BERT's) works the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from lmforge.errors import LmforgeError
+from lmforge.utils import atomic_write_json, atomic_write_text
+
+END_OF_TEXT = "<|endoftext|>"
+# ChatML turn markers for chat fine-tuning, and a padding token, reserved from the start so a
+# pretrained checkpoint never needs its vocabulary resized later.
+SPECIAL_TOKENS = [END_OF_TEXT, "<|im_start|>", "<|im_end|>", "<|pad|>"]
+# Names other tokenizers use for the end-of-sequence token, tried in order when
+# tokenizer_config.json does not say.
+_EOS_CANDIDATES = [END_OF_TEXT, "</s>", "<|im_end|>", "<eos>", "[SEP]"]
+_PAD_CANDIDATES = ["<|pad|>", "<pad>", "[PAD]"]
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` plus the facts lmforge needs: end-of-text id, hash, save/load."""
+
+    def __init__(self, hf: HFTokenizer, config: dict | None = None):
+        self.hf = hf
+        self.config = dict(config or {})
+        self.eos_id = self._find_special(self.config.get("eos_token"), _EOS_CANDIDATES)
+        self.pad_id = self._find_special(self.config.get("pad_token"), _PAD_CANDIDATES)
+
+    def _find_special(self, configured, candidates: list[str]) -> int | None:
+        if isinstance(configured, dict):
+            configured = configured.get("content")
+        for token in ([configured] if configured else []) + candidates:
+            token_id = self.hf.token_to_id(token)
+            if token_id is not None:
+                return token_id
+        return None
+
+    # -- loading and saving -------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load ``tokenizer.json`` from a file or a folder holding one (a model folder, a run)."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.exists():
+            where = f"{path} has no tokenizer.json" if path.is_dir() else f"{path} not found"
+            raise LmforgeError(f"{where}; train one with `lmforge tokenizer train` or point at a folder that has one")
+        try:
+            hf = HFTokenizer.from_file(str(file))
+        except Exception as e:  # the Rust library raises a bare Exception on a bad file
+            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise LmforgeError(f"{file} is not a valid tokenizer.json ({first_line}); re-create it") from None
+        config = {}
+        config_file = file.parent / "tokenizer_config.json"
+        if config_file.exists():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise LmforgeError(f"{config_file} is not valid JSON; fix or delete it") from None
+        tok = cls(hf, config)
+        tok.path = file
+        return tok
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write ``tokenizer.json`` and a ``tokenizer_config.json`` that ``transformers`` reads."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "tokenizer.json", self.hf.to_str(pretty=True))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        config.update(self.config)
+        if self.eos_id is not None:
+            eos = self.hf.id_to_token(self.eos_id)
+            config.setdefault("eos_token", eos)
+            config.setdefault("bos_token", eos)
+        if self.pad_id is not None:
+            config.setdefault("pad_token", self.hf.id_to_token(self.pad_id))
+        atomic_write_json(folder / "tokenizer_config.json", config)
+
+    # -- use -----------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special-token strings in the text map to their special ids."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``, special tokens included, so encode → decode is lossless."""
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the canonical JSON, to check a dataset and a model use the same tokenizer."""
+        return hashlib.sha256(self.hf.to_str().encode("utf-8")).hexdigest()
+
+
+def new_byte_level_bpe() -> HFTokenizer:
+    """An untrained GPT-2 style byte-level BPE: every byte is a symbol, so nothing is unknown."""
+    hf = HFTokenizer(models.BPE())
+    # No normaliser: tokenisation must be lossless; cleaning (NFC etc.) belongs to `prepare`.
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    hf.post_processor = processors.ByteLevel(trim_offsets=False)
+    return hf
+
+
+def train_tokenizer(
+    inputs: Sequence[str] | None = None,
+    out: str | os.PathLike = "tokenizer",
+    vocab_size: int = 8192,
+    min_frequency: int = 2,
+    text_field: str = "text",
+    progress: bool = True,
+) -> Tokenizer:
+    """Train a byte-level BPE on ``inputs`` (files, folders, ``-``; default: the Python stdlib).
+
+    The text is cleaned exactly as ``prepare`` cleans it, so the merges fit the data they will
+    tokenise. Saves ``tokenizer.json`` and ``tokenizer_config.json`` in ``out``.
+    """
+    from lmforge.data.corpus import CorpusStats, read_clean_documents
+
+    n_byte_symbols = 256
+    if vocab_size < n_byte_symbols + len(SPECIAL_TOKENS) + 1:
+        raise LmforgeError(
+            f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least "
+            f"{n_byte_symbols + len(SPECIAL_TOKENS) + 1} (256 bytes + special tokens + 1 merge)"
+        )
+    hf = new_byte_level_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    stats = CorpusStats()
+    documents = (doc.text for doc in read_clean_documents(inputs, text_field=text_field, stats=stats))
+    hf.train_from_iterator(documents, trainer=trainer)
+    if stats.kept == 0:
+        raise LmforgeError("the corpus has no documents left after cleaning; pass files with some text in them")
+    tok = Tokenizer(hf)
+    tok.save(out)
+    tok.path = Path(out) / "tokenizer.json"
+    tok.train_stats = stats
+    return tok

@@ -1,0 +1,1 @@
+"""The one training loop (`pretrain`), its configuration, and training checkpoints."""

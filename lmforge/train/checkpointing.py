@@ -1,0 +1,73 @@
+"""Training checkpoints: a Hugging Face model folder plus, beside it, the training-only state.
+
+    RUN/checkpoints/step_0000500/model/        config.json, model.safetensors, tokenizer.json, ...
+    RUN/checkpoints/step_0000500/trainer.pt    optimizer, loader position, RNG states, step, time
+
+Each checkpoint is assembled in a hidden temporary folder and renamed into place, so a process
+killed while saving never leaves a broken latest checkpoint. Only the last K are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.utils import fsync_dir, replace_dir
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / "trainer.pt").exists() and (d / "model" / "config.json").exists():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int) -> Path:
+    from lmforge.model.checkpoint import save_model
+
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_model(model, tmp / "model", tokenizer)
+        with open(tmp / "trainer.pt", "wb") as f:
+            torch.save(trainer_state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    try:
+        return torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which and stop
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LmforgeError(f"{checkpoint}/trainer.pt cannot be read ({first}); delete that checkpoint to resume from an earlier one") from None

@@ -1,0 +1,90 @@
+"""Shared fixtures: a small real corpus (some stdlib modules), its tokenizer and prepared data,
+and random tiny Hugging Face GPT-2 folders. Everything is built locally; nothing is downloaded."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.data.corpus import stdlib_root
+
+# Real text: a few standard-library modules, about 0.5 MB.
+CORPUS_FILES = [
+    "json/__init__.py", "json/decoder.py", "json/encoder.py", "json/scanner.py", "json/tool.py",
+    "textwrap.py", "string.py", "shlex.py", "fnmatch.py", "glob.py", "heapq.py", "bisect.py",
+    "colorsys.py", "difflib.py", "keyword.py", "numbers.py", "operator.py", "queue.py", "sched.py",
+    "statistics.py", "stringprep.py", "tabnanny.py", "this.py", "tokenize.py", "uu.py", "wave.py",
+]
+SMALL_MODEL = {"model": "tiny", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    for rel in CORPUS_FILES:
+        src = stdlib_root() / rel
+        if src.exists():
+            dst = root / rel.replace("/", "_")
+            shutil.copy(src, dst)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(corpus_dir, tmp_path_factory) -> Path:
+    from lmforge.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer([corpus_dir], out, vocab_size=1024, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(corpus_dir, tokenizer_dir, tmp_path_factory) -> Path:
+    from lmforge.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "data"
+    prepare([corpus_dir], tokenizer_dir, out, val_fraction=0.1, workers=0, progress=False)
+    return out
+
+
+def train_config(data_dir: Path, out: Path, **overrides) -> dict:
+    """A training config for a ~30K-parameter model that runs a step in milliseconds."""
+    config = dict(
+        SMALL_MODEL, data=str(data_dir), out=str(out), micro_batch_size=4, max_steps=20, warmup_steps=5, lr=3e-3,
+        eval_interval=10, eval_windows=8, checkpoint_interval=10, threads=1, tensorboard=False, seed=0,
+    )
+    config.update(overrides)
+    return config
+
+
+def make_hf_gpt2(folder: Path, vocab_size: int = 1024, tokenizer_dir: Path | None = None, seed: int = 0, **kw) -> Path:
+    """Save a randomly initialised tiny transformers GPT-2 (and optionally a tokenizer) to ``folder``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    args = dict(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    args.update(kw)
+    model = GPT2LMHeadModel(GPT2Config(**args)).eval()
+    model.save_pretrained(folder)
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(Path(tokenizer_dir) / name, Path(folder) / name)
+    return Path(folder)
+
+
+@pytest.fixture
+def hf_gpt2(tmp_path, tokenizer_dir) -> Path:
+    return make_hf_gpt2(tmp_path / "hf-gpt2", tokenizer_dir=tokenizer_dir)
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: float = 120):
+    """Run the real `lmforge` console entry point in a subprocess."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge", *args], input=stdin, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,119 @@
+"""Checkpoints are Hugging Face folders: parity with transformers in both directions."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from conftest import make_hf_gpt2
+
+from lmforge.errors import LmforgeError
+from lmforge.model.checkpoint import load_model, save_model
+from lmforge.model.config import Config
+from lmforge.model.gpt import build_model
+from lmforge.tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_logits(folder, idx):
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        return model(idx).logits
+
+
+@pytest.mark.parametrize("kw", [{}, {"tie_word_embeddings": False}, {"n_inner": 40, "activation_function": "gelu"}])
+def test_lmforge_loads_hf_gpt2_with_the_same_logits(tmp_path, kw):
+    folder = make_hf_gpt2(tmp_path / "hf", vocab_size=101, **kw)
+    idx = torch.randint(0, 101, (2, 30))
+    ours = load_model(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf_logits(folder, idx), atol=1e-4, rtol=0)
+
+
+def test_transformers_loads_an_lmforge_checkpoint_with_the_same_logits(tmp_path, tokenizer_dir):
+    torch.manual_seed(0)
+    model = build_model(Config(vocab_size=1024, block_size=64, n_layer=2, n_head=4, n_embd=32)).eval()
+    with torch.no_grad():  # move LayerNorm and biases off their init so every tensor matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_model(model, tmp_path / "ours", Tokenizer.load(tokenizer_dir))
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    idx = torch.randint(0, 1024, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(tmp_path / "ours", idx), model(idx), atol=1e-4, rtol=0)
+    # The round trip through our own loader is exact.
+    again = load_model(tmp_path / "ours")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["eos_token_id"] == 0
+
+
+def test_pytorch_model_bin_sharded_and_unprefixed_weights(tmp_path):
+    folder = make_hf_gpt2(tmp_path / "hf", vocab_size=101)
+    idx = torch.randint(0, 101, (1, 20))
+    expected = hf_logits(folder, idx)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+    # pytorch_model.bin (read with weights_only=True), with keys lacking "transformer." as in the original gpt2 upload
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_text((folder / "config.json").read_text())
+    torch.save({k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}, bin_dir / "pytorch_model.bin")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(bin_dir)(idx), expected, atol=1e-4, rtol=0)
+    # sharded safetensors with an index, written by transformers and by lmforge
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    model = load_model(tmp_path / "sharded")
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), expected, atol=1e-4, rtol=0)
+    save_model(model, tmp_path / "ours-sharded", max_shard_bytes=20_000)
+    assert len(list((tmp_path / "ours-sharded").glob("model-*.safetensors"))) > 1
+    torch.testing.assert_close(hf_logits(tmp_path / "ours-sharded", idx), expected, atol=1e-4, rtol=0)
+
+
+def test_loading_never_runs_code_from_a_pickle(tmp_path):
+    folder = make_hf_gpt2(tmp_path / "hf", vocab_size=101)
+    (folder / "model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open('" + str(tmp_path / "pwned") + "', 'w').close()",))
+
+    with open(folder / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"x": Evil()}, f)
+    with pytest.raises(LmforgeError, match="refusing to load"):
+        load_model(folder)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_corrupt_and_unsupported_folders_give_clear_errors(tmp_path):
+    folder = make_hf_gpt2(tmp_path / "hf", vocab_size=101)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
+    with pytest.raises(LmforgeError, match="model_type 't5' is not supported; lmforge reads: gpt2"):
+        load_model(folder)
+    (folder / "config.json").write_text("{broken")
+    with pytest.raises(LmforgeError, match="not valid JSON"):
+        load_model(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage")
+    with pytest.raises(LmforgeError, match="not a valid safetensors file"):
+        load_model(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(LmforgeError, match="no model.safetensors or pytorch_model.bin"):
+        load_model(folder)
+    with pytest.raises(LmforgeError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_weights_that_do_not_fit_the_config_are_reported(tmp_path):
+    folder = make_hf_gpt2(tmp_path / "hf", vocab_size=101)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
+    with pytest.raises(LmforgeError, match=r"missing h\.2\."):
+        load_model(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "n_embd": 64}))
+    with pytest.raises(LmforgeError, match="do not fit"):
+        load_model(folder)

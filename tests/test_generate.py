@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.infer.generate import SamplingParams, generate, generate_ids, process_logits, stream_generate
+from lmforge.model.checkpoint import load_model, load_tokenizer_for
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_greedy_is_token_identical_to_transformers_generate(hf_gpt2):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_gpt2)).eval()
+    ours = load_model(hf_gpt2)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        prompt = torch.randint(1, 1024, (1, 7))
+        expected = hf.generate(prompt, do_sample=False, max_new_tokens=40, eos_token_id=None, pad_token_id=0)
+        got = list(generate_ids(ours, prompt[0].tolist(), SamplingParams(max_new_tokens=40, temperature=0), set()))
+        assert got == expected[0, 7:].tolist()
+
+
+def test_logit_processing_matches_transformers_processors():
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    torch.manual_seed(0)
+    logits = torch.randn(300) * 3
+    history = torch.randint(0, 300, (40,))
+    p = SamplingParams(temperature=0.7, top_k=50, top_p=0.8, repetition_penalty=1.3)
+    expected = logits[None].clone()
+    for proc in (RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7), TopKLogitsWarper(50), TopPLogitsWarper(0.8)):
+        expected = proc(history[None], expected)
+    torch.testing.assert_close(process_logits(logits, history, p), expected[0])
+
+
+def test_seeded_sampling_is_reproducible(hf_gpt2):
+    model = load_model(hf_gpt2)
+    run = lambda seed: generate(model, "def f(x):", max_new_tokens=30, temperature=1.0, top_p=0.95, seed=seed).token_ids  # noqa: E731
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    before = torch.get_rng_state()
+    run(3)
+    assert torch.equal(before, torch.get_rng_state())  # a seeded run leaves global randomness alone
+
+
+def test_stop_strings_and_streaming(hf_gpt2):
+    model = load_model(hf_gpt2)
+    tok = load_tokenizer_for(model)
+    full = generate(model, "import", max_new_tokens=40, temperature=0).text
+    assert len(full) > 10
+    stop = full[5:8]
+    cut = full[: full.find(stop)]
+    result = {}
+    pieces = list(stream_generate(model, tok, "import", SamplingParams(max_new_tokens=40, temperature=0, stop=[stop]), result))
+    assert "".join(pieces) == cut == result["generation"].text
+    assert result["generation"].finish_reason == "stop"
+    pieces = list(stream_generate(model, tok, "import", SamplingParams(max_new_tokens=40, temperature=0), result))
+    assert "".join(pieces) == full and len(pieces) > 1  # streamed piece by piece
+    assert result["generation"].finish_reason == "length"
+
+
+def test_end_of_text_stops_generation(hf_gpt2):
+    model = load_model(hf_gpt2)
+    tok = load_tokenizer_for(model)
+    ids = generate(model, "x", max_new_tokens=20, temperature=0).token_ids
+    # Make the 4th greedy token the stop token: generation ends there and the text excludes it.
+    gen = generate(model, "x", max_new_tokens=20, temperature=0, stop_token_ids=[ids[3]])
+    assert gen.token_ids == ids[:3] and gen.finish_reason == "stop"
+    assert gen.text == tok.decode(ids[:3])
+
+
+def test_prompt_longer_than_the_context(hf_gpt2):
+    model = load_model(hf_gpt2)  # context 64
+    prompt = "word " * 200
+    with pytest.raises(LmforgeError, match="exceeds the model's context of 64.*--truncate"):
+        generate(model, prompt, max_new_tokens=10)
+    gen = generate(model, prompt, max_new_tokens=10, temperature=0, truncate=True)
+    assert gen.prompt_tokens == 54 and len(gen.token_ids) == 10
+    with pytest.raises(LmforgeError, match="must be below the model's context"):
+        generate(model, "x", max_new_tokens=64)
+
+
+def test_bad_sampling_options(hf_gpt2):
+    model = load_model(hf_gpt2)
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"max_new_tokens": 0}):
+        with pytest.raises(LmforgeError, match="bad sampling option"):
+            generate(model, "x", **bad)
+
+
+def test_empty_prompt_starts_from_end_of_text(hf_gpt2):
+    gen = generate(hf_gpt2, "", max_new_tokens=5, temperature=0)
+    assert gen.prompt_tokens == 1 and len(gen.token_ids) == 5

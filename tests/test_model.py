@@ -1,0 +1,82 @@
+import time
+
+import pytest
+import torch
+
+from lmforge.model.config import PRESETS, Config
+from lmforge.model.gpt import KVCache, build_model
+
+
+@pytest.mark.parametrize("preset,published", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
+                                              ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)])
+def test_gpt2_presets_have_the_published_parameter_counts(preset, published):
+    config = Config.from_preset(preset)
+    assert config.num_params() == published
+    assert build_model(config, "meta").num_params() == published
+
+
+def test_tiny_preset_is_a_few_million_parameters():
+    assert 1e6 < Config.from_preset("tiny").num_params() < 1e7
+
+
+@pytest.mark.parametrize("kw", [{}, {"tie_embeddings": False}, {"bias": False}, {"mlp_hidden": 48}])
+def test_counted_parameters_equal_the_model_parameters(kw):
+    config = Config(vocab_size=97, block_size=16, n_layer=3, n_head=2, n_embd=16, **kw)
+    assert build_model(config).num_params() == config.num_params()
+
+
+def test_flops_per_token_formula():
+    c = Config.from_preset("gpt2")
+    n = c.n_layer * (12 * c.n_embd**2) + c.vocab_size * c.n_embd
+    assert c.flops_per_token(1024) == 6 * n + 12 * c.n_layer * 1024 * c.n_embd
+    assert c.flops_per_token(1024, training=False) * 3 == c.flops_per_token(1024)
+
+
+def test_meta_construction_allocates_nothing_and_is_fast():
+    start = time.perf_counter()
+    model = build_model(Config.from_preset("gpt2-xl"), "meta")
+    assert time.perf_counter() - start < 1.0
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_init_is_gpt2_style_and_seeded():
+    config = Config(vocab_size=64, block_size=16, n_layer=4, n_head=2, n_embd=64)
+    torch.manual_seed(0)
+    a = build_model(config)
+    torch.manual_seed(0)
+    b = build_model(config)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert abs(a.blocks[0].mlp.fc.weight.std().item() - 0.02) < 0.002
+    assert abs(a.blocks[0].mlp.proj.weight.std().item() - 0.02 / (2 * 4) ** 0.5) < 0.001
+    assert torch.all(a.blocks[0].attn.qkv.bias == 0) and torch.all(a.ln_f.weight == 1)
+
+
+def test_kv_cache_decoding_equals_the_full_forward():
+    torch.manual_seed(0)
+    config = Config(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=16)
+    model = build_model(config).eval()
+    idx = torch.randint(0, 50, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(config, 2, 20)
+        steps = [model(idx[:, :8], kv_cache=cache, start=0)]  # prefill
+        steps.append(model(idx[:, 8:13], kv_cache=cache, start=8))  # a chunk after cached keys
+        steps += [model(idx[:, t : t + 1], kv_cache=cache, start=t) for t in range(13, 20)]  # one by one
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_ignores_minus_100_and_last_only_matches():
+    torch.manual_seed(0)
+    model = build_model(Config(vocab_size=50, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    idx = torch.randint(0, 50, (1, 10))
+    targets = idx.clone()
+    targets[0, :5] = -100
+    logits, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits[0, 5:], idx[0, 5:])
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(model(idx, last_only=True), logits[:, -1:])
+
+
+def test_presets_are_all_valid():
+    for name in PRESETS:
+        assert Config.from_preset(name).num_params() > 0

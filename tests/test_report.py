@@ -1,0 +1,33 @@
+import json
+
+import pytest
+from conftest import train_config
+
+from lmforge.errors import LmforgeError
+from lmforge.eval.report import write_report
+from lmforge.train.loop import pretrain
+
+
+def test_report_numbers_equal_the_metrics_log(data_dir, tmp_path):
+    run = tmp_path / "run"
+    pretrain(train_config(data_dir, run, max_steps=20, eval_interval=10, sample_prompt="import ", sample_tokens=6), progress=False)
+    report = write_report(run).read_text()
+    for name in ("loss.png", "lr.png", "throughput.png"):
+        data = (run / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val_loss" in r]
+    last = [r for r in records if "loss" in r][-1]
+    for r in val:
+        assert (f"| {r['step']} | {r['tokens']:,} | {r['val_loss']:.4f} | {r['val_perplexity']:.2f} | "
+                f"{r['val_bits_per_byte']:.4f} |") in report
+    assert f"| tokens seen | {last['tokens']:,}" in report
+    assert f"| steps | {last['step']:,} |" in report
+    run_info = json.loads((run / "run.json").read_text())
+    assert f"| parameters | {run_info['parameters']:,}" in report
+    assert "![loss](loss.png)" in report and "At step 0:" in report and "At step 20:" in report
+
+
+def test_report_on_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(LmforgeError, match="no metrics.jsonl"):
+        write_report(tmp_path)

@@ -1,0 +1,197 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import train_config
+
+from lmforge.errors import LmforgeError
+from lmforge.train.checkpointing import checkpoint_dirs, latest_checkpoint
+from lmforge.train.config import TrainConfig, load_config, parse_overrides
+from lmforge.train.loop import lr_at, pretrain
+
+
+def read_log(run: Path) -> tuple[list[dict], list[dict]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def test_training_lowers_the_validation_loss(data_dir, tmp_path):
+    summary = pretrain(train_config(data_dir, tmp_path / "run", max_steps=60, eval_interval=30), progress=False)
+    train, val = read_log(tmp_path / "run")
+    assert [r["step"] for r in train] == list(range(1, 61))
+    assert [r["step"] for r in val] == [0, 30, 60]
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 1.0
+    assert summary["val_loss"] == val[-1]["val_loss"]
+    assert val[-1]["val_perplexity"] == pytest.approx(2.718281828 ** val[-1]["val_loss"], rel=1e-6)
+    assert 0 < val[-1]["val_bits_per_byte"] < val[0]["val_bits_per_byte"]
+    assert train[-1]["tokens"] == 60 * 4 * 32
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["max_steps"] == 60 and saved["n_embd"] == 32
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["parameters"] > 0 and run["dtype"] == "float32"
+
+
+def test_checkpoints_are_hf_folders_with_training_state_beside_and_only_the_last_k_kept(data_dir, tmp_path):
+    pretrain(train_config(data_dir, tmp_path / "run", max_steps=30, checkpoint_interval=10, keep_checkpoints=2), progress=False)
+    dirs = checkpoint_dirs(tmp_path / "run")
+    assert [d.name for d in dirs] == ["step_0000020", "step_0000030"]
+    assert sorted(p.name for p in dirs[-1].iterdir()) == ["model", "trainer.pt"]
+    assert (dirs[-1] / "model" / "model.safetensors").exists() and (dirs[-1] / "model" / "tokenizer.json").exists()
+    state = torch.load(dirs[-1] / "trainer.pt", weights_only=True)
+    assert state["step"] == 30 and state["loader"]["batch_index"] == 30 and "optimizer" in state
+
+
+def test_a_failed_save_never_breaks_the_latest_checkpoint(data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    pretrain(train_config(data_dir, run, max_steps=10), progress=False)
+    good = latest_checkpoint(run)
+
+    def crash(*args, **kwargs):  # simulate the process dying half-way through writing trainer.pt
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(train_config(data_dir, run, max_steps=20), resume=True, progress=False)
+    assert latest_checkpoint(run) == good
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [good.name]
+    # A temporary folder left by a SIGKILL is ignored too.
+    (run / "checkpoints" / ".tmp-step_0000020").mkdir()
+    assert latest_checkpoint(run) == good
+
+
+def _run_cli_training(config: dict, extra: list[str] = ()) -> subprocess.Popen:
+    path = Path(config["out"] + ".yaml")
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.Popen([sys.executable, "-m", "lmforge", "pretrain", "--config", str(path), "--quiet", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_sigkill_gives_identical_losses(data_dir, tmp_path):
+    steps = 300
+    kw = dict(max_steps=steps, checkpoint_interval=40, eval_interval=50, dropout=0.1)
+    straight = tmp_path / "straight"
+    pretrain(train_config(data_dir, straight, **kw), progress=False)
+
+    killed = tmp_path / "killed"
+    proc = _run_cli_training(train_config(data_dir, killed, **kw))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        log = killed / "metrics.jsonl"
+        lines = log.read_text().splitlines() if log.exists() else []
+        if len(lines) > 100 and latest_checkpoint(killed) is not None:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = int(latest_checkpoint(killed).name.split("_")[1])
+    assert 40 <= resumed_from < steps, "the run must be killed part-way"
+    proc = _run_cli_training(train_config(data_dir, killed, **kw), ["--resume"])
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    a, b = read_log(straight), read_log(killed)
+    assert [r["loss"] for r in a[0]] == [r["loss"] for r in b[0]]  # bit-identical, step for step
+    assert [r["step"] for r in b[0]] == list(range(1, steps + 1))
+    assert [r["val_loss"] for r in a[1]] == [r["val_loss"] for r in b[1]]
+
+
+def test_grad_accumulation_matches_a_larger_batch(data_dir, tmp_path):
+    pretrain(train_config(data_dir, tmp_path / "a", micro_batch_size=4, grad_accum_steps=1), progress=False)
+    pretrain(train_config(data_dir, tmp_path / "b", micro_batch_size=2, grad_accum_steps=2), progress=False)
+    # Not the same rows (the batch index advances per micro-batch), but the same amount of data:
+    a, b = read_log(tmp_path / "a")[0], read_log(tmp_path / "b")[0]
+    assert a[-1]["tokens"] == b[-1]["tokens"]
+
+
+@pytest.mark.slow
+def test_two_processes_with_half_the_batch_match_one_process(data_dir, tmp_path):
+    kw = dict(max_steps=12, eval_interval=6, checkpoint_interval=6)
+    pretrain(train_config(data_dir, tmp_path / "one", micro_batch_size=4, **kw), progress=False)
+    cfg = train_config(data_dir, tmp_path / "two", micro_batch_size=2, **kw)
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "lmforge", "pretrain", "--config", str(tmp_path / "two.yaml"), "--quiet"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    # Only rank 0 writes: every step is logged exactly once.
+    assert [r["step"] for r in two[0]] == list(range(1, 13))
+    assert [r["step"] for r in two[1]] == [0, 6, 12]
+    for x, y in zip(one[0], two[0]):
+        assert abs(x["loss"] - y["loss"]) < 1e-5
+    for x, y in zip(one[1], two[1]):
+        assert abs(x["val_loss"] - y["val_loss"]) < 1e-5
+    assert [d.name for d in checkpoint_dirs(tmp_path / "two")] == ["step_0000006", "step_0000012"]
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+
+
+def test_lr_schedule_warmup_then_cosine():
+    c = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, c) == pytest.approx(0.1) and lr_at(9, c) == pytest.approx(1.0)
+    assert lr_at(60, c) == pytest.approx(0.55)
+    assert lr_at(110, c) == pytest.approx(0.1)
+
+
+def test_config_from_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 3.0e-4\nmax_steps: 50\ncompile: false\n")
+    config = load_config(path, parse_overrides(["--max-steps", "70", "--compile", "--min_lr=1e-5"]))
+    assert (config.lr, config.max_steps, config.compile, config.min_lr) == (3e-4, 70, True, 1e-5)
+
+
+def test_config_errors_name_the_valid_keys(tmp_path):
+    with pytest.raises(LmforgeError, match=r"unknown config key 'lrr' \(did you mean 'lr'\?\); valid keys: data, out"):
+        load_config(None, {"lrr": 1})
+    with pytest.raises(LmforgeError, match="'max_steps' expects int, got 'many'"):
+        load_config(None, {"max_steps": "many"})
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: [1\n")
+    with pytest.raises(LmforgeError, match="not valid YAML at line"):
+        load_config(path)
+    with pytest.raises(LmforgeError, match="micro_batch_size must be at least 1"):
+        load_config(None, {"micro_batch_size": 0})
+
+
+def test_run_folder_protection(data_dir, tmp_path):
+    run = tmp_path / "run"
+    pretrain(train_config(data_dir, run, max_steps=2), progress=False)
+    with pytest.raises(LmforgeError, match="not empty; pass --resume to continue it or --overwrite"):
+        pretrain(train_config(data_dir, run, max_steps=2), progress=False)
+    with pytest.raises(LmforgeError, match="nothing to resume"):
+        pretrain(train_config(data_dir, tmp_path / "fresh", max_steps=2), resume=True, progress=False)
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "thesis.txt").write_text("do not delete")
+    with pytest.raises(LmforgeError, match="not an lmforge run folder"):
+        pretrain(train_config(data_dir, other, max_steps=2), overwrite=True, progress=False)
+    assert (other / "thesis.txt").exists()
+
+
+def test_resume_with_only_the_out_folder_reuses_the_saved_config(data_dir, tmp_path):
+    run = tmp_path / "run"
+    pretrain(train_config(data_dir, run, max_steps=10), progress=False)
+    summary = pretrain(out=str(run), max_steps=14, resume=True, progress=False)
+    assert summary["steps"] == 14
+    assert [r["step"] for r in read_log(run)[0]] == list(range(1, 15))
+
+
+def test_continue_training_from_a_model_folder(data_dir, tmp_path):
+    pretrain(train_config(data_dir, tmp_path / "a", max_steps=10), progress=False)
+    model_dir = latest_checkpoint(tmp_path / "a") / "model"
+    cfg = train_config(data_dir, tmp_path / "b", max_steps=5)
+    for key in ("n_layer", "n_head", "n_embd", "block_size"):
+        cfg.pop(key)
+    cfg["model"] = str(model_dir)
+    pretrain(cfg, progress=False)
+    a_val, b_val = read_log(tmp_path / "a")[1], read_log(tmp_path / "b")[1]
+    assert b_val[0]["val_loss"] == pytest.approx(a_val[-1]["val_loss"], abs=1e-6)
+    with pytest.raises(LmforgeError, match="cannot change when continuing"):
+        pretrain({**cfg, "n_layer": 3, "out": str(tmp_path / "c")}, progress=False)
