@@ -68,8 +68,12 @@ def cmd_generate(args) -> None:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = load_model(args.model, pick_device(args.device))
     tokenizer = load_tokenizer_for(model, args.tokenizer)
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:  # up to 128, but never more than the context leaves after the prompt
+        room = model.config.block_size - max(len(tokenizer.encode(prompt)), 1)
+        max_new_tokens = max(1, min(128, room))
     params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, stop=args.stop or [], seed=args.seed, truncate=args.truncate,
     )
     if args.echo:
@@ -135,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     ge.add_argument("--model", required=True, help="a model folder, or a run folder (its latest checkpoint)")
     ge.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the model folder's)")
-    ge.add_argument("--max-new-tokens", type=int, default=128)
+    ge.add_argument("--max-new-tokens", type=int, default=None,
+                    help="default: 128, or what the context leaves after the prompt")
     ge.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (default: 1.0)")
     ge.add_argument("--top-k", type=int, default=0, help="0 turns it off")
     ge.add_argument("--top-p", type=float, default=1.0)

@@ -29,6 +29,8 @@ def test_lmforge_loads_hf_gpt2_with_the_same_logits(tmp_path, kw):
     ours = load_model(folder)
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), hf_logits(folder, idx), atol=1e-4, rtol=0)
+    # Transposed Conv1D weights must be stored contiguously: fused AdamW pairs param and grad memory.
+    assert all(p.is_contiguous() for p in ours.parameters())
 
 
 def test_transformers_loads_an_lmforge_checkpoint_with_the_same_logits(tmp_path, tokenizer_dir):

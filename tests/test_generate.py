@@ -62,11 +62,12 @@ def test_stop_strings_and_streaming(hf_gpt2):
 def test_end_of_text_stops_generation(hf_gpt2):
     model = load_model(hf_gpt2)
     tok = load_tokenizer_for(model)
-    ids = generate(model, "x", max_new_tokens=20, temperature=0).token_ids
-    # Make the 4th greedy token the stop token: generation ends there and the text excludes it.
-    gen = generate(model, "x", max_new_tokens=20, temperature=0, stop_token_ids=[ids[3]])
-    assert gen.token_ids == ids[:3] and gen.finish_reason == "stop"
-    assert gen.text == tok.decode(ids[:3])
+    ids = generate(model, "x", max_new_tokens=20, seed=0, stop_token_ids=[]).token_ids
+    # Make the first token that is new after position 2 the stop token: generation ends right there.
+    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
+    gen = generate(model, "x", max_new_tokens=20, seed=0, stop_token_ids=[ids[k]])
+    assert gen.token_ids == ids[:k] and gen.finish_reason == "stop"
+    assert gen.text == tok.decode(ids[:k])
 
 
 def test_prompt_longer_than_the_context(hf_gpt2):
@@ -88,5 +89,5 @@ def test_bad_sampling_options(hf_gpt2):
 
 
 def test_empty_prompt_starts_from_end_of_text(hf_gpt2):
-    gen = generate(hf_gpt2, "", max_new_tokens=5, temperature=0)
+    gen = generate(hf_gpt2, "", max_new_tokens=5, temperature=0, stop_token_ids=[])
     assert gen.prompt_tokens == 1 and len(gen.token_ids) == 5

@@ -27,7 +27,7 @@ def test_training_lowers_the_validation_loss(data_dir, tmp_path):
     train, val = read_log(tmp_path / "run")
     assert [r["step"] for r in train] == list(range(1, 61))
     assert [r["step"] for r in val] == [0, 30, 60]
-    assert val[-1]["val_loss"] < val[0]["val_loss"] - 1.0
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.5  # from ln(1024) = 6.93 at initialisation
     assert summary["val_loss"] == val[-1]["val_loss"]
     assert val[-1]["val_perplexity"] == pytest.approx(2.718281828 ** val[-1]["val_loss"], rel=1e-6)
     assert 0 < val[-1]["val_bits_per_byte"] < val[0]["val_bits_per_byte"]

@@ -131,7 +131,8 @@ def read_documents(
 ) -> Iterator[Document]:
     """Yield raw documents from ``inputs`` (default: the standard library)."""
     stats = stats if stats is not None else CorpusStats()
-    sources = _expand(inputs, stats) if inputs else iter(default_corpus_files())
+    # List every file first, so a bad path fails before any work starts.
+    sources = list(_expand(inputs, stats)) if inputs else default_corpus_files()
     for src in sources:
         stats.files += 1
         if src == "-":

@@ -13,6 +13,7 @@ Shards are written as the documents stream through, so a corpus far larger than 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 from collections import deque
@@ -99,7 +100,7 @@ class _InlineExecutor:
 
 
 class ShardWriter:
-    """Appends token arrays to ``{split}_NNNN.bin`` files, starting a new one past ``shard_tokens``."""
+    """Appends token arrays to ``{split}_NNNN.bin`` files of at most ``shard_tokens`` tokens each."""
 
     def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
@@ -108,13 +109,15 @@ class ShardWriter:
         self.documents = self.tokens = self.bytes = 0
 
     def write(self, tokens: np.ndarray, n_documents: int, n_bytes: int) -> None:
-        if len(tokens) == 0:
-            return
-        if self.file is None or self.shards[-1]["tokens"] >= self.shard_tokens:
-            self._next_shard()
-        self.file.write(tokens.astype(self.dtype, copy=False).tobytes())
-        self.shards[-1]["tokens"] += len(tokens)
-        self.tokens += len(tokens)
+        tokens = tokens.astype(self.dtype, copy=False)
+        while len(tokens):
+            if self.file is None or self.shards[-1]["tokens"] >= self.shard_tokens:
+                self._next_shard()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            self.file.write(tokens[:room].tobytes())
+            self.shards[-1]["tokens"] += len(tokens[:room])
+            tokens = tokens[room:]
+        self.tokens = sum(s["tokens"] for s in self.shards)
         self.documents += n_documents
         self.bytes += n_bytes
 
@@ -238,8 +241,15 @@ def prepare(
         )
     else:
         executor = _InlineExecutor(str(tok.path))
+    bar = None
     try:
         docs = _split_lone_document(read_clean_documents(inputs, text_field, min_chars, stats))
+        pairs = _assign_splits(docs, seed, val_fraction)
+        first = next(pairs, None)  # reads (and checks) the inputs before the progress bar appears
+        if first is None:
+            raise LmforgeError(
+                f"the corpus is empty after cleaning ({stats.summary()}); pass more text or lower --min-chars"
+            )
         in_flight: deque = deque()
         bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
 
@@ -248,7 +258,7 @@ def prepare(
                 writer.write(tokens, n_docs, n_bytes)
                 bar.update(n_docs)
 
-        for texts, splits in _batches(_assign_splits(docs, seed, val_fraction)):
+        for texts, splits in _batches(itertools.chain([first] if first else [], pairs)):
             in_flight.append(executor.submit(_tokenize_batch, texts, splits, dtype.name))
             if len(in_flight) >= 2 * max(workers, 1):  # bound memory: keep only a few batches in flight
                 drain_one()
@@ -256,6 +266,8 @@ def prepare(
             drain_one()
         bar.close()
     except BaseException:
+        if bar is not None:
+            bar.close()
         executor.shutdown(cancel_futures=True)
         for w in writers:
             w.close()

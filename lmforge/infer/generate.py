@@ -126,6 +126,8 @@ def stream_generate(model: GPT, tokenizer, prompt: str, params: SamplingParams, 
         if tokenizer.eos_id is None:
             raise LmforgeError("the prompt is empty and the tokenizer has no end-of-text token to start from")
         prompt_ids = [tokenizer.eos_id]
+    params.validate()
+    prompt_ids = fit_prompt(prompt_ids, params.max_new_tokens, model.config.block_size, params.truncate)
     stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else [tokenizer.eos_id])
     stop_ids.discard(None)
     stops = [s for s in params.stop if s]

@@ -107,6 +107,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
             layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
             init_std=float(hf.get("initializer_range", 0.02)),
+            dropout=float(hf.get("resid_pdrop", 0.0)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
         )
@@ -154,7 +155,9 @@ def state_dict_from_hf(config: Config, hf_sd: dict[str, torch.Tensor], where: st
                 f"unexpected {', '.join(unexpected[:3])}" + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else "")
             )
         raise LmforgeError(f"{where}: weights do not match config.json ({'; '.join(parts)})")
-    return {ours: (hf_sd[hf].t() if hf.endswith(_CONV1D) else hf_sd[hf]) for hf, ours in wanted.items()}
+    # contiguous(): a transposed view as a Parameter would get row-major gradients for column-major
+    # storage, which the fused AdamW kernel would pair up element by element, wrongly.
+    return {ours: (hf_sd[hf].t().contiguous() if hf.endswith(_CONV1D) else hf_sd[hf]) for hf, ours in wanted.items()}
 
 
 def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
