@@ -28,7 +28,7 @@ demo: install
 	$(BIN)/lmforge tokenizer train --vocab-size 8192 --out $(RUN)/tokenizer
 	$(BIN)/lmforge prepare --tokenizer $(RUN)/tokenizer --out $(RUN)/data --overwrite
 	$(BIN)/lmforge pretrain --config configs/demo.yaml --out $(RUN)/train --data $(RUN)/data --overwrite
-	$(BIN)/lmforge generate --model $(RUN)/train --max-new-tokens 120 --temperature 0.8 --top-k 40 --seed 0 "def "
+	$(BIN)/lmforge generate --model $(RUN)/train --max-new-tokens 120 --temperature 0.8 --top-k 40 --seed 0 --echo "def main():"
 	$(BIN)/lmforge report $(RUN)/train
 
 test: dev

@@ -1,0 +1,225 @@
+"""lmforge vs Hugging Face transformers on the same model shape, batch and sequence length.
+
+    python bench/bench_gpt.py                  # tiny and gpt2 shapes (about 10 minutes on 2 cores)
+    python bench/bench_gpt.py --shapes tiny    # quick
+
+Prints one table with ratios (lmforge / HF), all measured in this one process run:
+  * training tokens/s, batch 4 x 256 tokens: lmforge in each CPU mode vs GPT2LMHeadModel fp32 + AdamW;
+  * decode tokens/s at batch 1, 128 new tokens after a 32-token prompt, vs HF generate (greedy), and
+    as a fraction of the memory-bandwidth bound (weight bytes per token / measured copy bandwidth);
+  * bf16 check: loss after a fixed number of steps on real text, bf16 autocast vs fp32 (must be within 2%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmforge.model.config import Config  # noqa: E402
+from lmforge.model.gpt import build_model  # noqa: E402
+from lmforge.train.config import TrainConfig  # noqa: E402
+from lmforge.train.loop import make_optimizer  # noqa: E402
+from lmforge.utils import hardware_description  # noqa: E402
+
+
+def copy_bandwidth_gbs(megabytes: int = 512) -> float:
+    """Measured memory bandwidth: bytes read + written per second by a large tensor copy (best of 5)."""
+    src = torch.empty(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def hf_model(config: Config):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf_config = GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
+        n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(hf_config)
+
+
+def time_steps(step, warmup: int, steps: int) -> float:
+    """Median seconds per call of ``step`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_train(config: Config, batch: int, seq: int, warmup: int, steps: int, modes: list[str]) -> dict[str, float]:
+    """Training tokens/s of HF (fp32) and of each lmforge mode, on the same random batch."""
+    torch.manual_seed(0)
+    x = torch.randint(0, config.vocab_size, (batch, seq + 1))
+    inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    results = {}
+
+    hf = hf_model(config).train()
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+
+    def hf_step():
+        loss = hf(input_ids=inputs, labels=inputs).loss  # HF shifts the labels itself
+        loss.backward()
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+
+    results["HF transformers fp32"] = batch * seq / time_steps(hf_step, warmup, steps)
+    del hf, hf_opt
+
+    for mode in modes:
+        torch.manual_seed(0)
+        model = build_model(config).train()
+        opt = make_optimizer(model, TrainConfig(lr=1e-4), torch.device("cpu"))
+        fwd = torch.compile(model) if "compile" in mode else model
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if "bf16" in mode else contextlib.nullcontext()
+
+        def step():
+            with autocast:
+                _, loss = fwd(inputs, targets)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        results[f"lmforge {mode}"] = batch * seq / time_steps(step, warmup + (2 if "compile" in mode else 0), steps)
+        del model, opt, fwd
+    return results
+
+
+@torch.inference_mode()
+def bench_decode(config: Config, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, float]:
+    from lmforge.infer.generate import SamplingParams, generate_ids
+
+    torch.manual_seed(0)
+    hf = hf_model(config).eval()
+    prompt = torch.randint(0, config.vocab_size, (1, prompt_len))
+    ours = build_model(config).eval()  # random weights: speed does not depend on their values
+
+    def hf_run():
+        out = hf.generate(prompt, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          pad_token_id=0, attention_mask=torch.ones_like(prompt))
+        assert out.shape[1] == prompt_len + new_tokens
+
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
+
+    def ours_run():
+        n = sum(1 for _ in generate_ids(ours, prompt[0].tolist(), params, set()))
+        assert n == new_tokens
+
+    # Alternate the two so that drifting machine state (caches, other load) hits both alike.
+    hf_run()
+    ours_run()
+    hf_times, our_times = [], []
+    for _ in range(repeats):
+        for run, times in ((hf_run, hf_times), (ours_run, our_times)):
+            t = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t)
+    return {
+        "HF transformers generate": new_tokens / statistics.median(hf_times),
+        "lmforge generate": new_tokens / statistics.median(our_times),
+    }
+
+
+def bf16_loss_check(steps: int) -> tuple[float, float]:
+    """Mean loss of the last 10 of ``steps`` steps on real text (stdlib) in fp32 and in bf16 autocast."""
+    from lmforge.data.loader import TokenSplit, TrainBatches
+    from lmforge.data.prepare import prepare
+    from lmforge.tokenizer import train_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = train_tokenizer(None, Path(tmp) / "tok", vocab_size=8192, progress=False)
+        prepare(None, Path(tmp) / "tok", Path(tmp) / "data", progress=False)
+        split = TokenSplit(Path(tmp) / "data", "train")
+        losses = {}
+        for dtype in ("fp32", "bf16"):
+            torch.manual_seed(0)
+            config = Config.from_preset("tiny", vocab_size=tok.vocab_size)
+            model = build_model(config).train()
+            opt = make_optimizer(model, TrainConfig(lr=2e-3), torch.device("cpu"))
+            batches = TrainBatches(split, config.block_size, 16, seed=0)
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+            history = []
+            for i in range(steps):
+                for g in opt.param_groups:
+                    g["lr"] = 2e-3 * min(1.0, (i + 1) / 20)
+                x, y = batches.next_batch()
+                with autocast:
+                    _, loss = model(x, y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                history.append(loss.item())
+            losses[dtype] = sum(history[-10:]) / 10
+    return losses["fp32"], losses["bf16"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="tiny,gpt2")
+    p.add_argument("--train-steps", type=int, default=5)
+    p.add_argument("--decode-repeats", type=int, default=5)
+    p.add_argument("--modes", default="fp32,fp32+compile,bf16")
+    p.add_argument("--bf16-steps", type=int, default=150)
+    p.add_argument("--skip-bf16-check", action="store_true")
+    args = p.parse_args()
+    import transformers
+
+    print(f"machine: {hardware_description(torch.device('cpu'))}; transformers {transformers.__version__}")
+    bandwidth = copy_bandwidth_gbs()
+    print(f"measured copy bandwidth: {bandwidth:.1f} GB/s (read + write)\n")
+    rows = []
+    for shape in args.shapes.split(","):
+        config = Config.from_preset(shape, dropout=0.0)
+        train = bench_train(config, 4, 256, 2, args.train_steps, args.modes.split(","))
+        hf = train.pop("HF transformers fp32")
+        best_mode = max(train, key=train.get)
+        rows.append((shape, "train tokens/s (4x256)", "HF fp32", hf, None))
+        for mode, value in train.items():
+            rows.append((shape, "train tokens/s (4x256)", mode + (" *best" if mode == best_mode else ""), value, value / hf))
+        decode = bench_decode(config, 32, 128, args.decode_repeats)
+        weight_bytes = config.matmul_params() * 4
+        bound = bandwidth * 1e9 / weight_bytes
+        rows.append((shape, "decode tokens/s (batch 1)", "HF generate", decode["HF transformers generate"], None))
+        rows.append((shape, "decode tokens/s (batch 1)", "lmforge", decode["lmforge generate"],
+                     decode["lmforge generate"] / decode["HF transformers generate"]))
+        rows.append((shape, "decode bandwidth bound", f"{weight_bytes / 1e6:.0f} MB/token fp32", bound,
+                     decode["lmforge generate"] / bound))
+        print_table(rows)
+    if not args.skip_bf16_check:
+        fp32, bf16 = bf16_loss_check(args.bf16_steps)
+        print(f"\nbf16 check ({args.bf16_steps} steps, tiny, stdlib text): fp32 loss {fp32:.4f}, bf16 loss {bf16:.4f}, "
+              f"difference {abs(bf16 - fp32) / fp32 * 100:.2f}% (limit 2%) -> {'OK' if abs(bf16 - fp32) / fp32 < 0.02 else 'FAIL'}")
+
+
+def print_table(rows) -> None:
+    print(f"\n| shape | measure | system | value | ratio vs HF (or vs bound) |")
+    print("|---|---|---|---:|---:|")
+    for shape, measure, system, value, ratio in rows:
+        print(f"| {shape} | {measure} | {system} | {value:,.1f} | {'' if ratio is None else f'{ratio:.2f}x'} |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
