@@ -32,12 +32,18 @@ def test_targets_are_inputs_shifted_by_one_and_windows_come_from_the_data(data_d
         assert any(np.array_equal(flat[s : s + 16], row) for s in starts)
 
 
-def test_ranks_split_the_global_batch(data_dir):
+def test_ranks_and_micro_batches_split_the_same_step_rows(data_dir):
     split = TokenSplit(data_dir, "train")
-    whole = TrainBatches(split, 16, 4, seed=0).next_batch()[0]
-    rank0 = TrainBatches(split, 16, 2, seed=0, rank=0, world_size=2).next_batch()[0]
-    rank1 = TrainBatches(split, 16, 2, seed=0, rank=1, world_size=2).next_batch()[0]
-    assert torch.equal(torch.cat([rank0, rank1]), whole)
+    one = TrainBatches(split, 16, 4, seed=0)
+    whole = [one.next_batch()[0] for _ in range(2)]  # two optimizer steps
+    ranks = [TrainBatches(split, 16, 2, seed=0, rank=r, world_size=2) for r in range(2)]
+    accum = TrainBatches(split, 16, 2, seed=0, accum_steps=2)
+    both = [TrainBatches(split, 16, 1, seed=0, rank=r, world_size=2, accum_steps=2) for r in range(2)]
+    for step in range(2):
+        assert torch.equal(torch.cat([ranks[0].next_batch()[0], ranks[1].next_batch()[0]]), whole[step])
+        assert torch.equal(torch.cat([accum.next_batch()[0], accum.next_batch()[0]]), whole[step])
+        micro = [(b.next_batch()[0], c.next_batch()[0]) for b, c in [(both[0], both[1])] * 2]
+        assert torch.equal(torch.cat([micro[0][0], micro[0][1], micro[1][0], micro[1][1]]), whole[step])
 
 
 def test_eval_windows_are_fixed_evenly_spread_and_non_overlapping(data_dir):

@@ -1,9 +1,10 @@
 """Windows of tokens from prepared shards, for training and validation.
 
-Training batches are a pure function of ``(seed, batch_index)``: the loader's whole position is
-one integer, saved in every checkpoint, so resume is exact. Each batch is drawn for all
-processes at once and every rank takes its own rows, so N processes with batch B/N see exactly
-the rows one process with batch B sees.
+The rows of optimizer step ``s`` are a pure function of ``(seed, s)``: the loader's whole
+position is one integer, saved in every checkpoint, so resume is exact. Each step's rows are
+drawn once for all micro-batches and processes, and each (micro-batch, rank) takes its own
+slice, so 2 processes × batch 2, 1 process × 2 accumulation steps × batch 2, and 1 process ×
+batch 4 all train on exactly the same rows.
 """
 
 from __future__ import annotations
@@ -55,11 +56,12 @@ class TokenSplit:
 
 
 class TrainBatches:
-    """Random windows of ``block_size + 1`` tokens; batch ``b`` depends only on ``(seed, b)``."""
+    """Random windows of ``block_size + 1`` tokens; the rows of a step depend only on ``(seed, step)``."""
 
-    def __init__(self, split: TokenSplit, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, split: TokenSplit, block_size: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, accum_steps: int = 1):
         self.split, self.block_size, self.seed = split, block_size, seed
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.batch_size, self.rank, self.world_size, self.accum_steps = batch_size, rank, world_size, accum_steps
         # A window must lie inside one shard; count the valid start positions of each.
         starts = [max(len(s) - block_size, 0) for s in split.shards]
         self.cum_starts = np.cumsum(starts)
@@ -68,7 +70,7 @@ class TrainBatches:
                 f"the {split.split} split has {split.tokens} tokens, too few for windows of block_size+1="
                 f"{block_size + 1}; lower block_size or prepare more data"
             )
-        self.batch_index = 0
+        self.batch_index = 0  # micro-batches handed out so far by this rank
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "batch_index": self.batch_index}
@@ -77,19 +79,20 @@ class TrainBatches:
         self.seed, self.batch_index = int(state["seed"]), int(state["batch_index"])
 
     def next_batch(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (inputs, targets), each (batch_size, block_size) int64."""
-        rng = np.random.default_rng([self.seed, self.batch_index])
+        """This rank's next micro-batch (inputs, targets), each (batch_size, block_size) int64."""
+        step, micro = divmod(self.batch_index, self.accum_steps)
         self.batch_index += 1
-        # Draw the whole global batch, then keep this rank's rows.
-        flat = rng.integers(0, self.cum_starts[-1], size=self.batch_size * self.world_size)
-        flat = flat[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        shard_ids = np.searchsorted(self.cum_starts, flat, side="right")
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, self.cum_starts[-1], size=self.batch_size * self.accum_steps * self.world_size)
+        first = (micro * self.world_size + self.rank) * self.batch_size
+        starts = starts[first : first + self.batch_size]
+        shard_ids = np.searchsorted(self.cum_starts, starts, side="right")
         rows = np.empty((self.batch_size, self.block_size + 1), dtype=np.int64)
-        for r, (shard, pos) in enumerate(zip(shard_ids, flat)):
+        for r, (shard, pos) in enumerate(zip(shard_ids, starts)):
             offset = pos - (self.cum_starts[shard - 1] if shard > 0 else 0)
             rows[r] = self.split.shards[shard][offset : offset + self.block_size + 1]
         t = torch.from_numpy(rows)
-        if device != "cpu" and torch.device(device).type == "cuda":
+        if torch.device(device).type == "cuda":
             t = t.pin_memory().to(device, non_blocking=True)
         return t[:, :-1], t[:, 1:]
 

@@ -242,7 +242,8 @@ def _train(config: TrainConfig, dist_: Distributed, resume: bool, overwrite: boo
         model = _build_model(config, tokenizer, device)
     block_size = model.config.block_size
     optimizer = make_optimizer(model, config, device)
-    batches = TrainBatches(train_split, block_size, config.micro_batch_size, config.seed, dist_.rank, dist_.world_size)
+    batches = TrainBatches(train_split, block_size, config.micro_batch_size, config.seed, dist_.rank,
+                           dist_.world_size, config.grad_accum_steps)
     step, tokens_seen, elapsed = 0, 0, 0.0
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
