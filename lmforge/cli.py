@@ -90,6 +90,17 @@ def cmd_report(args) -> None:
     print(f"wrote {write_report(args.run)}")
 
 
+def _config_keys_help() -> str:
+    from dataclasses import fields
+
+    from lmforge.train.config import TrainConfig
+
+    lines = ["config keys (default):"]
+    for f in fields(TrainConfig):
+        lines.append(f"  --{f.name.replace('_', '-'):<22} {f.default!r}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmforge", description="Train, fine-tune, run and evaluate language models.")
     p.add_argument("--version", action="version", version=f"lmforge {__version__}")
@@ -126,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser(
         "pretrain", help="train a model from scratch (or continue one)", allow_abbrev=False,
-        description="Any config key can be given as --key value (for example --max-steps 200 --lr 3e-4); "
-                    "these override --config. Keys: see lmforge/train/config.py or the README.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Any config key can be given as --key value (for example --max-steps 200 --lr 3e-4);\n"
+                    "these override --config.",
+        epilog=_config_keys_help(),
     )
     pt.add_argument("--config", help="YAML file of config keys")
     pt.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")

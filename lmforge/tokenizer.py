@@ -17,7 +17,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from lmforge.errors import LmforgeError
-from lmforge.utils import atomic_write_json, atomic_write_text
+from lmforge.utils import atomic_write_json, atomic_write_text, first_line
 
 END_OF_TEXT = "<|endoftext|>"
 # ChatML turn markers for chat fine-tuning, and a padding token, reserved from the start so a
@@ -60,8 +60,7 @@ class Tokenizer:
         try:
             hf = HFTokenizer.from_file(str(file))
         except Exception as e:  # the Rust library raises a bare Exception on a bad file
-            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise LmforgeError(f"{file} is not a valid tokenizer.json ({first_line}); re-create it") from None
+            raise LmforgeError(f"{file} is not a valid tokenizer.json ({first_line(e)}); re-create it") from None
         config = {}
         config_file = file.parent / "tokenizer_config.json"
         if config_file.exists():

@@ -10,8 +10,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from lmforge.errors import LmforgeError
 
 
@@ -96,8 +94,10 @@ def read_json(path: str | os.PathLike, what: str = "file"):
         ) from None
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str = "auto"):
     """``auto`` picks CUDA when present (the local rank's GPU under torchrun), else the CPU."""
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -122,19 +122,23 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def bf16_is_fast(device: torch.device) -> bool:
+def bf16_is_fast(device) -> bool:
     """Whether bf16 autocast speeds up matrix products on ``device``.
 
     GPUs from Ampere on, and CPUs with AMX tiles. CPUs with only AVX-512 BF16 run bf16 matrix
     products *slower* than fp32 in PyTorch's CPU kernels (measured: 145 vs 240 GFLOP/s on a
     2-core Xeon), so ``auto`` keeps them in fp32.
     """
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return "amx_bf16" in cpu_flags()
 
 
-def hardware_description(device: torch.device) -> str:
+def hardware_description(device) -> str:
+    import torch
+
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return f"{name} ({torch.cuda.device_count()} visible), torch {torch.__version__}"
@@ -155,6 +159,12 @@ def human_count(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
     return f"{n:.0f}"
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (libraries often add pages of detail)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def warn(message: str) -> None:

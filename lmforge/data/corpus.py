@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
+from lmforge.utils import first_line
 
 TEXT_SUFFIXES = {".txt", ".md", ".py"}
 SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".parquet"}
@@ -179,7 +180,7 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError on a corrupt file
-        raise LmforgeError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        raise LmforgeError(f"{path} is not a readable Parquet file ({first_line(e)})") from None
     columns = pf.schema_arrow.names
     if text_field not in columns:
         raise LmforgeError(

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.errors import LmforgeError
 from lmforge.model.config import Config
 from lmforge.model.gpt import GPT, build_model
-from lmforge.utils import atomic_write_json, read_json, replace_dir
+from lmforge.utils import atomic_write_json, first_line, read_json, replace_dir
 
 SUPPORTED_MODEL_TYPES = ("gpt2",)
 MAX_SHARD_BYTES = 5 * 2**30
@@ -168,11 +168,9 @@ def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     except SafetensorError as e:
         raise LmforgeError(f"{path} is not a valid safetensors file ({e}); the checkpoint is corrupt") from None
     except pickle.UnpicklingError as e:
-        first = str(e).splitlines()[0]
-        raise LmforgeError(f"refusing to load {path}: it is not plain tensors ({first})") from None
+        raise LmforgeError(f"refusing to load {path}: it is not plain tensors ({first_line(e)})") from None
     except (RuntimeError, EOFError, OSError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LmforgeError(f"{path} could not be read ({first}); the checkpoint is corrupt") from None
+        raise LmforgeError(f"{path} could not be read ({first_line(e)}); the checkpoint is corrupt") from None
 
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -264,8 +262,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     try:
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise LmforgeError(f"{folder}: weights do not fit config.json ({first})") from None
+        # The first line only says "Error(s) in loading state_dict"; the second names the tensor.
+        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else first_line(e)
+        raise LmforgeError(f"{folder}: weights do not fit config.json ({detail})") from None
     model.to(device=device, dtype=dtype or torch.float32)
     model.source = folder
     return model.eval()

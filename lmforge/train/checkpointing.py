@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.utils import fsync_dir, replace_dir
+from lmforge.utils import first_line, fsync_dir, replace_dir
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -69,5 +69,6 @@ def load_trainer_state(checkpoint: Path) -> dict:
     try:
         return torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which and stop
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LmforgeError(f"{checkpoint}/trainer.pt cannot be read ({first}); delete that checkpoint to resume from an earlier one") from None
+        raise LmforgeError(
+            f"{checkpoint}/trainer.pt cannot be read ({first_line(e)}); delete that checkpoint to resume from an earlier one"
+        ) from None
