@@ -18,7 +18,7 @@ import os
 import shutil
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
@@ -82,15 +82,10 @@ class _InlineExecutor:
     def __init__(self, tokenizer_path: str):
         _init_worker(tokenizer_path)
 
-    def submit(self, fn, *args):
-        class Done:
-            def __init__(self, value):
-                self.value = value
-
-            def result(self):
-                return self.value
-
-        return Done(fn(*args))
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
 
     def shutdown(self, cancel_futures: bool = False):
         pass
