@@ -1,3 +1,4 @@
+import math
 import time
 
 import pytest
@@ -7,9 +8,12 @@ from lmforge.model.config import PRESETS, Config
 from lmforge.model.gpt import KVCache, build_model
 
 
-@pytest.mark.parametrize("preset,published", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
-                                              ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)])
-def test_gpt2_presets_have_the_published_parameter_counts(preset, published):
+@pytest.mark.parametrize("preset,published", [
+    ("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200),
+    ("llama-1b", 1_235_814_400), ("llama-3b", 3_212_749_824),  # Llama 3.2
+    ("llama-7b", 6_738_415_616), ("llama-13b", 13_015_864_320), ("llama-70b", 68_976_648_192),  # Llama 2
+])
+def test_presets_have_the_published_parameter_counts(preset, published):
     config = Config.from_preset(preset)
     assert config.num_params() == published
     assert build_model(config, "meta").num_params() == published
@@ -19,7 +23,14 @@ def test_tiny_preset_is_a_few_million_parameters():
     assert 1e6 < Config.from_preset("tiny").num_params() < 1e7
 
 
-@pytest.mark.parametrize("kw", [{}, {"tie_embeddings": False}, {"bias": False}, {"mlp_hidden": 48}])
+LLAMA = dict(family="llama", pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"tie_embeddings": False}, {"mlp_hidden": 48}, {"family": "lmforge", "bias": False},
+    {**LLAMA, "n_kv_head": 1}, {**LLAMA, "family": "qwen2", "qkv_bias": True, "tie_embeddings": False},
+    {**LLAMA, "family": "lmforge", "pos_embedding": "sinusoidal", "head_dim": 12, "n_kv_head": 1},
+])
 def test_counted_parameters_equal_the_model_parameters(kw):
     config = Config(vocab_size=97, block_size=16, n_layer=3, n_head=2, n_embd=16, **kw)
     assert build_model(config).num_params() == config.num_params()
@@ -32,11 +43,18 @@ def test_flops_per_token_formula():
     assert c.flops_per_token(1024, training=False) * 3 == c.flops_per_token(1024)
 
 
-def test_meta_construction_allocates_nothing_and_is_fast():
+def test_a_70b_model_is_inspected_in_under_a_second_without_memory():
+    import resource
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    model = build_model(Config.from_preset("gpt2-xl"), "meta")
+    model = build_model(Config.from_preset("llama-70b"), "meta")
+    n, flops = model.num_params(), model.config.flops_per_token(4096)
     assert time.perf_counter() - start < 1.0
     assert all(p.is_meta for p in model.parameters())
+    assert n == 68_976_648_192 and flops > 6 * n
+    # 70B fp32 weights would be 276 GB; the process grew by less than 100 MB.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 100_000
 
 
 def test_init_is_gpt2_style_and_seeded():
@@ -80,3 +98,58 @@ def test_loss_ignores_minus_100_and_last_only_matches():
 def test_presets_are_all_valid():
     for name in PRESETS:
         assert Config.from_preset(name).num_params() > 0
+
+
+@pytest.mark.parametrize("kw", [
+    {**LLAMA, "n_kv_head": 2},
+    {**LLAMA, "family": "mistral", "sliding_window": 5, "n_kv_head": 1},
+    {**LLAMA, "family": "lmforge", "pos_embedding": "sinusoidal"},
+    {**LLAMA, "rope_theta": 500000.0, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 8}},
+])
+def test_kv_cache_decoding_equals_the_full_forward_for_every_switch(kw):
+    torch.manual_seed(0)
+    config = Config(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=16, **kw)
+    model = build_model(config).eval()
+    idx = torch.randint(0, 50, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(config, 2, 20)
+        steps = [model(idx[:, :8], kv_cache=cache, start=0), model(idx[:, 8:13], kv_cache=cache, start=8)]
+        steps += [model(idx[:, t : t + 1], kv_cache=cache, start=t) for t in range(13, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_limits_what_a_token_sees():
+    torch.manual_seed(0)
+    config = Config(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=16, sliding_window=4,
+                    **{**LLAMA, "family": "mistral"})
+    model = build_model(config).eval()
+    idx = torch.randint(0, 50, (1, 12))
+    changed = idx.clone()
+    changed[0, 2] = (idx[0, 2] + 1) % 50
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    # With one layer, position p sees positions p-3..p: changing position 2 moves outputs 2..5 only.
+    moved = [(a[0, p] - b[0, p]).abs().max().item() > 1e-6 for p in range(12)]
+    assert moved == [p in (2, 3, 4, 5) for p in range(12)]
+
+
+def test_sinusoidal_positions_follow_the_paper():
+    from lmforge.model.gpt import sinusoidal_positions
+
+    pe = sinusoidal_positions(torch.arange(50), 16)
+    p, i = 37, 3
+    assert pe[p, 2 * i].item() == pytest.approx(math.sin(p / 10000 ** (2 * i / 16)), abs=1e-5)
+    assert pe[p, 2 * i + 1].item() == pytest.approx(math.cos(p / 10000 ** (2 * i / 16)), abs=1e-5)
+
+
+def test_family_switches_that_do_not_fit_are_refused():
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError, match="family 'gpt2' needs pos_embedding='learned'.*use family 'lmforge'"):
+        Config(pos_embedding="sinusoidal")
+    with pytest.raises(LmforgeError, match="family 'qwen2' needs has_qkv_bias=True"):
+        Config(**{**LLAMA, "family": "qwen2"})
+    with pytest.raises(LmforgeError, match="n_head 4 must be a multiple of n_kv_head 3"):
+        Config(n_head=4, n_embd=16, n_kv_head=3, **LLAMA)

@@ -198,3 +198,19 @@ def test_continue_training_from_a_model_folder(data_dir, tmp_path):
     assert b_val[0]["val_loss"] == pytest.approx(a_val[-1]["val_loss"], abs=1e-6)
     with pytest.raises(LmforgeError, match="cannot change when continuing"):
         pretrain({**cfg, "n_layer": 3, "out": str(tmp_path / "c")}, progress=False)
+
+
+def test_a_llama_layout_model_trains_and_saves_a_llama_folder(data_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run = tmp_path / "run"
+    pretrain(train_config(data_dir, run, model="tiny-llama", n_kv_head=1, max_steps=30, eval_interval=30), progress=False)
+    val = read_log(run)[1]
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.5
+    folder = latest_checkpoint(run) / "model"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.num_key_value_heads == 1
+    from lmforge.model.checkpoint import load_model
+
+    idx = torch.randint(0, 1024, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(folder)(idx), hf(idx).logits, atol=1e-4, rtol=0)

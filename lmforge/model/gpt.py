@@ -1,8 +1,12 @@
 """The decoder-only Transformer, top to bottom in the order data flows.
 
-Config → KVCache → CausalSelfAttention → MLP → Block → GPT. Attention goes through
-``scaled_dot_product_attention`` (flash kernels on GPU). Build big models with ``build_model``:
-parameters are created on the ``meta`` device first and only then materialised.
+One file for every decoder family; each difference is a field of ``Config`` (see config.py):
+positions (learned, rotary, sinusoidal), norm (LayerNorm, RMSNorm), MLP (GELU, SwiGLU),
+grouped-query attention, q/k/v biases, sliding-window attention, tied or untied embeddings.
+
+KVCache → positional encodings → CausalSelfAttention → MLP → Block → GPT. Attention goes
+through ``scaled_dot_product_attention`` (flash kernels on GPU). Build big models with
+``build_model``: parameters are created on the ``meta`` device first and only then materialised.
 """
 
 from __future__ import annotations
@@ -17,71 +21,147 @@ from lmforge.model.config import Config
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, each ``(batch, n_head, max_len, head_dim)``."""
+    """Preallocated keys and values of every layer, each ``(batch, n_kv_head, max_len, head_dim)``."""
 
     def __init__(self, config: Config, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (batch_size, config.n_head, max_len, config.head_dim)
+        shape = (batch_size, config.kv_heads, max_len, config.head_size)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v`` (B, H, T, D) at positions ``start:start+T``; return keys/values ``0:start+T``."""
+        """Store ``k, v`` (B, H_kv, T, D) at positions ``start:start+T``; return keys/values ``0:start+T``."""
         end = start + k.size(2)
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+# -- positions ------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(config: Config, device=None) -> torch.Tensor:
+    """Rotary frequencies (head_dim/2,), with Llama 3's scaling of the low frequencies when configured."""
+    dim = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    s = config.rope_scaling
+    if s:
+        # Llama 3: wavelengths longer than the original context are stretched by `factor`, short ones
+        # kept, and the band between blended smoothly.
+        old_len = s["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / s["low_freq_factor"], old_len / s["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+        smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+        blended = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(config: Config, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, head_dim) for ``positions`` (T,), each frequency repeated for both halves."""
+    freqs = positions.float()[:, None] * rope_inv_freq(config, positions.device)[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by position: pairs are (i, i + D/2), as in Hugging Face's Llama."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Vaswani et al. (2017): PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d))."""
+    div = torch.exp(torch.arange(0, dim, 2, device=positions.device).float() * (-math.log(10000.0) / dim))
+    angles = positions.float()[:, None] * div[None, :]
+    pe = torch.zeros(len(positions), dim, device=positions.device)
+    pe[:, 0::2] = angles.sin()
+    pe[:, 1::2] = angles.cos()[:, : dim // 2]
+    return pe
+
+
+def attention_mask(start: int, T: int, S: int, window: int | None, device) -> torch.Tensor | None:
+    """Boolean (T, S) mask for queries at positions start..start+T-1 over keys 0..S-1, or None when
+    plain causal attention (``is_causal``) or no mask at all is exact."""
+    if window is None or S <= window:
+        if T == 1 or S == T:
+            return None  # one query sees every cached key; or a fresh causal block
+        return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+    q = torch.arange(start, start + T, device=device)[:, None]
+    k = torch.arange(S, device=device)[None, :]
+    return (k <= q) & (k > q - window)
+
+
+# -- blocks ---------------------------------------------------------------------------------------
+
+
+def make_norm(config: Config) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
-        self.n_head, self.head_dim, self.dropout = config.n_head, config.head_dim, config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_size
+        self.dropout = config.dropout
+        q_out, kv_out = config.n_head * self.head_dim, config.kv_heads * self.head_dim
+        # One matrix for q, k and v (out features ordered [q | k | v]): one matmul instead of three.
+        self.qkv = nn.Linear(config.n_embd, q_out + 2 * kv_out, bias=config.has_qkv_bias)
+        self.proj = nn.Linear(q_out, config.n_embd, bias=config.bias)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
-        B, T, C = x.shape
-        # (B, T, 3·C) → three (B, n_head, T, head_dim); the feature order is [q | k | v] as in GPT-2.
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    def forward(self, x, rope=None, mask=None, kv_cache: KVCache | None = None, layer: int = 0, start: int = 0):
+        B, T, _ = x.shape
+        q_out, kv_out = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split([q_out, kv_out, kv_out], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, start, k, v)
-        S = k.size(2)
-        mask = None
-        if T > 1 and S > T:
-            # A chunk of queries after cached keys: query i (at position start+i) sees keys 0..start+i.
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1 and S == T
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1 and T == k.size(2), enable_gqa=self.n_kv_head != self.n_head,
         )
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, q_out)))
 
 
 class MLP(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, config.hidden, bias=config.bias)
+        self.swiglu = config.mlp == "swiglu"
+        # SwiGLU's gate and up projections share one matrix (out features ordered [gate | up]).
+        self.fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * config.hidden, bias=config.bias)
         self.proj = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
         self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.fc(x).chunk(2, dim=-1)
+            return self.drop(self.proj(F.silu(gate) * up))
         return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config: Config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, layer, start)
+    def forward(self, x, rope=None, mask=None, kv_cache: KVCache | None = None, layer: int = 0, start: int = 0):
+        x = x + self.attn(self.ln_1(x), rope, mask, kv_cache, layer, start)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -90,10 +170,10 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_embedding == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_f = make_norm(config)
         # Tied embeddings use wte.weight directly in forward(): no second Parameter to keep tied.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.init_weights()
@@ -110,9 +190,9 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(module.weight)
-                if module.bias is not None:
+                if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
     @property
@@ -134,12 +214,22 @@ class GPT(nn.Module):
         With ``targets`` (B, T; -100 is ignored) returns ``(logits, mean cross-entropy)``.
         """
         B, T = idx.shape
-        if start + T > self.config.block_size:
-            raise ValueError(f"positions up to {start + T} exceed the context length {self.config.block_size}")
+        c = self.config
+        if start + T > c.block_size:
+            raise ValueError(f"positions up to {start + T} exceed the context length {c.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.wte(idx)
+        rope = None
+        if c.pos_embedding == "learned":
+            x = x + self.wpe(pos)
+        elif c.pos_embedding == "sinusoidal":
+            x = x + sinusoidal_positions(pos, c.n_embd).to(x.dtype)
+        else:
+            rope = rope_cos_sin(c, pos)
+        x = self.drop(x)
+        mask = attention_mask(start, T, start + T, c.sliding_window, idx.device)
         for i, block in enumerate(self.blocks):
-            x = block(x, kv_cache, i, start)
+            x = block(x, rope, mask, kv_cache, i, start)
         x = self.ln_f(x)
         if last_only:
             x = x[:, -1:]

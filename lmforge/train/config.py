@@ -24,6 +24,7 @@ class TrainConfig:
     n_layer: int | None = None
     n_head: int | None = None
     n_embd: int | None = None
+    n_kv_head: int | None = None  # grouped-query attention (Llama-style presets)
     dropout: float = 0.0
     # batch: micro_batch_size sequences per process per forward, summed over grad_accum_steps and processes
     micro_batch_size: int = 8

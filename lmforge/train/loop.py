@@ -176,7 +176,7 @@ def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
 
 
 def _build_model(config: TrainConfig, tokenizer: Tokenizer, device: torch.device) -> GPT:
-    shape = {k: getattr(config, k) for k in ("block_size", "n_layer", "n_head", "n_embd")}
+    shape = {k: getattr(config, k) for k in ("block_size", "n_layer", "n_head", "n_embd", "n_kv_head")}
     if config.model in PRESETS:
         model_config = Config.from_preset(
             config.model,

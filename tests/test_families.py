@@ -1,0 +1,123 @@
+"""Llama, Qwen2 and Mistral checkpoints: parity with transformers, both directions.
+
+Each case is a random tiny model saved with ``save_pretrained``; lmforge must give the same logits
+(1e-4, fp32), the same greedy tokens as ``generate(do_sample=False)``, and an exported folder that
+transformers reloads with the same logits.
+"""
+
+import json
+
+import pytest
+import torch
+
+from lmforge.infer.generate import SamplingParams, generate_ids
+from lmforge.model.checkpoint import load_model, save_model
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 16}
+CASES = {
+    "llama-gqa-untied-theta": ("LlamaConfig", "LlamaForCausalLM",
+                               dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=50000.0)),
+    "llama-mqa-tied-llama3-rope": ("LlamaConfig", "LlamaForCausalLM",
+                                   dict(num_key_value_heads=1, tie_word_embeddings=True, rope_scaling=LLAMA3_SCALING)),
+    "qwen2-biases-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2-untied": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=False)),
+    "mistral-sliding-window": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=6)),
+}
+
+
+def make(folder, case, seed=0):
+    config_cls, model_cls, kw = CASES[case]
+    torch.manual_seed(seed)
+    args = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64, bos_token_id=1, eos_token_id=2, **kw)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**args)).eval()
+    with torch.no_grad():  # move norms and biases off their initial values so every tensor matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_greedy_tokens_and_export_match_transformers(case, tmp_path):
+    hf = make(tmp_path / "hf", case)
+    ours = load_model(tmp_path / "hf")
+    idx = torch.randint(3, 97, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-4, rtol=0)
+    prompt = idx[:1, :5]
+    expected = hf.generate(prompt, do_sample=False, max_new_tokens=25, eos_token_id=None, pad_token_id=0,
+                           attention_mask=torch.ones_like(prompt))
+    got = list(generate_ids(ours, prompt[0].tolist(), SamplingParams(max_new_tokens=25, temperature=0), set()))
+    assert got == expected[0, 5:].tolist()
+    save_model(ours, tmp_path / "out")
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert exported["model_type"] == hf.config.model_type
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert type(again) is type(hf)
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx).logits, hf(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_imported_switches_are_the_ones_in_config_json(tmp_path):
+    make(tmp_path / "a", "llama-mqa-tied-llama3-rope")
+    c = load_model(tmp_path / "a").config
+    assert (c.family, c.n_kv_head, c.tie_embeddings, c.pos_embedding, c.norm, c.mlp) == ("llama", 1, True, "rope", "rmsnorm", "swiglu")
+    assert c.rope_scaling["factor"] == 8.0
+    make(tmp_path / "b", "qwen2-biases-tied")
+    c = load_model(tmp_path / "b").config
+    assert (c.family, c.qkv_bias, c.bias) == ("qwen2", True, False)
+    make(tmp_path / "c", "mistral-sliding-window")
+    assert load_model(tmp_path / "c").config.sliding_window == 6
+    make(tmp_path / "d", "llama-gqa-untied-theta")
+    assert load_model(tmp_path / "d").config.rope_theta == 50000.0
+
+
+def test_sharded_and_bin_llama_folders(tmp_path):
+    hf = make(tmp_path / "hf", "llama-gqa-untied-theta")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="30KB")
+    idx = torch.randint(3, 97, (1, 12))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        torch.testing.assert_close(load_model(tmp_path / "sharded")(idx), expected, atol=1e-4, rtol=0)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    torch.save(hf.state_dict(), bin_dir / "pytorch_model.bin")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(bin_dir)(idx), expected, atol=1e-4, rtol=0)
+
+
+def test_unsupported_variants_are_named(tmp_path):
+    from lmforge.errors import LmforgeError
+
+    make(tmp_path / "hf", "llama-gqa-untied-theta")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for change, message in [
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+        ({"attention_bias": True}, "attention_bias/mlp_bias=true is not supported"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, "rope scaling 'yarn' is not supported"),
+        ({"model_type": "gemma"}, "model_type 'gemma' is not supported; lmforge reads: gpt2, llama, qwen2, mistral"),
+    ]:
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(LmforgeError, match=message):
+            load_model(tmp_path / "hf")
+
+
+def test_an_lmforge_only_configuration_round_trips(tmp_path):
+    from lmforge.model.config import Config
+    from lmforge.model.gpt import build_model
+
+    config = Config(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=16, family="lmforge",
+                    pos_embedding="sinusoidal", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
+    torch.manual_seed(0)
+    model = build_model(config)
+    save_model(model, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    assert again.config == config
+    idx = torch.randint(0, 50, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx), model(idx))
