@@ -62,11 +62,11 @@ def cmd_pretrain(args, extra: list[str]) -> None:
 
 def cmd_generate(args) -> None:
     from lmforge.infer.generate import SamplingParams, stream_generate
-    from lmforge.model.checkpoint import load_model, load_tokenizer_for
+    from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
     from lmforge.utils import pick_device
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model = load_model(args.model, pick_device(args.device))
+    model = load_decoder(args.model, pick_device(args.device))
     tokenizer = load_tokenizer_for(model, args.tokenizer)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:  # up to 128, but never more than the context leaves after the prompt
@@ -82,6 +82,54 @@ def cmd_generate(args) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def cmd_embed(args) -> None:
+    import json
+
+    from lmforge.model.checkpoint import load_model, load_tokenizer_for
+    from lmforge.model.encoder import Encoder, embed
+    from lmforge.utils import pick_device
+
+    texts = [t for t in (sys.stdin.read().splitlines() if args.texts == ["-"] else args.texts) if t.strip()]
+    if not texts:
+        raise LmforgeError("no text to embed; pass one or more texts, or - to read one per line from stdin")
+    model = load_model(args.model, pick_device(args.device))
+    if not isinstance(model, Encoder):
+        raise LmforgeError(f"{model.source} is a decoder; `lmforge embed` needs an encoder (bert) model folder")
+    tokenizer = load_tokenizer_for(model)
+    max_length = args.max_length or _sentence_transformers_max_length(model.source)
+    vectors = embed(model, tokenizer, texts, max_length=max_length, normalize=not args.no_normalize)
+    fmt = args.format or ("matrix" if len(texts) > 1 else "json")
+    if fmt == "json":
+        print(json.dumps([{"text": t, "embedding": [round(x, 7) for x in v.tolist()]} for t, v in zip(texts, vectors)]))
+        return
+    import torch.nn.functional as F
+
+    unit = F.normalize(vectors, dim=1)
+    sims = unit @ unit.T
+    print("      " + "".join(f"{f'[{j}]':>9}" for j in range(len(texts))))
+    for i, text in enumerate(texts):
+        row = "".join(f"{sims[i, j].item():9.4f}" for j in range(len(texts)))
+        print(f"{f'[{i}]':<6}{row}   {text if len(text) <= 60 else text[:57] + '...'}")
+
+
+def _sentence_transformers_max_length(folder) -> int | None:
+    """The max_seq_length a sentence-transformers folder declares (256 for all-MiniLM-L6-v2)."""
+    import json
+
+    path = folder / "sentence_bert_config.json"
+    try:
+        return int(json.loads(path.read_text())["max_seq_length"]) if path.exists() else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def cmd_convert(args) -> None:
+    from lmforge.model.checkpoint import convert
+
+    out = convert(args.src, args.out, args.dtype, args.max_shard_size, args.overwrite)
+    print(f"wrote {out}")
 
 
 def cmd_report(args) -> None:
@@ -164,6 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--truncate", action="store_true", help="keep the end of a prompt that does not fit the context")
     ge.add_argument("--device", default="auto")
     ge.set_defaults(func=cmd_generate)
+
+    em = sub.add_parser("embed", help="sentence embeddings from an encoder (BERT) model")
+    em.add_argument("texts", nargs="+", metavar="TEXT", help="texts to embed, or - to read one per line from stdin")
+    em.add_argument("--model", required=True, help="an encoder model folder (e.g. sentence-transformers all-MiniLM-L6-v2)")
+    em.add_argument("--format", choices=["json", "matrix"], default=None,
+                    help="json: the vectors; matrix: cosine similarities (default for two or more texts)")
+    em.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
+    em.add_argument("--no-normalize", action="store_true", help="mean-pooled vectors without L2 normalisation")
+    em.add_argument("--device", default="auto")
+    em.set_defaults(func=cmd_embed)
+
+    cv = sub.add_parser("convert", help="read a model folder and write it as a Hugging Face folder")
+    cv.add_argument("src", help="a model folder (gpt2, llama, qwen2, mistral, bert; safetensors or .bin) or a run folder")
+    cv.add_argument("out", help="the folder to write")
+    cv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights (default: keep)")
+    cv.add_argument("--max-shard-size", default="5GB", help="largest safetensors file before sharding (default: 5GB)")
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    cv.set_defaults(func=cmd_convert)
 
     rp = sub.add_parser("report", help="write report.md and plots for a training run")
     rp.add_argument("run", help="the run folder")

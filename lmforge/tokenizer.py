@@ -33,6 +33,10 @@ class Tokenizer:
     """A ``tokenizers.Tokenizer`` plus the facts lmforge needs: end-of-text id, hash, save/load."""
 
     def __init__(self, hf: HFTokenizer, config: dict | None = None):
+        # Some tokenizer.json files pad or truncate every encoding (MiniLM's pads to 128);
+        # lmforge pads and truncates where it needs to, so encode() returns exactly the text's tokens.
+        hf.no_padding()
+        hf.no_truncation()
         self.hf = hf
         self.config = dict(config or {})
         self.eos_id = self._find_special(self.config.get("eos_token"), _EOS_CANDIDATES)
@@ -93,9 +97,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special-token strings in the text map to their special ids."""
-        return self.hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; special-token strings in the text map to their special ids.
+
+        ``add_special_tokens`` applies the tokenizer's own template (BERT's [CLS] ... [SEP]).
+        """
+        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]

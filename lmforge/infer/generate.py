@@ -163,10 +163,10 @@ def stream_generate(model: GPT, tokenizer, prompt: str, params: SamplingParams, 
 
 def generate(model: GPT | str | os.PathLike, prompt: str = "", tokenizer=None, **params) -> Generation:
     """Generate from a model object or a model/run folder: ``generate("runs/demo", "def ", max_new_tokens=50)``."""
-    from lmforge.model.checkpoint import load_model, load_tokenizer_for
+    from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
 
     if not isinstance(model, GPT):
-        model = load_model(model)
+        model = load_decoder(model)
     tokenizer = tokenizer or load_tokenizer_for(model)
     result: dict = {}
     for _ in stream_generate(model, tokenizer, prompt, SamplingParams(**params), result):

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from lmforge.data.loader import TokenSplit, TrainBatches, eval_windows, window_batch
 from lmforge.errors import LmforgeError
-from lmforge.model.checkpoint import load_model
+from lmforge.model.checkpoint import load_decoder
 from lmforge.model.config import PRESETS, Config
 from lmforge.model.gpt import GPT, build_model
 from lmforge.tokenizer import Tokenizer
@@ -192,7 +192,7 @@ def _build_model(config: TrainConfig, tokenizer: Tokenizer, device: torch.device
     given = [k for k, v in shape.items() if v is not None]
     if given:
         raise LmforgeError(f"{', '.join(given)} cannot change when continuing from the model folder {config.model}")
-    model = load_model(config.model, device)
+    model = load_decoder(config.model, device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise LmforgeError(
             f"the data's tokenizer has {tokenizer.vocab_size} tokens but {config.model} has {model.config.vocab_size}; "
@@ -237,7 +237,7 @@ def _train(config: TrainConfig, dist_: Distributed, resume: bool, overwrite: boo
 
     torch.manual_seed(config.seed)
     if checkpoint is not None:
-        model = load_model(checkpoint / "model", device).train()
+        model = load_decoder(checkpoint / "model", device).train()
     else:
         model = _build_model(config, tokenizer, device)
     block_size = model.config.block_size

@@ -1,0 +1,213 @@
+"""The encoder-only Transformer (BERT family), top to bottom in the order data flows.
+
+Bidirectional attention over non-padding tokens, token-type embeddings, post-norm blocks
+(x = norm(x + sublayer(x)), as in BERT), an optional tanh pooler over the first token, and one
+optional head: masked-LM, sequence classification or token classification. ``embed`` gives
+mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.errors import LmforgeError
+
+HEADS = (None, "masked_lm", "sequence_classification", "token_classification")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    vocab_size: int = 30522
+    block_size: int = 512  # learned positions
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    mlp_hidden: int = 3072
+    type_vocab_size: int = 2
+    activation: str = "gelu"  # "gelu" (exact, BERT) or "gelu_tanh"
+    norm_eps: float = 1e-12
+    dropout: float = 0.1
+    init_std: float = 0.02
+    pad_token_id: int = 0
+    pooler: bool = True  # tanh(Linear(first token)), used by sequence classification
+    head: str | None = None  # one of HEADS
+    num_labels: int = 2
+    labels: tuple[str, ...] | None = None  # names of the classes, index order
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise LmforgeError(f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
+        if self.head not in HEADS:
+            raise LmforgeError(f"head {self.head!r} is not supported; use one of: {', '.join(map(str, HEADS[1:]))}")
+        if self.activation not in ("gelu", "gelu_tanh"):
+            raise LmforgeError(f"activation {self.activation!r} is not supported; use gelu or gelu_tanh")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EncoderConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k == "labels" and v else v) for k, v in d.items() if k in known})
+
+    def with_head(self, head: str | None, num_labels: int | None = None, labels=None) -> EncoderConfig:
+        return replace(self, head=head, num_labels=num_labels or self.num_labels, labels=tuple(labels) if labels else None)
+
+
+@dataclass
+class EncoderOutput:
+    hidden: torch.Tensor  # (B, T, n_embd) last hidden states
+    pooled: torch.Tensor | None = None  # (B, n_embd) tanh pooler over the first token
+    logits: torch.Tensor | None = None  # head output: (B, T, vocab), (B, labels) or (B, T, labels)
+    loss: torch.Tensor | None = None
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class EncoderBlock(nn.Module):
+    """Post-norm: x = ln_1(x + attn(x)); x = ln_2(x + mlp(x))."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.attn = SelfAttention(config)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+        self.fc = nn.Linear(config.n_embd, config.mlp_hidden)
+        self.proj = nn.Linear(config.mlp_hidden, config.n_embd)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+        self.drop = nn.Dropout(config.dropout)
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.ln_1(x + self.drop(self.attn(x, mask)))
+        return self.ln_2(x + self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate))))
+
+
+class MaskedLMHead(nn.Module):
+    """dense → GELU → LayerNorm → logits with the (tied) word embeddings, plus an output bias."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.n_embd, config.n_embd)
+        self.ln = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+
+    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        h = self.ln(F.gelu(self.dense(hidden), approximate=self.approximate))
+        return F.linear(h, word_embeddings, self.bias)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wtt = nn.Embedding(config.type_vocab_size, config.n_embd)
+        self.ln_emb = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_layer))
+        self.pooler = nn.Linear(config.n_embd, config.n_embd) if config.pooler else None
+        self.mlm = MaskedLMHead(config) if config.head == "masked_lm" else None
+        self.classifier = None
+        if config.head in ("sequence_classification", "token_classification"):
+            self.classifier = nn.Linear(config.n_embd, config.num_labels)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.config.init_std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if self.mlm is not None:
+            nn.init.zeros_(self.mlm.bias)
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """Token ids (B, T) → last hidden states (B, T, n_embd); ``attention_mask`` 1 = real token, 0 = padding."""
+        B, T = input_ids.shape
+        if T > self.config.block_size:
+            raise LmforgeError(f"input of {T} tokens exceeds the encoder's {self.config.block_size} positions; truncate it")
+        pos = torch.arange(T, device=input_ids.device)
+        types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        x = self.drop(self.ln_emb(self.wte(input_ids) + self.wpe(pos) + self.wtt(types)))
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): keys each query may see
+        for block in self.blocks:
+            x = block(x, mask)
+        return x
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> EncoderOutput:
+        hidden = self.encode(input_ids, attention_mask, token_type_ids)
+        out = EncoderOutput(hidden)
+        if self.pooler is not None:
+            out.pooled = torch.tanh(self.pooler(hidden[:, 0]))
+        head = self.config.head
+        if head == "masked_lm":
+            out.logits = self.mlm(hidden, self.wte.weight)
+        elif head == "sequence_classification":
+            out.logits = self.classifier(self.drop(out.pooled if out.pooled is not None else hidden[:, 0]))
+        elif head == "token_classification":
+            out.logits = self.classifier(self.drop(hidden))
+        if labels is not None and out.logits is not None:
+            out.loss = F.cross_entropy(out.logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100)
+        return out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average of the hidden states of real (non-padding) tokens: (B, T, C) → (B, C)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+@torch.inference_mode()
+def embed(model: Encoder, tokenizer, texts: list[str], max_length: int | None = None, batch_size: int = 32,
+          normalize: bool = True) -> torch.Tensor:
+    """Sentence embeddings (len(texts), n_embd): mean-pooled last hidden states, L2-normalised."""
+    max_length = min(max_length or model.config.block_size, model.config.block_size)
+    device = model.wte.weight.device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids = [tokenizer.encode(t, add_special_tokens=True)[:max_length] for t in texts[i : i + batch_size]]
+        width = max(map(len, ids))
+        pad = model.config.pad_token_id
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+        pooled = mean_pool(model.encode(input_ids, mask), mask)
+        out.append(F.normalize(pooled, p=2, dim=1) if normalize else pooled)
+    return torch.cat(out)
+
+
+def build_encoder(config: EncoderConfig, device="cpu", init: bool = True) -> Encoder:
+    with torch.device("meta"):
+        model = Encoder(config)
+    if str(device) == "meta":
+        return model
+    model.to_empty(device=device)
+    if init:
+        model.init_weights()
+    return model

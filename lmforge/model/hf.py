@@ -1,0 +1,465 @@
+"""Hugging Face layouts of each family: ``config.json`` fields and tensor names, both ways.
+
+lmforge's decoder keeps q/k/v (and SwiGLU's gate/up) fused in one matrix; Hugging Face stores
+them apart (Llama family) or transposed in ``Conv1D`` layers (GPT-2). Everything here is pure
+renaming, splitting, concatenating and transposing of tensors: no arithmetic on values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model.config import Config
+from lmforge.model.gpt import GPT
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral", "bert", "lmforge")
+
+# -- GPT-2 ------------------------------------------------------------------------------------------
+# Hugging Face GPT-2 stores these (in, out) in its Conv1D layers; lmforge's nn.Linear is (out, in).
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# lmforge name inside a block → Hugging Face name inside a block.
+_GPT2_BLOCK = {
+    "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias",
+    "attn.qkv.weight": "attn.c_attn.weight", "attn.qkv.bias": "attn.c_attn.bias",
+    "attn.proj.weight": "attn.c_proj.weight", "attn.proj.bias": "attn.c_proj.bias",
+    "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias",
+    "mlp.fc.weight": "mlp.c_fc.weight", "mlp.fc.bias": "mlp.c_fc.bias",
+    "mlp.proj.weight": "mlp.c_proj.weight", "mlp.proj.bias": "mlp.c_proj.bias",
+}
+_GPT2_TOP = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
+# Buffers that some checkpoints carry; they hold no learned values.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+def _gpt2_config_to_hf(c: Config) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": c.vocab_size,
+        "n_positions": c.block_size,
+        "n_ctx": c.block_size,
+        "n_embd": c.n_embd,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_inner": c.mlp_hidden,
+        "activation_function": "gelu_new" if c.activation == "gelu_tanh" else "gelu",
+        "layer_norm_epsilon": c.norm_eps,
+        "resid_pdrop": c.dropout,
+        "embd_pdrop": c.dropout,
+        "attn_pdrop": c.dropout,
+        "scale_attn_weights": True,
+    }
+
+
+def _gpt2_config_from_hf(hf: dict, where: str) -> dict:
+    activation = hf.get("activation_function", "gelu_new")
+    if activation in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        activation = "gelu_tanh"
+    elif activation != "gelu":
+        raise LmforgeError(f"{where}: activation_function {activation!r} is not supported; use gelu_new or gelu")
+    for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        if hf.get(flag):
+            raise LmforgeError(f"{where}: {flag}=true is not supported by lmforge's GPT-2")
+    if hf.get("scale_attn_weights", True) is False:
+        raise LmforgeError(f"{where}: scale_attn_weights=false is not supported by lmforge's GPT-2")
+    return dict(
+        vocab_size=int(hf["vocab_size"]),
+        block_size=int(hf.get("n_positions", hf.get("n_ctx", 1024))),
+        n_layer=int(hf["n_layer"]),
+        n_head=int(hf["n_head"]),
+        n_embd=int(hf["n_embd"]),
+        mlp_hidden=hf.get("n_inner"),
+        activation=activation,
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        dropout=float(hf.get("resid_pdrop", 0.0)),
+    )
+
+
+def _gpt2_names(c: Config) -> dict[str, str]:
+    """Hugging Face name → lmforge name, for every tensor of this config."""
+    names = {hf: ours for ours, hf in _GPT2_TOP.items()}
+    for i in range(c.n_layer):
+        names.update({f"h.{i}.{hf}": f"blocks.{i}.{ours}" for ours, hf in _GPT2_BLOCK.items()})
+    return names
+
+
+def _gpt2_to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    out = {f"transformer.{hf}": sd[ours] for hf, ours in _gpt2_names(model.config).items()}
+    return {k: v.t() if k.endswith(_CONV1D) else v for k, v in out.items()}
+
+
+def _gpt2_from_hf(c: Config, hf_sd: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    # Checkpoints saved from GPT2Model (like the original `gpt2` upload) lack the "transformer." prefix.
+    hf_sd = {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
+    return _rename(hf_sd, _gpt2_names(c), transpose=_CONV1D)
+
+
+# -- Llama, Qwen2, Mistral --------------------------------------------------------------------------
+# One layout: separate q/k/v and gate/up matrices, which lmforge keeps fused ([q | k | v], [gate | up]).
+_LLAMA_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def _llama_config_to_hf(c: Config) -> dict:
+    rope_parameters = {"rope_type": "llama3" if c.rope_scaling else "default", "rope_theta": c.rope_theta}
+    rope_parameters.update(c.rope_scaling or {})
+    hf = {
+        "architectures": [_LLAMA_ARCH[c.family]],
+        "model_type": c.family,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.n_embd,
+        "intermediate_size": c.hidden,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        "num_key_value_heads": c.kv_heads,
+        "head_dim": c.head_size,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.block_size,
+        "rms_norm_eps": c.norm_eps,
+        "attention_dropout": c.dropout,
+        # Both spellings: transformers >= 5 reads rope_parameters, older versions rope_theta/rope_scaling.
+        "rope_parameters": rope_parameters,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": {"rope_type": "llama3", **c.rope_scaling} if c.rope_scaling else None,
+    }
+    if c.family == "llama":
+        hf.update(attention_bias=False, mlp_bias=False)
+    elif c.family == "qwen2":
+        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.n_layer)
+    else:
+        hf.update(sliding_window=c.sliding_window)
+    return hf
+
+
+def _llama_config_from_hf(hf: dict, where: str) -> dict:
+    family = hf["model_type"]
+    if hf.get("hidden_act", "silu") != "silu":
+        raise LmforgeError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported for {family}; lmforge's SwiGLU uses silu")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise LmforgeError(f"{where}: attention_bias/mlp_bias=true is not supported by lmforge's {family}")
+    rope = hf.get("rope_parameters") or {}
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    rope_scaling = None
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind == "llama3":
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            rope_scaling = {k: float(scaling[k]) for k in keys}
+            rope_scaling["original_max_position_embeddings"] = int(rope_scaling["original_max_position_embeddings"])
+        elif kind != "default":
+            raise LmforgeError(f"{where}: rope scaling {kind!r} is not supported; lmforge supports default and llama3")
+    window = None
+    if family == "mistral":
+        window = hf.get("sliding_window")
+    elif family == "qwen2" and hf.get("use_sliding_window"):
+        kinds = set(hf.get("layer_types") or [])
+        if kinds != {"sliding_attention"}:
+            raise LmforgeError(f"{where}: sliding-window attention on only some layers is not supported")
+        window = hf.get("sliding_window")
+    n_head = int(hf["num_attention_heads"])
+    return dict(
+        vocab_size=int(hf["vocab_size"]),
+        block_size=int(hf.get("max_position_embeddings", 2048)),
+        n_layer=int(hf["num_hidden_layers"]),
+        n_head=n_head,
+        n_kv_head=int(hf.get("num_key_value_heads") or n_head),
+        n_embd=int(hf["hidden_size"]),
+        head_dim=hf.get("head_dim"),
+        mlp_hidden=int(hf["intermediate_size"]),
+        family=family,
+        pos_embedding="rope",
+        rope_theta=theta,
+        rope_scaling=rope_scaling,
+        norm="rmsnorm",
+        mlp="swiglu",
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        bias=False,
+        qkv_bias=family == "qwen2",
+        sliding_window=int(window) if window else None,
+        dropout=float(hf.get("attention_dropout", 0.0)),
+    )
+
+
+def _llama_names(c: Config) -> dict[str, str]:
+    names = {"model.embed_tokens.weight": "wte.weight", "model.norm.weight": "ln_f.weight"}
+    for i in range(c.n_layer):
+        h, ours = f"model.layers.{i}.", f"blocks.{i}."
+        names.update({
+            h + "input_layernorm.weight": ours + "ln_1.weight",
+            h + "post_attention_layernorm.weight": ours + "ln_2.weight",
+            h + "self_attn.o_proj.weight": ours + "attn.proj.weight",
+            h + "mlp.down_proj.weight": ours + "mlp.proj.weight",
+        })
+    return names
+
+
+def _llama_fused(c: Config) -> list[tuple[str, list[str], list[int] | int]]:
+    """(lmforge name, Hugging Face parts, split sizes) of every fused matrix."""
+    q, kv = c.n_head * c.head_size, c.kv_heads * c.head_size
+    fused = []
+    for i in range(c.n_layer):
+        h, ours = f"model.layers.{i}.", f"blocks.{i}."
+        fused.append((ours + "attn.qkv.weight", [h + f"self_attn.{x}_proj.weight" for x in "qkv"], [q, kv, kv]))
+        if c.has_qkv_bias:
+            fused.append((ours + "attn.qkv.bias", [h + f"self_attn.{x}_proj.bias" for x in "qkv"], [q, kv, kv]))
+        fused.append((ours + "mlp.fc.weight", [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"], c.hidden))
+    return fused
+
+
+def _llama_to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    out = {hf: sd[ours] for hf, ours in _llama_names(model.config).items()}
+    for ours, parts, sizes in _llama_fused(model.config):
+        out.update(zip(parts, sd[ours].split(sizes)))
+    return out
+
+
+def _llama_from_hf(c: Config, hf_sd: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    hf_sd = dict(hf_sd)
+    fused, missing = {}, []
+    for ours, parts, _ in _llama_fused(c):
+        if all(p in hf_sd for p in parts):
+            fused[ours] = torch.cat([hf_sd.pop(p) for p in parts])
+        else:
+            missing += [p for p in parts if p not in hf_sd]
+    out, problems = _rename(hf_sd, _llama_names(c))
+    out.update(fused)
+    if missing:
+        problems.insert(0, f"missing {_some(missing)}")
+    return out, problems
+
+
+# -- the dispatch -----------------------------------------------------------------------------------
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _rename(hf_sd: dict, names: dict[str, str], transpose: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+    """Rename Hugging Face tensors to lmforge's; returns (tensors, problems found)."""
+    out = {ours: hf_sd[hf].t() if transpose and hf.endswith(transpose) else hf_sd[hf] for hf, ours in names.items() if hf in hf_sd}
+    problems = []
+    missing = [hf for hf in names if hf not in hf_sd]
+    unexpected = [k for k in hf_sd if k not in names]
+    if missing:
+        problems.append(f"missing {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_some(unexpected)}")
+    return out, problems
+
+
+def config_to_hf(config: Config) -> dict:
+    """The ``config.json`` of a checkpoint, in its family's Hugging Face layout."""
+    if config.family == "lmforge":
+        return {"model_type": "lmforge", "architectures": ["lmforge.GPT"], "lmforge_config": config.to_dict()}
+    hf = _gpt2_config_to_hf(config) if config.family == "gpt2" else _llama_config_to_hf(config)
+    hf.update({
+        "initializer_range": config.init_std,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    })
+    return hf
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> Config:
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise LmforgeError(
+            f"{where}: model_type {model_type!r} is not supported; lmforge reads: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    try:
+        if model_type == "lmforge":
+            return Config.from_dict(hf["lmforge_config"])
+        fields = _gpt2_config_from_hf(hf, where) if model_type == "gpt2" else _llama_config_from_hf(hf, where)
+        return Config(
+            **fields,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gpt2")),
+            init_std=float(hf.get("initializer_range", 0.02)),
+            bos_token_id=_first_id(hf.get("bos_token_id")),
+            eos_token_id=_first_id(hf.get("eos_token_id")),
+        )
+    except KeyError as e:
+        raise LmforgeError(f"{where}: missing field {e.args[0]!r}; is this a {model_type} config.json?") from None
+    except (TypeError, ValueError) as e:
+        raise LmforgeError(f"{where}: a field has the wrong type ({e})") from None
+
+
+def _first_id(value):
+    """Some configs list several end-of-sequence ids; lmforge stops on the first."""
+    return value[0] if isinstance(value, list) and value else value
+
+
+def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    c = model.config
+    if c.family == "lmforge":
+        out = dict(model.state_dict())
+    else:
+        out = _gpt2_to_hf(model) if c.family == "gpt2" else _llama_to_hf(model)
+        if model.lm_head is not None:
+            out["lm_head.weight"] = model.lm_head.weight
+    # safetensors needs contiguous tensors that share no memory.
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def state_dict_from_hf(config: Config, hf_sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    if config.family == "lmforge":
+        return {k: v.contiguous() for k, v in hf_sd.items()}  # lmforge's own names; load_state_dict checks them
+    hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    head = hf_sd.pop("lm_head.weight", None)
+    if config.family == "gpt2":
+        out, problems = _gpt2_from_hf(config, hf_sd)
+    else:
+        out, problems = _llama_from_hf(config, hf_sd)
+    if not config.tie_embeddings:
+        if head is None:
+            problems.insert(0, "missing lm_head.weight")
+        else:
+            out["lm_head.weight"] = head
+    # (a tied head saved by older transformers is a copy of the embeddings and is dropped)
+    if problems:
+        raise LmforgeError(f"{where}: weights do not match config.json ({'; '.join(problems)})")
+    # contiguous(): a transposed view as a Parameter would get row-major gradients for column-major
+    # storage, which the fused AdamW kernel would pair up element by element, wrongly.
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# -- BERT (the encoder) -----------------------------------------------------------------------------
+# The backbone's names; models with a head store it under "bert." and the head beside it.
+_BERT_ARCH = {None: "BertModel", "masked_lm": "BertForMaskedLM", "sequence_classification": "BertForSequenceClassification",
+              "token_classification": "BertForTokenClassification"}
+_BERT_IGNORED = ("embeddings.position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+
+
+def bert_config_from_hf(hf: dict, weight_names, where: str):
+    from lmforge.model.encoder import EncoderConfig
+
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise LmforgeError(f"{where}: position_embedding_type {hf['position_embedding_type']!r} is not supported")
+    act = hf.get("hidden_act", "gelu")
+    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        raise LmforgeError(f"{where}: hidden_act {act!r} is not supported for bert; use gelu")
+    heads = {v: k for k, v in _BERT_ARCH.items()}
+    arch = (hf.get("architectures") or ["BertModel"])[0]
+    if arch not in heads:
+        raise LmforgeError(f"{where}: architecture {arch} is not supported; lmforge reads {', '.join(_BERT_ARCH.values())}")
+    id2label = hf.get("id2label") or {}
+    labels = tuple(id2label[k] for k in sorted(id2label, key=int)) if id2label else None
+    return EncoderConfig(
+        vocab_size=int(hf["vocab_size"]),
+        block_size=int(hf.get("max_position_embeddings", 512)),
+        n_layer=int(hf["num_hidden_layers"]),
+        n_head=int(hf["num_attention_heads"]),
+        n_embd=int(hf["hidden_size"]),
+        mlp_hidden=int(hf["intermediate_size"]),
+        type_vocab_size=int(hf.get("type_vocab_size", 2)),
+        activation="gelu" if act == "gelu" else "gelu_tanh",
+        norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        dropout=float(hf.get("hidden_dropout_prob", 0.1)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        pad_token_id=int(hf.get("pad_token_id") or 0),
+        pooler=any(n.endswith("pooler.dense.weight") for n in weight_names),
+        head=heads[arch],
+        num_labels=len(labels) if labels else int(hf.get("num_labels", 2)),
+        labels=labels,
+    )
+
+
+def bert_config_to_hf(c) -> dict:
+    hf = {
+        "architectures": [_BERT_ARCH[c.head]],
+        "model_type": "bert",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.n_embd,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        "intermediate_size": c.mlp_hidden,
+        "hidden_act": "gelu" if c.activation == "gelu" else "gelu_new",
+        "hidden_dropout_prob": c.dropout,
+        "attention_probs_dropout_prob": c.dropout,
+        "max_position_embeddings": c.block_size,
+        "type_vocab_size": c.type_vocab_size,
+        "initializer_range": c.init_std,
+        "layer_norm_eps": c.norm_eps,
+        "pad_token_id": c.pad_token_id,
+        "position_embedding_type": "absolute",
+        "torch_dtype": "float32",
+    }
+    if c.head in ("sequence_classification", "token_classification"):
+        labels = c.labels or tuple(f"LABEL_{i}" for i in range(c.num_labels))
+        hf["id2label"] = {str(i): name for i, name in enumerate(labels)}
+        hf["label2id"] = {name: i for i, name in enumerate(labels)}
+    return hf
+
+
+def _bert_names(c) -> dict[str, str]:
+    names = {
+        "embeddings.word_embeddings.weight": "wte.weight",
+        "embeddings.position_embeddings.weight": "wpe.weight",
+        "embeddings.token_type_embeddings.weight": "wtt.weight",
+        "embeddings.LayerNorm.weight": "ln_emb.weight",
+        "embeddings.LayerNorm.bias": "ln_emb.bias",
+    }
+    for i in range(c.n_layer):
+        h, ours = f"encoder.layer.{i}.", f"blocks.{i}."
+        for part in ("weight", "bias"):
+            names.update({
+                f"{h}attention.output.dense.{part}": f"{ours}attn.proj.{part}",
+                f"{h}attention.output.LayerNorm.{part}": f"{ours}ln_1.{part}",
+                f"{h}intermediate.dense.{part}": f"{ours}fc.{part}",
+                f"{h}output.dense.{part}": f"{ours}proj.{part}",
+                f"{h}output.LayerNorm.{part}": f"{ours}ln_2.{part}",
+            })
+    if c.pooler:
+        names.update({"pooler.dense.weight": "pooler.weight", "pooler.dense.bias": "pooler.bias"})
+    prefix = "" if c.head is None else "bert."
+    names = {prefix + hf: ours for hf, ours in names.items()}
+    if c.head == "masked_lm":
+        names.update({
+            "cls.predictions.transform.dense.weight": "mlm.dense.weight",
+            "cls.predictions.transform.dense.bias": "mlm.dense.bias",
+            "cls.predictions.transform.LayerNorm.weight": "mlm.ln.weight",
+            "cls.predictions.transform.LayerNorm.bias": "mlm.ln.bias",
+            "cls.predictions.bias": "mlm.bias",
+        })
+    elif c.head is not None:
+        names.update({"classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"})
+    return names
+
+
+def _bert_fused(c) -> list[tuple[str, list[str]]]:
+    prefix = "" if c.head is None else "bert."
+    return [(f"blocks.{i}.attn.qkv.{part}", [f"{prefix}encoder.layer.{i}.attention.self.{x}.{part}" for x in ("query", "key", "value")])
+            for i in range(c.n_layer) for part in ("weight", "bias")]
+
+
+def bert_state_dict_from_hf(c, hf_sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith(_BERT_IGNORED)}
+    if c.head is None:  # a bare backbone saved from a head model keeps its "bert." prefix
+        hf_sd = {k.removeprefix("bert."): v for k, v in hf_sd.items()}
+    fused, missing = {}, []
+    for ours, parts in _bert_fused(c):
+        if all(p in hf_sd for p in parts):
+            fused[ours] = torch.cat([hf_sd.pop(p) for p in parts])
+        else:
+            missing += [p for p in parts if p not in hf_sd]
+    out, problems = _rename(hf_sd, _bert_names(c))
+    if missing:
+        problems.insert(0, f"missing {_some(missing)}")
+    if problems:
+        raise LmforgeError(f"{where}: weights do not match config.json ({'; '.join(problems)})")
+    out.update(fused)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def bert_state_dict_to_hf(model) -> dict[str, torch.Tensor]:
+    c, sd = model.config, model.state_dict()
+    out = {hf: sd[ours] for hf, ours in _bert_names(c).items()}
+    for ours, parts in _bert_fused(c):
+        out.update(zip(parts, sd[ours].chunk(3)))
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
