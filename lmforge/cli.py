@@ -132,6 +132,12 @@ def cmd_convert(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_plan(args) -> None:
+    from lmforge.train.plan import format_plan, plan
+
+    print(format_plan(plan(args.model, args.gpus, args.gpu, args.tokens, args.mfu, args.seq_len, args.micro_batch, args.price)))
+
+
 def cmd_report(args) -> None:
     from lmforge.eval.report import write_report
 
@@ -230,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--max-shard-size", default="5GB", help="largest safetensors file before sharding (default: 5GB)")
     cv.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     cv.set_defaults(func=cmd_convert)
+
+    pl = sub.add_parser("plan", help="compute, time, cost and per-GPU memory of a pretraining run")
+    pl.add_argument("--model", required=True, help="a preset (e.g. llama-7b) or a model folder")
+    pl.add_argument("--gpus", type=int, default=8)
+    pl.add_argument("--gpu", default="h100", help="h100, h200, a100-80gb or a100-40gb")
+    pl.add_argument("--tokens", type=float, default=None, help="training tokens (default: 20 per parameter)")
+    pl.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed (default: 0.4)")
+    pl.add_argument("--seq-len", type=int, default=None, help="sequence length (default: context, at most 4096)")
+    pl.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward pass")
+    pl.add_argument("--price", type=float, default=None, help="USD per GPU-hour (default: the table's assumption)")
+    pl.set_defaults(func=cmd_plan)
 
     rp = sub.add_parser("report", help="write report.md and plots for a training run")
     rp.add_argument("run", help="the run folder")

@@ -1,0 +1,193 @@
+"""`lmforge plan`: size, compute, time, cost and per-GPU memory of a pretraining run, before renting it.
+
+Conventions (all printed with the plan):
+
+* Training FLOPs = 6·N·D (N parameters, D tokens; forward + backward) plus attention scores and
+  values, 12·L·s·(heads·head_dim) per token; time = FLOPs / (GPUs × peak bf16 FLOP/s × MFU).
+* Chinchilla-optimal tokens: 20 per parameter (Hoffmann et al., 2022).
+* Model states, mixed-precision AdamW as in the ZeRO paper (Rajbhandari et al., 2020): bf16 weights
+  (2 bytes/param) + bf16 gradients (2) + fp32 master weights, Adam m and v (4 + 4 + 4) = 16 bytes per
+  parameter. DDP keeps all of them on every GPU. FSDP / ZeRO-3 shards them over the GPUs and
+  all-gathers the bf16 weights of one layer at a time (two in flight with prefetching).
+* Activations per layer, bf16, per micro-batch of b sequences of s tokens, with flash attention (no
+  s×s scores kept): norm input, q/k/v input, q/k/v, attention output (2·s·b·(4h + 2·kv) when the
+  heads span the width); MLP norm
+  input, fc input, its outputs and the product fed to the down projection (2·s·b·(2h + 2f) for GELU,
+  2·s·b·(2h + 4f) for SwiGLU). Plus the logits in fp32 for the loss, 4·s·b·V. With activation
+  checkpointing a layer keeps only its input (2·s·b·h) and one layer's activations are rebuilt at a time.
+* GB are 10^9 bytes, as GPU memory is quoted. Fits means the total is at most the GPU's memory; leave
+  a few GB for the CUDA context and fragmentation in practice.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+from lmforge.model.config import PRESETS, Config
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    bf16_flops: float  # dense peak, FLOP/s
+    memory_gb: float
+    bandwidth_tbs: float
+    price_per_hour: float  # assumed on-demand price per GPU-hour, USD (override with --price)
+
+
+GPUS = {
+    "h100": GPU("H100 SXM 80 GB", 989e12, 80, 3.35, 2.50),
+    "h200": GPU("H200 SXM 141 GB", 989e12, 141, 4.8, 3.50),
+    "a100-80gb": GPU("A100 SXM 80 GB", 312e12, 80, 2.04, 1.80),
+    "a100-40gb": GPU("A100 SXM 40 GB", 312e12, 40, 1.56, 1.30),
+}
+BYTES_PER_PARAM_STATES = 16  # bf16 weights 2 + bf16 grads 2 + fp32 master 4 + Adam m 4 + Adam v 4
+GB = 1e9
+
+
+@dataclass
+class MemoryRow:
+    strategy: str
+    states: float  # bytes: weights, gradients, optimizer (and gathered layers for FSDP)
+    activations: float  # bytes
+    capacity: float
+
+    @property
+    def total(self) -> float:
+        return self.states + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+
+@dataclass
+class Plan:
+    name: str
+    config: Config
+    params: int
+    tokens: float
+    chinchilla_tokens: float
+    flops_6nd: float
+    flops_attention: float
+    gpu: GPU
+    gpus: int
+    mfu: float
+    seq_len: int
+    micro_batch: int
+    price: float
+    memory: list[MemoryRow]
+
+    @property
+    def flops(self) -> float:
+        return self.flops_6nd + self.flops_attention
+
+    @property
+    def seconds(self) -> float:
+        return self.flops / (self.gpus * self.gpu.bf16_flops * self.mfu)
+
+    @property
+    def cost(self) -> float:
+        return self.seconds / 3600 * self.gpus * self.price
+
+
+def activation_bytes_per_layer(c: Config, seq_len: int, micro_batch: int) -> float:
+    s, b, h, f = seq_len, micro_batch, c.n_embd, c.hidden
+    q, kv = c.n_head * c.head_size, c.kv_heads * c.head_size
+    attention = 2 * s * b * (2 * h + 2 * q + 2 * kv)  # norm input, q/k/v input, q, k, v, attention output
+    mlp = 2 * s * b * (2 * h + (4 * f if c.mlp == "swiglu" else 2 * f))
+    return attention + mlp
+
+
+def memory_rows(c: Config, gpu: GPU, gpus: int, seq_len: int, micro_batch: int) -> list[MemoryRow]:
+    n = c.num_params()
+    states = BYTES_PER_PARAM_STATES * n
+    per_layer = activation_bytes_per_layer(c, seq_len, micro_batch)
+    logits = 4 * seq_len * micro_batch * c.vocab_size
+    full = c.n_layer * per_layer + logits
+    checkpointed = c.n_layer * 2 * seq_len * micro_batch * c.n_embd + per_layer + logits
+    layer_weights = 2 * (n - c.vocab_size * c.n_embd * (1 if c.tie_embeddings else 2)) / c.n_layer
+    sharded = states / gpus + 2 * layer_weights  # two bf16 layers gathered at once (prefetch)
+    cap = gpu.memory_gb * GB
+    return [
+        MemoryRow("DDP", states, full, cap),
+        MemoryRow("DDP + activation checkpointing", states, checkpointed, cap),
+        MemoryRow(f"FSDP / ZeRO-3 over {gpus} GPUs", sharded, full, cap),
+        MemoryRow(f"FSDP / ZeRO-3 over {gpus} GPUs + act. ckpt", sharded, checkpointed, cap),
+    ]
+
+
+def resolve_config(model: str) -> tuple[str, Config]:
+    if model in PRESETS:
+        return model, Config.from_preset(model)
+    path = Path(model)
+    if path.exists():
+        from lmforge.model.hf import config_from_hf
+        from lmforge.utils import read_json
+
+        file = path / "config.json" if path.is_dir() else path
+        return path.name, config_from_hf(read_json(file, "model config"), str(file))
+    raise LmforgeError(f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
+
+
+def plan(model: str | os.PathLike, gpus: int = 8, gpu: str = "h100", tokens: float | None = None, mfu: float = 0.4,
+         seq_len: int | None = None, micro_batch: int = 1, price: float | None = None) -> Plan:
+    """Plan pretraining ``model`` (a preset or a model folder) on ``gpus`` GPUs of kind ``gpu``."""
+    if gpu.lower() not in GPUS:
+        raise LmforgeError(f"--gpu {gpu!r} is not in the table; choose one of: {', '.join(GPUS)}")
+    if gpus < 1 or micro_batch < 1:
+        raise LmforgeError("--gpus and --micro-batch must be at least 1")
+    if not 0 < mfu <= 1:
+        raise LmforgeError(f"--mfu {mfu} must be in (0, 1]; 0.4 (40%) is typical for well-tuned dense training")
+    name, config = resolve_config(str(model))
+    spec = GPUS[gpu.lower()]
+    seq_len = seq_len or min(config.block_size, 4096)
+    n = config.num_params()
+    chinchilla = 20.0 * n
+    tokens = float(tokens) if tokens else chinchilla
+    attention_per_token = 12 * config.n_layer * seq_len * config.n_head * config.head_size
+    return Plan(
+        name=name, config=config, params=n, tokens=tokens, chinchilla_tokens=chinchilla,
+        flops_6nd=6.0 * n * tokens, flops_attention=attention_per_token * tokens,
+        gpu=spec, gpus=gpus, mfu=mfu, seq_len=seq_len, micro_batch=micro_batch,
+        price=spec.price_per_hour if price is None else price,
+        memory=memory_rows(config, spec, gpus, seq_len, micro_batch),
+    )
+
+
+def _si(x: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    hours = seconds / 3600
+    return f"{hours / 24:.1f} days ({hours:,.1f} hours)" if hours >= 48 else f"{hours:,.1f} hours"
+
+
+def format_plan(p: Plan) -> str:
+    c = p.config
+    lines = [
+        f"model            {p.name}: {p.params:,} parameters ({_si(p.params)}); {c.n_layer} layers, width {c.n_embd}, "
+        f"{c.n_head} heads ({c.kv_heads} key/value), vocabulary {c.vocab_size:,}",
+        f"tokens           {_si(p.tokens)}" + (" (Chinchilla-optimal: 20 per parameter)" if p.tokens == p.chinchilla_tokens
+                                               else f" (Chinchilla-optimal would be {_si(p.chinchilla_tokens)})"),
+        f"training FLOPs   {p.flops:.3g} = 6·N·D {p.flops_6nd:.3g} + attention {p.flops_attention:.3g} (sequence {p.seq_len:,})",
+        f"hardware         {p.gpus} × {p.gpu.name}: {p.gpu.bf16_flops / 1e12:,.0f} TFLOP/s bf16 dense, "
+        f"{p.gpu.bandwidth_tbs} TB/s each",
+        f"time             {_duration(p.seconds)} at {p.mfu:.0%} MFU",
+        f"cost             ${p.cost:,.0f} at ${p.price:.2f} per GPU-hour (assumed; set --price)",
+        "",
+        f"memory per GPU (GB; 16 bytes/parameter of model states: bf16 weights and grads, fp32 master weights "
+        f"and AdamW m, v; micro-batch {p.micro_batch} × {p.seq_len:,} tokens)",
+        f"  {'strategy':<46}{'states':>9}{'activations':>13}{'total':>9}   fits in {p.gpu.memory_gb:g} GB?",
+    ]
+    for row in p.memory:
+        lines.append(f"  {row.strategy:<46}{row.states / GB:>9.2f}{row.activations / GB:>13.2f}{row.total / GB:>9.2f}   "
+                     f"{'yes' if row.fits else 'no'}")
+    return "\n".join(lines)
