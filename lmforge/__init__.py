@@ -1,4 +1,5 @@
-"""lmforge: train a tokenizer, prepare a corpus, pretrain a Transformer, generate from it.
+"""lmforge: tokenizers, corpora, Transformers of the GPT-2/Llama/Qwen2/Mistral/BERT families,
+pretraining, generation, conversion, embeddings and run planning.
 
 The Python API mirrors the command line; names are imported lazily so ``import lmforge`` (and
 the worker processes of ``prepare``) stay fast.
@@ -16,6 +17,11 @@ _API = {
     "GPT": "lmforge.model.gpt",
     "load_model": "lmforge.model.checkpoint",
     "save_model": "lmforge.model.checkpoint",
+    "convert": "lmforge.model.checkpoint",
+    "Encoder": "lmforge.model.encoder",
+    "EncoderConfig": "lmforge.model.encoder",
+    "embed": "lmforge.model.encoder",
+    "plan": "lmforge.train.plan",
     "TrainConfig": "lmforge.train.config",
     "pretrain": "lmforge.train.loop",
     "generate": "lmforge.infer.generate",
