@@ -92,18 +92,27 @@ def generate_ids(model: GPT, prompt_ids: list[int], params: SamplingParams, stop
         generator = torch.Generator(device=device).manual_seed(params.seed)
     cache = KVCache(model.config, 1, len(prompt_ids) + params.max_new_tokens, device, model.wte.weight.dtype)
     logits = model(history[None], kv_cache=cache, start=0, last_only=True)[0, -1]
+    # The history is only read by the repetition penalty; greedy decoding needs no filtering at all.
+    track_history = params.repetition_penalty != 1.0
+    plain_greedy = params.temperature == 0 and not track_history
+    next_input = torch.empty(1, 1, dtype=torch.long, device=device)
     pos = len(prompt_ids)
     for i in range(params.max_new_tokens):
-        logits = process_logits(logits.float(), history, params)
-        if params.temperature == 0:
+        if plain_greedy:
             next_id = int(logits.argmax())
         else:
-            next_id = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+            logits = process_logits(logits.float(), history, params)
+            if params.temperature == 0:
+                next_id = int(logits.argmax())
+            else:
+                next_id = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
         yield next_id
         if next_id in stop_ids or i == params.max_new_tokens - 1:
             return
-        history = torch.cat([history, history.new_tensor([next_id])])
-        logits = model(history[-1:][None], kv_cache=cache, start=pos, last_only=True)[0, -1]
+        if track_history:
+            history = torch.cat([history, history.new_tensor([next_id])])
+        next_input.fill_(next_id)
+        logits = model(next_input, kv_cache=cache, start=pos, last_only=True)[0, -1]
         pos += 1
 
 
