@@ -30,7 +30,8 @@ def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
     found = []
     for d in root.iterdir():
         m = _STEP_DIR.match(d.name)
-        if m and (d / "trainer.pt").exists() and (d / "model" / "config.json").exists():
+        model = d / "model"
+        if m and (d / "trainer.pt").exists() and ((model / "config.json").exists() or (model / "adapter_config.json").exists()):
             found.append((int(m.group(1)), d))
     return [d for _, d in sorted(found)]
 
@@ -40,9 +41,8 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int) -> Path:
-    from lmforge.model.checkpoint import save_model
-
+def save_checkpoint(run_dir: Path, step: int, save_model, trainer_state: dict, keep: int) -> Path:
+    """``save_model(folder)`` writes the model folder (a full model, or a LoRA adapter)."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
@@ -50,7 +50,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_model(model, tmp / "model", tokenizer)
+        save_model(tmp / "model")
         with open(tmp / "trainer.pt", "wb") as f:
             torch.save(trainer_state, f)
             f.flush()

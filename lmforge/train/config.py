@@ -78,13 +78,66 @@ class TrainConfig:
         return asdict(self)
 
 
-_TYPES = typing.get_type_hints(TrainConfig)
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """`lmforge finetune`: the pretraining keys (same loop) plus what adapting a model needs."""
+
+    out: str = "runs/finetune"
+    model: str = ""  # the model folder to adapt (required)
+    train: str = ""  # JSONL/CSV/Parquet examples (required)
+    val: str = ""  # held-out examples; empty: val_fraction of train, split by seed
+    val_fraction: float = 0.1
+    task: str = "auto"  # auto (from the fields), chat, instruction, classification, qa
+    method: str = "full"  # full, linear-probe, lora
+    freeze_layers: int = 0  # keep the embeddings and the first N blocks frozen
+    train_layers: int = 0  # train only the last N blocks (and the head); 0: all
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q,v"  # q, k, v, o (attention) and fc, proj (MLP), comma-separated
+    max_length: int = 0  # tokens per example; 0: the model's context
+    packing: bool = False  # SFT: pack examples into full rows, attention kept inside each example
+    labels: str = ""  # classification: label names in index order (default: sorted labels of the data)
+    epochs: float = 0.0  # when > 0, max_steps = epochs over the training examples
+    skip_bad_lines: bool = False
+    pooling: str = "auto"  # encoder classification: auto (the model's), first, mean
+    # fine-tuning defaults differ from pretraining's
+    lr: float = 5e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_steps: int = 200
+    eval_interval: int = 50
+    checkpoint_interval: int = 100
+    micro_batch_size: int = 8
+
+    def validate(self) -> None:
+        super().validate()
+        checks = [
+            (bool(self.model), "model (the folder to fine-tune) is required"),
+            (bool(self.train), "train (a JSONL, CSV or Parquet file of examples) is required"),
+            (self.task in ("auto", "chat", "instruction", "classification", "qa"), "task must be auto, chat, instruction, classification or qa"),
+            (self.method in ("full", "linear-probe", "lora"), "method must be full, linear-probe or lora"),
+            (self.lora_r >= 1, "lora_r must be at least 1"),
+            (self.pooling in ("auto", "first", "mean"), "pooling must be auto, first or mean"),
+            (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
+            (self.freeze_layers >= 0 and self.train_layers >= 0, "freeze_layers and train_layers must be 0 or more"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LmforgeError(f"bad config: {message}")
+
+
+def _types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+_TYPES = _types(TrainConfig)
 VALID_KEYS = [f.name for f in fields(TrainConfig)]
 
 
-def _coerce(key: str, value):
+def _coerce(key: str, value, cls=TrainConfig):
     """Turn a YAML or command-line value into the field's type, with a clear error."""
-    kind = _TYPES[key]
+    kind = _types(cls)[key]
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     optional = type(None) in typing.get_args(kind)
     base = args[0] if args else kind
@@ -113,16 +166,17 @@ def _coerce(key: str, value):
         raise LmforgeError(f"config key {key!r} expects {base.__name__}, got {value!r}") from None
 
 
-def _check_key(key: str) -> str:
+def _check_key(key: str, cls=TrainConfig) -> str:
     key = key.replace("-", "_")
-    if key not in _TYPES:
-        close = difflib.get_close_matches(key, VALID_KEYS, n=1)
+    valid = [f.name for f in fields(cls)]
+    if key not in valid:
+        close = difflib.get_close_matches(key, valid, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise LmforgeError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(VALID_KEYS)}")
+        raise LmforgeError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}")
     return key
 
 
-def parse_overrides(tokens: list[str]) -> dict:
+def parse_overrides(tokens: list[str], cls=TrainConfig) -> dict:
     """``["--lr", "3e-4", "--compile", "--max-steps=100"]`` → ``{"lr": "3e-4", "compile": "true", ...}``."""
     out: dict = {}
     i = 0
@@ -131,12 +185,12 @@ def parse_overrides(tokens: list[str]) -> dict:
         if not token.startswith("--") or token == "--":
             raise LmforgeError(f"unexpected argument {token!r}; config overrides look like --key value")
         key, eq, value = token[2:].partition("=")
-        key = _check_key(key)
+        key = _check_key(key, cls)
         if not eq:
             if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
                 value = tokens[i + 1]
                 i += 1
-            elif _TYPES[key] is bool:
+            elif _types(cls)[key] is bool:
                 value = "true"
             else:
                 raise LmforgeError(f"--{key.replace('_', '-')} needs a value")
@@ -162,13 +216,14 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None, base: dict | None = None) -> TrainConfig:
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None, base: dict | None = None,
+                cls=TrainConfig) -> TrainConfig:
     """Defaults ← ``base`` (a saved run config) ← YAML file ← ``overrides``; unknown keys are errors."""
     values: dict = {}
     for layer in (base or {}, read_config_file(path) if path else {}, overrides or {}):
         for key, value in layer.items():
-            values[_check_key(str(key))] = value
-    config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+            values[_check_key(str(key), cls)] = value
+    config = cls(**{k: _coerce(k, v, cls) for k, v in values.items()})
     config.validate()
     return config
 

@@ -140,7 +140,12 @@ class MetricsLog:
             self.tb.close()
 
 
-def _resolve_config(config, resume: bool, overrides: dict) -> TrainConfig:
+def resolve_config(config, resume: bool, overrides: dict, cls=TrainConfig) -> TrainConfig:
+    """A config from a ``TrainConfig``, a dict or a YAML path, with ``overrides`` on top.
+
+    With ``resume``, the run folder's saved ``config.yaml`` is the starting point, so
+    ``--resume --out RUN`` alone is enough.
+    """
     if isinstance(config, TrainConfig):
         path, values = None, config.to_dict()
     elif isinstance(config, dict):
@@ -149,12 +154,11 @@ def _resolve_config(config, resume: bool, overrides: dict) -> TrainConfig:
         path, values = config, {}
     base = {}
     if resume:
-        # `--resume --out RUN` alone is enough: the run's saved config is the starting point.
         out = overrides.get("out") or values.get("out") or (read_config_file(path).get("out") if path else None)
-        saved = Path(out or TrainConfig.out) / "config.yaml"
+        saved = Path(out or cls.out) / "config.yaml"
         if saved.exists():
             base = read_config_file(saved)
-    return load_config(path, {**values, **overrides}, base=base)
+    return load_config(path, {**values, **overrides}, base=base, cls=cls)
 
 
 def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
@@ -173,6 +177,116 @@ def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
             raise LmforgeError(f"--overwrite refused: {out} is not an lmforge run folder; choose another --out")
         shutil.rmtree(out)
     return None
+
+
+# -- objectives -----------------------------------------------------------------------------------
+# An objective is what a run optimises: its model, its batches (whose position is saved in every
+# checkpoint), its loss, its evaluation and how its model is saved. The loop below is the same for all.
+
+
+class Objective:
+    model: torch.nn.Module  # the bare model (not wrapped by DDP or torch.compile)
+    tokenizer: Tokenizer
+    eval_interval_name = "val_loss"  # the metric printed at each evaluation
+
+    def batches(self, rank: int, world_size: int):
+        """A stream with next_batch(device), state_dict() and load_state_dict()."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batch_tokens(self, batch) -> int:
+        raise NotImplementedError
+
+    def evaluate(self, dist_: Distributed, autocast) -> dict | None:
+        return None
+
+    def save(self, folder: Path) -> None:
+        from lmforge.model.checkpoint import save_model
+
+        save_model(self.model, folder, self.tokenizer)
+
+    def describe(self) -> dict:
+        return {}
+
+    def sample(self, step: int, out: Path, bar) -> None:
+        pass
+
+    def format_eval(self, record: dict) -> str:
+        return ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
+
+
+class CausalLM(Objective):
+    """Pretraining: next-token cross-entropy on random windows of prepared token shards."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, checkpoint: Path | None):
+        self.config, self.device = config, device
+        self.train_split = TokenSplit(config.data, "train")
+        self.val_split = TokenSplit(config.data, "val") if self.train_split.meta["splits"]["val"]["tokens"] else None
+        self.tokenizer = Tokenizer.load(config.data)
+        if self.tokenizer.sha256 != self.train_split.meta["tokenizer"]["sha256"]:
+            raise LmforgeError(f"{config.data}/tokenizer.json does not match the one the data was made with; run prepare again")
+        torch.manual_seed(config.seed)
+        if checkpoint is not None:
+            self.model = load_decoder(checkpoint / "model", device).train()
+        else:
+            self.model = _build_model(config, self.tokenizer, device)
+        self.block_size = self.model.config.block_size
+        self.windows = eval_windows(self.val_split, self.block_size, config.eval_windows) if self.val_split else []
+
+    def batches(self, rank: int, world_size: int) -> TrainBatches:
+        c = self.config
+        return TrainBatches(self.train_split, self.block_size, c.micro_batch_size, c.seed, rank, world_size, c.grad_accum_steps)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        x, y = batch
+        return model(x, y)[1]
+
+    def batch_tokens(self, batch) -> int:
+        return batch[0].numel()
+
+    def evaluate(self, dist_: Distributed, autocast) -> dict | None:
+        if self.val_split is None:
+            return None
+        loss = evaluate(self.model, self.val_split, self.windows, self.config.micro_batch_size, self.device, autocast, dist_)
+        return {
+            "val_loss": loss,
+            "val_perplexity": math.exp(min(loss, 50.0)),
+            "val_bits_per_byte": loss / math.log(2) / self.val_split.bytes_per_token,
+        }
+
+    def format_eval(self, record: dict) -> str:
+        return (f"val loss {record['val_loss']:.4f}, ppl {record['val_perplexity']:.2f}, "
+                f"{record['val_bits_per_byte']:.3f} bits/byte")
+
+    def describe(self) -> dict:
+        block = self.block_size
+        return {
+            "model": self.model.config.to_dict(),
+            "parameters": self.model.num_params(),
+            "flops_per_token": self.model.config.flops_per_token(block),
+            "data": {"train_tokens": self.train_split.tokens, "val_tokens": self.val_split.tokens if self.val_split else 0},
+            "summary": f"{human_count(self.model.num_params())} parameters, "
+                       f"{human_count(self.model.config.flops_per_token(block))} training FLOPs/token; "
+                       f"train split {human_count(self.train_split.tokens)} tokens",
+        }
+
+    def sample(self, step: int, out: Path, bar) -> None:
+        prompt = self.config.sample_prompt
+        if not prompt:
+            return
+        from lmforge.infer.generate import SamplingParams, stream_generate
+
+        params = SamplingParams(max_new_tokens=min(self.config.sample_tokens, self.block_size - 1), temperature=0.8,
+                                top_k=40, seed=0, truncate=True)
+        was_training = self.model.training
+        self.model.eval()
+        text = "".join(stream_generate(self.model, self.tokenizer, prompt, params))
+        self.model.train(was_training)
+        bar.write(f"--- sample at step {step} ---\n{prompt}{text}\n---")
+        with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "prompt": prompt, "text": text}) + "\n")
 
 
 def _build_model(config: TrainConfig, tokenizer: Tokenizer, device: torch.device) -> GPT:
@@ -207,18 +321,28 @@ def pretrain(config: TrainConfig | dict | str | os.PathLike | None = None, *, re
 
     Returns a summary: the run folder, steps, tokens, final validation loss.
     """
+    config = resolve_config(config, resume, overrides)
+    return train(config, CausalLM, resume=resume, overwrite=overwrite, progress=progress)
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, make_objective, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> dict:
+    """Run ``make_objective(config, device, checkpoint)`` through the training loop."""
     from tqdm.auto import tqdm
 
-    config = _resolve_config(config, resume, overrides)
     dist_ = setup_distributed(config.device)
     try:
-        return _train(config, dist_, resume, overwrite, progress and dist_.is_main, tqdm)
+        return _train(config, make_objective, dist_, resume, overwrite, progress and dist_.is_main, tqdm)
     finally:
         if dist_.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, dist_: Distributed, resume: bool, overwrite: bool, progress: bool, tqdm) -> dict:
+def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool, overwrite: bool, progress: bool,
+           tqdm) -> dict:
     out = Path(config.out)
     device = pick_device(config.device)
     if config.threads:
@@ -226,24 +350,13 @@ def _train(config: TrainConfig, dist_: Distributed, resume: bool, overwrite: boo
     use_bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and bf16_is_fast(device))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    train_split = TokenSplit(config.data, "train")
-    val_split = TokenSplit(config.data, "val") if train_split.meta["splits"]["val"]["tokens"] else None
-    tokenizer = Tokenizer.load(config.data)
-    if tokenizer.sha256 != train_split.meta["tokenizer"]["sha256"]:
-        raise LmforgeError(f"{config.data}/tokenizer.json does not match the one the data was made with; run prepare again")
-
     checkpoint = _prepare_run_dir(out, resume, overwrite) if dist_.is_main else (latest_checkpoint(out) if resume else None)
     dist_.barrier()
 
-    torch.manual_seed(config.seed)
-    if checkpoint is not None:
-        model = load_decoder(checkpoint / "model", device).train()
-    else:
-        model = _build_model(config, tokenizer, device)
-    block_size = model.config.block_size
+    objective = make_objective(config, device, checkpoint)
+    model = objective.model
     optimizer = make_optimizer(model, config, device)
-    batches = TrainBatches(train_split, block_size, config.micro_batch_size, config.seed, dist_.rank,
-                           dist_.world_size, config.grad_accum_steps)
+    batches = objective.batches(dist_.rank, dist_.world_size)
     step, tokens_seen, elapsed = 0, 0, 0.0
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
@@ -262,109 +375,83 @@ def _train(config: TrainConfig, dist_: Distributed, resume: bool, overwrite: boo
 
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    tokens_per_step = config.micro_batch_size * config.grad_accum_steps * dist_.world_size * block_size
-    windows = eval_windows(val_split, block_size, config.eval_windows) if val_split else []
     log = None
     if dist_.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
+        info = objective.describe()
+        summary = info.pop("summary", "")
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         atomic_write_json(out / "run.json", {
-            "model": model.config.to_dict(),
-            "parameters": model.num_params(),
-            "flops_per_token": model.config.flops_per_token(block_size),
-            "tokens_per_step": tokens_per_step,
+            **info,
+            "trainable_parameters": trainable,
             "device": str(device),
             "dtype": "bfloat16 autocast" if use_bf16 else "float32",
             "world_size": dist_.world_size,
             "hardware": hardware_description(device),
-            "data": {"train_tokens": train_split.tokens, "val_tokens": val_split.tokens if val_split else 0},
         })
         log = MetricsLog(out, step if checkpoint is not None else None, config.tensorboard)
-        print(
-            f"model: {human_count(model.num_params())} parameters, {human_count(model.config.flops_per_token(block_size))} "
-            f"training FLOPs/token; {human_count(tokens_per_step)} tokens/step on {dist_.world_size}×{device} "
-            f"({'bf16 autocast' if use_bf16 else 'fp32'}); train split {human_count(train_split.tokens)} tokens",
-            flush=True,
-        )
+        print(f"model: {summary} on {dist_.world_size}×{device} ({'bf16 autocast' if use_bf16 else 'fp32'})", flush=True)
 
     def run_eval() -> dict | None:
-        if val_split is None:
+        metrics = objective.evaluate(dist_, autocast)
+        if metrics is None:
             return None
-        loss = evaluate(model, val_split, windows, config.micro_batch_size, device, autocast, dist_)
-        record = {
-            "step": step,
-            "tokens": tokens_seen,
-            "val_loss": loss,
-            "val_perplexity": math.exp(min(loss, 50.0)),
-            "val_bits_per_byte": loss / math.log(2) / val_split.bytes_per_token,
-        }
+        record = {"step": step, "tokens": tokens_seen, **metrics}
         if log:
             log.write(record)
         return record
-
-    def sample(bar) -> None:
-        if not (config.sample_prompt and dist_.is_main):
-            return
-        from lmforge.infer.generate import SamplingParams, stream_generate
-
-        params = SamplingParams(
-            max_new_tokens=min(config.sample_tokens, block_size - 1), temperature=0.8, top_k=40, seed=0, truncate=True
-        )
-        model.eval()
-        text = "".join(stream_generate(model, tokenizer, config.sample_prompt, params))
-        model.train()
-        bar.write(f"--- sample at step {step} ---\n{config.sample_prompt}{text}\n---")
-        with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "prompt": config.sample_prompt, "text": text}) + "\n")
 
     bar = tqdm(total=config.max_steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True)
     last_eval = None
     if step == 0:
         last_eval = run_eval()
-        if last_eval:
-            bar.write(f"step 0: val loss {last_eval['val_loss']:.4f}")
-        sample(bar)
+        if last_eval and dist_.is_main:
+            bar.write(f"step 0: {objective.format_eval(last_eval)}")
+        if dist_.is_main:
+            objective.sample(step, out, bar)
     model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     while step < config.max_steps:
         t0 = time.perf_counter()
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
+        step_tokens = 0
         for micro in range(config.grad_accum_steps):
-            x, y = batches.next_batch(device)
+            batch = batches.next_batch(device)
             last_micro = micro == config.grad_accum_steps - 1
             # Gradients are all-reduced across ranks only on the last micro-batch.
             sync = nullcontext() if last_micro or not dist_.enabled else train_model.no_sync()
             with sync:
                 with autocast:
-                    _, loss = train_model(x, y)
+                    loss = objective.loss(train_model, batch)
                 # Each backward() adds to .grad, so scale to get the mean over micro-batches.
                 (loss / config.grad_accum_steps).backward()
             loss_sum += loss.detach()
+            step_tokens += objective.batch_tokens(batch)
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens_seen += tokens_per_step
+        step_tokens *= dist_.world_size
+        tokens_seen += step_tokens
         train_loss = dist_.all_mean(loss_sum / config.grad_accum_steps).item()
         dt = time.perf_counter() - t0
         elapsed += dt
         if log:
             log.write({
                 "step": step, "tokens": tokens_seen, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                "tokens_per_second": tokens_per_step / dt, "elapsed": elapsed,
+                "tokens_per_second": step_tokens / dt, "elapsed": elapsed,
             })
-        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{step_tokens / dt:,.0f}", refresh=False)
         bar.update()
         if step % config.eval_interval == 0 or step == config.max_steps:
             last_eval = run_eval()
-            if last_eval:
-                bar.write(
-                    f"step {step}: train loss {train_loss:.4f}, val loss {last_eval['val_loss']:.4f}, "
-                    f"ppl {last_eval['val_perplexity']:.2f}, {last_eval['val_bits_per_byte']:.3f} bits/byte"
-                )
+            if last_eval and dist_.is_main:
+                bar.write(f"step {step}: train loss {train_loss:.4f}, {objective.format_eval(last_eval)}")
         if step % config.checkpoint_interval == 0 or step == config.max_steps:
             if dist_.is_main:
                 state = {
@@ -378,10 +465,11 @@ def _train(config: TrainConfig, dist_: Distributed, resume: bool, overwrite: boo
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     },
                 }
-                save_checkpoint(out, step, model, tokenizer, state, config.keep_checkpoints)
+                save_checkpoint(out, step, objective.save, state, config.keep_checkpoints)
             dist_.barrier()
     bar.close()
-    sample(bar)
+    if dist_.is_main:
+        objective.sample(step, out, bar)
     if log:
         log.close()
     return {
@@ -389,6 +477,7 @@ def _train(config: TrainConfig, dist_: Distributed, resume: bool, overwrite: boo
         "steps": step,
         "tokens": tokens_seen,
         "elapsed": elapsed,
-        "val_loss": last_eval["val_loss"] if last_eval else None,
+        "val_loss": last_eval.get("val_loss") if last_eval else None,
+        "eval": last_eval,
         "checkpoint": str(latest_checkpoint(out)) if dist_.is_main else None,
     }
