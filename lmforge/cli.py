@@ -78,10 +78,69 @@ def cmd_generate(args) -> None:
     )
     if args.echo:
         sys.stdout.write(prompt)
+    if tokenizer.chat_template is not None and not args.raw:
+        # A chat model: the prompt is the user's message, answered through the model's template.
+        from lmforge.infer.generate import chat_prompt
+
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        prompt, params = chat_prompt(tokenizer, messages, params)
     for piece in stream_generate(model, tokenizer, prompt, params):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def cmd_chat(args) -> None:
+    from lmforge.infer.chat import chat_session
+    from lmforge.infer.generate import SamplingParams
+    from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
+    from lmforge.utils import pick_device
+
+    model = load_decoder(args.model, pick_device(args.device))
+    tokenizer = load_tokenizer_for(model)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    params.validate()
+    chat_session(model, tokenizer, params, args.system)
+
+
+def cmd_finetune(args, extra: list[str]) -> None:
+    from lmforge.train.config import FinetuneConfig, parse_overrides
+    from lmforge.train.finetune import finetune
+
+    summary = finetune(args.config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                       **parse_overrides(extra, FinetuneConfig))
+    if summary["checkpoint"]:
+        print(f"done: {summary['steps']} steps; latest checkpoint {summary['checkpoint']}")
+
+
+def cmd_merge(args) -> None:
+    from pathlib import Path
+
+    from lmforge.model.checkpoint import load_adapted, load_tokenizer_for, resolve_model_dir, save_model
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise LmforgeError(f"output folder {out} is not empty; pass --overwrite to replace it")
+    adapter = resolve_model_dir(args.adapter)
+    if not (adapter / "adapter_config.json").exists():
+        raise LmforgeError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    model = load_adapted(adapter, merge=True, base=args.base)
+    save_model(model, out, load_tokenizer_for(model))
+    print(f"merged {adapter} into {model.base_source}; wrote {out}")
+
+
+def cmd_classify(args) -> None:
+    from lmforge.eval.fewshot import DEFAULT_TEMPLATE, classify
+    from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
+    from lmforge.utils import pick_device
+
+    model = load_decoder(args.model, pick_device(args.device))
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+    result = classify(model, load_tokenizer_for(model), args.data, labels, args.shots, args.selection, args.seed,
+                      args.template or DEFAULT_TEMPLATE, args.description, args.demos)
+    print(f"{result['examples']} examples, {args.shots}-shot: accuracy {result['accuracy']:.4f}, "
+          f"macro-F1 {result['macro_f1']:.4f}, MCC {result['mcc']:.4f}")
 
 
 def cmd_embed(args) -> None:
@@ -144,13 +203,13 @@ def cmd_report(args) -> None:
     print(f"wrote {write_report(args.run)}")
 
 
-def _config_keys_help() -> str:
+def _config_keys_help(finetune: bool = False) -> str:
     from dataclasses import fields
 
-    from lmforge.train.config import TrainConfig
+    from lmforge.train.config import FinetuneConfig, TrainConfig
 
     lines = ["config keys (default):"]
-    for f in fields(TrainConfig):
+    for f in fields(FinetuneConfig if finetune else TrainConfig):
         lines.append(f"  --{f.name.replace('_', '-'):<22} {f.default!r}")
     return "\n".join(lines)
 
@@ -216,8 +275,55 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     ge.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     ge.add_argument("--truncate", action="store_true", help="keep the end of a prompt that does not fit the context")
+    ge.add_argument("--raw", action="store_true", help="do not apply the model's chat template to the prompt")
+    ge.add_argument("--system", help="system prompt (chat models)")
     ge.add_argument("--device", default="auto")
     ge.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="talk with a model in the terminal, through its chat template")
+    ch.add_argument("--model", required=True, help="a model folder, an adapter folder or a run folder")
+    ch.add_argument("--system", help="system prompt")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.7)
+    ch.add_argument("--top-k", type=int, default=0)
+    ch.add_argument("--top-p", type=float, default=0.95)
+    ch.add_argument("--repetition-penalty", type=float, default=1.0)
+    ch.add_argument("--seed", type=int, default=None)
+    ch.add_argument("--device", default="auto")
+    ch.set_defaults(func=cmd_chat)
+
+    ft = sub.add_parser(
+        "finetune", help="adapt a model to examples: SFT, classification, QA; full, linear probe or LoRA",
+        allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Any config key can be given as --key value (for example --method lora --lora-r 16);\n"
+                    "these override --config. The task comes from the examples' fields.",
+        epilog=_config_keys_help(finetune=True),
+    )
+    ft.add_argument("--config", help="YAML file of config keys")
+    ft.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    ft.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
+    ft.add_argument("--quiet", action="store_true", help="no progress bar")
+    ft.set_defaults(func=cmd_finetune)
+
+    mg = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save the result")
+    mg.add_argument("adapter", help="an adapter folder (adapter_config.json) or a LoRA run folder")
+    mg.add_argument("--out", required=True, help="the folder to write the merged model to")
+    mg.add_argument("--base", help="the base model folder (default: the one the adapter names)")
+    mg.add_argument("--overwrite", action="store_true")
+    mg.set_defaults(func=cmd_merge)
+
+    cl = sub.add_parser("classify", help="few-shot classification by label log-likelihood (no training)")
+    cl.add_argument("data", help="JSONL/CSV/Parquet of {\"text\", \"label\"} examples to classify")
+    cl.add_argument("--model", required=True)
+    cl.add_argument("--labels", required=True, help="comma-separated label names, e.g. positive,negative")
+    cl.add_argument("--shots", type=int, default=0, help="demonstrations in each prompt (0: zero-shot)")
+    cl.add_argument("--selection", default="random", choices=["random", "first", "balanced"])
+    cl.add_argument("--demos", help="file to draw demonstrations from (default: the other examples of DATA)")
+    cl.add_argument("--template", default=None, help="one example's template, with {text} and {label} (label last)")
+    cl.add_argument("--description", default="", help="a task description put first in every prompt")
+    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--device", default="auto")
+    cl.set_defaults(func=cmd_classify)
 
     em = sub.add_parser("embed", help="sentence embeddings from an encoder (BERT) model")
     em.add_argument("texts", nargs="+", metavar="TEXT", help="texts to embed, or - to read one per line from stdin")
@@ -260,11 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.func is not cmd_pretrain:
+    takes_keys = (cmd_pretrain, cmd_finetune)
+    if extra and args.func not in takes_keys:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        if args.func is cmd_pretrain:
-            cmd_pretrain(args, extra)
+        if args.func in takes_keys:
+            args.func(args, extra)
         else:
             args.func(args)
     except LmforgeError as e:

@@ -27,6 +27,15 @@ SPECIAL_TOKENS = [END_OF_TEXT, "<|im_start|>", "<|im_end|>", "<|pad|>"]
 # tokenizer_config.json does not say.
 _EOS_CANDIDATES = [END_OF_TEXT, "</s>", "<|im_end|>", "<eos>", "[SEP]"]
 _PAD_CANDIDATES = ["<|pad|>", "<pad>", "[PAD]"]
+END_OF_TURN = "<|im_end|>"
+# ChatML, the default for a model whose tokenizer_config.json has no chat_template. It is what
+# transformers' apply_chat_template renders for the same template string.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 class Tokenizer:
@@ -90,6 +99,62 @@ class Tokenizer:
         if self.pad_id is not None:
             config.setdefault("pad_token", self.hf.id_to_token(self.pad_id))
         atomic_write_json(folder / "tokenizer_config.json", config)
+
+    # -- chat ----------------------------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> str | None:
+        """The ``chat_template`` of tokenizer_config.json (the "default" one when several are named)."""
+        template = self.config.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        return template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """Render ``messages`` with the model's template (ChatML when it has none), as transformers does."""
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        try:
+            template = env.from_string(self.chat_template or DEFAULT_CHAT_TEMPLATE)
+            special = {k: self._token_text(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+        except TemplateError as e:
+            raise LmforgeError(f"the chat template failed: {e}") from None
+
+    def _token_text(self, key: str) -> str:
+        value = self.config.get(key)
+        return value.get("content", "") if isinstance(value, dict) else (value or "")
+
+    @property
+    def end_of_turn_id(self) -> int | None:
+        """The token that ends a chat turn (ChatML's <|im_end|>), when the vocabulary has it."""
+        return self.hf.token_to_id(END_OF_TURN)
+
+    def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """Token ids of a conversation and its loss mask: 1 on what each assistant turn adds after
+        its header (the content and the end-of-turn token, so the model learns to stop), 0 elsewhere."""
+        text = self.apply_chat_template(messages)
+        regions = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.apply_chat_template(messages[:i], add_generation_prompt=True)
+            upto = self.apply_chat_template(messages[: i + 1])
+            if not (text.startswith(upto) and upto.startswith(before)):
+                raise LmforgeError("the chat template does not render a conversation as a prefix of the next turn; "
+                                   "lmforge cannot tell which tokens are the assistant's")
+            turn = upto[len(before):]
+            regions.append((len(before), len(before) + len(turn.rstrip())))  # trailing newline is not learned
+        enc = self.hf.encode(text, add_special_tokens=False)
+        mask = [int(any(a <= start < b for a, b in regions)) for start, _ in enc.offsets]
+        return enc.ids, mask
 
     # -- use -----------------------------------------------------------------------------------
 

@@ -153,3 +153,20 @@ def test_family_switches_that_do_not_fit_are_refused():
         Config(**{**LLAMA, "family": "qwen2"})
     with pytest.raises(LmforgeError, match="n_head 4 must be a multiple of n_kv_head 3"):
         Config(n_head=4, n_embd=16, n_kv_head=3, **LLAMA)
+
+
+@pytest.mark.parametrize("kw", [{}, {**LLAMA, "n_kv_head": 2}, {**LLAMA, "family": "mistral", "sliding_window": 3},
+                                {**LLAMA, "family": "lmforge", "pos_embedding": "sinusoidal"}])
+def test_packed_rows_with_document_masking_equal_separate_documents(kw):
+    torch.manual_seed(0)
+    model = build_model(Config(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=16, **kw)).eval()
+    docs = [torch.randint(0, 50, (n,)) for n in (5, 7, 4)]
+    row = torch.cat(docs)[None]
+    segment = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    q, k = torch.arange(16)[:, None], torch.arange(16)[None, :]
+    mask = ((segment[:, None] == segment[None, :]) & (k <= q))[None, None]
+    with torch.no_grad():
+        packed = model(row, positions=positions, attn_mask=mask)[0]
+        separate = torch.cat([model(d[None])[0] for d in docs])
+    torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)

@@ -170,14 +170,36 @@ def stream_generate(model: GPT, tokenizer, prompt: str, params: SamplingParams, 
         result["generation"] = Generation(text, ids, len(prompt_ids), finish)
 
 
-def generate(model: GPT | str | os.PathLike, prompt: str = "", tokenizer=None, **params) -> Generation:
-    """Generate from a model object or a model/run folder: ``generate("runs/demo", "def ", max_new_tokens=50)``."""
+def chat_prompt(tokenizer, messages: list[dict], params: SamplingParams) -> tuple[str, SamplingParams]:
+    """The conversation rendered with the model's chat template, ready for the assistant's turn, and
+    sampling settings that also stop at the end-of-turn token."""
+    from dataclasses import replace
+
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    stops = list(params.stop_token_ids) if params.stop_token_ids is not None else [tokenizer.eos_id]
+    if tokenizer.end_of_turn_id is not None:
+        stops.append(tokenizer.end_of_turn_id)
+    extra = [] if tokenizer.end_of_turn_id is not None else ["<|im_end|>"]  # the marker as text, when not a token
+    return prompt, replace(params, stop_token_ids=[s for s in stops if s is not None], stop=list(params.stop) + extra)
+
+
+def generate(model: GPT | str | os.PathLike, prompt: str = "", tokenizer=None, chat: bool | None = None,
+             system: str | None = None, **params) -> Generation:
+    """Generate from a model object or a model/run folder: ``generate("runs/demo", "def ", max_new_tokens=50)``.
+
+    ``chat`` (default: when the model has a chat template) sends the prompt as a user message through
+    the template and stops at the end of the assistant's turn.
+    """
     from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
 
     if not isinstance(model, GPT):
         model = load_decoder(model)
     tokenizer = tokenizer or load_tokenizer_for(model)
+    sampling = SamplingParams(**params)
+    if chat if chat is not None else tokenizer.chat_template is not None:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        prompt, sampling = chat_prompt(tokenizer, messages, sampling)
     result: dict = {}
-    for _ in stream_generate(model, tokenizer, prompt, SamplingParams(**params), result):
+    for _ in stream_generate(model, tokenizer, prompt, sampling, result):
         pass
     return result["generation"]

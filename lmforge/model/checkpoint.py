@@ -129,7 +129,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise LmforgeError(f"model folder {path} does not exist")
-    if (path / "config.json").exists():
+    if (path / "config.json").exists() or (path / "adapter_config.json").exists():
         return path
     from lmforge.train.checkpointing import latest_checkpoint
 
@@ -145,6 +145,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     from lmforge.model.encoder import build_encoder
 
     folder = resolve_model_dir(path)
+    if (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
+        return load_adapted(folder, device, dtype, merge=True)
     where = str(folder / "config.json")
     hf = read_json(folder / "config.json", "model config")
     raw = read_hf_weights(folder) if hf.get("model_type") in SUPPORTED_MODEL_TYPES else {}
@@ -164,6 +166,28 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         raise LmforgeError(f"{folder}: weights do not fit config.json ({detail})") from None
     model.to(device=device, dtype=dtype or torch.float32)
     model.source = folder
+    return model.eval()
+
+
+def load_adapted(adapter: str | os.PathLike, device="cpu", dtype=None, merge: bool = True, base: str | None = None):
+    """The base model named in a LoRA adapter folder, with the adapter applied (and merged when ``merge``)."""
+    from lmforge.model.heads import attach_head
+    from lmforge.model.lora import load_adapter, merge_lora, read_adapter_config
+
+    adapter = Path(adapter)
+    config = read_adapter_config(adapter)
+    base = base or config.get("base_model_name_or_path")
+    if not base or not Path(base).exists():
+        raise LmforgeError(f"{adapter}: its base model {base!r} is not on this machine; pass the base model folder")
+    model = load_model(base, device, dtype)
+    head = config.get("lmforge_head")
+    if head:
+        attach_head(model, head["head"], head["num_labels"], head.get("labels"), head.get("pad_token_id"), head.get("pooling"))
+    load_adapter(model, adapter)
+    if merge:
+        merge_lora(model)
+    model.source = adapter
+    model.base_source = Path(base)
     return model.eval()
 
 

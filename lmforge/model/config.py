@@ -47,6 +47,11 @@ class Config:
     init_std: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # task head: None (language modelling) or "sequence_classification" (a score over the last real token)
+    head: str | None = None
+    num_labels: int = 2
+    labels: tuple[str, ...] | None = None
+    pad_token_id: int | None = None  # classification: the padding id, to find each row's last real token
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -70,6 +75,8 @@ class Config:
             raise LmforgeError(f"rotary embeddings need an even head_dim, got {self.head_size}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise LmforgeError(f"sliding_window must be at least 1, got {self.sliding_window}")
+        if self.head not in (None, "sequence_classification"):
+            raise LmforgeError(f"head {self.head!r} is not supported on a decoder; use sequence_classification")
         problem = self._family_problem()
         if problem:
             raise LmforgeError(
@@ -124,7 +131,7 @@ class Config:
         unknown = sorted(set(d) - known)
         if unknown:
             raise LmforgeError(f"unknown model config field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-        return cls(**d)
+        return cls(**{k: tuple(v) if k == "labels" and v else v for k, v in d.items()})
 
     # -- size and cost, from the shape alone (a 70B config needs no memory to inspect) ---------
 
@@ -144,6 +151,8 @@ class Config:
         positions = self.block_size * d if self.pos_embedding == "learned" else 0
         final_norm = 2 * d if self.norm == "layernorm" and self.bias else d
         head = 0 if self.tie_embeddings else v * d
+        if self.head == "sequence_classification":
+            head = self.num_labels * d  # a score matrix replaces the language-model head
         return v * d + positions + self.n_layer * (matrices + other) + final_norm + head
 
     def matmul_params(self) -> int:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 
-HEADS = (None, "masked_lm", "sequence_classification", "token_classification")
+HEADS = (None, "masked_lm", "sequence_classification", "token_classification", "question_answering")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class EncoderConfig:
     pad_token_id: int = 0
     pooler: bool = True  # tanh(Linear(first token)), used by sequence classification
     head: str | None = None  # one of HEADS
+    pooling: str = "pooler"  # sequence classification reads: "pooler" (BERT's), "first" token, or "mean" of tokens
     num_labels: int = 2
     labels: tuple[str, ...] | None = None  # names of the classes, index order
 
@@ -43,6 +44,8 @@ class EncoderConfig:
             raise LmforgeError(f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
         if self.head not in HEADS:
             raise LmforgeError(f"head {self.head!r} is not supported; use one of: {', '.join(map(str, HEADS[1:]))}")
+        if self.pooling not in ("pooler", "first", "mean"):
+            raise LmforgeError(f"pooling {self.pooling!r} is not supported; use pooler, first or mean")
         if self.activation not in ("gelu", "gelu_tanh"):
             raise LmforgeError(f"activation {self.activation!r} is not supported; use gelu or gelu_tanh")
 
@@ -54,8 +57,10 @@ class EncoderConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: (tuple(v) if k == "labels" and v else v) for k, v in d.items() if k in known})
 
-    def with_head(self, head: str | None, num_labels: int | None = None, labels=None) -> EncoderConfig:
-        return replace(self, head=head, num_labels=num_labels or self.num_labels, labels=tuple(labels) if labels else None)
+    def with_head(self, head: str | None, num_labels: int | None = None, labels=None, pooling: str | None = None) -> EncoderConfig:
+        pooling = pooling or self.pooling
+        return replace(self, head=head, num_labels=num_labels or self.num_labels, labels=tuple(labels) if labels else None,
+                       pooling=pooling, pooler=self.pooler and head not in ("token_classification", "question_answering", "masked_lm"))
 
 
 @dataclass
@@ -64,6 +69,8 @@ class EncoderOutput:
     pooled: torch.Tensor | None = None  # (B, n_embd) tanh pooler over the first token
     logits: torch.Tensor | None = None  # head output: (B, T, vocab), (B, labels) or (B, T, labels)
     loss: torch.Tensor | None = None
+    start_logits: torch.Tensor | None = None  # question answering: (B, T) each
+    end_logits: torch.Tensor | None = None
 
 
 class SelfAttention(nn.Module):
@@ -128,6 +135,7 @@ class Encoder(nn.Module):
         self.classifier = None
         if config.head in ("sequence_classification", "token_classification"):
             self.classifier = nn.Linear(config.n_embd, config.num_labels)
+        self.qa_outputs = nn.Linear(config.n_embd, 2) if config.head == "question_answering" else None
         self.init_weights()
 
     @torch.no_grad()
@@ -158,7 +166,8 @@ class Encoder(nn.Module):
             x = block(x, mask)
         return x
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> EncoderOutput:
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                start_positions=None, end_positions=None) -> EncoderOutput:
         hidden = self.encode(input_ids, attention_mask, token_type_ids)
         out = EncoderOutput(hidden)
         if self.pooler is not None:
@@ -167,12 +176,26 @@ class Encoder(nn.Module):
         if head == "masked_lm":
             out.logits = self.mlm(hidden, self.wte.weight)
         elif head == "sequence_classification":
-            out.logits = self.classifier(self.drop(out.pooled if out.pooled is not None else hidden[:, 0]))
+            out.logits = self.classifier(self.drop(self.sentence_features(out, attention_mask)))
         elif head == "token_classification":
             out.logits = self.classifier(self.drop(hidden))
+        elif head == "question_answering":
+            out.start_logits, out.end_logits = self.qa_outputs(hidden).float().unbind(-1)
+            if start_positions is not None:
+                out.loss = (F.cross_entropy(out.start_logits, start_positions) + F.cross_entropy(out.end_logits, end_positions)) / 2
         if labels is not None and out.logits is not None:
             out.loss = F.cross_entropy(out.logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100)
         return out
+
+    def sentence_features(self, out: EncoderOutput, attention_mask=None) -> torch.Tensor:
+        """What sequence classification reads: the pooler output, the first token, or the mean of real tokens."""
+        pooling = self.config.pooling
+        if pooling == "pooler" and out.pooled is not None:
+            return out.pooled
+        if pooling == "mean":
+            mask = attention_mask if attention_mask is not None else torch.ones(out.hidden.shape[:2], device=out.hidden.device)
+            return mean_pool(out.hidden, mask)
+        return out.hidden[:, 0]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

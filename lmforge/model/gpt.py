@@ -60,9 +60,12 @@ def rope_inv_freq(config: Config, device=None) -> torch.Tensor:
 
 
 def rope_cos_sin(config: Config, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, head_dim) for ``positions`` (T,), each frequency repeated for both halves."""
-    freqs = positions.float()[:, None] * rope_inv_freq(config, positions.device)[None, :]
+    """cos and sin for ``positions`` (T,) → (T, head_dim), or (B, T) → (B, 1, T, head_dim) to broadcast over
+    heads; each frequency is repeated for both halves."""
+    freqs = positions.float()[..., None] * rope_inv_freq(config, positions.device)
     emb = torch.cat([freqs, freqs], dim=-1)
+    if positions.dim() == 2:
+        emb = emb[:, None]
     return emb.cos(), emb.sin()
 
 
@@ -74,12 +77,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Vaswani et al. (2017): PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d))."""
+    """Vaswani et al. (2017): PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)).
+    ``positions`` (...,) → (..., dim)."""
     div = torch.exp(torch.arange(0, dim, 2, device=positions.device).float() * (-math.log(10000.0) / dim))
-    angles = positions.float()[:, None] * div[None, :]
-    pe = torch.zeros(len(positions), dim, device=positions.device)
-    pe[:, 0::2] = angles.sin()
-    pe[:, 1::2] = angles.cos()[:, : dim // 2]
+    angles = positions.float()[..., None] * div
+    pe = torch.zeros(*positions.shape, dim, device=positions.device)
+    pe[..., 0::2] = angles.sin()
+    pe[..., 1::2] = angles.cos()[..., : dim // 2]
     return pe
 
 
@@ -176,6 +180,10 @@ class GPT(nn.Module):
         self.ln_f = make_norm(config)
         # Tied embeddings use wte.weight directly in forward(): no second Parameter to keep tied.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.score = None
+        if config.head == "sequence_classification":
+            self.lm_head = None
+            self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
         self.init_weights()
 
     @torch.no_grad()
@@ -199,25 +207,26 @@ class GPT(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        *,
-        kv_cache: KVCache | None = None,
-        start: int = 0,
-        last_only: bool = False,
-    ):
-        """Token ids ``idx`` (B, T) at positions ``start..start+T-1`` → logits (B, T, vocab).
+    def hidden_states(self, idx, *, kv_cache=None, start: int = 0, positions=None, attn_mask=None) -> torch.Tensor:
+        """Token ids (B, T) → final normed hidden states (B, T, n_embd).
 
-        With ``last_only`` only the last position's logits (B, 1, vocab) are computed (generation).
-        With ``targets`` (B, T; -100 is ignored) returns ``(logits, mean cross-entropy)``.
+        By default tokens sit at positions ``start..start+T-1`` under causal attention. ``positions``
+        (B, T) and a boolean ``attn_mask`` (B, 1, T, S) (True = may attend; causality included) replace
+        both, for packed rows of several documents and for padded batches.
         """
         B, T = idx.shape
         c = self.config
-        if start + T > c.block_size:
-            raise ValueError(f"positions up to {start + T} exceed the context length {c.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
+        if positions is None:
+            if start + T > c.block_size:
+                raise ValueError(f"positions up to {start + T} exceed the context length {c.block_size}")
+            pos = torch.arange(start, start + T, device=idx.device)
+            mask = attention_mask(start, T, start + T, c.sliding_window, idx.device)
+        else:
+            pos = positions
+            mask = attn_mask
+            if c.sliding_window is not None and mask is not None and mask.size(-1) == T:
+                # keys further back than the window are hidden too (positions within one document)
+                mask = mask & (pos[:, None, None, :] > pos[:, None, :, None] - c.sliding_window)
         x = self.wte(idx)
         rope = None
         if c.pos_embedding == "learned":
@@ -227,10 +236,30 @@ class GPT(nn.Module):
         else:
             rope = rope_cos_sin(c, pos)
         x = self.drop(x)
-        mask = attention_mask(start, T, start + T, c.sliding_window, idx.device)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, kv_cache, i, start)
-        x = self.ln_f(x)
+        return self.ln_f(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        start: int = 0,
+        last_only: bool = False,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ):
+        """Token ids ``idx`` (B, T) → logits (B, T, vocab); positions and masking as in ``hidden_states``.
+
+        With ``last_only`` only the last position's logits (B, 1, vocab) are computed (generation).
+        With ``targets`` (B, T; -100 is ignored) returns ``(logits, mean cross-entropy)``.
+        A model with a classification head returns its scores (B, num_labels) instead (``targets``: labels (B,)).
+        """
+        x = self.hidden_states(idx, kv_cache=kv_cache, start=start, positions=positions, attn_mask=attn_mask)
+        if self.score is not None:
+            return self._classify(idx, x, targets)
         if last_only:
             x = x[:, -1:]
         logits = F.linear(x, self.head_weight)
@@ -238,6 +267,18 @@ class GPT(nn.Module):
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def _classify(self, idx: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor | None):
+        """Sequence classification: scores (B, num_labels) read at each row's last non-padding token
+        (rows are right-padded with ``config.pad_token_id``), as transformers does; with ``labels`` (B,)
+        also the mean cross-entropy."""
+        pad = self.config.pad_token_id
+        real = idx != pad if pad is not None else torch.ones_like(idx, dtype=torch.bool)
+        last = (torch.arange(idx.size(1), device=idx.device) * real).argmax(-1)
+        logits = self.score(hidden[torch.arange(idx.size(0), device=idx.device), last])
+        if labels is None:
+            return logits
+        return logits, F.cross_entropy(logits.float(), labels)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

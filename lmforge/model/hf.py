@@ -251,11 +251,17 @@ def _rename(hf_sd: dict, names: dict[str, str], transpose: tuple[str, ...] = ())
     return out, problems
 
 
+_CLASSIFIER_ARCH = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
+                    "qwen2": "Qwen2ForSequenceClassification", "mistral": "MistralForSequenceClassification"}
+
+
 def config_to_hf(config: Config) -> dict:
     """The ``config.json`` of a checkpoint, in its family's Hugging Face layout."""
     if config.family == "lmforge":
         return {"model_type": "lmforge", "architectures": ["lmforge.GPT"], "lmforge_config": config.to_dict()}
     hf = _gpt2_config_to_hf(config) if config.family == "gpt2" else _llama_config_to_hf(config)
+    if config.head == "sequence_classification":
+        hf.update(architectures=[_CLASSIFIER_ARCH[config.family]], pad_token_id=config.pad_token_id, **_label_maps(config))
     hf.update({
         "initializer_range": config.init_std,
         "tie_word_embeddings": config.tie_embeddings,
@@ -279,6 +285,15 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         if model_type == "lmforge":
             return Config.from_dict(hf["lmforge_config"])
         fields = _gpt2_config_from_hf(hf, where) if model_type == "gpt2" else _llama_config_from_hf(hf, where)
+        arch = (hf.get("architectures") or [""])[0]
+        if arch.endswith("ForSequenceClassification"):
+            id2label = hf.get("id2label") or {}
+            labels = tuple(id2label[k] for k in sorted(id2label, key=int)) if id2label else None
+            fields.update(head="sequence_classification", labels=labels, pad_token_id=hf.get("pad_token_id"),
+                          num_labels=len(labels) if labels else int(hf.get("num_labels", 2)))
+        elif arch and not arch.endswith(("LMHeadModel", "ForCausalLM", "Model")):
+            raise LmforgeError(f"{where}: architecture {arch} is not supported; lmforge reads causal LMs and "
+                               f"sequence classifiers of {model_type}")
         return Config(
             **fields,
             tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gpt2")),
@@ -305,6 +320,8 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
         out = _gpt2_to_hf(model) if c.family == "gpt2" else _llama_to_hf(model)
         if model.lm_head is not None:
             out["lm_head.weight"] = model.lm_head.weight
+        if model.score is not None:
+            out["score.weight"] = model.score.weight
     # safetensors needs contiguous tensors that share no memory.
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
@@ -314,11 +331,17 @@ def state_dict_from_hf(config: Config, hf_sd: dict[str, torch.Tensor], where: st
         return {k: v.contiguous() for k, v in hf_sd.items()}  # lmforge's own names; load_state_dict checks them
     hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
     head = hf_sd.pop("lm_head.weight", None)
+    score = hf_sd.pop("score.weight", None)
     if config.family == "gpt2":
         out, problems = _gpt2_from_hf(config, hf_sd)
     else:
         out, problems = _llama_from_hf(config, hf_sd)
-    if not config.tie_embeddings:
+    if config.head == "sequence_classification":
+        if score is None:
+            problems.insert(0, "missing score.weight")
+        else:
+            out["score.weight"] = score
+    elif not config.tie_embeddings:
         if head is None:
             problems.insert(0, "missing lm_head.weight")
         else:
@@ -334,7 +357,7 @@ def state_dict_from_hf(config: Config, hf_sd: dict[str, torch.Tensor], where: st
 # -- BERT (the encoder) -----------------------------------------------------------------------------
 # The backbone's names; models with a head store it under "bert." and the head beside it.
 _BERT_ARCH = {None: "BertModel", "masked_lm": "BertForMaskedLM", "sequence_classification": "BertForSequenceClassification",
-              "token_classification": "BertForTokenClassification"}
+              "token_classification": "BertForTokenClassification", "question_answering": "BertForQuestionAnswering"}
 _BERT_IGNORED = ("embeddings.position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 
 
@@ -366,6 +389,7 @@ def bert_config_from_hf(hf: dict, weight_names, where: str):
         init_std=float(hf.get("initializer_range", 0.02)),
         pad_token_id=int(hf.get("pad_token_id") or 0),
         pooler=any(n.endswith("pooler.dense.weight") for n in weight_names),
+        pooling=hf.get("lmforge_pooling", "pooler"),
         head=heads[arch],
         num_labels=len(labels) if labels else int(hf.get("num_labels", 2)),
         labels=labels,
@@ -393,10 +417,16 @@ def bert_config_to_hf(c) -> dict:
         "torch_dtype": "float32",
     }
     if c.head in ("sequence_classification", "token_classification"):
-        labels = c.labels or tuple(f"LABEL_{i}" for i in range(c.num_labels))
-        hf["id2label"] = {str(i): name for i, name in enumerate(labels)}
-        hf["label2id"] = {name: i for i, name in enumerate(labels)}
+        hf.update(_label_maps(c))
+    if c.head == "sequence_classification" and c.pooling != "pooler":
+        # transformers' BertForSequenceClassification always reads the pooler; lmforge notes its own choice.
+        hf["lmforge_pooling"] = c.pooling
     return hf
+
+
+def _label_maps(c) -> dict:
+    labels = c.labels or tuple(f"LABEL_{i}" for i in range(c.num_labels))
+    return {"id2label": {str(i): name for i, name in enumerate(labels)}, "label2id": {name: i for i, name in enumerate(labels)}}
 
 
 def _bert_names(c) -> dict[str, str]:
@@ -429,6 +459,8 @@ def _bert_names(c) -> dict[str, str]:
             "cls.predictions.transform.LayerNorm.bias": "mlm.ln.bias",
             "cls.predictions.bias": "mlm.bias",
         })
+    elif c.head == "question_answering":
+        names.update({"qa_outputs.weight": "qa_outputs.weight", "qa_outputs.bias": "qa_outputs.bias"})
     elif c.head is not None:
         names.update({"classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"})
     return names

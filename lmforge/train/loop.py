@@ -214,7 +214,7 @@ class Objective:
         pass
 
     def format_eval(self, record: dict) -> str:
-        return ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
+        return ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
 
 
 class CausalLM(Objective):

@@ -1,0 +1,171 @@
+"""Fine-tuning examples: JSONL (one object per line), CSV or Parquet, four formats told apart by their fields.
+
+    chat            {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+    instruction     {"prompt": ..., "completion": ...}
+    classification  {"text": ..., "label": ...}   (label a string or an integer; "text_pair" optional)
+    qa              {"question": ..., "context": ..., "answers": {"text": [...], "answer_start": [...]}}
+
+A malformed example is an error naming its line (or row) and what was expected; with
+``skip_bad_lines`` it is counted and skipped instead. In CSV files, the nested fields
+(``messages``, ``answers``) are JSON strings.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+FORMATS = {
+    "chat": ("messages",),
+    "instruction": ("prompt", "completion"),
+    "classification": ("text", "label"),
+    "qa": ("question", "context", "answers"),
+}
+EXPECTED = {
+    "chat": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
+    "instruction": '{"prompt": "...", "completion": "..."}',
+    "classification": '{"text": "...", "label": "positive"} (optionally "text_pair")',
+    "qa": '{"question": "...", "context": "...", "answers": {"text": ["..."], "answer_start": [0]}}',
+}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Examples:
+    task: str
+    rows: list[dict]
+    path: str
+    skipped: int = 0
+    skipped_lines: list[int] = field(default_factory=list)
+
+
+def detect_task(row: dict) -> str | None:
+    for task, keys in FORMATS.items():
+        if all(k in row for k in keys):
+            return task
+    return None
+
+
+def _check(task: str, row: dict) -> str | None:
+    """What is wrong with ``row`` for ``task`` (None when it is fine)."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    missing = [k for k in FORMATS[task] if k not in row]
+    if missing:
+        return f"missing field {', '.join(map(repr, missing))}"
+    if task == "chat":
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            return "'messages' must be a non-empty list"
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                return f"message {i} must be {{\"role\": system|user|assistant, \"content\": string}}"
+        if not any(m["role"] == "assistant" for m in messages):
+            return "a conversation needs at least one assistant message to learn from"
+    elif task == "instruction":
+        if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
+            return "'prompt' and 'completion' must be strings"
+        if not row["completion"]:
+            return "'completion' is empty"
+    elif task == "classification":
+        if not isinstance(row["text"], str):
+            return "'text' must be a string"
+        if not isinstance(row.get("text_pair", ""), str):
+            return "'text_pair' must be a string"
+        label = row["label"]
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            return "'label' must be a string or an integer"
+    else:
+        if not isinstance(row["question"], str) or not isinstance(row["context"], str):
+            return "'question' and 'context' must be strings"
+        answers = row["answers"]
+        if not isinstance(answers, dict) or not isinstance(answers.get("text"), list) or \
+                not isinstance(answers.get("answer_start"), list):
+            return "'answers' must be {\"text\": [...], \"answer_start\": [...]}"
+        if len(answers["text"]) != len(answers["answer_start"]) or not answers["text"]:
+            return "'answers' needs as many answer_start values as texts, and at least one"
+        for text, start in zip(answers["text"], answers["answer_start"]):
+            if not isinstance(text, str) or not isinstance(start, int) or isinstance(start, bool):
+                return "answer texts must be strings and answer_start integers"
+            if row["context"][start : start + len(text)] != text:
+                return f"answer {text!r} is not at character {start} of the context"
+    return None
+
+
+def _parse_nested(row: dict) -> dict:
+    """CSV cells are strings: the nested fields arrive as JSON text."""
+    for key in ("messages", "answers"):
+        value = row.get(key)
+        if isinstance(value, str) and value[:1] in "[{":
+            try:
+                row[key] = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+    if "label" in row and isinstance(row["label"], str) and row["label"].lstrip("-").isdigit():
+        row["label"] = int(row["label"])
+    return row
+
+
+def _raw_rows(path: Path):
+    """(line or row number, object or an error message) for every record of the file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield lineno, f"not valid JSON ({e.msg})"
+    elif suffix == ".csv":
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            for i, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
+                yield i, _parse_nested({k: v for k, v in row.items() if k is not None and v != ""})
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises ArrowInvalid/OSError on a corrupt file
+            raise LmforgeError(f"{path} is not a readable Parquet file ({e})") from None
+        for i, row in enumerate(table.to_pylist(), 1):
+            yield i, _parse_nested({k: v for k, v in row.items() if v is not None})
+    else:
+        raise LmforgeError(f"cannot read examples from {path}: use a .jsonl, .csv or .parquet file")
+
+
+def read_examples(path: str | os.PathLike, task: str = "auto", skip_bad_lines: bool = False) -> Examples:
+    """Read and check every example; ``task`` "auto" takes the format of the first valid record."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"examples file {path} does not exist")
+    where = "row" if path.suffix.lower() == ".parquet" else "line"
+    out = Examples(task, [], str(path))
+    for number, row in _raw_rows(path):
+        problem = row if isinstance(row, str) else None
+        if problem is None and out.task == "auto":
+            out.task = detect_task(row) if isinstance(row, dict) else None
+            if out.task is None:
+                fields = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
+                problem = f"fields {fields} match no format; expected one of: " + "; ".join(EXPECTED.values())
+                out.task = "auto"
+        if problem is None:
+            problem = _check(out.task, row)
+        if problem is None:
+            out.rows.append(row)
+            continue
+        if not skip_bad_lines:
+            expected = f"; expected {EXPECTED[out.task]}" if out.task in EXPECTED and "expected one of" not in problem else ""
+            raise LmforgeError(f"{path}:{number}: {problem}{expected} (or pass --skip-bad-lines)" if where == "line"
+                               else f"{path} {where} {number}: {problem}{expected} (or pass --skip-bad-lines)")
+        out.skipped += 1
+        out.skipped_lines.append(number)
+    if not out.rows:
+        raise LmforgeError(f"{path} holds no usable examples" + (f" ({out.skipped} skipped as malformed)" if out.skipped else ""))
+    return out

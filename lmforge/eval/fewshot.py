@@ -1,0 +1,92 @@
+"""Few-shot prompting and in-context classification (`lmforge classify`).
+
+A prompt is a task description, k demonstrations and the query, each rendered with a template
+(default ``Input: {text}\\nOutput: {label}``). Each label is scored by the log-likelihood of its
+continuation after the query's ``Output:``; the highest wins. K = 0 is zero-shot.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import numpy as np
+
+from lmforge.data.examples import read_examples
+from lmforge.errors import LmforgeError
+from lmforge.eval.loglikelihood import loglikelihoods
+from lmforge.eval.metrics import classification_metrics
+
+DEFAULT_TEMPLATE = "Input: {text}\nOutput: {label}"
+SELECTIONS = ("random", "first", "balanced")
+
+
+def choose_demonstrations(pool: list[dict], k: int, selection: str, seed: int, exclude: int | None = None) -> list[dict]:
+    """k examples from ``pool`` (never the one at ``exclude``): random with a seed, the first k, or
+    balanced (labels take turns, in order of first appearance)."""
+    if selection not in SELECTIONS:
+        raise LmforgeError(f"unknown demonstration selection {selection!r}; use {', '.join(SELECTIONS)}")
+    candidates = [i for i in range(len(pool)) if i != exclude]
+    if k <= 0:
+        return []
+    if selection == "first":
+        picked = candidates[:k]
+    elif selection == "random":
+        rng = np.random.default_rng([seed, -1 if exclude is None else exclude])
+        picked = [candidates[i] for i in rng.permutation(len(candidates))[:k]]
+    else:
+        by_label: dict = defaultdict(list)
+        for i in candidates:
+            by_label[str(pool[i]["label"])].append(i)
+        queues = list(by_label.values())
+        picked = []
+        while len(picked) < k and any(queues):
+            for q in queues:
+                if q and len(picked) < k:
+                    picked.append(q.pop(0))
+    return [pool[i] for i in picked]
+
+
+def build_prompt(demonstrations: list[dict], query_text: str, template: str = DEFAULT_TEMPLATE,
+                 description: str = "", separator: str = "\n\n") -> tuple[str, str]:
+    """(prompt up to the label, what goes between it and the label). The label slot is ``{label}``."""
+    if "{text}" not in template or "{label}" not in template:
+        raise LmforgeError("a few-shot template needs both {text} and {label}")
+    before, after = template.split("{label}", 1)
+    if after.strip():
+        raise LmforgeError("in a few-shot template, {label} must come last")
+    parts = [description] if description else []
+    parts += [template.format(text=d["text"], label=d["label"]) for d in demonstrations]
+    query = before.format(text=query_text)
+    # Trailing spaces belong to the label's continuation: " positive" is how the model sees the word.
+    stripped = query.rstrip(" ")
+    parts.append(stripped)
+    return separator.join(parts), query[len(stripped):]
+
+
+def classify(model, tokenizer, data: str | os.PathLike, labels: list[str], shots: int = 0, selection: str = "random",
+             seed: int = 0, template: str = DEFAULT_TEMPLATE, description: str = "", demos: str | None = None) -> dict:
+    """Score every example of ``data`` (classification JSONL/CSV/Parquet) by label log-likelihood."""
+    if len(labels) < 2:
+        raise LmforgeError("pass at least two labels, e.g. --labels positive,negative")
+    rows = read_examples(data, "classification").rows
+    pool = read_examples(demos, "classification").rows if demos else rows
+    unknown = sorted({str(r["label"]) for r in rows} - set(labels))
+    if unknown:
+        raise LmforgeError(f"the data has labels {', '.join(unknown)} that --labels does not list")
+    requests, prompts = [], []
+    for i, row in enumerate(rows):
+        shown = choose_demonstrations(pool, shots, selection, seed, exclude=i if pool is rows else None)
+        prompt, gap = build_prompt(shown, row["text"], template, description)
+        prompts.append(prompt)
+        requests += [(prompt, gap + label) for label in labels]
+    scores = loglikelihoods(model, tokenizer, requests)
+    predictions = [labels[int(np.argmax(scores[i * len(labels) : (i + 1) * len(labels)]))] for i in range(len(rows))]
+    references = [str(r["label"]) for r in rows]
+    return {
+        "shots": shots,
+        "examples": len(rows),
+        **classification_metrics(predictions, references, labels),
+        "predictions": predictions,
+        "first_prompt": prompts[0] if prompts else "",
+    }

@@ -1,0 +1,90 @@
+"""Classification and extractive-QA metrics (the GLUE and SQuAD conventions)."""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+import string
+from collections.abc import Sequence
+
+
+def accuracy(predictions: Sequence, references: Sequence) -> float:
+    return sum(p == r for p, r in zip(predictions, references)) / max(len(references), 1)
+
+
+def macro_f1(predictions: Sequence, references: Sequence, labels: Sequence | None = None) -> float:
+    """Unweighted mean of per-class F1 over ``labels`` (default: every class seen in either list)."""
+    labels = list(labels) if labels is not None else sorted(set(references) | set(predictions), key=str)
+    scores = []
+    for label in labels:
+        tp = sum(p == label and r == label for p, r in zip(predictions, references))
+        fp = sum(p == label and r != label for p, r in zip(predictions, references))
+        fn = sum(p != label and r == label for p, r in zip(predictions, references))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / max(len(scores), 1)
+
+
+def matthews_corrcoef(predictions: Sequence, references: Sequence) -> float:
+    """Matthews correlation, multi-class form (Gorodkin, 2004); 0 when undefined."""
+    labels = sorted(set(references) | set(predictions), key=str)
+    confusion = collections.Counter(zip(references, predictions))
+    n = len(references)
+    correct = sum(confusion[(k, k)] for k in labels)
+    true_counts = [sum(confusion[(k, j)] for j in labels) for k in labels]
+    pred_counts = [sum(confusion[(j, k)] for j in labels) for k in labels]
+    cov_ytyp = correct * n - sum(t * p for t, p in zip(true_counts, pred_counts))
+    cov_ypyp = n * n - sum(p * p for p in pred_counts)
+    cov_ytyt = n * n - sum(t * t for t in true_counts)
+    denominator = math.sqrt(cov_ytyt * cov_ypyp)
+    return cov_ytyp / denominator if denominator else 0.0
+
+
+def classification_metrics(predictions: Sequence, references: Sequence, labels: Sequence | None = None) -> dict:
+    return {
+        "accuracy": accuracy(predictions, references),
+        "macro_f1": macro_f1(predictions, references, labels),
+        "mcc": matthews_corrcoef(predictions, references),
+    }
+
+
+# -- SQuAD (the official evaluation script's answer normalisation) ---------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, remove punctuation, remove articles (a, an, the), collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def squad_exact_match(prediction: str, answers: Sequence[str]) -> float:
+    return max(float(normalize_answer(prediction) == normalize_answer(a)) for a in answers)
+
+
+def squad_f1(prediction: str, answers: Sequence[str]) -> float:
+    """Token-overlap F1 against the best-matching gold answer."""
+
+    def f1(pred: str, gold: str) -> float:
+        p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+        common = collections.Counter(p) & collections.Counter(g)
+        overlap = sum(common.values())
+        if not p or not g:
+            return float(p == g)
+        if overlap == 0:
+            return 0.0
+        precision, recall = overlap / len(p), overlap / len(g)
+        return 2 * precision * recall / (precision + recall)
+
+    return max(f1(prediction, a) for a in answers)
+
+
+def squad_metrics(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict:
+    n = max(len(predictions), 1)
+    return {
+        "exact_match": 100.0 * sum(squad_exact_match(p, a) for p, a in zip(predictions, answers)) / n,
+        "f1": 100.0 * sum(squad_f1(p, a) for p, a in zip(predictions, answers)) / n,
+    }

@@ -1,0 +1,101 @@
+"""`lmforge chat`: a multi-turn conversation in the terminal, through the model's chat template.
+
+Answers stream as they are generated. Ctrl-C stops the current answer (what was said so far is
+kept); Ctrl-D or /exit quits. Commands: /reset, /show, /save FILE, /system TEXT, /help.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from lmforge.errors import LmforgeError
+from lmforge.infer.generate import SamplingParams, chat_prompt, stream_generate
+
+HELP = ("commands: /reset (forget the conversation), /show (print it), /save FILE (write it as JSON), "
+        "/system TEXT (set the system prompt), /exit; Ctrl-C stops an answer, Ctrl-D quits")
+
+
+def fit_conversation(tokenizer, messages: list[dict], params: SamplingParams, context: int) -> tuple[list[dict], int]:
+    """Drop the oldest turns (never the system prompt or the last message) until the prompt and the
+    answer fit the context; returns (messages, number of messages dropped)."""
+    dropped = 0
+    messages = list(messages)
+    while True:
+        prompt, _ = chat_prompt(tokenizer, messages, params)
+        if len(tokenizer.encode(prompt)) + params.max_new_tokens <= context:
+            return messages, dropped
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        if len(messages) - first <= 1:
+            raise LmforgeError(f"the message is too long for the model's context of {context} tokens "
+                               f"(with {params.max_new_tokens} for the answer); shorten it or lower --max-new-tokens")
+        del messages[first]
+        dropped += 1
+
+
+def chat_session(model, tokenizer, params: SamplingParams, system: str | None = None, read=input, out=sys.stdout) -> list[dict]:
+    """Run the conversation loop; returns the messages when the user quits."""
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    out.write(f"Chatting with {model.source}. {HELP}\n")
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            out.write("\n")
+            return messages
+        except KeyboardInterrupt:
+            out.write("\n")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, argument = text.partition(" ")
+            if command in ("/exit", "/quit"):
+                return messages
+            if command == "/reset":
+                messages = [m for m in messages if m["role"] == "system"]
+                out.write("(conversation cleared)\n")
+            elif command == "/show":
+                for m in messages:
+                    out.write(f"{m['role']}: {m['content']}\n")
+            elif command == "/save":
+                if not argument:
+                    out.write("usage: /save FILE\n")
+                    continue
+                try:
+                    with open(argument.strip(), "w", encoding="utf-8") as f:
+                        f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+                    out.write(f"(saved {len(messages)} messages to {argument.strip()})\n")
+                except OSError as e:
+                    out.write(f"cannot save: {e.strerror or e}\n")
+            elif command == "/system":
+                messages = [m for m in messages if m["role"] != "system"]
+                if argument:
+                    messages.insert(0, {"role": "system", "content": argument})
+                out.write("(system prompt set)\n" if argument else "(system prompt removed)\n")
+            else:
+                out.write(HELP + "\n")
+            continue
+        messages.append({"role": "user", "content": text})
+        try:
+            messages, dropped = fit_conversation(tokenizer, messages, params, model.config.block_size)
+        except LmforgeError as e:
+            messages.pop()
+            out.write(f"error: {e}\n")
+            continue
+        if dropped:
+            out.write(f"(dropped the {dropped} oldest message(s) to fit the context)\n")
+        prompt, sampling = chat_prompt(tokenizer, messages, params)
+        out.write("assistant> ")
+        out.flush()
+        answer = []
+        try:
+            for piece in stream_generate(model, tokenizer, prompt, sampling):
+                answer.append(piece)
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            out.write(" [stopped]")
+        out.write("\n")
+        messages.append({"role": "assistant", "content": "".join(answer)})

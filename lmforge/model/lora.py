@@ -1,0 +1,300 @@
+"""LoRA (Hu et al., 2021): low-rank adapters beside frozen weights, saved in PEFT's format.
+
+``W x`` becomes ``W x + (alpha / r) · B A x`` with ``A`` (r × in) random and ``B`` (out × r) zero at
+the start, so training begins from the base model exactly. lmforge keeps q/k/v (and SwiGLU's
+gate/up) in one fused matrix; an adapter covers a *slice* of its outputs, which is exactly what a
+PEFT adapter on Hugging Face's separate ``q_proj``/``v_proj`` (or on GPT-2's fused ``c_attn``) does.
+
+Targets are named the same way for every family: ``q``, ``k``, ``v``, ``o`` (attention) and ``fc``,
+``proj`` (MLP in and out; ``fc`` of a SwiGLU MLP is its gate and up projections).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from lmforge.errors import LmforgeError
+from lmforge.utils import atomic_write_json
+
+TARGETS = ("q", "k", "v", "o", "fc", "proj")
+PEFT_TASK = {None: "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS",
+             "question_answering": "QUESTION_ANS"}
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus adapters on named slices of its output features."""
+
+    def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base
+        self.slices = slices
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype)) for n in slices})
+        self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(b - a, r, device=device, dtype=dtype)) for n, (a, b) in slices.items()})
+        for a_matrix in self.lora_A.values():
+            nn.init.kaiming_uniform_(a_matrix, a=math.sqrt(5))  # as PEFT and the LoRA paper's code
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        h = self.drop(x)
+        # The update over all output features: each adapter's slice, zeros between (out of place, so
+        # it works whether or not the frozen layer's output carries gradients).
+        pieces, at = [], 0
+        for name, (a, b) in sorted(self.slices.items(), key=lambda item: item[1]):
+            if a > at:
+                pieces.append(y.new_zeros(*y.shape[:-1], a - at))
+            pieces.append((h @ self.lora_A[name].T @ self.lora_B[name].T) * self.scale)
+            at = b
+        if at < y.size(-1):
+            pieces.append(y.new_zeros(*y.shape[:-1], y.size(-1) - at))
+        return y + torch.cat(pieces, dim=-1)
+
+    def delta(self) -> torch.Tensor:
+        """The change to the base weight: (out, in), zero outside the adapted slices."""
+        d = torch.zeros_like(self.base.weight)
+        for name, (a, b) in self.slices.items():
+            d[a:b] += self.scale * self.lora_B[name] @ self.lora_A[name]
+        return d
+
+    def merged(self) -> nn.Linear:
+        with torch.no_grad():
+            self.base.weight += self.delta()
+        return self.base
+
+
+def _slices(model, block, target: str) -> list[tuple[str, str, dict[str, tuple[int, int]]]]:
+    """(module path inside a block, PEFT module name(s), slices) of one target name."""
+    from lmforge.model.encoder import Encoder
+
+    c = model.config
+    if isinstance(model, Encoder):
+        d = c.n_embd
+        qkv = {"q": (0, d), "k": (d, 2 * d), "v": (2 * d, 3 * d)}
+        if target in qkv:
+            return [("attn.qkv", {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value"}[target],
+                     {target: qkv[target]})]
+        return [{"o": ("attn.proj", "attention.output.dense", {"o": (0, d)}),
+                 "fc": ("fc", "intermediate.dense", {"fc": (0, c.mlp_hidden)}),
+                 "proj": ("proj", "output.dense", {"proj": (0, d)})}[target]]
+    q, kv = c.n_head * c.head_size, c.kv_heads * c.head_size
+    if c.family == "gpt2":
+        # GPT-2 keeps q, k and v in one Conv1D (c_attn): PEFT adapts it whole, and so does lmforge.
+        whole = {"q": ("attn.qkv", "attn.c_attn", {"qkv": (0, q + 2 * kv)}), "k": None, "v": None,
+                 "o": ("attn.proj", "attn.c_proj", {"o": (0, c.n_embd)}),
+                 "fc": ("mlp.fc", "mlp.c_fc", {"fc": (0, c.hidden)}),
+                 "proj": ("mlp.proj", "mlp.c_proj", {"proj": (0, c.n_embd)})}
+        whole["k"] = whole["v"] = whole["q"]
+        return [whole[target]]
+    qkv = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+    if target in qkv:
+        return [("attn.qkv", f"self_attn.{target}_proj", {target: qkv[target]})]
+    if target == "o":
+        return [("attn.proj", "self_attn.o_proj", {"o": (0, c.n_embd)})]
+    if target == "fc":
+        return [("mlp.fc", "mlp.gate_proj", {"gate": (0, c.hidden)}), ("mlp.fc", "mlp.up_proj", {"up": (c.hidden, 2 * c.hidden)})]
+    return [("mlp.proj", "mlp.down_proj", {"proj": (0, c.n_embd)})]
+
+
+def _peft_block_prefix(model, layer: int) -> str:
+    from lmforge.model.encoder import Encoder
+
+    c = model.config
+    if isinstance(model, Encoder):
+        return ("" if c.head is None else "bert.") + f"encoder.layer.{layer}."
+    return f"transformer.h.{layer}." if c.family == "gpt2" else f"model.layers.{layer}."
+
+
+def _head_modules(model) -> list[str]:
+    """Task heads trained in full beside the adapters (PEFT's modules_to_save)."""
+    return [name for name in ("score", "classifier", "qa_outputs") if getattr(model, name, None) is not None]
+
+
+def add_lora(model, targets: list[str] | str, r: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> dict:
+    """Freeze ``model`` and wrap the targeted layers of every block with adapters; heads stay trainable.
+
+    Returns the adapter settings (saved with the adapter). A model already carrying adapters is refused.
+    """
+    if getattr(model, "lora", None):
+        raise LmforgeError("the model already has LoRA adapters")
+    if getattr(model.config, "family", None) == "lmforge":
+        raise LmforgeError("LoRA adapters are saved in PEFT's format, which needs a Hugging Face family (not 'lmforge')")
+    targets = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise LmforgeError(f"unknown LoRA target(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TARGETS)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules: dict[str, dict] = {}  # module path → {slice name: (a, b)} and its PEFT names
+    for i, block in enumerate(model.blocks):
+        for target in targets:
+            for path, peft_name, slices in _slices(model, block, target):
+                entry = modules.setdefault(f"blocks.{i}.{path}", {"slices": {}, "peft": {}})
+                for slice_name, span in slices.items():
+                    entry["slices"][slice_name] = span
+                    entry["peft"][slice_name] = _peft_block_prefix(model, i) + peft_name
+    for path, entry in modules.items():
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        setattr(parent, attr, LoRALinear(getattr(parent, attr), entry["slices"], r, alpha, dropout))
+    for name in _head_modules(model):
+        for p in getattr(model, name).parameters():
+            p.requires_grad_(True)
+    model.lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets, "modules": modules}
+    return model.lora
+
+
+def lora_layers(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight; the model becomes a plain model again."""
+    for name, module in lora_layers(model):
+        parent_path, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_path), attr, module.merged())
+    model.lora = None
+    return model
+
+
+# -- PEFT format ----------------------------------------------------------------------------------
+
+
+def save_adapter(model, folder: str | os.PathLike, base_model: str | os.PathLike, tokenizer=None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT does (plus the tokenizer)."""
+    from lmforge.utils import replace_dir
+
+    folder = Path(folder)
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    settings = model.lora
+    tensors, peft_targets = {}, set()
+    for path, entry in settings["modules"].items():
+        module = model.get_submodule(path)
+        for slice_name, peft_name in entry["peft"].items():
+            tensors[f"base_model.model.{peft_name}.lora_A.weight"] = module.lora_A[slice_name]
+            tensors[f"base_model.model.{peft_name}.lora_B.weight"] = module.lora_B[slice_name]
+            peft_targets.add(peft_name.rsplit(".", 1)[-1] if "." in peft_name else peft_name)
+    heads = _head_modules(model)
+    for name in heads:
+        for pname, p in getattr(model, name).named_parameters():
+            tensors[f"base_model.model.{name}.{pname}"] = p
+    head = getattr(model.config, "head", None)
+    config = {
+        "peft_type": "LORA",
+        "task_type": PEFT_TASK[head],
+        "base_model_name_or_path": str(Path(base_model).resolve()),
+        "r": settings["r"],
+        "lora_alpha": settings["alpha"],
+        "lora_dropout": settings["dropout"],
+        "target_modules": sorted(peft_targets),
+        "fan_in_fan_out": getattr(model.config, "family", None) == "gpt2",  # GPT-2's Conv1D stores (in, out)
+        "bias": "none",
+        "modules_to_save": heads or None,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "lmforge_targets": settings["targets"],
+    }
+    if head is not None:  # what lmforge needs to rebuild the head on the base model
+        c = model.config
+        config["lmforge_head"] = {"head": head, "num_labels": c.num_labels, "labels": list(c.labels) if c.labels else None,
+                                  "pad_token_id": getattr(c, "pad_token_id", None), "pooling": getattr(c, "pooling", None)}
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "adapter_model.safetensors",
+                  metadata={"format": "pt"})
+        atomic_write_json(tmp / "adapter_config.json", config)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        replace_dir(tmp, folder)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+_PEFT_TO_TARGET = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "fc", "up_proj": "fc",
+                   "down_proj": "proj", "c_attn": "q", "c_proj": None, "c_fc": "fc", "query": "q", "key": "k",
+                   "value": "v", "dense": None}
+
+
+def read_adapter_config(folder: Path) -> dict:
+    from lmforge.utils import read_json
+
+    config = read_json(folder / "adapter_config.json", "adapter config")
+    if config.get("peft_type") != "LORA":
+        raise LmforgeError(f"{folder}: peft_type {config.get('peft_type')!r} is not supported; lmforge reads LORA adapters")
+    for flag in ("use_dora", "use_rslora"):
+        if config.get(flag):
+            raise LmforgeError(f"{folder}: {flag}=true is not supported")
+    return config
+
+
+def load_adapter(model, folder: str | os.PathLike) -> None:
+    """Add adapters to ``model`` as ``folder`` (a PEFT LoRA adapter) describes, and load their weights."""
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    targets = config.get("lmforge_targets") or _targets_from_peft(model, config)
+    add_lora(model, targets, int(config["r"]), float(config["lora_alpha"]), float(config.get("lora_dropout", 0.0)))
+    try:
+        tensors = load_file(folder / "adapter_model.safetensors")
+    except Exception as e:  # a missing or corrupt file
+        raise LmforgeError(f"{folder}/adapter_model.safetensors cannot be read ({e})") from None
+    expected = {}
+    for path, entry in model.lora["modules"].items():
+        module = model.get_submodule(path)
+        for slice_name, peft_name in entry["peft"].items():
+            expected[f"base_model.model.{peft_name}.lora_A.weight"] = module.lora_A[slice_name]
+            expected[f"base_model.model.{peft_name}.lora_B.weight"] = module.lora_B[slice_name]
+    for name in _head_modules(model):
+        for pname, p in getattr(model, name).named_parameters():
+            expected[f"base_model.model.{name}.{pname}"] = p
+    # PEFT names the adapter in some keys (".default."); lmforge writes them without it.
+    tensors = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+               .replace(".modules_to_save.default.", "."): v for k, v in tensors.items()}
+    missing = [k for k in expected if k not in tensors]
+    missing = [k for k in missing if not any(k.startswith(f"base_model.model.{h}.") for h in _head_modules(model))] or missing
+    if [k for k in missing if ".lora_" in k]:
+        raise LmforgeError(f"{folder}: adapter weights missing for {missing[0]} (and {len(missing) - 1} more); "
+                           f"is it an adapter of this model?")
+    with torch.no_grad():
+        for key, param in expected.items():
+            if key in tensors:
+                if tensors[key].shape != param.shape:
+                    raise LmforgeError(f"{folder}: {key} has shape {tuple(tensors[key].shape)}, the model needs {tuple(param.shape)}")
+                param.copy_(tensors[key])
+
+
+def _targets_from_peft(model, config: dict) -> list[str]:
+    targets = set()
+    for name in config.get("target_modules") or []:
+        short = name.rsplit(".", 1)[-1]
+        target = _PEFT_TO_TARGET.get(short, "unknown")
+        if target is None:  # c_proj and dense are both attention-out and MLP-out in their families
+            raise LmforgeError(f"adapter target {name!r} is ambiguous; re-save the adapter with lmforge")
+        if target == "unknown":
+            raise LmforgeError(f"adapter target {name!r} is not supported; lmforge adapts {', '.join(_PEFT_TO_TARGET)}")
+        targets.add(target)
+    if not targets:
+        raise LmforgeError("the adapter names no target_modules")
+    return sorted(targets)
+
+
+def count_trainable(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

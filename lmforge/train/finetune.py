@@ -1,0 +1,592 @@
+"""`lmforge finetune`: adapt a model to examples, through the same loop as pretraining.
+
+Objectives (picked by the examples' format):
+
+    SFT              chat or instruction examples; loss on the assistant's (or completion's) tokens only,
+                     the end-of-turn token included; optional packing with document masking
+    Classification   {"text", "label"} on a decoder (score of the last real token) or an encoder
+    QA               SQuAD-style extractive question answering on an encoder (start/end logits)
+
+Methods: ``full`` (everything trains), ``linear-probe`` (only the head; the frozen backbone's
+features are computed once and cached), ``lora`` (adapters, PEFT format); ``freeze_layers`` /
+``train_layers`` freeze part of the backbone in any method.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.data.examples import Examples, read_examples
+from lmforge.errors import LmforgeError
+from lmforge.eval.metrics import classification_metrics, squad_metrics
+from lmforge.model.checkpoint import load_adapted, load_model, load_tokenizer_for, save_model
+from lmforge.model.encoder import Encoder
+from lmforge.model.gpt import GPT
+from lmforge.model.heads import attach_head
+from lmforge.model.lora import add_lora, count_trainable, load_adapter, save_adapter
+from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
+from lmforge.train.config import FinetuneConfig
+from lmforge.train.loop import Distributed, Objective, resolve_config, train
+from lmforge.utils import human_count, warn
+
+
+def split_examples(rows: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded shuffle, then the first ``val_fraction`` held out."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_val = int(round(len(rows) * val_fraction))
+    if val_fraction > 0 and n_val == 0 and len(rows) > 1:
+        n_val = 1
+    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
+
+
+class ExampleBatches:
+    """Micro-batches of example indices: epochs of seeded permutations, read as one endless stream.
+
+    Like the pretraining loader, the rows of step ``s`` depend only on ``(seed, s)`` and are shared
+    out among micro-batches and ranks; the position (one integer) is saved in every checkpoint.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world_size: int, accum_steps: int, collate):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size, self.accum_steps, self.collate = rank, world_size, accum_steps, collate
+        self.batch_index = 0
+        self._epochs: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._epochs:
+            self._epochs = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._epochs[epoch]
+
+    def rows(self) -> list[int]:
+        """Global row numbers of this rank's next micro-batch."""
+        step, micro = divmod(self.batch_index, self.accum_steps)
+        self.batch_index += 1
+        per_step = self.batch_size * self.accum_steps * self.world_size
+        first = step * per_step + (micro * self.world_size + self.rank) * self.batch_size
+        return list(range(first, first + self.batch_size))
+
+    def next_batch(self, device):
+        indices = [int(self.order(g // self.n)[g % self.n]) for g in self.rows()]
+        return _to(self.collate(indices), device)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "batch_index": self.batch_index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.batch_index = int(state["seed"]), int(state["batch_index"])
+
+
+class PackedBatches(ExampleBatches):
+    """SFT rows of exactly ``row_len`` tokens cut from the endless stream of examples (no padding).
+
+    An example that crosses a row boundary continues in the next row; attention never crosses from
+    one example to another (document masking) and positions restart with each example.
+    """
+
+    def __init__(self, features: list[tuple[list[int], list[int]]], row_len: int, *args):
+        super().__init__(len(features), *args, collate=None)
+        self.features, self.row_len = features, row_len
+        self.lengths = np.array([len(ids) for ids, _ in features])
+        self.epoch_tokens = int(self.lengths.sum())
+        self._cum: dict[int, np.ndarray] = {}
+
+    def cumulative(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cum:
+            self._cum = {epoch: np.concatenate([[0], np.cumsum(self.lengths[self.order(epoch)])])}
+        return self._cum[epoch]
+
+    def row(self, g: int) -> dict:
+        start, end = g * self.row_len, (g + 1) * self.row_len
+        ids, mask, segment, positions = [], [], [], []
+        pos, seg = start, 0
+        while pos < end:
+            epoch, offset = divmod(pos, self.epoch_tokens)
+            cum = self.cumulative(epoch)
+            k = int(np.searchsorted(cum, offset, side="right")) - 1
+            example = int(self.order(epoch)[k])
+            within = offset - int(cum[k])
+            take = min(int(self.lengths[example]) - within, end - pos)
+            e_ids, e_mask = self.features[example]
+            ids += e_ids[within : within + take]
+            mask += e_mask[within : within + take]
+            segment += [seg] * take
+            positions += list(range(within, within + take))
+            pos += take
+            seg += 1
+        return {"ids": ids, "mask": mask, "segment": segment, "positions": positions}
+
+    def next_batch(self, device):
+        rows = [self.row(g) for g in self.rows()]
+        ids = torch.tensor([r["ids"] for r in rows])
+        mask = torch.tensor([r["mask"] for r in rows])
+        segment = torch.tensor([r["segment"] for r in rows])
+        positions = torch.tensor([r["positions"] for r in rows])
+        same = segment[:, None, :] == segment[:, :, None]
+        causal = torch.ones(self.row_len, self.row_len, dtype=torch.bool).tril()
+        # a target is the next token of the same example, where that token is in the loss
+        labels = torch.full_like(ids, -100)
+        keep = (segment[:, 1:] == segment[:, :-1]) & (mask[:, 1:] == 1)
+        labels[:, :-1] = torch.where(keep, ids[:, 1:], -100)
+        batch = {"ids": ids, "labels": labels, "positions": positions, "attn_mask": (same & causal)[:, None]}
+        return _to(batch, device)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(map(len, seqs))
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs])
+
+
+# -- the common part of every fine-tuning objective -----------------------------------------------
+
+
+class Finetune(Objective):
+    head: str | None = None  # the task head the model needs
+
+    def __init__(self, config: FinetuneConfig, device: torch.device, checkpoint: Path | None, examples: Examples):
+        self.config, self.device = config, device
+        torch.manual_seed(config.seed)
+        base = Path(config.model)
+        if not base.exists():
+            raise LmforgeError(f"model folder {base} does not exist")
+        self.model = self.load(checkpoint)
+        self.tokenizer = load_tokenizer_for(self.model)
+        self.block_size = self.model.config.block_size
+        self.max_length = min(config.max_length or self.block_size, self.block_size)
+        train_rows, val_rows = examples.rows, []
+        if config.val:
+            val_rows = read_examples(config.val, examples.task, config.skip_bad_lines).rows
+        elif config.val_fraction > 0:
+            train_rows, val_rows = split_examples(examples.rows, config.val_fraction, config.seed)
+        self.setup(train_rows, val_rows)
+        if config.epochs > 0:  # the loop reads max_steps after this
+            per_step = config.micro_batch_size * config.grad_accum_steps * int(os.environ.get("WORLD_SIZE", 1))
+            config.max_steps = max(1, math.ceil(config.epochs * self.epoch_units / per_step))
+
+    # the model ------------------------------------------------------------------------------------
+
+    def load(self, checkpoint: Path | None):
+        c = self.config
+        if checkpoint is not None and c.method == "lora":
+            model = load_adapted(checkpoint / "model", self.device, merge=False, base=c.model)
+            model.base_source = Path(c.model)
+            return self._freeze(model, lora_loaded=True)
+        if checkpoint is not None:
+            return self._freeze(load_model(checkpoint / "model", self.device))
+        model = load_model(c.model, self.device)
+        model.base_source = Path(c.model)
+        if self.head is not None:
+            self.attach(model)
+        if c.method == "lora":
+            add_lora(model, c.lora_targets, c.lora_r, c.lora_alpha, c.lora_dropout)
+        return self._freeze(model)
+
+    def attach(self, model) -> None:
+        """Give the model this task's head (subclasses)."""
+
+    def _freeze(self, model, lora_loaded: bool = False):
+        c = self.config
+        if c.method == "linear-probe":
+            if self.head is None:
+                raise LmforgeError("--method linear-probe trains only a task head; use it for classification or qa")
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.split(".")[0] in ("score", "classifier", "qa_outputs"))
+        elif c.method == "full":
+            for p in model.parameters():
+                p.requires_grad_(True)
+        blocks = len(model.blocks)
+        frozen_blocks = c.freeze_layers if c.freeze_layers else (blocks - c.train_layers if c.train_layers else 0)
+        if frozen_blocks > blocks:
+            raise LmforgeError(f"the model has {blocks} blocks; cannot freeze {frozen_blocks}")
+        if frozen_blocks:
+            frozen = {"wte", "wpe", "wtt", "ln_emb"} | {f"blocks.{i}" for i in range(frozen_blocks)}
+            for name, p in model.named_parameters():
+                if name.split(".")[0] in frozen or ".".join(name.split(".")[:2]) in frozen:
+                    p.requires_grad_(False)
+        model.train()
+        return model
+
+    def save(self, folder: Path) -> None:
+        if self.config.method == "lora":
+            save_adapter(self.model, folder, self.config.model, self.save_tokenizer())
+        else:
+            save_model(self.model, folder, self.save_tokenizer())
+
+    def save_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+    def describe(self) -> dict:
+        trainable, total = count_trainable(self.model)
+        kind = type(self.model).__name__
+        return {
+            "model": self.model.config.to_dict(),
+            "base_model": str(self.config.model),
+            "parameters": total,
+            "flops_per_token": self.model.config.flops_per_token(self.max_length) if isinstance(self.model, GPT) else 0,
+            "task": self.task,
+            "method": self.config.method,
+            "summary": f"{kind} {human_count(total)} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%), "
+                       f"{self.task} by {self.config.method}; {self.n_train} training / {self.n_val} validation examples",
+        }
+
+    @property
+    def epoch_units(self) -> int:
+        return self.n_train
+
+
+# -- supervised fine-tuning -----------------------------------------------------------------------
+
+
+class SFT(Finetune):
+    task = "sft"
+
+    def setup(self, train_rows: list, val_rows: list) -> None:
+        if not isinstance(self.model, GPT):
+            raise LmforgeError("chat and instruction fine-tuning need a decoder model (gpt2, llama, qwen2, mistral)")
+        self.chat = "messages" in train_rows[0]
+        self.train_features = self.featurize(train_rows)
+        self.val_features = self.featurize(val_rows)
+        if not self.train_features:
+            raise LmforgeError("no training example has a token to learn from after truncation; raise max_length")
+        self.n_train, self.n_val = len(self.train_features), len(self.val_features)
+        self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (self.tokenizer.eos_id or 0)
+
+    def featurize(self, rows: list) -> list[tuple[list[int], list[int]]]:
+        tok, out, dropped = self.tokenizer, [], 0
+        for row in rows:
+            if self.chat:
+                ids, mask = tok.encode_chat(row["messages"])
+            else:
+                prompt, completion = tok.encode(row["prompt"]), tok.encode(row["completion"])
+                end = [tok.eos_id] if tok.eos_id is not None else []
+                ids, mask = prompt + completion + end, [0] * len(prompt) + [1] * (len(completion) + len(end))
+            ids, mask = ids[: self.max_length], mask[: self.max_length]
+            if sum(mask[1:]) == 0:
+                dropped += 1
+                continue
+            out.append((ids, mask))
+        if dropped:
+            warn(f"{dropped} example(s) had nothing to learn within {self.max_length} tokens and were dropped")
+        return out
+
+    @property
+    def epoch_units(self) -> int:
+        if self.config.packing:
+            return math.ceil(sum(len(ids) for ids, _ in self.train_features) / self.max_length)
+        return self.n_train
+
+    def collate(self, indices: list[int], features=None) -> dict:
+        features = features or self.train_features
+        ids = _pad([features[i][0] for i in indices], self.pad_id)
+        mask = _pad([features[i][1] for i in indices], 0)
+        labels = torch.full_like(ids, -100)
+        labels[:, :-1] = torch.where(mask[:, 1:] == 1, ids[:, 1:], -100)
+        return {"ids": ids, "labels": labels}
+
+    def batches(self, rank: int, world_size: int):
+        c = self.config
+        args = (c.micro_batch_size, c.seed, rank, world_size, c.grad_accum_steps)
+        if c.packing:
+            return PackedBatches(self.train_features, self.max_length, *args)
+        return ExampleBatches(self.n_train, *args, collate=self.collate)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return model(batch["ids"], batch["labels"], positions=batch.get("positions"), attn_mask=batch.get("attn_mask"))[1]
+
+    def batch_tokens(self, batch) -> int:
+        return int((batch["labels"] != -100).sum())
+
+    @torch.no_grad()
+    def evaluate(self, dist_: Distributed, autocast) -> dict | None:
+        if not self.val_features:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        for i in range(0, self.n_val, self.config.micro_batch_size):
+            batch = _to(self.collate(list(range(i, min(i + self.config.micro_batch_size, self.n_val))), self.val_features),
+                        self.device)
+            with autocast:
+                logits = self.model(batch["ids"])
+            losses = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
+            total += losses.item()
+            count += int((batch["labels"] != -100).sum())
+        self.model.train()
+        loss = total / max(count, 1)
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+    def save_tokenizer(self) -> Tokenizer:
+        if self.chat and not self.tokenizer.chat_template:
+            # Store the template the model was trained with, so chat and generate (and transformers) use it.
+            self.tokenizer.config["chat_template"] = DEFAULT_CHAT_TEMPLATE
+        return self.tokenizer
+
+
+# -- classification -------------------------------------------------------------------------------
+
+
+class Classification(Finetune):
+    task = "classification"
+    head = "sequence_classification"
+
+    def __init__(self, config, device, checkpoint, examples):
+        names = [x.strip() for x in config.labels.split(",") if x.strip()] if config.labels else None
+        if names is None:
+            seen = {r["label"] for r in examples.rows}
+            if all(isinstance(v, int) for v in seen):
+                names = [str(i) for i in range(max(seen) + 1)]
+            else:
+                names = sorted(str(v) for v in seen)
+        self.label_names = names
+        self.label_index = {name: i for i, name in enumerate(names)}
+        super().__init__(config, device, checkpoint, examples)
+
+    def attach(self, model) -> None:
+        pad = None
+        if isinstance(model, GPT):
+            tok = load_tokenizer_for(model)
+            pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+        pooling = self.config.pooling
+        if isinstance(model, Encoder) and pooling == "auto":
+            # sentence-transformers models are trained for mean pooling; plain BERT has a trained pooler
+            pooling = "mean" if (Path(self.config.model) / "modules.json").exists() or model.pooler is None else "pooler"
+        attach_head(model, self.head, len(self.label_names), self.label_names, pad, None if pooling == "auto" else pooling)
+
+    def label_of(self, value) -> int:
+        key = str(value)
+        if key not in self.label_index:
+            raise LmforgeError(f"label {value!r} is not one of the labels {', '.join(self.label_names)}; "
+                               f"set --labels to list them all")
+        return self.label_index[key]
+
+    def featurize(self, rows: list) -> list[tuple[list[int], list[int], int]]:
+        tok, out = self.tokenizer, []
+        for row in rows:
+            if isinstance(self.model, Encoder):
+                enc = tok.hf.encode(row["text"], row.get("text_pair") or None, add_special_tokens=True)
+                ids, types = enc.ids, enc.type_ids
+                if len(ids) > self.max_length:  # keep [SEP] at the end
+                    ids, types = ids[: self.max_length - 1] + ids[-1:], types[: self.max_length - 1] + types[-1:]
+            else:
+                ids = tok.encode(row["text"] + ("\n" + row["text_pair"] if row.get("text_pair") else ""))
+                if self.model.config.pad_token_id != tok.eos_id and tok.eos_id is not None:
+                    ids = ids + [tok.eos_id]  # a fixed last token for the score to read
+                ids = ids[-self.max_length:]
+                types = [0] * len(ids)
+            out.append((ids, types, self.label_of(row["label"])))
+        return out
+
+    def setup(self, train_rows: list, val_rows: list) -> None:
+        self.train_features, self.val_features = self.featurize(train_rows), self.featurize(val_rows)
+        self.n_train, self.n_val = len(self.train_features), len(self.val_features)
+        self.cached = None
+        if self.config.method == "linear-probe" and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+            # The backbone is frozen: compute what the head reads once, and train the head on that.
+            self.cached = self.features_of(self.train_features)
+
+    def pad_id(self) -> int:
+        pad = self.model.config.pad_token_id
+        return pad if pad is not None else 0
+
+    def tokens_batch(self, features, indices: list[int]) -> dict:
+        ids = _pad([features[i][0] for i in indices], self.pad_id())
+        types = _pad([features[i][1] for i in indices], 0)
+        lengths = torch.tensor([len(features[i][0]) for i in indices])
+        mask = (torch.arange(ids.size(1))[None] < lengths[:, None]).long()
+        return {"ids": ids, "types": types, "mask": mask, "labels": torch.tensor([features[i][2] for i in indices])}
+
+    def collate(self, indices: list[int]) -> dict:
+        """A training micro-batch: cached backbone features (linear probe) or token ids."""
+        if self.cached is not None:
+            return {"features": self.cached[indices], "labels": torch.tensor([self.train_features[i][2] for i in indices])}
+        return self.tokens_batch(self.train_features, indices)
+
+    @torch.no_grad()
+    def features_of(self, features) -> torch.Tensor:
+        """What the head reads, from the frozen backbone (eval mode), for every example."""
+        self.model.eval()
+        out = [self.backbone_features(_to(self.tokens_batch(features, list(range(i, min(i + 32, len(features))))), self.device))
+               for i in range(0, len(features), 32)]
+        self.model.train()
+        return torch.cat(out) if out else torch.empty(0)
+
+    def backbone_features(self, b: dict) -> torch.Tensor:
+        model = self.model
+        if isinstance(model, GPT):
+            hidden = model.hidden_states(b["ids"])
+            return hidden[torch.arange(hidden.size(0), device=hidden.device), b["mask"].sum(1) - 1]
+        from lmforge.model.encoder import EncoderOutput
+
+        hidden = model.encode(b["ids"], b["mask"], b["types"])
+        pooled = torch.tanh(model.pooler(hidden[:, 0])) if model.pooler is not None else None
+        return model.sentence_features(EncoderOutput(hidden, pooled), b["mask"])
+
+    def logits(self, model, b: dict) -> torch.Tensor:
+        if "features" in b:
+            return (self.model.score if isinstance(self.model, GPT) else self.model.classifier)(b["features"])
+        if isinstance(self.model, GPT):
+            return model(b["ids"])
+        return model(b["ids"], b["mask"], b["types"]).logits
+
+    def batches(self, rank: int, world_size: int):
+        c = self.config
+        return ExampleBatches(self.n_train, c.micro_batch_size, c.seed, rank, world_size, c.grad_accum_steps, self.collate)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return F.cross_entropy(self.logits(model, batch).float(), batch["labels"])
+
+    def batch_tokens(self, batch) -> int:
+        return int(batch["mask"].sum()) if "mask" in batch else len(batch["labels"])
+
+    @torch.no_grad()
+    def predict(self, features) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, labels) for ``features``, in order."""
+        self.model.eval()
+        logits, labels = [], []
+        for i in range(0, len(features), self.config.micro_batch_size):
+            b = _to(self.tokens_batch(features, list(range(i, min(i + self.config.micro_batch_size, len(features))))), self.device)
+            logits.append(self.logits(self.model, b).float())
+            labels.append(b["labels"])
+        self.model.train()
+        return torch.cat(logits), torch.cat(labels)
+
+    def evaluate(self, dist_: Distributed, autocast) -> dict | None:
+        if not self.val_features:
+            return None
+        with autocast:
+            logits, labels = self.predict(self.val_features)
+        predictions = logits.argmax(-1).tolist()
+        metrics = classification_metrics(predictions, labels.tolist(), list(range(len(self.label_names))))
+        return {"val_loss": F.cross_entropy(logits, labels).item(), **{f"val_{k}": v for k, v in metrics.items()}}
+
+    def format_eval(self, record: dict) -> str:
+        return (f"val loss {record['val_loss']:.4f}, accuracy {record['val_accuracy']:.4f}, "
+                f"macro-F1 {record['val_macro_f1']:.4f}, MCC {record['val_mcc']:.4f}")
+
+
+# -- extractive question answering ----------------------------------------------------------------
+
+
+class QA(Finetune):
+    task = "qa"
+    head = "question_answering"
+    max_answer_tokens = 30
+
+    def attach(self, model) -> None:
+        if not isinstance(model, Encoder):
+            raise LmforgeError("extractive question answering needs an encoder model (bert)")
+        attach_head(model, self.head)
+
+    def featurize(self, rows: list, training: bool) -> list[dict]:
+        """One window per example: the question, then as much of the context as fits."""
+        hf = self.tokenizer.hf
+        hf.enable_truncation(self.max_length, strategy="only_second")
+        out, outside = [], 0
+        try:
+            for row in rows:
+                enc = hf.encode(row["question"], row["context"], add_special_tokens=True)
+                context_tokens = [i for i, s in enumerate(enc.sequence_ids) if s == 1]
+                start_char = row["answers"]["answer_start"][0]
+                end_char = start_char + len(row["answers"]["text"][0])
+                start = next((i for i in context_tokens if enc.offsets[i][0] <= start_char < enc.offsets[i][1]), None)
+                end = next((i for i in context_tokens if enc.offsets[i][0] < end_char <= enc.offsets[i][1]), None)
+                if training and (start is None or end is None):
+                    outside += 1
+                    continue
+                out.append({"ids": enc.ids, "types": enc.type_ids, "start": start or 0, "end": end or 0,
+                            "context_tokens": context_tokens, "offsets": enc.offsets, "context": row["context"],
+                            "answers": row["answers"]["text"]})
+        finally:
+            hf.no_truncation()
+        if outside:
+            warn(f"{outside} training example(s) had the answer beyond {self.max_length} tokens and were dropped")
+        return out
+
+    def setup(self, train_rows: list, val_rows: list) -> None:
+        self.train_features, self.val_features = self.featurize(train_rows, True), self.featurize(val_rows, False)
+        if not self.train_features:
+            raise LmforgeError("no training example has its answer within max_length tokens")
+        self.n_train, self.n_val = len(self.train_features), len(self.val_features)
+
+    def collate(self, indices: list[int], features=None) -> dict:
+        features = features if features is not None else self.train_features
+        ids = _pad([features[i]["ids"] for i in indices], self.model.config.pad_token_id)
+        types = _pad([features[i]["types"] for i in indices], 0)
+        lengths = torch.tensor([len(features[i]["ids"]) for i in indices])
+        mask = (torch.arange(ids.size(1))[None] < lengths[:, None]).long()
+        return {"ids": ids, "types": types, "mask": mask, "start": torch.tensor([features[i]["start"] for i in indices]),
+                "end": torch.tensor([features[i]["end"] for i in indices])}
+
+    def batches(self, rank: int, world_size: int):
+        c = self.config
+        return ExampleBatches(self.n_train, c.micro_batch_size, c.seed, rank, world_size, c.grad_accum_steps, self.collate)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return model(batch["ids"], batch["mask"], batch["types"], start_positions=batch["start"], end_positions=batch["end"]).loss
+
+    def batch_tokens(self, batch) -> int:
+        return int(batch["mask"].sum())
+
+    def best_span(self, feature: dict, start_logits: torch.Tensor, end_logits: torch.Tensor) -> str:
+        """The highest-scoring context span with start <= end and at most max_answer_tokens tokens."""
+        ctx = feature["context_tokens"]
+        if not ctx:
+            return ""
+        s = start_logits[ctx[0] : ctx[-1] + 1]
+        e = end_logits[ctx[0] : ctx[-1] + 1]
+        scores = s[:, None] + e[None, :]
+        n = len(ctx)
+        allowed = torch.ones(n, n, dtype=torch.bool).triu() & ~torch.ones(n, n, dtype=torch.bool).triu(self.max_answer_tokens)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        i, j = divmod(int(scores.argmax()), n)
+        a, b = feature["offsets"][ctx[0] + i][0], feature["offsets"][ctx[0] + j][1]
+        return feature["context"][a:b]
+
+    @torch.no_grad()
+    def evaluate(self, dist_: Distributed, autocast) -> dict | None:
+        if not self.val_features:
+            return None
+        self.model.eval()
+        predictions, loss_sum = [], 0.0
+        for i in range(0, self.n_val, self.config.micro_batch_size):
+            idx = list(range(i, min(i + self.config.micro_batch_size, self.n_val)))
+            b = _to(self.collate(idx, self.val_features), self.device)
+            with autocast:
+                out = self.model(b["ids"], b["mask"], b["types"])
+            for row, k in enumerate(idx):
+                predictions.append(self.best_span(self.val_features[k], out.start_logits[row], out.end_logits[row]))
+        self.model.train()
+        metrics = squad_metrics(predictions, [f["answers"] for f in self.val_features])
+        return {"val_exact_match": metrics["exact_match"], "val_f1": metrics["f1"]}
+
+    def format_eval(self, record: dict) -> str:
+        return f"exact match {record['val_exact_match']:.2f}, F1 {record['val_f1']:.2f}"
+
+
+OBJECTIVES = {"chat": SFT, "instruction": SFT, "classification": Classification, "qa": QA}
+
+
+def finetune(config: FinetuneConfig | dict | str | os.PathLike | None = None, *, resume: bool = False,
+             overwrite: bool = False, progress: bool = True, **overrides) -> dict:
+    """Fine-tune ``model`` on the ``train`` examples; the task comes from the examples' fields.
+
+    Returns the loop's summary (run folder, steps, last evaluation, latest checkpoint).
+    """
+    config = resolve_config(config, resume, overrides, cls=FinetuneConfig)
+    examples = read_examples(config.train, config.task, config.skip_bad_lines)
+    if examples.skipped:
+        warn(f"skipped {examples.skipped} malformed example(s) of {config.train} (lines {examples.skipped_lines[:5]}"
+             f"{' ...' if examples.skipped > 5 else ''})")
+    objective = OBJECTIVES[examples.task]
+    if config.packing and objective is not SFT:
+        raise LmforgeError("packing applies to chat and instruction fine-tuning only")
+    return train(config, lambda c, device, ckpt: objective(c, device, ckpt, examples), resume=resume,
+                 overwrite=overwrite, progress=progress)

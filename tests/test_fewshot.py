@@ -1,0 +1,70 @@
+"""Few-shot prompts and in-context classification by label log-likelihood."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.cli import main
+from lmforge.errors import LmforgeError
+from lmforge.eval.fewshot import build_prompt, choose_demonstrations, classify
+from lmforge.eval.loglikelihood import loglikelihoods
+from lmforge.model.checkpoint import load_model, load_tokenizer_for
+
+POOL = [{"text": f"t{i}", "label": "pos" if i % 3 else "neg"} for i in range(9)]
+
+
+def test_prompt_builder_layout_and_label_gap():
+    prompt, gap = build_prompt(POOL[:2], "is it good?", description="Classify the sentiment.")
+    assert prompt == "Classify the sentiment.\n\nInput: t0\nOutput: neg\n\nInput: t1\nOutput: pos\n\nInput: is it good?\nOutput:"
+    assert gap == " "  # the label is scored as " pos": the space belongs to the word
+    prompt, gap = build_prompt([], "x", template="Review: {text}\nSentiment:{label}")
+    assert (prompt, gap) == ("Review: x\nSentiment:", "")
+    with pytest.raises(LmforgeError, match="label} must come last"):
+        build_prompt([], "x", template="{label}: {text}")
+
+
+def test_demonstration_selection():
+    assert [d["text"] for d in choose_demonstrations(POOL, 3, "first", 0)] == ["t0", "t1", "t2"]
+    assert [d["text"] for d in choose_demonstrations(POOL, 3, "first", 0, exclude=1)] == ["t0", "t2", "t3"]
+    a = choose_demonstrations(POOL, 4, "random", seed=5, exclude=0)
+    assert a == choose_demonstrations(POOL, 4, "random", seed=5, exclude=0) and POOL[0] not in a
+    assert a != choose_demonstrations(POOL, 4, "random", seed=6, exclude=0)
+    balanced = [d["label"] for d in choose_demonstrations(POOL, 4, "balanced", 0)]
+    assert balanced == ["neg", "pos", "neg", "pos"]
+    assert choose_demonstrations(POOL, 0, "random", 0) == []
+
+
+def test_loglikelihood_equals_the_sum_from_the_model_logits(hf_gpt2):
+    model = load_model(hf_gpt2)
+    tok = load_tokenizer_for(model)
+    requests = [("The answer is", " yes"), ("Short", " and a longer continuation"), ("x", " y")]
+    scores = loglikelihoods(model, tok, requests, batch_size=2)
+    for (context, continuation), score in zip(requests, scores):
+        ctx, whole = tok.encode(context), tok.encode(context + continuation)
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([whole[:-1]])).float(), -1)[0]
+        expected = sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+        assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_classify_picks_the_most_likely_label_and_reports_accuracy(hf_gpt2, tmp_path, capsys):
+    rows = [{"text": f"sample {i}", "label": "yes" if i % 2 else "no"} for i in range(12)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = load_model(hf_gpt2)
+    tok = load_tokenizer_for(model)
+    for shots in (0, 3):
+        result = classify(model, tok, data, ["yes", "no"], shots=shots, seed=1)
+        # recompute the decision by hand for the first example
+        shown = choose_demonstrations(rows, shots, "random", 1, exclude=0)
+        prompt, gap = build_prompt(shown, rows[0]["text"])
+        yes, no = loglikelihoods(model, tok, [(prompt, gap + "yes"), (prompt, gap + "no")])
+        assert result["predictions"][0] == ("yes" if yes > no else "no")
+        expected = sum(p == r["label"] for p, r in zip(result["predictions"], rows)) / len(rows)
+        assert result["accuracy"] == expected
+    assert main(["classify", str(data), "--model", str(hf_gpt2), "--labels", "yes,no", "--shots", "2"]) == 0
+    assert "12 examples, 2-shot: accuracy" in capsys.readouterr().out
+    assert main(["classify", str(data), "--model", str(hf_gpt2), "--labels", "yes,maybe"]) == 2
+    assert "labels no that --labels does not list" in capsys.readouterr().err

