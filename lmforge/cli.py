@@ -98,7 +98,8 @@ def cmd_chat(args) -> None:
 
     model = load_decoder(args.model, pick_device(args.device))
     tokenizer = load_tokenizer_for(model)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    max_new_tokens = args.max_new_tokens or min(256, model.config.block_size // 2)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     params.validate()
     chat_session(model, tokenizer, params, args.system)
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="talk with a model in the terminal, through its chat template")
     ch.add_argument("--model", required=True, help="a model folder, an adapter folder or a run folder")
     ch.add_argument("--system", help="system prompt")
-    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--max-new-tokens", type=int, default=None, help="default: 256, or half the model's context if smaller")
     ch.add_argument("--temperature", type=float, default=0.7)
     ch.add_argument("--top-k", type=int, default=0)
     ch.add_argument("--top-p", type=float, default=0.95)
