@@ -288,3 +288,30 @@ def test_finetune_command_line_and_its_errors(hf_gpt2, tmp_path, capsys):
     bad.write_text('{"text": "a", "label": "x"}\n{"text": 1}\n')
     assert main(["finetune", "--model", str(hf_gpt2), "--train", str(bad), "--out", str(tmp_path / "z")]) == 2
     assert "bad.jsonl:2:" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(hf_gpt2, tmp_path, monkeypatch):
+    import io
+
+    import lmforge.infer.chat as chat
+    from lmforge.infer.generate import SamplingParams
+
+    def interrupted(*args, **kwargs):
+        yield "partial"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat, "stream_generate", interrupted)
+    events = iter(["first question", KeyboardInterrupt, "/save " + str(tmp_path / "c.json"), "/exit"])
+
+    def read(_prompt):
+        item = next(events)
+        if item is KeyboardInterrupt:
+            raise KeyboardInterrupt  # Ctrl-C at the prompt: a new prompt, not an exit
+        return item
+
+    out = io.StringIO()
+    model = load_model(hf_gpt2)
+    messages = chat.chat_session(model, Tokenizer.load(hf_gpt2), SamplingParams(max_new_tokens=8), read=read, out=out)
+    assert "partial [stopped]" in out.getvalue()
+    assert messages == [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "partial"}]
+    assert json.loads((tmp_path / "c.json").read_text()) == {"messages": messages}

@@ -25,9 +25,25 @@ def test_report_numbers_equal_the_metrics_log(data_dir, tmp_path):
     assert f"| steps | {last['step']:,} |" in report
     run_info = json.loads((run / "run.json").read_text())
     assert f"| parameters | {run_info['parameters']:,}" in report
+    assert "| step | tokens | loss | perplexity | bits per byte |" in report
     assert "![loss](loss.png)" in report and "At step 0:" in report and "At step 20:" in report
 
 
 def test_report_on_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(LmforgeError, match="no metrics.jsonl"):
         write_report(tmp_path)
+
+
+def test_report_of_a_finetuning_run_shows_its_metrics(hf_gpt2, tmp_path):
+    import json as json_
+
+    from lmforge.train.finetune import finetune
+
+    rows = [{"text": f"it was {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"} for i in range(40)]
+    data = tmp_path / "cls.jsonl"
+    data.write_text("".join(json_.dumps(r) + "\n" for r in rows))
+    finetune(model=str(hf_gpt2), train=str(data), out=str(tmp_path / "run"), max_steps=4, eval_interval=2, threads=1,
+             tensorboard=False, progress=False)
+    report = write_report(tmp_path / "run").read_text()
+    assert "| step | tokens | loss | accuracy | macro f1 | mcc |" in report
+    assert "| task, method | classification, full" in report

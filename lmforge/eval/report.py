@@ -88,7 +88,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         run_dir / "loss.png",
         [
             (f"train (mean of {window} steps)" if window > 1 else "train", [r["tokens"] for r in train], _smooth([r["loss"] for r in train], window)),
-            ("validation", [r["tokens"] for r in val], [r["val_loss"] for r in val]),
+            ("validation", [r["tokens"] for r in val if "val_loss" in r], [r["val_loss"] for r in val if "val_loss" in r]),
         ],
         "tokens", "cross-entropy (nats/token)", "Loss",
     )
@@ -109,8 +109,10 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         "|---|---|",
         f"| model | {config.get('model', '?')}: {run['model']['n_layer']} layers, {run['model']['n_head']} heads, "
         f"width {run['model']['n_embd']}, context {run['model']['block_size']}, vocabulary {run['model']['vocab_size']} |",
-        f"| parameters | {run['parameters']:,} ({human_count(run['parameters'])}) |",
-        f"| training FLOPs per token | {human_count(run['flops_per_token'])} |",
+        f"| parameters | {run['parameters']:,} ({human_count(run['parameters'])}), "
+        f"{run.get('trainable_parameters', run['parameters']):,} trained |",
+        *([f"| task, method | {run['task']}, {run['method']} (from {run['base_model']}) |"] if "task" in run else []),
+        *([f"| training FLOPs per token | {human_count(run['flops_per_token'])} |"] if run.get("flops_per_token") else []),
         f"| hardware | {run['hardware']} |",
         f"| device, precision, processes | {run['device']}, {run['dtype']}, {run['world_size']} |",
         f"| steps | {last['step']:,} |",
@@ -123,11 +125,12 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         "",
     ]
     if val:
-        lines += ["| step | tokens | loss | perplexity | bits per byte |", "|---:|---:|---:|---:|---:|"]
+        keys = [k for k in val[0] if k.startswith("val_")]
+        header = [k.removeprefix("val_").replace("_", " ") for k in keys]
+        lines += ["| step | tokens | " + " | ".join(header) + " |", "|---:|---:|" + "---:|" * len(keys)]
         for r in val:
-            lines.append(
-                f"| {r['step']} | {r['tokens']:,} | {r['val_loss']:.4f} | {r['val_perplexity']:.2f} | {r['val_bits_per_byte']:.4f} |"
-            )
+            cells = [f"{r[k]:.2f}" if k == "val_perplexity" else f"{r[k]:.4f}" for k in keys if k in r]
+            lines.append(f"| {r['step']} | {r['tokens']:,} | " + " | ".join(cells) + " |")
     else:
         lines.append("No validation split.")
     lines += ["", "![loss](loss.png)", "", "![learning rate](lr.png) ![throughput](throughput.png)", ""]
