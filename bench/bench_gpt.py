@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -68,41 +67,46 @@ def time_steps(step, warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
+def train_hf(config: Config, inputs: torch.Tensor, warmup: int, steps: int) -> float:
+    """Seconds per step of GPT2LMHeadModel (fp32) with torch's AdamW, as a transformers user would train."""
+    hf = hf_model(config).train()
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+
+    def step():
+        loss = hf(input_ids=inputs, labels=inputs).loss  # HF shifts the labels itself
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return time_steps(step, warmup, steps)
+
+
+def train_lmforge(config: Config, inputs, targets, mode: str, warmup: int, steps: int) -> float:
+    """Seconds per step of lmforge's model and optimizer in ``mode`` (fp32/bf16, with or without compile)."""
+    torch.manual_seed(0)
+    model = build_model(config).train()
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-4), torch.device("cpu"))
+    forward = torch.compile(model) if "compile" in mode else model
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if "bf16" in mode else contextlib.nullcontext()
+
+    def step():
+        with autocast:
+            _, loss = forward(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return time_steps(step, warmup + (2 if "compile" in mode else 0), steps)
+
+
 def bench_train(config: Config, batch: int, seq: int, warmup: int, steps: int, modes: list[str]) -> dict[str, float]:
     """Training tokens/s of HF (fp32) and of each lmforge mode, on the same random batch."""
     torch.manual_seed(0)
     x = torch.randint(0, config.vocab_size, (batch, seq + 1))
     inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
-    results = {}
-
-    hf = hf_model(config).train()
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
-
-    def hf_step():
-        loss = hf(input_ids=inputs, labels=inputs).loss  # HF shifts the labels itself
-        loss.backward()
-        hf_opt.step()
-        hf_opt.zero_grad(set_to_none=True)
-
-    results["HF transformers fp32"] = batch * seq / time_steps(hf_step, warmup, steps)
-    del hf, hf_opt
-
+    results = {"HF transformers fp32": batch * seq / train_hf(config, inputs, warmup, steps)}
     for mode in modes:
-        torch.manual_seed(0)
-        model = build_model(config).train()
-        opt = make_optimizer(model, TrainConfig(lr=1e-4), torch.device("cpu"))
-        fwd = torch.compile(model) if "compile" in mode else model
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if "bf16" in mode else contextlib.nullcontext()
-
-        def step():
-            with autocast:
-                _, loss = fwd(inputs, targets)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        results[f"lmforge {mode}"] = batch * seq / time_steps(step, warmup + (2 if "compile" in mode else 0), steps)
-        del model, opt, fwd
+        results[f"lmforge {mode}"] = batch * seq / train_lmforge(config, inputs, targets, mode, warmup, steps)
     return results
 
 
@@ -214,7 +218,7 @@ def main() -> None:
 
 
 def print_table(rows) -> None:
-    print(f"\n| shape | measure | system | value | ratio vs HF (or vs bound) |")
+    print("\n| shape | measure | system | value | ratio vs HF (or vs bound) |")
     print("|---|---|---|---:|---:|")
     for shape, measure, system, value, ratio in rows:
         print(f"| {shape} | {measure} | {system} | {value:,.1f} | {'' if ratio is None else f'{ratio:.2f}x'} |")

@@ -82,7 +82,7 @@ def test_sft_batches_put_labels_on_assistant_tokens_only(hf_gpt2, tmp_path):
     tok = objective.tokenizer
     batch = objective.collate([0, 1, 2])
     for row in range(3):
-        ids, labels = batch["ids"][row].tolist(), batch["labels"][row].tolist()
+        _ids, labels = batch["ids"][row].tolist(), batch["labels"][row].tolist()
         learned = [t for t in labels if t != -100]
         answer = objective.train_features[row]
         expected = [i for i, m in zip(answer[0], answer[1]) if m]

@@ -1,7 +1,6 @@
 """LoRA: adapters in PEFT's format that peft loads onto the exported model with the same logits."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import shutil
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -27,7 +26,7 @@ import numpy as np
 from lmforge.data.corpus import CorpusStats, Document, read_clean_documents
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
-from lmforge.utils import atomic_write_json, replace_dir
+from lmforge.utils import atomic_dir, atomic_write_json
 
 META_FORMAT = "lmforge-tokens-v1"
 SPLITS = ("train", "val")
@@ -225,75 +224,57 @@ def prepare(
     dtype = token_dtype(tok.vocab_size)
     workers = (os.cpu_count() or 1) if workers is None else workers
 
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     stats = CorpusStats()
-    writers = [ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS]
-    if workers > 0:
-        executor = ProcessPoolExecutor(
-            workers, mp_context=_mp_context(), initializer=_init_worker, initargs=(str(tok.path),)
-        )
-    else:
-        executor = _InlineExecutor(str(tok.path))
-    bar = None
-    try:
-        docs = _split_lone_document(read_clean_documents(inputs, text_field, min_chars, stats))
-        pairs = _assign_splits(docs, seed, val_fraction)
-        first = next(pairs, None)  # reads (and checks) the inputs before the progress bar appears
-        if first is None:
-            raise LmforgeError(
-                f"the corpus is empty after cleaning ({stats.summary()}); pass more text or lower --min-chars"
-            )
-        in_flight: deque = deque()
-        bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
+    with atomic_dir(out) as tmp:
+        writers = [ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS]
+        if workers > 0:
+            executor = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker,
+                                           initargs=(str(tok.path),))
+        else:
+            executor = _InlineExecutor(str(tok.path))
+        bar = None
+        try:
+            docs = _split_lone_document(read_clean_documents(inputs, text_field, min_chars, stats))
+            pairs = _assign_splits(docs, seed, val_fraction)
+            first = next(pairs, None)  # reads (and checks) the inputs before the progress bar appears
+            if first is None:
+                raise LmforgeError(
+                    f"the corpus is empty after cleaning ({stats.summary()}); pass more text or lower --min-chars"
+                )
+            in_flight: deque = deque()
+            bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
 
-        def drain_one():
-            for writer, (tokens, n_docs, n_bytes) in zip(writers, in_flight.popleft().result()):
-                writer.write(tokens, n_docs, n_bytes)
-                bar.update(n_docs)
+            def drain_one():
+                for writer, (tokens, n_docs, n_bytes) in zip(writers, in_flight.popleft().result()):
+                    writer.write(tokens, n_docs, n_bytes)
+                    bar.update(n_docs)
 
-        for texts, splits in _batches(itertools.chain([first] if first else [], pairs)):
-            in_flight.append(executor.submit(_tokenize_batch, texts, splits, dtype.name))
-            if len(in_flight) >= 2 * max(workers, 1):  # bound memory: keep only a few batches in flight
+            for texts, splits in _batches(itertools.chain([first], pairs)):
+                in_flight.append(executor.submit(_tokenize_batch, texts, splits, dtype.name))
+                if len(in_flight) >= 2 * max(workers, 1):  # bound memory: keep only a few batches in flight
+                    drain_one()
+            while in_flight:
                 drain_one()
-        while in_flight:
-            drain_one()
-        bar.close()
-    except BaseException:
-        if bar is not None:
-            bar.close()
-        executor.shutdown(cancel_futures=True)
-        for w in writers:
-            w.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    executor.shutdown()
-    for w in writers:
-        w.close()
-
-    if stats.kept == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise LmforgeError(
-            f"the corpus is empty after cleaning ({stats.summary()}); pass more text or lower --min-chars"
-        )
-    if writers[0].tokens == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise LmforgeError("every document went to validation; lower --val-fraction or add documents")
-    tok.save(tmp)
-    meta = {
-        "format": META_FORMAT,
-        "tokenizer": {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
-        "dtype": dtype.name,
-        "inputs": [str(i) for i in inputs] if inputs else ["<python stdlib>"],
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "min_chars": min_chars,
-        "text_field": text_field,
-        "cleaning": stats.as_dict(),
-        "splits": {split: w.summary() for split, w in zip(SPLITS, writers)},
-    }
-    atomic_write_json(tmp / "meta.json", meta)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    replace_dir(tmp, out)
+        finally:
+            if bar is not None:
+                bar.close()
+            executor.shutdown(cancel_futures=True)
+            for w in writers:
+                w.close()
+        if writers[0].tokens == 0:
+            raise LmforgeError("every document went to validation; lower --val-fraction or add documents")
+        tok.save(tmp)
+        meta = {
+            "format": META_FORMAT,
+            "tokenizer": {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
+            "dtype": dtype.name,
+            "inputs": [str(i) for i in inputs] if inputs else ["<python stdlib>"],
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "min_chars": min_chars,
+            "text_field": text_field,
+            "cleaning": stats.as_dict(),
+            "splits": {split: w.summary() for split, w in zip(SPLITS, writers)},
+        }
+        atomic_write_json(tmp / "meta.json", meta)
     return meta

@@ -8,7 +8,6 @@ through ``torch.load(weights_only=True)``, so loading never runs code from a fil
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
@@ -32,7 +31,7 @@ from lmforge.model.hf import (
     state_dict_from_hf,
     state_dict_to_hf,
 )
-from lmforge.utils import atomic_write_json, first_line, read_json, replace_dir
+from lmforge.utils import atomic_dir, atomic_write_json, first_line, read_json
 
 MAX_SHARD_BYTES = 5 * 2**30
 
@@ -94,11 +93,7 @@ def save_model(model, folder: str | os.PathLike, tokenizer=None, max_shard_bytes
     """Write a decoder or encoder (and its tokenizer) as a Hugging Face folder, atomically."""
     from lmforge.model.encoder import Encoder
 
-    folder = Path(folder)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(folder) as tmp:
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         if isinstance(model, Encoder):
             atomic_write_json(tmp / "config.json", {**bert_config_to_hf(model.config), "torch_dtype": dtype})
@@ -117,11 +112,7 @@ def save_model(model, folder: str | os.PathLike, tokenizer=None, max_shard_bytes
         _write_weights(tensors, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:

@@ -226,11 +226,6 @@ def embed(model: Encoder, tokenizer, texts: list[str], max_length: int | None = 
 
 
 def build_encoder(config: EncoderConfig, device="cpu", init: bool = True) -> Encoder:
-    with torch.device("meta"):
-        model = Encoder(config)
-    if str(device) == "meta":
-        return model
-    model.to_empty(device=device)
-    if init:
-        model.init_weights()
-    return model
+    from lmforge.model.gpt import build_on_meta
+
+    return build_on_meta(Encoder, config, device, init)

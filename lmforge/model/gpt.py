@@ -286,8 +286,14 @@ class GPT(nn.Module):
 
 def build_model(config: Config, device: torch.device | str = "cpu", init: bool = True) -> GPT:
     """Create the model on the meta device, then allocate on ``device`` (and initialise if ``init``)."""
+    return build_on_meta(GPT, config, device, init)
+
+
+def build_on_meta(cls, config, device, init: bool):
+    """``cls(config)`` with no memory (the meta device), then allocated on ``device`` and, if ``init``,
+    initialised: a 70B config is inspected without 276 GB, and loading skips a wasted initialisation."""
     with torch.device("meta"):
-        model = GPT(config)
+        model = cls(config)
     if str(device) == "meta":
         return model
     model.to_empty(device=device)

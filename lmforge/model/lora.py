@@ -11,7 +11,6 @@ Targets are named the same way for every family: ``q``, ``k``, ``v``, ``o`` (att
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
-from lmforge.utils import atomic_write_json
+from lmforge.utils import atomic_dir, atomic_write_json
 
 TARGETS = ("q", "k", "v", "o", "fc", "proj")
 PEFT_TASK = {None: "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS",
@@ -170,11 +169,6 @@ def merge_lora(model):
 
 def save_adapter(model, folder: str | os.PathLike, base_model: str | os.PathLike, tokenizer=None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT does (plus the tokenizer)."""
-    from lmforge.utils import replace_dir
-
-    folder = Path(folder)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
     settings = model.lora
     tensors, peft_targets = {}, set()
     for path, entry in settings["modules"].items():
@@ -213,19 +207,13 @@ def save_adapter(model, folder: str | os.PathLike, base_model: str | os.PathLike
         c = model.config
         config["lmforge_head"] = {"head": head, "num_labels": c.num_labels, "labels": list(c.labels) if c.labels else None,
                                   "pad_token_id": getattr(c, "pad_token_id", None), "pooling": getattr(c, "pooling", None)}
-    try:
+    with atomic_dir(folder) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "adapter_model.safetensors",
                   metadata={"format": "pt"})
         atomic_write_json(tmp / "adapter_config.json", config)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        replace_dir(tmp, folder)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
 
 
 _PEFT_TO_TARGET = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "fc", "up_proj": "fc",

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.utils import first_line, fsync_dir, replace_dir
+from lmforge.utils import atomic_dir, first_line
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -43,23 +43,13 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 def save_checkpoint(run_dir: Path, step: int, save_model, trainer_state: dict, keep: int) -> Path:
     """``save_model(folder)`` writes the model folder (a full model, or a LoRA adapter)."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp-step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    final = run_dir / "checkpoints" / f"step_{step:07d}"
+    with atomic_dir(final) as tmp:
         save_model(tmp / "model")
         with open(tmp / "trainer.pt", "wb") as f:
             torch.save(trainer_state, f)
             f.flush()
             os.fsync(f.fileno())
-        fsync_dir(tmp)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

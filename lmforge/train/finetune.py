@@ -29,7 +29,7 @@ from lmforge.model.checkpoint import load_adapted, load_model, load_tokenizer_fo
 from lmforge.model.encoder import Encoder
 from lmforge.model.gpt import GPT
 from lmforge.model.heads import attach_head
-from lmforge.model.lora import add_lora, count_trainable, load_adapter, save_adapter
+from lmforge.model.lora import add_lora, count_trainable, save_adapter
 from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 from lmforge.train.config import FinetuneConfig
 from lmforge.train.loop import Distributed, Objective, resolve_config, train
@@ -555,7 +555,7 @@ class QA(Finetune):
         if not self.val_features:
             return None
         self.model.eval()
-        predictions, loss_sum = [], 0.0
+        predictions, _loss_sum = [], 0.0
         for i in range(0, self.n_val, self.config.micro_batch_size):
             idx = list(range(i, min(i + self.config.micro_batch_size, self.n_val)))
             b = _to(self.collate(idx, self.val_features), self.device)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.model.config import PRESETS, Config
+from lmforge.utils import human_count
 
 
 @dataclass(frozen=True)
@@ -158,13 +159,6 @@ def plan(model: str | os.PathLike, gpus: int = 8, gpu: str = "h100", tokens: flo
     )
 
 
-def _si(x: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= size:
-            return f"{x / size:.2f}{unit}"
-    return f"{x:.0f}"
-
-
 def _duration(seconds: float) -> str:
     hours = seconds / 3600
     return f"{hours / 24:.1f} days ({hours:,.1f} hours)" if hours >= 48 else f"{hours:,.1f} hours"
@@ -173,10 +167,10 @@ def _duration(seconds: float) -> str:
 def format_plan(p: Plan) -> str:
     c = p.config
     lines = [
-        f"model            {p.name}: {p.params:,} parameters ({_si(p.params)}); {c.n_layer} layers, width {c.n_embd}, "
+        f"model            {p.name}: {p.params:,} parameters ({human_count(p.params)}); {c.n_layer} layers, width {c.n_embd}, "
         f"{c.n_head} heads ({c.kv_heads} key/value), vocabulary {c.vocab_size:,}",
-        f"tokens           {_si(p.tokens)}" + (" (Chinchilla-optimal: 20 per parameter)" if p.tokens == p.chinchilla_tokens
-                                               else f" (Chinchilla-optimal would be {_si(p.chinchilla_tokens)})"),
+        f"tokens           {human_count(p.tokens)}" + (" (Chinchilla-optimal: 20 per parameter)" if p.tokens == p.chinchilla_tokens
+                                               else f" (Chinchilla-optimal would be {human_count(p.chinchilla_tokens)})"),
         f"training FLOPs   {p.flops:.3g} = 6·N·D {p.flops_6nd:.3g} + attention {p.flops_attention:.3g} (sequence {p.seq_len:,})",
         f"hardware         {p.gpus} × {p.gpu.name}: {p.gpu.bf16_flops / 1e12:,.0f} TFLOP/s bf16 dense, "
         f"{p.gpu.bandwidth_tbs} TB/s each",
