@@ -21,20 +21,52 @@ from lmforge.model.config import Config
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, each ``(batch, n_kv_head, max_len, head_dim)``."""
+    """Preallocated keys and values of every layer, each ``(batch, n_kv_head, max_len, head_dim)``.
+
+    Rows are independent sequences. ``update`` writes at one position for all rows (``start`` an int)
+    or at each row's own position (``start`` a (B,) tensor: batched decoding of sequences of different
+    lengths, reading keys ``0:view_len``).
+    """
 
     def __init__(self, config: Config, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (batch_size, config.kv_heads, max_len, config.head_size)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
+        self.view_len: int | None = None  # keys read by per-row updates
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v`` (B, H_kv, T, D) at positions ``start:start+T``; return keys/values ``0:start+T``."""
-        end = start + k.size(2)
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def update(self, layer: int, start, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v`` (B, H_kv, T, D) at positions ``start:start+T``; return the keys/values to attend to."""
+        B, T = k.size(0), k.size(2)
+        if isinstance(start, torch.Tensor):
+            rows = torch.arange(B, device=k.device)
+            for t in range(T):
+                self.k[layer][rows, :, start + t] = k[:, :, t]
+                self.v[layer][rows, :, start + t] = v[:, :, t]
+            return self.k[layer][:B, :, : self.view_len], self.v[layer][:B, :, : self.view_len]
+        end = start + T
+        self.k[layer][:B, :, start:end] = k
+        self.v[layer][:B, :, start:end] = v
+        return self.k[layer][:B, :, :end], self.v[layer][:B, :, :end]
+
+    def row(self, r: int) -> KVCache:
+        """A one-row view of this cache (writes go to row ``r``)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [k[r : r + 1] for k in self.k], [v[r : r + 1] for v in self.v]
+        view.max_len, view.view_len = self.max_len, None
+        return view
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of row ``src`` to row ``dst``."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Rows become ``rows`` of the old cache (beam search keeps the beams it continues)."""
+        for k, v in zip(self.k, self.v):
+            k[: len(rows)] = k[rows]
+            v[: len(rows)] = v[rows]
 
 
 # -- positions ------------------------------------------------------------------------------------
@@ -203,10 +235,6 @@ class GPT(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    @property
-    def head_weight(self) -> torch.Tensor:
-        return self.wte.weight if self.lm_head is None else self.lm_head.weight
-
     def hidden_states(self, idx, *, kv_cache=None, start: int = 0, positions=None, attn_mask=None) -> torch.Tensor:
         """Token ids (B, T) → final normed hidden states (B, T, n_embd).
 
@@ -224,9 +252,11 @@ class GPT(nn.Module):
         else:
             pos = positions
             mask = attn_mask
-            if c.sliding_window is not None and mask is not None and mask.size(-1) == T:
-                # keys further back than the window are hidden too (positions within one document)
-                mask = mask & (pos[:, None, None, :] > pos[:, None, :, None] - c.sliding_window)
+            if c.sliding_window is not None and mask is not None:
+                # keys further back than the window are hidden too: cache slots are positions when decoding
+                # from a cache, and the rows' own positions in a packed row
+                keys = torch.arange(mask.size(-1), device=idx.device)[None, :] if kv_cache is not None else pos
+                mask = mask & (keys[:, None, None, :] > pos[:, None, :, None] - c.sliding_window)
         x = self.wte(idx)
         rope = None
         if c.pos_embedding == "learned":
@@ -262,7 +292,8 @@ class GPT(nn.Module):
             return self._classify(idx, x, targets)
         if last_only:
             x = x[:, -1:]
-        logits = F.linear(x, self.head_weight)
+        # (a module call, not F.linear with its weight, so that a quantised head works too)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.wte.weight)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)

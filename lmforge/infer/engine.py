@@ -1,0 +1,370 @@
+"""The inference engine: batched decoding of many sequences at once, with a static KV cache.
+
+Each sequence owns one row of a preallocated cache. New requests are *prefilled* alone (their prompt
+runs through the model into their row), then every active sequence advances together: one forward
+pass per step, each row at its own position, attending only to its own keys (a per-row mask). A
+sequence's result therefore never depends on what else is in the batch. The server feeds the same
+engine from many clients (continuous batching); `generate` feeds it one prompt or a list.
+
+Rows stay packed: when a sequence finishes, the last active row moves into its place.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import LmforgeError
+from lmforge.infer.generate import Detokenizer, SamplingParams, fit_prompt, process_logits
+from lmforge.model.gpt import GPT, KVCache
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    """One prompt and its settings; ``n`` samples become ``n`` sequences."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    id: int = field(default_factory=lambda: next(_ids))
+    sequences: list[Sequence] = field(default_factory=list)
+    aborted: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.sequences) and all(s.finished for s in self.sequences)
+
+
+@dataclass
+class Event:
+    """What one step produced for one sequence."""
+
+    sequence: Sequence
+    token_id: int | None
+    text: str  # newly decided text (may be empty while a stop string or a character is pending)
+    finished: bool
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class Sequence:
+    def __init__(self, request: Request, index: int, tokenizer, stop_ids: set[int]):
+        p = request.params
+        self.request, self.index = request, index
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+        self.finished = False
+        self.finish_reason: str | None = None
+        self.stop_ids = stop_ids
+        self.text_stream = Detokenizer(tokenizer, p.stop)
+        self.generator = None
+        if p.seed is not None and p.temperature > 0:
+            self.generator = torch.Generator().manual_seed(p.seed + index)
+        self.history = torch.tensor(request.prompt_ids, dtype=torch.long)
+        self.counts: torch.Tensor | None = None  # token counts of the output, for frequency/presence penalties
+        self.next_input: int | None = None  # sampled but not yet in the cache
+        self.pos = len(request.prompt_ids)  # cache position of next_input
+
+    @property
+    def text(self) -> str:
+        return self.text_stream.text
+
+    def choose(self, logits: torch.Tensor) -> tuple[int, float | None, list | None]:
+        """Pick the next token from raw ``logits`` (vocab,); returns (token, its logprob, top alternatives)."""
+        p = self.request.params
+        raw = logits.float()
+        if p.frequency_penalty or p.presence_penalty:
+            if self.counts is None:
+                self.counts = torch.zeros_like(raw)
+        processed = process_logits(raw, self.history, p, self.counts)
+        if p.temperature == 0:
+            token = int(processed.argmax())
+        else:
+            token = int(torch.multinomial(processed.softmax(-1), 1, generator=self.generator))
+        logprob, top = None, None
+        if p.logprobs is not None:
+            logp = F.log_softmax(raw, -1)
+            logprob = float(logp[token])
+            if p.logprobs > 0:
+                values, ids = logp.topk(p.logprobs)
+                top = list(zip(ids.tolist(), values.tolist()))
+        return token, logprob, top
+
+    def accept(self, token: int, logprob, top, context: int) -> Event:
+        p = self.request.params
+        if token in self.stop_ids:
+            self._finish("stop")
+            return Event(self, token, self.text_stream.finish(), True, logprob, top)
+        self.tokens.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+            self.top_logprobs.append(top)
+        if p.repetition_penalty != 1.0:
+            self.history = torch.cat([self.history, self.history.new_tensor([token])])
+        if self.counts is not None:
+            self.counts[token] += 1
+        piece, hit_stop = self.text_stream.add(token)
+        if hit_stop:
+            self._finish("stop")
+            return Event(self, token, piece, True, logprob, top)
+        if len(self.tokens) >= p.max_new_tokens or self.pos + 1 >= context:
+            self._finish("length")
+            return Event(self, token, piece + self.text_stream.finish(), True, logprob, top)
+        self.next_input = token
+        return Event(self, token, piece, False, logprob, top)
+
+    def _finish(self, reason: str) -> None:
+        self.finished, self.finish_reason = True, reason
+
+
+class Engine:
+    """Continuous batching over a static KV cache of ``max_batch`` rows × ``max_len`` positions."""
+
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 8, max_len: int | None = None, compile: bool = False):
+        if not isinstance(model, GPT):
+            raise LmforgeError("the engine generates with decoder models; an encoder cannot generate text")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch = max_batch
+        self.max_len = min(max_len or model.config.block_size, model.config.block_size)
+        self.device = model.wte.weight.device
+        dtype = model.wte.weight.dtype
+        self.cache = KVCache(model.config, max_batch, self.max_len, self.device, dtype)
+        self.waiting: deque[Request] = deque()
+        self.active: list[Sequence] = []  # active[i] lives in cache row i
+        self.static = compile
+        self._decode = torch.compile(self._decode_forward, dynamic=False) if compile else self._decode_forward
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        """Queue a prompt; checks it against the context (left-truncating only when ``params.truncate``)."""
+        params.validate()
+        if params.n > self.max_batch:
+            raise LmforgeError(f"n={params.n} samples exceed the engine's {self.max_batch} rows")
+        if params.num_beams > 1:
+            raise LmforgeError("beam search runs through beam_search(), not the batching engine")
+        prompt_ids = prompt_ids or ([self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else [])
+        if not prompt_ids:
+            raise LmforgeError("the prompt is empty and the tokenizer has no end-of-text token to start from")
+        prompt_ids = fit_prompt(list(prompt_ids), params.max_new_tokens, self.max_len, params.truncate)
+        request = Request(prompt_ids, params)
+        stops = set(params.stop_token_ids if params.stop_token_ids is not None else [self.tokenizer.eos_id])
+        stops.discard(None)
+        request.sequences = [Sequence(request, i, self.tokenizer, stops) for i in range(params.n)]
+        self.waiting.append(request)
+        return request
+
+    def abort(self, request: Request) -> None:
+        """Stop a request (a client went away): its rows are freed at the next step."""
+        request.aborted = True
+        for s in request.sequences:
+            if not s.finished:
+                s._finish("abort")
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    # -- stepping ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Advance every active sequence by one token and admit waiting requests that fit."""
+        events: list[Event] = []
+        self._drop_finished()
+        pending = list(self.active)  # sequences that already hold a sampled token
+        if pending:
+            events += self._decode_step(pending)
+        while self.waiting and len(self.active) + len(self.waiting[0].sequences) <= self.max_batch:
+            request = self.waiting.popleft()
+            if not request.aborted:
+                events += self._prefill(request)
+        self._drop_finished()
+        return events
+
+    def _prefill(self, request: Request) -> list[Event]:
+        first = len(self.active)
+        prompt = torch.tensor([request.prompt_ids], device=self.device)
+        logits = self.model(prompt, kv_cache=self.cache.row(first), start=0, last_only=True)[0, -1]
+        events = []
+        for i, seq in enumerate(request.sequences):
+            if i:
+                self.cache.copy_row(first, first + i, len(request.prompt_ids))
+            self.active.append(seq)
+            events.append(seq.accept(*seq.choose(logits), self.max_len))
+        return events
+
+    def _decode_forward(self, tokens, positions, mask):
+        return self.model(tokens, kv_cache=self.cache, start=positions[:, 0], positions=positions, attn_mask=mask,
+                          last_only=True)[:, -1]
+
+    def _decode_step(self, seqs: list[Sequence]) -> list[Event]:
+        B = len(seqs)
+        width = self.max_batch if self.static else B  # a compiled step always runs full, static shapes
+        tokens = torch.zeros(width, 1, dtype=torch.long)
+        positions = torch.zeros(width, 1, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            tokens[i, 0], positions[i, 0] = s.next_input, s.pos
+        S = self.max_len if self.static else int(positions[:B].max()) + 1
+        mask = (torch.arange(S)[None, :] <= positions)[:, None, None, :]
+        self.cache.view_len = S
+        logits = self._decode(tokens.to(self.device), positions.to(self.device), mask.to(self.device))
+        events = []
+        for i, s in enumerate(seqs):
+            s.pos += 1
+            events.append(s.accept(*s.choose(logits[i]), self.max_len))
+        return events
+
+    def _drop_finished(self) -> None:
+        i = 0
+        while i < len(self.active):
+            if self.active[i].finished:
+                last = len(self.active) - 1
+                if i != last:  # keep rows packed: the last sequence moves into the freed row
+                    self.cache.copy_row(last, i, self.active[last].pos)
+                    self.active[i] = self.active[last]
+                self.active.pop()
+            else:
+                i += 1
+
+    # -- whole requests ---------------------------------------------------------------------------
+
+    def run(self, requests: list[Request]) -> None:
+        """Step until ``requests`` are all finished."""
+        while not all(r.finished for r in requests):
+            self.step()
+
+
+def generate_batch(model: GPT, tokenizer, prompts: list[str], params: SamplingParams, max_batch: int = 16) -> list[list[Sequence]]:
+    """Generate for several prompts at once; returns each prompt's ``n`` sequences."""
+    engine = Engine(model, tokenizer, max_batch=max(max_batch, params.n))
+    requests = [engine.add(tokenizer.encode(p) if p else [], params) for p in prompts]
+    engine.run(requests)
+    return [r.sequences for r in requests]
+
+
+# -- beam search ----------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
+                early_stopping: bool | str = False, eos_ids: tuple[int, ...] = ()) -> tuple[list[int], float]:
+    """The best beam's new tokens (ending with its end-of-sequence token, if it chose one) and its score.
+
+    Follows transformers' beam search step for step (its ``_beam_search``): 2·num_beams candidates (more
+    with several end tokens) ranked by summed log-probabilities; a candidate that ends (end token or
+    maximum length) is scored ``sum / generated_length ** length_penalty`` and kept among the best
+    ``num_beams`` finished; the rest continue. ``early_stopping`` True stops once ``num_beams`` have
+    finished; False and "never" stop when no running beam can still beat the finished ones.
+    """
+    if num_beams < 1:
+        raise LmforgeError("num_beams must be at least 1")
+    c = model.config
+    P = len(prompt_ids)
+    max_length = P + max_new_tokens
+    if max_length > c.block_size:
+        raise LmforgeError(f"prompt of {P} tokens plus {max_new_tokens} new tokens exceeds the context of {c.block_size}")
+    device = model.wte.weight.device
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    keep = max(2, 1 + len(eos_ids)) * num_beams
+    fill = eos_ids[0] if eos_ids else -1
+    running = torch.full((num_beams, max_length), fill, dtype=torch.long, device=device)
+    running[:, :P] = torch.tensor(prompt_ids, device=device)
+    finished_seqs = running.clone()
+    running_scores = torch.zeros(num_beams, device=device)
+    running_scores[1:] = -1e9
+    finished_scores = torch.full((num_beams,), -1e9, device=device)
+    is_finished = torch.zeros(num_beams, dtype=torch.bool, device=device)
+    improvable = True
+    running_parents = torch.full((num_beams, max_new_tokens), -1, dtype=torch.long, device=device)
+    finished_parents = running_parents.clone()
+    top_mask = torch.arange(keep, device=device) < num_beams
+
+    cache = KVCache(c, num_beams, max_length, device, model.wte.weight.dtype)
+    logits = model(running[:1, :P], kv_cache=cache.row(0), start=0, last_only=True)[:, -1].expand(num_beams, -1)
+    for b in range(1, num_beams):
+        cache.copy_row(0, b, P)
+    cur = P
+    while True:
+        log_probs = F.log_softmax(logits.float(), dim=-1) + running_scores[:, None]
+        vocab = log_probs.size(-1)
+        top_lp, top_idx = torch.topk(log_probs.reshape(-1), keep)
+        parent, token = top_idx // vocab, top_idx % vocab
+        cand = running[parent].clone()
+        cand[:, cur] = token
+        cand_parents = running_parents[parent].clone()
+        cand_parents[:, cur - P] = parent
+        ends = torch.isin(token, eos) | (cur + 1 >= max_length)
+        # the best num_beams candidates that did not end continue
+        live = top_lp + ends.float() * -1e9
+        nxt = torch.topk(live, num_beams).indices
+        running, running_scores, running_parents = cand[nxt], live[nxt], cand_parents[nxt]
+        # candidates that ended (among the top num_beams) compete for the finished places
+        just_ended = ends & top_mask
+        scored = top_lp / ((cur + 1 - P) ** length_penalty)
+        if bool(is_finished.all()) and early_stopping is True:
+            scored = scored - 1e9
+        if not improvable:
+            scored = scored - 1e9
+        scored = scored + (~just_ended).float() * -1e9
+        merged = torch.cat([finished_scores, scored])
+        best = torch.topk(merged, num_beams).indices
+        finished_seqs = torch.cat([finished_seqs, cand])[best]
+        finished_parents = torch.cat([finished_parents, cand_parents])[best]
+        is_finished = torch.cat([is_finished, just_ended])[best]
+        finished_scores = merged[best]
+        cache.reorder(running_parents[:, cur - P])
+        cur += 1
+        best_length = max_length - P if early_stopping == "never" and length_penalty > 0 else cur - P
+        best_possible = running_scores[0] / (best_length ** length_penalty)
+        worst_finished = torch.where(is_finished, finished_scores.min(), torch.tensor(-1e9, device=device))
+        improvable = improvable and bool((best_possible > worst_finished).any())
+        open_beams = not (bool(is_finished.all()) and early_stopping is True)
+        if not (improvable and open_beams and not bool(ends.all())):
+            break
+        logits = model(running[:, cur - 1 : cur], kv_cache=cache, start=cur - 1, last_only=True)[:, -1]
+    length = int((finished_parents[0] + 1).bool().sum())
+    return finished_seqs[0, P : P + length].tolist(), float(finished_scores[0])
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """Int8 weights for CPU inference, with PyTorch's dynamic quantisation (``quantize_dynamic``: int8
+    weights per output channel, activations quantised on the fly by fbgemm). The tied output head gets
+    its own Linear first so that it is quantised too. Returns a new model for inference only."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    model = copy.deepcopy(model).float().cpu().eval()
+    if model.lm_head is None and model.score is None:
+        head = torch.nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False)
+        head.weight = model.wte.weight
+        model.lm_head = head
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+        quantized = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    quantized.quantized = "int8-dynamic"
+    return quantized
+
+
+def perplexity(model: GPT, token_ids: list[int], window: int | None = None) -> float:
+    """Perplexity of ``token_ids`` in non-overlapping windows (for comparing a model with its quantised copy)."""
+    window = window or model.config.block_size
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(token_ids) - 1, window):
+            chunk = torch.tensor(token_ids[i : i + window + 1])
+            if len(chunk) < 2:
+                break
+            _, loss = model(chunk[None, :-1], chunk[None, 1:])
+            total += loss.item() * (len(chunk) - 1)
+            count += len(chunk) - 1
+    return math.exp(total / max(count, 1))

@@ -1,0 +1,197 @@
+"""The batching engine, beam search, sampling controls, int8."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_families import make
+
+from lmforge.errors import LmforgeError
+from lmforge.infer.engine import Engine, beam_search, perplexity, quantize_int8
+from lmforge.infer.generate import SamplingParams, generate, process_logits
+from lmforge.model.checkpoint import load_model, load_tokenizer_for
+
+transformers = pytest.importorskip("transformers")
+
+
+class IdTokenizer:
+    """Token ids as text ("5 17 3 "), so the tests can reason about stop strings exactly."""
+
+    eos_id = None
+
+    def decode(self, ids):
+        return "".join(f"{i} " for i in ids)
+
+
+def one_by_one(model, prompts, params):
+    out = []
+    for p in prompts:
+        engine = Engine(model, IdTokenizer(), max_batch=1)
+        r = engine.add(p, params)
+        engine.run([r])
+        out.append(r.sequences[0].tokens)
+    return out
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama-gqa-untied-theta", "mistral-sliding-window"])
+def test_batched_greedy_equals_one_by_one(case, tmp_path, hf_gpt2):
+    model = load_model(hf_gpt2) if case == "gpt2" else load_model(make(tmp_path / "m", case) and tmp_path / "m")
+    vocab = model.config.vocab_size
+    torch.manual_seed(0)
+    prompts = [torch.randint(3, vocab, (n,)).tolist() for n in (3, 11, 1, 7, 5)]
+    params = SamplingParams(max_new_tokens=15, temperature=0)
+    expected = one_by_one(model, prompts, params)
+    engine = Engine(model, IdTokenizer(), max_batch=3)  # fewer rows than prompts: requests wait, rows are reused
+    requests = [engine.add(p, params) for p in prompts]
+    engine.run(requests)
+    assert [r.sequences[0].tokens for r in requests] == expected
+    # and the same prompt in different company gives the same answer
+    engine = Engine(model, IdTokenizer(), max_batch=5)
+    mixed = [engine.add(p, params) for p in (prompts[3], prompts[0], prompts[3])]
+    engine.run(mixed)
+    assert mixed[0].sequences[0].tokens == mixed[2].sequences[0].tokens == expected[3]
+
+
+def test_sequences_finish_at_different_times_and_rows_stay_correct(hf_gpt2):
+    model = load_model(hf_gpt2)
+    prompts = [[5, 6, 7], [9], [100, 200, 300, 400]]
+    budgets = [3, 12, 7]
+    expected = [one_by_one(model, [p], SamplingParams(max_new_tokens=b, temperature=0))[0] for p, b in zip(prompts, budgets)]
+    engine = Engine(model, IdTokenizer(), max_batch=3)
+    requests = [engine.add(p, SamplingParams(max_new_tokens=b, temperature=0)) for p, b in zip(prompts, budgets)]
+    engine.run(requests)
+    assert [r.sequences[0].tokens for r in requests] == expected
+    assert [len(t) for t in expected] == budgets
+
+
+def test_n_samples_seeds_and_abort(hf_gpt2):
+    model = load_model(hf_gpt2)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, n=3, seed=7)
+    engine = Engine(model, IdTokenizer(), max_batch=4)
+    r = engine.add([1, 2, 3], params)
+    engine.run([r])
+    samples = [s.tokens for s in r.sequences]
+    assert len(set(map(tuple, samples))) == 3  # different samples
+    # sample i of a seeded request is the single sample with seed + i
+    for i in range(3):
+        single = Engine(model, IdTokenizer(), max_batch=1)
+        q = single.add([1, 2, 3], SamplingParams(max_new_tokens=10, temperature=1.0, seed=7 + i))
+        single.run([q])
+        assert q.sequences[0].tokens == samples[i]
+    engine = Engine(model, IdTokenizer(), max_batch=2)
+    a, b = engine.add([1, 2], SamplingParams(max_new_tokens=30, temperature=0)), engine.add([3], SamplingParams(max_new_tokens=5, temperature=0))
+    engine.step()
+    engine.abort(a)
+    engine.run([a, b])
+    assert a.sequences[0].finish_reason == "abort" and len(a.sequences[0].tokens) < 30
+    assert b.sequences[0].tokens == one_by_one(model, [[3]], SamplingParams(max_new_tokens=5, temperature=0))[0]
+    assert not engine.active and not engine.waiting
+
+
+def test_stop_strings_and_stop_ids_in_a_batch(hf_gpt2):
+    model = load_model(hf_gpt2)
+    free = one_by_one(model, [[1, 2, 3]], SamplingParams(max_new_tokens=12, temperature=0))[0]
+    stop_text = f"{free[4]} "
+    engine = Engine(model, IdTokenizer(), max_batch=2)
+    r1 = engine.add([1, 2, 3], SamplingParams(max_new_tokens=12, temperature=0, stop=[stop_text]))
+    r2 = engine.add([1, 2, 3], SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[free[6]]))
+    engine.run([r1, r2])
+    first = free.index(free[4])
+    assert r1.sequences[0].text == "".join(f"{t} " for t in free[:first]) and r1.sequences[0].finish_reason == "stop"
+    assert r2.sequences[0].tokens == free[: free.index(free[6])] and r2.sequences[0].finish_reason == "stop"
+
+
+def test_logprobs_are_the_models_and_alternatives_are_sorted(hf_gpt2):
+    model = load_model(hf_gpt2)
+    engine = Engine(model, IdTokenizer(), max_batch=1)
+    r = engine.add([4, 5, 6], SamplingParams(max_new_tokens=4, temperature=0, logprobs=3))
+    engine.run([r])
+    s = r.sequences[0]
+    ids = [4, 5, 6] + s.tokens
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    for step, (token, lp, top) in enumerate(zip(s.tokens, s.logprobs, s.top_logprobs)):
+        assert lp == pytest.approx(logp[2 + step, token].item(), abs=1e-5)
+        assert [t for t, _ in top][0] == token  # greedy: the chosen token is the most likely
+        assert [v for _, v in top] == sorted([v for _, v in top], reverse=True) and len(top) == 3
+
+
+def test_min_p_and_openai_penalties():
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(200) * 3
+    p = SamplingParams(temperature=1.0, min_p=0.1)
+    expected = MinPLogitsWarper(0.1)(None, logits[None].clone())[0]
+    torch.testing.assert_close(process_logits(logits, torch.tensor([], dtype=torch.long), p), expected)
+    counts = torch.zeros(200)
+    counts[5], counts[9] = 3, 1
+    p = SamplingParams(temperature=0, frequency_penalty=0.5, presence_penalty=1.0)
+    out = process_logits(logits, torch.tensor([], dtype=torch.long), p, counts)
+    assert out[5].item() == pytest.approx(logits[5].item() - 0.5 * 3 - 1.0)
+    assert out[9].item() == pytest.approx(logits[9].item() - 0.5 - 1.0) and out[0] == logits[0]
+
+
+def test_beam_search_is_token_identical_to_transformers(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    with torch.no_grad():  # sharpen the distribution so that end tokens do get chosen
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path / "m")
+    ours = load_model(tmp_path / "m")
+    ended = 0
+    for seed, beams, penalty, early, with_eos in itertools.product(range(2), [2, 4], [1.0, 0.5, 2.0], [False, True, "never"],
+                                                                  [False, True]):
+        torch.manual_seed(seed)
+        prompt = torch.randint(0, 50, (1, 6))
+        eos = None
+        if with_eos:  # an end token the beams really produce, so that candidates finish early
+            eos = beam_search(ours, prompt[0].tolist(), beams, 12)[0][3]
+        expected = hf.generate(prompt, num_beams=beams, do_sample=False, max_new_tokens=12, length_penalty=penalty,
+                               early_stopping=early, eos_token_id=eos, pad_token_id=0,
+                               attention_mask=torch.ones_like(prompt))[0, 6:].tolist()
+        got, _ = beam_search(ours, prompt[0].tolist(), beams, 12, penalty, early, (eos,) if eos is not None else ())
+        # transformers pads a sequence that finished before the longest beam with the end token
+        assert expected[: len(got)] == got and all(t == eos for t in expected[len(got):]), (seed, beams, penalty, early, eos)
+        ended += bool(got) and got[-1] == eos
+    assert ended >= 12  # the end-of-sequence logic was exercised
+
+
+def test_generate_api_batches_beams_and_n(hf_gpt2):
+    model = load_model(hf_gpt2)
+    out = generate(model, ["def", "import os", "x ="], max_new_tokens=6, temperature=0)
+    assert [g.token_ids for g in out] == [generate(model, p, max_new_tokens=6, temperature=0).token_ids for p in ["def", "import os", "x ="]]
+    beams = generate(model, "def", max_new_tokens=6, num_beams=3)
+    tok = load_tokenizer_for(model)
+    assert beams.token_ids == beam_search(model, tok.encode("def"), 3, 6, eos_ids=(tok.eos_id,))[0]
+    samples = generate(model, "def", max_new_tokens=5, n=2, seed=1)
+    assert len(samples) == 2 and samples[0].token_ids != samples[1].token_ids
+
+
+def test_context_limit_errors_and_truncation(hf_gpt2):
+    model = load_model(hf_gpt2)
+    engine = Engine(model, IdTokenizer(), max_batch=2)
+    with pytest.raises(LmforgeError, match="exceeds the model's context of 64"):
+        engine.add(list(range(60)), SamplingParams(max_new_tokens=10))
+    r = engine.add(list(range(60)), SamplingParams(max_new_tokens=10, temperature=0, truncate=True))
+    assert len(r.prompt_ids) == 54
+    with pytest.raises(LmforgeError, match="exceed the engine's 2 rows"):
+        engine.add([1], SamplingParams(n=3))
+
+
+def test_int8_quantisation_keeps_perplexity_close(hf_gpt2, data_dir):
+    import numpy as np
+
+    from lmforge.train.loop import pretrain
+
+    # a model that has learnt something, so perplexity means something
+    run = pretrain(data=str(data_dir), out=str(data_dir.parent / "int8-run"), model="tiny", n_layer=2, n_head=2, n_embd=64,
+                   block_size=64, max_steps=60, eval_interval=60, threads=1, tensorboard=False, progress=False, overwrite=True)
+    model = load_model(run["checkpoint"] + "/model")
+    ids = np.fromfile(next(data_dir.glob("val_*.bin")), dtype=np.uint16)[:2000].tolist()
+    base, quantized = perplexity(model, ids), perplexity(quantize_int8(model), ids)
+    assert abs(quantized - base) / base < 0.05
+    q = quantize_int8(model)
+    assert generate(q, "def", max_new_tokens=5, temperature=0).token_ids == generate(model, "def", max_new_tokens=5, temperature=0).token_ids
