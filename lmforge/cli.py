@@ -60,30 +60,63 @@ def cmd_pretrain(args, extra: list[str]) -> None:
         print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens; latest checkpoint {summary['checkpoint']}")
 
 
-def cmd_generate(args) -> None:
-    from lmforge.infer.generate import SamplingParams, stream_generate
+def _load_for_inference(args):
+    """The decoder and tokenizer of ``--model``, int8-quantised with ``--int8``."""
     from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
     from lmforge.utils import pick_device
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = load_decoder(args.model, pick_device(args.device))
-    tokenizer = load_tokenizer_for(model, args.tokenizer)
+    tokenizer = load_tokenizer_for(model, getattr(args, "tokenizer", None))
+    if getattr(args, "int8", False):
+        from lmforge.infer.engine import quantize_int8
+
+        if model.wte.weight.device.type != "cpu":
+            raise LmforgeError("--int8 is for CPU inference; use --device cpu")
+        source = model.source
+        model = quantize_int8(model)
+        model.source = source
+    return model, tokenizer
+
+
+def _sampling_from(args, **overrides):
+    from lmforge.infer.generate import SamplingParams
+
+    values = dict(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty, seed=args.seed,
+    )
+    values.update(overrides)
+    params = SamplingParams(**values)
+    params.validate()
+    return params
+
+
+def cmd_generate(args) -> None:
+    from lmforge.infer.generate import chat_prompt, fit_prompt, stream_generate
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tokenizer = _load_for_inference(args)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:  # up to 128, but never more than the context leaves after the prompt
         room = model.config.block_size - max(len(tokenizer.encode(prompt)), 1)
         max_new_tokens = max(1, min(128, room))
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, stop=args.stop or [], seed=args.seed, truncate=args.truncate,
-    )
+    params = _sampling_from(args, max_new_tokens=max_new_tokens, stop=args.stop or [], truncate=args.truncate,
+                            n=args.n, num_beams=args.num_beams, length_penalty=args.length_penalty)
     if args.echo:
         sys.stdout.write(prompt)
     if tokenizer.chat_template is not None and not args.raw:
         # A chat model: the prompt is the user's message, answered through the model's template.
-        from lmforge.infer.generate import chat_prompt
-
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
         prompt, params = chat_prompt(tokenizer, messages, params)
+    if params.num_beams > 1 or params.n > 1:
+        from lmforge.infer.generate import generate
+
+        results = generate(model, prompt, tokenizer, chat=False, **vars(params))
+        for i, g in enumerate(results if isinstance(results, list) else [results]):
+            sys.stdout.write((f"--- sample {i + 1} ---\n" if params.n > 1 else "") + g.text + "\n")
+        return
+    fit_prompt(tokenizer.encode(prompt), params.max_new_tokens, model.config.block_size, params.truncate)
     for piece in stream_generate(model, tokenizer, prompt, params):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -92,16 +125,9 @@ def cmd_generate(args) -> None:
 
 def cmd_chat(args) -> None:
     from lmforge.infer.chat import chat_session
-    from lmforge.infer.generate import SamplingParams
-    from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
-    from lmforge.utils import pick_device
 
-    model = load_decoder(args.model, pick_device(args.device))
-    tokenizer = load_tokenizer_for(model)
-    max_new_tokens = args.max_new_tokens or min(256, model.config.block_size // 2)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    params.validate()
+    model, tokenizer = _load_for_inference(args)
+    params = _sampling_from(args, max_new_tokens=args.max_new_tokens or min(256, model.config.block_size // 2))
     chat_session(model, tokenizer, params, args.system)
 
 
@@ -198,6 +224,21 @@ def cmd_plan(args) -> None:
     print(format_plan(plan(args.model, args.gpus, args.gpu, args.tokens, args.mfu, args.seq_len, args.micro_batch, args.price)))
 
 
+def cmd_serve(args) -> None:
+    from lmforge.model.checkpoint import parse_size
+    from lmforge.serve.server import ServerSettings, serve
+
+    settings = ServerSettings(max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
+                              max_n=args.max_n, max_body_bytes=parse_size(args.max_body), api_key=args.api_key,
+                              model_name=args.name or "lmforge")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        from lmforge.utils import warn
+
+        warn(f"listening on {args.host}: other machines can reach this server" + ("" if settings.api_key or
+             __import__("os").environ.get("LMFORGE_API_KEY") else "; consider --api-key"))
+    serve(args.model, args.host, args.port, settings, args.int8, args.device, args.compile)
+
+
 def cmd_report(args) -> None:
     from lmforge.eval.report import write_report
 
@@ -213,6 +254,17 @@ def _config_keys_help(finetune: bool = False) -> str:
     for f in fields(FinetuneConfig if finetune else TrainConfig):
         lines.append(f"  --{f.name.replace('_', '-'):<22} {f.default!r}")
     return "\n".join(lines)
+
+
+def sampling_options(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 means greedy (default: {temperature})")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling (default: {top_p})")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,29 +320,26 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the model folder's)")
     ge.add_argument("--max-new-tokens", type=int, default=None,
                     help="default: 128, or what the context leaves after the prompt")
-    ge.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (default: 1.0)")
-    ge.add_argument("--top-k", type=int, default=0, help="0 turns it off")
-    ge.add_argument("--top-p", type=float, default=1.0)
-    ge.add_argument("--repetition-penalty", type=float, default=1.0)
+    sampling_options(ge, temperature=1.0, top_p=1.0)
     ge.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
-    ge.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    ge.add_argument("-n", type=int, default=1, help="number of samples")
+    ge.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
+    ge.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length ** this")
     ge.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     ge.add_argument("--truncate", action="store_true", help="keep the end of a prompt that does not fit the context")
     ge.add_argument("--raw", action="store_true", help="do not apply the model's chat template to the prompt")
     ge.add_argument("--system", help="system prompt (chat models)")
     ge.add_argument("--device", default="auto")
+    ge.add_argument("--int8", action="store_true", help="int8 weights for CPU inference (PyTorch dynamic quantisation)")
     ge.set_defaults(func=cmd_generate)
 
     ch = sub.add_parser("chat", help="talk with a model in the terminal, through its chat template")
     ch.add_argument("--model", required=True, help="a model folder, an adapter folder or a run folder")
     ch.add_argument("--system", help="system prompt")
     ch.add_argument("--max-new-tokens", type=int, default=None, help="default: 256, or half the model's context if smaller")
-    ch.add_argument("--temperature", type=float, default=0.7)
-    ch.add_argument("--top-k", type=int, default=0)
-    ch.add_argument("--top-p", type=float, default=0.95)
-    ch.add_argument("--repetition-penalty", type=float, default=1.0)
-    ch.add_argument("--seed", type=int, default=None)
+    sampling_options(ch, temperature=0.7, top_p=0.95)
     ch.add_argument("--device", default="auto")
+    ch.add_argument("--int8", action="store_true", help="int8 weights for CPU inference (PyTorch dynamic quantisation)")
     ch.set_defaults(func=cmd_chat)
 
     ft = sub.add_parser(
@@ -354,6 +403,22 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward pass")
     pl.add_argument("--price", type=float, default=None, help="USD per GPU-hour (default: the table's assumption)")
     pl.set_defaults(func=cmd_plan)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page")
+    sv.add_argument("--model", required=True, help="a model folder, an adapter folder or a run folder")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or set LMFORGE_API_KEY)")
+    sv.add_argument("--name", default=None, help="the model id clients see (default: the folder's name)")
+    sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    sv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    sv.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    sv.add_argument("--max-n", type=int, default=8, help="largest n a request may ask for")
+    sv.add_argument("--max-body", default="1MB", help="largest request body (default: 1MB)")
+    sv.add_argument("--int8", action="store_true", help="int8 weights for CPU inference")
+    sv.add_argument("--compile", action="store_true", help="torch.compile the decode step (static shapes)")
+    sv.add_argument("--device", default="auto")
+    sv.set_defaults(func=cmd_serve)
 
     rp = sub.add_parser("report", help="write report.md and plots for a training run")
     rp.add_argument("run", help="the run folder")

@@ -51,6 +51,7 @@ class Event:
     finished: bool
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    appended: bool = False  # the token became part of the output (a stop token does not)
 
 
 class Sequence:
@@ -113,12 +114,12 @@ class Sequence:
         piece, hit_stop = self.text_stream.add(token)
         if hit_stop:
             self._finish("stop")
-            return Event(self, token, piece, True, logprob, top)
+            return Event(self, token, piece, True, logprob, top, appended=True)
         if len(self.tokens) >= p.max_new_tokens or self.pos + 1 >= context:
             self._finish("length")
-            return Event(self, token, piece + self.text_stream.finish(), True, logprob, top)
+            return Event(self, token, piece + self.text_stream.finish(), True, logprob, top, appended=True)
         self.next_input = token
-        return Event(self, token, piece, False, logprob, top)
+        return Event(self, token, piece, False, logprob, top, appended=True)
 
     def _finish(self, reason: str) -> None:
         self.finished, self.finish_reason = True, reason
