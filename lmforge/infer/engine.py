@@ -72,6 +72,8 @@ class Sequence:
         self.counts: torch.Tensor | None = None  # token counts of the output, for frequency/presence penalties
         self.next_input: int | None = None  # sampled but not yet in the cache
         self.pos = len(request.prompt_ids)  # cache position of next_input
+        self.plain_greedy = (p.temperature == 0 and p.repetition_penalty == 1.0 and not p.frequency_penalty
+                             and not p.presence_penalty and p.logprobs is None)
 
     @property
     def text(self) -> str:
@@ -208,19 +210,30 @@ class Engine:
 
     def _decode_step(self, seqs: list[Sequence]) -> list[Event]:
         B = len(seqs)
-        width = self.max_batch if self.static else B  # a compiled step always runs full, static shapes
-        tokens = torch.zeros(width, 1, dtype=torch.long)
-        positions = torch.zeros(width, 1, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            tokens[i, 0], positions[i, 0] = s.next_input, s.pos
-        S = self.max_len if self.static else int(positions[:B].max()) + 1
-        mask = (torch.arange(S)[None, :] <= positions)[:, None, None, :]
-        self.cache.view_len = S
-        logits = self._decode(tokens.to(self.device), positions.to(self.device), mask.to(self.device))
+        tokens = torch.tensor([[s.next_input] for s in seqs], dtype=torch.long)
+        starts = [s.pos for s in seqs]
+        if not self.static and min(starts) == max(starts):
+            # Every row at the same position (one sequence, or prompts of one length): plain causal
+            # attention over the cache, written with a slice; no per-row mask needed.
+            logits = self.model(tokens.to(self.device), kv_cache=self.cache, start=starts[0], last_only=True)[:, -1]
+        else:
+            width = self.max_batch if self.static else B  # a compiled step always runs full, static shapes
+            positions = torch.zeros(width, 1, dtype=torch.long)
+            positions[:B, 0] = torch.tensor(starts)
+            if width > B:
+                tokens = torch.cat([tokens, torch.zeros(width - B, 1, dtype=torch.long)])
+            S = self.max_len if self.static else max(starts) + 1
+            mask = (torch.arange(S)[None, :] <= positions)[:, None, None, :]
+            self.cache.view_len = S
+            logits = self._decode(tokens.to(self.device), positions.to(self.device), mask.to(self.device))
+        # Plain greedy rows (no penalties, no log-probabilities) are decided together.
+        greedy = [i for i, s in enumerate(seqs) if s.plain_greedy]
+        chosen = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
         events = []
         for i, s in enumerate(seqs):
             s.pos += 1
-            events.append(s.accept(*s.choose(logits[i]), self.max_len))
+            choice = (chosen[i], None, None) if i in chosen else s.choose(logits[i])
+            events.append(s.accept(*choice, self.max_len))
         return events
 
     def _drop_finished(self) -> None:
