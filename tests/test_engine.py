@@ -195,3 +195,13 @@ def test_int8_quantisation_keeps_perplexity_close(hf_gpt2, data_dir):
     assert abs(quantized - base) / base < 0.05
     q = quantize_int8(model)
     assert generate(q, "def", max_new_tokens=5, temperature=0).token_ids == generate(model, "def", max_new_tokens=5, temperature=0).token_ids
+
+
+def test_inverse_cdf_sampling_follows_the_distribution_and_skips_zeros():
+    from lmforge.infer.engine import sample
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([sample(probs, g) for _ in range(20_000)]), minlength=6).float() / 20_000
+    assert counts[0] == counts[2] == counts[5] == 0
+    torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)

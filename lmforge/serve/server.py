@@ -35,7 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.engine import Engine, Event, Request
+from lmforge.infer.engine import Engine, Request
 from lmforge.infer.generate import SamplingParams, chat_prompt
 
 API_KEY_ENV = "LMFORGE_API_KEY"
@@ -105,10 +105,11 @@ class ChatBody(_Sampling):
 
 
 class Handle:
-    """One request's channel from the engine thread to its HTTP handler."""
+    """One request's channel from the engine thread to its HTTP handler. A streaming handler gets
+    every event; a non-streaming one only the end of the request (no per-token thread hops)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop, stream: bool):
+        self.loop, self.stream = loop, stream
         self.events: asyncio.Queue = asyncio.Queue()
         self.request: Request | None = None
         self.cancelled = False
@@ -118,14 +119,19 @@ class Handle:
 
 
 class EngineWorker:
-    def __init__(self, engine: Engine, settings: ServerSettings, metrics):
+    """Steps the engine while there is work. With ``thread`` it runs in a thread of its own; `serve`
+    instead runs ``run()`` on the main thread (see ``serve``)."""
+
+    def __init__(self, engine: Engine, settings: ServerSettings, metrics, thread: bool = True):
         self.engine, self.settings, self.metrics = engine, settings, metrics
         self.submissions: queue.Queue = queue.Queue()
         self.handles: dict[int, Handle] = {}
         self.wake = threading.Event()
         self.running = True
-        self.thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
-        self.thread.start()
+        self.thread = None
+        if thread:
+            self.thread = threading.Thread(target=self.run, name="lmforge-engine", daemon=True)
+            self.thread.start()
 
     def queue_depth(self) -> int:
         """Requests that will have to wait for a row (those arriving while rows are free do not)."""
@@ -146,9 +152,10 @@ class EngineWorker:
     def stop(self) -> None:
         self.running = False
         self.wake.set()
-        self.thread.join(timeout=5)
+        if self.thread is not None:
+            self.thread.join(timeout=5)
 
-    def _loop(self) -> None:
+    def run(self) -> None:
         while self.running:
             while not self.submissions.empty():
                 prompt_ids, params, handle = self.submissions.get()
@@ -180,7 +187,8 @@ class EngineWorker:
             for event in events:
                 handle = self.handles.get(event.sequence.request.id)
                 if handle is not None:
-                    handle.put(event)
+                    if handle.stream:
+                        handle.put(event)
                     if event.sequence.request.finished:
                         handle.put(None)  # end of the request
                         del self.handles[event.sequence.request.id]
@@ -207,8 +215,9 @@ class Metrics:
 # -- the app --------------------------------------------------------------------------------------
 
 
-def create_app(model, tokenizer, settings: ServerSettings | None = None, compile: bool = False):
-    """The FastAPI application serving ``model``; the engine thread starts with it."""
+def create_app(model, tokenizer, settings: ServerSettings | None = None, compile: bool = False, engine_thread: bool = True):
+    """The FastAPI application serving ``model``; its engine worker starts with it (in a thread of its
+    own, or, without ``engine_thread``, waiting for the caller to ``run()`` it)."""
     settings = settings or ServerSettings()
     metrics = Metrics()
     engine = Engine(model, tokenizer, max_batch=settings.max_batch, compile=compile)
@@ -220,7 +229,7 @@ def create_app(model, tokenizer, settings: ServerSettings | None = None, compile
 
     @asynccontextmanager
     async def lifespan(app):
-        state["worker"] = EngineWorker(engine, settings, metrics)
+        state["worker"] = app.state.worker = EngineWorker(engine, settings, metrics, thread=engine_thread)
         yield
         state["worker"].stop()
 
@@ -292,7 +301,7 @@ def create_app(model, tokenizer, settings: ServerSettings | None = None, compile
     async def run(http: HTTPRequest, prompt_ids: list[int], params: SamplingParams, stream_fn, final_fn, endpoint: str):
         """Submit, then either stream events as SSE or collect them; aborts when the client leaves."""
         worker = state["worker"]
-        handle = Handle(asyncio.get_running_loop())
+        handle = Handle(asyncio.get_running_loop(), stream=stream_fn is not None)
         worker.submit(prompt_ids, params, handle)
         metrics.prompt_tokens.inc(len(prompt_ids))
         started = time.perf_counter()
@@ -326,20 +335,18 @@ def create_app(model, tokenizer, settings: ServerSettings | None = None, compile
 
             return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-        collected: list[Event] = []
         try:
-            iterator = events().__aiter__()
-            while True:
-                next_event = asyncio.ensure_future(iterator.__anext__())
-                while not next_event.done():
-                    done, _ = await asyncio.wait({next_event}, timeout=0.2)
-                    if not done and await http.is_disconnected():
-                        next_event.cancel()
-                        worker.cancel(handle)
-                        raise APIError(499, "client closed the request", code="client_closed")
+            while True:  # wait for the end of the request, checking that the client is still there
                 try:
-                    collected.append(next_event.result())
-                except StopAsyncIteration:
+                    item = await asyncio.wait_for(handle.events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        worker.cancel(handle)
+                        raise APIError(499, "client closed the request", code="client_closed") from None
+                    continue
+                if isinstance(item, APIError):
+                    raise item
+                if item is None:
                     break
         finally:
             count_output()
@@ -550,10 +557,12 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def build_server_app(model, tokenizer, settings: ServerSettings, compile: bool = False):
+def build_server_app(model, tokenizer, settings: ServerSettings, compile: bool = False, engine_thread: bool = True):
     """The app with its ASGI middleware: body size limit outside, then API key and counting."""
-    app = create_app(model, tokenizer, settings, compile)
-    return BodyLimit(AuthAndCount(app, settings, app.state.metrics), settings.max_body_bytes)
+    app = create_app(model, tokenizer, settings, compile, engine_thread)
+    wrapped = BodyLimit(AuthAndCount(app, settings, app.state.metrics), settings.max_body_bytes)
+    wrapped.fastapi = app
+    return wrapped
 
 
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
@@ -574,7 +583,26 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         model = quantize_int8(model)
     if settings.model_name == "lmforge":
         settings.model_name = Path(model_dir).resolve().name
-    app = build_server_app(model, tokenizer, settings, compile)
+    app = build_server_app(model, tokenizer, settings, compile, engine_thread=False)
+    # The engine runs here, on the main thread, which already ran the model's first torch operations;
+    # uvicorn (which only tokenizes) gets a thread. Torch ops on a second thread run ~3x slower on small
+    # CPUs, because the main thread's idle OpenMP team keeps spinning (measured: 341 vs 115 ms).
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    import sys
+
+    sys.setswitchinterval(0.0005)  # hand the GIL back to the engine sooner than every 5 ms
+    http_thread = threading.Thread(target=server.run, name="lmforge-http", daemon=True)
+    http_thread.start()
+    while not server.started:
+        if not http_thread.is_alive():
+            raise LmforgeError(f"cannot listen on {host}:{port}; is the port in use? choose another with --port")
+        time.sleep(0.05)
     print(f"serving {model_dir} as {settings.model_name!r} on http://{host}:{port} "
           f"(OpenAI API under /v1, chat page at /){' with an API key' if settings.api_key else ''}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        app.fastapi.state.worker.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http_thread.join(timeout=10)
