@@ -205,3 +205,21 @@ def test_inverse_cdf_sampling_follows_the_distribution_and_skips_zeros():
     counts = torch.bincount(torch.tensor([sample(probs, g) for _ in range(20_000)]), minlength=6).float() / 20_000
     assert counts[0] == counts[2] == counts[5] == 0
     torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_static_decode_gives_the_same_tokens():
+    torch.manual_seed(0)
+    from lmforge.model.config import Config
+    from lmforge.model.gpt import build_model
+
+    model = build_model(Config(vocab_size=500, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
+
+    def run(compile):
+        engine = Engine(model, IdTokenizer(), max_batch=4, compile=compile)
+        requests = [engine.add(p, SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=[])) for p in prompts]
+        engine.run(requests)
+        return [r.sequences[0].tokens for r in requests]
+
+    assert run(True) == run(False)
