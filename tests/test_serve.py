@@ -7,7 +7,6 @@ import time
 
 import httpx
 import pytest
-import torch
 from conftest import make_hf_gpt2
 
 from lmforge.infer.generate import generate
