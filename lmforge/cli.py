@@ -239,6 +239,72 @@ def cmd_serve(args) -> None:
     serve(args.model, args.host, args.port, settings, args.int8, args.device, args.compile)
 
 
+def cmd_eval(args) -> None:
+    from lmforge.eval.evaluate import compare_on_split, evaluate, format_comparison, format_results
+    from lmforge.eval.tasks import Task, resolve_tasks
+    from lmforge.utils import atomic_write_json
+
+    models = args.model or []
+    if not models:
+        raise LmforgeError("pass --model (a model folder, a run folder, or an n-gram/LSTM baseline folder)")
+    if args.data:
+        rows = compare_on_split(models, args.data, args.split, args.stride, args.max_tokens)
+        print(format_comparison(rows))
+        if args.out:
+            atomic_write_json(args.out, {"data": args.data, "split": args.split, "stride": args.stride, "models": rows})
+        return
+    if len(models) > 1:
+        raise LmforgeError("several --model are compared on a prepared split: add --data DATA")
+    tasks = resolve_tasks([t for t in (args.tasks or "").split(",") if t], args.limit, args.seed, args.shots)
+    if args.text:
+        from pathlib import Path
+
+        path = Path(args.text)
+        if not path.is_file():
+            raise LmforgeError(f"text file {path} does not exist")
+        tasks.append(Task(path.name, "perplexity", [{"text": path.read_text(encoding="utf-8", errors="replace")}],
+                          source=str(path), version="text"))
+    if not tasks:
+        raise LmforgeError("nothing to evaluate: pass --tasks (built-in names or YAML files), --text FILE or --data DIR")
+    results = evaluate(models[0], tasks, args.batch_size, args.stride, progress=not args.quiet, out=args.out)
+    print(format_results(results))
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+def cmd_baseline(args, extra: list[str]) -> None:
+    from lmforge.eval.baselines import train_lstm, train_ngram
+
+    if args.kind == "ngram":
+        if extra:
+            raise LmforgeError(f"unrecognized arguments for the n-gram baseline: {' '.join(extra)}")
+        from pathlib import Path
+
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()) and not args.overwrite:
+            raise LmforgeError(f"output folder {out} is not empty; pass --overwrite to replace it")
+        info = train_ngram(args.data, args.out, args.order, args.discount)
+        print(f"counted {info['train_tokens']:,} tokens: " + ", ".join(f"{n:,} {k}-grams" for k, n in info["ngrams"].items()))
+        print(f"wrote {args.out}")
+        return
+    from lmforge.train.config import parse_overrides
+
+    overrides = parse_overrides(extra)
+    shape = {k: v for k, v in (("n_embd", args.n_embd), ("hidden", args.hidden), ("n_layer", args.n_layer)) if v}
+    summary = train_lstm(args.data, args.out, progress=not args.quiet, overwrite=args.overwrite, **shape, **overrides)
+    print(f"done: {summary['steps']} steps; latest checkpoint {summary['checkpoint']}")
+
+
+def cmd_lm_eval(args, extra: list[str]) -> None:
+    try:
+        import lmforge.eval.harness  # noqa: F401  (registers the "lmforge" model)
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError:
+        raise LmforgeError("lm-evaluation-harness is not installed; pip install 'lmforge[harness]' (or lm-eval)") from None
+    sys.argv = ["lm_eval", *extra]
+    cli_evaluate()
+
+
 def cmd_report(args) -> None:
     from lmforge.eval.report import write_report
 
@@ -420,6 +486,40 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="auto")
     sv.set_defaults(func=cmd_serve)
 
+    ev = sub.add_parser("eval", help="perplexity and task scores; baselines beside the Transformer")
+    ev.add_argument("--model", action="append", help="a model, run or baseline folder (repeat to compare on --data)")
+    ev.add_argument("--tasks", help="comma-separated built-in task names (arithmetic, copy, reverse, brackets) or YAML files")
+    ev.add_argument("--text", help="a text file to compute perplexity and bits per byte on")
+    ev.add_argument("--data", help="a prepared-data folder: compare the models' perplexity on its --split")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--stride", type=int, default=None, help="sliding-window stride in tokens (default: the context length)")
+    ev.add_argument("--max-tokens", type=int, default=None, help="with --data: score at most this many tokens")
+    ev.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    ev.add_argument("--shots", type=int, default=None, help="demonstrations per prompt (overrides the task files)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--out", help="save the results as JSON here")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_eval)
+
+    bl = sub.add_parser("baseline", help="train an n-gram (Kneser-Ney) or LSTM language model on prepared data",
+                        allow_abbrev=False)
+    bl.add_argument("--kind", choices=["ngram", "lstm"], required=True)
+    bl.add_argument("--data", required=True, help="a prepared-data folder (its train split)")
+    bl.add_argument("--out", required=True)
+    bl.add_argument("--order", type=int, default=3, help="n-gram order")
+    bl.add_argument("--discount", type=float, default=0.75, help="Kneser-Ney discount")
+    bl.add_argument("--n-embd", type=int, default=None, help="LSTM embedding width (default 256)")
+    bl.add_argument("--hidden", type=int, default=None, help="LSTM hidden width (default 512)")
+    bl.add_argument("--n-layer", type=int, default=None, help="LSTM layers (default 2)")
+    bl.add_argument("--overwrite", action="store_true")
+    bl.add_argument("--quiet", action="store_true")
+    bl.set_defaults(func=cmd_baseline)
+
+    le = sub.add_parser("lm-eval", help="run lm-evaluation-harness with lmforge's model registered as 'lmforge'",
+                        add_help=False)
+    le.set_defaults(func=cmd_lm_eval)
+
     rp = sub.add_parser("report", help="write report.md and plots for a training run")
     rp.add_argument("run", help="the run folder")
     rp.set_defaults(func=cmd_report)
@@ -432,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    takes_keys = (cmd_pretrain, cmd_finetune)
+    takes_keys = (cmd_pretrain, cmd_finetune, cmd_baseline, cmd_lm_eval)
     if extra and args.func not in takes_keys:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -3,6 +3,7 @@ and random tiny Hugging Face GPT-2 folders. Everything is built locally; nothing
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +12,10 @@ import pytest
 import torch
 
 from lmforge.data.corpus import stdlib_root
+
+# Tests never touch the network: the Hugging Face libraries work from local files only.
+for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_name, "1")
 
 # Real text: a few standard-library modules, about 0.5 MB.
 CORPUS_FILES = [

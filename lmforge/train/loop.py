@@ -228,12 +228,15 @@ class CausalLM(Objective):
         if self.tokenizer.sha256 != self.train_split.meta["tokenizer"]["sha256"]:
             raise LmforgeError(f"{config.data}/tokenizer.json does not match the one the data was made with; run prepare again")
         torch.manual_seed(config.seed)
-        if checkpoint is not None:
-            self.model = load_decoder(checkpoint / "model", device).train()
-        else:
-            self.model = _build_model(config, self.tokenizer, device)
+        self.model = self.load(checkpoint)
         self.block_size = self.model.config.block_size
         self.windows = eval_windows(self.val_split, self.block_size, config.eval_windows) if self.val_split else []
+
+    def load(self, checkpoint: Path | None):
+        """The model: from the checkpoint being resumed, or new (a preset or a model folder)."""
+        if checkpoint is not None:
+            return load_decoder(checkpoint / "model", self.device).train()
+        return _build_model(self.config, self.tokenizer, self.device)
 
     def batches(self, rank: int, world_size: int) -> TrainBatches:
         c = self.config

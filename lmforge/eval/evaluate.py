@@ -1,0 +1,268 @@
+"""`lmforge eval`: perplexity, multiple-choice, classification, generation and regression tasks.
+
+    multiple_choice / classification   each choice scored by the log-likelihood of " choice" after the prompt;
+                                       acc, acc_norm (log-likelihood / UTF-8 bytes of the choice);
+                                       accuracy, macro-F1, MCC (GLUE)
+    generate                           greedy decoding until a stop sequence; exact match, SQuAD F1,
+                                       BLEU (sacrebleu: corpus level, 13a, exp smoothing), ROUGE-1/2/L (rouge-score)
+    regression                         the first number in the generated text; Pearson and Spearman (GLUE)
+    perplexity                         sliding windows of the context length, every `stride` tokens (the
+                                       standard recipe): perplexity and bits per byte
+
+Requests are batched by length; results are a table and a JSON file with the model, task versions,
+seeds and timings.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import LmforgeError
+from lmforge.eval.loglikelihood import loglikelihoods
+from lmforge.eval.metrics import classification_metrics, squad_f1
+from lmforge.eval.tasks import Task
+from lmforge.utils import atomic_write_json
+
+# -- sliding-window perplexity ----------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def rolling_nll(model, token_ids: list[int] | np.ndarray, stride: int | None = None, window: int | None = None) -> tuple[float, int]:
+    """(sum of negative log-likelihoods in nats, number of predicted tokens) over ``token_ids``.
+
+    Windows of ``window`` tokens (default: the model's context) start every ``stride`` tokens (default:
+    half a window); each
+    window scores only the tokens the previous windows did not, so every token but the first is
+    scored once, with as much context as the window gives it (the recipe of transformers' perplexity
+    guide). Models without a context limit (n-gram, LSTM baselines) score the whole sequence at once.
+    """
+    if hasattr(model, "sequence_nll"):
+        return model.sequence_nll(np.asarray(token_ids))
+    window = window or model.config.block_size
+    stride = min(stride or window // 2, window)  # half-window steps: every token scored, with >= window/2 context
+    ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
+    device = next(model.parameters()).device
+    total, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + window, len(ids))
+        chunk = ids[begin:end].to(device)
+        logp = F.log_softmax(model(chunk[None])[0].float(), -1)
+        first = max(prev_end, begin + 1)  # tokens before prev_end were scored by earlier windows
+        positions = torch.arange(first - begin - 1, end - begin - 1, device=device)
+        total -= logp[positions, chunk[positions + 1]].sum().item()
+        count += end - first
+        prev_end = end
+        if end == len(ids):
+            break
+    return total, count
+
+
+def perplexity_of(model, token_ids, n_bytes: int, stride: int | None = None) -> dict:
+    nll, n = rolling_nll(model, token_ids, stride)
+    return {"perplexity": math.exp(nll / max(n, 1)), "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
+            "tokens": n, "bytes": n_bytes}
+
+
+# -- metrics from the reference libraries -------------------------------------------------------------
+
+
+def bleu(predictions: list[str], references: list[str]) -> float:
+    """Corpus BLEU with sacrebleu's defaults (13a tokenisation, exp smoothing)."""
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu(predictions, [references]).score
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict:
+    """Mean ROUGE-1/2/L F-measures (×100) with rouge-score."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
+    return {k: 100 * sum(s[k].fmeasure for s in scores) / max(len(scores), 1) for k in ("rouge1", "rouge2", "rougeL")}
+
+
+def pearson(x, y) -> float:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    x, y = x - x.mean(), y - y.mean()
+    denominator = math.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / denominator) if denominator else 0.0
+
+
+def _ranks(values) -> np.ndarray:
+    """Ranks with ties given their average rank (as scipy.stats.rankdata)."""
+    values = np.asarray(values, float)
+    order = values.argsort(kind="mergesort")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    for v in np.unique(values):
+        tied = values == v
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x, y) -> float:
+    return pearson(_ranks(x), _ranks(y))
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+# -- running tasks ------------------------------------------------------------------------------------
+
+
+def run_task(model, tokenizer, task: Task, batch_size: int = 16, stride: int | None = None, progress: bool = True) -> dict:
+    """Score one task; returns its metrics and what was run."""
+    started = time.perf_counter()
+    if task.type in ("multiple_choice", "classification"):
+        metrics = _choice_task(model, tokenizer, task, batch_size, progress)
+    elif task.type in ("generate", "regression"):
+        metrics = _generation_task(model, tokenizer, task, batch_size, progress)
+    else:
+        texts = [str(d[task.text_field]) for d in task.docs]
+        total_nll, total_tokens, total_bytes = 0.0, 0, 0
+        for text in texts:
+            nll, n = rolling_nll(model, tokenizer.encode(text), stride)
+            total_nll, total_tokens, total_bytes = total_nll + nll, total_tokens + n, total_bytes + len(text.encode("utf-8"))
+        metrics = {"perplexity": math.exp(total_nll / max(total_tokens, 1)),
+                   "bits_per_byte": total_nll / math.log(2) / max(total_bytes, 1)}
+        metrics = {k: v for k, v in metrics.items() if k in task.metrics}
+    return {"version": task.version, "type": task.type, "source": task.source, "examples": len(task.docs),
+            "shots": task.fewshot, "seed": task.seed, "metrics": metrics, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _choice_task(model, tokenizer, task: Task, batch_size: int, progress: bool) -> dict:
+    requests, spans, targets, lengths = [], [], [], []
+    for i, doc in enumerate(task.docs):
+        context, choices = task.context(i), task.choices_of(doc)
+        spans.append((len(requests), len(choices)))
+        targets.append(task.target_index(doc))
+        for choice in choices:
+            requests.append((context, task.target_delimiter + choice))
+            lengths.append(len(choice.encode("utf-8")))
+    scores = loglikelihoods(model, tokenizer, requests, batch_size, progress=progress, desc=task.name)
+    predictions, normalized = [], []
+    for start, n in spans:
+        s = scores[start : start + n]
+        predictions.append(int(np.argmax(s)))
+        normalized.append(int(np.argmax([v / max(lengths[start + j], 1) for j, v in enumerate(s)])))
+    out = {}
+    if "acc" in task.metrics:
+        out["acc"] = float(np.mean([p == t for p, t in zip(predictions, targets)]))
+    if "acc_norm" in task.metrics:
+        out["acc_norm"] = float(np.mean([p == t for p, t in zip(normalized, targets)]))
+    if task.type == "classification":
+        n_labels = max(n for _, n in spans)
+        metrics = classification_metrics(predictions, targets, list(range(n_labels)))
+        out.update({k: v for k, v in metrics.items() if k in task.metrics})
+    return out
+
+
+def _generation_task(model, tokenizer, task: Task, batch_size: int, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.generate import SamplingParams, fit_prompt
+
+    params = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=0, stop=list(task.until))
+    engine = Engine(model, tokenizer, max_batch=batch_size)
+    contexts = [task.context(i) for i in range(len(task.docs))]
+    # Longest prompts first: similar lengths decode side by side.
+    order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
+    requests = {}
+    for i in order:
+        ids = tokenizer.encode(contexts[i]) or [tokenizer.eos_id]
+        ids = fit_prompt(ids, params.max_new_tokens, model.config.block_size, truncate=True)
+        requests[i] = engine.add(ids, params)
+    bar = tqdm(total=len(requests), desc=task.name, unit="ex", disable=not progress)
+    done = 0
+    while engine.has_work:
+        engine.step()
+        now = sum(r.finished for r in requests.values())
+        bar.update(now - done)
+        done = now
+    bar.close()
+    predictions = [requests[i].sequences[0].text.strip() for i in range(len(contexts))]
+    references = [task.render(task.target, d).strip() for d in task.docs]
+    out = {}
+    if task.type == "regression":
+        guesses = [float(m.group()) if (m := _NUMBER.search(p)) else 0.0 for p in predictions]
+        truth = [float(r) for r in references]
+        if "pearson" in task.metrics:
+            out["pearson"] = pearson(guesses, truth)
+        if "spearman" in task.metrics:
+            out["spearman"] = spearman(guesses, truth)
+        return out
+    if "exact_match" in task.metrics:
+        out["exact_match"] = float(np.mean([p == r for p, r in zip(predictions, references)]))
+    if "f1" in task.metrics:
+        out["f1"] = float(np.mean([squad_f1(p, [r]) for p, r in zip(predictions, references)]))
+    if "bleu" in task.metrics:
+        out["bleu"] = bleu(predictions, references)
+    if "rouge" in task.metrics:
+        out.update(rouge(predictions, references))
+    out["samples"] = [{"prompt": contexts[i], "prediction": predictions[i], "reference": references[i]} for i in range(min(3, len(contexts)))]
+    return out
+
+
+def evaluate(model_path: str, tasks: list[Task], batch_size: int = 16, stride: int | None = None, progress: bool = True,
+             out: str | None = None) -> dict:
+    """Run ``tasks`` on the model at ``model_path``; returns (and with ``out`` saves) the results."""
+    from lmforge import __version__
+    from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
+
+    model = load_decoder(model_path)
+    tokenizer = load_tokenizer_for(model)
+    results = {"model": str(model.source), "lmforge_version": __version__,
+               "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "tasks": {}}
+    for task in tasks:
+        results["tasks"][task.name] = run_task(model, tokenizer, task, batch_size, stride, progress)
+    if out:
+        atomic_write_json(out, results)
+    return results
+
+
+def format_results(results: dict) -> str:
+    lines = ["| task | version | shots | examples | metric | value |", "|---|---|---:|---:|---|---:|"]
+    for name, r in results["tasks"].items():
+        for metric, value in r["metrics"].items():
+            if isinstance(value, (int, float)):
+                lines.append(f"| {name} | {r['version']} | {r['shots']} | {r['examples']} | {metric} | {value:.4f} |")
+    return "\n".join(lines)
+
+
+# -- perplexity of several models on one prepared split -------------------------------------------------
+
+
+def compare_on_split(model_paths: list[str], data_dir: str, split: str = "val", stride: int | None = None,
+                     max_tokens: int | None = None) -> list[dict]:
+    """Perplexity and bits per byte of each model (Transformers and n-gram / LSTM baselines) on the same tokens."""
+    from lmforge.data.loader import TokenSplit
+    from lmforge.eval.baselines import load_any
+
+    data = TokenSplit(data_dir, split)
+    tokens = np.concatenate([np.asarray(s) for s in data.shards]).astype(np.int64)
+    if max_tokens:
+        tokens = tokens[:max_tokens]
+    n_bytes = int(round(len(tokens) * data.bytes_per_token))
+    rows = []
+    for path in model_paths:
+        model, kind = load_any(path)
+        if getattr(model, "config", None) is not None and getattr(model.config, "vocab_size", 10**9) < data.meta["tokenizer"]["vocab_size"]:
+            raise LmforgeError(f"{path} has a smaller vocabulary than the data's tokenizer; evaluate models trained on it")
+        started = time.perf_counter()
+        result = perplexity_of(model, tokens, n_bytes, stride)
+        rows.append({"model": str(path), "kind": kind, **result, "seconds": round(time.perf_counter() - started, 2)})
+    return rows
+
+
+def format_comparison(rows: list[dict]) -> str:
+    lines = ["| model | kind | perplexity | bits per byte | tokens |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['kind']} | {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} | {r['tokens']:,} |")
+    return "\n".join(lines)

@@ -1,0 +1,291 @@
+"""Evaluation tasks: a small YAML spec over JSONL data, and built-in tasks whose data lmforge makes.
+
+A task file (paths are relative to it; prompts are Jinja templates over each example's fields)::
+
+    task: capitals
+    version: 1
+    type: multiple_choice        # multiple_choice | classification | generate | regression | perplexity
+    data: capitals.jsonl
+    prompt: "Q: What is the capital of {{ country }}?\\nA:"
+    choices: "{{ options }}"      # a template giving a list, or a YAML list
+    target: "{{ answer }}"        # the right choice: its index or its text (generate: the reference text)
+    fewshot: 3                    # demonstrations per prompt (drawn with `seed`, never the query itself)
+    fewshot_data: train.jsonl     # optional pool of demonstrations (default: the data itself)
+    until: ["\\n"]                # generate: stop sequences
+    max_new_tokens: 32
+    metrics: [exact_match, f1]    # generate: exact_match, f1, bleu, rouge; regression: pearson, spearman
+
+Built-in tasks (for smoke-testing small models) generate their own data: ``arithmetic``,
+``copy``, ``reverse`` (generation), ``brackets`` (multiple choice: balanced or not).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lmforge.errors import LmforgeError
+
+TYPES = ("multiple_choice", "classification", "generate", "regression", "perplexity")
+DEFAULT_METRICS = {
+    "multiple_choice": ["acc", "acc_norm"],
+    "classification": ["accuracy", "macro_f1", "mcc"],
+    "generate": ["exact_match"],
+    "regression": ["pearson", "spearman"],
+    "perplexity": ["perplexity", "bits_per_byte"],
+}
+KNOWN_METRICS = {
+    "multiple_choice": {"acc", "acc_norm"},
+    "classification": {"accuracy", "macro_f1", "mcc"},
+    "generate": {"exact_match", "f1", "bleu", "rouge"},
+    "regression": {"pearson", "spearman"},
+    "perplexity": {"perplexity", "bits_per_byte"},
+}
+
+
+@dataclass
+class Task:
+    name: str
+    type: str
+    docs: list[dict]
+    prompt: str = "{{ text }}"
+    choices: str | list | None = None
+    target: str = "{{ target }}"
+    target_delimiter: str = " "
+    fewshot: int = 0
+    fewshot_docs: list[dict] | None = None
+    fewshot_separator: str = "\n\n"
+    seed: int = 0
+    until: list[str] = field(default_factory=lambda: ["\n"])
+    max_new_tokens: int = 32
+    metrics: list[str] = field(default_factory=list)
+    version: int | str = 1
+    text_field: str = "text"  # perplexity tasks: the field holding the text
+    source: str = "<built-in>"
+
+    def __post_init__(self):
+        if self.type not in TYPES:
+            raise LmforgeError(f"task {self.name}: type {self.type!r} is not one of {', '.join(TYPES)}")
+        self.metrics = list(self.metrics or DEFAULT_METRICS[self.type])
+        unknown = [m for m in self.metrics if m not in KNOWN_METRICS[self.type]]
+        if unknown:
+            raise LmforgeError(f"task {self.name}: metric(s) {', '.join(unknown)} do not apply to {self.type}; "
+                               f"use {', '.join(sorted(KNOWN_METRICS[self.type]))}")
+        if self.type in ("multiple_choice", "classification") and self.choices is None:
+            raise LmforgeError(f"task {self.name}: a {self.type} task needs `choices`")
+        if not self.docs:
+            raise LmforgeError(f"task {self.name}: its data holds no examples")
+
+    # -- rendering ------------------------------------------------------------------------------
+
+    def render(self, template: str, doc: dict) -> str:
+        return _render(template, doc, self.name)
+
+    def choices_of(self, doc: dict) -> list[str]:
+        if isinstance(self.choices, list):
+            return [str(c) for c in self.choices]
+        value = self.render(self.choices, doc)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = None
+        if not isinstance(parsed, list) or not parsed:
+            raise LmforgeError(f"task {self.name}: `choices` gave {value!r}, not a list")
+        return [str(c) for c in parsed]
+
+    def target_index(self, doc: dict) -> int:
+        """The right choice's index: the target is an index, or the text of one of the choices."""
+        choices = self.choices_of(doc)
+        target = self.render(self.target, doc).strip()
+        if target in choices:
+            return choices.index(target)
+        if target.lstrip("-").isdigit() and 0 <= int(target) < len(choices):
+            return int(target)
+        raise LmforgeError(f"task {self.name}: target {target!r} is neither a choice ({', '.join(choices)}) nor an index")
+
+    def demonstration(self, doc: dict) -> str:
+        """A solved example: the prompt followed by the right answer."""
+        if self.type in ("multiple_choice", "classification"):
+            answer = self.choices_of(doc)[self.target_index(doc)]
+        else:
+            answer = self.render(self.target, doc)
+        return self.render(self.prompt, doc) + self.target_delimiter + answer
+
+    def context(self, index: int) -> str:
+        """The prompt of ``docs[index]`` after ``fewshot`` demonstrations chosen with the seed."""
+        doc = self.docs[index]
+        parts = []
+        if self.fewshot > 0:
+            pool = self.fewshot_docs if self.fewshot_docs is not None else self.docs
+            candidates = [i for i in range(len(pool)) if pool is not self.docs or i != index]
+            rng = random.Random(f"{self.seed}-{index}")
+            picked = rng.sample(candidates, min(self.fewshot, len(candidates)))
+            parts = [self.demonstration(pool[i]) for i in picked]
+        return self.fewshot_separator.join(parts + [self.render(self.prompt, doc)])
+
+
+_ENV = None
+
+
+def _render(template: str, doc: dict, task: str) -> str:
+    global _ENV
+    from jinja2 import StrictUndefined, TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if _ENV is None:
+        _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    try:
+        return _ENV.from_string(template).render(**doc)
+    except TemplateError as e:
+        raise LmforgeError(f"task {task}: template {template!r} failed on an example ({e}); check the field names") from None
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path, task: str) -> list[dict]:
+    if not path.exists():
+        raise LmforgeError(f"task {task}: data file {path} does not exist")
+    docs = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(doc, dict):
+            raise LmforgeError(f"{path}:{lineno}: each line must be a JSON object")
+        docs.append(doc)
+    return docs
+
+
+_SPEC_KEYS = {"task", "version", "type", "data", "fewshot_data", "prompt", "choices", "target", "target_delimiter",
+              "fewshot", "fewshot_separator", "seed", "until", "max_new_tokens", "metrics", "text_field"}
+
+
+def load_task_file(path: str | os.PathLike) -> Task:
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmforgeError(f"task file {path} does not exist") from None
+    except yaml.YAMLError:
+        raise LmforgeError(f"task file {path} is not valid YAML") from None
+    if not isinstance(spec, dict):
+        raise LmforgeError(f"task file {path} must be a mapping of keys")
+    unknown = sorted(set(spec) - _SPEC_KEYS)
+    if unknown:
+        raise LmforgeError(f"task file {path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(_SPEC_KEYS))}")
+    for key in ("type", "data"):
+        if key not in spec:
+            raise LmforgeError(f"task file {path} needs `{key}`")
+    name = str(spec.get("task", path.stem))
+    until = spec.get("until", ["\n"])
+    kwargs = dict(
+        name=name,
+        type=spec["type"],
+        docs=read_jsonl(path.parent / spec["data"], name),
+        prompt=spec.get("prompt", "{{ text }}"),
+        choices=spec.get("choices"),
+        target=str(spec.get("target", "{{ target }}")),
+        target_delimiter=spec.get("target_delimiter", " "),
+        fewshot=int(spec.get("fewshot", 0)),
+        fewshot_docs=read_jsonl(path.parent / spec["fewshot_data"], name) if spec.get("fewshot_data") else None,
+        fewshot_separator=spec.get("fewshot_separator", "\n\n"),
+        seed=int(spec.get("seed", 0)),
+        until=[until] if isinstance(until, str) else list(until),
+        max_new_tokens=int(spec.get("max_new_tokens", 32)),
+        metrics=spec.get("metrics") or [],
+        version=spec.get("version", 1),
+        text_field=spec.get("text_field", "text"),
+        source=str(path),
+    )
+    return Task(**kwargs)
+
+
+# -- built-in tasks -------------------------------------------------------------------------------
+
+
+def _arithmetic(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        docs.append({"a": a, "b": b, "answer": str(a + b)})
+    return docs
+
+
+def _strings(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return [{"s": "".join(rng.choice(letters) for _ in range(rng.randint(3, 8)))} for _ in range(n)]
+
+
+def _brackets(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        depth, out = 0, []
+        for _ in range(rng.randint(2, 6)):
+            if depth and rng.random() < 0.5:
+                out.append(")")
+                depth -= 1
+            else:
+                out.append("(")
+                depth += 1
+        out += [")"] * depth
+        s = "".join(out)
+        if i % 2:  # half of them unbalanced: drop or add one bracket
+            s = s[:-1] if rng.random() < 0.5 else s + rng.choice("()")
+        balanced = _is_balanced(s)
+        docs.append({"s": s, "answer": "yes" if balanced else "no"})
+    return docs
+
+
+def _is_balanced(s: str) -> bool:
+    depth = 0
+    for ch in s:
+        depth += 1 if ch == "(" else -1
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+BUILTIN = {
+    "arithmetic": lambda n, seed: Task("arithmetic", "generate", _arithmetic(n, seed), prompt="{{ a }} + {{ b }} =",
+                                       target="{{ answer }}", until=["\n", " "], max_new_tokens=6,
+                                       metrics=["exact_match"], version="builtin-1"),
+    "copy": lambda n, seed: Task("copy", "generate", _strings(n, seed), prompt="copy: {{ s }} ->", target="{{ s }}",
+                                 until=["\n", " "], max_new_tokens=12, metrics=["exact_match", "f1"], version="builtin-1"),
+    "reverse": lambda n, seed: Task("reverse", "generate", _strings(n, seed), prompt="reverse: {{ s }} ->",
+                                    target="{{ s[::-1] }}", until=["\n", " "], max_new_tokens=12,
+                                    metrics=["exact_match", "f1"], version="builtin-1"),
+    "brackets": lambda n, seed: Task("brackets", "multiple_choice", _brackets(n, seed),
+                                     prompt="Is {{ s }} balanced?", choices=["yes", "no"], target="{{ answer }}",
+                                     version="builtin-1"),
+}
+
+
+def resolve_tasks(names: list[str], limit: int | None = None, seed: int = 0, fewshot: int | None = None) -> list[Task]:
+    """Built-in task names or YAML task files, with an optional example limit and few-shot override."""
+    tasks = []
+    for name in names:
+        if name in BUILTIN:
+            task = BUILTIN[name](limit or 100, seed)
+        elif name.endswith((".yaml", ".yml")) or Path(name).exists():
+            task = load_task_file(name)
+        else:
+            raise LmforgeError(f"unknown task {name!r}: built-in tasks are {', '.join(BUILTIN)}; or pass a YAML task file")
+        if limit:
+            task.docs = task.docs[:limit]
+        if fewshot is not None:
+            task.fewshot = fewshot
+        task.seed = seed if name in BUILTIN else task.seed
+        tasks.append(task)
+    return tasks

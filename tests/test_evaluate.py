@@ -1,0 +1,173 @@
+"""`lmforge eval`: perplexity against transformers, task types, metrics against their libraries, task files."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.errors import LmforgeError
+from lmforge.eval.evaluate import bleu, evaluate, pearson, rolling_nll, rouge, run_task, spearman
+from lmforge.eval.loglikelihood import loglikelihoods
+from lmforge.eval.tasks import BUILTIN, Task, load_task_file, resolve_tasks
+from lmforge.model.checkpoint import load_model, load_tokenizer_for
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_sliding_window_nll(model, ids, window, stride):
+    """transformers' perplexity-guide recipe: each window's labels are masked (-100) except its new tokens,
+    and the model's mean loss is weighted by the number of labels it predicted. (The guide subtracts one
+    per window for the label shift; after the first window that label is already masked, so the exact
+    count, used here, is the unmasked labels after the shift.)"""
+    ids = torch.tensor([ids])
+    nll_sum, n_tokens, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.size(1), stride):
+        end = min(begin + window, ids.size(1))
+        input_ids = ids[:, begin:end]
+        target_ids = input_ids.clone()
+        target_ids[:, : -(end - prev_end)] = -100
+        with torch.no_grad():
+            loss = model(input_ids, labels=target_ids).loss
+        predicted = (target_ids[:, 1:] != -100).sum().item()
+        nll_sum += loss.item() * predicted
+        n_tokens += predicted
+        prev_end = end
+        if end == ids.size(1):
+            break
+    return nll_sum, n_tokens
+
+
+@pytest.mark.parametrize("stride", [16, 32, 64])
+def test_sliding_window_perplexity_matches_the_transformers_recipe(hf_gpt2, stride):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_gpt2)).eval()
+    ours = load_model(hf_gpt2)
+    ids = load_tokenizer_for(ours).encode(open(__file__).read())[:300]  # longer than the 64-token context
+    expected, n_expected = hf_sliding_window_nll(hf, ids, 64, stride)
+    got, n_got = rolling_nll(ours, ids, stride=stride)
+    assert n_got == n_expected
+    assert math.exp(got / n_got) == pytest.approx(math.exp(expected / n_expected), rel=1e-4)
+
+
+def mc_task(docs, **kw):
+    return Task("mc", "multiple_choice", docs, prompt="Q: {{ q }}\nA:", choices="{{ options }}", target="{{ answer }}", **kw)
+
+
+def test_multiple_choice_accuracy_and_byte_normalised_accuracy(hf_gpt2):
+    model = load_model(hf_gpt2)
+    tok = load_tokenizer_for(model)
+    docs = [{"q": f"item {i}", "options": ["red", "green light", "é"], "answer": i % 3} for i in range(12)]
+    result = run_task(model, tok, mc_task(docs), progress=False)["metrics"]
+    acc = acc_norm = 0
+    for d in docs:
+        scores = loglikelihoods(model, tok, [(f"Q: {d['q']}\nA:", " " + c) for c in d["options"]])
+        acc += max(range(3), key=lambda j: scores[j]) == d["answer"]
+        acc_norm += max(range(3), key=lambda j: scores[j] / len(d["options"][j].encode("utf-8"))) == d["answer"]
+    assert result == {"acc": acc / 12, "acc_norm": acc_norm / 12}
+
+
+def test_few_shot_prompts_are_seeded_and_never_show_the_query():
+    docs = [{"q": f"q{i}", "options": ["a", "b"], "answer": i % 2} for i in range(10)]
+    task = mc_task(docs, fewshot=3, seed=7)
+    context = task.context(4)
+    assert context.count("Q: ") == 4 and context.endswith("Q: q4\nA:") and "Q: q4\nA:" not in context[:-8]
+    assert context == mc_task(docs, fewshot=3, seed=7).context(4)
+    assert context != mc_task(docs, fewshot=3, seed=8).context(4)
+
+
+def test_generation_metrics_match_sacrebleu_and_rouge_score():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    predictions = ["the cat sat on the mat", "a quick brown fox", "hello world", "nothing like it"]
+    references = ["the cat is on the mat", "the quick brown fox", "hello there world", "something else entirely"]
+    assert bleu(predictions, references) == sacrebleu.corpus_bleu(predictions, [references]).score
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    direct = [scorer.score(r, p) for p, r in zip(predictions, references)]
+    ours = rouge(predictions, references)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        assert ours[key] == pytest.approx(100 * sum(s[key].fmeasure for s in direct) / 4)
+
+
+def test_pearson_and_spearman_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    x = [1.0, 2.5, 2.5, 4.0, 3.0, 7.0, 6.5]
+    y = [2.0, 2.0, 3.5, 3.0, 5.0, 6.0, 8.0]
+    assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
+    assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
+
+
+def test_generation_task_stops_at_its_stop_sequence_and_scores(hf_gpt2):
+    from lmforge.infer.generate import generate
+
+    model = load_model(hf_gpt2)
+    tok = load_tokenizer_for(model)
+    docs = [{"x": "def", "y": "whatever"}, {"x": "import", "y": "os"}]
+    free = [generate(model, d["x"], max_new_tokens=10, temperature=0).text for d in docs]
+    stop = free[0][3:5]  # a piece the model really produces
+    task = Task("gen", "generate", docs, prompt="{{ x }}", target="{{ y }}", until=[stop], max_new_tokens=10,
+                metrics=["exact_match", "f1", "bleu", "rouge"])
+    result = run_task(model, tok, task, progress=False)["metrics"]
+    assert result["samples"][0]["prediction"] == free[0][: free[0].find(stop)].strip()
+    assert set(result) >= {"exact_match", "f1", "bleu", "rouge1", "rouge2", "rougeL"}
+    regression = Task("reg", "regression", [{"x": "1", "y": "2"}, {"x": "2", "y": "3"}, {"x": "3", "y": "5"}],
+                      prompt="{{ x }} ->", target="{{ y }}", max_new_tokens=3)
+    assert set(run_task(model, tok, regression, progress=False)["metrics"]) == {"pearson", "spearman"}
+
+
+def test_classification_tasks_report_glue_metrics(hf_gpt2):
+    model = load_model(hf_gpt2)
+    docs = [{"text": f"sample {i}", "label": ["no", "yes"][i % 2]} for i in range(10)]
+    task = Task("cls", "classification", docs, prompt="{{ text }} ->", choices=["no", "yes"], target="{{ label }}")
+    metrics = run_task(model, load_tokenizer_for(model), task, progress=False)["metrics"]
+    assert set(metrics) == {"accuracy", "macro_f1", "mcc"}
+
+
+def test_task_files_and_their_errors(tmp_path):
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"q": f"{i}", "opts": ["x", "y"], "a": "y"}) + "\n" for i in range(3)))
+    (tmp_path / "t.yaml").write_text("task: mine\nversion: 2\ntype: multiple_choice\ndata: d.jsonl\nprompt: '{{ q }}'\n"
+                                     "choices: '{{ opts }}'\ntarget: '{{ a }}'\nfewshot: 1\n")
+    task = load_task_file(tmp_path / "t.yaml")
+    assert (task.name, task.version, len(task.docs), task.target_index(task.docs[0])) == ("mine", 2, 3, 1)
+    (tmp_path / "bad.yaml").write_text("type: multiple_choice\ndata: d.jsonl\nchioces: [a]\n")
+    with pytest.raises(LmforgeError, match="unknown key\\(s\\) chioces"):
+        load_task_file(tmp_path / "bad.yaml")
+    (tmp_path / "field.yaml").write_text("type: generate\ndata: d.jsonl\nprompt: '{{ question }}'\n")
+    with pytest.raises(LmforgeError, match="template .* failed .* check the field names"):
+        load_task_file(tmp_path / "field.yaml").context(0)
+    (tmp_path / "metric.yaml").write_text("type: generate\ndata: d.jsonl\nmetrics: [acc]\n")
+    with pytest.raises(LmforgeError, match="metric\\(s\\) acc do not apply to generate"):
+        load_task_file(tmp_path / "metric.yaml")
+    with pytest.raises(LmforgeError, match="unknown task 'hellaswag'"):
+        resolve_tasks(["hellaswag"])
+
+
+def test_builtin_tasks_are_generated_deterministically_and_correctly():
+    from lmforge.eval.tasks import _is_balanced
+
+    for name in BUILTIN:
+        a, b = BUILTIN[name](20, 3), BUILTIN[name](20, 3)
+        assert a.docs == b.docs and a.docs != BUILTIN[name](20, 4).docs
+    arithmetic = BUILTIN["arithmetic"](5, 0)
+    assert all(int(d["answer"]) == d["a"] + d["b"] for d in arithmetic.docs)
+    brackets = BUILTIN["brackets"](50, 0)
+    assert all((d["answer"] == "yes") == _is_balanced(d["s"]) for d in brackets.docs)
+    assert {d["answer"] for d in brackets.docs} == {"yes", "no"}
+    assert BUILTIN["reverse"](3, 0).render("{{ s[::-1] }}", {"s": "abc"}) == "cba"
+
+
+def test_results_json_and_the_command(hf_gpt2, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(hf_gpt2), "--tasks", "brackets,copy", "--limit", "6", "--quiet", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| brackets | builtin-1 | 0 | 6 | acc |" in table
+    results = json.loads(out.read_text())
+    assert results["model"] == str(hf_gpt2) and set(results["tasks"]) == {"brackets", "copy"}
+    for r in results["tasks"].values():
+        assert {"version", "seed", "seconds", "shots", "metrics"} <= set(r)
+    (tmp_path / "t.txt").write_text("some text to score " * 40)
+    assert main(["eval", "--model", str(hf_gpt2), "--text", str(tmp_path / "t.txt"), "--quiet"]) == 0
+    assert "| t.txt | text | 0 | 1 | perplexity |" in capsys.readouterr().out
+    assert main(["eval", "--model", str(hf_gpt2)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
