@@ -292,12 +292,16 @@ class GPT(nn.Module):
             return self._classify(idx, x, targets)
         if last_only:
             x = x[:, -1:]
-        # (a module call, not F.linear with its weight, so that a quantised head works too)
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.wte.weight)
+        logits = self.lm_logits(x)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (..., n_embd) → next-token logits (..., vocab)."""
+        # (a module call, not F.linear with its weight, so that a quantised head works too)
+        return self.lm_head(hidden) if self.lm_head is not None else F.linear(hidden, self.wte.weight)
 
     def _classify(self, idx: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor | None):
         """Sequence classification: scores (B, num_labels) read at each row's last non-padding token
