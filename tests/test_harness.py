@@ -42,7 +42,7 @@ def test_the_harness_scores_an_lmforge_model_like_lmforge_does(hf_gpt2, tmp_path
 
     harness_dir, ours = write_task(tmp_path)
     results = lm_eval.simple_evaluate(
-        model="lmforge", model_args=f"pretrained={hf_gpt2},batch_size=4", tasks=["lmforge_local_mc"],
+        model="lmforge", model_args=f"pretrained={hf_gpt2}", batch_size=4, tasks=["lmforge_local_mc"],
         task_manager=TaskManager(include_path=str(harness_dir), include_defaults=False), num_fewshot=0,
     )
     harness_acc = results["results"]["lmforge_local_mc"]["acc,none"]
@@ -51,25 +51,63 @@ def test_the_harness_scores_an_lmforge_model_like_lmforge_does(hf_gpt2, tmp_path
     assert harness_acc == pytest.approx(lmforge_acc)
 
 
-def test_rolling_and_generation_requests(hf_gpt2):
+def test_every_request_type_equals_the_harness_hf_model_on_the_same_folder(hf_gpt2):
+    """The harness's own transformers backend and lmforge's, on one Hugging Face folder, request by request."""
     from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
 
-    from lmforge.eval.evaluate import rolling_nll
     from lmforge.eval.harness import LmforgeLM
-    from lmforge.infer.generate import generate
 
-    lm = LmforgeLM(pretrained=str(hf_gpt2), batch_size=2)
-    text = "def main():\n    return 0\n" * 3  # fits one window: every token scored after end-of-text
-    rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)[0]
-    ids = [lm.eot] + lm.tokenizer.encode(text)
-    assert len(ids) <= lm.model.config.block_size
-    nll, n = rolling_nll(lm.model, ids)
-    assert n == len(ids) - 1 and rolling == pytest.approx(-nll, rel=1e-4)
-    long_text = text * 10  # several of the harness's windows: more tokens, more negative
-    longer = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (long_text,), 0)], disable_tqdm=True)[0]
-    assert longer < rolling * 5
-    outputs = lm.generate_until([Instance("generate_until", {}, ("import", {"until": ["\n"], "max_gen_toks": 8}), 0)],
-                                disable_tqdm=True)
-    assert outputs[0] == generate(lm.model, "import", max_new_tokens=8, temperature=0, stop=["\n"]).text
-    (score, greedy), = lm.loglikelihood([Instance("loglikelihood", {}, ("import", outputs[0][:3] or " x"), 0)], disable_tqdm=True)
-    assert score < 0 and isinstance(greedy, bool)
+    ours = LmforgeLM(pretrained=str(hf_gpt2), batch_size=3)
+    theirs = HFLM(pretrained=str(hf_gpt2), batch_size=3, device="cpu", dtype="float32")
+    contexts = ["import os\nimport", "def main():\n    return", "class A:\n    pass\n\n\nclass"]
+    choices = [" sys", " json", " 0", "(", " B", " B(A):"]
+    requests = [Instance("loglikelihood", {}, (c, k), i) for i, (c, k) in enumerate((c, k) for c in contexts for k in choices)]
+    for (score, greedy), (score_ref, greedy_ref) in zip(ours.loglikelihood(requests, True), theirs.loglikelihood(requests, True)):
+        assert score == pytest.approx(score_ref, abs=1e-4) and greedy == greedy_ref
+    text = open(__file__).read()[:1500]  # several 64-token windows
+    rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate([text, text[:40]])]
+    assert ours.loglikelihood_rolling(rolling, True) == pytest.approx(theirs.loglikelihood_rolling(rolling, True), abs=1e-3)
+    generate = [Instance("generate_until", {}, (c, {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}), i)
+                for i, c in enumerate(contexts)]
+    assert ours.generate_until(generate, True) == theirs.generate_until(generate, True)
+
+
+def test_the_installed_entry_point_is_what_the_harness_loads(hf_gpt2, tmp_path):
+    """lmforge's metadata names its model in the harness's `lm_eval.models` group. In a fresh process the
+    harness resolves the name lazily from that value (as its plugin discovery does), imports lmforge itself
+    and evaluates."""
+    import subprocess
+    import sys
+
+    harness_dir, _ = write_task(tmp_path)
+    script = f"""
+import sys
+from importlib.metadata import entry_points
+(entry,) = [e for e in entry_points(group="lm_eval.models") if e.name == "lmforge"]
+import lm_eval
+from lm_eval.api.registry import model_registry
+from lm_eval.tasks import TaskManager
+model_registry.register("lmforge", target=entry.value)
+assert "lmforge.eval.harness" not in sys.modules
+results = lm_eval.simple_evaluate(model="lmforge", model_args="pretrained={hf_gpt2}", tasks=["lmforge_local_mc"],
+                                  task_manager=TaskManager(include_path="{harness_dir}", include_defaults=False))
+model = model_registry.get("lmforge")
+print("resolved", model.__module__ + "." + model.__name__)
+print("acc", results["results"]["lmforge_local_mc"]["acc,none"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resolved lmforge.eval.harness.LmforgeLM" in done.stdout and "acc " in done.stdout
+
+
+def test_lmforge_lm_eval_runs_the_harness_command_line(hf_gpt2, tmp_path):
+    from conftest import run_cli
+
+    harness_dir, _ = write_task(tmp_path)
+    out = tmp_path / "results"
+    done = run_cli("lm-eval", "run", "--model", "lmforge", "--model_args", f"pretrained={hf_gpt2}", "--batch_size", "4",
+                   "--tasks", "lmforge_local_mc", "--include_path", str(harness_dir), "--output_path", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "lmforge_local_mc" in done.stdout and "acc" in done.stdout
+    assert list(out.rglob("results_*.json"))

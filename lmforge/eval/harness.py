@@ -1,14 +1,16 @@
 """An lm-evaluation-harness model backed by lmforge (the harness is an optional extra).
 
-Importing this module registers the model as ``lmforge``:
+lmforge's package metadata declares the model in the harness's ``lm_eval.models`` entry-point group,
+and importing this module registers it too, so any of these runs it:
 
-    import lmforge.eval.harness                       # registers "lmforge" with lm_eval
-    lm_eval.simple_evaluate(model="lmforge", model_args="pretrained=runs/demo/train", tasks=[...])
+    lm_eval --model lmforge --model_args pretrained=runs/demo/train --tasks ...   # harness releases with
+                                                      # plugin discovery (EleutherAI/lm-evaluation-harness#4013)
+    lmforge lm-eval --model lmforge --model_args pretrained=runs/demo/train --tasks ...   # any harness >= 0.4.5
+    import lmforge.eval.harness; lm_eval.simple_evaluate(model="lmforge", model_args="pretrained=...", tasks=[...])
 
-    lmforge lm-eval --model lmforge --model_args pretrained=runs/demo/train --tasks ...   # the harness CLI
-
-(lm-evaluation-harness 0.4 has no plugin discovery for models: its registry knows its own models and
-whatever was registered in the running process, which is why the command goes through `lmforge lm-eval`.)
+Model arguments: ``pretrained`` (a model or run folder), ``batch_size``, ``device`` (the harness
+asks for CUDA by default; without a GPU this falls back to the CPU, as its ``hf`` model does),
+``dtype`` (float32, bfloat16, float16), ``max_gen_toks``, ``int8``.
 """
 
 from __future__ import annotations
@@ -19,16 +21,27 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from lmforge.eval.loglikelihood import score_tokens, split_context
 
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 @register_model("lmforge")
 class LmforgeLM(LM):
-    def __init__(self, pretrained: str, batch_size: int | str = 8, device: str = "auto", max_gen_toks: int = 256,
-                 int8: bool = False, **kwargs):
+    def __init__(self, pretrained: str, batch_size: int | str = 8, device: str | None = None, dtype: str | None = None,
+                 max_gen_toks: int = 256, int8: bool = False, **kwargs):
         super().__init__()
-        from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
-        from lmforge.utils import pick_device
+        import torch
 
-        self.model = load_decoder(pretrained, pick_device(device))
+        from lmforge.errors import LmforgeError
+        from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
+        from lmforge.utils import pick_device, warn
+
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            warn(f"device {device!r} asked for but no CUDA GPU is visible; running on the CPU")
+            device = "cpu"
+        if dtype not in (None, "auto", *DTYPES):
+            raise LmforgeError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        torch_dtype = getattr(torch, dtype) if dtype in DTYPES else None
+        self.model = load_decoder(pretrained, pick_device(device or "auto"), torch_dtype).eval()
         self.tokenizer = load_tokenizer_for(self.model)
         if str(int8).lower() in ("1", "true"):
             from lmforge.infer.engine import quantize_int8
@@ -50,16 +63,23 @@ class LmforgeLM(LM):
         return score_tokens(self.model, pairs, self.batch_size, self.pad, progress=not disable_tqdm, desc="loglikelihood")
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        out = []
-        for request in requests:
+        """Every token of each text, after end-of-text, in the harness's disjoint windows of the context length."""
+        windows, owner = [], []
+        for i, request in enumerate(requests):
             (text,) = request.args
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                self.tokenizer.encode(text), prefix_token=self.eot, max_seq_len=self.model.config.block_size,
-                context_len=1)]
-            out.append(sum(score for score, _ in score_tokens(self.model, windows, self.batch_size, self.pad)))
-        return out
+            for window in get_rolling_token_windows(self.tokenizer.encode(text), prefix_token=self.eot,
+                                                    max_seq_len=self.model.config.block_size, context_len=1):
+                windows.append(make_disjoint_window(window))
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        scores = score_tokens(self.model, windows, self.batch_size, self.pad, progress=not disable_tqdm, desc="rolling")
+        for i, (score, _) in zip(owner, scores):
+            totals[i] += score
+        return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from tqdm.auto import tqdm
+
         from lmforge.infer.engine import Engine
         from lmforge.infer.generate import SamplingParams, fit_prompt
 
@@ -75,5 +95,8 @@ class LmforgeLM(LM):
             ids = fit_prompt(self.tokenizer.encode(context) or [self.eot], params.max_new_tokens,
                              self.model.config.block_size, truncate=True)
             handles.append(engine.add(ids, params))
-        engine.run(handles)
+        with tqdm(total=len(handles), desc="generate_until", disable=disable_tqdm) as bar:
+            while engine.has_work:
+                engine.step()
+                bar.update(sum(h.finished for h in handles) - bar.n)
         return [h.sequences[0].text for h in handles]
