@@ -1,5 +1,5 @@
 """lmforge: tokenizers, corpora, Transformers of the GPT-2/Llama/Qwen2/Mistral/BERT families,
-pretraining, generation, conversion, embeddings and run planning.
+pretraining, fine-tuning, generation, evaluation, conversion, embeddings and run planning.
 
 The Python API mirrors the command line; names are imported lazily so ``import lmforge`` (and
 the worker processes of ``prepare``) stay fast.
@@ -30,6 +30,10 @@ _API = {
     "generate": "lmforge.infer.generate",
     "SamplingParams": "lmforge.infer.generate",
     "write_report": "lmforge.eval.report",
+    "evaluate": "lmforge.eval.evaluate",
+    "resolve_tasks": "lmforge.eval.tasks",
+    "train_ngram": "lmforge.eval.baselines",
+    "train_lstm": "lmforge.eval.baselines",
     "LmforgeError": "lmforge.errors",
 }
 

@@ -240,44 +240,32 @@ def cmd_serve(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from lmforge.eval.evaluate import compare_on_split, evaluate, format_comparison, format_results
-    from lmforge.eval.tasks import Task, resolve_tasks
-    from lmforge.utils import atomic_write_json
+    from pathlib import Path
+
+    from lmforge.eval.evaluate import evaluate, format_results
+    from lmforge.eval.tasks import resolve_tasks, text_task
 
     models = args.model or []
-    if not models:
-        raise LmforgeError("pass --model (a model folder, a run folder, or an n-gram/LSTM baseline folder)")
-    if args.data:
-        rows = compare_on_split(models, args.data, args.split, args.stride, args.max_tokens)
-        print(format_comparison(rows))
-        if args.out:
-            atomic_write_json(args.out, {"data": args.data, "split": args.split, "stride": args.stride, "models": rows})
-        return
-    if len(models) > 1:
-        raise LmforgeError("several --model are compared on a prepared split: add --data DATA")
     tasks = resolve_tasks([t for t in (args.tasks or "").split(",") if t], args.limit, args.seed, args.shots)
     if args.text:
-        from pathlib import Path
-
-        path = Path(args.text)
-        if not path.is_file():
-            raise LmforgeError(f"text file {path} does not exist")
-        tasks.append(Task(path.name, "perplexity", [{"text": path.read_text(encoding="utf-8", errors="replace")}],
-                          source=str(path), version="text"))
-    if not tasks:
-        raise LmforgeError("nothing to evaluate: pass --tasks (built-in names or YAML files), --text FILE or --data DIR")
-    results = evaluate(models[0], tasks, args.batch_size, args.stride, progress=not args.quiet, out=args.out)
+        tasks.append(text_task(args.text))
+    out = args.out
+    if out is None and models and (Path(models[0]) / "metrics.jsonl").exists():
+        out = str(Path(models[0]) / "eval.json")  # a training run keeps its evaluation (`lmforge report` shows it)
+    results = evaluate(models, tasks, args.data, args.split, args.batch_size, args.stride, args.max_tokens,
+                       progress=not args.quiet, out=out)
     print(format_results(results))
-    if args.out:
-        print(f"wrote {args.out}")
+    if out:
+        print(f"wrote {out}")
 
 
 def cmd_baseline(args, extra: list[str]) -> None:
     from lmforge.eval.baselines import train_lstm, train_ngram
 
     if args.kind == "ngram":
-        if extra:
-            raise LmforgeError(f"unrecognized arguments for the n-gram baseline: {' '.join(extra)}")
+        if extra or args.config:
+            given = " ".join(extra + (["--config"] if args.config else []))
+            raise LmforgeError(f"the n-gram baseline takes --order and --discount, not {given}")
         from pathlib import Path
 
         out = Path(args.out)
@@ -291,7 +279,8 @@ def cmd_baseline(args, extra: list[str]) -> None:
 
     overrides = parse_overrides(extra)
     shape = {k: v for k, v in (("n_embd", args.n_embd), ("hidden", args.hidden), ("n_layer", args.n_layer)) if v}
-    summary = train_lstm(args.data, args.out, progress=not args.quiet, overwrite=args.overwrite, **shape, **overrides)
+    summary = train_lstm(args.data, args.out, progress=not args.quiet, config=args.config, overwrite=args.overwrite,
+                         **shape, **overrides)
     print(f"done: {summary['steps']} steps; latest checkpoint {summary['checkpoint']}")
 
 
@@ -492,18 +481,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text", help="a text file to compute perplexity and bits per byte on")
     ev.add_argument("--data", help="a prepared-data folder: compare the models' perplexity on its --split")
     ev.add_argument("--split", default="val")
-    ev.add_argument("--stride", type=int, default=None, help="sliding-window stride in tokens (default: the context length)")
+    ev.add_argument("--stride", type=int, default=None, help="perplexity: a window of the context length every STRIDE tokens (default: half the context)")
     ev.add_argument("--max-tokens", type=int, default=None, help="with --data: score at most this many tokens")
     ev.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
     ev.add_argument("--shots", type=int, default=None, help="demonstrations per prompt (overrides the task files)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--out", help="save the results as JSON here")
+    ev.add_argument("--out", help="save the results as JSON here (default for a run folder: RUN/eval.json)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)
 
     bl = sub.add_parser("baseline", help="train an n-gram (Kneser-Ney) or LSTM language model on prepared data",
-                        allow_abbrev=False)
+                        allow_abbrev=False, epilog="The LSTM trains with pretrain's loop: it takes the same --config "
+                        "YAML and --key value training settings (--max-steps, --lr, --micro-batch-size, ...).")
     bl.add_argument("--kind", choices=["ngram", "lstm"], required=True)
     bl.add_argument("--data", required=True, help="a prepared-data folder (its train split)")
     bl.add_argument("--out", required=True)
@@ -512,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--n-embd", type=int, default=None, help="LSTM embedding width (default 256)")
     bl.add_argument("--hidden", type=int, default=None, help="LSTM hidden width (default 512)")
     bl.add_argument("--n-layer", type=int, default=None, help="LSTM layers (default 2)")
+    bl.add_argument("--config", help="LSTM: a training YAML (e.g. the Transformer's: same tokens, same schedule)")
     bl.add_argument("--overwrite", action="store_true")
     bl.add_argument("--quiet", action="store_true")
     bl.set_defaults(func=cmd_baseline)

@@ -66,9 +66,24 @@ def test_baselines_from_the_command_line_and_the_comparison_table(data_dir, tmp_
     assert main(["eval", "--data", str(data_dir), "--model", str(tmp_path / "gpt"), "--model", str(tmp_path / "ngram"),
                  "--model", str(tmp_path / "lstm"), "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "Transformer (gpt2)" in table and "n-gram (Kneser-Ney)" in table and "LSTM" in table
+    assert "| Transformer (gpt2) | windows of 32, stride 16 |" in table and "| LSTM | all earlier tokens |" in table
+    assert "| n-gram (Kneser-Ney) | the 2 tokens before |" in table
     import json
 
-    rows = json.loads(out.read_text())["models"]
+    rows = json.loads(out.read_text())["perplexity"]["models"]
     assert len({r["tokens"] for r in rows}) == 1  # the same tokens for every model
     assert all(0 < r["bits_per_byte"] < 8 and r["perplexity"] > 1 for r in rows)
+
+    # one command on a run folder: perplexity beside a baseline and task scores, kept as RUN/eval.json ...
+    assert main(["eval", "--model", str(tmp_path / "gpt"), "--model", str(tmp_path / "ngram"), "--data", str(data_dir),
+                 "--tasks", "brackets", "--limit", "6", "--quiet"]) == 0
+    assert f"wrote {tmp_path / 'gpt' / 'eval.json'}" in capsys.readouterr().out
+    results = json.loads((tmp_path / "gpt" / "eval.json").read_text())
+    # ... which the report shows, numbers as saved
+    from lmforge.eval.report import write_report
+
+    report = write_report(tmp_path / "gpt").read_text()
+    assert "## Evaluation" in report
+    for r in results["perplexity"]["models"]:
+        assert f"| {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} | {r['tokens']:,} |" in report
+    assert f"| brackets | builtin-1 | 0 | 6 | acc | {results['tasks']['brackets']['metrics']['acc']:.4f} |" in report

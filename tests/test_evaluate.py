@@ -45,9 +45,14 @@ def test_sliding_window_perplexity_matches_the_transformers_recipe(hf_gpt2, stri
     ours = load_model(hf_gpt2)
     ids = load_tokenizer_for(ours).encode(open(__file__).read())[:300]  # longer than the 64-token context
     expected, n_expected = hf_sliding_window_nll(hf, ids, 64, stride)
-    got, n_got = rolling_nll(ours, ids, stride=stride)
+    got, n_got = rolling_nll(ours, [ids], stride=stride, batch_size=3)
     assert n_got == n_expected
     assert math.exp(got / n_got) == pytest.approx(math.exp(expected / n_expected), rel=1e-4)
+    # several texts in one batched call: the sum of each alone
+    texts = [ids, ids[:50], ids[7:130]]
+    alone = [hf_sliding_window_nll(hf, t, 64, stride) for t in texts]
+    together, n_together = rolling_nll(ours, texts, stride=stride)
+    assert n_together == sum(n for _, n in alone) and together == pytest.approx(sum(v for v, _ in alone), rel=1e-4)
 
 
 def mc_task(docs, **kw):
@@ -171,3 +176,26 @@ def test_results_json_and_the_command(hf_gpt2, tmp_path, capsys):
     assert "| t.txt | text | 0 | 1 | perplexity |" in capsys.readouterr().out
     assert main(["eval", "--model", str(hf_gpt2)]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_a_stop_sequence_inside_the_answers_is_flagged_and_builtins_have_none(hf_gpt2, capsys):
+    model = load_model(hf_gpt2)
+    tok = load_tokenizer_for(model)
+    for name in ("arithmetic", "copy", "reverse"):
+        task = BUILTIN[name](5, 0)
+        run_task(model, tok, task, progress=False)
+        assert "stop sequence" not in capsys.readouterr().err
+        assert not any(stop in task.target_delimiter + task.render(task.target, d) for d in task.docs for stop in task.until)
+    cut = Task("cut", "generate", [{"s": "abc"}], prompt="copy: {{ s }} ->", target="{{ s }}", until=[" "])
+    run_task(model, tok, cut, progress=False)
+    assert "task cut: a stop sequence (' ') occurs in 1 of its answers (first: ' abc')" in capsys.readouterr().err
+
+
+def test_choices_with_quotes_backslashes_and_newlines_in_every_form():
+    awkward = ["it's", 'say "hi"\n', "back\\slash", "[not, a, list]"]
+    doc = {"options": awkward, "a": "x", "b": "y"}
+    assert mc_task([doc]).choices_of(doc) == awkward  # a field holding a list
+    assert Task("t", "multiple_choice", [doc], choices="{{ options | list }}").choices_of(doc) == awkward  # rendered repr
+    assert Task("t", "multiple_choice", [doc], choices="[{{ a }}, {{ b }}]").choices_of(doc) == ["x", "y"]  # YAML
+    with pytest.raises(LmforgeError, match="`choices` gave 'x', not a list"):
+        Task("t", "multiple_choice", [doc], choices="{{ a }}").choices_of(doc)

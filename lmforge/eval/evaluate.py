@@ -16,54 +16,55 @@ seeds and timings.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.eval.loglikelihood import loglikelihoods
+from lmforge.eval.loglikelihood import loglikelihoods, score_tokens
 from lmforge.eval.metrics import classification_metrics, squad_f1
 from lmforge.eval.tasks import Task
-from lmforge.utils import atomic_write_json
+from lmforge.utils import atomic_write_json, warn
 
 # -- sliding-window perplexity ----------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def rolling_nll(model, token_ids: list[int] | np.ndarray, stride: int | None = None, window: int | None = None) -> tuple[float, int]:
-    """(sum of negative log-likelihoods in nats, number of predicted tokens) over ``token_ids``.
-
-    Windows of ``window`` tokens (default: the model's context) start every ``stride`` tokens (default:
-    half a window); each
-    window scores only the tokens the previous windows did not, so every token but the first is
-    scored once, with as much context as the window gives it (the recipe of transformers' perplexity
-    guide). Models without a context limit (n-gram, LSTM baselines) score the whole sequence at once.
-    """
-    if hasattr(model, "sequence_nll"):
-        return model.sequence_nll(np.asarray(token_ids))
-    window = window or model.config.block_size
-    stride = min(stride or window // 2, window)  # half-window steps: every token scored, with >= window/2 context
-    ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
-    device = next(model.parameters()).device
-    total, count, prev_end = 0.0, 0, 0
+def sliding_windows(ids: list[int], window: int, stride: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(context, new tokens) of each window over ``ids``: windows of ``window`` tokens start every ``stride``
+    (default: half a window, so every token is predicted from at least half a window of context); each
+    scores only the tokens earlier windows did not, so every token but the first is scored once (the
+    recipe of transformers' perplexity guide)."""
+    stride = min(stride or window // 2, window)
+    requests, prev_end = [], 0
     for begin in range(0, len(ids), stride):
         end = min(begin + window, len(ids))
-        chunk = ids[begin:end].to(device)
-        logp = F.log_softmax(model(chunk[None])[0].float(), -1)
         first = max(prev_end, begin + 1)  # tokens before prev_end were scored by earlier windows
-        positions = torch.arange(first - begin - 1, end - begin - 1, device=device)
-        total -= logp[positions, chunk[positions + 1]].sum().item()
-        count += end - first
+        if end > first:
+            requests.append((ids[begin:first], ids[first:end]))
         prev_end = end
         if end == len(ids):
             break
-    return total, count
+    return requests
 
 
-def perplexity_of(model, token_ids, n_bytes: int, stride: int | None = None) -> dict:
-    nll, n = rolling_nll(model, token_ids, stride)
+def rolling_nll(model, sequences: list, stride: int | None = None, window: int | None = None, batch_size: int = 16,
+                progress: bool = False) -> tuple[float, int]:
+    """(sum of negative log-likelihoods in nats, number of predicted tokens) over token sequences, each in
+    ``sliding_windows`` of ``window`` tokens (default: the model's context), all batched through the
+    log-likelihood scorer. Models without a context limit (n-gram, LSTM baselines) score each whole sequence."""
+    if hasattr(model, "sequence_nll"):
+        results = [model.sequence_nll(np.asarray(ids)) for ids in sequences]
+        return sum(nll for nll, _ in results), sum(n for _, n in results)
+    window = window or model.config.block_size
+    requests = [w for ids in sequences for w in sliding_windows(np.asarray(ids, dtype=np.int64).tolist(), window, stride)]
+    scores = score_tokens(model, requests, batch_size, progress=progress, desc="perplexity") if requests else []
+    return -sum(score for score, _ in scores), sum(len(continuation) for _, continuation in requests)
+
+
+def perplexity_of(model, token_ids, n_bytes: int, stride: int | None = None, progress: bool = False) -> dict:
+    nll, n = rolling_nll(model, [token_ids], stride, progress=progress)
     return {"perplexity": math.exp(nll / max(n, 1)), "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
             "tokens": n, "bytes": n_bytes}
 
@@ -125,12 +126,9 @@ def run_task(model, tokenizer, task: Task, batch_size: int = 16, stride: int | N
         metrics = _generation_task(model, tokenizer, task, batch_size, progress)
     else:
         texts = [str(d[task.text_field]) for d in task.docs]
-        total_nll, total_tokens, total_bytes = 0.0, 0, 0
-        for text in texts:
-            nll, n = rolling_nll(model, tokenizer.encode(text), stride)
-            total_nll, total_tokens, total_bytes = total_nll + nll, total_tokens + n, total_bytes + len(text.encode("utf-8"))
-        metrics = {"perplexity": math.exp(total_nll / max(total_tokens, 1)),
-                   "bits_per_byte": total_nll / math.log(2) / max(total_bytes, 1)}
+        nll, n = rolling_nll(model, [tokenizer.encode(t) for t in texts], stride, batch_size=batch_size, progress=progress)
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        metrics = {"perplexity": math.exp(nll / max(n, 1)), "bits_per_byte": nll / math.log(2) / max(n_bytes, 1)}
         metrics = {k: v for k, v in metrics.items() if k in task.metrics}
     return {"version": task.version, "type": task.type, "source": task.source, "examples": len(task.docs),
             "shots": task.fewshot, "seed": task.seed, "metrics": metrics, "seconds": round(time.perf_counter() - started, 3)}
@@ -169,6 +167,11 @@ def _generation_task(model, tokenizer, task: Task, batch_size: int, progress: bo
     from lmforge.infer.engine import Engine
     from lmforge.infer.generate import SamplingParams, fit_prompt
 
+    references = [task.render(task.target, d).strip() for d in task.docs]
+    cut = [r for r in references if any(stop in task.target_delimiter + r for stop in task.until)]
+    if cut:
+        warn(f"task {task.name}: a stop sequence ({', '.join(map(repr, task.until))}) occurs in {len(cut)} of its "
+             f"answers (first: {task.target_delimiter + cut[0]!r}); generation stops there, so those cannot match")
     params = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=0, stop=list(task.until))
     engine = Engine(model, tokenizer, max_batch=batch_size)
     contexts = [task.context(i) for i in range(len(task.docs))]
@@ -188,7 +191,6 @@ def _generation_task(model, tokenizer, task: Task, batch_size: int, progress: bo
         done = now
     bar.close()
     predictions = [requests[i].sequences[0].text.strip() for i in range(len(contexts))]
-    references = [task.render(task.target, d).strip() for d in task.docs]
     out = {}
     if task.type == "regression":
         guesses = [float(m.group()) if (m := _NUMBER.search(p)) else 0.0 for p in predictions]
@@ -210,37 +212,59 @@ def _generation_task(model, tokenizer, task: Task, batch_size: int, progress: bo
     return out
 
 
-def evaluate(model_path: str, tasks: list[Task], batch_size: int = 16, stride: int | None = None, progress: bool = True,
-             out: str | None = None) -> dict:
-    """Run ``tasks`` on the model at ``model_path``; returns (and with ``out`` saves) the results."""
+def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str | os.PathLike | None = None,
+             split: str = "val", batch_size: int = 16, stride: int | None = None, max_tokens: int | None = None,
+             progress: bool = True, out: str | os.PathLike | None = None) -> dict:
+    """With ``data`` (a prepared-data folder), the perplexity of every model in ``models`` on its ``split``
+    (Transformers beside n-gram and LSTM baselines, on the same tokens); ``tasks`` on the first model.
+    Returns (and with ``out`` saves) the results."""
     from lmforge import __version__
-    from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
+    from lmforge.model.checkpoint import load_decoder, load_tokenizer_for, resolve_model_dir
 
-    model = load_decoder(model_path)
-    tokenizer = load_tokenizer_for(model)
-    results = {"model": str(model.source), "lmforge_version": __version__,
-               "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "tasks": {}}
-    for task in tasks:
-        results["tasks"][task.name] = run_task(model, tokenizer, task, batch_size, stride, progress)
+    models = [models] if isinstance(models, (str, os.PathLike)) else list(models)
+    if not models:
+        raise LmforgeError("pass --model (a model folder, a run folder, or an n-gram/LSTM baseline folder)")
+    if not tasks and data is None:
+        raise LmforgeError("nothing to evaluate: pass --tasks (built-in names or YAML files), --text FILE or --data DIR")
+    if len(models) > 1 and data is None:
+        raise LmforgeError("several --model are compared on a prepared split: add --data DIR")
+    results = {"model": str(resolve_model_dir(models[0])), "lmforge_version": __version__,
+               "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if data is not None:
+        rows = compare_on_split(models, data, split, stride, max_tokens, progress)
+        results["perplexity"] = {"data": str(data), "split": split, "models": rows}
+    results["tasks"] = {}
+    if tasks:
+        model = load_decoder(models[0])
+        tokenizer = load_tokenizer_for(model)
+        for task in tasks:
+            results["tasks"][task.name] = run_task(model, tokenizer, task, batch_size, stride, progress)
     if out:
         atomic_write_json(out, results)
     return results
 
 
 def format_results(results: dict) -> str:
-    lines = ["| task | version | shots | examples | metric | value |", "|---|---|---:|---:|---|---:|"]
-    for name, r in results["tasks"].items():
-        for metric, value in r["metrics"].items():
-            if isinstance(value, (int, float)):
-                lines.append(f"| {name} | {r['version']} | {r['shots']} | {r['examples']} | {metric} | {value:.4f} |")
-    return "\n".join(lines)
+    """The perplexity comparison (if any) and the task scores, as Markdown tables."""
+    parts = []
+    if "perplexity" in results:
+        p = results["perplexity"]
+        parts.append(f"Perplexity on {p['data']} ({p['split']} split):\n\n" + format_comparison(p["models"]))
+    if results["tasks"]:
+        lines = ["| task | version | shots | examples | metric | value |", "|---|---|---:|---:|---|---:|"]
+        for name, r in results["tasks"].items():
+            for metric, value in r["metrics"].items():
+                if isinstance(value, (int, float)):
+                    lines.append(f"| {name} | {r['version']} | {r['shots']} | {r['examples']} | {metric} | {value:.4f} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 # -- perplexity of several models on one prepared split -------------------------------------------------
 
 
 def compare_on_split(model_paths: list[str], data_dir: str, split: str = "val", stride: int | None = None,
-                     max_tokens: int | None = None) -> list[dict]:
+                     max_tokens: int | None = None, progress: bool = False) -> list[dict]:
     """Perplexity and bits per byte of each model (Transformers and n-gram / LSTM baselines) on the same tokens."""
     from lmforge.data.loader import TokenSplit
     from lmforge.eval.baselines import load_any
@@ -256,13 +280,22 @@ def compare_on_split(model_paths: list[str], data_dir: str, split: str = "val", 
         if getattr(model, "config", None) is not None and getattr(model.config, "vocab_size", 10**9) < data.meta["tokenizer"]["vocab_size"]:
             raise LmforgeError(f"{path} has a smaller vocabulary than the data's tokenizer; evaluate models trained on it")
         started = time.perf_counter()
-        result = perplexity_of(model, tokens, n_bytes, stride)
-        rows.append({"model": str(path), "kind": kind, **result, "seconds": round(time.perf_counter() - started, 2)})
+        result = perplexity_of(model, tokens, n_bytes, stride, progress)
+        if hasattr(model, "order"):
+            context = f"the {model.order - 1} tokens before"
+        elif hasattr(model, "sequence_nll"):
+            context = "all earlier tokens"
+        else:
+            block = model.config.block_size
+            context = f"windows of {block}, stride {min(stride or block // 2, block)}"
+        rows.append({"model": str(path), "kind": kind, "context": context, **result,
+                     "seconds": round(time.perf_counter() - started, 2)})
     return rows
 
 
 def format_comparison(rows: list[dict]) -> str:
-    lines = ["| model | kind | perplexity | bits per byte | tokens |", "|---|---|---:|---:|---:|"]
+    lines = ["| model | kind | context | perplexity | bits per byte | tokens |", "|---|---|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['kind']} | {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} | {r['tokens']:,} |")
+        lines.append(f"| {r['model']} | {r['kind']} | {r['context']} | {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} "
+                     f"| {r['tokens']:,} |")
     return "\n".join(lines)

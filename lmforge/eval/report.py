@@ -1,7 +1,7 @@
 """`lmforge report RUN`: a ``report.md`` with the run's numbers and PNG plots (matplotlib).
 
 Everything in it is read back from the files the training loop wrote: ``config.yaml``,
-``run.json``, ``metrics.jsonl`` and ``samples.jsonl``.
+``run.json``, ``metrics.jsonl`` and ``samples.jsonl``, and ``eval.json`` where `lmforge eval` wrote one.
 """
 
 from __future__ import annotations
@@ -134,6 +134,12 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     else:
         lines.append("No validation split.")
     lines += ["", "![loss](loss.png)", "", "![learning rate](lr.png) ![throughput](throughput.png)", ""]
+    if (run_dir / "eval.json").exists():  # written by `lmforge eval --model RUN`
+        from lmforge.eval.evaluate import format_results
+
+        results = read_json(run_dir / "eval.json", "evaluation results")
+        lines += ["## Evaluation", "", f"`lmforge eval` of `{results['model']}` on {results['date']}:", "",
+                  format_results(results), ""]
     samples_path = run_dir / "samples.jsonl"
     if samples_path.exists():
         samples = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines() if line.strip()]

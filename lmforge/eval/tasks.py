@@ -21,9 +21,11 @@ Built-in tasks (for smoke-testing small models) generate their own data: ``arith
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,13 +89,16 @@ class Task:
         return _render(template, doc, self.name)
 
     def choices_of(self, doc: dict) -> list[str]:
+        """The choices: a YAML list, a field holding a list (``{{ options }}``), or a template rendering to a
+        list written as a Python literal (as lm-evaluation-harness reads it) or in YAML."""
         if isinstance(self.choices, list):
             return [str(c) for c in self.choices]
-        value = self.render(self.choices, doc)
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            parsed = None
+        single = _SINGLE_FIELD.fullmatch(self.choices)
+        if single and isinstance(doc.get(single.group(1)), list):
+            parsed = value = doc[single.group(1)]
+        else:
+            value = self.render(self.choices, doc)
+            parsed = _parse_list(value)
         if not isinstance(parsed, list) or not parsed:
             raise LmforgeError(f"task {self.name}: `choices` gave {value!r}, not a list")
         return [str(c) for c in parsed]
@@ -130,6 +135,18 @@ class Task:
 
 
 _ENV = None
+_SINGLE_FIELD = re.compile(r"\s*\{\{\s*(\w+)\s*\}\}\s*")
+
+
+def _parse_list(text: str):
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
 
 
 def _render(template: str, doc: dict, task: str) -> str:
@@ -259,17 +276,26 @@ def _is_balanced(s: str) -> bool:
 
 BUILTIN = {
     "arithmetic": lambda n, seed: Task("arithmetic", "generate", _arithmetic(n, seed), prompt="{{ a }} + {{ b }} =",
-                                       target="{{ answer }}", until=["\n", " "], max_new_tokens=6,
+                                       target="{{ answer }}", until=["\n"], max_new_tokens=6,
                                        metrics=["exact_match"], version="builtin-1"),
     "copy": lambda n, seed: Task("copy", "generate", _strings(n, seed), prompt="copy: {{ s }} ->", target="{{ s }}",
-                                 until=["\n", " "], max_new_tokens=12, metrics=["exact_match", "f1"], version="builtin-1"),
+                                 until=["\n"], max_new_tokens=12, metrics=["exact_match", "f1"], version="builtin-1"),
     "reverse": lambda n, seed: Task("reverse", "generate", _strings(n, seed), prompt="reverse: {{ s }} ->",
-                                    target="{{ s[::-1] }}", until=["\n", " "], max_new_tokens=12,
+                                    target="{{ s[::-1] }}", until=["\n"], max_new_tokens=12,
                                     metrics=["exact_match", "f1"], version="builtin-1"),
     "brackets": lambda n, seed: Task("brackets", "multiple_choice", _brackets(n, seed),
                                      prompt="Is {{ s }} balanced?", choices=["yes", "no"], target="{{ answer }}",
                                      version="builtin-1"),
 }
+
+
+def text_task(path: str | os.PathLike) -> Task:
+    """Perplexity and bits per byte of one text file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"text file {path} does not exist")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return Task(path.name, "perplexity", [{"text": text}], source=str(path), version="text")
 
 
 def resolve_tasks(names: list[str], limit: int | None = None, seed: int = 0, fewshot: int | None = None) -> list[Task]:
