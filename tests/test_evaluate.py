@@ -199,3 +199,12 @@ def test_choices_with_quotes_backslashes_and_newlines_in_every_form():
     assert Task("t", "multiple_choice", [doc], choices="[{{ a }}, {{ b }}]").choices_of(doc) == ["x", "y"]  # YAML
     with pytest.raises(LmforgeError, match="`choices` gave 'x', not a list"):
         Task("t", "multiple_choice", [doc], choices="{{ a }}").choices_of(doc)
+
+
+def test_targets_keep_their_spaces_and_bad_tasks_stop_the_run_before_any_model_work():
+    doc = {"q": "except ValueError as", "options": [" e:", " e {", " (e)"], "answer": " e:"}
+    assert mc_task([doc]).target_index(doc) == 0
+    assert mc_task([{**doc, "answer": "(e)"}]).target_index({**doc, "answer": "(e)"}) == 2  # stripped, as a fallback
+    bad = mc_task([doc, {**doc, "answer": "nope"}])
+    with pytest.raises(LmforgeError, match="target 'nope' is neither a choice"):
+        evaluate("no-such-model-folder", [bad])  # the task is checked before the model is looked at

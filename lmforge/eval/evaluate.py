@@ -228,6 +228,8 @@ def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str
         raise LmforgeError("nothing to evaluate: pass --tasks (built-in names or YAML files), --text FILE or --data DIR")
     if len(models) > 1 and data is None:
         raise LmforgeError("several --model are compared on a prepared split: add --data DIR")
+    for task in tasks:
+        task.check()
     results = {"model": str(resolve_model_dir(models[0])), "lmforge_version": __version__,
                "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if data is not None:

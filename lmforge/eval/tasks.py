@@ -22,6 +22,7 @@ Built-in tasks (for smoke-testing small models) generate their own data: ``arith
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import random
@@ -106,12 +107,30 @@ class Task:
     def target_index(self, doc: dict) -> int:
         """The right choice's index: the target is an index, or the text of one of the choices."""
         choices = self.choices_of(doc)
-        target = self.render(self.target, doc).strip()
-        if target in choices:
-            return choices.index(target)
+        written = self.render(self.target, doc)
+        if written in choices:  # as written: a choice may begin with a space
+            return choices.index(written)
+        target = written.strip()
+        stripped = [c.strip() for c in choices]
+        if target in stripped:
+            return stripped.index(target)
         if target.lstrip("-").isdigit() and 0 <= int(target) < len(choices):
             return int(target)
-        raise LmforgeError(f"task {self.name}: target {target!r} is neither a choice ({', '.join(choices)}) nor an index")
+        raise LmforgeError(f"task {self.name}: target {target!r} is neither a choice ({', '.join(map(repr, choices))}) "
+                           f"nor an index")
+
+    def check(self) -> None:
+        """Render every example's prompt and answer now, so that a mistake in the task file stops the run before
+        any model work (not after an hour of it)."""
+        for doc in self.docs:
+            self.render(self.prompt, doc)
+            if self.type in ("multiple_choice", "classification"):
+                self.target_index(doc)
+            elif self.type == "perplexity":
+                if self.text_field not in doc:
+                    raise LmforgeError(f"task {self.name}: an example has no {self.text_field!r} field (set text_field)")
+            else:
+                self.render(self.target, doc)
 
     def demonstration(self, doc: dict) -> str:
         """A solved example: the prompt followed by the right answer."""
@@ -149,15 +168,22 @@ def _parse_list(text: str):
         return None
 
 
-def _render(template: str, doc: dict, task: str) -> str:
+@functools.lru_cache(maxsize=256)
+def _compiled(template: str):
+    """A template compiled once (Jinja's sandbox: a task file cannot reach Python internals)."""
     global _ENV
-    from jinja2 import StrictUndefined, TemplateError
+    from jinja2 import StrictUndefined
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     if _ENV is None:
         _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    return _ENV.from_string(template)
+
+
+def _render(template: str, doc: dict, task: str) -> str:
+    from jinja2 import TemplateError
     try:
-        return _ENV.from_string(template).render(**doc)
+        return _compiled(template).render(**doc)
     except TemplateError as e:
         raise LmforgeError(f"task {task}: template {template!r} failed on an example ({e}); check the field names") from None
 
