@@ -213,15 +213,10 @@ _SPEC_KEYS = {"task", "version", "type", "data", "fewshot_data", "prompt", "choi
 
 
 def load_task_file(path: str | os.PathLike) -> Task:
+    from lmforge.train.config import read_config_file
+
     path = Path(path)
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LmforgeError(f"task file {path} does not exist") from None
-    except yaml.YAMLError:
-        raise LmforgeError(f"task file {path} is not valid YAML") from None
-    if not isinstance(spec, dict):
-        raise LmforgeError(f"task file {path} must be a mapping of keys")
+    spec = read_config_file(path, "task file")
     unknown = sorted(set(spec) - _SPEC_KEYS)
     if unknown:
         raise LmforgeError(f"task file {path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(_SPEC_KEYS))}")

@@ -199,20 +199,21 @@ def parse_overrides(tokens: list[str], cls=TrainConfig) -> dict:
     return out
 
 
-def read_config_file(path: str | os.PathLike) -> dict:
+def read_config_file(path: str | os.PathLike, what: str = "config file") -> dict:
+    """A YAML file of ``key: value`` lines (``what`` names it in errors)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise LmforgeError(f"config file {path} not found") from None
+        raise LmforgeError(f"{what} {path} not found") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise LmforgeError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
+        raise LmforgeError(f"{what} {path} is not valid YAML{where}; fix the syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise LmforgeError(f"config file {path} must be a mapping of key: value lines")
+        raise LmforgeError(f"{what} {path} must be a mapping of key: value lines")
     return data
 
 
