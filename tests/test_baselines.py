@@ -1,5 +1,6 @@
 """The historical baselines: Kneser–Ney against NLTK, the LSTM, and the comparison table."""
 
+import json
 import math
 import random
 
@@ -57,19 +58,22 @@ def test_baselines_from_the_command_line_and_the_comparison_table(data_dir, tmp_
     assert main(["baseline", "--kind", "ngram", "--data", str(data_dir), "--out", str(tmp_path / "ngram")]) == 0
     assert main(["baseline", "--kind", "lstm", "--data", str(data_dir), "--out", str(tmp_path / "lstm"), "--quiet",
                  "--n-embd", "16", "--hidden", "24", "--n-layer", "1", "--max-steps", "30", "--block-size", "32",
-                 "--micro-batch-size", "4", "--eval-interval", "30", "--threads", "1", "--tensorboard", "false"]) == 0
+                 "--micro-batch-size", "4", "--eval-interval", "30", "--threads", "1", "--tensorboard", "false",
+                 "--sample-prompt", "import", "--sample-tokens", "5"]) == 0
+    samples = [json.loads(line) for line in (tmp_path / "lstm" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0, 30] and all(s["prompt"] == "import" and s["text"] for s in samples)
     assert main(["pretrain", "--data", str(data_dir), "--out", str(tmp_path / "gpt"), "--n-layer", "1", "--n-embd", "32",
                  "--n-head", "2", "--block-size", "32", "--max-steps", "30", "--micro-batch-size", "4", "--quiet",
                  "--threads", "1", "--tensorboard", "false"]) == 0
     capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "ngram"), "def"]) == 2
+    assert "this is an n-gram baseline; it is scored beside Transformers by `lmforge eval" in capsys.readouterr().err
     out = tmp_path / "cmp.json"
     assert main(["eval", "--data", str(data_dir), "--model", str(tmp_path / "gpt"), "--model", str(tmp_path / "ngram"),
                  "--model", str(tmp_path / "lstm"), "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| Transformer (gpt2) | windows of 32, stride 16 |" in table and "| LSTM | all earlier tokens |" in table
     assert "| n-gram (Kneser-Ney) | the 2 tokens before |" in table
-    import json
-
     rows = json.loads(out.read_text())["perplexity"]["models"]
     assert len({r["tokens"] for r in rows}) == 1  # the same tokens for every model
     assert all(0 < r["bits_per_byte"] < 8 and r["perplexity"] > 1 for r in rows)

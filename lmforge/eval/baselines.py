@@ -243,6 +243,26 @@ class LSTMLM(nn.Module):
         return total, max(len(ids) - 1, 0)
 
 
+    @torch.inference_mode()
+    def sample(self, ids: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int = 40, seed: int = 0,
+               stop_id: int | None = None) -> list[int]:
+        """New token ids after ``ids``, sampled one at a time with the LSTM state carried along."""
+        device = self.wte.weight.device
+        generator = torch.Generator().manual_seed(seed)
+        x, state, out = torch.tensor([ids], device=device), None, []
+        for _ in range(max_new_tokens):
+            hidden, state = self.lstm(self.wte(x), state)
+            logits = F.linear(self.proj(hidden[0, -1]), self.wte.weight).float().cpu() / max(temperature, 1e-6)
+            if top_k:
+                logits[logits < logits.topk(min(top_k, logits.numel())).values[-1]] = -float("inf")
+            token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+            if token == stop_id:
+                break
+            out.append(token)
+            x = torch.tensor([[token]], device=device)
+        return out
+
+
 def save_lstm(model: LSTMLM, folder: str | os.PathLike, tokenizer=None) -> Path:
     from safetensors.torch import save_file
 
@@ -286,6 +306,12 @@ def train_lstm(data_dir: str, out: str, progress: bool = True, config: str | Non
 
         def save(self, folder):
             save_lstm(self.model, folder, self.tokenizer)
+
+        def sample_text(self, prompt, params):
+            ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_id or 0]
+            new = self.model.sample(ids, params.max_new_tokens, params.temperature, params.top_k, params.seed or 0,
+                                    self.tokenizer.eos_id)
+            return self.tokenizer.decode(new)
 
         def describe(self):
             info = super().describe()

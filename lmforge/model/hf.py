@@ -275,6 +275,10 @@ def config_to_hf(config: Config) -> dict:
 
 def config_from_hf(hf: dict, where: str = "config.json") -> Config:
     model_type = hf.get("model_type")
+    if model_type in ("lmforge-ngram", "lmforge-lstm"):
+        kind = {"lmforge-ngram": "n-gram", "lmforge-lstm": "LSTM"}[model_type]
+        raise LmforgeError(f"{where}: this is an {kind} baseline; it is scored beside "
+                           "Transformers by `lmforge eval --data DATA --model ...`, not used as one")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise LmforgeError(
             f"{where}: model_type {model_type!r} is not supported; lmforge reads: {', '.join(SUPPORTED_MODEL_TYPES)}"

@@ -279,17 +279,22 @@ class CausalLM(Objective):
         prompt = self.config.sample_prompt
         if not prompt:
             return
-        from lmforge.infer.generate import SamplingParams, stream_generate
+        from lmforge.infer.generate import SamplingParams
 
         params = SamplingParams(max_new_tokens=min(self.config.sample_tokens, self.block_size - 1), temperature=0.8,
                                 top_k=40, seed=0, truncate=True)
         was_training = self.model.training
         self.model.eval()
-        text = "".join(stream_generate(self.model, self.tokenizer, prompt, params))
+        text = self.sample_text(prompt, params)
         self.model.train(was_training)
         bar.write(f"--- sample at step {step} ---\n{prompt}{text}\n---")
         with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "prompt": prompt, "text": text}) + "\n")
+
+    def sample_text(self, prompt: str, params) -> str:
+        from lmforge.infer.generate import stream_generate
+
+        return "".join(stream_generate(self.model, self.tokenizer, prompt, params))
 
 
 def _build_model(config: TrainConfig, tokenizer: Tokenizer, device: torch.device) -> GPT:
