@@ -8,7 +8,8 @@ import torch
 
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
-from lmforge.eval.evaluate import bleu, evaluate, pearson, rolling_nll, rouge, run_task, spearman
+from lmforge.eval.evaluate import evaluate, rolling_nll, run_task
+from lmforge.eval.metrics import bleu, pearson, rouge, spearman
 from lmforge.eval.loglikelihood import loglikelihoods
 from lmforge.eval.tasks import BUILTIN, Task, load_task_file, resolve_tasks
 from lmforge.model.checkpoint import load_model, load_tokenizer_for

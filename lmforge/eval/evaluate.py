@@ -24,7 +24,7 @@ import numpy as np
 
 from lmforge.errors import LmforgeError
 from lmforge.eval.loglikelihood import loglikelihoods, score_tokens
-from lmforge.eval.metrics import classification_metrics, squad_f1
+from lmforge.eval.metrics import bleu, classification_metrics, pearson, rouge, spearman, squad_f1
 from lmforge.eval.tasks import Task
 from lmforge.utils import atomic_write_json, warn
 
@@ -67,48 +67,6 @@ def perplexity_of(model, token_ids, n_bytes: int, stride: int | None = None, pro
     nll, n = rolling_nll(model, [token_ids], stride, progress=progress)
     return {"perplexity": math.exp(nll / max(n, 1)), "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
             "tokens": n, "bytes": n_bytes}
-
-
-# -- metrics from the reference libraries -------------------------------------------------------------
-
-
-def bleu(predictions: list[str], references: list[str]) -> float:
-    """Corpus BLEU with sacrebleu's defaults (13a tokenisation, exp smoothing)."""
-    import sacrebleu
-
-    return sacrebleu.corpus_bleu(predictions, [references]).score
-
-
-def rouge(predictions: list[str], references: list[str]) -> dict:
-    """Mean ROUGE-1/2/L F-measures (×100) with rouge-score."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
-    scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
-    return {k: 100 * sum(s[k].fmeasure for s in scores) / max(len(scores), 1) for k in ("rouge1", "rouge2", "rougeL")}
-
-
-def pearson(x, y) -> float:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    x, y = x - x.mean(), y - y.mean()
-    denominator = math.sqrt((x * x).sum() * (y * y).sum())
-    return float((x * y).sum() / denominator) if denominator else 0.0
-
-
-def _ranks(values) -> np.ndarray:
-    """Ranks with ties given their average rank (as scipy.stats.rankdata)."""
-    values = np.asarray(values, float)
-    order = values.argsort(kind="mergesort")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    for v in np.unique(values):
-        tied = values == v
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def spearman(x, y) -> float:
-    return pearson(_ranks(x), _ranks(y))
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

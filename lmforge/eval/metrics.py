@@ -1,4 +1,5 @@
-"""Classification and extractive-QA metrics (the GLUE and SQuAD conventions)."""
+"""Evaluation metrics: classification and regression (the GLUE conventions), extractive QA (SQuAD's),
+BLEU and ROUGE (computed by sacrebleu and rouge-score)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 import re
 import string
 from collections.abc import Sequence
+
+import numpy as np
 
 
 def accuracy(predictions: Sequence, references: Sequence) -> float:
@@ -88,3 +91,45 @@ def squad_metrics(predictions: Sequence[str], answers: Sequence[Sequence[str]]) 
         "exact_match": 100.0 * sum(squad_exact_match(p, a) for p, a in zip(predictions, answers)) / n,
         "f1": 100.0 * sum(squad_f1(p, a) for p, a in zip(predictions, answers)) / n,
     }
+
+
+# -- generation (the reference libraries' own numbers) and regression (the GLUE conventions) ---------
+
+
+def bleu(predictions: list[str], references: list[str]) -> float:
+    """Corpus BLEU with sacrebleu's defaults (13a tokenisation, exp smoothing)."""
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu(predictions, [references]).score
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict:
+    """Mean ROUGE-1/2/L F-measures (×100) with rouge-score."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
+    return {k: 100 * sum(s[k].fmeasure for s in scores) / max(len(scores), 1) for k in ("rouge1", "rouge2", "rougeL")}
+
+
+def pearson(x, y) -> float:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    x, y = x - x.mean(), y - y.mean()
+    denominator = math.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / denominator) if denominator else 0.0
+
+
+def _ranks(values) -> np.ndarray:
+    """Ranks with ties given their average rank (as scipy.stats.rankdata)."""
+    values = np.asarray(values, float)
+    order = values.argsort(kind="mergesort")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    for v in np.unique(values):
+        tied = values == v
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x, y) -> float:
+    return pearson(_ranks(x), _ranks(y))
