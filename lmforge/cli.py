@@ -142,13 +142,10 @@ def cmd_finetune(args, extra: list[str]) -> None:
 
 
 def cmd_merge(args) -> None:
-    from pathlib import Path
-
     from lmforge.model.checkpoint import load_adapted, load_tokenizer_for, resolve_model_dir, save_model
+    from lmforge.utils import check_output_dir
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise LmforgeError(f"output folder {out} is not empty; pass --overwrite to replace it")
+    out = check_output_dir(args.out, args.overwrite)
     adapter = resolve_model_dir(args.adapter)
     if not (adapter / "adapter_config.json").exists():
         raise LmforgeError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
@@ -266,12 +263,7 @@ def cmd_baseline(args, extra: list[str]) -> None:
         if extra or args.config:
             given = " ".join(extra + (["--config"] if args.config else []))
             raise LmforgeError(f"the n-gram baseline takes --order and --discount, not {given}")
-        from pathlib import Path
-
-        out = Path(args.out)
-        if out.exists() and any(out.iterdir()) and not args.overwrite:
-            raise LmforgeError(f"output folder {out} is not empty; pass --overwrite to replace it")
-        info = train_ngram(args.data, args.out, args.order, args.discount)
+        info = train_ngram(args.data, args.out, args.order, args.discount, args.overwrite)
         print(f"counted {info['train_tokens']:,} tokens: " + ", ".join(f"{n:,} {k}-grams" for k, n in info["ngrams"].items()))
         print(f"wrote {args.out}")
         return

@@ -88,6 +88,18 @@ def atomic_dir(folder: str | os.PathLike):
         raise
 
 
+def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """``out`` as a Path, after refusing a file there or a non-empty folder unless ``overwrite``."""
+    from lmforge.errors import LmforgeError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LmforgeError(f"--out {out} is a file; give a folder path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise LmforgeError(f"output folder {out} is not empty; pass --overwrite to replace it or choose another --out")
+    return out
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

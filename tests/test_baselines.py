@@ -56,6 +56,8 @@ def test_lstm_scores_a_sequence_as_its_forward_pass_does():
 
 def test_baselines_from_the_command_line_and_the_comparison_table(data_dir, tmp_path, capsys):
     assert main(["baseline", "--kind", "ngram", "--data", str(data_dir), "--out", str(tmp_path / "ngram")]) == 0
+    assert main(["baseline", "--kind", "ngram", "--data", str(data_dir), "--out", str(tmp_path / "ngram")]) == 2
+    assert "output folder" in capsys.readouterr().err  # not empty: it needs --overwrite
     assert main(["baseline", "--kind", "lstm", "--data", str(data_dir), "--out", str(tmp_path / "lstm"), "--quiet",
                  "--n-embd", "16", "--hidden", "24", "--n-layer", "1", "--max-steps", "30", "--block-size", "32",
                  "--micro-batch-size", "4", "--eval-interval", "30", "--threads", "1", "--tensorboard", "false",

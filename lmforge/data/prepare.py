@@ -26,7 +26,7 @@ import numpy as np
 from lmforge.data.corpus import CorpusStats, Document, read_clean_documents
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
-from lmforge.utils import atomic_dir, atomic_write_json
+from lmforge.utils import atomic_dir, atomic_write_json, check_output_dir
 
 META_FORMAT = "lmforge-tokens-v1"
 SPLITS = ("train", "val")
@@ -213,11 +213,7 @@ def prepare(
 
     if not 0 <= val_fraction < 1:
         raise LmforgeError(f"--val-fraction {val_fraction} must be in [0, 1)")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise LmforgeError(f"--out {out} is a file; give a folder path")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LmforgeError(f"output folder {out} is not empty; pass --overwrite to replace it or choose another --out")
+    out = check_output_dir(out, overwrite)
     tok = Tokenizer.load(tokenizer)
     if tok.eos_id is None:
         raise LmforgeError(f"tokenizer {tok.path} has no end-of-text token to separate documents; add <|endoftext|>")

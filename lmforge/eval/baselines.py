@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.utils import atomic_dir, atomic_write_json, read_json
+from lmforge.utils import atomic_dir, atomic_write_json, check_output_dir, read_json
 
 # -- interpolated Kneser–Ney ------------------------------------------------------------------------
 
@@ -164,10 +164,13 @@ class KneserNey:
         return model
 
 
-def train_ngram(data_dir: str | os.PathLike, out: str | os.PathLike, order: int = 3, discount: float = 0.75) -> dict:
-    """Count the train split of a prepared corpus; documents are the sequences (split at end-of-text)."""
+def train_ngram(data_dir: str | os.PathLike, out: str | os.PathLike, order: int = 3, discount: float = 0.75,
+                overwrite: bool = False) -> dict:
+    """Count the train split of a prepared corpus (one sequence) into a model folder ``out``."""
     from lmforge.data.loader import TokenSplit
     from lmforge.tokenizer import Tokenizer
+
+    check_output_dir(out, overwrite)
 
     split = TokenSplit(data_dir, "train")
     tokens = np.concatenate([np.asarray(s) for s in split.shards]).astype(np.int64)

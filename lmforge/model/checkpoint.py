@@ -31,7 +31,7 @@ from lmforge.model.hf import (
     state_dict_from_hf,
     state_dict_to_hf,
 )
-from lmforge.utils import atomic_dir, atomic_write_json, first_line, read_json
+from lmforge.utils import atomic_dir, atomic_write_json, check_output_dir, first_line, read_json
 
 MAX_SHARD_BYTES = 5 * 2**30
 
@@ -228,9 +228,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype is not None and dtype not in dtypes:
         raise LmforgeError(f"--dtype {dtype} is not supported; use {', '.join(dtypes)}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LmforgeError(f"output folder {out} is not empty; pass --overwrite to replace it")
+    out = check_output_dir(out, overwrite)
     folder = resolve_model_dir(src)
     if folder.resolve() == out.resolve():
         raise LmforgeError("the output folder must differ from the source folder")
