@@ -479,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=None, help="with --data: score at most this many tokens")
     ev.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
     ev.add_argument("--shots", type=int, default=None, help="demonstrations per prompt (overrides the task files)")
-    ev.add_argument("--seed", type=int, default=0, help="draws the demonstrations and the built-in tasks' data")
+    ev.add_argument("--seed", type=int, default=None,
+                    help="draws the demonstrations and the built-in tasks' data (default 0, or a task file's seed)")
     ev.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     ev.add_argument("--out", help="save the results as JSON here (default for a run folder: RUN/eval.json)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -209,3 +209,13 @@ def test_targets_keep_their_spaces_and_bad_tasks_stop_the_run_before_any_model_w
     bad = mc_task([doc, {**doc, "answer": "nope"}])
     with pytest.raises(LmforgeError, match="target 'nope' is neither a choice"):
         evaluate("no-such-model-folder", [bad])  # the task is checked before the model is looked at
+
+
+def test_seed_on_the_command_line_overrides_a_task_file(tmp_path):
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"q": f"{i}", "opts": ["x", "y"], "a": "y"}) + "\n" for i in range(9)))
+    (tmp_path / "t.yaml").write_text("type: multiple_choice\ndata: d.jsonl\nprompt: '{{ q }}'\nchoices: '{{ opts }}'\n"
+                                     "target: '{{ a }}'\nfewshot: 2\nseed: 5\n")
+    (from_file,) = resolve_tasks([str(tmp_path / "t.yaml")])
+    (overridden,) = resolve_tasks([str(tmp_path / "t.yaml")], seed=6)
+    assert (from_file.seed, overridden.seed) == (5, 6) and from_file.context(0) != overridden.context(0)
+    assert resolve_tasks(["copy"])[0].docs == resolve_tasks(["copy"], seed=0)[0].docs != resolve_tasks(["copy"], seed=1)[0].docs

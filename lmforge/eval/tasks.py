@@ -319,12 +319,14 @@ def text_task(path: str | os.PathLike) -> Task:
     return Task(path.name, "perplexity", [{"text": text}], source=str(path), version="text")
 
 
-def resolve_tasks(names: list[str], limit: int | None = None, seed: int = 0, fewshot: int | None = None) -> list[Task]:
-    """Built-in task names or YAML task files, with an optional example limit and few-shot override."""
+def resolve_tasks(names: list[str], limit: int | None = None, seed: int | None = None,
+                  fewshot: int | None = None) -> list[Task]:
+    """Built-in task names or YAML task files, with an optional example limit, and ``seed`` (the built-ins'
+    data and every task's demonstrations; default: 0, or the task file's) and ``fewshot`` overriding the files."""
     tasks = []
     for name in names:
         if name in BUILTIN:
-            task = BUILTIN[name](limit or 100, seed)
+            task = BUILTIN[name](limit or 100, seed or 0)
         elif name.endswith((".yaml", ".yml")) or Path(name).exists():
             task = load_task_file(name)
         else:
@@ -333,6 +335,7 @@ def resolve_tasks(names: list[str], limit: int | None = None, seed: int = 0, few
             task.docs = task.docs[:limit]
         if fewshot is not None:
             task.fewshot = fewshot
-        task.seed = seed if name in BUILTIN else task.seed
+        if seed is not None:
+            task.seed = seed
         tasks.append(task)
     return tasks
