@@ -14,15 +14,17 @@ from lmforge.errors import LmforgeError
 
 
 def cmd_tokenizer_train(args) -> None:
+    from lmforge.data.corpus import warn_non_utf8
     from lmforge.tokenizer import train_tokenizer
 
     tok = train_tokenizer(args.inputs, args.out, args.vocab_size, args.min_frequency, args.text_field, progress=not args.quiet)
     print(f"cleaning: {tok.train_stats.summary()}")
-    _warn_non_utf8(tok.train_stats.non_utf8_bytes)
+    warn_non_utf8(tok.train_stats.non_utf8_bytes)
     print(f"saved a {tok.vocab_size}-token byte-level BPE to {tok.path}")
 
 
 def cmd_prepare(args) -> None:
+    from lmforge.data.corpus import warn_non_utf8
     from lmforge.data.prepare import prepare
 
     meta = prepare(
@@ -35,19 +37,15 @@ def cmd_prepare(args) -> None:
         f"{stats['dropped_short']} shorter than {meta['min_chars']} characters dropped, "
         f"{stats['control_chars_removed']} control characters removed"
     )
-    _warn_non_utf8(stats["non_utf8_bytes"])
+    warn_non_utf8(stats["non_utf8_bytes"])
     for split, info in meta["splits"].items():
-        per = info["bytes"] / max(info["tokens"], 1)
+        if not info["tokens"]:
+            print(f"{split}: no documents")
+            continue
+        per = info["bytes"] / info["tokens"]
         print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens ({per:.2f} bytes/token) "
               f"in {len(info['shards'])} shard(s)")
     print(f"wrote {args.out}")
-
-
-def _warn_non_utf8(n: int) -> None:
-    if n:
-        from lmforge.utils import warn
-
-        warn(f"{n} bytes were not valid UTF-8 and were replaced by U+FFFD")
 
 
 def cmd_pretrain(args, extra: list[str]) -> None:
@@ -165,6 +163,25 @@ def cmd_classify(args) -> None:
                       args.template or DEFAULT_TEMPLATE, args.description, args.demos)
     print(f"{result['examples']} examples, {args.shots}-shot: accuracy {result['accuracy']:.4f}, "
           f"macro-F1 {result['macro_f1']:.4f}, MCC {result['mcc']:.4f}")
+    print(format_confusion(result["confusion"]))
+    predicted = set(result["predictions"])
+    if len(predicted) == 1:
+        from lmforge.utils import warn
+
+        warn(f"the model answered {next(iter(predicted))!r} for every example: the accuracy is that label's share "
+             "of the data, not skill; try more --shots, --selection balanced or another --template")
+
+
+def format_confusion(confusion: dict) -> str:
+    """Rows: the true label; columns: the predicted one."""
+    labels = list(confusion)
+    corner = "true / predicted"
+    width = max(8, *(len(str(label)) + 2 for label in labels))
+    first = max(len(corner), *(len(str(label)) for label in labels)) + 2
+    lines = [f"{corner:<{first}}" + "".join(f"{str(p):>{width}}" for p in labels)]
+    for t in labels:
+        lines.append(f"{str(t):<{first}}" + "".join(f"{confusion[t][p]:>{width}}" for p in labels))
+    return "\n".join(lines)
 
 
 def cmd_embed(args) -> None:
@@ -252,6 +269,10 @@ def cmd_eval(args) -> None:
     results = evaluate(models, tasks, args.data, args.split, args.batch_size, args.stride, args.max_tokens,
                        progress=not args.quiet, out=out)
     print(format_results(results))
+    if results.get("kept_from_earlier"):
+        print(f"kept the earlier results in {out} for: {', '.join(results['kept_from_earlier'])}")
+    if results.get("replaced"):
+        print(f"replaced the earlier results in {out}, which were of {results['replaced']}")
     if out:
         print(f"wrote {out}")
 
@@ -293,13 +314,11 @@ def cmd_report(args) -> None:
 
 
 def _config_keys_help(finetune: bool = False) -> str:
-    from dataclasses import fields
+    from lmforge.train.config import FinetuneConfig, TrainConfig, config_keys
 
-    from lmforge.train.config import FinetuneConfig, TrainConfig
-
-    lines = ["config keys (default):"]
-    for f in fields(FinetuneConfig if finetune else TrainConfig):
-        lines.append(f"  --{f.name.replace('_', '-'):<22} {f.default!r}")
+    lines = ["config keys (default): meaning"]
+    for f in config_keys(FinetuneConfig if finetune else TrainConfig):
+        lines.append(f"  --{f.name.replace('_', '-'):<22} ({f.default!r}) {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
@@ -332,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt = tok_sub.add_parser("train", help="train a tokenizer.json on a corpus")
     inputs(tt)
     tt.add_argument("--out", default="tokenizer", help="folder to write tokenizer.json into (default: tokenizer)")
-    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--vocab-size", type=int, default=8192,
+                    help="tokens in the vocabulary, the 4 reserved special tokens included (default: 8192)")
     tt.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
     tt.set_defaults(func=cmd_tokenizer_train)
 

@@ -85,15 +85,37 @@ def _count_and_replace(err: UnicodeDecodeError):
 codecs.register_error("lmforge-count-replace", _count_and_replace)
 
 
-def _decode(data: bytes, stats: CorpusStats) -> str:
-    """UTF-8 text of ``data``; undecodable bytes become U+FFFD and are counted in ``stats``."""
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """(UTF-8 text of ``data``, number of undecodable bytes, each replaced by U+FFFD)."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8"), 0
     except UnicodeDecodeError:
         _undecodable[0] = 0
         text = data.decode("utf-8", errors="lmforge-count-replace")
-        stats.non_utf8_bytes += _undecodable[0]
-        return text
+        return text, _undecodable[0]
+
+
+def warn_non_utf8(n_bytes: int, where: str = "") -> None:
+    """The one warning every reader of text gives for bytes that were not UTF-8."""
+    if n_bytes:
+        from lmforge.utils import warn
+
+        warn(f"{where + ': ' if where else ''}{n_bytes} bytes were not valid UTF-8 and were replaced by U+FFFD")
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """A text file as UTF-8, undecodable bytes replaced by U+FFFD and counted in one warning (as `prepare`
+    and `tokenizer train` do for a corpus): every command reads text the same way."""
+    text, bad = decode_utf8(Path(path).read_bytes())
+    warn_non_utf8(bad, str(path))
+    return text
+
+
+def _decode(data: bytes, stats: CorpusStats) -> str:
+    """UTF-8 text of ``data``; undecodable bytes become U+FFFD and are counted in ``stats``."""
+    text, bad = decode_utf8(data)
+    stats.non_utf8_bytes += bad
+    return text
 
 
 def _expand(inputs: Sequence[str | os.PathLike], stats: CorpusStats) -> Iterator[Path | str]:

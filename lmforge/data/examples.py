@@ -13,11 +13,13 @@ A malformed example is an error naming its line (or row) and what was expected; 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.data.corpus import read_text_file
 from lmforge.errors import LmforgeError
 
 FORMATS = {
@@ -115,18 +117,19 @@ def _raw_rows(path: Path):
     """(line or row number, object or an error message) for every record of the file."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield lineno, f"not valid JSON ({e.msg})"
+        for lineno, line in enumerate(read_text_file(path).split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, f"not valid JSON ({e.msg})"
     elif suffix == ".csv":
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            for i, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
+        try:
+            for i, row in enumerate(csv.DictReader(io.StringIO(read_text_file(path), newline="")), 2):  # 1: header
                 yield i, _parse_nested({k: v for k, v in row.items() if k is not None and v != ""})
+        except csv.Error as e:
+            raise LmforgeError(f"{path} is not a readable CSV file ({e})") from None
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 

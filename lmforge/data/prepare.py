@@ -258,6 +258,10 @@ def prepare(
             for w in writers:
                 w.close()
         if writers[0].tokens == 0:
+            if writers[1].documents == 1:  # no fraction can split one piece of text in two
+                raise LmforgeError(
+                    "the corpus is a single document too short to split into training and validation text; "
+                    "add documents, or pass --val-fraction 0 to train on it all without a validation split")
             raise LmforgeError("every document went to validation; lower --val-fraction or add documents")
         tok.save(tmp)
         meta = {

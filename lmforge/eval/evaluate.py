@@ -19,6 +19,7 @@ import math
 import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -63,10 +64,19 @@ def rolling_nll(model, sequences: list, stride: int | None = None, window: int |
     return -sum(score for score, _ in scores), sum(len(continuation) for _, continuation in requests)
 
 
-def perplexity_of(model, token_ids, n_bytes: int, stride: int | None = None, progress: bool = False) -> dict:
+def perplexity_metrics(nll: float, n_tokens: int, n_bytes: int, what: str) -> dict:
+    """Perplexity and bits per byte from a summed negative log-likelihood. Over zero predicted tokens there
+    is nothing to average: that is an error (naming ``what``), never a perplexity of 1."""
+    if n_tokens == 0 or n_bytes == 0:
+        raise LmforgeError(f"{what} has no token to predict (it needs at least two tokens of text); "
+                           "give it more text")
+    return {"perplexity": math.exp(nll / n_tokens), "bits_per_byte": nll / math.log(2) / n_bytes}
+
+
+def perplexity_of(model, token_ids, n_bytes: int, stride: int | None = None, progress: bool = False,
+                  what: str = "the text") -> dict:
     nll, n = rolling_nll(model, [token_ids], stride, progress=progress)
-    return {"perplexity": math.exp(nll / max(n, 1)), "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
-            "tokens": n, "bytes": n_bytes}
+    return {**perplexity_metrics(nll, n, n_bytes, what), "tokens": n, "bytes": n_bytes}
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -86,7 +96,7 @@ def run_task(model, tokenizer, task: Task, batch_size: int = 16, stride: int | N
         texts = [str(d[task.text_field]) for d in task.docs]
         nll, n = rolling_nll(model, [tokenizer.encode(t) for t in texts], stride, batch_size=batch_size, progress=progress)
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-        metrics = {"perplexity": math.exp(nll / max(n, 1)), "bits_per_byte": nll / math.log(2) / max(n_bytes, 1)}
+        metrics = perplexity_metrics(nll, n, n_bytes, f"task {task.name} ({task.source})")
         metrics = {k: v for k, v in metrics.items() if k in task.metrics}
     return {"version": task.version, "type": task.type, "source": task.source, "examples": len(task.docs),
             "shots": task.fewshot, "seed": task.seed, "metrics": metrics, "seconds": round(time.perf_counter() - started, 3)}
@@ -186,8 +196,11 @@ def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str
         raise LmforgeError("nothing to evaluate: pass --tasks (built-in names or YAML files), --text FILE or --data DIR")
     if len(models) > 1 and data is None:
         raise LmforgeError("several --model are compared on a prepared split: add --data DIR")
+    if batch_size < 1 or (stride is not None and stride < 1):
+        raise LmforgeError("--batch-size and --stride must be at least 1")
     for task in tasks:
         task.check()
+    earlier = read_earlier_results(out) if out else None
     results = {"model": str(resolve_model_dir(models[0])), "lmforge_version": __version__,
                "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if data is not None:
@@ -199,9 +212,43 @@ def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str
         tokenizer = load_tokenizer_for(model)
         for task in tasks:
             results["tasks"][task.name] = run_task(model, tokenizer, task, batch_size, stride, progress)
+    if earlier is not None:
+        results = merge_earlier(earlier, results)
     if out:
         atomic_write_json(out, results)
     return results
+
+
+def read_earlier_results(out: str | os.PathLike) -> dict | None:
+    """The results file already at ``out`` (None when there is none), checked before any model work: a
+    file that is not lmforge's results is refused rather than overwritten."""
+    from lmforge.utils import read_json
+
+    path = Path(out)
+    if not path.exists():
+        return None
+    if path.is_dir():
+        raise LmforgeError(f"--out {path} is a folder; give a .json file path")
+    earlier = read_json(path, "earlier evaluation results")
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("tasks"), dict) or "model" not in earlier:
+        raise LmforgeError(f"{path} exists and is not lmforge evaluation results; choose another --out")
+    return earlier
+
+
+def merge_earlier(earlier: dict, results: dict) -> dict:
+    """Results of one model accumulate: tasks (and the perplexity comparison) not run this time are kept from
+    ``earlier`` and listed under ``kept_from_earlier``. Results of another model (say, an earlier checkpoint of
+    the run) are replaced, and ``replaced`` names that model."""
+    if earlier["model"] != results["model"]:
+        return {**results, "replaced": earlier["model"]}
+    merged = {**results, "tasks": {**earlier["tasks"], **results["tasks"]}}
+    kept = [name for name in earlier["tasks"] if name not in results["tasks"]]
+    if "perplexity" not in results and "perplexity" in earlier:
+        merged["perplexity"] = earlier["perplexity"]
+        kept.insert(0, "perplexity")
+    if kept:
+        merged["kept_from_earlier"] = kept
+    return merged
 
 
 def format_results(results: dict) -> str:
@@ -230,9 +277,14 @@ def compare_on_split(model_paths: list[str], data_dir: str, split: str = "val", 
     from lmforge.eval.baselines import load_any
 
     data = TokenSplit(data_dir, split)
-    tokens = np.concatenate([np.asarray(s) for s in data.shards]).astype(np.int64)
-    if max_tokens:
+    tokens = np.concatenate([np.asarray(s) for s in data.shards]).astype(np.int64) if data.shards else np.zeros(0, np.int64)
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise LmforgeError(f"--max-tokens {max_tokens} leaves nothing to score; give at least 2")
         tokens = tokens[:max_tokens]
+    if len(tokens) < 2:
+        raise LmforgeError(f"the {split} split of {data_dir} has {len(tokens)} tokens: nothing to score; "
+                           f"prepare it with a larger --val-fraction or evaluate another --split")
     n_bytes = int(round(len(tokens) * data.bytes_per_token))
     rows = []
     for path in model_paths:
@@ -240,7 +292,7 @@ def compare_on_split(model_paths: list[str], data_dir: str, split: str = "val", 
         if getattr(model, "config", None) is not None and getattr(model.config, "vocab_size", 10**9) < data.meta["tokenizer"]["vocab_size"]:
             raise LmforgeError(f"{path} has a smaller vocabulary than the data's tokenizer; evaluate models trained on it")
         started = time.perf_counter()
-        result = perplexity_of(model, tokens, n_bytes, stride, progress)
+        result = perplexity_of(model, tokens, n_bytes, stride, progress, what=f"the {split} split of {data_dir}")
         if hasattr(model, "order"):
             context = f"the {model.order - 1} tokens before"
         elif hasattr(model, "sequence_nll"):

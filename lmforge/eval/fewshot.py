@@ -87,6 +87,9 @@ def classify(model, tokenizer, data: str | os.PathLike, labels: list[str], shots
         "shots": shots,
         "examples": len(rows),
         **classification_metrics(predictions, references, labels),
+        # confusion[true][predicted]: a model that answers one label for everything shows as one full column
+        "confusion": {t: {p: sum(r == t and q == p for r, q in zip(references, predictions)) for p in labels}
+                      for t in labels},
         "predictions": predictions,
         "first_prompt": prompts[0] if prompts else "",
     }

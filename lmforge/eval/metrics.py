@@ -12,12 +12,20 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def _require_items(references: Sequence) -> int:
+    """A metric over zero examples is undefined: a loud error, never a silent 0 or 1."""
+    if len(references) == 0:
+        raise ValueError("a metric over zero examples is undefined; there is nothing to score")
+    return len(references)
+
+
 def accuracy(predictions: Sequence, references: Sequence) -> float:
-    return sum(p == r for p, r in zip(predictions, references)) / max(len(references), 1)
+    return sum(p == r for p, r in zip(predictions, references)) / _require_items(references)
 
 
 def macro_f1(predictions: Sequence, references: Sequence, labels: Sequence | None = None) -> float:
     """Unweighted mean of per-class F1 over ``labels`` (default: every class seen in either list)."""
+    _require_items(references)
     labels = list(labels) if labels is not None else sorted(set(references) | set(predictions), key=str)
     scores = []
     for label in labels:
@@ -32,7 +40,7 @@ def matthews_corrcoef(predictions: Sequence, references: Sequence) -> float:
     """Matthews correlation, multi-class form (Gorodkin, 2004); 0 when undefined."""
     labels = sorted(set(references) | set(predictions), key=str)
     confusion = collections.Counter(zip(references, predictions))
-    n = len(references)
+    n = _require_items(references)
     correct = sum(confusion[(k, k)] for k in labels)
     true_counts = [sum(confusion[(k, j)] for j in labels) for k in labels]
     pred_counts = [sum(confusion[(j, k)] for j in labels) for k in labels]
@@ -86,7 +94,7 @@ def squad_f1(prediction: str, answers: Sequence[str]) -> float:
 
 
 def squad_metrics(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict:
-    n = max(len(predictions), 1)
+    n = _require_items(predictions)
     return {
         "exact_match": 100.0 * sum(squad_exact_match(p, a) for p, a in zip(predictions, answers)) / n,
         "f1": 100.0 * sum(squad_f1(p, a) for p, a in zip(predictions, answers)) / n,
@@ -109,11 +117,13 @@ def rouge(predictions: list[str], references: list[str]) -> dict:
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
     scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
-    return {k: 100 * sum(s[k].fmeasure for s in scores) / max(len(scores), 1) for k in ("rouge1", "rouge2", "rougeL")}
+    n = _require_items(scores)
+    return {k: 100 * sum(s[k].fmeasure for s in scores) / n for k in ("rouge1", "rouge2", "rougeL")}
 
 
 def pearson(x, y) -> float:
     x, y = np.asarray(x, float), np.asarray(y, float)
+    _require_items(x)
     x, y = x - x.mean(), y - y.mean()
     denominator = math.sqrt((x * x).sum() * (y * y).sum())
     return float((x * y).sum() / denominator) if denominator else 0.0

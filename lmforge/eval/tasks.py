@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from lmforge.data.corpus import read_text_file
 from lmforge.errors import LmforgeError
 
 TYPES = ("multiple_choice", "classification", "generate", "regression", "perplexity")
@@ -122,6 +123,8 @@ class Task:
     def check(self) -> None:
         """Render every example's prompt and answer now, so that a mistake in the task file stops the run before
         any model work (not after an hour of it)."""
+        if not self.docs:
+            raise LmforgeError(f"task {self.name} ({self.source}) has no examples; no score is computed over none")
         for doc in self.docs:
             self.render(self.prompt, doc)
             if self.type in ("multiple_choice", "classification"):
@@ -195,7 +198,7 @@ def read_jsonl(path: Path, task: str) -> list[dict]:
     if not path.exists():
         raise LmforgeError(f"task {task}: data file {path} does not exist")
     docs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text_file(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -315,7 +318,9 @@ def text_task(path: str | os.PathLike) -> Task:
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"text file {path} does not exist")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text_file(path)
+    if not text.strip():
+        raise LmforgeError(f"text file {path} is empty; perplexity needs text to score")
     return Task(path.name, "perplexity", [{"text": text}], source=str(path), version="text")
 
 
@@ -323,6 +328,10 @@ def resolve_tasks(names: list[str], limit: int | None = None, seed: int | None =
                   fewshot: int | None = None) -> list[Task]:
     """Built-in task names or YAML task files, with an optional example limit, and ``seed`` (the built-ins'
     data and every task's demonstrations; default: 0, or the task file's) and ``fewshot`` overriding the files."""
+    if limit is not None and limit < 1:
+        raise LmforgeError(f"--limit {limit} must be at least 1 (leave it out to use every example)")
+    if fewshot is not None and fewshot < 0:
+        raise LmforgeError(f"--shots {fewshot} must be 0 (zero-shot) or more")
     tasks = []
     for name in names:
         if name in BUILTIN:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import difflib
 import os
 import typing
-from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -13,45 +14,55 @@ import yaml
 from lmforge.errors import LmforgeError
 
 
+def key(default, help: str, choices: tuple[str, ...] | None = None):
+    """A config key: its default, a one-line meaning (``--help`` shows it) and, for a fixed set, its choices
+    (``validate`` checks them). The meaning and the choices live here once, next to the default."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class TrainConfig:
+    # Keys a command accepts but does nothing with: refused by name, with the reason, and left out of --help.
+    IGNORED: ClassVar[dict[str, str]] = {}
+
     # where things are
-    data: str = "data"  # a folder written by `lmforge prepare`
-    out: str = "runs/pretrain"  # the run folder: config, metrics, checkpoints, report
+    data: str = key("data", "a folder written by `lmforge prepare`")
+    out: str = key("runs/pretrain", "the run folder: config, metrics, checkpoints, report")
     # model: a preset name, or a model folder to continue training from; shape overrides below
-    model: str = "tiny"
-    block_size: int | None = None  # context length; default: the preset's
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_embd: int | None = None
-    n_kv_head: int | None = None  # grouped-query attention (Llama-style presets)
-    dropout: float = 0.0
+    model: str = key("tiny", "a preset (tiny, gpt2, llama-1b, ...) or a model folder to continue training from")
+    block_size: int | None = key(None, "context length in tokens (default: the preset's)")
+    n_layer: int | None = key(None, "Transformer blocks (default: the preset's)")
+    n_head: int | None = key(None, "attention heads (default: the preset's)")
+    n_embd: int | None = key(None, "model width (default: the preset's)")
+    n_kv_head: int | None = key(None, "key/value heads for grouped-query attention (Llama-style presets)")
+    dropout: float = key(0.0, "dropout probability in [0, 1)")
     # batch: micro_batch_size sequences per process per forward, summed over grad_accum_steps and processes
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1
-    max_steps: int = 1000
+    micro_batch_size: int = key(8, "sequences per process per forward pass")
+    grad_accum_steps: int = key(1, "forward/backward passes summed into one optimizer step")
+    max_steps: int = key(1000, "optimizer steps in the whole run (with --resume: the step to stop at)")
     # AdamW with linear warmup then cosine decay to min_lr (default lr / 10)
-    lr: float = 1e-3
-    min_lr: float | None = None
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    lr: float = key(1e-3, "peak learning rate of AdamW")
+    min_lr: float | None = key(None, "learning rate at the end of the cosine decay (default: lr / 10)")
+    warmup_steps: int = key(100, "steps of linear warmup from 0 to lr")
+    weight_decay: float = key(0.1, "AdamW weight decay on matrices and embeddings (not biases or norm gains)")
+    beta1: float = key(0.9, "AdamW beta1")
+    beta2: float = key(0.95, "AdamW beta2")
+    grad_clip: float = key(1.0, "max gradient norm; 0 turns clipping off")
     # evaluation, checkpoints, samples
-    eval_interval: int = 100
-    eval_windows: int = 64  # validation windows of block_size tokens, the same ones each time
-    checkpoint_interval: int = 500
-    keep_checkpoints: int = 2
-    sample_prompt: str = ""  # printed continuation at the start and the end (empty: none)
-    sample_tokens: int = 64
+    eval_interval: int = key(100, "evaluate on the validation split every N steps")
+    eval_windows: int = key(64, "validation windows of block_size tokens, the same ones each time")
+    checkpoint_interval: int = key(500, "save a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = key(2, "checkpoints kept in the run folder; older ones are deleted")
+    sample_prompt: str = key("", "print a continuation of this prompt at the start and the end (empty: none)")
+    sample_tokens: int = key(64, "tokens in each sample")
     # hardware
-    seed: int = 1337
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    dtype: str = "auto"  # auto (bf16 where it is faster), float32, bfloat16
-    compile: bool = False  # torch.compile the model
-    threads: int = 0  # CPU threads for torch; 0 keeps torch's default
-    tensorboard: bool = True  # also log to TensorBoard when it is installed
+    seed: int = key(1337, "seed of the initial weights, the data order and dropout")
+    device: str = key("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    dtype: str = key("auto", "auto (bf16 autocast where it is faster), float32 or bfloat16",
+                     choices=("auto", "float32", "bfloat16"))
+    compile: bool = key(False, "torch.compile the model")
+    threads: int = key(0, "CPU threads for torch; 0 keeps torch's default")
+    tensorboard: bool = key(True, "also log to TensorBoard when it is installed")
 
     def validate(self) -> None:
         checks = [
@@ -64,8 +75,11 @@ class TrainConfig:
             (self.checkpoint_interval >= 1, "checkpoint_interval must be at least 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
-            (self.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto, float32 or bfloat16"),
         ]
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                checks.append((False, f"{f.name} must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}"))
         for ok, message in checks:
             if not ok:
                 raise LmforgeError(f"bad config: {message}")
@@ -75,50 +89,64 @@ class TrainConfig:
         return self.lr / 10 if self.min_lr is None else self.min_lr
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k not in self.IGNORED}
+
+
+_SHAPE_FROM_MODEL = "the model's shape comes from --model"
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
     """`lmforge finetune`: the pretraining keys (same loop) plus what adapting a model needs."""
 
-    out: str = "runs/finetune"
-    model: str = ""  # the model folder to adapt (required)
-    train: str = ""  # JSONL/CSV/Parquet examples (required)
-    val: str = ""  # held-out examples; empty: val_fraction of train, split by seed
-    val_fraction: float = 0.1
-    task: str = "auto"  # auto (from the fields), chat, instruction, classification, qa
-    method: str = "full"  # full, linear-probe, lora
-    freeze_layers: int = 0  # keep the embeddings and the first N blocks frozen
-    train_layers: int = 0  # train only the last N blocks (and the head); 0: all
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "q,v"  # q, k, v, o (attention) and fc, proj (MLP), comma-separated
-    max_length: int = 0  # tokens per example; 0: the model's context
-    packing: bool = False  # SFT: pack examples into full rows, attention kept inside each example
-    labels: str = ""  # classification: label names in index order (default: sorted labels of the data)
-    epochs: float = 0.0  # when > 0, max_steps = epochs over the training examples
-    skip_bad_lines: bool = False
-    pooling: str = "auto"  # encoder classification: auto (the model's), first, mean
+    IGNORED: ClassVar[dict[str, str]] = {
+        "data": "the examples come from --train (and --val)",
+        "block_size": "the context is the model's; --max-length sets tokens per example",
+        "n_layer": _SHAPE_FROM_MODEL, "n_head": _SHAPE_FROM_MODEL, "n_embd": _SHAPE_FROM_MODEL,
+        "n_kv_head": _SHAPE_FROM_MODEL,
+        "dropout": "the model folder's dropout is used",
+        "eval_windows": "the validation examples are evaluated whole",
+        "sample_prompt": "fine-tuning prints no samples; try the result with `lmforge chat` or `generate`",
+        "sample_tokens": "fine-tuning prints no samples",
+    }
+
+    out: str = key("runs/finetune", "the run folder: config, metrics, checkpoints, the final model or adapter")
+    model: str = key("", "the model folder (or run folder) to adapt (required)")
+    train: str = key("", "JSONL/CSV/Parquet examples (required); the task comes from their fields")
+    val: str = key("", "held-out examples; empty: val_fraction of train, split by seed")
+    val_fraction: float = key(0.1, "share of train held out when --val is not given, in [0, 1)")
+    task: str = key("auto", "auto (from the examples' fields), chat, instruction, classification or qa",
+                    choices=("auto", "chat", "instruction", "classification", "qa"))
+    method: str = key("full", "full (every weight), linear-probe (the head only) or lora (low-rank adapters)",
+                      choices=("full", "linear-probe", "lora"))
+    freeze_layers: int = key(0, "keep the embeddings and the first N blocks frozen")
+    train_layers: int = key(0, "train only the last N blocks (and the head); 0: all")
+    lora_r: int = key(8, "LoRA rank")
+    lora_alpha: float = key(16.0, "LoRA scale numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = key(0.0, "dropout on the LoRA branch's input")
+    lora_targets: str = key("q,v", "comma-separated: q, k, v, o (attention) and fc, proj (MLP)")
+    max_length: int = key(0, "tokens per example (longer ones are truncated); 0: the model's context")
+    packing: bool = key(False, "SFT: pack examples into full rows, attention kept inside each example")
+    labels: str = key("", "classification: label names in index order (default: sorted labels of the data)")
+    epochs: float = key(0.0, "when > 0, max_steps = this many passes over the training examples")
+    skip_bad_lines: bool = key(False, "count and skip malformed examples instead of stopping at the first")
+    pooling: str = key("auto", "encoder classification: auto (the model's), first or mean",
+                       choices=("auto", "first", "mean"))
     # fine-tuning defaults differ from pretraining's
-    lr: float = 5e-5
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_steps: int = 200
-    eval_interval: int = 50
-    checkpoint_interval: int = 100
-    micro_batch_size: int = 8
+    lr: float = key(5e-5, "peak learning rate of AdamW")
+    warmup_steps: int = key(10, "steps of linear warmup from 0 to lr")
+    weight_decay: float = key(0.0, "AdamW weight decay")
+    max_steps: int = key(200, "optimizer steps in the whole run (with --resume: the step to stop at)")
+    eval_interval: int = key(50, "evaluate on the validation examples every N steps")
+    checkpoint_interval: int = key(100, "save a checkpoint every N steps (and at the end)")
+    micro_batch_size: int = key(8, "examples per process per forward pass")
 
     def validate(self) -> None:
         super().validate()
         checks = [
             (bool(self.model), "model (the folder to fine-tune) is required"),
             (bool(self.train), "train (a JSONL, CSV or Parquet file of examples) is required"),
-            (self.task in ("auto", "chat", "instruction", "classification", "qa"), "task must be auto, chat, instruction, classification or qa"),
-            (self.method in ("full", "linear-probe", "lora"), "method must be full, linear-probe or lora"),
             (self.lora_r >= 1, "lora_r must be at least 1"),
-            (self.pooling in ("auto", "first", "mean"), "pooling must be auto, first or mean"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.freeze_layers >= 0 and self.train_layers >= 0, "freeze_layers and train_layers must be 0 or more"),
         ]
@@ -127,12 +155,15 @@ class FinetuneConfig(TrainConfig):
                 raise LmforgeError(f"bad config: {message}")
 
 
+def config_keys(cls=TrainConfig) -> list:
+    """The dataclass fields of the keys ``cls``'s command takes (ignored ones left out)."""
+    return [f for f in fields(cls) if f.name not in cls.IGNORED]
+
+
 def _types(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-_TYPES = _types(TrainConfig)
-VALID_KEYS = [f.name for f in fields(TrainConfig)]
 
 
 def _coerce(key: str, value, cls=TrainConfig):
@@ -168,7 +199,9 @@ def _coerce(key: str, value, cls=TrainConfig):
 
 def _check_key(key: str, cls=TrainConfig) -> str:
     key = key.replace("-", "_")
-    valid = [f.name for f in fields(cls)]
+    if key in cls.IGNORED:
+        raise LmforgeError(f"--{key.replace('_', '-')} does nothing here: {cls.IGNORED[key]}")
+    valid = [f.name for f in config_keys(cls)]
     if key not in valid:
         close = difflib.get_close_matches(key, valid, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -206,6 +239,8 @@ def read_config_file(path: str | os.PathLike, what: str = "config file") -> dict
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LmforgeError(f"{what} {path} not found") from None
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -221,7 +256,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
                 cls=TrainConfig) -> TrainConfig:
     """Defaults ← ``base`` (a saved run config) ← YAML file ← ``overrides``; unknown keys are errors."""
     values: dict = {}
-    for layer in (base or {}, read_config_file(path) if path else {}, overrides or {}):
+    # A run saved by an older lmforge may hold keys its command ignores: they are dropped, not refused.
+    base = {k: v for k, v in (base or {}).items() if k not in cls.IGNORED}
+    for layer in (base, read_config_file(path) if path else {}, overrides or {}):
         for key, value in layer.items():
             values[_check_key(str(key), cls)] = value
     config = cls(**{k: _coerce(k, v, cls) for k, v in values.items()})

@@ -126,11 +126,16 @@ def resolve_config(model: str) -> tuple[str, Config]:
         return model, Config.from_preset(model)
     path = Path(model)
     if path.exists():
+        from lmforge.model.checkpoint import resolve_model_dir
         from lmforge.model.hf import config_from_hf
         from lmforge.utils import read_json
 
-        file = path / "config.json" if path.is_dir() else path
-        return path.name, config_from_hf(read_json(file, "model config"), str(file))
+        if path.is_dir():
+            folder = resolve_model_dir(path)  # a run folder: its latest checkpoint's model
+            if not (folder / "config.json").exists():
+                raise LmforgeError(f"{folder} is a LoRA adapter; plan its base model (named in adapter_config.json)")
+            return path.name, config_from_hf(read_json(folder / "config.json", "model config"), str(folder))
+        return path.name, config_from_hf(read_json(path, "model config"), str(path))
     raise LmforgeError(f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
 
 
@@ -160,12 +165,23 @@ def plan(model: str | os.PathLike, gpus: int = 8, gpu: str = "h100", tokens: flo
 
 
 def _duration(seconds: float) -> str:
+    """In a unit that shows the figure: a tiny model's run is seconds, not "0.0 hours"."""
     hours = seconds / 3600
-    return f"{hours / 24:.1f} days ({hours:,.1f} hours)" if hours >= 48 else f"{hours:,.1f} hours"
+    if hours >= 48:
+        return f"{hours / 24:.1f} days ({hours:,.1f} hours)"
+    if hours >= 1:
+        return f"{hours:,.1f} hours"
+    return f"{seconds / 60:.1f} minutes" if seconds >= 60 else f"{seconds:.2g} seconds"
+
+
+def _dollars(amount: float) -> str:
+    return f"${amount:,.0f}" if amount >= 100 else f"${amount:.3g}"
 
 
 def format_plan(p: Plan) -> str:
     c = p.config
+    # Megabytes when every figure is below a gigabyte, so that a small model's memory is not "0.00 GB".
+    unit, size = ("GB", GB) if max(row.total for row in p.memory) >= GB else ("MB", GB / 1000)
     lines = [
         f"model            {p.name}: {p.params:,} parameters ({human_count(p.params)}); {c.n_layer} layers, width {c.n_embd}, "
         f"{c.n_head} heads ({c.kv_heads} key/value), vocabulary {c.vocab_size:,}",
@@ -175,13 +191,13 @@ def format_plan(p: Plan) -> str:
         f"hardware         {p.gpus} × {p.gpu.name}: {p.gpu.bf16_flops / 1e12:,.0f} TFLOP/s bf16 dense, "
         f"{p.gpu.bandwidth_tbs} TB/s each",
         f"time             {_duration(p.seconds)} at {p.mfu:.0%} MFU",
-        f"cost             ${p.cost:,.0f} at ${p.price:.2f} per GPU-hour (assumed; set --price)",
+        f"cost             {_dollars(p.cost)} at ${p.price:.2f} per GPU-hour (assumed; set --price)",
         "",
-        f"memory per GPU (GB; 16 bytes/parameter of model states: bf16 weights and grads, fp32 master weights "
+        f"memory per GPU ({unit}; 16 bytes/parameter of model states: bf16 weights and grads, fp32 master weights "
         f"and AdamW m, v; micro-batch {p.micro_batch} × {p.seq_len:,} tokens)",
         f"  {'strategy':<46}{'states':>9}{'activations':>13}{'total':>9}   fits in {p.gpu.memory_gb:g} GB?",
     ]
     for row in p.memory:
-        lines.append(f"  {row.strategy:<46}{row.states / GB:>9.2f}{row.activations / GB:>13.2f}{row.total / GB:>9.2f}   "
+        lines.append(f"  {row.strategy:<46}{row.states / size:>9.2f}{row.activations / size:>13.2f}{row.total / size:>9.2f}   "
                      f"{'yes' if row.fits else 'no'}")
     return "\n".join(lines)

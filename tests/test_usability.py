@@ -1,0 +1,179 @@
+"""Mistakes a new user makes, command by command: each gets a clear answer, never a silent wrong one
+(issue 10: metrics over zero items, one reader of text, help that lists every key, results that are kept)."""
+
+import json
+
+import pytest
+from conftest import make_hf_gpt2
+
+from lmforge.cli import main
+from lmforge.eval.metrics import accuracy, macro_f1, pearson, rouge, squad_metrics
+from lmforge.train.config import FinetuneConfig, TrainConfig, config_keys, load_config
+
+
+def one_error_line(capsys, argv, match):
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmforge: error: ") and match in lines[0], err
+    return lines[0]
+
+
+# -- evaluation never scores nothing --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [b"", b"   \n\t\n"])
+def test_eval_of_an_empty_text_is_an_error_and_keeps_the_earlier_results(hf_gpt2, tmp_path, capsys, content):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(hf_gpt2), "--tasks", "brackets", "--limit", "4", "--quiet", "--out", str(out)]) == 0
+    before = out.read_bytes()
+    (tmp_path / "empty.txt").write_bytes(content)
+    one_error_line(capsys, ["eval", "--model", str(hf_gpt2), "--text", str(tmp_path / "empty.txt"), "--out", str(out)],
+                   "is empty")
+    assert out.read_bytes() == before
+
+
+def test_a_text_too_short_to_predict_a_token_is_an_error_not_perplexity_one(hf_gpt2, tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("a")
+    one_error_line(capsys, ["eval", "--model", str(hf_gpt2), "--text", str(tmp_path / "one.txt"), "--quiet"],
+                   "no token to predict")
+
+
+def test_eval_on_an_empty_split_or_no_examples_is_an_error(hf_gpt2, tmp_path, capsys, data_dir):
+    one_error_line(capsys, ["eval", "--model", str(hf_gpt2), "--data", str(data_dir), "--max-tokens", "1"], "--max-tokens 1")
+    one_error_line(capsys, ["eval", "--model", str(hf_gpt2), "--tasks", "brackets", "--limit", "0"], "--limit 0")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "t.yaml").write_text(f"task: t\ntype: generate\ndata: {tmp_path / 'empty.jsonl'}\nprompt: '{{{{q}}}}'\n"
+                                     "target: '{{a}}'\n")
+    one_error_line(capsys, ["eval", "--model", str(hf_gpt2), "--tasks", str(tmp_path / "t.yaml")], "no examples")
+
+
+def test_metrics_over_zero_items_raise():
+    for metric in (lambda: accuracy([], []), lambda: macro_f1([], []), lambda: pearson([], []),
+                   lambda: squad_metrics([], []), lambda: rouge([], [])):
+        with pytest.raises(ValueError, match="zero examples"):
+            metric()
+
+
+def test_eval_results_of_a_run_accumulate_and_a_replacement_is_said(hf_gpt2, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    base = ["eval", "--model", str(hf_gpt2), "--limit", "4", "--quiet", "--out", str(out)]
+    assert main(base + ["--tasks", "brackets"]) == 0
+    (tmp_path / "t.txt").write_text("some text to score " * 20)
+    capsys.readouterr()
+    assert main(base + ["--text", str(tmp_path / "t.txt")]) == 0
+    assert "kept the earlier results" in capsys.readouterr().out and "brackets" in json.loads(out.read_text())["tasks"]
+    assert set(json.loads(out.read_text())["tasks"]) == {"brackets", "t.txt"}
+    other = make_hf_gpt2(tmp_path / "other", tokenizer_dir=hf_gpt2, seed=1)
+    assert main(["eval", "--model", str(other), "--tasks", "copy", "--limit", "2", "--quiet", "--out", str(out)]) == 0
+    assert f"which were of {hf_gpt2}" in capsys.readouterr().out
+    assert set(json.loads(out.read_text())["tasks"]) == {"copy"}
+    (tmp_path / "mine.json").write_text('{"my": "notes"}')
+    one_error_line(capsys, ["eval", "--model", str(hf_gpt2), "--tasks", "copy", "--out", str(tmp_path / "mine.json")],
+                   "is not lmforge evaluation results")
+    assert json.loads((tmp_path / "mine.json").read_text()) == {"my": "notes"}
+
+
+# -- one reader of text: non-UTF-8 bytes are replaced and counted by every command ----------------------
+
+
+def test_non_utf8_input_is_counted_and_warned_by_classify_finetune_and_eval(hf_gpt2, tmp_path, capsys):
+    rows = [json.dumps({"text": f"sample {i}", "label": "yes" if i % 2 else "no"}).encode() for i in range(6)]
+    rows[1] = rows[1].replace(b"sample", b"sam\xffple")
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b"\n".join(rows) + b"\n")
+    capsys.readouterr()
+    assert main(["classify", str(data), "--model", str(hf_gpt2), "--labels", "yes,no"]) == 0
+    assert f"warning: {data}: 1 bytes were not valid UTF-8 and were replaced by U+FFFD" in capsys.readouterr().err
+    (tmp_path / "t.txt").write_bytes(b"some text \xfe\xfe to score " * 10)
+    assert main(["eval", "--model", str(hf_gpt2), "--text", str(tmp_path / "t.txt"), "--quiet"]) == 0
+    assert "20 bytes were not valid UTF-8" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(hf_gpt2), "--train", str(data), "--out", str(tmp_path / "ft"),
+                 "--max-steps", "1", "--quiet", "--tensorboard", "false"]) == 0
+    assert "1 bytes were not valid UTF-8" in capsys.readouterr().err
+
+
+def test_a_config_file_that_is_not_utf8_is_a_clean_error(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_bytes(b"lr: 0.1\nsample_prompt: caf\xe9\n")
+    one_error_line(capsys, ["pretrain", "--config", str(tmp_path / "c.yaml")], "is not UTF-8 text")
+
+
+# -- classify shows what the model answered ------------------------------------------------------------
+
+
+def test_classify_prints_the_confusion_counts_and_flags_a_one_label_model(hf_gpt2, tmp_path, capsys, monkeypatch):
+    import lmforge.eval.fewshot as fewshot
+
+    rows = [{"text": f"sample {i}", "label": "yes" if i % 2 else "no"} for i in range(8)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # A model that always prefers the first label: "yes" scores higher on every example.
+    monkeypatch.setattr(fewshot, "loglikelihoods", lambda m, t, requests: [0.0 if c.endswith("yes") else -1.0
+                                                                          for _, c in requests])
+    capsys.readouterr()
+    assert main(["classify", str(tmp_path / "d.jsonl"), "--model", str(hf_gpt2), "--labels", "yes,no"]) == 0
+    out, err = capsys.readouterr()
+    assert "accuracy 0.5000" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("true / predicted"))
+    assert lines[header].split()[-2:] == ["yes", "no"]
+    assert lines[header + 1].split() == ["yes", "4", "0"] and lines[header + 2].split() == ["no", "4", "0"]
+    assert "answered 'yes' for every example" in err
+
+
+# -- help that answers the question ---------------------------------------------------------------------
+
+
+def test_help_lists_every_key_with_its_meaning_and_choices(capsys):
+    for command, cls in (("pretrain", TrainConfig), ("finetune", FinetuneConfig)):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        for f in config_keys(cls):
+            line = next(line for line in out.splitlines() if line.strip().startswith(f"--{f.name.replace('_', '-')} "))
+            assert len(line.split(")", 1)[1].strip()) > 5, line  # a meaning, not just the default
+        for key in cls.IGNORED:
+            assert f"--{key.replace('_', '-')} " not in out
+    method = next(line for line in out.splitlines() if line.strip().startswith("--method "))
+    assert "lora" in method and "linear-probe" in method
+    assert "--data " not in out and "--n-layer " not in out
+    with pytest.raises(SystemExit):
+        main(["tokenizer", "train", "--help"])
+    assert "tokens in the vocabulary" in capsys.readouterr().out
+
+
+def test_keys_finetune_ignores_are_refused_by_name_and_old_saved_configs_still_load(capsys):
+    one_error_line(capsys, ["finetune", "--n-layer", "4", "--model", "x", "--train", "y"], "--n-layer does nothing here")
+    one_error_line(capsys, ["finetune", "--method", "qlora", "--model", "x", "--train", "y"],
+                   "method must be one of full, linear-probe, lora")
+    # A run saved before these keys were left out still resumes.
+    config = load_config(base={"model": "m", "train": "t", "data": "data", "n_layer": None}, cls=FinetuneConfig)
+    assert "data" not in config.to_dict()
+
+
+# -- prepare and plan ---------------------------------------------------------------------------------
+
+
+def test_prepare_of_one_short_document_says_what_helps(tokenizer_dir, tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("a single short document, long enough to keep. " * 3)
+    line = one_error_line(capsys, ["prepare", str(tmp_path / "one.txt"), "--tokenizer", str(tokenizer_dir),
+                                   "--out", str(tmp_path / "d"), "--val-fraction", "0.01", "--workers", "0", "--quiet"],
+                          "single document")
+    assert "--val-fraction 0" in line and "lower --val-fraction" not in line
+    assert main(["prepare", str(tmp_path / "one.txt"), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "d"),
+                 "--val-fraction", "0", "--workers", "0", "--quiet"]) == 0
+    assert "val: no documents" in capsys.readouterr().out
+
+
+def test_plan_reads_a_run_folder_and_shows_small_figures_in_units_that_show_them(tmp_path, capsys, data_dir):
+    from conftest import train_config
+
+    from lmforge.train.loop import pretrain
+
+    pretrain(None, progress=False, **train_config(data_dir, tmp_path / "run", max_steps=2, checkpoint_interval=2))
+    capsys.readouterr()
+    assert main(["plan", "--model", str(tmp_path / "run"), "--gpus", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "0.0 hours" not in out and "$0 " not in out and " 0.00 " not in out
+    assert "seconds at 40% MFU" in out and "memory per GPU (MB;" in out
