@@ -91,31 +91,30 @@ def _sampling_from(args, **overrides):
 
 
 def cmd_generate(args) -> None:
-    from lmforge.infer.generate import chat_prompt, fit_prompt, stream_generate
+    from lmforge.infer.generate import SamplingParams, chat_prompt, generate, stream_generate
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = _load_for_inference(args)
-    max_new_tokens = args.max_new_tokens
-    if max_new_tokens is None:  # up to 128, but never more than the context leaves after the prompt
-        room = model.config.block_size - max(len(tokenizer.encode(prompt)), 1)
-        max_new_tokens = max(1, min(128, room))
-    params = _sampling_from(args, max_new_tokens=max_new_tokens, stop=args.stop or [], truncate=args.truncate,
-                            n=args.n, num_beams=args.num_beams, length_penalty=args.length_penalty)
-    if args.echo:
-        sys.stdout.write(prompt)
+    text, stops = prompt, SamplingParams(stop=args.stop or [])
     if tokenizer.chat_template is not None and not args.raw:
         # A chat model: the prompt is the user's message, answered through the model's template.
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
-        prompt, params = chat_prompt(tokenizer, messages, params)
+        text, stops = chat_prompt(tokenizer, messages, stops)
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:  # up to 128, but never more than the context leaves after the (rendered) prompt
+        room = model.config.block_size - max(len(tokenizer.encode(text)), 1)
+        max_new_tokens = max(1, min(128, room))
+    params = _sampling_from(args, max_new_tokens=max_new_tokens, stop=stops.stop, stop_token_ids=stops.stop_token_ids,
+                            truncate=args.truncate, n=args.n, num_beams=args.num_beams, length_penalty=args.length_penalty)
+    if args.echo:
+        sys.stdout.write(prompt)
     if params.num_beams > 1 or params.n > 1:
-        from lmforge.infer.generate import generate
-
-        results = generate(model, prompt, tokenizer, chat=False, **vars(params))
+        results = generate(model, text, tokenizer, chat=False, **vars(params))
         for i, g in enumerate(results if isinstance(results, list) else [results]):
             sys.stdout.write((f"--- sample {i + 1} ---\n" if params.n > 1 else "") + g.text + "\n")
         return
-    fit_prompt(tokenizer.encode(prompt), params.max_new_tokens, model.config.block_size, params.truncate)
-    for piece in stream_generate(model, tokenizer, prompt, params):
+    # The engine checks the prompt against the context (and truncates it, warning once, with --truncate).
+    for piece in stream_generate(model, tokenizer, text, params):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

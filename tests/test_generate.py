@@ -91,3 +91,14 @@ def test_bad_sampling_options(hf_gpt2):
 def test_empty_prompt_starts_from_end_of_text(hf_gpt2):
     gen = generate(hf_gpt2, "", max_new_tokens=5, temperature=0, stop_token_ids=[])
     assert gen.prompt_tokens == 1 and len(gen.token_ids) == 5
+
+
+@pytest.mark.parametrize("options", [[], ["-n", "2"], ["--num-beams", "2"]], ids=["stream", "n2", "beams"])
+def test_generate_truncate_warns_once(hf_gpt2, capsys, options):
+    from lmforge.cli import main
+
+    capsys.readouterr()
+    assert main(["generate", "word " * 200, "--model", str(hf_gpt2), "--truncate", "--max-new-tokens", "5",
+                 "--temperature", "0", "--device", "cpu", *options]) == 0
+    err = capsys.readouterr().err
+    assert err.count("left-truncated to its last 59") == 1, err

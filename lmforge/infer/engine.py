@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.generate import Detokenizer, SamplingParams, fit_prompt, process_logits
+from lmforge.infer.detokenize import Detokenizer
+from lmforge.infer.sampling import SamplingParams, fit_prompt, process_logits, sample
 from lmforge.model.gpt import GPT, KVCache
 
 _ids = itertools.count()
@@ -52,15 +53,6 @@ class Event:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     appended: bool = False  # the token became part of the output (a stop token does not)
-
-
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
-    """One draw from ``probs`` (vocab,) by inverse CDF: one uniform number and a binary search, where
-    ``torch.multinomial`` draws a random number per vocabulary entry (~20x slower here for 8K tokens).
-    Zero-probability tokens are never chosen: ``right=True`` skips the flat stretches of the CDF."""
-    cdf = probs.float().cumsum(0)
-    u = torch.rand((), generator=generator) * cdf[-1]
-    return min(int(torch.searchsorted(cdf, u.reshape(1), right=True)), probs.numel() - 1)
 
 
 class Sequence:
