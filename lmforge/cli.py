@@ -146,7 +146,7 @@ def cmd_merge(args) -> None:
     adapter = resolve_model_dir(args.adapter)
     if not (adapter / "adapter_config.json").exists():
         raise LmforgeError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
-    model = load_adapted(adapter, merge=True, base=args.base)
+    model = load_adapted(adapter, merge=True, base=args.base, force=args.force)
     save_model(model, out, load_tokenizer_for(model))
     print(f"merged {adapter} into {model.base_source}; wrote {out}")
 
@@ -227,7 +227,7 @@ def _sentence_transformers_max_length(folder) -> int | None:
 def cmd_convert(args) -> None:
     from lmforge.model.checkpoint import convert
 
-    out = convert(args.src, args.out, args.dtype, args.max_shard_size, args.overwrite)
+    out = convert(args.src, args.out, args.dtype, args.max_shard_size, args.overwrite, force=args.force)
     print(f"wrote {out}")
 
 
@@ -424,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save the result")
     mg.add_argument("adapter", help="an adapter folder (adapter_config.json) or a LoRA run folder")
     mg.add_argument("--out", required=True, help="the folder to write the merged model to")
-    mg.add_argument("--base", help="the base model folder (default: the one the adapter names)")
+    mg.add_argument("--base", help="the base model folder (default: the one the adapter records); its weights must "
+                    "be the ones the adapter was trained on")
+    mg.add_argument("--force", action="store_true", help="merge even into weights other than the adapter's base")
     mg.add_argument("--overwrite", action="store_true")
     mg.set_defaults(func=cmd_merge)
 
@@ -452,11 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
     em.set_defaults(func=cmd_embed)
 
     cv = sub.add_parser("convert", help="read a model folder and write it as a Hugging Face folder")
-    cv.add_argument("src", help="a model folder (gpt2, llama, qwen2, mistral, bert; safetensors or .bin) or a run folder")
+    cv.add_argument("src", help="a model folder (gpt2, llama, qwen2, mistral, bert; safetensors or .bin), a run folder, "
+                    "or a LoRA adapter folder (merged into its base)")
     cv.add_argument("out", help="the folder to write")
     cv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights (default: keep)")
     cv.add_argument("--max-shard-size", default="5GB", help="largest safetensors file before sharding (default: 5GB)")
     cv.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    cv.add_argument("--force", action="store_true", help="an adapter: merge it even into weights other than its base")
     cv.set_defaults(func=cmd_convert)
 
     pl = sub.add_parser("plan", help="compute, time, cost and per-GPU memory of a pretraining run")

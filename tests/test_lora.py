@@ -1,9 +1,15 @@
 """LoRA: adapters in PEFT's format that peft loads onto the exported model with the same logits."""
 
+import dataclasses
 import json
+import logging
+import os
+import shutil
+import warnings
 
 import pytest
 import torch
+from conftest import make_hf_gpt2
 from test_families import make
 
 from lmforge.cli import main
@@ -92,8 +98,8 @@ def test_lora_finetune_trains_only_adapters_and_merge_command(hf_gpt2, tmp_path,
     run_info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert 0 < run_info["trainable_parameters"] < 0.2 * run_info["parameters"]
     adapter = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1] / "model"
-    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-                                                         "tokenizer_config.json"]
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                         "lmforge_adapter.json", "tokenizer.json", "tokenizer_config.json"]
     base = load_model(hf_gpt2).state_dict()
     adapted = load_adapted(adapter, merge=False)
     for name, p in adapted.state_dict().items():  # the base weights under the adapters are untouched
@@ -115,3 +121,134 @@ def test_bad_lora_settings(hf_gpt2):
     add_lora(model, "q")
     with pytest.raises(LmforgeError, match="already has LoRA adapters"):
         add_lora(model, "v")
+
+
+# -- the exact base: recorded, checked, PEFT-clean -------------------------------------------------
+
+
+def fake_run(run, step, seed, tokenizer_dir):
+    """A run folder's checkpoint (what `lmforge pretrain` leaves): RUN/checkpoints/step_N/model + trainer.pt."""
+    checkpoint = run / "checkpoints" / f"step_{step:07d}"
+    make_hf_gpt2(checkpoint / "model", tokenizer_dir=tokenizer_dir, seed=seed)
+    torch.save({}, checkpoint / "trainer.pt")
+    return checkpoint / "model"
+
+
+def peft_merged(base, adapter):
+    """transformers + PEFT: the adapter on ``base``, merged (merge_and_unload)."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(base))
+    return peft.PeftModel.from_pretrained(hf, str(adapter)).merge_and_unload().eval()
+
+
+def same_logits(ours, theirs):
+    idx = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return torch.allclose(ours(idx), theirs(idx).logits, atol=1e-4, rtol=0)
+
+
+@pytest.fixture
+def lora_on_run(tmp_path, tokenizer_dir):
+    """A base run at step 10, and a LoRA fine-tune of it (adapter folder returned)."""
+    from test_finetune import chat_rows, jsonl, settings
+
+    from lmforge.train.finetune import finetune
+
+    step10 = fake_run(tmp_path / "base-run", 10, 0, tokenizer_dir)
+    finetune(model=str(tmp_path / "base-run"), train=jsonl(tmp_path / "chat.jsonl", chat_rows(16)), method="lora",
+             lora_r=4, lora_targets="q,v,fc", progress=False,
+             **settings(tmp_path, lr=1e-2, max_steps=4, eval_interval=4, checkpoint_interval=4))
+    adapter = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1] / "model"
+    return tmp_path / "base-run", step10, adapter
+
+
+def test_adapter_config_holds_only_peft_keys_and_peft_loads_it_silently(lora_on_run, caplog):
+    run, step10, adapter = lora_on_run
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert set(config) <= {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert config["base_model_name_or_path"] == str(step10.resolve())  # the checkpoint, not the run folder
+    meta = json.loads((adapter / "lmforge_adapter.json").read_text())
+    assert meta["base_model"]["folder"] == str(step10.resolve()) and meta["targets"] == ["q", "v", "fc"]
+    assert set(meta["base_model"]["weights"]) == {"model.safetensors"}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(step10))
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        peft.PeftModel.from_pretrained(hf, str(adapter))
+    from_peft = [str(w.message) for w in caught if "peft" in w.filename or "Unexpected keyword" in str(w.message)]
+    assert not from_peft and not [r for r in caplog.records if r.name.startswith("peft")], from_peft
+
+
+def test_merge_uses_the_checkpoint_the_adapter_was_trained_on_after_the_run_moved_on(lora_on_run, tmp_path, tokenizer_dir,
+                                                                                      capsys):
+    run, step10, adapter = lora_on_run
+    step20 = fake_run(run, 20, 1, tokenizer_dir)  # the base run was extended: its latest checkpoint is other weights
+    expected = peft_merged(step10, adapter)
+    for i, extra in enumerate([[], ["--base", str(run)], ["--base", str(step10)]]):
+        out = tmp_path / f"merged{i}"
+        assert main(["merge", str(tmp_path / "run"), "--out", str(out), *extra]) == 0, capsys.readouterr().err
+        assert f"into {step10.resolve()}" in capsys.readouterr().out
+        assert same_logits(load_model(out), expected), extra
+    # the base of another run (or the extended run's latest checkpoint) is refused, in one line
+    capsys.readouterr()
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "wrong"), "--base", str(step20)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not that model" in err and "--base" in err and "--force" in err, err
+    assert not (tmp_path / "wrong").exists()
+    # --force merges anyway, warning loudly
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "forced"), "--base", str(step20), "--force"]) == 0
+    assert "NOT the model that was fine-tuned" in capsys.readouterr().err
+    assert same_logits(load_model(tmp_path / "forced"), peft_merged(step20, adapter))
+
+
+def test_a_base_that_is_gone_or_was_rewritten_is_refused_everywhere(lora_on_run, tmp_path, tokenizer_dir, capsys):
+    run, step10, adapter = lora_on_run
+    copy = tmp_path / "copy-of-step10"
+    shutil.copytree(step10, copy)
+    os.utime(copy / "model.safetensors", ns=(0, 0))  # a copy with another date is hashed, and matches
+    # the same folder rewritten with other weights (say `pretrain --overwrite`): chat, serve, generate refuse it
+    make_hf_gpt2(step10, tokenizer_dir=tokenizer_dir, seed=2)
+    with pytest.raises(LmforgeError, match="is not that model: its model.safetensors has SHA-256"):
+        load_model(adapter)
+    capsys.readouterr()
+    assert main(["generate", "x", "--model", str(adapter), "--max-new-tokens", "2", "--device", "cpu"]) == 2
+    assert "is not that model" in capsys.readouterr().err
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "m"), "--base", str(copy)]) == 0
+    # the base checkpoint pruned away: say so, and how to go on
+    shutil.rmtree(run)
+    with pytest.raises(LmforgeError, match="is not on this machine; pass the exact base folder"):
+        load_model(adapter)
+
+
+def test_adapters_saved_before_lmforge_adapter_json_still_load(lora_on_run, tmp_path, tokenizer_dir, capsys):
+    run, step10, adapter = lora_on_run
+    old = tmp_path / "old-adapter"
+    shutil.copytree(adapter, old)
+    meta = json.loads((old / "lmforge_adapter.json").read_text())
+    config = json.loads((old / "adapter_config.json").read_text())
+    config.update(base_model_name_or_path=str(run), lmforge_targets=meta["targets"])  # the old layout
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    (old / "lmforge_adapter.json").unlink()
+    expected = peft_merged(step10, adapter)
+    capsys.readouterr()
+    assert same_logits(load_model(old), expected)
+    # a run folder as its base cannot be checked: said every time, since the run may have moved on
+    assert "records no weight hashes" in capsys.readouterr().err
+    config["base_model_name_or_path"] = str(step10)  # an old adapter naming a model folder: nothing to say
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    assert same_logits(load_model(old), expected)
+    assert capsys.readouterr().err == ""
+
+
+def test_convert_merges_an_adapter_into_its_base(lora_on_run, tmp_path, tokenizer_dir, capsys):
+    run, step10, adapter = lora_on_run
+    fake_run(run, 20, 1, tokenizer_dir)
+    capsys.readouterr()
+    assert main(["convert", str(adapter), str(tmp_path / "converted")]) == 0, capsys.readouterr().err
+    assert f"is a LoRA adapter: merged it into its base model {step10.resolve()}" in capsys.readouterr().out
+    converted = tmp_path / "converted"
+    assert not any(p.name.startswith(("adapter_", "lmforge_adapter")) for p in converted.iterdir())
+    assert (converted / "tokenizer.json").exists()
+    assert same_logits(load_model(converted), peft_merged(step10, adapter))
+    # a base that is not the adapter's: the same refusal as merge
+    make_hf_gpt2(step10, tokenizer_dir=tokenizer_dir, seed=3)
+    assert main(["convert", str(adapter), str(tmp_path / "c2")]) == 2
+    assert "is not that model" in capsys.readouterr().err

@@ -136,7 +136,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     from lmforge.model.encoder import build_encoder
 
     folder = resolve_model_dir(path)
-    if (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
+    if is_adapter_folder(folder):
         return load_adapted(folder, device, dtype, merge=True)
     where = str(folder / "config.json")
     hf = read_json(folder / "config.json", "model config")
@@ -160,26 +160,34 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     return model.eval()
 
 
-def load_adapted(adapter: str | os.PathLike, device="cpu", dtype=None, merge: bool = True, base: str | None = None):
-    """The base model named in a LoRA adapter folder, with the adapter applied (and merged when ``merge``)."""
+def load_adapted(adapter: str | os.PathLike, device="cpu", dtype=None, merge: bool = True, base: str | None = None,
+                 force: bool = False):
+    """The base model of a LoRA adapter folder, with the adapter applied (and merged when ``merge``).
+
+    The base is ``base`` or the folder the adapter records; its weights must be the ones the adapter
+    was trained on (an error otherwise; with ``force`` a warning)."""
     from lmforge.model.heads import attach_head
-    from lmforge.model.lora import load_adapter, merge_lora, read_adapter_config
+    from lmforge.model.lora import adapter_base, load_adapter, merge_lora, read_adapter_config, read_adapter_meta
 
     adapter = Path(adapter)
     config = read_adapter_config(adapter)
-    base = base or config.get("base_model_name_or_path")
-    if not base or not Path(base).exists():
-        raise LmforgeError(f"{adapter}: its base model {base!r} is not on this machine; pass the base model folder")
-    model = load_model(base, device, dtype)
-    head = config.get("lmforge_head")
+    meta = read_adapter_meta(adapter, config)
+    base_folder = adapter_base(adapter, config, meta, base, force)
+    model = load_model(base_folder, device, dtype)
+    head = meta.get("head")
     if head:
         attach_head(model, head["head"], head["num_labels"], head.get("labels"), head.get("pad_token_id"), head.get("pooling"))
     load_adapter(model, adapter)
     if merge:
         merge_lora(model)
     model.source = adapter
-    model.base_source = Path(base)
+    model.base_source = base_folder
     return model.eval()
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """A LoRA adapter on its own (adapter_config.json, no model of its own)."""
+    return (folder / "adapter_config.json").exists() and not (folder / "config.json").exists()
 
 
 def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
@@ -219,34 +227,45 @@ def parse_size(text: str) -> int:
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
-            max_shard_size: str | int = MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
+            max_shard_size: str | int = MAX_SHARD_BYTES, overwrite: bool = False, force: bool = False) -> Path:
     """Read any supported model folder (or a run's latest checkpoint) and write it as a Hugging Face
     folder: safetensors (sharded past ``max_shard_size``), optionally cast to ``dtype``.
 
-    Files beside the weights (tokenizer, sentence-transformers modules, ...) are copied unchanged.
+    Files beside the weights (tokenizer, sentence-transformers modules, ...) are copied unchanged. A LoRA
+    adapter folder is merged into the base it records (checked as ``load_adapted`` checks it; ``force``
+    as there), in the base's precision, with the adapter's tokenizer.
     """
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype is not None and dtype not in dtypes:
         raise LmforgeError(f"--dtype {dtype} is not supported; use {', '.join(dtypes)}")
+    limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     out = check_output_dir(out, overwrite)
     folder = resolve_model_dir(src)
     if folder.resolve() == out.resolve():
         raise LmforgeError("the output folder must differ from the source folder")
-    model = load_model(folder, dtype=dtypes[dtype] if dtype else None)
+    adapter = is_adapter_folder(folder)
+    if adapter:
+        model = load_adapted(folder, dtype=dtypes[dtype] if dtype else None, merge=True, force=force)
+        print(f"{folder} is a LoRA adapter: merged it into its base model {model.base_source}")
+    else:
+        model = load_model(folder, dtype=dtypes[dtype] if dtype else None)
+    weights_from = model.base_source if adapter else folder
     if dtype is None:  # keep the source's precision
-        source = read_json(folder / "config.json", "model config").get("torch_dtype") or "float32"
+        source = read_json(weights_from / "config.json", "model config").get("torch_dtype") or "float32"
         model.to(dtypes.get(source, torch.float32))
-    limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     save_model(model, out, max_shard_bytes=limit)
-    for item in folder.iterdir():
-        skip = item.name in ("config.json", "generation_config.json") or item.name.startswith(_WEIGHT_FILES)
-        skip = skip or item.name.startswith("model-") and item.suffix == ".safetensors"
-        if skip or item.name.startswith("."):
-            continue
-        if item.is_dir():
-            shutil.copytree(item, out / item.name, dirs_exist_ok=True)
-        else:
-            shutil.copy2(item, out / item.name)
-    if (folder / "generation_config.json").exists():  # the source's generation defaults win
-        shutil.copy2(folder / "generation_config.json", out / "generation_config.json")
+    adapter_files = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "lmforge_adapter.json")
+    # The base's files first; an adapter's own (its tokenizer, with the chat template it was tuned on) win.
+    for source_folder in [weights_from, folder] if adapter else [folder]:
+        for item in source_folder.iterdir():
+            skip = item.name in ("config.json", "generation_config.json") or item.name.startswith(_WEIGHT_FILES)
+            skip = skip or item.name.startswith("model-") and item.suffix == ".safetensors"
+            if skip or item.name.startswith(".") or item.name in adapter_files:
+                continue
+            if item.is_dir():
+                shutil.copytree(item, out / item.name, dirs_exist_ok=True)
+            else:
+                shutil.copy2(item, out / item.name)
+    if (weights_from / "generation_config.json").exists():  # the source's generation defaults win
+        shutil.copy2(weights_from / "generation_config.json", out / "generation_config.json")
     return out

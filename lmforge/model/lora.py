@@ -7,6 +7,11 @@ PEFT adapter on Hugging Face's separate ``q_proj``/``v_proj`` (or on GPT-2's fus
 
 Targets are named the same way for every family: ``q``, ``k``, ``v``, ``o`` (attention) and ``fc``,
 ``proj`` (MLP in and out; ``fc`` of a SwiGLU MLP is its gate and up projections).
+
+An adapter folder holds what PEFT writes (``adapter_config.json`` with PEFT's keys only, and
+``adapter_model.safetensors``) plus ``lmforge_adapter.json``: lmforge's targets, a task head, and the
+exact base the adapter was trained on (its folder and the SHA-256 of its weight files), so that an
+adapter is never folded into other weights by mistake.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
-from lmforge.utils import atomic_dir, atomic_write_json
+from lmforge.utils import atomic_dir, atomic_write_json, read_json, sha256_file, warn
 
 TARGETS = ("q", "k", "v", "o", "fc", "proj")
+ADAPTER_META = "lmforge_adapter.json"
 PEFT_TASK = {None: "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS",
              "question_answering": "QUESTION_ANS"}
 
@@ -147,7 +153,10 @@ def add_lora(model, targets: list[str] | str, r: int = 8, alpha: float = 16.0, d
     for name in _head_modules(model):
         for p in getattr(model, name).parameters():
             p.requires_grad_(True)
-    model.lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets, "modules": modules}
+    # The folder the frozen weights were loaded from: the adapter's exact base, recorded when it is saved.
+    source = getattr(model, "source", None)
+    model.lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets, "modules": modules,
+                  "base": Path(source).resolve() if source is not None else None}
     return model.lora
 
 
@@ -168,8 +177,13 @@ def merge_lora(model):
 
 
 def save_adapter(model, folder: str | os.PathLike, base_model: str | os.PathLike, tokenizer=None) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT does (plus the tokenizer)."""
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT does (plus the tokenizer), and
+    ``lmforge_adapter.json``. The base recorded is the folder the model's weights were loaded from (when
+    ``base_model`` is a run folder: the checkpoint it resolved to), with the hashes of its weight files."""
+    from lmforge.model.checkpoint import resolve_model_dir
+
     settings = model.lora
+    base = settings.get("base") or resolve_model_dir(base_model).resolve()
     tensors, peft_targets = {}, set()
     for path, entry in settings["modules"].items():
         module = model.get_submodule(path)
@@ -182,10 +196,10 @@ def save_adapter(model, folder: str | os.PathLike, base_model: str | os.PathLike
         for pname, p in getattr(model, name).named_parameters():
             tensors[f"base_model.model.{name}.{pname}"] = p
     head = getattr(model.config, "head", None)
-    config = {
+    config = {  # PEFT's keys only: PEFT warns about any other
         "peft_type": "LORA",
         "task_type": PEFT_TASK[head],
-        "base_model_name_or_path": str(Path(base_model).resolve()),
+        "base_model_name_or_path": str(base),
         "r": settings["r"],
         "lora_alpha": settings["alpha"],
         "lora_dropout": settings["dropout"],
@@ -201,19 +215,116 @@ def save_adapter(model, folder: str | os.PathLike, base_model: str | os.PathLike
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "lmforge_targets": settings["targets"],
     }
+    meta = {"targets": settings["targets"],
+            "base_model": {"folder": str(base), "named": str(base_model), "weights": weights_record(base)}}
     if head is not None:  # what lmforge needs to rebuild the head on the base model
         c = model.config
-        config["lmforge_head"] = {"head": head, "num_labels": c.num_labels, "labels": list(c.labels) if c.labels else None,
-                                  "pad_token_id": getattr(c, "pad_token_id", None), "pooling": getattr(c, "pooling", None)}
+        meta["head"] = {"head": head, "num_labels": c.num_labels, "labels": list(c.labels) if c.labels else None,
+                        "pad_token_id": getattr(c, "pad_token_id", None), "pooling": getattr(c, "pooling", None)}
     with atomic_dir(folder) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "adapter_model.safetensors",
                   metadata={"format": "pt"})
         atomic_write_json(tmp / "adapter_config.json", config)
+        atomic_write_json(tmp / ADAPTER_META, meta)
         if tokenizer is not None:
             tokenizer.save(tmp)
     return Path(folder)
+
+
+def read_adapter_meta(folder: Path, config: dict) -> dict:
+    """lmforge's facts about an adapter: ``targets``, ``head`` and ``base_model`` (folder, weight hashes).
+
+    Adapters saved before ``lmforge_adapter.json`` kept targets and head inside adapter_config.json and
+    no weight hashes; PEFT adapters from elsewhere have none of it."""
+    if (folder / ADAPTER_META).exists():
+        meta = read_json(folder / ADAPTER_META, "adapter metadata")
+        if not isinstance(meta, dict):
+            raise LmforgeError(f"{folder / ADAPTER_META} is not a JSON object; re-save the adapter")
+        return meta
+    return {"targets": config.get("lmforge_targets"), "head": config.get("lmforge_head")}
+
+
+# -- the base an adapter was trained on ------------------------------------------------------------
+
+_hashes: dict[tuple[str, int, int], str] = {}  # (file, size, mtime): a file is hashed once per process
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The files holding a model folder's weights: one file, or shards."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin")
+                  and p.name.startswith(("model", "pytorch_model")))
+
+
+def _sha256(path: Path, stat: os.stat_result) -> str:
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _hashes:
+        _hashes[key] = sha256_file(path)
+    return _hashes[key]
+
+
+def weights_record(folder: str | os.PathLike) -> dict[str, dict]:
+    """Size, modification time and SHA-256 of each weight file of a model folder."""
+    record = {}
+    for path in _weight_files(Path(folder)):
+        stat = path.stat()
+        record[path.name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(path, stat)}
+    return record
+
+
+def weights_difference(folder: str | os.PathLike, record: dict[str, dict]) -> str | None:
+    """How the weights in ``folder`` differ from ``record`` (one phrase), or None when they are the same.
+
+    A file with the recorded size and modification time is taken as recorded, so that loading an
+    adapter does not re-read gigabytes of base weights each time; any other file is hashed."""
+    files = {p.name: p for p in _weight_files(Path(folder))}
+    if sorted(files) != sorted(record):
+        return f"its weight files are {', '.join(sorted(files)) or 'none'}, not {', '.join(sorted(record))}"
+    for name, want in record.items():
+        stat = files[name].stat()
+        if stat.st_size == want["bytes"] and stat.st_mtime_ns == want["mtime_ns"]:
+            continue
+        got = _sha256(files[name], stat)
+        if got != want["sha256"]:
+            return f"its {name} has SHA-256 {got[:12]}..., the adapter was trained on {want['sha256'][:12]}..."
+    return None
+
+
+def adapter_base(adapter: Path, config: dict, meta: dict, base: str | os.PathLike | None = None,
+                 force: bool = False) -> Path:
+    """The model folder to put ``adapter`` on: ``base`` when given, else the one it records; checked
+    against the weights it was trained on. A mismatch is an error, or, with ``force``, a warning."""
+    from lmforge.model.checkpoint import resolve_model_dir
+
+    recorded = meta.get("base_model") or {}
+    exact = recorded.get("folder")
+    fix = "pass the exact base folder (merge --base FOLDER), or --force to use other weights anyway"
+    if base is None:
+        named = exact or config.get("base_model_name_or_path")
+        if not named or not Path(named).exists():
+            raise LmforgeError(f"{adapter}: its base model {named!r} is not on this machine; {fix}")
+        folder = resolve_model_dir(named)
+    else:
+        folder = resolve_model_dir(base)
+        # A run folder whose latest checkpoint moved on still holds the checkpoint the adapter was trained on.
+        if exact and Path(exact).is_relative_to(Path(base).resolve()) and Path(exact).exists():
+            folder = Path(exact)
+    if not recorded.get("weights"):
+        if (Path(base or config.get("base_model_name_or_path") or folder) / "checkpoints").is_dir():
+            warn(f"{adapter} names its base as a run folder and records no weight hashes (saved by an older lmforge); "
+                 f"using {folder}, that run's latest checkpoint, which may not be the one the adapter was trained on")
+        return folder
+    try:
+        problem = weights_difference(folder, recorded["weights"])
+    except (KeyError, TypeError, AttributeError):
+        raise LmforgeError(f"{adapter / ADAPTER_META} is malformed (its base_model weights); re-save the adapter") from None
+    if problem is None:
+        return folder
+    message = f"{adapter} was trained on {exact}, but {folder} is not that model: {problem}"
+    if not force:
+        raise LmforgeError(f"{message}; {fix}")
+    warn(f"{message}; going on because of --force: the result is NOT the model that was fine-tuned")
+    return folder
 
 
 _PEFT_TO_TARGET = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "fc", "up_proj": "fc",
@@ -222,8 +333,6 @@ _PEFT_TO_TARGET = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "
 
 
 def read_adapter_config(folder: Path) -> dict:
-    from lmforge.utils import read_json
-
     config = read_json(folder / "adapter_config.json", "adapter config")
     if config.get("peft_type") != "LORA":
         raise LmforgeError(f"{folder}: peft_type {config.get('peft_type')!r} is not supported; lmforge reads LORA adapters")
@@ -237,7 +346,7 @@ def load_adapter(model, folder: str | os.PathLike) -> None:
     """Add adapters to ``model`` as ``folder`` (a PEFT LoRA adapter) describes, and load their weights."""
     folder = Path(folder)
     config = read_adapter_config(folder)
-    targets = config.get("lmforge_targets") or _targets_from_peft(model, config)
+    targets = read_adapter_meta(folder, config).get("targets") or _targets_from_peft(model, config)
     add_lora(model, targets, int(config["r"]), float(config["lora_alpha"]), float(config.get("lora_dropout", 0.0)))
     try:
         tensors = load_file(folder / "adapter_model.safetensors")
