@@ -83,7 +83,8 @@ def test_prompt_longer_than_the_context(hf_gpt2):
 
 def test_bad_sampling_options(hf_gpt2):
     model = load_model(hf_gpt2)
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"max_new_tokens": 0}):
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"max_new_tokens": 0}, {"seed": 2**64},
+                {"seed": -(2**63) - 1}, {"seed": 2**64 - 1, "n": 2}):
         with pytest.raises(LmforgeError, match="bad sampling option"):
             generate(model, "x", **bad)
 

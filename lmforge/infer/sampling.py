@@ -49,6 +49,8 @@ class SamplingParams:
             (self.n >= 1, "n must be at least 1"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
             (self.num_beams >= 1, "num_beams must be at least 1"),
+            # sample i of n draws from a torch.Generator seeded with seed + i, which takes 64 bits
+            (self.seed is None or -(2**63) <= self.seed <= 2**64 - self.n, "seed must be from -2**63 to 2**64 - n"),
             (self.early_stopping in (True, False, "never"), "early_stopping must be true, false or never"),
         ]
         for ok, message in checks:
