@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -14,13 +15,43 @@ from pathlib import Path
 from lmforge.errors import LmforgeError
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (``os.umask`` can only set it,
+    and a file another thread creates in between would get the wrong permissions)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-_UMASK = _umask()
+def give_usual_permissions(folder: Path) -> None:
+    """Files 0666 and folders 0777 less the umask, everywhere under ``folder``: what ``open`` and
+    ``mkdir`` give, which some writers do not (safetensors makes 0600 files, mkstemp too)."""
+    mask = current_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
+def _as_os_error(error: BaseException, where: Path) -> BaseException:
+    """safetensors reports a failed write (a full disk, say) as ``SafetensorError("... (os error 28)")``:
+    turn it back into the OSError it was, which callers (and the CLI) know how to report."""
+    found = re.search(r"\(os error (\d+)\)", str(error)) if type(error).__name__ == "SafetensorError" else None
+    if found is None:
+        return error
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(where))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -28,7 +59,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual permissions
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -81,10 +112,14 @@ def atomic_dir(folder: str | os.PathLike):
     tmp.mkdir()
     try:
         yield tmp
+        give_usual_permissions(tmp)
         fsync_dir(tmp)
         replace_dir(tmp, folder)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        error = _as_os_error(e, folder)
+        if error is not e:
+            raise error from e
         raise
 
 
