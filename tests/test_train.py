@@ -23,7 +23,9 @@ def read_log(run: Path) -> tuple[list[dict], list[dict]]:
 
 
 def test_training_lowers_the_validation_loss(data_dir, tmp_path):
-    summary = pretrain(train_config(data_dir, tmp_path / "run", max_steps=60, eval_interval=30), progress=False)
+    # float32: bf16 autocast is the default on CPUs with AMX tiles, and this test checks the recorded dtype
+    summary = pretrain(train_config(data_dir, tmp_path / "run", max_steps=60, eval_interval=30, dtype="float32"),
+                       progress=False)
     train, val = read_log(tmp_path / "run")
     assert [r["step"] for r in train] == list(range(1, 61))
     assert [r["step"] for r in val] == [0, 30, 60]
@@ -42,7 +44,7 @@ def test_checkpoints_are_hf_folders_with_training_state_beside_and_only_the_last
     pretrain(train_config(data_dir, tmp_path / "run", max_steps=30, checkpoint_interval=10, keep_checkpoints=2), progress=False)
     dirs = checkpoint_dirs(tmp_path / "run")
     assert [d.name for d in dirs] == ["step_0000020", "step_0000030"]
-    assert sorted(p.name for p in dirs[-1].iterdir()) == ["model", "trainer.pt"]
+    assert sorted(p.name for p in dirs[-1].iterdir()) == ["manifest.json", "model", "trainer.pt"]
     assert (dirs[-1] / "model" / "model.safetensors").exists() and (dirs[-1] / "model" / "tokenizer.json").exists()
     state = torch.load(dirs[-1] / "trainer.pt", weights_only=True)
     assert state["step"] == 30 and state["loader"]["batch_index"] == 30 and "optimizer" in state
@@ -101,8 +103,10 @@ def test_resume_after_sigkill_gives_identical_losses(data_dir, tmp_path):
 
 
 def test_grad_accumulation_matches_a_larger_batch(data_dir, tmp_path):
-    pretrain(train_config(data_dir, tmp_path / "a", micro_batch_size=4, grad_accum_steps=1), progress=False)
-    pretrain(train_config(data_dir, tmp_path / "b", micro_batch_size=1, grad_accum_steps=4), progress=False)
+    # float32: under bf16 autocast (the default on CPUs with AMX) sums in another order differ by more than 1e-5
+    kw = dict(dtype="float32")
+    pretrain(train_config(data_dir, tmp_path / "a", micro_batch_size=4, grad_accum_steps=1, **kw), progress=False)
+    pretrain(train_config(data_dir, tmp_path / "b", micro_batch_size=1, grad_accum_steps=4, **kw), progress=False)
     a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     assert a[0][-1]["tokens"] == b[0][-1]["tokens"]
     for x, y in zip(a[0], b[0]):  # 1 × 4 equals 4 × 1, step for step
@@ -113,7 +117,7 @@ def test_grad_accumulation_matches_a_larger_batch(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_with_half_the_batch_match_one_process(data_dir, tmp_path):
-    kw = dict(max_steps=12, eval_interval=6, checkpoint_interval=6)
+    kw = dict(max_steps=12, eval_interval=6, checkpoint_interval=6, dtype="float32")
     pretrain(train_config(data_dir, tmp_path / "one", micro_batch_size=4, **kw), progress=False)
     cfg = train_config(data_dir, tmp_path / "two", micro_batch_size=2, **kw)
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfg))
@@ -178,10 +182,12 @@ def test_run_folder_protection(data_dir, tmp_path):
     assert (other / "thesis.txt").exists()
 
 
-def test_resume_with_only_the_out_folder_reuses_the_saved_config(data_dir, tmp_path):
+def test_resume_with_only_the_out_folder_reuses_the_saved_config(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     pretrain(train_config(data_dir, run, max_steps=10), progress=False)
+    capsys.readouterr()
     summary = pretrain(out=str(run), max_steps=14, resume=True, progress=False)
+    assert capsys.readouterr().out.startswith(f"resuming from step 10 of {run}\n")
     assert summary["steps"] == 14
     assert [r["step"] for r in read_log(run)[0]] == list(range(1, 15))
 
@@ -214,3 +220,113 @@ def test_a_llama_layout_model_trains_and_saves_a_llama_folder(data_dir, tmp_path
     idx = torch.randint(0, 1024, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(load_model(folder)(idx), hf(idx).logits, atol=1e-4, rtol=0)
+
+
+# -- every check before anything in the run folder is written --------------------------------------
+
+
+def run_files(run: Path) -> dict[str, bytes]:
+    """Every file of a run folder, to check that a refused command changed nothing."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def other_data(corpus_dir, tmp_path_factory) -> Path:
+    """The same corpus prepared with another tokenizer, of twice the vocabulary."""
+    from lmforge.data.prepare import prepare
+    from lmforge.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("other")
+    train_tokenizer([corpus_dir], root / "tokenizer", vocab_size=2048, progress=False)
+    prepare([corpus_dir], root / "tokenizer", root / "data", val_fraction=0.1, workers=0, progress=False)
+    return root / "data"
+
+
+def test_resume_on_data_of_another_tokenizer_is_refused_and_leaves_the_run_as_it_was(data_dir, other_data, tmp_path,
+                                                                                    capsys):
+    from lmforge.cli import main
+
+    run = tmp_path / "run"
+    pretrain(train_config(data_dir, run, max_steps=4), progress=False)
+    before = run_files(run)
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(run), "--resume", "--data", str(other_data), "--max-steps", "6", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert error == (f"lmforge: error: {other_data} was prepared with a different tokenizer than the one {run} was "
+                     f"trained with; resume with data prepared by that tokenizer, or start a new run (--out) for this data\n")
+    assert run_files(run) == before
+    # so a plain --resume still works
+    assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "6", "--quiet"]) == 0
+    assert [r["step"] for r in read_log(run)[0]] == list(range(1, 7))
+
+
+def test_a_model_with_fewer_embeddings_than_the_data_has_token_ids_is_refused(data_dir, tmp_path, capsys):
+    from conftest import make_hf_gpt2
+
+    from lmforge.cli import main
+
+    small = make_hf_gpt2(tmp_path / "small", vocab_size=101)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"data": str(data_dir), "out": str(tmp_path / "run"),
+                                                      "model": str(small), "max_steps": 2}))
+    capsys.readouterr()
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"lmforge: error: {data_dir} has token ids up to 1023 but the model of {small} has only 101 embeddings; "
+        f"prepare the data with that model's tokenizer\n")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("max_steps", [6, 10])
+def test_resume_to_a_step_already_reached_says_so_and_changes_nothing(max_steps, data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrain(train_config(data_dir, run, max_steps=10), progress=False)
+    before = run_files(run)
+    capsys.readouterr()
+    summary = pretrain(out=str(run), max_steps=max_steps, resume=True, progress=False)
+    assert capsys.readouterr().out == (f"{run} is already at step 10 ≥ --max-steps {max_steps}; nothing to do "
+                                       f"(pass a larger --max-steps to continue)\n")
+    assert summary["steps"] == 10 and summary["checkpoint"] == str(run / "checkpoints" / "step_0000010")
+    assert run_files(run) == before
+
+
+def test_resume_refuses_to_change_what_shapes_the_model(data_dir, tmp_path):
+    run = tmp_path / "run"
+    pretrain(train_config(data_dir, run, max_steps=4), progress=False)
+    before = run_files(run)
+    with pytest.raises(LmforgeError, match=r"--n-layer cannot change when resuming \(.* was trained with 2, not 3\)"):
+        pretrain(out=str(run), n_layer=3, max_steps=6, resume=True, progress=False)
+    assert run_files(run) == before
+
+
+def test_overwrite_removes_the_old_run_only_once_the_new_one_passed_its_checks(data_dir, tmp_path):
+    from lmforge.eval.baselines import train_lstm
+
+    run = tmp_path / "run"
+    pretrain(train_config(data_dir, run, max_steps=2), progress=False)
+    before = run_files(run)
+    with pytest.raises(LmforgeError, match="data folder .* does not exist"):
+        pretrain(train_config(tmp_path / "no-data", run, max_steps=2), overwrite=True, progress=False)
+    assert run_files(run) == before
+    # The LSTM baseline runs through the same loop.
+    lstm = tmp_path / "lstm"
+    shape = dict(n_embd=16, hidden=16, n_layer=1, block_size=32, max_steps=2, threads=1, tensorboard=False)
+    train_lstm(str(data_dir), str(lstm), progress=False, **shape)
+    before = run_files(lstm)
+    with pytest.raises(LmforgeError, match="data folder .* does not exist"):
+        train_lstm(str(tmp_path / "no-data"), str(lstm), progress=False, overwrite=True, **shape)
+    assert run_files(lstm) == before
+
+
+def test_finetune_resume_refuses_another_method_and_leaves_the_run_as_it_was(hf_gpt2, tmp_path):
+    from lmforge.train.finetune import finetune
+
+    rows = [{"messages": [{"role": "user", "content": f"add {a} {b}"}, {"role": "assistant", "content": str(a + b)}]}
+            for a in range(6) for b in range(6)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = dict(model=str(hf_gpt2), train=str(tmp_path / "chat.jsonl"), out=str(tmp_path / "run"), eval_interval=2,
+                    checkpoint_interval=2, micro_batch_size=4, threads=1, tensorboard=False)
+    finetune(max_steps=2, progress=False, **settings)
+    before = run_files(tmp_path / "run")
+    with pytest.raises(LmforgeError, match="--method cannot change when resuming .* was trained with 'full', not 'lora'"):
+        finetune(max_steps=4, method="lora", resume=True, progress=False, **settings)
+    assert run_files(tmp_path / "run") == before

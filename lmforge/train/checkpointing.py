@@ -1,14 +1,18 @@
 """Training checkpoints: a Hugging Face model folder plus, beside it, the training-only state.
 
-    RUN/checkpoints/step_0000500/model/        config.json, model.safetensors, tokenizer.json, ...
-    RUN/checkpoints/step_0000500/trainer.pt    optimizer, loader position, RNG states, step, time
+    RUN/checkpoints/step_0000500/model/         config.json, model.safetensors, tokenizer.json, ...
+    RUN/checkpoints/step_0000500/trainer.pt     optimizer, loader position, RNG states, step, time
+    RUN/checkpoints/step_0000500/manifest.json  size and SHA-256 of every file above
 
 Each checkpoint is assembled in a hidden temporary folder and renamed into place, so a process
-killed while saving never leaves a broken latest checkpoint. Only the last K are kept.
+killed while saving never leaves a broken latest checkpoint. The manifest catches what happens to
+the files later (truncation, bit rot): resume checks it and falls back to the newest intact
+checkpoint. Only the last K are kept.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -17,9 +21,11 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.utils import atomic_dir, first_line
+from lmforge.utils import atomic_dir, atomic_write_json, first_line, read_json, sha256_file, warn
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "lmforge-checkpoint-v1"
 
 
 def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
@@ -41,18 +47,113 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def _save_trainer_state(state: dict, path: Path) -> None:
+    """torch.save, raising the OSError of a failed write (a full disk) rather than the "unexpected pos"
+    RuntimeError that torch raises on top of it while closing the half-written archive."""
+    failed = []
+
+    class Stream:
+        def write(self, data):
+            try:
+                return f.write(data)
+            except OSError as e:
+                failed.append(e)
+                raise
+
+        def flush(self):
+            f.flush()
+
+    with open(path, "wb") as f:
+        try:
+            torch.save(state, Stream())
+        except Exception:
+            if failed:
+                raise failed[0] from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(run_dir: Path, step: int, save_model, trainer_state: dict, keep: int) -> Path:
     """``save_model(folder)`` writes the model folder (a full model, or a LoRA adapter)."""
-    final = run_dir / "checkpoints" / f"step_{step:07d}"
-    with atomic_dir(final) as tmp:
-        save_model(tmp / "model")
-        with open(tmp / "trainer.pt", "wb") as f:
-            torch.save(trainer_state, f)
-            f.flush()
-            os.fsync(f.fileno())
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    root = run_dir / "checkpoints"
+    final = root / f"step_{step:07d}"
+    try:
+        with atomic_dir(final) as tmp:
+            save_model(tmp / "model")
+            _save_trainer_state(trainer_state, tmp / "trainer.pt")
+            files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            atomic_write_json(tmp / MANIFEST, {"format": MANIFEST_FORMAT, "step": step, "files": files})
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        previous = latest_checkpoint(run_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise LmforgeError(f"disk full: no space left on the device of {root} while saving step {step} "
+                           f"({kept}); free some space, then continue with --resume") from None
+    _prune(root, keep)
     return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Remove all but the last ``keep`` checkpoints, and what killed saves left behind."""
+    # Hidden folders are the temporary folders of saves that were killed; only one process writes a run.
+    for leftover in root.glob(".*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for old in checkpoint_dirs(root.parent)[:-keep]:
+        # Out of sight first: a process killed half-way through rmtree leaves no half-deleted checkpoint.
+        hidden = old.with_name(f".old-{old.name}")
+        os.rename(old, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
+
+
+def damage(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be trusted (a missing, truncated or changed file), or None when intact.
+
+    A checkpoint saved before manifests existed is taken as it is.
+    """
+    if not (checkpoint / MANIFEST).exists():
+        return None
+    try:
+        files = read_json(checkpoint / MANIFEST, "checkpoint manifest")["files"]
+        expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (LmforgeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        return f"its {MANIFEST} is unreadable ({first_line(e)})"
+    for name, (size, sha256) in expected.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
+        if sha256_file(path) != sha256:
+            return f"{name} differs from what was saved (corrupted)"
+    return None
+
+
+def resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """The newest intact checkpoint of a run, and the damaged newer ones (each named in a warning)."""
+    damaged = []
+    for checkpoint in reversed(checkpoint_dirs(run_dir)):
+        reason = damage(checkpoint)
+        if reason is None:
+            return checkpoint, damaged
+        warn(f"checkpoint {checkpoint} is damaged: {reason}")
+        damaged.append(checkpoint)
+    if not damaged:
+        raise LmforgeError(f"nothing to resume: {run_dir} has no checkpoints; run without --resume to start")
+    names = ", ".join(d.name for d in damaged)
+    raise LmforgeError(f"nothing to resume: every checkpoint of {run_dir} is damaged ({names}); start again with --overwrite")
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Rename a damaged checkpoint out of the run's sequence (kept for inspection, never pruned or resumed)."""
+    aside, n = checkpoint.with_name(f"{checkpoint.name}.damaged"), 1
+    while aside.exists():
+        n += 1
+        aside = checkpoint.with_name(f"{checkpoint.name}.damaged-{n}")
+    os.rename(checkpoint, aside)
+    return aside
 
 
 def load_trainer_state(checkpoint: Path) -> dict:

@@ -48,6 +48,7 @@ class TrainConfig:
     beta1: float = key(0.9, "AdamW beta1")
     beta2: float = key(0.95, "AdamW beta2")
     grad_clip: float = key(1.0, "max gradient norm; 0 turns clipping off")
+    max_bad_steps: int = key(5, "stop after this many steps in a row with a NaN/inf loss or gradient (each is skipped)")
     # evaluation, checkpoints, samples
     eval_interval: int = key(100, "evaluate on the validation split every N steps")
     eval_windows: int = key(64, "validation windows of block_size tokens, the same ones each time")
@@ -74,6 +75,7 @@ class TrainConfig:
             (self.eval_interval >= 1, "eval_interval must be at least 1"),
             (self.checkpoint_interval >= 1, "checkpoint_interval must be at least 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
+            (self.max_bad_steps >= 1, "max_bad_steps must be at least 1"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
         ]
         for f in fields(self):

@@ -572,6 +572,9 @@ class QA(Finetune):
 
 
 OBJECTIVES = {"chat": SFT, "instruction": SFT, "classification": Classification, "qa": QA}
+# What the checkpoint's model (or adapter) and optimizer state were built for: --resume refuses to change them.
+FIXED_ON_RESUME = ("model", "task", "method", "labels", "pooling", "freeze_layers", "train_layers",
+                   "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 def finetune(config: FinetuneConfig | dict | str | os.PathLike | None = None, *, resume: bool = False,
@@ -589,4 +592,4 @@ def finetune(config: FinetuneConfig | dict | str | os.PathLike | None = None, *,
     if config.packing and objective is not SFT:
         raise LmforgeError("packing applies to chat and instruction fine-tuning only")
     return train(config, lambda c, device, ckpt: objective(c, device, ckpt, examples), resume=resume,
-                 overwrite=overwrite, progress=progress)
+                 overwrite=overwrite, progress=progress, fixed_on_resume=FIXED_ON_RESUME)

@@ -1,6 +1,7 @@
 """`lmforge pretrain`: the one training loop.
 
     batch → forward → loss / grad_accum_steps → backward → clip → AdamW step → log
+    a step whose loss or gradient is NaN/inf is skipped; max_bad_steps of them in a row stop the run
     every eval_interval: validation loss, perplexity, bits per byte
     every checkpoint_interval: an atomic checkpoint with everything needed to resume exactly
 
@@ -28,9 +29,18 @@ from lmforge.model.checkpoint import load_decoder
 from lmforge.model.config import PRESETS, Config
 from lmforge.model.gpt import GPT, build_model
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpointing import latest_checkpoint, load_trainer_state, save_checkpoint
+from lmforge.train.checkpointing import latest_checkpoint, load_trainer_state, resume_checkpoint, save_checkpoint, set_aside
 from lmforge.train.config import TrainConfig, load_config, read_config_file, save_config
-from lmforge.utils import atomic_write_json, atomic_write_text, bf16_is_fast, hardware_description, human_count, pick_device
+from lmforge.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    bf16_is_fast,
+    first_line,
+    hardware_description,
+    human_count,
+    pick_device,
+    warn,
+)
 
 
 @dataclass
@@ -56,6 +66,14 @@ class Distributed:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def broadcast(self, value):
+        """Rank 0's ``value``, on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 def setup_distributed(device_name: str) -> Distributed:
@@ -161,13 +179,27 @@ def resolve_config(config, resume: bool, overrides: dict, cls=TrainConfig) -> Tr
     return load_config(path, {**values, **overrides}, base=base, cls=cls)
 
 
-def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Check the run folder; returns the checkpoint to resume from (None to start fresh)."""
+# Keys that shape the model. A resumed run takes its model from the checkpoint, so a new value would be
+# ignored while config.yaml recorded it: it is refused instead.
+MODEL_KEYS = ("model", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "dropout")
+
+
+def _check_run_dir(out: Path, config: TrainConfig, resume: bool, overwrite: bool,
+                   fixed_on_resume: tuple[str, ...]) -> tuple[Path | None, list[Path], bool]:
+    """Check the run folder, writing nothing: the checkpoint to resume from (None to start fresh), the
+    damaged checkpoints newer than it, and whether the folder is to be emptied first (``overwrite``)."""
+    if out.exists() and not out.is_dir():
+        raise LmforgeError(f"--out {out} is a file; give a folder path")
     if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise LmforgeError(f"nothing to resume: {out} has no checkpoints; run without --resume to start")
-        return ckpt
+        saved = read_config_file(out / "config.yaml") if (out / "config.yaml").exists() else {}
+        for key in fixed_on_resume:
+            if key in saved and saved[key] != getattr(config, key, saved[key]):
+                raise LmforgeError(
+                    f"--{key.replace('_', '-')} cannot change when resuming ({out} was trained with {saved[key]!r}, "
+                    f"not {getattr(config, key)!r}); start a new run with another --out to change it"
+                )
+        checkpoint, damaged = resume_checkpoint(out)
+        return checkpoint, damaged, False
     if out.exists() and any(out.iterdir()):
         is_run = (out / "config.yaml").exists() or (out / "checkpoints").exists()
         if not overwrite:
@@ -175,8 +207,8 @@ def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
             raise LmforgeError(f"run folder {out} is not empty; {hint}")
         if not is_run:
             raise LmforgeError(f"--overwrite refused: {out} is not an lmforge run folder; choose another --out")
-        shutil.rmtree(out)
-    return None
+        return None, [], True
+    return None, [], False
 
 
 # -- objectives -----------------------------------------------------------------------------------
@@ -225,10 +257,23 @@ class CausalLM(Objective):
         self.train_split = TokenSplit(config.data, "train")
         self.val_split = TokenSplit(config.data, "val") if self.train_split.meta["splits"]["val"]["tokens"] else None
         self.tokenizer = Tokenizer.load(config.data)
-        if self.tokenizer.sha256 != self.train_split.meta["tokenizer"]["sha256"]:
+        made_with = self.train_split.meta["tokenizer"]
+        if self.tokenizer.sha256 != made_with["sha256"]:
             raise LmforgeError(f"{config.data}/tokenizer.json does not match the one the data was made with; run prepare again")
+        if checkpoint is not None and (checkpoint / "model" / "tokenizer.json").exists():
+            if Tokenizer.load(checkpoint / "model").sha256 != made_with["sha256"]:
+                raise LmforgeError(
+                    f"{config.data} was prepared with a different tokenizer than the one {checkpoint.parent.parent} "
+                    f"was trained with; resume with data prepared by that tokenizer, or start a new run (--out) for this data"
+                )
         torch.manual_seed(config.seed)
         self.model = self.load(checkpoint)
+        if made_with["vocab_size"] > self.model.config.vocab_size:
+            source = checkpoint or config.model
+            raise LmforgeError(
+                f"{config.data} has token ids up to {made_with['vocab_size'] - 1} but the model of {source} has only "
+                f"{self.model.config.vocab_size} embeddings; prepare the data with that model's tokenizer"
+            )
         self.block_size = self.model.config.block_size
         self.windows = eval_windows(self.val_split, self.block_size, config.eval_windows) if self.val_split else []
 
@@ -314,13 +359,7 @@ def _build_model(config: TrainConfig, tokenizer: Tokenizer, device: torch.device
     given = [k for k, v in shape.items() if v is not None]
     if given:
         raise LmforgeError(f"{', '.join(given)} cannot change when continuing from the model folder {config.model}")
-    model = load_decoder(config.model, device)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise LmforgeError(
-            f"the data's tokenizer has {tokenizer.vocab_size} tokens but {config.model} has {model.config.vocab_size}; "
-            f"prepare the data with that model's tokenizer"
-        )
-    return model.train()
+    return load_decoder(config.model, device).train()
 
 
 def pretrain(config: TrainConfig | dict | str | os.PathLike | None = None, *, resume: bool = False,
@@ -337,20 +376,23 @@ def pretrain(config: TrainConfig | dict | str | os.PathLike | None = None, *, re
 
 
 def train(config: TrainConfig, make_objective, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True) -> dict:
-    """Run ``make_objective(config, device, checkpoint)`` through the training loop."""
+          progress: bool = True, fixed_on_resume: tuple[str, ...] = MODEL_KEYS) -> dict:
+    """Run ``make_objective(config, device, checkpoint)`` through the training loop.
+
+    ``fixed_on_resume``: config keys that a resumed run refuses to change (what shapes its model).
+    """
     from tqdm.auto import tqdm
 
     dist_ = setup_distributed(config.device)
     try:
-        return _train(config, make_objective, dist_, resume, overwrite, progress and dist_.is_main, tqdm)
+        return _train(config, make_objective, dist_, resume, overwrite, progress and dist_.is_main, tqdm, fixed_on_resume)
     finally:
         if dist_.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool, overwrite: bool, progress: bool,
-           tqdm) -> dict:
+           tqdm, fixed_on_resume: tuple[str, ...]) -> dict:
     out = Path(config.out)
     device = pick_device(config.device)
     if config.threads:
@@ -358,22 +400,40 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
     use_bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and bf16_is_fast(device))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    checkpoint = _prepare_run_dir(out, resume, overwrite) if dist_.is_main else (latest_checkpoint(out) if resume else None)
-    dist_.barrier()
+    # Every check runs before anything in the run folder is written: a refused start or --resume leaves
+    # the folder as it was, so a plain --resume still works after a mistaken one.
+    checkpoint, damaged, start_over = None, [], False
+    if dist_.is_main:
+        checkpoint, damaged, start_over = _check_run_dir(out, config, resume, overwrite, fixed_on_resume)
+    checkpoint = dist_.broadcast(checkpoint)
+    state = load_trainer_state(checkpoint) if checkpoint is not None else None
 
-    objective = make_objective(config, device, checkpoint)
+    objective = make_objective(config, device, checkpoint)  # may set max_steps (fine-tuning by epochs)
+    if state is not None and state["step"] >= config.max_steps:
+        # The run already went as far as asked: say so and change nothing, so running it again is harmless.
+        if dist_.is_main:
+            print(f"{out} is already at step {state['step']} ≥ --max-steps {config.max_steps}; nothing to do "
+                  f"(pass a larger --max-steps to continue)", flush=True)
+        return {"out": str(out), "steps": state["step"], "tokens": state["tokens"], "elapsed": state["elapsed"],
+                "skipped_steps": state.get("skipped_steps", 0), "val_loss": None, "eval": None,
+                "checkpoint": str(checkpoint) if dist_.is_main else None}
     model = objective.model
     optimizer = make_optimizer(model, config, device)
     batches = objective.batches(dist_.rank, dist_.world_size)
     step, tokens_seen, elapsed = 0, 0, 0.0
-    if checkpoint is not None:
-        state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+    skipped_steps = bad_steps = 0  # updates skipped for a non-finite loss or gradient: in all, and in a row
+    if state is not None:
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise LmforgeError(f"the optimizer state in {checkpoint} does not fit the model's trainable parameters "
+                               f"({first_line(e)}); resume with the settings the run was started with") from None
         batches.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
+        skipped_steps, bad_steps = state.get("skipped_steps", 0), state.get("bad_steps", 0)
 
     train_model: torch.nn.Module = model
     if config.compile:
@@ -385,6 +445,10 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
 
     log = None
     if dist_.is_main:
+        if start_over:
+            shutil.rmtree(out)
+        for bad in damaged:
+            warn(f"damaged checkpoint {bad.name} kept as {set_aside(bad).name}, out of the run's way")
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
         info = objective.describe()
@@ -399,6 +463,8 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
             "hardware": hardware_description(device),
         })
         log = MetricsLog(out, step if checkpoint is not None else None, config.tensorboard)
+        if checkpoint is not None:
+            print(f"resuming from step {step} of {out}", flush=True)
         print(f"model: {summary} on {dist_.world_size}×{device} ({'bf16 autocast' if use_bf16 else 'fp32'})", flush=True)
 
     def run_eval() -> dict | None:
@@ -441,21 +507,40 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
             step_tokens += objective.batch_tokens(batch)
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-        optimizer.step()
+        train_loss = dist_.all_mean(loss_sum / config.grad_accum_steps).item()
+        # One NaN or inf update would poison the weights and AdamW's moments for good: skip it. The grad
+        # norm (of all-reduced gradients) and the mean loss are the same on every rank, so all ranks agree.
+        finite = math.isfinite(train_loss) and bool(torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        bad_steps = 0 if finite else bad_steps + 1
+        skipped_steps += not finite
         step += 1
         step_tokens *= dist_.world_size
         tokens_seen += step_tokens
-        train_loss = dist_.all_mean(loss_sum / config.grad_accum_steps).item()
         dt = time.perf_counter() - t0
         elapsed += dt
         if log:
             log.write({
                 "step": step, "tokens": tokens_seen, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                "tokens_per_second": step_tokens / dt, "elapsed": elapsed,
+                "tokens_per_second": step_tokens / dt, "elapsed": elapsed, **({} if finite else {"skipped": True}),
             })
         bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{step_tokens / dt:,.0f}", refresh=False)
         bar.update()
+        if not finite:
+            if bad_steps >= config.max_bad_steps:
+                bar.close()
+                if log:
+                    log.close()
+                last = latest_checkpoint(out)
+                raise LmforgeError(
+                    f"step {step}: the loss or gradients were not finite for {bad_steps} steps in a row "
+                    f"(max_bad_steps {config.max_bad_steps}); stopped. The last good checkpoint is "
+                    f"{last or 'none (none was saved yet)'}: lower lr or check the data, then --resume"
+                )
+            if dist_.is_main:
+                bar.write(f"step {step}: loss or gradients not finite; update skipped ({bad_steps} in a row)")
         if step % config.eval_interval == 0 or step == config.max_steps:
             last_eval = run_eval()
             if last_eval and dist_.is_main:
@@ -466,6 +551,8 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
                     "step": step,
                     "tokens": tokens_seen,
                     "elapsed": elapsed,
+                    "skipped_steps": skipped_steps,
+                    "bad_steps": bad_steps,
                     "optimizer": optimizer.state_dict(),
                     "loader": batches.state_dict(),
                     "rng": {
@@ -485,6 +572,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         "steps": step,
         "tokens": tokens_seen,
         "elapsed": elapsed,
+        "skipped_steps": skipped_steps,
         "val_loss": last_eval.get("val_loss") if last_eval else None,
         "eval": last_eval,
         "checkpoint": str(latest_checkpoint(out)) if dist_.is_main else None,
