@@ -53,6 +53,7 @@ def server(model_dir):
     model = load_model(model_dir)
     settings = ServerSettings(max_batch=4, max_queue=2, max_tokens=300, max_n=3, max_body_bytes=20_000, model_name="tiny")
     live = LiveServer(build_server_app(model, load_tokenizer_for(model), settings))
+    live.settings = settings
     yield live
     live.stop()
 
@@ -238,7 +239,7 @@ def test_api_key_is_required_on_v1_when_set(model_dir):
         wrong = httpx.get(live.url + "/v1/models", headers={"authorization": "Bearer nope"}, timeout=TIMEOUT)
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
         good = openai.OpenAI(base_url=live.url + "/v1", api_key="s3cret", timeout=TIMEOUT, max_retries=0)
-        assert good.completions.create(model="m", prompt="a", max_tokens=2).usage.completion_tokens == 2
+        assert good.completions.create(model="lmforge", prompt="a", max_tokens=2).usage.completion_tokens == 2
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=live.url + "/v1", api_key="wrong", timeout=TIMEOUT, max_retries=0).models.list()
     finally:
@@ -250,3 +251,154 @@ def test_serve_binds_to_loopback_by_default():
 
     args = build_parser().parse_args(["serve", "--model", "x"])
     assert args.host == "127.0.0.1"
+
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("path,body,param,needle", [
+    ("/v1/completions", {"prompt": "x", "seed": 2**64}, "seed", "less than or equal to 9223372036854775807"),
+    ("/v1/completions", {"prompt": "x", "seed": -(2**63) - 1}, "seed", "greater than or equal to -9223372036854775808"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', "temperature", "finite number"),
+    ("/v1/completions", b'{"prompt": "x", "repetition_penalty": Infinity}', "repetition_penalty", "finite number"),
+    ("/v1/completions", {"prompt": "x", "top_k": -2}, "top_k", "greater than or equal to -1"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, "logprobs", "less than or equal to 5"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a"] * 17}, "stop", "at most 16 items"),
+    ("/v1/completions", b'{"prompt": "a lone \\ud800"}', "prompt", "lone surrogate"),
+    ("/v1/completions", {"prompt": "a\x00b"}, "prompt", "NUL"),
+    ("/v1/completions", {"prompt": "x", "stop": ["\udfff"]}, "stop.0", "lone surrogate"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udc00"}]}', "messages.0.content", "lone surrogate"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages.0.content.0.text", "valid string"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": []}},
+     "stream_options.include_usage", "valid boolean"),
+])
+def test_values_the_engine_or_the_tokenizer_cannot_take_get_400_before_reaching_them(server, path, body, param, needle):
+    if isinstance(body, dict):  # (json.dumps writes lone surrogates as \\u escapes, as a client's JSON would)
+        body = json.dumps(body).encode()
+    response = post(server, path, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == ERROR_KEYS and error["type"] == "invalid_request_error"
+    assert error["param"] == param and needle in error["message"], error
+    assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_seeds_across_the_whole_int64_range_work(server):
+    for seed in (2**63 - 1, -(2**63), 0):  # n=3 samples use seed, seed + 1, seed + 2
+        response = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, "n": 3, "seed": seed})
+        assert response.status_code == 200, response.text
+
+
+FAULTY_SEED = 13
+
+
+def inject_failure(monkeypatch, where: str) -> None:
+    """Make the engine raise for requests with FAULTY_SEED only, at one of the places a request passes."""
+    from lmforge.infer.engine import Engine, Sequence
+
+    def faulty(params) -> bool:
+        return params.seed == FAULTY_SEED
+
+    def fail():
+        raise RuntimeError("injected failure")
+
+    if where == "add":
+        add = Engine.add
+        monkeypatch.setattr(Engine, "add", lambda self, ids, p: fail() if faulty(p) else add(self, ids, p))
+    elif where == "prefill":
+        prefill = Engine._prefill
+        monkeypatch.setattr(Engine, "_prefill", lambda self, r: fail() if faulty(r.params) else prefill(self, r))
+    elif where == "sampling":  # one row of a batched decode step, after the request has streamed a token
+        choose = Sequence.choose
+        monkeypatch.setattr(Sequence, "choose",
+                            lambda self, logits: fail() if faulty(self.request.params) and self.tokens else choose(self, logits))
+    elif where == "forward":  # the batched decode step as a whole, whenever a faulty request takes part
+        decode = Engine._decode_step
+        monkeypatch.setattr(Engine, "_decode_step",
+                            lambda self, seqs: fail() if any(faulty(s.request.params) for s in seqs) else decode(self, seqs))
+
+
+def stream_text(server, body) -> tuple[str, list[dict]]:
+    with httpx.Client(timeout=TIMEOUT) as http:
+        with http.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    return "".join(e["choices"][0]["text"] for e in events if e.get("choices")), events
+
+
+@pytest.mark.parametrize("where", ["add", "prefill", "sampling", "forward"])
+def test_a_request_that_fails_inside_the_engine_fails_alone(server, monkeypatch, where):
+    from lmforge.infer.engine import Engine
+
+    def body(seed):
+        return {"prompt": "def f(x):", "max_tokens": 60, "temperature": 1.0, "seed": seed}
+
+    expected = {seed: post(server, "/v1/completions", body(seed)).json()["choices"][0]["text"] for seed in (1, 2)}
+    step = Engine.step
+    monkeypatch.setattr(Engine, "step", lambda self: time.sleep(0.01) or step(self))  # so that requests overlap
+    inject_failure(monkeypatch, where)
+    results = {}
+    normal = [threading.Thread(target=lambda: results.__setitem__(1, post(server, "/v1/completions", body(1)))),
+              threading.Thread(target=lambda: results.__setitem__(2, stream_text(server, body(2))[0]))]
+    for t in normal:
+        t.start()
+    deadline = time.time() + TIMEOUT
+    while server.metric("lmforge_active_sequences") < 2:  # both decoding: the faulty requests come last
+        assert time.time() < deadline
+        time.sleep(0.01)
+    faulty_stream = threading.Thread(target=lambda: results.__setitem__("stream", stream_text(server, body(FAULTY_SEED))[1]))
+    faulty_stream.start()
+    faulty = post(server, "/v1/completions", body(FAULTY_SEED))
+    for t in [*normal, faulty_stream]:
+        t.join(TIMEOUT)
+    assert faulty.status_code == 500, faulty.text
+    error = faulty.json()["error"]
+    assert set(error) == ERROR_KEYS and error["type"] == "server_error" and "injected failure" in error["message"]
+    assert results["stream"][-1]["error"]["type"] == "server_error"  # (a stream's status line has gone: its last event)
+    assert results[1].status_code == 200 and results[1].json()["choices"][0]["text"] == expected[1]
+    assert results[2] == expected[2]
+    monkeypatch.undo()
+    assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_every_error_is_openai_shaped(server):
+    json_header = {"content-type": "application/json"}
+    cases = [
+        (httpx.get(server.url + "/no/such/page", timeout=TIMEOUT), 404, "unknown_url", "Invalid URL (GET /no/such/page)"),
+        (httpx.get(server.url + "/v1/chat/completions", timeout=TIMEOUT), 405, "method_not_allowed", "use POST"),
+        (httpx.post(server.url + "/v1/chat/completions", content=b'{"messages": []}', headers={"content-type": "text/plain"},
+                    timeout=TIMEOUT), 415, "unsupported_media_type", "Content-Type: application/json"),
+        (httpx.post(server.url + "/v1/completions", content=b'{"prompt": "x"}', timeout=TIMEOUT), 415,
+         "unsupported_media_type", "no Content-Type header"),
+        (httpx.post(server.url + "/v1/completions", content=b'{"prompt": "\xff"}', headers=json_header, timeout=TIMEOUT),
+         400, "invalid_json", "not valid JSON"),
+        (post(server, "/v1/completions", b"[" * 100_00), 400, "invalid_json", "not valid JSON"),
+    ]
+    for response, status, code, needle in cases:
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert set(error) == ERROR_KEYS and error["code"] == code and needle in error["message"], error
+
+
+def test_a_model_that_is_not_served_gets_404_unless_any_name_is_allowed(server, client, monkeypatch):
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=2)
+    assert caught.value.code == "model_not_found" and "'tiny'" in caught.value.message
+    assert post(server, "/v1/completions", {"model": "other", "prompt": "x"}).json()["error"]["code"] == "model_not_found"
+    assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200  # no name: the served one
+    monkeypatch.setattr(server.settings, "allow_any_model", True)
+    assert client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=2).choices[0].message.role == "assistant"
+
+
+def test_metrics_have_one_label_for_unknown_paths_and_count_rejections(server):
+    for i in range(20):  # a scanner's paths must not each become a time series
+        assert httpx.get(f"{server.url}/scan/{i}", timeout=TIMEOUT).status_code == 404
+    assert post(server, "/v1/completions", {"prompt": "x" * 30_000}).status_code == 413
+    text = httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
+    series = [line for line in text.splitlines() if line.startswith("lmforge_requests_total{")]
+    endpoints = {line.split('endpoint="')[1].split('"')[0] for line in series}
+    assert endpoints <= {"/", "/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "other"}, endpoints
+    assert server.metric('lmforge_requests_total{endpoint="other",status="404"}') >= 20
+    assert server.metric('lmforge_requests_total{endpoint="/v1/completions",status="413"}') >= 1

@@ -36,6 +36,7 @@ class Request:
     id: int = field(default_factory=lambda: next(_ids))
     sequences: list[Sequence] = field(default_factory=list)
     aborted: bool = False
+    error: Exception | None = None  # why it failed alone, in an engine that isolates failures
 
     @property
     def finished(self) -> bool:
@@ -131,7 +132,8 @@ class Sequence:
 class Engine:
     """Continuous batching over a static KV cache of ``max_batch`` rows × ``max_len`` positions."""
 
-    def __init__(self, model: GPT, tokenizer, max_batch: int = 8, max_len: int | None = None, compile: bool = False):
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 8, max_len: int | None = None, compile: bool = False,
+                 isolate_failures: bool = False):
         if not isinstance(model, GPT):
             raise LmforgeError("the engine generates with decoder models; an encoder cannot generate text")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -143,6 +145,8 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.active: list[Sequence] = []  # active[i] lives in cache row i
         self.static = compile
+        # A server sets this: an exception in one request's share of a step ends that request alone.
+        self.isolate_failures = isolate_failures
         self._decode = torch.compile(self._decode_forward, dynamic=False) if compile else self._decode_forward
 
     # -- requests ---------------------------------------------------------------------------------
@@ -189,7 +193,7 @@ class Engine:
         while self.waiting and len(self.active) + len(self.waiting[0].sequences) <= self.max_batch:
             request = self.waiting.popleft()
             if not request.aborted:
-                events += self._prefill(request)
+                events += self._isolated(request, self._prefill, request)
         self._drop_finished()
         return events
 
@@ -233,9 +237,27 @@ class Engine:
         events = []
         for i, s in enumerate(seqs):
             s.pos += 1
-            choice = (chosen[i], None, None) if i in chosen else s.choose(logits[i])
-            events.append(s.accept(*choice, self.max_len))
+            if not s.finished:  # (a row of a request that failed earlier in this step)
+                events += self._isolated(s.request, self._advance, s, logits[i], chosen.get(i))
         return events
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor, greedy_token: int | None) -> list[Event]:
+        choice = (greedy_token, None, None) if greedy_token is not None else seq.choose(logits)
+        return [seq.accept(*choice, self.max_len)]
+
+    def _isolated(self, request: Request, work, *args) -> list[Event]:
+        """``work(*args)``, one request's share of a step. With ``isolate_failures``, an exception ends
+        that request only: ``request.error`` keeps it, its sequences finish as "error", the others go on."""
+        if not self.isolate_failures:
+            return work(*args)
+        try:
+            return work(*args)
+        except Exception as e:  # noqa: BLE001 (kept on the request for the caller to report)
+            request.error = e
+            ended = [s for s in request.sequences if not s.finished]
+            for s in ended:
+                s._finish("error")
+            return [Event(s, None, "", True) for s in ended]
 
     def _drop_finished(self) -> None:
         i = 0

@@ -8,37 +8,46 @@
     POST /v1/chat/completions   (the model's chat template; streaming too)
 
 One thread owns the engine and steps it while there is work; requests from all clients join the same
-batch (their decode steps share a forward pass). A client that disconnects stops its generation. Every
-error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}`` and never stops the
-server.
+batch (their decode steps share a forward pass). A client that disconnects stops its generation.
+
+No request can stop the server. Every field is checked against the range the engine takes, text
+against what the tokenizer takes, before anything reaches the engine; and the engine isolates what
+still fails, so an exception while adding or stepping one request fails that request alone. Every
+error, 404 and 405 included, is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``:
+4xx for the client's mistakes, 500 for the server's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
+import logging
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Engine, Request
 from lmforge.infer.generate import SamplingParams, chat_prompt
 
 API_KEY_ENV = "LMFORGE_API_KEY"
+log = logging.getLogger("lmforge.serve")
 
 
 @dataclass
@@ -50,6 +59,14 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     api_key: str | None = None
     model_name: str = "lmforge"
+    allow_any_model: bool = False  # False: a request naming another model gets 404 model_not_found (as OpenAI, vLLM)
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_queue", "max_tokens", "max_n", "max_body_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                flag = "--" + name.removesuffix("_bytes").replace("_", "-")
+                raise LmforgeError(f"{flag} must be a positive whole number, not {value!r}")
 
 
 class APIError(Exception):
@@ -58,40 +75,81 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
+    def body(self) -> dict:
+        # An error may quote what the client sent; keep it encodable whatever that was.
+        message = self.message.encode("utf-8", "replace").decode("utf-8")
+        return {"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def server_error(e: BaseException) -> APIError:
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
 
 # -- request bodies -------------------------------------------------------------------------------
+# Every field is bounded to what the engine takes: a value that passes here never raises below.
+
+
+def _valid_text(text: str) -> str:
+    """Text the tokenizer and the chat template can take. JSON can carry lone surrogates ("\\ud800"),
+    which no UTF-8 tokenizer encodes; NUL is refused as binary data sent as text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate (an unpaired \\ud800-\\udfff escape); send valid Unicode text") from None
+    if "\x00" in text:
+        raise ValueError("contains a NUL character (\\u0000)")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]
+MAX_STOPS = 16  # each stop string is searched for after every token
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1)
     stream: bool = False
-    stop: str | list[str] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOPS)] | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
-    # common extensions (vLLM and others accept them too)
-    top_k: int = Field(default=0, ge=0)
+    # torch.Generator takes 64 bits; sample i of n uses seed + i, so the OpenAI int64 range always fits
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    # common extensions (vLLM and others accept them too); top_k -1 is vLLM's "off"
+    top_k: int = Field(default=0, ge=-1)
     min_p: float = Field(default=0.0, ge=0.0, lt=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
 
 
 class CompletionBody(_Sampling):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(default=16, ge=1)
+    prompt: Text | list[Text]
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: Text | None = None
+
+
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]] | None = ""
+    content: Text | list[ContentPart] | None = ""
 
 
 class ChatBody(_Sampling):
@@ -115,12 +173,20 @@ class Handle:
         self.cancelled = False
 
     def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the handler's event loop is closed (shutting down): nobody is listening
+            pass
 
 
 class EngineWorker:
     """Steps the engine while there is work. With ``thread`` it runs in a thread of its own; `serve`
-    instead runs ``run()`` on the main thread (see ``serve``)."""
+    instead runs ``run()`` on the main thread (see ``serve``).
+
+    Failures stay with the request that caused them: the engine isolates each request's share of a
+    step (``Engine(isolate_failures=True)``), ``add`` failing fails that submission, and when the
+    step's shared forward pass raises, the request admitted last is failed and the step retried.
+    """
 
     def __init__(self, engine: Engine, settings: ServerSettings, metrics, thread: bool = True):
         self.engine, self.settings, self.metrics = engine, settings, metrics
@@ -157,41 +223,86 @@ class EngineWorker:
 
     def run(self) -> None:
         while self.running:
-            while not self.submissions.empty():
-                prompt_ids, params, handle = self.submissions.get()
-                try:
-                    handle.request = self.engine.add(prompt_ids, params)
-                    self.handles[handle.request.id] = handle
-                except LmforgeError as e:  # checked by the handler already; a last safety net
-                    handle.put(APIError(400, str(e)))
-            for handle in [h for h in self.handles.values() if h.cancelled]:
-                self.engine.abort(handle.request)
-                del self.handles[handle.request.id]
-            self.metrics.queue_depth.set(self.queue_depth())
-            self.metrics.active.set(len(self.engine.active))
-            if not self.engine.has_work:
-                self.wake.wait(timeout=0.5)
-                self.wake.clear()
-                continue
-            if self.engine.active:
-                self.metrics.batch.observe(len(self.engine.active))
             try:
-                events = self.engine.step()
-            except Exception as e:  # a bug must not take the server down: fail the requests in flight
-                for handle in self.handles.values():
-                    handle.put(APIError(500, f"generation failed: {e}", "server_error"))
-                self.handles.clear()
-                self.engine.active.clear()
-                self.engine.waiting.clear()
+                self._iterate()
+            except Exception as e:  # noqa: BLE001 (a bug outside any one request: fail those in flight, go on)
+                log.error("the engine loop failed; failing the requests in flight", exc_info=e)
+                self._fail_all(e)
+
+    def _iterate(self) -> None:
+        self._admit()
+        for handle in [h for h in self.handles.values() if h.cancelled]:
+            self.engine.abort(handle.request)
+            del self.handles[handle.request.id]
+        self.metrics.queue_depth.set(self.queue_depth())
+        self.metrics.active.set(len(self.engine.active))
+        if not self.engine.has_work:
+            self.wake.wait(timeout=0.5)
+            self.wake.clear()
+            return
+        if self.engine.active:
+            self.metrics.batch.observe(len(self.engine.active))
+        try:
+            events = self.engine.step()
+        except Exception as e:  # noqa: BLE001 (the shared part of the step; see the class docstring)
+            self._fail_newest(e)
+            return
+        self._deliver(events)
+
+    def _admit(self) -> None:
+        while not self.submissions.empty():
+            prompt_ids, params, handle = self.submissions.get()
+            try:
+                handle.request = self.engine.add(prompt_ids, params)
+            except LmforgeError as e:  # the request's own settings (checked by the handler already)
+                handle.put(APIError(400, str(e)))
                 continue
-            for event in events:
-                handle = self.handles.get(event.sequence.request.id)
-                if handle is not None:
-                    if handle.stream:
-                        handle.put(event)
-                    if event.sequence.request.finished:
-                        handle.put(None)  # end of the request
-                        del self.handles[event.sequence.request.id]
+            except Exception as e:  # noqa: BLE001
+                log.error("adding a request failed", exc_info=e)
+                handle.put(server_error(e))
+                continue
+            self.handles[handle.request.id] = handle
+
+    def _deliver(self, events) -> None:
+        for event in events:
+            request = event.sequence.request
+            handle = self.handles.get(request.id)
+            if handle is None:
+                continue
+            if request.error is not None:
+                log.error("a request failed while generating", exc_info=request.error)
+                self._fail(request, server_error(request.error))
+                continue
+            if handle.stream:
+                handle.put(event)
+            if request.finished:
+                handle.put(None)  # end of the request
+                del self.handles[request.id]
+
+    def _fail(self, request: Request, error: APIError) -> None:
+        self.engine.abort(request)
+        handle = self.handles.pop(request.id, None)
+        if handle is not None:
+            handle.put(error)
+
+    def _fail_newest(self, e: Exception) -> None:
+        """The batched forward pass raised. The rows that stepped together before the newest request
+        joined make it the likeliest cause (it also sheds load, if the step failed for lack of memory):
+        fail it alone; the others retry at the next step, and if that fails too, the next newest goes."""
+        active = {s.request.id: s.request for s in self.engine.active if not s.finished}
+        if not active:
+            log.error("an engine step failed", exc_info=e)
+            return self._fail_all(e)
+        newest = active[max(active)]  # request ids increase
+        log.error("an engine step failed; failing the request admitted last", exc_info=e)
+        self._fail(newest, server_error(e))
+
+    def _fail_all(self, e: Exception) -> None:
+        for handle in self.handles.values():
+            handle.put(server_error(e))
+        self.handles.clear()
+        self.engine.active.clear()
+        self.engine.waiting.clear()
 
 
 class Metrics:
@@ -200,8 +311,8 @@ class Metrics:
 
         disable_created_metrics()  # the *_created timestamp series only add noise here
         self.registry = CollectorRegistry()
-        self.requests = Counter("lmforge_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                                registry=self.registry)
+        self.requests = Counter("lmforge_requests_total", "HTTP requests by endpoint and status (unknown paths: 'other')",
+                                ["endpoint", "status"], registry=self.registry)
         self.prompt_tokens = Counter("lmforge_prompt_tokens_total", "Prompt tokens received", registry=self.registry)
         self.completion_tokens = Counter("lmforge_completion_tokens_total", "Tokens generated", registry=self.registry)
         self.latency = Histogram("lmforge_request_latency_seconds", "Time from request to last token", ["endpoint"],
@@ -212,53 +323,247 @@ class Metrics:
                                registry=self.registry)
 
 
+# -- generation endpoints -------------------------------------------------------------------------
+
+
+class OpenAIService:
+    """What /v1/completions and /v1/chat/completions do: check a request, submit it, answer."""
+
+    def __init__(self, model, tokenizer, settings: ServerSettings, metrics: Metrics):
+        self.tokenizer, self.settings, self.metrics = tokenizer, settings, metrics
+        self.context, self.vocab_size = model.config.block_size, model.config.vocab_size
+        self.worker: EngineWorker | None = None  # started with the app
+
+    def check_model(self, name: str | None) -> None:
+        if name is None or self.settings.allow_any_model or name == self.settings.model_name:
+            return
+        raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.settings.model_name}' "
+                            "(see /v1/models)", param="model", code="model_not_found")
+
+    def default_max_tokens(self, prompt_tokens: int, at_most: int | None = None) -> int:
+        """Without a limit in the request, the answer may fill what the context leaves (as vLLM), within
+        this server's limit."""
+        return min(self.settings.max_tokens, max(self.context - prompt_tokens, 1), at_most or self.context)
+
+    def sampling(self, body: _Sampling, max_tokens: int, prompt_tokens: int, logprobs: int | None) -> SamplingParams:
+        """The engine's settings for ``body``, refused (400) where they exceed this server or this model."""
+        limits = self.settings
+        if max_tokens > limits.max_tokens:
+            raise APIError(400, f"max_tokens {max_tokens} is above this server's limit of {limits.max_tokens}",
+                           param="max_tokens", code="max_tokens_too_large")
+        max_n = min(limits.max_n, limits.max_batch)  # the n samples decode side by side
+        if body.n > max_n:
+            raise APIError(400, f"n {body.n} is above this server's limit of {max_n}", param="n", code="n_too_large")
+        if logprobs is not None and logprobs > self.vocab_size:
+            param = "top_logprobs" if isinstance(body, ChatBody) else "logprobs"
+            raise APIError(400, f"{param} {logprobs} is above the model's vocabulary of {self.vocab_size}", param=param)
+        if prompt_tokens + max_tokens > self.context:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, you requested "
+                                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
+                                f"completion). Please reduce the prompt or the completion length.",
+                           param="messages" if isinstance(body, ChatBody) else "prompt", code="context_length_exceeded")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=max(body.top_k, 0), min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                              frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                              n=body.n, stop=[s for s in stop if s], seed=body.seed, logprobs=logprobs)
+
+    async def run(self, http: HTTPRequest, prompt_ids: list[int], params: SamplingParams, stream_fn, final_fn,
+                  endpoint: str):
+        """Submit, then either stream events as SSE or collect them; aborts when the client leaves."""
+        handle = Handle(asyncio.get_running_loop(), stream=stream_fn is not None)
+        self.worker.submit(prompt_ids, params, handle)
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        started = time.perf_counter()
+
+        def done() -> None:
+            if handle.request is not None:
+                self.metrics.completion_tokens.inc(sum(len(s.tokens) for s in handle.request.sequences))
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+        if stream_fn is not None:
+            return StreamingResponse(self._sse(handle, stream_fn, done), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            while True:  # wait for the end of the request, checking that the client is still there
+                try:
+                    item = await asyncio.wait_for(handle.events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        self.worker.cancel(handle)
+                        raise APIError(499, "client closed the request", code="client_closed") from None
+                    continue
+                if isinstance(item, APIError):
+                    raise item
+                if item is None:
+                    break
+        finally:
+            done()
+        return final_fn(handle.request)
+
+    async def _sse(self, handle: Handle, stream_fn, done):
+        async def events():
+            while (item := await handle.events.get()) is not None:
+                if isinstance(item, APIError):
+                    raise item
+                yield item
+
+        try:
+            async for chunk in stream_fn(events()):
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        except APIError as e:  # the status line has gone: the error is the stream's last event
+            yield f"data: {json.dumps(e.body())}\n\n"
+        finally:
+            if handle.request is None or not handle.request.finished:
+                self.worker.cancel(handle)  # the client went away: stop generating for it
+            done()
+
+    def usage(self, request: Request) -> dict:
+        completion = sum(len(s.tokens) for s in request.sequences)
+        return {"prompt_tokens": len(request.prompt_ids), "completion_tokens": completion,
+                "total_tokens": len(request.prompt_ids) + completion}
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    async def completions(self, body: CompletionBody, http: HTTPRequest):
+        self.check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise APIError(400, "send one prompt per request (a list of prompts is not supported)", param="prompt")
+        prompt = prompts[0]
+        prompt_ids = self.tokenizer.encode(prompt) if prompt else []
+        max_tokens = body.max_tokens or self.default_max_tokens(max(len(prompt_ids), 1), 16)  # OpenAI's default: 16
+        params = self.sampling(body, max_tokens, max(len(prompt_ids), 1), body.logprobs)
+        rid, model_name = f"cmpl-{uuid.uuid4().hex[:24]}", self.settings.model_name
+        prefix = prompt if body.echo else ""
+
+        def legacy_logprobs(seq, start: int = 0) -> dict | None:
+            if body.logprobs is None:
+                return None
+            tokens = seq.tokens[start:]
+            return {"tokens": [self.token_text(t) for t in tokens], "token_logprobs": seq.logprobs[start:],
+                    "top_logprobs": [{self.token_text(t): v for t, v in alts} if alts else None
+                                     for alts in seq.top_logprobs[start:]],
+                    "text_offset": []}
+
+        def chunk(choice: dict) -> dict:
+            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
+                    "choices": [choice]}
+
+        async def stream(events):
+            if prefix:
+                for i in range(body.n):
+                    yield chunk({"text": prefix, "index": i, "logprobs": None, "finish_reason": None})
+            async for ev in events:
+                seq = ev.sequence
+                lp = legacy_logprobs(seq, len(seq.tokens) - 1) if body.logprobs is not None and ev.appended else None
+                if ev.text or ev.finished or lp:
+                    yield chunk({"text": ev.text, "index": seq.index, "logprobs": lp,
+                                 "finish_reason": _reason(seq) if ev.finished else None})
+
+        def final(request: Request):
+            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
+                    "choices": [{"text": prefix + s.text, "index": s.index, "logprobs": legacy_logprobs(s),
+                                 "finish_reason": _reason(s)} for s in request.sequences],
+                    "usage": self.usage(request)}
+
+        return await self.run(http, prompt_ids, params, stream if body.stream else None, final, "/v1/completions")
+
+    async def chat(self, body: ChatBody, http: HTTPRequest):
+        self.check_model(body.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
+                    for m in body.messages]
+        prompt, with_stops = chat_prompt(self.tokenizer, messages, SamplingParams())
+        prompt_ids = self.tokenizer.encode(prompt)
+        max_tokens = body.max_completion_tokens or body.max_tokens or self.default_max_tokens(len(prompt_ids))
+        params = self.sampling(body, max_tokens, len(prompt_ids), (body.top_logprobs or 0) if body.logprobs else None)
+        params.stop_token_ids = with_stops.stop_token_ids
+        params.stop = params.stop + [s for s in with_stops.stop if s not in params.stop]
+        rid, model_name = f"chatcmpl-{uuid.uuid4().hex[:24]}", self.settings.model_name
+
+        def chat_logprobs(seq, start: int = 0) -> dict | None:
+            if not body.logprobs:
+                return None
+            content = []
+            for t, v, alts in zip(seq.tokens[start:], seq.logprobs[start:], seq.top_logprobs[start:]):
+                content.append({**self._token_entry(t, v),
+                                "top_logprobs": [self._token_entry(a, w) for a, w in (alts or [])]})
+            return {"content": content}
+
+        def chunk(choices: list[dict], **extra) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
+                    "choices": choices, **extra}
+
+        async def stream(events):
+            for i in range(body.n):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+            last_request = None
+            async for ev in events:
+                seq = ev.sequence
+                last_request = seq.request
+                lp = chat_logprobs(seq, len(seq.tokens) - 1) if body.logprobs and ev.appended else None
+                if ev.text or lp:
+                    yield chunk([{"index": seq.index, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}])
+                if ev.finished:
+                    yield chunk([{"index": seq.index, "delta": {}, "logprobs": None, "finish_reason": _reason(seq)}])
+            if body.stream_options and body.stream_options.include_usage and last_request is not None:
+                yield chunk([], usage=self.usage(last_request))
+
+        def final(request: Request):
+            return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
+                    "choices": [{"index": s.index, "message": {"role": "assistant", "content": s.text},
+                                 "logprobs": chat_logprobs(s), "finish_reason": _reason(s)} for s in request.sequences],
+                    "usage": self.usage(request)}
+
+        return await self.run(http, prompt_ids, params, stream if body.stream else None, final, "/v1/chat/completions")
+
+    def _token_entry(self, token: int, logprob: float) -> dict:
+        text = self.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _reason(seq) -> str:
+    return "length" if seq.finish_reason == "length" else "stop"
+
+
+def _text_of(content: str | list[ContentPart] | None) -> str:
+    """A message's text: a string, or the text parts of a list of content parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if any(part.type != "text" or part.text is None for part in content):
+        raise APIError(400, "only text content parts are supported", param="messages", code="unsupported_content")
+    return "".join(part.text for part in content)
+
+
 # -- the app --------------------------------------------------------------------------------------
 
 
 def create_app(model, tokenizer, settings: ServerSettings | None = None, compile: bool = False, engine_thread: bool = True):
     """The FastAPI application serving ``model``; its engine worker starts with it (in a thread of its
     own, or, without ``engine_thread``, waiting for the caller to ``run()`` it)."""
+    from contextlib import asynccontextmanager
+
     settings = settings or ServerSettings()
     metrics = Metrics()
-    engine = Engine(model, tokenizer, max_batch=settings.max_batch, compile=compile)
-    state: dict[str, EngineWorker] = {}
+    engine = Engine(model, tokenizer, max_batch=settings.max_batch, compile=compile, isolate_failures=True)
+    service = OpenAIService(model, tokenizer, settings, metrics)
     created = int(time.time())
-    context = model.config.block_size
-
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app):
-        state["worker"] = app.state.worker = EngineWorker(engine, settings, metrics, thread=engine_thread)
+        service.worker = app.state.worker = EngineWorker(engine, settings, metrics, thread=engine_thread)
         yield
-        state["worker"].stop()
+        service.worker.stop()
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.metrics = metrics
-
-    def error_response(e: APIError) -> JSONResponse:
-        body = {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
-        return JSONResponse(body, status_code=e.status)
-
-    @app.exception_handler(APIError)
-    async def api_error(_request, e: APIError):
-        return error_response(e)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        if first.get("type") == "json_invalid":
-            return error_response(APIError(400, "the request body is not valid JSON", code="invalid_json"))
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return error_response(APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param,
-                                       code="invalid_value"))
-
-    @app.exception_handler(Exception)
-    async def unexpected(_request, e: Exception):
-        return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
-
-    # -- plain endpoints --
+    _add_error_handlers(app)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -277,238 +582,120 @@ def create_app(model, tokenizer, settings: ServerSettings | None = None, compile
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": created,
-                                            "owned_by": "lmforge", "max_model_len": context}]}
-
-    # -- generation --
-
-    def sampling(body: _Sampling, max_tokens: int, prompt_tokens: int, logprobs: int | None) -> SamplingParams:
-        if max_tokens > settings.max_tokens:
-            raise APIError(400, f"max_tokens {max_tokens} is above this server's limit of {settings.max_tokens}",
-                           param="max_tokens", code="max_tokens_too_large")
-        if body.n > settings.max_n:
-            raise APIError(400, f"n {body.n} is above this server's limit of {settings.max_n}", param="n", code="n_too_large")
-        if prompt_tokens + max_tokens > context:
-            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
-                                f"completion). Please reduce the prompt or the completion length.",
-                           param="messages" if isinstance(body, ChatBody) else "prompt", code="context_length_exceeded")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                              min_p=body.min_p, repetition_penalty=body.repetition_penalty,
-                              frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                              n=body.n, stop=stop, seed=body.seed, logprobs=logprobs)
-
-    async def run(http: HTTPRequest, prompt_ids: list[int], params: SamplingParams, stream_fn, final_fn, endpoint: str):
-        """Submit, then either stream events as SSE or collect them; aborts when the client leaves."""
-        worker = state["worker"]
-        handle = Handle(asyncio.get_running_loop(), stream=stream_fn is not None)
-        worker.submit(prompt_ids, params, handle)
-        metrics.prompt_tokens.inc(len(prompt_ids))
-        started = time.perf_counter()
-
-        async def events():
-            while True:
-                item = await handle.events.get()
-                if item is None:
-                    return
-                if isinstance(item, APIError):
-                    raise item
-                yield item
-
-        def count_output() -> None:
-            if handle.request is not None:
-                metrics.completion_tokens.inc(sum(len(s.tokens) for s in handle.request.sequences))
-
-        if stream_fn is not None:
-            async def sse():
-                try:
-                    async for chunk in stream_fn(events()):
-                        yield f"data: {json.dumps(chunk)}\n\n"
-                    yield "data: [DONE]\n\n"
-                except APIError as e:
-                    yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
-                finally:
-                    if handle.request is None or not handle.request.finished:
-                        worker.cancel(handle)  # the client went away: stop generating for it
-                    count_output()
-                    metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-
-            return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-        try:
-            while True:  # wait for the end of the request, checking that the client is still there
-                try:
-                    item = await asyncio.wait_for(handle.events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        worker.cancel(handle)
-                        raise APIError(499, "client closed the request", code="client_closed") from None
-                    continue
-                if isinstance(item, APIError):
-                    raise item
-                if item is None:
-                    break
-        finally:
-            count_output()
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        return final_fn(handle.request)
-
-    def usage(request: Request) -> dict:
-        completion = sum(len(s.tokens) for s in request.sequences)
-        return {"prompt_tokens": len(request.prompt_ids), "completion_tokens": completion,
-                "total_tokens": len(request.prompt_ids) + completion}
-
-    def token_text(token: int) -> str:
-        return tokenizer.decode([token])
+                                            "owned_by": "lmforge", "max_model_len": service.context}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HTTPRequest):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise APIError(400, "send one prompt per request (a list of prompts is not supported)", param="prompt")
-        prompt = prompts[0]
-        prompt_ids = tokenizer.encode(prompt) if prompt else []
-        params = sampling(body, body.max_tokens, max(len(prompt_ids), 1), body.logprobs)
-        rid, model_name = f"cmpl-{uuid.uuid4().hex[:24]}", settings.model_name
-        prefix = prompt if body.echo else ""
-
-        def legacy_logprobs(seq, start: int = 0) -> dict | None:
-            if body.logprobs is None:
-                return None
-            tokens = seq.tokens[start:]
-            return {"tokens": [token_text(t) for t in tokens], "token_logprobs": seq.logprobs[start:],
-                    "top_logprobs": [{token_text(t): v for t, v in alts} if alts else None for alts in seq.top_logprobs[start:]],
-                    "text_offset": []}
-
-        async def stream(events):
-            if prefix:
-                for i in range(body.n):
-                    yield {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                           "choices": [{"text": prefix, "index": i, "logprobs": None, "finish_reason": None}]}
-            async for ev in events:
-                seq = ev.sequence
-                lp = None
-                if body.logprobs is not None and ev.appended:
-                    lp = legacy_logprobs(seq, len(seq.tokens) - 1)
-                if ev.text or ev.finished or lp:
-                    yield {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                           "choices": [{"text": ev.text, "index": seq.index, "logprobs": lp,
-                                        "finish_reason": _reason(seq) if ev.finished else None}]}
-
-        def final(request: Request):
-            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                    "choices": [{"text": prefix + s.text, "index": s.index, "logprobs": legacy_logprobs(s),
-                                 "finish_reason": _reason(s)} for s in request.sequences],
-                    "usage": usage(request)}
-
-        return await run(http, prompt_ids, params, stream if body.stream else None, final, "/v1/completions")
+        return await service.completions(body, http)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, http: HTTPRequest):
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
-                    for m in body.messages]
-        max_tokens = body.max_completion_tokens or body.max_tokens or min(settings.max_tokens, context // 2)
-        base = SamplingParams()
-        prompt, with_stops = chat_prompt(tokenizer, messages, base)
-        prompt_ids = tokenizer.encode(prompt)
-        params = sampling(body, max_tokens, len(prompt_ids), (body.top_logprobs or 0) if body.logprobs else None)
-        params.stop_token_ids = with_stops.stop_token_ids
-        params.stop = params.stop + [s for s in with_stops.stop if s not in params.stop]
-        rid, model_name = f"chatcmpl-{uuid.uuid4().hex[:24]}", settings.model_name
-
-        def chat_logprobs(seq, start: int = 0) -> dict | None:
-            if not body.logprobs:
-                return None
-            content = []
-            for t, v, alts in zip(seq.tokens[start:], seq.logprobs[start:], seq.top_logprobs[start:]):
-                text = token_text(t)
-                content.append({"token": text, "logprob": v, "bytes": list(text.encode("utf-8")),
-                                "top_logprobs": [{"token": token_text(a), "logprob": w, "bytes": list(token_text(a).encode("utf-8"))}
-                                                 for a, w in (alts or [])]})
-            return {"content": content}
-
-        async def stream(events):
-            for i in range(body.n):
-                yield {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
-                       "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None}]}
-            last_request = None
-            async for ev in events:
-                seq = ev.sequence
-                last_request = seq.request
-                lp = None
-                if body.logprobs and ev.appended:
-                    lp = chat_logprobs(seq, len(seq.tokens) - 1)
-                if ev.text or lp:
-                    yield {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
-                           "choices": [{"index": seq.index, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}]}
-                if ev.finished:
-                    yield {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
-                           "choices": [{"index": seq.index, "delta": {}, "logprobs": None, "finish_reason": _reason(seq)}]}
-            if body.stream_options and body.stream_options.get("include_usage") and last_request is not None:
-                yield {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
-                       "choices": [], "usage": usage(last_request)}
-
-        def final(request: Request):
-            return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": s.index, "message": {"role": "assistant", "content": s.text},
-                                 "logprobs": chat_logprobs(s), "finish_reason": _reason(s)} for s in request.sequences],
-                    "usage": usage(request)}
-
-        return await run(http, prompt_ids, params, stream if body.stream else None, final, "/v1/chat/completions")
+        return await service.chat(body, http)
 
     return app
 
 
-def _reason(seq) -> str:
-    return "length" if seq.finish_reason == "length" else "stop"
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's body: the app's own, FastAPI's validation and routing errors, the rest."""
+
+    def respond(e: APIError, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, e: APIError):
+        return respond(e)
+
+    @app.exception_handler(LmforgeError)
+    async def user_error(_request, e: LmforgeError):  # (say, a chat template refusing the messages)
+        return respond(APIError(400, str(e)))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: HTTPRequest, e: RequestValidationError):
+        content_type = request.headers.get("content-type")
+        if not _is_json(content_type):  # FastAPI then leaves the body unparsed
+            got = f"got {content_type[:100]!r}" if content_type else "no Content-Type header"
+            return respond(APIError(415, f"send the body as JSON with 'Content-Type: application/json' ({got})",
+                                    code="unsupported_media_type"))
+        errors = e.errors() or [{}]
+        # Of a union's branches (stop: a string or a list), the one that got the type right, or got
+        # furthest into the value, says most.
+        first = max(errors, key=lambda x: (not x.get("type", "").endswith("_type"), len(x.get("loc", ()))))
+        if first.get("type") == "json_invalid":
+            return respond(APIError(400, "the request body is not valid JSON", code="invalid_json"))
+        param = _param(first.get("loc", ())[1:])
+        message = first.get("msg", "invalid value").removeprefix("Value error, ")
+        return respond(APIError(400, f"{param or 'body'}: {message}", param=param, code="invalid_value"))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: HTTPRequest, e: HTTPException):
+        if e.status_code == 404:
+            error = APIError(404, f"Invalid URL ({request.method} {request.url.path}); the API is under /v1",
+                             code="unknown_url")
+        elif e.status_code == 405:
+            error = APIError(405, f"{request.method} is not allowed on {request.url.path}; use {e.headers.get('Allow')}",
+                             code="method_not_allowed")
+        elif e.status_code == 400:  # FastAPI could not read the body (not UTF-8, nested too deep, ...)
+            error = APIError(400, "the request body is not valid JSON (not UTF-8, or nested too deep)", code="invalid_json")
+        else:
+            status = e.status_code if 400 <= e.status_code < 600 else 500
+            error = APIError(status, str(e.detail), "invalid_request_error" if status < 500 else "server_error")
+        return respond(error, e.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request, e: Exception):
+        return respond(server_error(e))
 
 
-def _text_of(content) -> str:
-    """A message's text: a string, or the text parts of a list of content parts."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise APIError(400, "only text content parts are supported", param="messages", code="unsupported_content")
-        parts.append(part["text"])
-    return "".join(parts)
+def _param(loc) -> str | None:
+    """A field's path as OpenAI writes it ("messages.0.content"), without pydantic's union branches
+    ("function-after[_valid_text(), str]", "list[ContentPart]", "str")."""
+    branches = {"str", "int", "float", "bool", "list", "dict", "none"}
+    parts = [str(p) for p in loc if isinstance(p, int) or (str(p).isidentifier() and p not in branches)]
+    return ".".join(parts) or None
+
+
+def _is_json(content_type: str | None) -> bool:
+    kind = (content_type or "").split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 class AuthAndCount:
-    """ASGI middleware: the API key on /v1 (compared in constant time), and request counts by status.
+    """ASGI middleware, outermost: the API key on /v1 (compared in constant time), and request counts
+    by endpoint and status, rejections (401, 413, 429, ...) included. Paths the app does not serve
+    share the label "other", so that no client can grow the metrics without bound.
 
     (Plain ASGI rather than Starlette's BaseHTTPMiddleware, which interferes with streamed responses'
     disconnect detection.)
     """
 
-    def __init__(self, app, settings: ServerSettings, metrics: Metrics):
-        self.app, self.settings, self.metrics = app, settings, metrics
+    def __init__(self, app, settings: ServerSettings, metrics: Metrics, paths: set[str]):
+        self.app, self.settings, self.metrics, self.paths = app, settings, metrics, paths
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
+        label = path if path in self.paths else "other"
         if self.settings.api_key and path.startswith("/v1/"):
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(given, f"Bearer {self.settings.api_key}".encode()):
-                self.metrics.requests.labels(path, "401").inc()
-                body = json.dumps({"error": {"message": "missing or wrong API key; send Authorization: Bearer <key>",
-                                             "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}).encode()
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-                return
+                self.metrics.requests.labels(label, "401").inc()
+                error = APIError(401, "missing or wrong API key; send Authorization: Bearer <key>", code="invalid_api_key")
+                return await send_error(send, error)
 
         async def counting_send(message):
             if message["type"] == "http.response.start" and path != "/metrics":
-                self.metrics.requests.labels(path, str(message["status"])).inc()
+                self.metrics.requests.labels(label, str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+async def send_error(send, error: APIError) -> None:
+    body = json.dumps(error.body()).encode()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimit:
@@ -550,30 +737,69 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _reject(self, send):
-        body = json.dumps({"error": {"message": f"the request body is larger than {self.limit} bytes",
-                                     "type": "invalid_request_error", "param": None, "code": "body_too_large"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, APIError(413, f"the request body is larger than {self.limit} bytes", code="body_too_large"))
 
 
 def build_server_app(model, tokenizer, settings: ServerSettings, compile: bool = False, engine_thread: bool = True):
-    """The app with its ASGI middleware: body size limit outside, then API key and counting."""
+    """The app with its ASGI middleware: API key and counting outside, then the body size limit."""
     app = create_app(model, tokenizer, settings, compile, engine_thread)
-    wrapped = BodyLimit(AuthAndCount(app, settings, app.state.metrics), settings.max_body_bytes)
+    paths = {route.path for route in app.routes}
+    wrapped = AuthAndCount(BodyLimit(app, settings.max_body_bytes), settings, app.state.metrics, paths)
     wrapped.fastapi = app
     return wrapped
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host:port``, opened before the model loads so that a bad address or a
+    busy port is a one-line error at once (uvicorn would log a traceback, then blame the port)."""
+    if not 0 <= port <= 65535:
+        raise LmforgeError(f"--port {port} is not a port number; use 1 to 65535 (or 0 for any free port)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise LmforgeError(f"--host {host!r} is not an address of this machine ({e})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart at once on the same port
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise LmforgeError(f"port {port} on {host} is in use (another server?); choose another with --port, "
+                               f"for example --port {_free_port(family, host)}") from None
+        if e.errno == errno.EACCES:
+            raise LmforgeError(f"no permission to listen on port {port} (ports below 1024 need privileges); "
+                               "choose another with --port") from None
+        raise LmforgeError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def _free_port(family, host: str) -> int:
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
           int8: bool = False, device: str = "auto", compile: bool = False) -> None:
     """Load ``model_dir`` and serve it until interrupted."""
+    settings = settings or ServerSettings()
+    sock = listen(host, port)  # before the model loads: a busy port is known at once
+    try:
+        _serve_on(sock, model_dir, settings, int8, device, compile)
+    finally:
+        sock.close()
+
+
+def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bool, device: str, compile: bool) -> None:
+    import sys
+
     import uvicorn
 
     from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
     from lmforge.utils import pick_device
 
-    settings = settings or ServerSettings()
     settings.api_key = settings.api_key or os.environ.get(API_KEY_ENV) or None
     model = load_decoder(model_dir, pick_device(device))
     tokenizer = load_tokenizer_for(model)
@@ -587,17 +813,17 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     # The engine runs here, on the main thread, which already ran the model's first torch operations;
     # uvicorn (which only tokenizes) gets a thread. Torch ops on a second thread run ~3x slower on small
     # CPUs, because the main thread's idle OpenMP team keeps spinning (measured: 341 vs 115 ms).
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    import sys
-
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     sys.setswitchinterval(0.0005)  # hand the GIL back to the engine sooner than every 5 ms
-    http_thread = threading.Thread(target=server.run, name="lmforge-http", daemon=True)
+    http_thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="lmforge-http", daemon=True)
     http_thread.start()
     while not server.started:
         if not http_thread.is_alive():
-            raise LmforgeError(f"cannot listen on {host}:{port}; is the port in use? choose another with --port")
+            raise LmforgeError("the HTTP server did not start (see the messages above)")
         time.sleep(0.05)
-    print(f"serving {model_dir} as {settings.model_name!r} on http://{host}:{port} "
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"serving {model_dir} as {settings.model_name!r} on http://{url_host}:{port} "
           f"(OpenAI API under /v1, chat page at /){' with an API key' if settings.api_key else ''}", flush=True)
     try:
         app.fastapi.state.worker.run()
