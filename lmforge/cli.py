@@ -290,7 +290,9 @@ def cmd_baseline(args, extra: list[str]) -> None:
     from lmforge.train.config import parse_overrides
 
     overrides = parse_overrides(extra)
-    shape = {k: v for k, v in (("n_embd", args.n_embd), ("hidden", args.hidden), ("n_layer", args.n_layer)) if v}
+    shape = {k: v for k, v in (("n_embd", args.n_embd), ("hidden", args.hidden), ("n_layer", args.n_layer)) if v is not None}
+    if any(v < 1 for v in shape.values()):
+        raise LmforgeError("--n-embd, --hidden and --n-layer must be at least 1")
     summary = train_lstm(args.data, args.out, progress=not args.quiet, config=args.config, overwrite=args.overwrite,
                          **shape, **overrides)
     print(f"done: {summary['steps']} steps; latest checkpoint {summary['checkpoint']}")

@@ -216,6 +216,8 @@ def train_tokenizer(
             f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least "
             f"{n_byte_symbols + len(SPECIAL_TOKENS) + 1} (256 bytes + special tokens + 1 merge)"
         )
+    if min_frequency < 0:
+        raise LmforgeError(f"--min-frequency {min_frequency} must be 0 or more")
     hf = new_byte_level_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

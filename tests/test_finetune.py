@@ -276,7 +276,7 @@ def test_finetune_command_line_and_its_errors(hf_gpt2, tmp_path, capsys):
     assert main(common + ["--out", str(tmp_path / "r"), "--method", "lora", "--lora-r", "2", "--lr", "1e-2"]) == 0
     assert "classification by lora" in capsys.readouterr().out
     for extra, message in [
-        (["--method", "adapters"], "method must be full, linear-probe or lora"),
+        (["--method", "adapters"], "method must be one of full, linear-probe, lora"),
         (["--lora-rank", "4"], "unknown config key 'lora_rank' (did you mean 'lora_r'?)"),
         (["--labels", "pos"], "label 'neg' is not one of the labels pos"),
     ]:

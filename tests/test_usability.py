@@ -177,3 +177,43 @@ def test_plan_reads_a_run_folder_and_shows_small_figures_in_units_that_show_them
     out = capsys.readouterr().out
     assert "0.0 hours" not in out and "$0 " not in out and " 0.00 " not in out
     assert "seconds at 40% MFU" in out and "memory per GPU (MB;" in out
+
+
+# -- options outside their range are refused before any work (they crashed, hung or were ignored) -------
+
+
+def test_out_of_range_options_are_one_line_errors(capsys, tmp_path, tokenizer_dir, corpus_dir, data_dir, hf_gpt2):
+    out = str(tmp_path / "out")
+    cases = [
+        (["tokenizer", "train", str(corpus_dir), "--out", out, "--min-frequency", "-1"], "--min-frequency -1"),
+        # --shard-tokens 0 looped forever
+        (["prepare", str(corpus_dir), "--tokenizer", str(tokenizer_dir), "--out", out, "--shard-tokens", "0"], "--shard-tokens"),
+        (["prepare", str(corpus_dir), "--tokenizer", str(tokenizer_dir), "--out", out, "--workers", "-2"], "--workers"),
+        (["pretrain", "--data", str(data_dir), "--out", out, "--threads", "-1"], "threads must be 0"),
+        (["pretrain", "--data", str(data_dir), "--out", out, "--lr", "nan"], "lr must be"),
+        (["pretrain", "--data", str(data_dir), "--out", out, "--beta1", "2"], "beta1 and beta2"),
+        (["pretrain", "--data", str(data_dir), "--out", out, "--n-head", "0"], "must be at least 1"),
+        (["plan", "--model", "tiny", "--tokens", "-1"], "--tokens"),
+        (["plan", "--model", "tiny", "--seq-len", "0"], "--seq-len"),
+        (["plan", "--model", "tiny", "--price", "-1"], "--price"),
+        (["convert", str(hf_gpt2), out, "--max-shard-size", "0"], "at least one byte"),
+        (["baseline", "--kind", "lstm", "--data", str(data_dir), "--out", out, "--hidden", "0"], "--hidden"),
+    ]
+    for argv, match in cases:
+        one_error_line(capsys, argv, match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_finetune_dropout_is_applied_and_saved(hf_gpt2, tmp_path):
+    from lmforge.train.finetune import finetune
+
+    rows = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(8)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for dropout, expected in ((0.25, 0.25), (None, 0.1)):  # None keeps the model's own (GPT-2's 0.1)
+        out = tmp_path / f"ft{dropout}"
+        finetune(None, progress=False, model=str(hf_gpt2), train=str(tmp_path / "t.jsonl"), out=str(out), max_steps=1,
+                 tensorboard=False, **({} if dropout is None else {"dropout": dropout}))
+        from lmforge.model.checkpoint import resolve_model_dir
+
+        saved = json.loads((resolve_model_dir(out) / "config.json").read_text())
+        assert saved["resid_pdrop"] == saved["attn_pdrop"] == expected

@@ -218,12 +218,18 @@ def parse_size(text: str) -> int:
     """"5GB", "500MB", "2GiB" or a plain byte count → bytes."""
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
     t = str(text).strip().lower()
+    size = None
     for unit, factor in units.items():
         if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(t[: -len(unit)]) * factor)
-    if t.isdigit():
-        return int(t)
-    raise LmforgeError(f"size {text!r} not understood; write it like 5GB, 500MB or 2GiB")
+            size = int(float(t[: -len(unit)]) * factor)
+            break
+    if size is None and t.isdigit():
+        size = int(t)
+    if size is None:
+        raise LmforgeError(f"size {text!r} not understood; write it like 5GB, 500MB or 2GiB")
+    if size < 1:
+        raise LmforgeError(f"size {text!r} must be at least one byte")
+    return size
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import typing
 from typing import ClassVar
@@ -76,8 +77,20 @@ class TrainConfig:
             (self.checkpoint_interval >= 1, "checkpoint_interval must be at least 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
             (self.max_bad_steps >= 1, "max_bad_steps must be at least 1"),
-            (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (self.dropout is None or 0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (self.min_lr is None or 0 <= self.min_lr <= self.lr, "min_lr must be in [0, lr]"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay must be 0 or more"),
+            (self.grad_clip >= 0, "grad_clip must be 0 (off) or more"),
+            (self.eval_windows >= 1, "eval_windows must be at least 1"),
+            (self.sample_tokens >= 1, "sample_tokens must be at least 1"),
+            (self.threads >= 0, "threads must be 0 (torch's default) or more"),
+            (all(v is None or v >= 1 for v in (self.block_size, self.n_layer, self.n_head, self.n_embd, self.n_kv_head)),
+             "block_size, n_layer, n_head, n_embd and n_kv_head must be at least 1"),
         ]
+        # NaN passes every comparison's negation: refuse it by name.
+        checks += [(not (isinstance(getattr(self, f.name), float) and math.isnan(getattr(self, f.name))),
+                    f"{f.name} must be a number, not nan") for f in fields(self)]
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -106,7 +119,6 @@ class FinetuneConfig(TrainConfig):
         "block_size": "the context is the model's; --max-length sets tokens per example",
         "n_layer": _SHAPE_FROM_MODEL, "n_head": _SHAPE_FROM_MODEL, "n_embd": _SHAPE_FROM_MODEL,
         "n_kv_head": _SHAPE_FROM_MODEL,
-        "dropout": "the model folder's dropout is used",
         "eval_windows": "the validation examples are evaluated whole",
         "sample_prompt": "fine-tuning prints no samples; try the result with `lmforge chat` or `generate`",
         "sample_tokens": "fine-tuning prints no samples",
@@ -134,6 +146,7 @@ class FinetuneConfig(TrainConfig):
     skip_bad_lines: bool = key(False, "count and skip malformed examples instead of stopping at the first")
     pooling: str = key("auto", "encoder classification: auto (the model's), first or mean",
                        choices=("auto", "first", "mean"))
+    dropout: float | None = key(None, "dropout probability in [0, 1) while fine-tuning (default: the model's own)")
     # fine-tuning defaults differ from pretraining's
     lr: float = key(5e-5, "peak learning rate of AdamW")
     warmup_steps: int = key(10, "steps of linear warmup from 0 to lr")

@@ -14,6 +14,7 @@ features are computed once and cached), ``lora`` (adapters, PEFT format); ``free
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -44,6 +45,23 @@ def split_examples(rows: list, val_fraction: float, seed: int) -> tuple[list, li
         n_val = 1
     return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
 
+
+
+def set_dropout(model, p: float | None):
+    """Fine-tune with dropout ``p`` (None keeps the model's own): every dropout of the model and its attention,
+    not LoRA's own (``lora_dropout``); the saved model's config records it, as transformers' would."""
+    if p is None:
+        return model
+    from lmforge.model.lora import LoRALinear
+
+    lora_drops = {id(m.drop) for m in model.modules() if isinstance(m, LoRALinear)}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and id(module) not in lora_drops:
+            module.p = p
+        elif isinstance(getattr(module, "dropout", None), float):  # attention's dropout_p
+            module.dropout = p
+    model.config = dataclasses.replace(model.config, dropout=p)
+    return model
 
 class ExampleBatches:
     """Micro-batches of example indices: epochs of seeded permutations, read as one endless stream.
@@ -179,10 +197,10 @@ class Finetune(Objective):
         if checkpoint is not None and c.method == "lora":
             model = load_adapted(checkpoint / "model", self.device, merge=False, base=c.model)
             model.base_source = Path(c.model)
-            return self._freeze(model, lora_loaded=True)
+            return self._freeze(set_dropout(model, c.dropout), lora_loaded=True)
         if checkpoint is not None:
-            return self._freeze(load_model(checkpoint / "model", self.device))
-        model = load_model(c.model, self.device)
+            return self._freeze(set_dropout(load_model(checkpoint / "model", self.device), c.dropout))
+        model = set_dropout(load_model(c.model, self.device), c.dropout)
         model.base_source = Path(c.model)
         if self.head is not None:
             self.attach(model)

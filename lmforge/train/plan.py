@@ -146,6 +146,8 @@ def plan(model: str | os.PathLike, gpus: int = 8, gpu: str = "h100", tokens: flo
         raise LmforgeError(f"--gpu {gpu!r} is not in the table; choose one of: {', '.join(GPUS)}")
     if gpus < 1 or micro_batch < 1:
         raise LmforgeError("--gpus and --micro-batch must be at least 1")
+    if (tokens is not None and not tokens > 0) or (seq_len is not None and seq_len < 1) or (price is not None and not price >= 0):
+        raise LmforgeError("--tokens and --seq-len must be positive and --price 0 or more")
     if not 0 < mfu <= 1:
         raise LmforgeError(f"--mfu {mfu} must be in (0, 1]; 0.4 (40%) is typical for well-tuned dense training")
     name, config = resolve_config(str(model))
