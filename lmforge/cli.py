@@ -243,7 +243,7 @@ def cmd_serve(args) -> None:
 
     settings = ServerSettings(max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
                               max_n=args.max_n, max_body_bytes=parse_size(args.max_body), api_key=args.api_key,
-                              model_name=args.name or "lmforge")
+                              model_name=args.name or "lmforge", allow_any_model=args.allow_any_model)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         from lmforge.utils import warn
 
@@ -479,9 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page")
     sv.add_argument("--model", required=True, help="a model folder, an adapter folder or a run folder")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000; 0: any free port)")
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or set LMFORGE_API_KEY)")
-    sv.add_argument("--name", default=None, help="the model id clients see (default: the folder's name)")
+    sv.add_argument("--name", default=None, help="the model id clients see (default: the folder's name); requests "
+                    "naming another model get 404 model_not_found")
+    sv.add_argument("--allow-any-model", action="store_true", help="answer requests whatever model they name")
     sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     sv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     sv.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")

@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from conftest import make_hf_gpt2
+from conftest import make_hf_gpt2, run_cli
 
 from lmforge.infer.generate import generate
 from lmforge.model.checkpoint import load_model, load_tokenizer_for
@@ -250,7 +250,31 @@ def test_serve_binds_to_loopback_by_default():
     from lmforge.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--model", "x"])
-    assert args.host == "127.0.0.1"
+    assert args.host == "127.0.0.1" and not args.allow_any_model
+
+
+def test_serve_checks_its_options_before_loading_the_model(tmp_path):
+    from lmforge.errors import LmforgeError
+    from lmforge.serve.server import ServerSettings, serve
+
+    missing = tmp_path / "no-model"  # loading it would be the next error: these checks come first
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        with pytest.raises(LmforgeError, match=f"port {port} on 127.0.0.1 is in use .*choose another with --port, for example"):
+            serve(missing, port=port)
+    with pytest.raises(LmforgeError, match="--port 99999 is not a port number; use 1 to 65535"):
+        serve(missing, port=99999)
+    for name in ("max_batch", "max_queue", "max_tokens", "max_n", "max_body_bytes"):
+        with pytest.raises(LmforgeError, match="must be a positive whole number, not 0"):
+            ServerSettings(**{name: 0})
+
+
+def test_serve_with_a_bad_port_prints_one_line(model_dir):
+    result = run_cli("serve", "--model", str(model_dir), "--port", "99999", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == "lmforge: error: --port 99999 is not a port number; use 1 to 65535 (or 0 for any free port)\n"
 
 
 ERROR_KEYS = {"message", "type", "param", "code"}
