@@ -54,7 +54,7 @@ def cmd_pretrain(args, extra: list[str]) -> None:
 
     summary = pretrain(args.config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                        **parse_overrides(extra))
-    if summary["checkpoint"]:
+    if summary["checkpoint"] and not summary.get("already_done"):
         print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens; latest checkpoint {summary['checkpoint']}")
 
 
@@ -134,7 +134,7 @@ def cmd_finetune(args, extra: list[str]) -> None:
 
     summary = finetune(args.config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                        **parse_overrides(extra, FinetuneConfig))
-    if summary["checkpoint"]:
+    if summary["checkpoint"] and not summary.get("already_done"):
         print(f"done: {summary['steps']} steps; latest checkpoint {summary['checkpoint']}")
 
 
@@ -280,8 +280,8 @@ def cmd_baseline(args, extra: list[str]) -> None:
     from lmforge.eval.baselines import train_lstm, train_ngram
 
     if args.kind == "ngram":
-        if extra or args.config:
-            given = " ".join(extra + (["--config"] if args.config else []))
+        if extra or args.config or args.resume:
+            given = " ".join(extra + (["--config"] if args.config else []) + (["--resume"] if args.resume else []))
             raise LmforgeError(f"the n-gram baseline takes --order and --discount, not {given}")
         info = train_ngram(args.data, args.out, args.order, args.discount, args.overwrite)
         print(f"counted {info['train_tokens']:,} tokens: " + ", ".join(f"{n:,} {k}-grams" for k, n in info["ngrams"].items()))
@@ -294,8 +294,9 @@ def cmd_baseline(args, extra: list[str]) -> None:
     if any(v < 1 for v in shape.values()):
         raise LmforgeError("--n-embd, --hidden and --n-layer must be at least 1")
     summary = train_lstm(args.data, args.out, progress=not args.quiet, config=args.config, overwrite=args.overwrite,
-                         **shape, **overrides)
-    print(f"done: {summary['steps']} steps; latest checkpoint {summary['checkpoint']}")
+                         resume=args.resume, **shape, **overrides)
+    if not summary.get("already_done"):
+        print(f"done: {summary['steps']} steps; latest checkpoint {summary['checkpoint']}")
 
 
 def cmd_lm_eval(args, extra: list[str]) -> None:
@@ -525,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--hidden", type=int, default=None, help="LSTM hidden width (default 512)")
     bl.add_argument("--n-layer", type=int, default=None, help="LSTM layers (default 2)")
     bl.add_argument("--config", help="LSTM: a training YAML (e.g. the Transformer's: same tokens, same schedule)")
-    bl.add_argument("--overwrite", action="store_true")
+    bl.add_argument("--overwrite", action="store_true", help="delete an existing output folder and start over")
+    bl.add_argument("--resume", action="store_true", help="LSTM: continue the run in --out from its latest checkpoint")
     bl.add_argument("--quiet", action="store_true")
     bl.set_defaults(func=cmd_baseline)
 

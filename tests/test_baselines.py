@@ -64,6 +64,12 @@ def test_baselines_from_the_command_line_and_the_comparison_table(data_dir, tmp_
                  "--sample-prompt", "import", "--sample-tokens", "5"]) == 0
     samples = [json.loads(line) for line in (tmp_path / "lstm" / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [0, 30] and all(s["prompt"] == "import" and s["text"] for s in samples)
+    # an existing LSTM run: the error's advice (--resume) is an option baseline takes
+    capsys.readouterr()
+    lstm = ["baseline", "--kind", "lstm", "--data", str(data_dir), "--out", str(tmp_path / "lstm"), "--quiet"]
+    assert main(lstm) == 2 and "pass --resume to continue it" in capsys.readouterr().err
+    assert main(lstm + ["--resume", "--max-steps", "32", "--eval-interval", "100"]) == 0
+    assert "resuming from step 30" in capsys.readouterr().out
     assert main(["pretrain", "--data", str(data_dir), "--out", str(tmp_path / "gpt"), "--n-layer", "1", "--n-embd", "32",
                  "--n-head", "2", "--block-size", "32", "--max-steps", "30", "--micro-batch-size", "4", "--quiet",
                  "--threads", "1", "--tensorboard", "false"]) == 0

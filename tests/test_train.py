@@ -11,6 +11,7 @@ import torch
 import yaml
 from conftest import train_config
 
+from lmforge.cli import main
 from lmforge.errors import LmforgeError
 from lmforge.train.checkpointing import checkpoint_dirs, latest_checkpoint
 from lmforge.train.config import TrainConfig, load_config, parse_overrides
@@ -244,7 +245,6 @@ def other_data(corpus_dir, tmp_path_factory) -> Path:
 
 def test_resume_on_data_of_another_tokenizer_is_refused_and_leaves_the_run_as_it_was(data_dir, other_data, tmp_path,
                                                                                     capsys):
-    from lmforge.cli import main
 
     run = tmp_path / "run"
     pretrain(train_config(data_dir, run, max_steps=4), progress=False)
@@ -263,7 +263,6 @@ def test_resume_on_data_of_another_tokenizer_is_refused_and_leaves_the_run_as_it
 def test_a_model_with_fewer_embeddings_than_the_data_has_token_ids_is_refused(data_dir, tmp_path, capsys):
     from conftest import make_hf_gpt2
 
-    from lmforge.cli import main
 
     small = make_hf_gpt2(tmp_path / "small", vocab_size=101)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"data": str(data_dir), "out": str(tmp_path / "run"),
@@ -286,6 +285,9 @@ def test_resume_to_a_step_already_reached_says_so_and_changes_nothing(max_steps,
     assert capsys.readouterr().out == (f"{run} is already at step 10 ≥ --max-steps {max_steps}; nothing to do "
                                        f"(pass a larger --max-steps to continue)\n")
     assert summary["steps"] == 10 and summary["checkpoint"] == str(run / "checkpoints" / "step_0000010")
+    assert run_files(run) == before
+    assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", str(max_steps)]) == 0
+    assert "nothing to do" in (out := capsys.readouterr().out) and "done:" not in out  # nothing was done
     assert run_files(run) == before
 
 

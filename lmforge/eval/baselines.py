@@ -289,7 +289,8 @@ def load_lstm(folder: str | os.PathLike) -> LSTMLM:
     return model.eval()
 
 
-def train_lstm(data_dir: str, out: str, progress: bool = True, config: str | None = None, **overrides) -> dict:
+def train_lstm(data_dir: str, out: str, progress: bool = True, config: str | None = None, resume: bool = False,
+               **overrides) -> dict:
     """Train an LSTM language model on a prepared corpus with the same loop as `pretrain`: the same
     training keys, from a YAML ``config`` (e.g. the Transformer's, for the same tokens and schedule) and
     ``overrides``; its shape from ``n_embd``, ``hidden``, ``n_layer``."""
@@ -321,8 +322,8 @@ def train_lstm(data_dir: str, out: str, progress: bool = True, config: str | Non
             info["summary"] = f"LSTM {human_count(self.model.num_params())} parameters; " + info["summary"].split("; ", 1)[-1]
             return info
 
-    settings = resolve_config(config, False, {**overrides, "data": data_dir, "out": out, "model": "lstm"})
-    return train(settings, LSTMObjective, overwrite=overwrite, progress=progress)
+    settings = resolve_config(config, resume, {**overrides, "data": data_dir, "out": out, "model": "lstm"})
+    return train(settings, LSTMObjective, resume=resume, overwrite=overwrite, progress=progress)
 
 
 # -- any model folder ----------------------------------------------------------------------------------

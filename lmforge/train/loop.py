@@ -416,7 +416,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
                   f"(pass a larger --max-steps to continue)", flush=True)
         return {"out": str(out), "steps": state["step"], "tokens": state["tokens"], "elapsed": state["elapsed"],
                 "skipped_steps": state.get("skipped_steps", 0), "val_loss": None, "eval": None,
-                "checkpoint": str(checkpoint) if dist_.is_main else None}
+                "checkpoint": str(checkpoint) if dist_.is_main else None, "already_done": True}
     model = objective.model
     optimizer = make_optimizer(model, config, device)
     batches = objective.batches(dist_.rank, dist_.world_size)
