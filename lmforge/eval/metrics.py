@@ -33,7 +33,7 @@ def macro_f1(predictions: Sequence, references: Sequence, labels: Sequence | Non
         fp = sum(p == label and r != label for p, r in zip(predictions, references))
         fn = sum(p != label and r == label for p, r in zip(predictions, references))
         scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return sum(scores) / max(len(scores), 1)
+    return sum(scores) / _require_items(scores)
 
 
 def matthews_corrcoef(predictions: Sequence, references: Sequence) -> float:

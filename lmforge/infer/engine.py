@@ -404,4 +404,6 @@ def perplexity(model: GPT, token_ids: list[int], window: int | None = None) -> f
             _, loss = model(chunk[None, :-1], chunk[None, 1:])
             total += loss.item() * (len(chunk) - 1)
             count += len(chunk) - 1
-    return math.exp(total / max(count, 1))
+    if count == 0:
+        raise ValueError("perplexity needs at least two tokens: there is nothing to predict")
+    return math.exp(total / count)
