@@ -18,6 +18,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -45,6 +47,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(model: Path, *flags: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`lmforge serve` on a free loopback port, answering /health; stopped on leaving the block. Its
+    output goes to a temporary file: a long run would fill a pipe that nobody reads, and block."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model), "--port", str(port),
+                                   *flags], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.time() > deadline or server.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError("the server did not start: " + log.read().decode(errors="replace"))
+                time.sleep(0.2)
+            yield url, server
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
 
 def load(url: str, clients: int, requests_per_client: int, max_tokens: int) -> dict:
@@ -85,26 +114,9 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else make_model(Path(tmp))
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model), "--port", str(port),
-                                   "--max-batch", "16", "--max-queue", "256"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 120
-            while True:
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("the server did not start: " + (server.stdout.read().decode() if server.poll() is not None else ""))
-                time.sleep(0.2)
+        with running_server(model, "--max-batch", "16", "--max-queue", "256") as (url, _):
             load(url, 2, 1, 8)  # warm up
             rows = [load(url, int(c), args.requests, args.max_tokens) for c in args.clients.split(",")]
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
     print(f"lmforge serve, {args.max_tokens} tokens per request, {args.requests} requests per client, loopback\n")
     print("| clients | requests | tokens/s (total) | vs 1 client | p50 latency (s) | p99 latency (s) |")
     print("|---:|---:|---:|---:|---:|---:|")

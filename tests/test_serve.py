@@ -344,10 +344,10 @@ def inject_failure(monkeypatch, where: str) -> None:
 
 
 def stream_text(server, body) -> tuple[str, list[dict]]:
-    with httpx.Client(timeout=TIMEOUT) as http:
-        with http.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}) as response:
-            assert response.status_code == 200
-            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    with httpx.Client(timeout=TIMEOUT) as http, http.stream("POST", server.url + "/v1/completions",
+                                                           json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
     return "".join(e["choices"][0]["text"] for e in events if e.get("choices")), events
 
 

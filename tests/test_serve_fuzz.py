@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from lmforge.model.checkpoint import load_model, load_tokenizer_for
 from lmforge.serve.server import ServerSettings, build_server_app
 
-EXAMPLES = int(os.environ.get("LMFORGE_FUZZ_EXAMPLES", 300))
+EXAMPLES = int(os.environ.get("LMFORGE_FUZZ_EXAMPLES", "300"))
 ERROR_KEYS = {"message", "type", "param", "code"}
 MAX_TOKENS, MAX_N = 8, 2
 
@@ -69,7 +69,8 @@ def hostile(fields: dict) -> dict:
             for name, valid in fields.items()}
 
 
-def body(required: dict, optional: dict, extra=st.just({})):
+def body(required: dict, optional: dict, extra=None):
+    extra = extra if extra is not None else st.just({})
     return st.tuples(st.fixed_dictionaries(required, optional=optional), extra).map(lambda b: json.dumps({**b[1], **b[0]}))
 
 

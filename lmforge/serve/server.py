@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -225,7 +225,7 @@ class EngineWorker:
         while self.running:
             try:
                 self._iterate()
-            except Exception as e:  # noqa: BLE001 (a bug outside any one request: fail those in flight, go on)
+            except Exception as e:  # a bug outside any one request: fail those in flight, go on
                 log.error("the engine loop failed; failing the requests in flight", exc_info=e)
                 self._fail_all(e)
 
@@ -257,7 +257,7 @@ class EngineWorker:
             except LmforgeError as e:  # the request's own settings (checked by the handler already)
                 handle.put(APIError(400, str(e)))
                 continue
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log.error("adding a request failed", exc_info=e)
                 handle.put(server_error(e))
                 continue
@@ -292,10 +292,10 @@ class EngineWorker:
         active = {s.request.id: s.request for s in self.engine.active if not s.finished}
         if not active:
             log.error("an engine step failed", exc_info=e)
-            return self._fail_all(e)
-        newest = active[max(active)]  # request ids increase
+            self._fail_all(e)
+            return
         log.error("an engine step failed; failing the request admitted last", exc_info=e)
-        self._fail(newest, server_error(e))
+        self._fail(active[max(active)], server_error(e))  # (request ids increase)
 
     def _fail_all(self, e: Exception) -> None:
         for handle in self.handles.values():
