@@ -93,7 +93,9 @@ def _sampling_from(args, **overrides):
 def cmd_generate(args) -> None:
     from lmforge.infer.generate import SamplingParams, chat_prompt, generate, stream_generate
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    from lmforge.data.corpus import read_stdin_text
+
+    prompt = read_stdin_text() if args.prompt == "-" else args.prompt
     model, tokenizer = _load_for_inference(args)
     text, stops = prompt, SamplingParams(stop=args.stop or [])
     if tokenizer.chat_template is not None and not args.raw:
@@ -139,14 +141,17 @@ def cmd_finetune(args, extra: list[str]) -> None:
 
 
 def cmd_merge(args) -> None:
-    from lmforge.model.checkpoint import load_adapted, load_tokenizer_for, resolve_model_dir, save_model
+    from lmforge.model.checkpoint import (load_adapted, load_tokenizer_for, refuse_overwriting_sources,
+                                          resolve_model_dir, save_model)
     from lmforge.utils import check_output_dir
 
     out = check_output_dir(args.out, args.overwrite)
     adapter = resolve_model_dir(args.adapter)
     if not (adapter / "adapter_config.json").exists():
         raise LmforgeError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    refuse_overwriting_sources(out, adapter)
     model = load_adapted(adapter, merge=True, base=args.base, force=args.force)
+    refuse_overwriting_sources(out, model.base_source)
     save_model(model, out, load_tokenizer_for(model))
     print(f"merged {adapter} into {model.base_source}; wrote {out}")
 
@@ -190,7 +195,9 @@ def cmd_embed(args) -> None:
     from lmforge.model.encoder import Encoder, embed
     from lmforge.utils import pick_device
 
-    texts = [t for t in (sys.stdin.read().splitlines() if args.texts == ["-"] else args.texts) if t.strip()]
+    from lmforge.data.corpus import read_stdin_text
+
+    texts = [t for t in (read_stdin_text().splitlines() if args.texts == ["-"] else args.texts) if t.strip()]
     if not texts:
         raise LmforgeError("no text to embed; pass one or more texts, or - to read one per line from stdin")
     model = load_model(args.model, pick_device(args.device))
@@ -541,12 +548,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _clean_text_arguments(args) -> None:
+    """Arguments whose bytes were not UTF-8 get U+FFFD and a warning, as text read from files does."""
+    from lmforge.data.corpus import text_from_os
+
+    for name, value in vars(args).items():
+        option = name if name in ("prompt", "texts", "inputs") else f"--{name.replace('_', '-')}"
+        if isinstance(value, str):
+            setattr(args, name, text_from_os(value, option))
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            setattr(args, name, [text_from_os(v, option) for v in value])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    _clean_text_arguments(args)
     takes_keys = (cmd_pretrain, cmd_finetune, cmd_baseline, cmd_lm_eval)
     if extra and args.func not in takes_keys:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -214,7 +214,7 @@ def test_a_base_that_is_gone_or_was_rewritten_is_refused_everywhere(lora_on_run,
     assert main(["merge", str(adapter), "--out", str(tmp_path / "m"), "--base", str(copy)]) == 0
     # the base checkpoint pruned away: say so, and how to go on
     shutil.rmtree(run)
-    with pytest.raises(LmforgeError, match="is not on this machine; pass the exact base folder"):
+    with pytest.raises(LmforgeError, match="is not on this machine .*deleted as the run trained on.*; give the exact base folder"):
         load_model(adapter)
 
 
@@ -252,3 +252,25 @@ def test_convert_merges_an_adapter_into_its_base(lora_on_run, tmp_path, tokenize
     make_hf_gpt2(step10, tokenizer_dir=tokenizer_dir, seed=3)
     assert main(["convert", str(adapter), str(tmp_path / "c2")]) == 2
     assert "is not that model" in capsys.readouterr().err
+
+
+def test_merge_or_convert_onto_the_adapters_own_base_is_refused_before_any_write(lora_on_run, tmp_path, capsys):
+    run, step10, adapter = lora_on_run
+    before = {p.name: p.read_bytes() for p in step10.iterdir() if p.is_file()}
+    capsys.readouterr()
+    for argv in (["convert", str(adapter), str(step10), "--overwrite"],
+                 ["merge", str(adapter), "--out", str(step10), "--overwrite"],
+                 ["merge", str(adapter), "--out", str(run), "--overwrite"]):  # the base is inside --out
+        assert main(argv) == 2
+        assert "which this reads from" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in step10.iterdir() if p.is_file()} == before
+
+
+def test_a_base_deleted_with_its_run_checkpoint_is_said_to_be_so(lora_on_run, capsys):
+    import shutil
+
+    run, step10, adapter = lora_on_run
+    shutil.rmtree(step10.parent)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(adapter), "hi", "--max-new-tokens", "2"]) == 2
+    assert "deleted as the run trained on" in capsys.readouterr().err

@@ -57,7 +57,7 @@ def test_metrics_over_zero_items_raise():
             metric()
 
 
-def test_eval_results_of_a_run_accumulate_and_a_replacement_is_said(hf_gpt2, tmp_path, capsys):
+def test_eval_results_of_a_run_accumulate_and_a_replacement_is_said(hf_gpt2, tmp_path, capsys, monkeypatch):
     out = tmp_path / "eval.json"
     base = ["eval", "--model", str(hf_gpt2), "--limit", "4", "--quiet", "--out", str(out)]
     assert main(base + ["--tasks", "brackets"]) == 0
@@ -66,6 +66,9 @@ def test_eval_results_of_a_run_accumulate_and_a_replacement_is_said(hf_gpt2, tmp
     assert main(base + ["--text", str(tmp_path / "t.txt")]) == 0
     assert "kept the earlier results" in capsys.readouterr().out and "brackets" in json.loads(out.read_text())["tasks"]
     assert set(json.loads(out.read_text())["tasks"]) == {"brackets", "t.txt"}
+    monkeypatch.chdir(hf_gpt2.parent)  # the same model spelt another way is still the same model
+    assert main(["eval", "--model", hf_gpt2.name, "--tasks", "copy", "--limit", "2", "--quiet", "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["tasks"]) == {"brackets", "t.txt", "copy"}
     other = make_hf_gpt2(tmp_path / "other", tokenizer_dir=hf_gpt2, seed=1)
     assert main(["eval", "--model", str(other), "--tasks", "copy", "--limit", "2", "--quiet", "--out", str(out)]) == 0
     assert f"which were of {hf_gpt2}" in capsys.readouterr().out
@@ -217,3 +220,26 @@ def test_finetune_dropout_is_applied_and_saved(hf_gpt2, tmp_path):
 
         saved = json.loads((resolve_model_dir(out) / "config.json").read_text())
         assert saved["resid_pdrop"] == saved["attn_pdrop"] == expected
+
+
+def test_configs_saved_by_older_versions_still_work(tmp_path, capsys):
+    # finetune's config.yaml used to hold every pretraining key, and dropout 0.0 that meant "the model's own"
+    old = {"data": "data", "n_layer": None, "sample_prompt": "", "dropout": 0.0, "model": "m", "train": "t.jsonl"}
+    assert load_config(base=old, cls=FinetuneConfig).dropout is None  # resuming keeps the model's dropout
+    (tmp_path / "old.yaml").write_text("".join(f"{k}: {'null' if v is None else repr(v)}\n" for k, v in old.items()))
+    config = load_config(tmp_path / "old.yaml", cls=FinetuneConfig)
+    assert config.train == "t.jsonl" and config.dropout == 0.0  # given in a file it is taken (and now honoured)
+    assert "ignoring data, n_layer, sample_prompt" in capsys.readouterr().err
+
+
+def test_text_that_is_not_utf8_on_the_command_line_or_stdin_is_replaced_and_counted(hf_gpt2, capsys, monkeypatch):
+    import io
+    import sys
+
+    capsys.readouterr()
+    # what Python makes of the argument bytes b"def \xff" (surrogateescape)
+    assert main(["generate", "def \udcff", "--model", str(hf_gpt2), "--max-new-tokens", "2", "--seed", "0"]) == 0
+    assert "prompt: 1 bytes were not valid UTF-8" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"def \xfe\xff")))
+    assert main(["generate", "-", "--model", str(hf_gpt2), "--max-new-tokens", "2", "--seed", "0"]) == 0
+    assert "<stdin>: 2 bytes were not valid UTF-8" in capsys.readouterr().err

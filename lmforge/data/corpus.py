@@ -111,6 +111,27 @@ def read_text_file(path: str | os.PathLike) -> str:
     return text
 
 
+def text_from_os(value: str, where: str) -> str:
+    """Text from the command line, the terminal or stdin read as ``str``: bytes that were not UTF-8 arrive as
+    lone surrogates (Python's surrogateescape), which no tokenizer takes. They become U+FFFD, counted in the
+    one warning every reader gives."""
+    if not any("\ud800" <= c <= "\udfff" for c in value):
+        return value
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that stand for no byte
+        raw = value.encode("utf-8", "replace")
+    text, bad = decode_utf8(raw)
+    warn_non_utf8(bad, where)
+    return text
+
+
+def read_stdin_text() -> str:
+    text, bad = decode_utf8(sys.stdin.buffer.read())
+    warn_non_utf8(bad, "<stdin>")
+    return text
+
+
 def _decode(data: bytes, stats: CorpusStats) -> str:
     """UTF-8 text of ``data``; undecodable bytes become U+FFFD and are counted in ``stats``."""
     text, bad = decode_utf8(data)

@@ -201,7 +201,8 @@ def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str
     for task in tasks:
         task.check()
     earlier = read_earlier_results(out) if out else None
-    results = {"model": str(resolve_model_dir(models[0])), "lmforge_version": __version__,
+    # Absolute: results accumulate per model, whatever folder the command was run from.
+    results = {"model": str(resolve_model_dir(models[0]).resolve()), "lmforge_version": __version__,
                "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if data is not None:
         rows = compare_on_split(models, data, split, stride, max_tokens, progress)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
+from lmforge.data.corpus import text_from_os
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import SamplingParams, chat_prompt, stream_generate
 
@@ -39,7 +40,7 @@ def chat_session(model, tokenizer, params: SamplingParams, system: str | None = 
     out.write(f"Chatting with {model.source}. {HELP}\n")
     while True:
         try:
-            line = read("you> ")
+            line = text_from_os(read("you> "), "your message")
         except EOFError:
             out.write("\n")
             return messages

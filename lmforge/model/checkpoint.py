@@ -232,6 +232,16 @@ def parse_size(text: str) -> int:
     return size
 
 
+def refuse_overwriting_sources(out: Path, *sources: str | os.PathLike) -> None:
+    """Writing ``out`` replaces it whole: refuse when it is, or holds, a folder the result is read from (an
+    adapter's base included), before anything is written."""
+    target = Path(out).resolve()
+    for source in sources:
+        source = Path(source).resolve()
+        if source == target or target in source.parents:
+            raise LmforgeError(f"--out {out} would replace {source}, which this reads from; choose another --out")
+
+
 def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
             max_shard_size: str | int = MAX_SHARD_BYTES, overwrite: bool = False, force: bool = False) -> Path:
     """Read any supported model folder (or a run's latest checkpoint) and write it as a Hugging Face
@@ -247,11 +257,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
     limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     out = check_output_dir(out, overwrite)
     folder = resolve_model_dir(src)
-    if folder.resolve() == out.resolve():
-        raise LmforgeError("the output folder must differ from the source folder")
+    refuse_overwriting_sources(out, folder)
     adapter = is_adapter_folder(folder)
     if adapter:
         model = load_adapted(folder, dtype=dtypes[dtype] if dtype else None, merge=True, force=force)
+        refuse_overwriting_sources(out, model.base_source)
         print(f"{folder} is a LoRA adapter: merged it into its base model {model.base_source}")
     else:
         model = load_model(folder, dtype=dtypes[dtype] if dtype else None)

@@ -298,11 +298,15 @@ def adapter_base(adapter: Path, config: dict, meta: dict, base: str | os.PathLik
 
     recorded = meta.get("base_model") or {}
     exact = recorded.get("folder")
-    fix = "pass the exact base folder (merge --base FOLDER), or --force to use other weights anyway"
+    fix = ("give the exact base folder (`lmforge merge ADAPTER --base FOLDER --out DIR`), "
+           "or accept other weights with `--force` (merge, convert)")
     if base is None:
         named = exact or config.get("base_model_name_or_path")
         if not named or not Path(named).exists():
-            raise LmforgeError(f"{adapter}: its base model {named!r} is not on this machine; {fix}")
+            pruned = named and Path(named).parent.parent.name == "checkpoints"
+            why = (" (it was a checkpoint of a training run, deleted as the run trained on: a run keeps its last "
+                   "keep_checkpoints)") if pruned else ""
+            raise LmforgeError(f"{adapter}: its base model {named!r} is not on this machine{why}; {fix}")
         folder = resolve_model_dir(named)
     else:
         folder = resolve_model_dir(base)

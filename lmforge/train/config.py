@@ -6,19 +6,19 @@ import difflib
 import math
 import os
 import typing
-from typing import ClassVar
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
 from lmforge.errors import LmforgeError
 
 
-def key(default, help: str, choices: tuple[str, ...] | None = None):
+def setting(default, meaning: str, choices: tuple[str, ...] | None = None):
     """A config key: its default, a one-line meaning (``--help`` shows it) and, for a fixed set, its choices
     (``validate`` checks them). The meaning and the choices live here once, next to the default."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+    return field(default=default, metadata={"help": meaning, "choices": choices})
 
 
 @dataclass
@@ -27,44 +27,44 @@ class TrainConfig:
     IGNORED: ClassVar[dict[str, str]] = {}
 
     # where things are
-    data: str = key("data", "a folder written by `lmforge prepare`")
-    out: str = key("runs/pretrain", "the run folder: config, metrics, checkpoints, report")
+    data: str = setting("data", "a folder written by `lmforge prepare`")
+    out: str = setting("runs/pretrain", "the run folder: config, metrics, checkpoints, report")
     # model: a preset name, or a model folder to continue training from; shape overrides below
-    model: str = key("tiny", "a preset (tiny, gpt2, llama-1b, ...) or a model folder to continue training from")
-    block_size: int | None = key(None, "context length in tokens (default: the preset's)")
-    n_layer: int | None = key(None, "Transformer blocks (default: the preset's)")
-    n_head: int | None = key(None, "attention heads (default: the preset's)")
-    n_embd: int | None = key(None, "model width (default: the preset's)")
-    n_kv_head: int | None = key(None, "key/value heads for grouped-query attention (Llama-style presets)")
-    dropout: float = key(0.0, "dropout probability in [0, 1)")
+    model: str = setting("tiny", "a preset (tiny, gpt2, llama-1b, ...) or a model folder to continue training from")
+    block_size: int | None = setting(None, "context length in tokens (default: the preset's)")
+    n_layer: int | None = setting(None, "Transformer blocks (default: the preset's)")
+    n_head: int | None = setting(None, "attention heads (default: the preset's)")
+    n_embd: int | None = setting(None, "model width (default: the preset's)")
+    n_kv_head: int | None = setting(None, "key/value heads for grouped-query attention (Llama-style presets)")
+    dropout: float = setting(0.0, "dropout probability in [0, 1)")
     # batch: micro_batch_size sequences per process per forward, summed over grad_accum_steps and processes
-    micro_batch_size: int = key(8, "sequences per process per forward pass")
-    grad_accum_steps: int = key(1, "forward/backward passes summed into one optimizer step")
-    max_steps: int = key(1000, "optimizer steps in the whole run (with --resume: the step to stop at)")
+    micro_batch_size: int = setting(8, "sequences per process per forward pass")
+    grad_accum_steps: int = setting(1, "forward/backward passes summed into one optimizer step")
+    max_steps: int = setting(1000, "optimizer steps in the whole run (with --resume: the step to stop at)")
     # AdamW with linear warmup then cosine decay to min_lr (default lr / 10)
-    lr: float = key(1e-3, "peak learning rate of AdamW")
-    min_lr: float | None = key(None, "learning rate at the end of the cosine decay (default: lr / 10)")
-    warmup_steps: int = key(100, "steps of linear warmup from 0 to lr")
-    weight_decay: float = key(0.1, "AdamW weight decay on matrices and embeddings (not biases or norm gains)")
-    beta1: float = key(0.9, "AdamW beta1")
-    beta2: float = key(0.95, "AdamW beta2")
-    grad_clip: float = key(1.0, "max gradient norm; 0 turns clipping off")
-    max_bad_steps: int = key(5, "stop after this many steps in a row with a NaN/inf loss or gradient (each is skipped)")
+    lr: float = setting(1e-3, "peak learning rate of AdamW")
+    min_lr: float | None = setting(None, "learning rate at the end of the cosine decay (default: lr / 10)")
+    warmup_steps: int = setting(100, "steps of linear warmup from 0 to lr")
+    weight_decay: float = setting(0.1, "AdamW weight decay on matrices and embeddings (not biases or norm gains)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    grad_clip: float = setting(1.0, "max gradient norm; 0 turns clipping off")
+    max_bad_steps: int = setting(5, "stop after this many steps in a row with a NaN/inf loss or gradient (each is skipped)")
     # evaluation, checkpoints, samples
-    eval_interval: int = key(100, "evaluate on the validation split every N steps")
-    eval_windows: int = key(64, "validation windows of block_size tokens, the same ones each time")
-    checkpoint_interval: int = key(500, "save a checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = key(2, "checkpoints kept in the run folder; older ones are deleted")
-    sample_prompt: str = key("", "print a continuation of this prompt at the start and the end (empty: none)")
-    sample_tokens: int = key(64, "tokens in each sample")
+    eval_interval: int = setting(100, "evaluate on the validation split every N steps")
+    eval_windows: int = setting(64, "validation windows of block_size tokens, the same ones each time")
+    checkpoint_interval: int = setting(500, "save a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = setting(2, "checkpoints kept in the run folder; older ones are deleted")
+    sample_prompt: str = setting("", "print a continuation of this prompt at the start and the end (empty: none)")
+    sample_tokens: int = setting(64, "tokens in each sample")
     # hardware
-    seed: int = key(1337, "seed of the initial weights, the data order and dropout")
-    device: str = key("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
-    dtype: str = key("auto", "auto (bf16 autocast where it is faster), float32 or bfloat16",
+    seed: int = setting(1337, "seed of the initial weights, the data order and dropout")
+    device: str = setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    dtype: str = setting("auto", "auto (bf16 autocast where it is faster), float32 or bfloat16",
                      choices=("auto", "float32", "bfloat16"))
-    compile: bool = key(False, "torch.compile the model")
-    threads: int = key(0, "CPU threads for torch; 0 keeps torch's default")
-    tensorboard: bool = key(True, "also log to TensorBoard when it is installed")
+    compile: bool = setting(False, "torch.compile the model")
+    threads: int = setting(0, "CPU threads for torch; 0 keeps torch's default")
+    tensorboard: bool = setting(True, "also log to TensorBoard when it is installed")
 
     def validate(self) -> None:
         checks = [
@@ -106,6 +106,12 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.IGNORED}
 
+    @classmethod
+    def from_saved(cls, saved: dict) -> dict:
+        """A config saved by a run (perhaps by an older lmforge) as this version's keys: the keys this
+        command ignores, which older versions saved too, are dropped."""
+        return {k: v for k, v in saved.items() if k not in cls.IGNORED}
+
 
 _SHAPE_FROM_MODEL = "the model's shape comes from --model"
 
@@ -124,37 +130,44 @@ class FinetuneConfig(TrainConfig):
         "sample_tokens": "fine-tuning prints no samples",
     }
 
-    out: str = key("runs/finetune", "the run folder: config, metrics, checkpoints, the final model or adapter")
-    model: str = key("", "the model folder (or run folder) to adapt (required)")
-    train: str = key("", "JSONL/CSV/Parquet examples (required); the task comes from their fields")
-    val: str = key("", "held-out examples; empty: val_fraction of train, split by seed")
-    val_fraction: float = key(0.1, "share of train held out when --val is not given, in [0, 1)")
-    task: str = key("auto", "auto (from the examples' fields), chat, instruction, classification or qa",
+    out: str = setting("runs/finetune", "the run folder: config, metrics, checkpoints, the final model or adapter")
+    model: str = setting("", "the model folder (or run folder) to adapt (required)")
+    train: str = setting("", "JSONL/CSV/Parquet examples (required); the task comes from their fields")
+    val: str = setting("", "held-out examples; empty: val_fraction of train, split by seed")
+    val_fraction: float = setting(0.1, "share of train held out when --val is not given, in [0, 1)")
+    task: str = setting("auto", "auto (from the examples' fields), chat, instruction, classification or qa",
                     choices=("auto", "chat", "instruction", "classification", "qa"))
-    method: str = key("full", "full (every weight), linear-probe (the head only) or lora (low-rank adapters)",
+    method: str = setting("full", "full (every weight), linear-probe (the head only) or lora (low-rank adapters)",
                       choices=("full", "linear-probe", "lora"))
-    freeze_layers: int = key(0, "keep the embeddings and the first N blocks frozen")
-    train_layers: int = key(0, "train only the last N blocks (and the head); 0: all")
-    lora_r: int = key(8, "LoRA rank")
-    lora_alpha: float = key(16.0, "LoRA scale numerator (the update is scaled by alpha / r)")
-    lora_dropout: float = key(0.0, "dropout on the LoRA branch's input")
-    lora_targets: str = key("q,v", "comma-separated: q, k, v, o (attention) and fc, proj (MLP)")
-    max_length: int = key(0, "tokens per example (longer ones are truncated); 0: the model's context")
-    packing: bool = key(False, "SFT: pack examples into full rows, attention kept inside each example")
-    labels: str = key("", "classification: label names in index order (default: sorted labels of the data)")
-    epochs: float = key(0.0, "when > 0, max_steps = this many passes over the training examples")
-    skip_bad_lines: bool = key(False, "count and skip malformed examples instead of stopping at the first")
-    pooling: str = key("auto", "encoder classification: auto (the model's), first or mean",
+    freeze_layers: int = setting(0, "keep the embeddings and the first N blocks frozen")
+    train_layers: int = setting(0, "train only the last N blocks (and the head); 0: all")
+    lora_r: int = setting(8, "LoRA rank")
+    lora_alpha: float = setting(16.0, "LoRA scale numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA branch's input")
+    lora_targets: str = setting("q,v", "comma-separated: q, k, v, o (attention) and fc, proj (MLP)")
+    max_length: int = setting(0, "tokens per example (longer ones are truncated); 0: the model's context")
+    packing: bool = setting(False, "SFT: pack examples into full rows, attention kept inside each example")
+    labels: str = setting("", "classification: label names in index order (default: sorted labels of the data)")
+    epochs: float = setting(0.0, "when > 0, max_steps = this many passes over the training examples")
+    skip_bad_lines: bool = setting(False, "count and skip malformed examples instead of stopping at the first")
+    pooling: str = setting("auto", "encoder classification: auto (the model's), first or mean",
                        choices=("auto", "first", "mean"))
-    dropout: float | None = key(None, "dropout probability in [0, 1) while fine-tuning (default: the model's own)")
+    dropout: float | None = setting(None, "dropout probability in [0, 1) while fine-tuning (default: the model's own)")
     # fine-tuning defaults differ from pretraining's
-    lr: float = key(5e-5, "peak learning rate of AdamW")
-    warmup_steps: int = key(10, "steps of linear warmup from 0 to lr")
-    weight_decay: float = key(0.0, "AdamW weight decay")
-    max_steps: int = key(200, "optimizer steps in the whole run (with --resume: the step to stop at)")
-    eval_interval: int = key(50, "evaluate on the validation examples every N steps")
-    checkpoint_interval: int = key(100, "save a checkpoint every N steps (and at the end)")
-    micro_batch_size: int = key(8, "examples per process per forward pass")
+    lr: float = setting(5e-5, "peak learning rate of AdamW")
+    warmup_steps: int = setting(10, "steps of linear warmup from 0 to lr")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    max_steps: int = setting(200, "optimizer steps in the whole run (with --resume: the step to stop at)")
+    eval_interval: int = setting(50, "evaluate on the validation examples every N steps")
+    checkpoint_interval: int = setting(100, "save a checkpoint every N steps (and at the end)")
+    micro_batch_size: int = setting(8, "examples per process per forward pass")
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> dict:
+        saved = super().from_saved(saved)
+        if "max_bad_steps" not in saved:  # saved before finetune honoured dropout: its 0.0 meant "the model's own"
+            saved.pop("dropout", None)
+        return saved
 
     def validate(self) -> None:
         super().validate()
@@ -177,8 +190,6 @@ def config_keys(cls=TrainConfig) -> list:
 
 def _types(cls) -> dict:
     return typing.get_type_hints(cls)
-
-
 
 
 def _coerce(key: str, value, cls=TrainConfig):
@@ -271,9 +282,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
                 cls=TrainConfig) -> TrainConfig:
     """Defaults ← ``base`` (a saved run config) ← YAML file ← ``overrides``; unknown keys are errors."""
     values: dict = {}
-    # A run saved by an older lmforge may hold keys its command ignores: they are dropped, not refused.
-    base = {k: v for k, v in (base or {}).items() if k not in cls.IGNORED}
-    for layer in (base, read_config_file(path) if path else {}, overrides or {}):
+    base = cls.from_saved(base or {})
+    from_file = read_config_file(path) if path else {}
+    ignored = [k for k in from_file if str(k).replace("-", "_") in cls.IGNORED]
+    if ignored:  # say so, but take the file: a run's saved config.yaml holds them (as older versions saved them)
+        from lmforge.utils import warn
+
+        warn(f"{path}: ignoring {', '.join(map(str, ignored))}, which this command does not use")
+        from_file = {k: v for k, v in from_file.items() if k not in ignored}
+    for layer in (base, from_file, overrides or {}):
         for key, value in layer.items():
             values[_check_key(str(key), cls)] = value
     config = cls(**{k: _coerce(k, v, cls) for k, v in values.items()})

@@ -30,7 +30,7 @@ from lmforge.model.checkpoint import load_adapted, load_model, load_tokenizer_fo
 from lmforge.model.encoder import Encoder
 from lmforge.model.gpt import GPT
 from lmforge.model.heads import attach_head
-from lmforge.model.lora import add_lora, count_trainable, save_adapter
+from lmforge.model.lora import LoRALinear, add_lora, count_trainable, save_adapter
 from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 from lmforge.train.config import FinetuneConfig
 from lmforge.train.loop import Distributed, Objective, resolve_config, train
@@ -46,14 +46,11 @@ def split_examples(rows: list, val_fraction: float, seed: int) -> tuple[list, li
     return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
 
 
-
 def set_dropout(model, p: float | None):
     """Fine-tune with dropout ``p`` (None keeps the model's own): every dropout of the model and its attention,
     not LoRA's own (``lora_dropout``); the saved model's config records it, as transformers' would."""
     if p is None:
         return model
-    from lmforge.model.lora import LoRALinear
-
     lora_drops = {id(m.drop) for m in model.modules() if isinstance(m, LoRALinear)}
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout) and id(module) not in lora_drops:
@@ -62,6 +59,7 @@ def set_dropout(model, p: float | None):
             module.dropout = p
     model.config = dataclasses.replace(model.config, dropout=p)
     return model
+
 
 class ExampleBatches:
     """Micro-batches of example indices: epochs of seeded permutations, read as one endless stream.
@@ -205,6 +203,10 @@ class Finetune(Objective):
         if self.head is not None:
             self.attach(model)
         if c.method == "lora":
+            if (Path(c.model) / "checkpoints").is_dir():
+                warn(f"the adapter's base is a checkpoint of the run {c.model}, which that run deletes if it trains on "
+                     f"(it keeps its last keep_checkpoints); to keep the adapter usable, fine-tune from a copy made "
+                     f"with `lmforge convert {c.model} BASE`")
             add_lora(model, c.lora_targets, c.lora_r, c.lora_alpha, c.lora_dropout)
         return self._freeze(model)
 
