@@ -391,6 +391,35 @@ def train(config: TrainConfig, make_objective, *, resume: bool = False, overwrit
             dist.destroy_process_group()
 
 
+def _restore(state: dict, checkpoint: Path, optimizer, batches, device: torch.device) -> None:
+    """Put the optimizer, the loader's position and the RNGs back where ``checkpoint`` left them."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise LmforgeError(f"the optimizer state in {checkpoint} does not fit the model's trainable parameters "
+                           f"({first_line(e)}); resume with the settings the run was started with") from None
+    batches.load_state_dict(state["loader"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda" and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+
+
+def _write_run_info(out: Path, config: TrainConfig, objective, device, use_bf16: bool, world_size: int) -> None:
+    """The run folder's config.yaml and run.json (what the model is, and where it trains)."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    info = objective.describe()
+    info.pop("summary", None)
+    atomic_write_json(out / "run.json", {
+        **info,
+        "trainable_parameters": sum(p.numel() for p in objective.model.parameters() if p.requires_grad),
+        "device": str(device),
+        "dtype": "bfloat16 autocast" if use_bf16 else "float32",
+        "world_size": world_size,
+        "hardware": hardware_description(device),
+    })
+
+
 def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool, overwrite: bool, progress: bool,
            tqdm, fixed_on_resume: tuple[str, ...]) -> dict:
     out = Path(config.out)
@@ -423,15 +452,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
     step, tokens_seen, elapsed = 0, 0, 0.0
     skipped_steps = bad_steps = 0  # updates skipped for a non-finite loss or gradient: in all, and in a row
     if state is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise LmforgeError(f"the optimizer state in {checkpoint} does not fit the model's trainable parameters "
-                               f"({first_line(e)}); resume with the settings the run was started with") from None
-        batches.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        _restore(state, checkpoint, optimizer, batches, device)
         step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
         skipped_steps, bad_steps = state.get("skipped_steps", 0), state.get("bad_steps", 0)
 
@@ -444,28 +465,17 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     log = None
-    if dist_.is_main:
+    if dist_.is_main:  # the checks passed: from here on the run folder is written
         if start_over:
             shutil.rmtree(out)
         for bad in damaged:
             warn(f"damaged checkpoint {bad.name} kept as {set_aside(bad).name}, out of the run's way")
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-        info = objective.describe()
-        summary = info.pop("summary", "")
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        atomic_write_json(out / "run.json", {
-            **info,
-            "trainable_parameters": trainable,
-            "device": str(device),
-            "dtype": "bfloat16 autocast" if use_bf16 else "float32",
-            "world_size": dist_.world_size,
-            "hardware": hardware_description(device),
-        })
+        _write_run_info(out, config, objective, device, use_bf16, dist_.world_size)
         log = MetricsLog(out, step if checkpoint is not None else None, config.tensorboard)
         if checkpoint is not None:
             print(f"resuming from step {step} of {out}", flush=True)
-        print(f"model: {summary} on {dist_.world_size}×{device} ({'bf16 autocast' if use_bf16 else 'fp32'})", flush=True)
+        print(f"model: {objective.describe().get('summary', '')} on {dist_.world_size}×{device} "
+              f"({'bf16 autocast' if use_bf16 else 'fp32'})", flush=True)
 
     def run_eval() -> dict | None:
         metrics = objective.evaluate(dist_, autocast)
@@ -548,17 +558,10 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         if step % config.checkpoint_interval == 0 or step == config.max_steps:
             if dist_.is_main:
                 state = {
-                    "step": step,
-                    "tokens": tokens_seen,
-                    "elapsed": elapsed,
-                    "skipped_steps": skipped_steps,
-                    "bad_steps": bad_steps,
-                    "optimizer": optimizer.state_dict(),
-                    "loader": batches.state_dict(),
-                    "rng": {
-                        "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    },
+                    "step": step, "tokens": tokens_seen, "elapsed": elapsed, "skipped_steps": skipped_steps,
+                    "bad_steps": bad_steps, "optimizer": optimizer.state_dict(), "loader": batches.state_dict(),
+                    "rng": {"torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                 }
                 save_checkpoint(out, step, objective.save, state, config.keep_checkpoints)
             dist_.barrier()
