@@ -274,3 +274,10 @@ def test_a_base_deleted_with_its_run_checkpoint_is_said_to_be_so(lora_on_run, ca
     capsys.readouterr()
     assert main(["generate", "--model", str(adapter), "hi", "--max-new-tokens", "2"]) == 2
     assert "deleted as the run trained on" in capsys.readouterr().err
+
+
+def test_the_base_check_reads_the_weight_files_loading_reads(lora_on_run):
+    run, step10, adapter = lora_on_run
+    # an unused copy in the other format does not make the base "another model"
+    torch.save({}, step10 / "pytorch_model.bin")
+    assert load_model(adapter) is not None

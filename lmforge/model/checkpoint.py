@@ -30,6 +30,7 @@ from lmforge.model.hf import (
     config_to_hf,
     state_dict_from_hf,
     state_dict_to_hf,
+    weight_files,
 )
 from lmforge.utils import atomic_dir, atomic_write_json, check_output_dir, first_line, read_json
 
@@ -51,17 +52,13 @@ def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a model folder: safetensors (single or sharded) or pytorch_model.bin."""
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).exists():
-            return _load_weight_file(folder / name)
-        index = folder / f"{name}.index.json"
-        if index.exists():
-            weight_map = read_json(index, "weight index").get("weight_map", {})
-            sd: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                sd.update(_load_weight_file(folder / shard))
-            return sd
-    raise LmforgeError(f"{folder} has no model.safetensors or pytorch_model.bin; is it a model folder?")
+    files = weight_files(folder)
+    if not files:
+        raise LmforgeError(f"{folder} has no model.safetensors or pytorch_model.bin; is it a model folder?")
+    sd: dict[str, torch.Tensor] = {}
+    for path in files:
+        sd.update(_load_weight_file(path))
+    return sd
 
 
 def _write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
@@ -270,7 +267,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
         source = read_json(weights_from / "config.json", "model config").get("torch_dtype") or "float32"
         model.to(dtypes.get(source, torch.float32))
     save_model(model, out, max_shard_bytes=limit)
-    adapter_files = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "lmforge_adapter.json")
+    from lmforge.model.lora import ADAPTER_META
+
+    adapter_files = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", ADAPTER_META)
     # The base's files first; an adapter's own (its tokenizer, with the chat template it was tuned on) win.
     for source_folder in [weights_from, folder] if adapter else [folder]:
         for item in source_folder.iterdir():

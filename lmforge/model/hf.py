@@ -7,6 +7,8 @@ renaming, splitting, concatenating and transposing of tensors: no arithmetic on 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from lmforge.errors import LmforgeError
@@ -501,3 +503,18 @@ def bert_state_dict_to_hf(model) -> dict[str, torch.Tensor]:
     for ours, parts in _bert_fused(c):
         out.update(zip(parts, sd[ours].chunk(3)))
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The files a model folder's weights are read from: safetensors (single or sharded) before
+    pytorch_model.bin; empty when it has none."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).exists():
+            return [folder / name]
+        index = folder / f"{name}.index.json"
+        if index.exists():
+            from lmforge.utils import read_json
+
+            weight_map = read_json(index, "weight index").get("weight_map", {})
+            return [folder / shard for shard in sorted(set(weight_map.values()))]
+    return []

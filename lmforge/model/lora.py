@@ -25,6 +25,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
+from lmforge.model.hf import weight_files
 from lmforge.utils import atomic_dir, atomic_write_json, read_json, sha256_file, warn
 
 TARGETS = ("q", "k", "v", "o", "fc", "proj")
@@ -250,12 +251,6 @@ def read_adapter_meta(folder: Path, config: dict) -> dict:
 _hashes: dict[tuple[str, int, int], str] = {}  # (file, size, mtime): a file is hashed once per process
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    """The files holding a model folder's weights: one file, or shards."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin")
-                  and p.name.startswith(("model", "pytorch_model")))
-
-
 def _sha256(path: Path, stat: os.stat_result) -> str:
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _hashes:
@@ -266,7 +261,7 @@ def _sha256(path: Path, stat: os.stat_result) -> str:
 def weights_record(folder: str | os.PathLike) -> dict[str, dict]:
     """Size, modification time and SHA-256 of each weight file of a model folder."""
     record = {}
-    for path in _weight_files(Path(folder)):
+    for path in weight_files(Path(folder)):
         stat = path.stat()
         record[path.name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(path, stat)}
     return record
@@ -277,7 +272,7 @@ def weights_difference(folder: str | os.PathLike, record: dict[str, dict]) -> st
 
     A file with the recorded size and modification time is taken as recorded, so that loading an
     adapter does not re-read gigabytes of base weights each time; any other file is hashed."""
-    files = {p.name: p for p in _weight_files(Path(folder))}
+    files = {p.name: p for p in weight_files(Path(folder))}
     if sorted(files) != sorted(record):
         return f"its weight files are {', '.join(sorted(files)) or 'none'}, not {', '.join(sorted(record))}"
     for name, want in record.items():
