@@ -173,11 +173,17 @@ def _duration(seconds: float) -> str:
         return f"{hours / 24:.1f} days ({hours:,.1f} hours)"
     if hours >= 1:
         return f"{hours:,.1f} hours"
-    return f"{seconds / 60:.1f} minutes" if seconds >= 60 else f"{seconds:.2g} seconds"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} minutes"
+    if seconds >= 1:
+        return f"{seconds:.1f} seconds"
+    return f"{seconds:.3f} seconds" if seconds >= 0.001 else "under a millisecond"
 
 
 def _dollars(amount: float) -> str:
-    return f"${amount:,.0f}" if amount >= 100 else f"${amount:.3g}"
+    if amount >= 100:
+        return f"${amount:,.0f}"
+    return f"${amount:.2f}" if amount >= 0.01 else "under $0.01"
 
 
 def format_plan(p: Plan) -> str:
