@@ -58,6 +58,7 @@ def running_server(model: Path, *flags: str) -> Iterator[tuple[str, subprocess.P
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model), "--port", str(port),
                                    *flags], stdout=log, stderr=subprocess.STDOUT)
+        server.log = log  # (for the caller to show)
         try:
             deadline = time.time() + 120
             while True:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -111,9 +112,11 @@ class Client(threading.Thread):
     def _stream(self, http) -> int:
         path, body = self.rng.choice([("/v1/completions", completion), ("/v1/chat/completions", chat)])
         with http.stream("POST", path, json=body(self.rng, stream=True)) as response:
-            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
-        if response.status_code == 200 and (lines[-1] != "data: [DONE]" or any('"error"' in x for x in lines)):
-            return 599  # a stream that ended in an error event counts as a server failure
+            events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+        if response.status_code == 200 and (not events or events[-1] != "[DONE]"
+                                            or any("error" in json.loads(e) for e in events[:-1])):
+            FAILED_STREAMS.append(events[-3:])
+            return 599  # a stream that ended in an error event (or early) counts as a server failure
         return response.status_code
 
     def _dropped_stream(self, http) -> int:
@@ -142,6 +145,7 @@ class Client(threading.Thread):
 
 
 LOCK = threading.Lock()
+FAILED_STREAMS: list = []  # the last events of streams that failed, to show
 
 
 def expected(kind: str, status) -> bool:
@@ -221,6 +225,8 @@ def report(run: dict, pid: int, url: str, rss_start: float, bound_mb: float) -> 
               f"RSS growth <= {bound_mb:.0f} MiB": growth <= bound_mb}
     if unexpected:
         print(f"unexpected answers ({len(unexpected)}): {Counter(unexpected).most_common(5)}")
+        for events in FAILED_STREAMS[:3]:
+            print(f"a failed stream ended with: {events}")
     for name, ok in checks.items():
         print(f"{name}: {'OK' if ok else 'FAIL'}")
     return all(checks.values())
@@ -233,16 +239,21 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=180, help="seconds of load (default: 180)")
     p.add_argument("--requests", type=int, default=50_000, help="stop after this many requests, if earlier")
     p.add_argument("--rss-bound-mb", type=float, default=64, help="largest RSS growth allowed from warm-up to end")
+    p.add_argument("--server-threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for the server (default: torch's choice, one per core)")
     args = p.parse_args()
     import torch
 
     from lmforge.utils import hardware_description
 
     print(f"machine: {hardware_description(torch.device('cpu'))}")
+    if args.server_threads:  # the server inherits it (this process's torch has started already)
+        os.environ["OMP_NUM_THREADS"] = str(args.server_threads)
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else make_model(Path(tmp))
         flags = ["--max-batch", "16", "--max-queue", "64", "--max-tokens", "256", "--max-n", "2", "--max-body", str(MAX_BODY)]
-        print(f"lmforge serve {' '.join(flags)}; {args.clients} clients for {args.duration:.0f} s "
+        threads = f"OMP_NUM_THREADS={args.server_threads} " if args.server_threads else ""
+        print(f"{threads}lmforge serve {' '.join(flags)}; {args.clients} clients for {args.duration:.0f} s "
               f"(at most {args.requests:,} requests), loopback\n")
         with running_server(model, *flags) as (url, server):
             warm = soak(url, server.pid, args.clients, min(20.0, args.duration / 6), args.requests)  # allocator, caches
@@ -250,6 +261,9 @@ def main() -> None:
             print(f"warm-up: {len(warm['results']):,} requests in {warm['wall']:.0f} s\n")
             run = soak(url, server.pid, args.clients, args.duration, args.requests)
             ok = report(run, server.pid, url, rss_start, args.rss_bound_mb)
+            if not ok:
+                server.log.seek(0)
+                print("\nthe server's output (last 3,000 characters):\n" + server.log.read().decode(errors="replace")[-3000:])
     print(f"\nsoak: {'OK' if ok else 'FAIL'}")
     sys.exit(0 if ok else 1)
 
