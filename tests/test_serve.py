@@ -40,7 +40,7 @@ class LiveServer:
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics", timeout=TIMEOUT).text
-        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
 
 
 @pytest.fixture(scope="module")
@@ -176,11 +176,9 @@ def test_concurrent_requests_share_decode_steps_and_bad_requests_do_not_disturb_
 
 def test_a_client_that_disconnects_stops_its_generation(server):
     before = server.metric("lmforge_completion_tokens_total")
-    with httpx.Client(timeout=TIMEOUT) as http:
-        with http.stream("POST", server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 300, "stream": True,
-                                                                      "temperature": 1.0}) as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data: ")
+    body = {"prompt": "x", "max_tokens": 300, "stream": True, "temperature": 1.0}
+    with httpx.Client(timeout=TIMEOUT) as http, http.stream("POST", server.url + "/v1/completions", json=body) as response:
+        assert next(response.iter_lines()).startswith("data: ")
     deadline = time.time() + TIMEOUT
     while server.metric("lmforge_active_sequences") > 0:
         assert time.time() < deadline
@@ -214,6 +212,7 @@ def test_a_full_queue_gets_429(server, monkeypatch):
         assert server.metric("lmforge_active_sequences") == 4
         response = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2})
         assert response.status_code == 429 and response.json()["error"]["code"] == "queue_full"
+        assert server.metric('lmforge_requests_total{endpoint="/v1/completions",status="429"}') >= 1
     monkeypatch.setattr(Engine, "step", step)
     deadline = time.time() + TIMEOUT
     while server.metric("lmforge_active_sequences") + server.metric("lmforge_queue_depth") > 0:
@@ -238,6 +237,7 @@ def test_api_key_is_required_on_v1_when_set(model_dir):
         assert httpx.get(live.url + "/v1/models", timeout=TIMEOUT).status_code == 401
         wrong = httpx.get(live.url + "/v1/models", headers={"authorization": "Bearer nope"}, timeout=TIMEOUT)
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        assert live.metric('lmforge_requests_total{endpoint="/v1/models",status="401"}') == 2
         good = openai.OpenAI(base_url=live.url + "/v1", api_key="s3cret", timeout=TIMEOUT, max_retries=0)
         assert good.completions.create(model="lmforge", prompt="a", max_tokens=2).usage.completion_tokens == 2
         with pytest.raises(openai.AuthenticationError):
@@ -384,6 +384,19 @@ def test_a_request_that_fails_inside_the_engine_fails_alone(server, monkeypatch,
     assert results[2] == expected[2]
     monkeypatch.undo()
     assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_a_failure_while_writing_an_answer_fails_that_request_alone(server, monkeypatch):
+    from lmforge.serve.server import OpenAIService
+
+    monkeypatch.setattr(OpenAIService, "token_text", lambda self, token: 1 / 0)  # used for log-probabilities only
+    body = {"prompt": "x", "max_tokens": 3, "logprobs": 1}
+    response = post(server, "/v1/completions", body)
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    events = stream_text(server, body)[1]
+    assert events[-1]["error"]["type"] == "server_error" and "ZeroDivisionError" in events[-1]["error"]["message"]
+    monkeypatch.undo()
+    assert post(server, "/v1/completions", body).status_code == 200
 
 
 def test_every_error_is_openai_shaped(server):

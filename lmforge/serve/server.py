@@ -414,6 +414,9 @@ class OpenAIService:
             yield "data: [DONE]\n\n"
         except APIError as e:  # the status line has gone: the error is the stream's last event
             yield f"data: {json.dumps(e.body())}\n\n"
+        except Exception as e:
+            log.error("a stream failed", exc_info=e)
+            yield f"data: {json.dumps(server_error(e).body())}\n\n"
         finally:
             if handle.request is None or not handle.request.finished:
                 self.worker.cancel(handle)  # the client went away: stop generating for it
