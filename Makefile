@@ -26,7 +26,7 @@ dev: $(VENV)/.dev-installed
 # Train a tokenizer and a small GPT on the Python standard library, on the CPU, then sample; count a
 # Kneser-Ney trigram on the same tokens, evaluate both (perplexity, a few tasks) and write the report.
 demo: install
-	$(BIN)/lmforge tokenizer train --vocab-size 8192 --out $(RUN)/tokenizer
+	$(BIN)/lmforge tokenizer train --vocab-size 8192 --out $(RUN)/tokenizer --overwrite
 	$(BIN)/lmforge prepare --tokenizer $(RUN)/tokenizer --out $(RUN)/data --overwrite
 	$(BIN)/lmforge pretrain --config configs/demo.yaml --out $(RUN)/train --data $(RUN)/data --overwrite
 	$(BIN)/lmforge generate --model $(RUN)/train --max-new-tokens 120 --temperature 0.8 --top-k 40 --seed 0 --echo "def main():"

@@ -17,7 +17,8 @@ def cmd_tokenizer_train(args) -> None:
     from lmforge.data.corpus import warn_non_utf8
     from lmforge.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(args.inputs, args.out, args.vocab_size, args.min_frequency, args.text_field, progress=not args.quiet)
+    tok = train_tokenizer(args.inputs, args.out, args.vocab_size, args.min_frequency, args.text_field,
+                          progress=not args.quiet, overwrite=args.overwrite)
     print(f"cleaning: {tok.train_stats.summary()}")
     warn_non_utf8(tok.train_stats.non_utf8_bytes)
     print(f"saved a {tok.vocab_size}-token byte-level BPE to {tok.path}")
@@ -363,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--vocab-size", type=int, default=8192,
                     help="tokens in the vocabulary, the 4 reserved special tokens included (default: 8192)")
     tt.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
+    tt.add_argument("--overwrite", action="store_true", help="replace the tokenizer in a non-empty --out folder")
     tt.set_defaults(func=cmd_tokenizer_train)
 
     pr = sub.add_parser("prepare", help="clean, split and tokenize a corpus into shards")

@@ -202,6 +202,7 @@ def train_tokenizer(
     min_frequency: int = 2,
     text_field: str = "text",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Tokenizer:
     """Train a byte-level BPE on ``inputs`` (files, folders, ``-``; default: the Python stdlib).
 
@@ -218,6 +219,9 @@ def train_tokenizer(
         )
     if min_frequency < 0:
         raise LmforgeError(f"--min-frequency {min_frequency} must be 0 or more")
+    from lmforge.utils import check_output_dir
+
+    check_output_dir(out, overwrite)  # a tokenizer that data was prepared with is not replaced by accident
     hf = new_byte_level_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -243,3 +243,13 @@ def test_text_that_is_not_utf8_on_the_command_line_or_stdin_is_replaced_and_coun
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"def \xfe\xff")))
     assert main(["generate", "-", "--model", str(hf_gpt2), "--max-new-tokens", "2", "--seed", "0"]) == 0
     assert "<stdin>: 2 bytes were not valid UTF-8" in capsys.readouterr().err
+
+
+def test_tokenizer_train_does_not_replace_a_tokenizer_by_accident(corpus_dir, tmp_path, capsys):
+    out = tmp_path / "tok"
+    argv = ["tokenizer", "train", str(corpus_dir / "textwrap.py"), "--vocab-size", "300", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    before = (out / "tokenizer.json").read_bytes()
+    one_error_line(capsys, argv[:-5] + [str(corpus_dir / "string.py")] + argv[-5:], "pass --overwrite")
+    assert (out / "tokenizer.json").read_bytes() == before
+    assert main(argv + ["--overwrite"]) == 0
