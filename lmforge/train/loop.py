@@ -404,12 +404,13 @@ def _restore(state: dict, checkpoint: Path, optimizer, batches, device: torch.de
         torch.cuda.set_rng_state(state["rng"]["cuda"], device)
 
 
-def _write_run_info(out: Path, config: TrainConfig, objective, device, use_bf16: bool, world_size: int) -> None:
-    """The run folder's config.yaml and run.json (what the model is, and where it trains)."""
+def _write_run_info(out: Path, config: TrainConfig, objective, device, use_bf16: bool, world_size: int) -> str:
+    """The run folder's config.yaml and run.json (what the model is, and where it trains); returns the
+    objective's one-line summary of the model."""
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     info = objective.describe()
-    info.pop("summary", None)
+    summary = info.pop("summary", "")
     atomic_write_json(out / "run.json", {
         **info,
         "trainable_parameters": sum(p.numel() for p in objective.model.parameters() if p.requires_grad),
@@ -418,6 +419,7 @@ def _write_run_info(out: Path, config: TrainConfig, objective, device, use_bf16:
         "world_size": world_size,
         "hardware": hardware_description(device),
     })
+    return summary
 
 
 def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool, overwrite: bool, progress: bool,
@@ -470,12 +472,11 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
             shutil.rmtree(out)
         for bad in damaged:
             warn(f"damaged checkpoint {bad.name} kept as {set_aside(bad).name}, out of the run's way")
-        _write_run_info(out, config, objective, device, use_bf16, dist_.world_size)
+        summary = _write_run_info(out, config, objective, device, use_bf16, dist_.world_size)
         log = MetricsLog(out, step if checkpoint is not None else None, config.tensorboard)
         if checkpoint is not None:
             print(f"resuming from step {step} of {out}", flush=True)
-        print(f"model: {objective.describe().get('summary', '')} on {dist_.world_size}×{device} "
-              f"({'bf16 autocast' if use_bf16 else 'fp32'})", flush=True)
+        print(f"model: {summary} on {dist_.world_size}×{device} ({'bf16 autocast' if use_bf16 else 'fp32'})", flush=True)
 
     def run_eval() -> dict | None:
         metrics = objective.evaluate(dist_, autocast)
