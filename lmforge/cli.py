@@ -64,7 +64,9 @@ def _load_for_inference(args):
     from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
     from lmforge.utils import pick_device
 
-    model = load_decoder(args.model, pick_device(args.device))
+    device = pick_device(args.device)
+    dtype = _inference_dtype(args, device)
+    model = load_decoder(args.model, device, dtype)
     tokenizer = load_tokenizer_for(model, getattr(args, "tokenizer", None))
     if getattr(args, "int8", False):
         from lmforge.infer.engine import quantize_int8
@@ -75,6 +77,22 @@ def _load_for_inference(args):
         model = quantize_int8(model)
         model.source = source
     return model, tokenizer
+
+
+def _inference_dtype(args, device):
+    """The weights' precision for --dtype (int8 quantises fp32 weights), said in one line on stderr."""
+    import torch
+
+    from lmforge.model.checkpoint import weights_precision
+
+    if getattr(args, "int8", False):
+        if args.dtype not in ("auto", "float32"):
+            raise LmforgeError("--int8 quantises float32 weights; leave out --dtype or pass --dtype float32")
+        return torch.float32
+    choice = weights_precision(args.model, device, args.dtype)
+    if choice.news:
+        print(f"precision: {choice.reason}", file=sys.stderr, flush=True)
+    return choice.torch_dtype
 
 
 def _sampling_from(args, **overrides):
@@ -257,7 +275,9 @@ def cmd_serve(args) -> None:
 
         warn(f"listening on {args.host}: other machines can reach this server" + ("" if settings.api_key or
              __import__("os").environ.get("LMFORGE_API_KEY") else "; consider --api-key"))
-    serve(args.model, args.host, args.port, settings, args.int8, args.device, args.compile)
+    if args.int8 and args.dtype not in ("auto", "float32"):
+        raise LmforgeError("--int8 quantises float32 weights; leave out --dtype or pass --dtype float32")
+    serve(args.model, args.host, args.port, settings, args.int8, args.device, args.compile, args.dtype)
 
 
 def cmd_eval(args) -> None:
@@ -274,7 +294,7 @@ def cmd_eval(args) -> None:
     if out is None and models and (Path(models[0]) / "metrics.jsonl").exists():
         out = str(Path(models[0]) / "eval.json")  # a training run keeps its evaluation (`lmforge report` shows it)
     results = evaluate(models, tasks, args.data, args.split, args.batch_size, args.stride, args.max_tokens,
-                       progress=not args.quiet, out=out)
+                       progress=not args.quiet, out=out, dtype=args.dtype)
     print(format_results(results))
     if results.get("kept_from_earlier"):
         print(f"kept the earlier results in {out} for: {', '.join(results['kept_from_earlier'])}")
@@ -330,6 +350,11 @@ def _config_keys_help(finetune: bool = False) -> str:
     for f in config_keys(FinetuneConfig if finetune else TrainConfig):
         lines.append(f"  --{f.name.replace('_', '-'):<22} ({f.default!r}) {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def dtype_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="precision of the weights; auto: the checkpoint's own, unless it is measured slow here")
 
 
 def sampling_options(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
@@ -408,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--raw", action="store_true", help="do not apply the model's chat template to the prompt")
     ge.add_argument("--system", help="system prompt (chat models)")
     ge.add_argument("--device", default="auto")
+    dtype_option(ge)
     ge.add_argument("--int8", action="store_true", help="int8 weights for CPU inference (PyTorch dynamic quantisation)")
     ge.set_defaults(func=cmd_generate)
 
@@ -417,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, default=None, help="default: 256, or half the model's context if smaller")
     sampling_options(ch, temperature=0.7, top_p=0.95)
     ch.add_argument("--device", default="auto")
+    dtype_option(ch)
     ch.add_argument("--int8", action="store_true", help="int8 weights for CPU inference (PyTorch dynamic quantisation)")
     ch.set_defaults(func=cmd_chat)
 
@@ -502,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--int8", action="store_true", help="int8 weights for CPU inference")
     sv.add_argument("--compile", action="store_true", help="torch.compile the decode step (static shapes)")
     sv.add_argument("--device", default="auto")
+    dtype_option(sv)
     sv.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="perplexity and task scores; baselines beside the Transformer",
@@ -520,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="draws the demonstrations and the built-in tasks' data (default 0, or a task file's seed)")
     ev.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     ev.add_argument("--out", help="save the results as JSON here (default for a run folder: RUN/eval.json)")
+    dtype_option(ev)
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)
 

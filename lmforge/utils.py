@@ -188,20 +188,6 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def bf16_is_fast(device) -> bool:
-    """Whether bf16 autocast speeds up matrix products on ``device``.
-
-    GPUs from Ampere on, and CPUs with AMX tiles. CPUs with only AVX-512 BF16 run bf16 matrix
-    products *slower* than fp32 in PyTorch's CPU kernels (measured: 145 vs 240 GFLOP/s on a
-    2-core Xeon), so ``auto`` keeps them in fp32.
-    """
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return "amx_bf16" in cpu_flags()
-
-
 def hardware_description(device) -> str:
     import torch
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from lmforge.data.corpus import stdlib_root
 # Tests never touch the network: the Hugging Face libraries work from local files only.
 for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_name, "1")
+# ... nor the user's home: the precision probe's cache lives in a folder of this test session.
+os.environ["LMFORGE_CACHE"] = tempfile.mkdtemp(prefix="lmforge-cache-")
 
 # Real text: a few standard-library modules, about 0.5 MB.
 CORPUS_FILES = [
@@ -61,6 +64,7 @@ def train_config(data_dir: Path, out: Path, **overrides) -> dict:
     config = dict(
         SMALL_MODEL, data=str(data_dir), out=str(out), micro_batch_size=4, max_steps=20, warmup_steps=5, lr=3e-3,
         eval_interval=10, eval_windows=8, checkpoint_interval=10, threads=1, tensorboard=False, seed=0,
+        dtype="float32",  # exact arithmetic: `auto` picks bf16 autocast on CPUs where the probe finds it faster
     )
     config.update(overrides)
     return config

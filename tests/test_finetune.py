@@ -42,7 +42,7 @@ def sentiment_rows(n=120, seed=0):
 
 def settings(tmp_path, **kw):
     base = dict(out=str(tmp_path / "run"), max_steps=30, eval_interval=15, checkpoint_interval=15, lr=3e-3,
-                micro_batch_size=8, threads=1, tensorboard=False, seed=0)
+                micro_batch_size=8, threads=1, tensorboard=False, seed=0, dtype="float32")
     base.update(kw)
     return base
 

@@ -182,7 +182,7 @@ def _generation_task(model, tokenizer, task: Task, batch_size: int, progress: bo
 
 def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str | os.PathLike | None = None,
              split: str = "val", batch_size: int = 16, stride: int | None = None, max_tokens: int | None = None,
-             progress: bool = True, out: str | os.PathLike | None = None) -> dict:
+             progress: bool = True, out: str | os.PathLike | None = None, dtype: str = "auto") -> dict:
     """With ``data`` (a prepared-data folder), the perplexity of every model in ``models`` on its ``split``
     (Transformers beside n-gram and LSTM baselines, on the same tokens); ``tasks`` on the first model.
     Returns (and with ``out`` saves) the results."""
@@ -205,11 +205,13 @@ def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str
     results = {"model": str(resolve_model_dir(models[0]).resolve()), "lmforge_version": __version__,
                "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if data is not None:
-        rows = compare_on_split(models, data, split, stride, max_tokens, progress)
+        rows = compare_on_split(models, data, split, stride, max_tokens, progress, dtype)
         results["perplexity"] = {"data": str(data), "split": split, "models": rows}
     results["tasks"] = {}
     if tasks:
-        model = load_decoder(models[0])
+        from lmforge.eval.baselines import transformer_dtype
+
+        model = load_decoder(models[0], dtype=transformer_dtype(models[0], dtype))
         tokenizer = load_tokenizer_for(model)
         for task in tasks:
             results["tasks"][task.name] = run_task(model, tokenizer, task, batch_size, stride, progress)
@@ -272,7 +274,7 @@ def format_results(results: dict) -> str:
 
 
 def compare_on_split(model_paths: list[str], data_dir: str, split: str = "val", stride: int | None = None,
-                     max_tokens: int | None = None, progress: bool = False) -> list[dict]:
+                     max_tokens: int | None = None, progress: bool = False, dtype: str = "auto") -> list[dict]:
     """Perplexity and bits per byte of each model (Transformers and n-gram / LSTM baselines) on the same tokens."""
     from lmforge.data.loader import TokenSplit
     from lmforge.eval.baselines import load_any
@@ -289,7 +291,7 @@ def compare_on_split(model_paths: list[str], data_dir: str, split: str = "val", 
     n_bytes = int(round(len(tokens) * data.bytes_per_token))
     rows = []
     for path in model_paths:
-        model, kind = load_any(path)
+        model, kind = load_any(path, dtype)
         if getattr(model, "config", None) is not None and getattr(model.config, "vocab_size", 10**9) < data.meta["tokenizer"]["vocab_size"]:
             raise LmforgeError(f"{path} has a smaller vocabulary than the data's tokenizer; evaluate models trained on it")
         started = time.perf_counter()

@@ -187,6 +187,24 @@ def is_adapter_folder(folder: Path) -> bool:
     return (folder / "adapter_config.json").exists() and not (folder / "config.json").exists()
 
 
+def weights_precision(path: str | os.PathLike, device: torch.device, requested: str = "auto"):
+    """The precision to run a decoder folder's weights in (a ``precision.Choice``): ``requested``, or for
+    ``auto`` the checkpoint's stored ``torch_dtype`` unless decoding in it is measured slower here."""
+    from lmforge.precision import DTYPES, choose_weights
+
+    if requested not in ("auto", *DTYPES):
+        raise LmforgeError(f"--dtype {requested} is not one of auto, {', '.join(DTYPES)}")
+    folder = resolve_model_dir(path)
+    if is_adapter_folder(folder):  # the base's precision
+        base = read_json(folder / "adapter_config.json", "adapter config").get("base_model_name_or_path")
+        folder = Path(base) if base and (Path(base) / "config.json").exists() else folder
+    hf = read_json(folder / "config.json", "model config") if (folder / "config.json").exists() else {}
+    stored = hf.get("torch_dtype") or hf.get("dtype")
+    width = hf.get("n_embd") or hf.get("hidden_size") or 768
+    return choose_weights(device, requested, stored if isinstance(stored, str) else None, int(width),
+                          int(hf.get("vocab_size") or 32000))
+
+
 def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
     """``load_model`` for commands that need a decoder (generation, training)."""
     model = load_model(path, device, dtype)

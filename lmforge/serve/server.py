@@ -785,26 +785,31 @@ def _free_port(family, host: str) -> int:
 
 
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
-          int8: bool = False, device: str = "auto", compile: bool = False) -> None:
-    """Load ``model_dir`` and serve it until interrupted."""
+          int8: bool = False, device: str = "auto", compile: bool = False, dtype: str = "auto") -> None:
+    """Load ``model_dir`` (weights in ``dtype``: auto, float32, bfloat16, float16) and serve it until interrupted."""
     settings = settings or ServerSettings()
     sock = listen(host, port)  # before the model loads: a busy port is known at once
     try:
-        _serve_on(sock, model_dir, settings, int8, device, compile)
+        _serve_on(sock, model_dir, settings, int8, device, compile, dtype)
     finally:
         sock.close()
 
 
-def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bool, device: str, compile: bool) -> None:
+def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bool, device: str, compile: bool,
+              dtype: str = "auto") -> None:
     import sys
 
     import uvicorn
 
-    from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
+    from lmforge.model.checkpoint import load_decoder, load_tokenizer_for, weights_precision
     from lmforge.utils import pick_device
 
     settings.api_key = settings.api_key or os.environ.get(API_KEY_ENV) or None
-    model = load_decoder(model_dir, pick_device(device))
+    device = pick_device(device)
+    precision = weights_precision(model_dir, device, "float32" if int8 else dtype)  # int8 quantises fp32 weights
+    if precision.news:
+        print(f"precision: {precision.reason}", flush=True)
+    model = load_decoder(model_dir, device, precision.torch_dtype)
     tokenizer = load_tokenizer_for(model)
     if int8:
         from lmforge.infer.engine import quantize_int8

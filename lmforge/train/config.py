@@ -60,7 +60,7 @@ class TrainConfig:
     # hardware
     seed: int = setting(1337, "seed of the initial weights, the data order and dropout")
     device: str = setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
-    dtype: str = setting("auto", "auto (bf16 autocast where it is faster), float32 or bfloat16",
+    dtype: str = setting("auto", "auto (bf16 autocast where it is measured faster here), float32 or bfloat16",
                      choices=("auto", "float32", "bfloat16"))
     compile: bool = setting(False, "torch.compile the model")
     threads: int = setting(0, "CPU threads for torch; 0 keeps torch's default")

@@ -34,7 +34,6 @@ from lmforge.train.config import TrainConfig, load_config, read_config_file, sav
 from lmforge.utils import (
     atomic_write_json,
     atomic_write_text,
-    bf16_is_fast,
     first_line,
     hardware_description,
     human_count,
@@ -422,14 +421,22 @@ def _write_run_info(out: Path, config: TrainConfig, objective, device, use_bf16:
     return summary
 
 
+def _precision(config: TrainConfig, objective, device: torch.device):
+    """The training precision: as configured, or for ``auto`` measured on the model's own MLP shape."""
+    from lmforge.precision import choose_autocast
+
+    shape = objective.model.config
+    width = getattr(shape, "n_embd", None) or 768
+    rows = config.micro_batch_size * (getattr(objective, "block_size", None) or 256)
+    return choose_autocast(device, config.dtype, width, 4 * width, rows)
+
+
 def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool, overwrite: bool, progress: bool,
            tqdm, fixed_on_resume: tuple[str, ...]) -> dict:
     out = Path(config.out)
     device = pick_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
-    use_bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and bf16_is_fast(device))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
     # Every check runs before anything in the run folder is written: a refused start or --resume leaves
     # the folder as it was, so a plain --resume still works after a mistaken one.
@@ -449,6 +456,9 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
                 "skipped_steps": state.get("skipped_steps", 0), "val_loss": None, "eval": None,
                 "checkpoint": str(checkpoint) if dist_.is_main else None, "already_done": True}
     model = objective.model
+    precision = dist_.broadcast(_precision(config, objective, device) if dist_.is_main else None)
+    use_bf16 = precision.dtype == "bfloat16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     optimizer = make_optimizer(model, config, device)
     batches = objective.batches(dist_.rank, dist_.world_size)
     step, tokens_seen, elapsed = 0, 0, 0.0
@@ -476,7 +486,8 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         log = MetricsLog(out, step if checkpoint is not None else None, config.tensorboard)
         if checkpoint is not None:
             print(f"resuming from step {step} of {out}", flush=True)
-        print(f"model: {summary} on {dist_.world_size}×{device} ({'bf16 autocast' if use_bf16 else 'fp32'})", flush=True)
+        print(f"model: {summary} on {dist_.world_size}×{device}", flush=True)
+        print(f"precision: {precision.reason}", flush=True)
 
     def run_eval() -> dict | None:
         metrics = objective.evaluate(dist_, autocast)

@@ -1,0 +1,152 @@
+"""Which precision is fast here: measured on this machine, not guessed from its CPU flags.
+
+bf16 matrix products are 4x faster than fp32 on one CPU and slower on the next (PyTorch's CPU kernels
+differ by instruction set: AMX, AVX-512 BF16, neither), so ``dtype: auto`` times a few products of the
+model's own shapes in each precision, once per machine, torch version, thread count and shape, and
+keeps the result in ``~/.cache/lmforge/precision.json`` (``LMFORGE_CACHE`` moves it). Two kinds of
+product are timed: a matrix product (training, prefill: compute-bound) and a matrix-vector product
+(one token of decoding: bound by reading the weights). GPUs are not timed: bf16 where supported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# A precision must beat fp32 by this much to be chosen: timings of a second-long probe are noisy, and a
+# change of precision costs some accuracy.
+MARGIN = 1.15
+# Work per timed product, so that the whole probe stays well under a second on a laptop CPU.
+_MATMUL_FLOPS = 1e9
+_GEMV_BYTES = 64e6
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def cache_file() -> Path:
+    root = os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge"
+    return Path(root) / "precision.json"
+
+
+def _cpu_flags() -> set[str]:
+    from lmforge.utils import cpu_flags
+
+    return cpu_flags()
+
+
+def machine_key() -> str:
+    """What the timings depend on: the CPU, the flags that pick PyTorch's kernels, threads and torch."""
+    from lmforge.utils import hardware_description
+
+    flags = sorted(_cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"})
+    return f"{hardware_description(torch.device('cpu'))}; {' '.join(flags)}"
+
+
+def candidates() -> list[str]:
+    """Precisions worth timing on this CPU: fp16 only where the CPU has fp16 arithmetic."""
+    flags = _cpu_flags()
+    return ["float32", "bfloat16"] + (["float16"] if flags & {"avx512_fp16", "amx_fp16"} else [])
+
+
+def _median_seconds(fn, repeats: int = 5) -> float:
+    fn()  # warm-up: first calls pick kernels and allocate
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_product(kind: str, k: int, n: int, dtype: torch.dtype, rows: int = 1) -> float:
+    """Seconds for one ``(rows, k) @ (k, n)`` product in ``dtype`` (``kind``: "matmul" or "gemv")."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, k, generator=g).to(dtype)
+    b = torch.randn(n, k, generator=g).to(dtype)
+    with torch.inference_mode():
+        return _median_seconds(lambda: torch.nn.functional.linear(a, b))
+
+
+def _probe_shape(kind: str, k: int, n: int, rows: int) -> tuple[int, int, int]:
+    """The model's shape, scaled down (never up) so that one product is about a fixed amount of work."""
+    if kind == "gemv":
+        n = max(1, min(n, int(_GEMV_BYTES / 4 / k)))
+        return 1, k, n
+    rows = max(1, min(rows, int(_MATMUL_FLOPS / (2 * k * n))))
+    return rows, k, n
+
+
+def measure(kind: str, k: int, n: int, rows: int = 1) -> dict[str, float]:
+    """Speed of each candidate precision relative to fp32 (``{"float32": 1.0, "bfloat16": 3.9, ...}``),
+    cached per machine and shape."""
+    rows, k, n = _probe_shape(kind, k, n, rows)
+    key = f"{machine_key()} | {kind} {rows}x{k}x{n}"
+    path = cache_file()
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cached = {}
+    if isinstance(cached, dict) and isinstance(cached.get(key), dict):
+        return cached[key]
+    seconds = {name: time_product(kind, k, n, DTYPES[name], rows) for name in candidates()}
+    speed = {name: seconds["float32"] / s for name, s in seconds.items()}
+    try:  # a cache that cannot be written only means measuring again next time
+        from lmforge.utils import atomic_write_json
+
+        atomic_write_json(path, {**(cached if isinstance(cached, dict) else {}), key: speed})
+    except OSError:
+        pass
+    return speed
+
+
+@dataclass
+class Choice:
+    dtype: str  # float32, bfloat16 or float16
+    reason: str  # one line for the user: what was chosen and why
+    news: bool = True  # worth saying: False for fp32 weights kept as the checkpoint stores them
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def choose_autocast(device: torch.device, requested: str, k: int, n: int, rows: int) -> Choice:
+    """Training's ``dtype``: "float32", "bfloat16" (autocast, fp32 master weights) or "auto" (measured)."""
+    if requested != "auto":
+        return Choice(requested, f"{SHORT[requested]}{' autocast' if requested != 'float32' else ''} (as configured)")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Choice("bfloat16", "bf16 autocast (this GPU supports it)")
+        return Choice("float32", "fp32 (this GPU has no bf16)")
+    if device.type != "cpu":
+        return Choice("float32", f"fp32 ({device.type} is not probed)")
+    speed = measure("matmul", k, n, rows).get("bfloat16", 0.0)
+    if speed >= MARGIN:
+        return Choice("bfloat16", f"bf16 autocast: {speed:.1f}x faster matrix products on this CPU (measured; "
+                                  f"--dtype float32 to override)")
+    return Choice("float32", f"fp32: bf16 matrix products run {speed:.2f}x as fast on this CPU (measured; "
+                             f"--dtype bfloat16 to override)")
+
+
+def choose_weights(device: torch.device, requested: str, stored: str | None, k: int, n: int) -> Choice:
+    """Inference weights: ``requested`` as given, or for "auto" the checkpoint's ``stored`` precision
+    (published checkpoints are mostly bf16) unless decoding in it is slower here than in fp32."""
+    if requested != "auto":
+        return Choice(requested, f"{SHORT[requested]} weights (as asked)", news=False)
+    stored = stored if stored in DTYPES else "float32"
+    if stored == "float32" or device.type != "cpu":
+        if device.type == "cuda" and stored == "bfloat16" and not torch.cuda.is_bf16_supported():
+            return Choice("float32", "fp32 weights (the checkpoint is bf16; this GPU has no bf16)")
+        return Choice(stored, f"{SHORT[stored]} weights (the checkpoint's precision)", news=stored != "float32")
+    speed = measure("gemv", k, n).get(stored, 0.0)
+    if speed >= 1.0 / MARGIN:
+        return Choice(stored, f"{SHORT[stored]} weights (the checkpoint's precision; decoding in it is "
+                              f"{speed:.1f}x fp32's speed on this CPU)")
+    return Choice("float32", f"fp32 weights: the checkpoint is {SHORT[stored]}, which decodes at {speed:.2f}x "
+                             f"fp32's speed on this CPU (measured; --dtype {stored} to keep it)")

@@ -1,0 +1,95 @@
+"""Precision chosen by measuring this machine: the probe, its cache, and what training and inference do with it."""
+
+import json
+
+import pytest
+import torch
+from conftest import train_config
+
+import lmforge.precision as precision
+from lmforge.cli import main
+from lmforge.precision import choose_autocast, choose_weights, measure
+
+
+def fake_speeds(monkeypatch, **speed):
+    """Make the probe see these speeds relative to fp32 (and count the products it times)."""
+    timed = []
+
+    def time_product(kind, k, n, dtype, rows=1):
+        name = next(key for key, value in precision.DTYPES.items() if value == dtype)
+        timed.append((kind, name))
+        return 1.0 / speed.get(name, 1.0)
+
+    monkeypatch.setattr(precision, "time_product", time_product)
+    monkeypatch.setattr(precision, "candidates", lambda: ["float32", *speed])
+    return timed
+
+
+def test_the_probe_is_real_fast_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    speed = measure("matmul", 64, 256, 128)
+    assert speed["float32"] == 1.0 and speed["bfloat16"] > 0
+    saved = json.loads((tmp_path / "precision.json").read_text())
+    (key,) = saved
+    assert "torch " + torch.__version__ in key and "matmul 128x64x256" in key
+    timed = fake_speeds(monkeypatch, bfloat16=9.0)
+    assert measure("matmul", 64, 256, 128) == speed and not timed  # read back, not measured again
+    assert measure("gemv", 64, 256)["bfloat16"] == 9.0 and timed  # another shape is measured
+
+
+def test_training_takes_bf16_autocast_only_where_it_is_measured_faster(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    cpu = torch.device("cpu")
+    fake_speeds(monkeypatch, bfloat16=3.9)
+    choice = choose_autocast(cpu, "auto", 256, 1024, 2048)
+    assert choice.dtype == "bfloat16" and "bf16 autocast: 3.9x faster matrix products on this CPU" in choice.reason
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "other-machine"))
+    fake_speeds(monkeypatch, bfloat16=0.6)
+    choice = choose_autocast(cpu, "auto", 256, 1024, 2048)
+    assert choice.dtype == "float32" and "run 0.60x as fast" in choice.reason
+    assert choose_autocast(cpu, "bfloat16", 256, 1024, 2048).dtype == "bfloat16"  # the user's word wins
+
+
+def test_inference_keeps_the_checkpoints_precision_unless_it_is_slow_here(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    cpu = torch.device("cpu")
+    fake_speeds(monkeypatch, bfloat16=1.6)
+    assert choose_weights(cpu, "auto", "bfloat16", 768, 50257).dtype == "bfloat16"
+    assert choose_weights(cpu, "auto", "float32", 768, 50257).dtype == "float32"  # never lowered by itself
+    assert choose_weights(cpu, "auto", None, 768, 50257).dtype == "float32"
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "slow-bf16"))
+    fake_speeds(monkeypatch, bfloat16=0.3)
+    choice = choose_weights(cpu, "auto", "bfloat16", 768, 50257)
+    assert choice.dtype == "float32" and "decodes at 0.30x fp32's speed" in choice.reason and choice.news
+    assert choose_weights(cpu, "bfloat16", "bfloat16", 768, 50257).dtype == "bfloat16"
+
+
+def test_pretrain_says_which_precision_it_chose_and_records_it(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    fake_speeds(monkeypatch, bfloat16=2.5)
+    from lmforge.train.loop import pretrain
+
+    pretrain(train_config(data_dir, tmp_path / "run", max_steps=2, dtype="auto"), progress=False)
+    assert "precision: bf16 autocast: 2.5x faster matrix products on this CPU" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["dtype"] == "bfloat16 autocast"
+
+
+@pytest.mark.parametrize("stored, speed, expected", [("bfloat16", 2.0, torch.bfloat16), ("bfloat16", 0.2, torch.float32)])
+def test_generate_loads_a_bf16_checkpoint_in_the_measured_precision(hf_gpt2, tmp_path, monkeypatch, capsys,
+                                                                   stored, speed, expected):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    fake_speeds(monkeypatch, bfloat16=speed)
+    config = json.loads((hf_gpt2 / "config.json").read_text())
+    (hf_gpt2 / "config.json").write_text(json.dumps({**config, "torch_dtype": stored}))
+    import lmforge.model.checkpoint as checkpoint
+
+    loaded = []
+    real = checkpoint.load_decoder
+    monkeypatch.setattr(checkpoint, "load_decoder", lambda *a, **k: loaded.append(a[2] if len(a) > 2 else k.get("dtype"))
+                        or real(*a, **k))
+    assert main(["generate", "def", "--model", str(hf_gpt2), "--max-new-tokens", "3", "--seed", "0"]) == 0
+    assert loaded == [expected]
+    assert "precision: " in capsys.readouterr().err
+    assert main(["generate", "def", "--model", str(hf_gpt2), "--max-new-tokens", "3", "--dtype", "float32"]) == 0
+    assert loaded[-1] == torch.float32
+    assert main(["generate", "def", "--model", str(hf_gpt2), "--int8", "--dtype", "bfloat16"]) == 2
