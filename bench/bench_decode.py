@@ -30,6 +30,7 @@ from lmforge.infer.engine import Engine, perplexity, quantize_int8  # noqa: E402
 from lmforge.infer.generate import SamplingParams  # noqa: E402
 from lmforge.model.config import Config  # noqa: E402
 from lmforge.model.gpt import build_model  # noqa: E402
+from lmforge.precision import describe_probe  # noqa: E402
 from lmforge.utils import hardware_description  # noqa: E402
 
 PROMPT, NEW = 32, 128
@@ -104,7 +105,11 @@ def main() -> None:
     args = p.parse_args()
     print(f"machine: {hardware_description(torch.device('cpu'))}")
     bandwidth = copy_bandwidth_gbs()
-    print(f"measured copy bandwidth: {bandwidth:.1f} GB/s\n")
+    print(f"measured copy bandwidth: {bandwidth:.1f} GB/s")
+    for shape in args.shapes.split(","):
+        config = Config.from_preset(shape)
+        print(f"{shape}: {describe_probe(config.n_embd, 4 * config.n_embd, 256, config.vocab_size)}")
+    print()
     print("| shape | batch | HF generate tok/s | lmforge fp32 tok/s | vs HF | lmforge int8 tok/s | vs HF | fp32 batch-1 share of bandwidth bound |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for shape in args.shapes.split(","):

@@ -29,6 +29,7 @@ from lmforge.model.config import Config  # noqa: E402
 from lmforge.model.gpt import build_model  # noqa: E402
 from lmforge.train.config import TrainConfig  # noqa: E402
 from lmforge.train.loop import make_optimizer  # noqa: E402
+from lmforge.precision import describe_probe  # noqa: E402
 from lmforge.utils import hardware_description  # noqa: E402
 
 
@@ -196,6 +197,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         config = Config.from_preset(shape, dropout=0.0)
+        print(f"{shape}: {describe_probe(config.n_embd, 4 * config.n_embd, 4 * 256, config.vocab_size)}")
         train = bench_train(config, 4, 256, 2, args.train_steps, args.modes.split(","))
         hf = train.pop("HF transformers fp32")
         best_mode = max(train, key=train.get)

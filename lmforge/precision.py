@@ -41,11 +41,10 @@ def _cpu_flags() -> set[str]:
 
 
 def machine_key() -> str:
-    """What the timings depend on: the CPU, the flags that pick PyTorch's kernels, threads and torch."""
+    """What the timings depend on: the CPU and its kernel-picking flags, threads and torch."""
     from lmforge.utils import hardware_description
 
-    flags = sorted(_cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"})
-    return f"{hardware_description(torch.device('cpu'))}; {' '.join(flags)}"
+    return hardware_description(torch.device("cpu"))
 
 
 def candidates() -> list[str]:
@@ -150,3 +149,12 @@ def choose_weights(device: torch.device, requested: str, stored: str | None, k: 
                               f"{speed:.1f}x fp32's speed on this CPU)")
     return Choice("float32", f"fp32 weights: the checkpoint is {SHORT[stored]}, which decodes at {speed:.2f}x "
                              f"fp32's speed on this CPU (measured; --dtype {stored} to keep it)")
+
+
+def describe_probe(k: int, n_matmul: int, rows: int, n_gemv: int) -> str:
+    """The probe's figures for one model shape, for benchmarks' machine lines."""
+    parts = []
+    for kind, n, r in (("matmul", n_matmul, rows), ("gemv", n_gemv, 1)):
+        speed = measure(kind, k, n, r)
+        parts.append(f"{kind} " + ", ".join(f"{SHORT[d]} {v:.2f}x" for d, v in speed.items() if d != "float32"))
+    return "precision probe (speed vs fp32): " + "; ".join(parts)

@@ -203,7 +203,10 @@ def hardware_description(device) -> str:
                     break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    # The flags that pick PyTorch's CPU kernels, so figures from different machines are never compared blindly.
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"})
+    return (f"{cpu} ({' '.join(flags) or 'no AVX2'}), {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch "
+            f"threads, torch {torch.__version__}")
 
 
 def human_count(n: float) -> str:
