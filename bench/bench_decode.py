@@ -5,7 +5,7 @@
 
 Each measurement generates 128 new tokens after a 32-token prompt (greedy, every token forced), and
 alternates the systems so that drifting machine state hits all alike. Also: the same figure as a
-fraction of the memory-bandwidth bound (fp32 weight bytes per token / measured copy bandwidth), and
+fraction of the memory-bandwidth bound (the model's own matrix-vector products, timed), and
 lmforge with int8 weights (PyTorch's dynamic quantisation) with its perplexity cost, measured on a
 tiny model trained for a few minutes on the standard library (random weights have no perplexity to keep).
 """
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gpt import copy_bandwidth_gbs, hf_model  # noqa: E402
+from bench_gpt import decode_bound_tokens_per_s, hf_model  # noqa: E402
 
 from lmforge.infer.engine import Engine, perplexity, quantize_int8  # noqa: E402
 from lmforge.infer.generate import SamplingParams  # noqa: E402
@@ -104,17 +104,18 @@ def main() -> None:
     p.add_argument("--skip-perplexity", action="store_true")
     args = p.parse_args()
     print(f"machine: {hardware_description(torch.device('cpu'))}")
-    bandwidth = copy_bandwidth_gbs()
-    print(f"measured copy bandwidth: {bandwidth:.1f} GB/s")
+    bounds = {}
     for shape in args.shapes.split(","):
         config = Config.from_preset(shape)
         print(f"{shape}: {describe_probe(config.n_embd, 4 * config.n_embd, 256, config.vocab_size)}")
+        bounds[shape], bandwidth = decode_bound_tokens_per_s(config)
+        print(f"{shape}: one matrix-vector product per weight matrix reads {bandwidth:.1f} GB/s: batch-1 fp32 "
+              f"decoding is bound at {bounds[shape]:,.0f} tokens/s", flush=True)
     print()
     print("| shape | batch | HF generate tok/s | lmforge fp32 tok/s | vs HF | lmforge int8 tok/s | vs HF | fp32 batch-1 share of bandwidth bound |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for shape in args.shapes.split(","):
-        config = Config.from_preset(shape)
-        bound = bandwidth * 1e9 / (config.matmul_params() * 4)
+        config, bound = Config.from_preset(shape), bounds[shape]
         for batch in map(int, args.batches.split(",")):
             r = decode_rates(config, batch, args.repeats)
             hf, fp32, int8 = r["HF generate"], r["lmforge fp32"], r["lmforge int8"]
