@@ -99,7 +99,8 @@ def train_lmforge(config: Config, inputs, targets, mode: str, warmup: int, steps
     model = build_model(config).train()
     optimizer = make_optimizer(model, TrainConfig(lr=1e-4), torch.device("cpu"))
     forward = torch.compile(model) if "compile" in mode else model
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if "bf16" in mode else contextlib.nullcontext()
+    bf16 = "bf16" in mode or mode.startswith("default") and default_precision(config, inputs.numel()) == "bfloat16"
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def step():
         with autocast:
@@ -111,6 +112,13 @@ def train_lmforge(config: Config, inputs, targets, mode: str, warmup: int, steps
     return time_steps(step, warmup + (2 if "compile" in mode else 0), steps)
 
 
+def default_precision(config: Config, rows: int) -> str:
+    """What `pretrain` with ``dtype: auto`` picks for this shape on this machine (the precision probe)."""
+    from lmforge.precision import choose_autocast
+
+    return choose_autocast(torch.device("cpu"), "auto", config.n_embd, 4 * config.n_embd, rows).dtype
+
+
 def bench_train(config: Config, batch: int, seq: int, warmup: int, steps: int, modes: list[str]) -> dict[str, float]:
     """Training tokens/s of HF (fp32) and of each lmforge mode, on the same random batch."""
     torch.manual_seed(0)
@@ -118,7 +126,8 @@ def bench_train(config: Config, batch: int, seq: int, warmup: int, steps: int, m
     inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
     results = {"HF transformers fp32": batch * seq / train_hf(config, inputs, warmup, steps)}
     for mode in modes:
-        results[f"lmforge {mode}"] = batch * seq / train_lmforge(config, inputs, targets, mode, warmup, steps)
+        label = f"default ({default_precision(config, batch * seq)})" if mode == "default" else mode
+        results[f"lmforge {label}"] = batch * seq / train_lmforge(config, inputs, targets, mode, warmup, steps)
     return results
 
 
@@ -196,7 +205,8 @@ def main() -> None:
     p.add_argument("--shapes", default="tiny,gpt2")
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--decode-repeats", type=int, default=5)
-    p.add_argument("--modes", default="fp32,fp32+compile,bf16")
+    p.add_argument("--modes", default="default,fp32,fp32+compile,bf16",
+                   help="default: what dtype auto picks here (the precision probe)")
     p.add_argument("--bf16-steps", type=int, default=150)
     p.add_argument("--skip-bf16-check", action="store_true")
     args = p.parse_args()
