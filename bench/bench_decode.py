@@ -6,13 +6,15 @@
 Each measurement generates 128 new tokens after a 32-token prompt (greedy, every token forced), and
 alternates the systems so that drifting machine state hits all alike. Also: the same figure as a
 fraction of the memory-bandwidth bound (the model's own matrix-vector products, timed), and
-lmforge with int8 weights (PyTorch's dynamic quantisation) with its perplexity cost, measured on a
+lmforge with int8 weights (PyTorch's dynamic quantisation), what `--dtype auto` runs for a bf16
+checkpoint, and the perplexity cost of bf16, fp16 and int8 against fp32, measured on a
 tiny model trained for a few minutes on the standard library (random weights have no perplexity to keep).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -48,6 +50,8 @@ def decode_rates(config: Config, batch: int, repeats: int) -> dict[str, float]:
     hf = hf_model(config).eval()
     ours = build_model(config).eval()
     int8 = quantize_int8(ours)
+    # What `lmforge generate --dtype auto` runs for a checkpoint stored in bf16 (as most published ones are).
+    default = copy.deepcopy(ours).to(bf16_checkpoint_default(config))
     prompts = torch.randint(0, config.vocab_size, (batch, PROMPT))
     params = SamplingParams(max_new_tokens=NEW, temperature=0, stop_token_ids=[])
 
@@ -65,7 +69,8 @@ def decode_rates(config: Config, batch: int, repeats: int) -> dict[str, float]:
             assert all(len(r.sequences[0].tokens) == NEW for r in requests)
         return go
 
-    systems = {"HF generate": run_hf, "lmforge fp32": run(ours), "lmforge int8": run(int8)}
+    systems = {"HF generate": run_hf, "lmforge fp32": run(ours), "lmforge int8": run(int8),
+               "lmforge default, bf16 checkpoint": run(default)}
     for fn in systems.values():
         fn()  # warm up
     times = {name: [] for name in systems}
@@ -77,7 +82,13 @@ def decode_rates(config: Config, batch: int, repeats: int) -> dict[str, float]:
     return {name: batch * NEW / statistics.median(ts) for name, ts in times.items()}
 
 
-def int8_perplexity_cost() -> tuple[float, float]:
+def bf16_checkpoint_default(config: Config) -> torch.dtype:
+    from lmforge.precision import choose_weights
+
+    return choose_weights(torch.device("cpu"), "auto", "bfloat16", config.n_embd, config.vocab_size).torch_dtype
+
+
+def precision_perplexity_cost() -> dict[str, float]:
     from lmforge.data.loader import TokenSplit
     from lmforge.data.prepare import prepare
     from lmforge.model.checkpoint import load_model
@@ -93,7 +104,11 @@ def int8_perplexity_cost() -> tuple[float, float]:
         model = load_model(run["checkpoint"] + "/model")
         val = TokenSplit(tmp / "data", "val")
         ids = [int(t) for t in val.shards[0][:20_000]]
-        return perplexity(model, ids), perplexity(quantize_int8(model), ids)
+        costs = {"fp32": perplexity(model, ids)}
+        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            costs[name] = perplexity(copy.deepcopy(model).to(dtype), ids)
+        costs["int8"] = perplexity(quantize_int8(model), ids)
+        return costs
 
 
 def main() -> None:
@@ -112,20 +127,25 @@ def main() -> None:
         print(f"{shape}: one matrix-vector product per weight matrix reads {bandwidth:.1f} GB/s: batch-1 fp32 "
               f"decoding is bound at {bounds[shape]:,.0f} tokens/s", flush=True)
     print()
-    print("| shape | batch | HF generate tok/s | lmforge fp32 tok/s | vs HF | lmforge int8 tok/s | vs HF | fp32 batch-1 share of bandwidth bound |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| shape | batch | HF generate tok/s | lmforge fp32 tok/s | vs HF | lmforge int8 tok/s | vs HF | "
+          "lmforge default, bf16 checkpoint | vs HF | fp32 batch-1 share of bandwidth bound |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for shape in args.shapes.split(","):
         config, bound = Config.from_preset(shape), bounds[shape]
         for batch in map(int, args.batches.split(",")):
             r = decode_rates(config, batch, args.repeats)
             hf, fp32, int8 = r["HF generate"], r["lmforge fp32"], r["lmforge int8"]
+            default = r["lmforge default, bf16 checkpoint"]
+            name = str(bf16_checkpoint_default(config)).removeprefix("torch.")
             share = f"{fp32 / bound:.0%} of {bound:.0f}" if batch == 1 else ""
-            print(f"| {shape} | {batch} | {hf:,.1f} | {fp32:,.1f} | {fp32 / hf:.2f}x | {int8:,.1f} | {int8 / hf:.2f}x | {share} |",
-                  flush=True)
+            print(f"| {shape} | {batch} | {hf:,.1f} | {fp32:,.1f} | {fp32 / hf:.2f}x | {int8:,.1f} | {int8 / hf:.2f}x | "
+                  f"{default:,.1f} ({name}) | {default / hf:.2f}x | {share} |", flush=True)
     if not args.skip_perplexity:
-        base, quantized = int8_perplexity_cost()
-        print(f"\nint8 quality cost (tiny model trained 300 steps on the stdlib, 20,000 validation tokens): perplexity "
-              f"{base:.3f} fp32 -> {quantized:.3f} int8 ({(quantized - base) / base:+.2%})")
+        costs = precision_perplexity_cost()
+        base = costs.pop("fp32")
+        print(f"\nquality cost of each precision (tiny model trained 300 steps on the stdlib, 20,000 validation "
+              f"tokens): perplexity {base:.3f} fp32; " + "; ".join(f"{value:.3f} {name} ({(value - base) / base:+.2%})"
+                                                             for name, value in costs.items()))
 
 
 if __name__ == "__main__":
