@@ -129,6 +129,17 @@ class Sequence:
         self.finished, self.finish_reason = True, reason
 
 
+def static_keys(needed: int, max_len: int) -> int:
+    """How many cache positions a compiled (static-shape) step attends to when its longest row needs
+    ``needed``: the next power of two from max(128, max_len / 128), at most ``max_len``. Attending to the
+    whole cache made every step cost as much as the last one could (masked keys are still read); these
+    buckets keep the work within 2x of what is needed and compile at most 8 shapes (dynamo's recompile limit)."""
+    keys = max(128, max_len >> 7)
+    while keys < needed:
+        keys *= 2
+    return min(keys, max_len)
+
+
 class Engine:
     """Continuous batching over a static KV cache of ``max_batch`` rows × ``max_len`` positions."""
 
@@ -227,7 +238,7 @@ class Engine:
             positions[:B, 0] = torch.tensor(starts)
             if width > B:
                 tokens = torch.cat([tokens, torch.zeros(width - B, 1, dtype=torch.long)])
-            S = self.max_len if self.static else max(starts) + 1
+            S = static_keys(max(starts) + 1, self.max_len) if self.static else max(starts) + 1
             mask = (torch.arange(S)[None, :] <= positions)[:, None, None, :]
             self.cache.view_len = S
             logits = self._decode(tokens.to(self.device), positions.to(self.device), mask.to(self.device))
