@@ -37,9 +37,8 @@ from lmforge.utils import hardware_description  # noqa: E402
 PROMPT = 32
 
 
-def lmforge_times(model, prompt: list[int], new: int) -> tuple[list[float], list[int]]:
+def lmforge_times(engine: Engine, prompt: list[int], new: int) -> tuple[list[float], list[int]]:
     """Arrival time of each generated token (seconds from the start) and the tokens."""
-    engine = Engine(model, _Ids(), max_batch=1)
     request = engine.add(prompt, SamplingParams(max_new_tokens=new, temperature=0, stop_token_ids=[]))
     start, times = time.perf_counter(), []
     while not request.finished:
@@ -78,6 +77,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also the engine with a compiled decode step (static shapes)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,7 +85,11 @@ def main() -> None:
     config = Config.from_preset(args.shape)
     torch.manual_seed(0)
     ours = build_model(config).eval()
-    systems = {"lmforge": lambda prompt: lmforge_times(ours, prompt, args.new)}
+    systems = {"lmforge": lambda prompt: lmforge_times(Engine(ours, _Ids(), max_batch=1), prompt, args.new)}
+    if args.compile:
+        # one engine for every run: its compiled step (one graph per cache bucket) is built once
+        compiled = Engine(ours, _Ids(), max_batch=1, compile=True)
+        systems["lmforge compiled"] = lambda prompt: lmforge_times(compiled, prompt, args.new)
     if not args.skip_hf:
         hf = hf_model(config).eval()
         loaded = hf.load_state_dict(state_dict_to_hf(ours), strict=False)
@@ -98,7 +102,7 @@ def main() -> None:
     # per-token times are read over the 16 tokens after each bucket's start (the last one ends the run)
     buckets = sorted({b for b in (16, 64, 128, 256, 384, 512, 768) if b + 17 <= args.new} | {args.new - 17})
     for fn in systems.values():
-        fn(prompt[:8] + prompt[:8])  # warm up (a short run)
+        fn(prompt)  # warm up (a compiled engine builds its graphs here)
     runs = {name: [] for name in systems}
     tokens = {}
     for _ in range(args.repeats):
@@ -106,10 +110,12 @@ def main() -> None:
             t, tokens[name] = fn(prompt)
             assert len(t) == args.new, (name, len(t))
             runs[name].append(t)
-    if len(tokens) == 2:
-        a, b = tokens.values()
-        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        print(f"greedy tokens identical to transformers: {same} of {len(a)}")
+    hf = "HF generate"
+    ours_names = [n for n in systems if n != hf]
+    for n in ours_names:
+        if hf in tokens:
+            same = next((i for i, (x, y) in enumerate(zip(tokens[n], tokens[hf])) if x != y), args.new)
+            print(f"{n}: greedy tokens identical to transformers: {same} of {args.new}")
 
     def fmt(values):
         med = statistics.median(values)
@@ -118,12 +124,13 @@ def main() -> None:
     print(f"\n{args.shape}, batch 1, fp32, {PROMPT}-token prompt, {args.new} new tokens, {torch.get_num_threads()} threads, "
           f"median (min-max) of {args.repeats} runs\n")
     names = list(systems)
-    print("| generated tokens | " + " | ".join(f"{n} tok/s" for n in names) + (" | lmforge vs HF |" if len(names) == 2 else " |"))
-    print("|---|" + "---:|" * (len(names) + (len(names) == 2)))
+    vs = [n for n in ours_names if hf in systems]
+    print("| generated tokens | " + " | ".join(f"{n} tok/s" for n in names) + " |" + "".join(f" {n} vs HF |" for n in vs))
+    print("|---|" + "---:|" * (len(names) + len(vs)))
     for first, last in windows:
         rates = {n: [window_rate(t, first, last) for t in runs[n]] for n in names}
-        ratio = f" {statistics.median(rates[names[0]]) / statistics.median(rates[names[1]]):.2f}x |" if len(names) == 2 else ""
-        print(f"| {first}-{last} | " + " | ".join(fmt(rates[n]) for n in names) + " |" + ratio)
+        ratios = "".join(f" {statistics.median(rates[n]) / statistics.median(rates[hf]):.2f}x |" for n in vs)
+        print(f"| {first}-{last} | " + " | ".join(fmt(rates[n]) for n in names) + " |" + ratios)
     print("\n| position (prompt + generated) | " + " | ".join(f"{n} ms/token" for n in names) + " |")
     print("|---:|" + "---:|" * len(names))
     for b in buckets:
