@@ -29,7 +29,7 @@ from lmforge.model.config import Config  # noqa: E402
 from lmforge.model.gpt import build_model  # noqa: E402
 from lmforge.train.config import TrainConfig  # noqa: E402
 from lmforge.train.loop import make_optimizer  # noqa: E402
-from lmforge.precision import describe_probe  # noqa: E402
+from lmforge.precision import describe_probe, median_seconds  # noqa: E402
 from lmforge.utils import hardware_description  # noqa: E402
 
 
@@ -43,17 +43,12 @@ def decode_bound_tokens_per_s(config: Config, repeats: int = 7) -> tuple[float, 
     weights = [torch.randn(shape, generator=g) for _ in range(config.n_layer) for shape in layer]
     weights.append(torch.randn(config.vocab_size, n, generator=g))
     inputs = {k: torch.randn(1, k, generator=g) for k in (n, 4 * n)}
+    def one_token():
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
     with torch.inference_mode():
-        def one_token():
-            for w in weights:
-                torch.nn.functional.linear(inputs[w.shape[1]], w)
-        one_token()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            one_token()
-            times.append(time.perf_counter() - t)
-    seconds = statistics.median(times)
+        seconds = median_seconds(one_token, repeats)
     return 1 / seconds, sum(w.numel() for w in weights) * 4 / seconds / 1e9
 
 
@@ -67,18 +62,6 @@ def hf_model(config: Config):
     return GPT2LMHeadModel(hf_config)
 
 
-def time_steps(step, warmup: int, steps: int) -> float:
-    """Median seconds per call of ``step`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def train_hf(config: Config, inputs: torch.Tensor, warmup: int, steps: int) -> float:
     """Seconds per step of GPT2LMHeadModel (fp32) with torch's AdamW, as a transformers user would train."""
     hf = hf_model(config).train()
@@ -90,7 +73,7 @@ def train_hf(config: Config, inputs: torch.Tensor, warmup: int, steps: int) -> f
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_steps(step, warmup, steps)
+    return median_seconds(step, steps, warmup)
 
 
 def train_lmforge(config: Config, inputs, targets, mode: str, warmup: int, steps: int) -> float:
@@ -109,7 +92,7 @@ def train_lmforge(config: Config, inputs, targets, mode: str, warmup: int, steps
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_steps(step, warmup + (2 if "compile" in mode else 0), steps)
+    return median_seconds(step, steps, warmup + (2 if "compile" in mode else 0))
 
 
 def default_precision(config: Config, rows: int) -> str:

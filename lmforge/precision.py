@@ -53,8 +53,11 @@ def candidates() -> list[str]:
     return ["float32", "bfloat16"] + (["float16"] if flags & {"avx512_fp16", "amx_fp16"} else [])
 
 
-def _median_seconds(fn, repeats: int = 5) -> float:
-    fn()  # warm-up: first calls pick kernels and allocate
+def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` calls (first calls pick kernels
+    and allocate)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -63,13 +66,13 @@ def _median_seconds(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def time_product(kind: str, k: int, n: int, dtype: torch.dtype, rows: int = 1) -> float:
-    """Seconds for one ``(rows, k) @ (k, n)`` product in ``dtype`` (``kind``: "matmul" or "gemv")."""
+def time_product(k: int, n: int, dtype: torch.dtype, rows: int = 1) -> float:
+    """Seconds for one ``(rows, k) @ (k, n)`` product in ``dtype`` (one row: a matrix-vector product)."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(rows, k, generator=g).to(dtype)
     b = torch.randn(n, k, generator=g).to(dtype)
     with torch.inference_mode():
-        return _median_seconds(lambda: torch.nn.functional.linear(a, b))
+        return median_seconds(lambda: torch.nn.functional.linear(a, b))
 
 
 def _probe_shape(kind: str, k: int, n: int, rows: int) -> tuple[int, int, int]:
@@ -93,7 +96,7 @@ def measure(kind: str, k: int, n: int, rows: int = 1) -> dict[str, float]:
         cached = {}
     if isinstance(cached, dict) and isinstance(cached.get(key), dict):
         return cached[key]
-    seconds = {name: time_product(kind, k, n, DTYPES[name], rows) for name in candidates()}
+    seconds = {name: time_product(k, n, DTYPES[name], rows) for name in candidates()}
     speed = {name: seconds["float32"] / s for name, s in seconds.items()}
     try:  # a cache that cannot be written only means measuring again next time
         from lmforge.utils import atomic_write_json

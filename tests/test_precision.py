@@ -15,9 +15,9 @@ def fake_speeds(monkeypatch, **speed):
     """Make the probe see these speeds relative to fp32 (and count the products it times)."""
     timed = []
 
-    def time_product(kind, k, n, dtype, rows=1):
+    def time_product(k, n, dtype, rows=1):
         name = next(key for key, value in precision.DTYPES.items() if value == dtype)
-        timed.append((kind, name))
+        timed.append((rows, k, n, name))
         return 1.0 / speed.get(name, 1.0)
 
     monkeypatch.setattr(precision, "time_product", time_product)
