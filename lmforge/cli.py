@@ -159,6 +159,56 @@ def cmd_finetune(args, extra: list[str]) -> None:
         print(f"done: {summary['steps']} steps; latest checkpoint {summary['checkpoint']}")
 
 
+def cmd_reward(args, extra: list[str]) -> None:
+    from lmforge.train.config import RewardConfig, parse_overrides
+    from lmforge.train.preference import train_reward
+
+    summary = train_reward(args.config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                           **parse_overrides(extra, RewardConfig))
+    if summary["checkpoint"] and not summary.get("already_done"):
+        print(f"done: {summary['steps']} steps; latest checkpoint {summary['checkpoint']}")
+
+
+def cmd_dpo(args, extra: list[str]) -> None:
+    from lmforge.train.config import DPOConfig, parse_overrides
+    from lmforge.train.preference import dpo
+
+    summary = dpo(args.config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                  **parse_overrides(extra, DPOConfig))
+    if summary["checkpoint"] and not summary.get("already_done"):
+        print(f"done: {summary['steps']} steps; latest checkpoint {summary['checkpoint']}")
+
+
+def cmd_reward_score(args) -> None:
+    import json
+
+    from lmforge.data.examples import _raw_rows
+    from lmforge.train.preference import reward_scores
+    from lmforge.utils import pick_device
+
+    if bool(args.input) == (args.prompt is not None or args.answer is not None):
+        raise LmforgeError("give either --prompt and --answer, or --input FILE of {\"prompt\", \"answer\"} rows")
+    if args.input:
+        from pathlib import Path
+
+        path = Path(args.input)
+        if not path.is_file():
+            raise LmforgeError(f"--input {path} does not exist")
+        rows = []
+        for number, row in _raw_rows(path):
+            if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
+                problem = row if isinstance(row, str) else "expected {\"prompt\": ..., \"answer\": ...}"
+                raise LmforgeError(f"{path}:{number}: {problem}")
+            rows.append(row)
+    else:
+        if args.prompt is None or args.answer is None:
+            raise LmforgeError("--prompt and --answer go together")
+        rows = [{"prompt": args.prompt, "answer": args.answer}]
+    scores = reward_scores(args.model, rows, batch_size=args.batch_size, device=pick_device(args.device))
+    for row, score in zip(rows, scores):
+        print(json.dumps({**row, "reward": score}, ensure_ascii=False) if args.input else f"{score:.6f}")
+
+
 def cmd_merge(args) -> None:
     from lmforge.model.checkpoint import (load_adapted, load_tokenizer_for, refuse_overwriting_sources,
                                           resolve_model_dir, save_model)
@@ -343,11 +393,13 @@ def cmd_report(args) -> None:
     print(f"wrote {write_report(args.run)}")
 
 
-def _config_keys_help(finetune: bool = False) -> str:
+def _config_keys_help(finetune=False) -> str:
+    """``finetune``: False (pretrain), True (finetune), or the config class of another training command."""
     from lmforge.train.config import FinetuneConfig, TrainConfig, config_keys
 
+    cls = finetune if isinstance(finetune, type) else (FinetuneConfig if finetune else TrainConfig)
     lines = ["config keys (default): meaning"]
-    for f in config_keys(FinetuneConfig if finetune else TrainConfig):
+    for f in config_keys(cls):
         lines.append(f"  --{f.name.replace('_', '-'):<22} ({f.default!r}) {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
@@ -459,6 +511,34 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
     ft.set_defaults(func=cmd_finetune)
+
+    from lmforge.train.config import DPOConfig, RewardConfig
+
+    for name, cls, func, what in (
+        ("reward", RewardConfig, cmd_reward, "train a reward model on preference pairs (Bradley-Terry)"),
+        ("dpo", DPOConfig, cmd_dpo, "align a causal LM with preference pairs: DPO, IPO or conservative DPO"),
+    ):
+        sp = sub.add_parser(
+            name, help=what, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+            description=f"{what[0].upper()}{what[1:]}, from JSONL/CSV/Parquet rows "
+                        '{"prompt", "chosen", "rejected"} (strings or message lists; optional "margin").\n'
+                        "Any config key can be given as --key value; these override --config.",
+            epilog=_config_keys_help(cls),
+        )
+        sp.add_argument("--config", help="YAML file of config keys")
+        sp.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+        sp.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar")
+        sp.set_defaults(func=func)
+
+    rs = sub.add_parser("reward-score", help="score (prompt, answer) pairs with a reward model")
+    rs.add_argument("--model", required=True, help="a reward model folder, adapter folder or `lmforge reward` run")
+    rs.add_argument("--prompt", help="the prompt (with --answer)")
+    rs.add_argument("--answer", help="the answer to score (with --prompt)")
+    rs.add_argument("--input", help='JSONL/CSV/Parquet rows {"prompt", "answer"}; prints each row with its "reward"')
+    rs.add_argument("--batch-size", type=int, default=16)
+    rs.add_argument("--device", default="auto")
+    rs.set_defaults(func=cmd_reward_score)
 
     mg = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save the result")
     mg.add_argument("adapter", help="an adapter folder (adapter_config.json) or a LoRA run folder")
@@ -598,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     _clean_text_arguments(args)
-    takes_keys = (cmd_pretrain, cmd_finetune, cmd_baseline, cmd_lm_eval)
+    takes_keys = (cmd_pretrain, cmd_finetune, cmd_reward, cmd_dpo, cmd_baseline, cmd_lm_eval)
     if extra and args.func not in takes_keys:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

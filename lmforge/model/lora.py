@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,8 +50,12 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(a_matrix, a=math.sqrt(5))  # as PEFT and the LoRA paper's code
         self.drop = nn.Dropout(dropout)
 
+    enabled = True  # False: the frozen base alone (see adapters_off)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if not self.enabled:
+            return y
         h = self.drop(x)
         # The update over all output features: each adapter's slice, zeros between (out of place, so
         # it works whether or not the frozen layer's output carries gradients).
@@ -163,6 +168,20 @@ def add_lora(model, targets: list[str] | str, r: int = 8, alpha: float = 16.0, d
 
 def lora_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def adapters_off(model):
+    """Run ``model`` as its frozen base inside the block: every adapter switched off, no copy made
+    (DPO's reference model, when the policy is trained with LoRA)."""
+    layers = [m for _, m in lora_layers(model)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
 
 
 def merge_lora(model):

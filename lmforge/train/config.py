@@ -183,6 +183,75 @@ class FinetuneConfig(TrainConfig):
                 raise LmforgeError(f"bad config: {message}")
 
 
+_PAIRS = "preference pairs are not chat, instruction, classification or QA examples"
+
+
+@dataclass
+class RewardConfig(FinetuneConfig):
+    """`lmforge reward`: a reward model from preference pairs (Bradley-Terry), through the same loop."""
+
+    IGNORED: ClassVar[dict[str, str]] = {
+        **FinetuneConfig.IGNORED,
+        "task": _PAIRS, "labels": "a reward model has one output, the reward",
+        "packing": "each pair is scored whole",
+    }
+
+    out: str = setting("runs/reward", "the run folder: config, metrics, checkpoints, the reward model")
+    train: str = setting("", "JSONL/CSV/Parquet preference pairs {prompt, chosen, rejected[, margin]} (required)")
+    val: str = setting("", "held-out pairs; empty: val_fraction of train, split by seed")
+    method: str = setting("full", "full (every weight), linear-probe (the reward head only, trunk frozen) or lora",
+                      choices=("full", "linear-probe", "lora"))
+    center_rewards: float = setting(0.0, "weight c of the centring term c * mean((r_chosen + r_rejected)^2); 0: off")
+    truncation: str = setting("left", "pairs over max_length: left (cut the prompt's start) or drop",
+                          choices=("left", "drop"))
+    dropout: float | None = setting(0.0, "dropout while training (TRL turns it off too); none: the model's own")
+    lr: float = setting(1e-5, "peak learning rate of AdamW")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.center_rewards < 0:
+            raise LmforgeError("bad config: center_rewards must be 0 or more")
+
+
+@dataclass
+class DPOConfig(FinetuneConfig):
+    """`lmforge dpo`: direct preference optimisation of a causal LM against a frozen reference."""
+
+    IGNORED: ClassVar[dict[str, str]] = {
+        **FinetuneConfig.IGNORED,
+        "task": _PAIRS, "labels": "DPO trains a language model, not a classifier",
+        "packing": "each pair is scored whole", "pooling": "DPO trains a language model, not a classifier",
+    }
+
+    out: str = setting("runs/dpo", "the run folder: config, metrics, checkpoints, the policy model or adapter")
+    train: str = setting("", "JSONL/CSV/Parquet preference pairs {prompt, chosen, rejected} (required)")
+    val: str = setting("", "held-out pairs; empty: val_fraction of train, split by seed")
+    method: str = setting("full", "full (every weight) or lora (low-rank adapters)", choices=("full", "lora"))
+    loss: str = setting("sigmoid", "sigmoid (DPO), ipo (IPO) or cdpo (conservative DPO, label_smoothing)",
+                    choices=("sigmoid", "ipo", "cdpo"))
+    beta: float = setting(0.1, "DPO's beta (IPO's tau): how far the policy may move from the reference")
+    label_smoothing: float = setting(0.0, "cdpo: the probability epsilon that a pair's preference is flipped")
+    reference: str = setting("auto", "the frozen reference: auto (adapter with lora, else copy), copy, adapter "
+                             "(the policy with its LoRA switched off) or precomputed (log-probs cached once)",
+                         choices=("auto", "copy", "adapter", "precomputed"))
+    truncation: str = setting("left", "pairs over max_length: left (cut the prompt's start) or drop",
+                          choices=("left", "drop"))
+    dropout: float | None = setting(0.0, "dropout while training (TRL turns it off too); none: the model's own")
+    lr: float = setting(1e-6, "peak learning rate of AdamW")
+
+    def validate(self) -> None:
+        super().validate()
+        checks = [
+            (self.beta > 0, "beta must be positive"),
+            (0 <= self.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5)"),
+            (self.label_smoothing == 0 or self.loss == "cdpo", "label_smoothing applies to --loss cdpo only"),
+            (self.reference != "adapter" or self.method == "lora", "reference adapter needs --method lora"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LmforgeError(f"bad config: {message}")
+
+
 def config_keys(cls=TrainConfig) -> list:
     """The dataclass fields of the keys ``cls``'s command takes (ignored ones left out)."""
     return [f for f in fields(cls) if f.name not in cls.IGNORED]

@@ -180,13 +180,16 @@ class Finetune(Objective):
         self.max_length = min(config.max_length or self.block_size, self.block_size)
         train_rows, val_rows = examples.rows, []
         if config.val:
-            val_rows = read_examples(config.val, examples.task, config.skip_bad_lines).rows
+            val_rows = self.read_val(config.val, examples.task)
         elif config.val_fraction > 0:
             train_rows, val_rows = split_examples(examples.rows, config.val_fraction, config.seed)
         self.setup(train_rows, val_rows)
         if config.epochs > 0:  # the loop reads max_steps after this
             per_step = config.micro_batch_size * config.grad_accum_steps * int(os.environ.get("WORLD_SIZE", 1))
             config.max_steps = max(1, math.ceil(config.epochs * self.epoch_units / per_step))
+
+    def read_val(self, path: str, task: str) -> list:
+        return read_examples(path, task, self.config.skip_bad_lines).rows
 
     # the model ------------------------------------------------------------------------------------
 
@@ -320,7 +323,15 @@ class SFT(Finetune):
         return ExampleBatches(self.n_train, *args, collate=self.collate)
 
     def loss(self, model, batch) -> torch.Tensor:
-        return model(batch["ids"], batch["labels"], positions=batch.get("positions"), attn_mask=batch.get("attn_mask"))[1]
+        logits = model(batch["ids"], positions=batch.get("positions"), attn_mask=batch.get("attn_mask"))
+        labels = batch["labels"].flatten()
+        total = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=-100, reduction="sum")
+        return total / max(int((labels != -100).sum()), 1)
+
+    def loss_weight(self, batch) -> float:
+        # Examples differ in length: the step's loss is the mean over every learned token of the step, so
+        # 8 micro-batches of 1 example give the loss and gradient of 1 micro-batch of 8.
+        return int((batch["labels"] != -100).sum())
 
     def batch_tokens(self, batch) -> int:
         return int((batch["labels"] != -100).sum())

@@ -55,11 +55,10 @@ class Distributed:
     def enabled(self) -> bool:
         return self.world_size > 1
 
-    def all_mean(self, value: torch.Tensor) -> torch.Tensor:
+    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.enabled:
             value = value.clone()
             dist.all_reduce(value)
-            value /= self.world_size
         return value
 
     def barrier(self) -> None:
@@ -224,11 +223,22 @@ class Objective:
         """A stream with next_batch(device), state_dict() and load_state_dict()."""
         raise NotImplementedError
 
-    def loss(self, model: torch.nn.Module, batch) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, batch):
+        """The micro-batch's mean loss; or ``(loss, metrics)``, ``metrics`` a dict of scalar tensors (means
+        over the same items) that the loop averages like the loss and logs beside it."""
         raise NotImplementedError
+
+    def loss_weight(self, batch) -> float:
+        """How many items the micro-batch's mean loss is over (tokens in the loss, pairs, ...). The step's
+        loss is the mean over every item of every micro-batch on every rank, whatever the layout: a
+        micro-batch counts in proportion to its weight, not as one of equals."""
+        return 1.0
 
     def batch_tokens(self, batch) -> int:
         raise NotImplementedError
+
+    def write_run_files(self, out: Path) -> None:
+        """Files the objective keeps in the run folder (rank 0, once the checks passed)."""
 
     def evaluate(self, dist_: Distributed, autocast) -> dict | None:
         return None
@@ -408,6 +418,7 @@ def _write_run_info(out: Path, config: TrainConfig, objective, device, use_bf16:
     objective's one-line summary of the model."""
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
+    objective.write_run_files(out)
     info = objective.describe()
     summary = info.pop("summary", "")
     atomic_write_json(out / "run.json", {
@@ -513,23 +524,34 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
+        # The step's loss is the mean over all its items (tokens, pairs, ...) on every rank. Each micro-batch's
+        # mean loss is scaled by its share of the step's items before backward() adds it to .grad; DDP then
+        # averages over ranks, hence the factor world_size. Equal micro-batches give the usual 1/accum_steps.
+        micro_batches = [batches.next_batch(device) for _ in range(config.grad_accum_steps)]
+        weights = [float(objective.loss_weight(b)) for b in micro_batches]
+        total_weight = dist_.all_sum(torch.tensor(sum(weights), dtype=torch.float64, device=device)).item()
+        sums: dict[str, torch.Tensor] = {}  # weighted sums of the loss and the objective's metrics
         step_tokens = 0
-        for micro in range(config.grad_accum_steps):
-            batch = batches.next_batch(device)
+        for micro, batch in enumerate(micro_batches):
             last_micro = micro == config.grad_accum_steps - 1
             # Gradients are all-reduced across ranks only on the last micro-batch.
             sync = nullcontext() if last_micro or not dist_.enabled else train_model.no_sync()
             with sync:
                 with autocast:
                     loss = objective.loss(train_model, batch)
-                # Each backward() adds to .grad, so scale to get the mean over micro-batches.
-                (loss / config.grad_accum_steps).backward()
-            loss_sum += loss.detach()
+                loss, metrics = loss if isinstance(loss, tuple) else (loss, {})
+                share = weights[micro] * dist_.world_size / total_weight if total_weight > 0 else 0.0
+                (loss * share).backward()
+            for key, value in {"loss": loss, **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float() * weights[micro]
             step_tokens += objective.batch_tokens(batch)
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-        train_loss = dist_.all_mean(loss_sum / config.grad_accum_steps).item()
+        names = list(sums)
+        means = (dist_.all_sum(torch.stack([sums[k] for k in names])) / total_weight).tolist() if total_weight > 0 \
+            else [float("nan")] * len(names)
+        step_metrics = dict(zip(names, means))
+        train_loss = step_metrics.pop("loss")
         # One NaN or inf update would poison the weights and AdamW's moments for good: skip it. The grad
         # norm (of all-reduced gradients) and the mean loss are the same on every rank, so all ranks agree.
         finite = math.isfinite(train_loss) and bool(torch.isfinite(grad_norm))
@@ -546,7 +568,8 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         if log:
             log.write({
                 "step": step, "tokens": tokens_seen, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                "tokens_per_second": step_tokens / dt, "elapsed": elapsed, **({} if finite else {"skipped": True}),
+                "tokens_per_second": step_tokens / dt, "elapsed": elapsed, **step_metrics,
+                **({} if finite else {"skipped": True}),
             })
         bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{step_tokens / dt:,.0f}", refresh=False)
         bar.update()

@@ -1,0 +1,247 @@
+"""Preference pairs: which of two answers to a prompt people preferred (JSONL, CSV or Parquet).
+
+    {"prompt": "...", "chosen": "...", "rejected": "..."}                       standard (strings)
+    {"prompt": [messages], "chosen": [messages], "rejected": [messages]}       conversational
+    {"chosen": [messages], "rejected": [messages]}                             implicit prompt: the
+                                                                               messages both share
+An optional ``margin`` (a number) says how much better the chosen answer is (reward models use it).
+These are TRL's "preference" formats; a conversational pair is rendered through the model's chat
+template.
+
+Tokenising: the prompt's tokens are exactly what `lmforge generate` / `chat` feed the model, and the
+answer's tokens are those the model would produce after them, ending with the end-of-turn (chat) or
+end-of-text token, so the model learns to stop. Where byte-level BPE would merge a token across the
+prompt/answer boundary (a prompt ending in a space), the answer is tokenised on its own instead, since
+the model at inference time continues from the prompt's own tokens. Text a chat template adds after
+the end-of-turn token (a newline) is not part of the answer: generation stops before it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.data.examples import ROLES, _raw_rows
+from lmforge.errors import LmforgeError
+
+EXPECTED = ('{"prompt": "...", "chosen": "...", "rejected": "..."} (strings, or lists of '
+            '{"role", "content"} messages; optionally "margin")')
+
+
+@dataclass
+class Pairs:
+    rows: list[dict]
+    path: str
+    task: str = "preference"
+    skipped: int = 0
+    skipped_lines: list[int] = field(default_factory=list)
+
+
+def _messages_problem(value, name: str) -> str | None:
+    if not isinstance(value, list) or not value:
+        return f"{name!r} must be a string or a non-empty list of messages"
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            return f"{name!r} message {i} must be {{\"role\": system|user|assistant, \"content\": string}}"
+    return None
+
+
+def split_implicit_prompt(row: dict) -> dict:
+    """A conversational pair without ``prompt``: the messages both answers share become the prompt."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    return {**row, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+
+
+def check_pair(row) -> str | None:
+    """What is wrong with a preference row (None when it is fine); fills in an implicit prompt."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    missing = [k for k in ("chosen", "rejected") if k not in row]
+    if missing:
+        return f"missing field {', '.join(map(repr, missing))}"
+    conversational = isinstance(row["chosen"], list)
+    if "prompt" not in row:
+        if not conversational:
+            return "missing field 'prompt' (only message lists can leave the prompt implicit)"
+        for name in ("chosen", "rejected"):
+            if (problem := _messages_problem(row[name], name)) is not None:
+                return problem
+        row.update(split_implicit_prompt(row))
+        if not row["prompt"]:
+            return "'chosen' and 'rejected' share no leading messages, so there is no prompt; add a 'prompt' field"
+    kinds = {name: isinstance(row[name], str) for name in ("prompt", "chosen", "rejected")}
+    if len(set(kinds.values())) > 1:
+        return "'prompt', 'chosen' and 'rejected' must all be strings or all be message lists"
+    if not kinds["chosen"]:
+        for name in ("prompt", "chosen", "rejected"):
+            if name == "prompt" and row[name] == []:
+                return "'prompt' is an empty message list"
+            if (problem := _messages_problem(row[name], name)) is not None:
+                return problem
+        for name in ("chosen", "rejected"):
+            if not any(m["role"] == "assistant" for m in row[name]):
+                return f"{name!r} needs an assistant message"
+            if not "".join(m["content"] for m in row[name]).strip():
+                return f"{name!r} is empty"
+    else:
+        for name in ("chosen", "rejected"):
+            if not row[name].strip():
+                return f"{name!r} is empty"
+    if row["chosen"] == row["rejected"]:
+        return "'chosen' and 'rejected' are the same answer, so there is no preference to learn"
+    margin = row.get("margin", 0.0)
+    if isinstance(margin, str):
+        try:
+            margin = float(margin)
+        except ValueError:
+            return f"'margin' must be a number, not {margin!r}"
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        return f"'margin' must be a finite number, not {margin!r}"
+    row["margin"] = float(margin)
+    return None
+
+
+def read_pairs(path: str | os.PathLike, skip_bad_lines: bool = False) -> Pairs:
+    """Read and check every preference pair; a bad one stops with file:line, or is counted and skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"preference file {path} does not exist")
+    where = "line" if path.suffix.lower() != ".parquet" else "row"
+    out = Pairs([], str(path))
+    for number, row in _raw_rows(path):
+        if isinstance(row, dict):
+            row = _parse_nested_pair(row)
+        problem = row if isinstance(row, str) else check_pair(row)
+        if problem is None:
+            out.rows.append(row)
+            continue
+        if not skip_bad_lines:
+            place = f"{path}:{number}" if where == "line" else f"{path} row {number}"
+            raise LmforgeError(f"{place}: {problem}; expected {EXPECTED} (or pass --skip-bad-lines)")
+        out.skipped += 1
+        out.skipped_lines.append(number)
+    if not out.rows:
+        raise LmforgeError(f"{path} holds no usable preference pairs"
+                           + (f" ({out.skipped} skipped as malformed)" if out.skipped else ""))
+    return out
+
+
+def _parse_nested_pair(row: dict) -> dict:
+    """CSV cells are text: message lists arrive as JSON strings."""
+    import json
+
+    for key in ("prompt", "chosen", "rejected"):
+        value = row.get(key)
+        if isinstance(value, str) and value.startswith("[{"):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(parsed, list):
+                row[key] = parsed
+    return row
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizedPair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    margin: float = 0.0
+
+
+@dataclass
+class TokenizeStats:
+    truncated: int = 0  # prompts cut from the left to fit max_length
+    dropped: int = 0  # pairs left out (too long with truncation "drop", or no room for an answer)
+    boundary: int = 0  # answers tokenised on their own because BPE merged across the prompt boundary
+
+    def summary(self, max_length: int) -> str | None:
+        parts = []
+        if self.truncated:
+            parts.append(f"{self.truncated} prompt(s) cut from the left to fit {max_length} tokens")
+        if self.dropped:
+            parts.append(f"{self.dropped} pair(s) longer than {max_length} tokens dropped")
+        if self.boundary:
+            parts.append(f"{self.boundary} answer(s) tokenised apart from their prompt, where a token would have "
+                         f"spanned the boundary (end prompts on a word boundary to avoid it)")
+        return "; ".join(parts) or None
+
+
+def _answer_ids(tokenizer, prompt_text: str, prompt_ids: list[int], answer_text: str, stats: TokenizeStats) -> list[int]:
+    full = tokenizer.encode(prompt_text + answer_text)
+    if full[: len(prompt_ids)] == prompt_ids:
+        return full[len(prompt_ids):]
+    stats.boundary += 1
+    return tokenizer.encode(answer_text)
+
+
+def _chat_answer_text(tokenizer, prompt: list[dict], prompt_text: str, answer: list[dict]) -> str:
+    text = tokenizer.apply_chat_template(prompt + answer)
+    if not text.startswith(prompt_text):
+        raise LmforgeError("the chat template does not render the prompt as a prefix of the conversation with its "
+                           "answer; lmforge cannot tell which tokens are the answer's")
+    return text[len(prompt_text):].rstrip()  # what follows the end-of-turn token is not generated
+
+
+def encode_prompt(tokenizer, prompt) -> tuple[str, list[int], int | None]:
+    """(rendered text, token ids, the token that ends an answer) of a prompt: a string, or messages
+    rendered through the chat template with the assistant's header appended, as `lmforge chat` does."""
+    if isinstance(prompt, list):
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        end = tokenizer.end_of_turn_id if tokenizer.end_of_turn_id is not None else tokenizer.eos_id
+    else:
+        text, end = prompt, tokenizer.eos_id
+    ids = tokenizer.encode(text)
+    if not ids and tokenizer.eos_id is not None:
+        ids = [tokenizer.eos_id]  # an empty prompt: the answer is predicted from <|endoftext|>, as generate does
+    return text, ids, end
+
+
+def encode_answer(tokenizer, prompt, prompt_text: str, prompt_ids: list[int], answer, end: int | None,
+                  stats: TokenizeStats) -> list[int]:
+    """The answer's token ids after ``prompt_ids``, ending with ``end`` (end-of-turn or end-of-text)."""
+    text = _chat_answer_text(tokenizer, prompt, prompt_text, answer) if isinstance(prompt, list) else answer
+    ids = _answer_ids(tokenizer, prompt_text, prompt_ids, text, stats)
+    return ids if end is None or (ids and ids[-1] == end) else ids + [end]
+
+
+def tokenize_pair(tokenizer, row: dict, stats: TokenizeStats) -> TokenizedPair:
+    """The prompt's and both answers' token ids (answers end with the end-of-turn or end-of-text token)."""
+    prompt_text, prompt_ids, end = encode_prompt(tokenizer, row["prompt"])
+    chosen, rejected = (encode_answer(tokenizer, row["prompt"], prompt_text, prompt_ids, row[k], end, stats)
+                        for k in ("chosen", "rejected"))
+    return TokenizedPair(prompt_ids, chosen, rejected, float(row.get("margin", 0.0)))
+
+
+def fit_pair(pair: TokenizedPair, max_length: int, truncation: str, stats: TokenizeStats) -> TokenizedPair | None:
+    """The pair within ``max_length`` tokens (prompt + the longer answer): the prompt cut from the left
+    (``truncation`` "left", keeping at least one prompt token), or None (``drop``, or no room left)."""
+    longest = max(len(pair.chosen), len(pair.rejected))
+    excess = len(pair.prompt) + longest - max_length
+    if excess <= 0:
+        return pair
+    if truncation == "drop" or excess >= len(pair.prompt):
+        stats.dropped += 1
+        return None
+    stats.truncated += 1
+    return TokenizedPair(pair.prompt[excess:], pair.chosen, pair.rejected, pair.margin)
+
+
+def tokenize_pairs(tokenizer, rows: list[dict], max_length: int, truncation: str = "left"
+                   ) -> tuple[list[TokenizedPair], TokenizeStats]:
+    stats = TokenizeStats()
+    out = []
+    for row in rows:
+        pair = fit_pair(tokenize_pair(tokenizer, row, stats), max_length, truncation, stats)
+        if pair is not None:
+            out.append(pair)
+    return out, stats

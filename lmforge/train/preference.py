@@ -1,0 +1,446 @@
+"""Learning from preference pairs, through the same loop as pretraining and fine-tuning.
+
+    RewardModel   `lmforge reward`: a scalar head r(x, y) on the last real token of prompt + answer
+                  (a decoder) or on the pooler of [CLS] prompt [SEP] answer [SEP] (an encoder), trained
+                  with the Bradley-Terry loss  -log σ(r_chosen - r_rejected - margin)
+                  (+ c · mean((r_chosen + r_rejected)²), the centring term, when c > 0)
+    DPO           `lmforge dpo`: a causal LM trained directly on the pairs against a frozen reference
+                  π_ref, with h = [log π(y_c|x) - log π_ref(y_c|x)] - [log π(y_r|x) - log π_ref(y_r|x)]
+                  (sequence log-probabilities: sums over the answer's tokens):
+                    sigmoid  -log σ(β h)                                  (Rafailov et al., 2023)
+                    cdpo     -(1-ε) log σ(β h) - ε log σ(-β h)            (Mitchell, 2023: conservative DPO)
+                    ipo      (h - 1/(2β))²                                (Azar et al., 2023, eq. 17)
+                  TRL's "sigmoid" ignores label_smoothing and its "ipo" divides each log-ratio by the
+                  answer's length; lmforge follows the papers (sums), so cdpo and ipo are tested against
+                  these formulas and sigmoid against TRL.
+
+Chosen and rejected answers of a micro-batch go through the model in one forward pass (chosen rows
+first). Every loss is a mean over pairs, and the loop weighs each micro-batch by its pairs, so any
+split into micro-batches and processes gives the same step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.data.preference import TokenizedPair, TokenizeStats, encode_answer, encode_prompt, read_pairs, tokenize_pairs
+from lmforge.errors import LmforgeError
+from lmforge.model.checkpoint import load_model
+from lmforge.model.encoder import Encoder
+from lmforge.model.gpt import GPT
+from lmforge.model.heads import attach_head
+from lmforge.model.lora import adapters_off
+from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
+from lmforge.train.config import DPOConfig, RewardConfig
+from lmforge.train.finetune import FIXED_ON_RESUME, ExampleBatches, Finetune, _pad, _to
+from lmforge.train.loop import Distributed, resolve_config, train
+from lmforge.utils import warn
+
+REFERENCE_CACHE = "reference_logps.safetensors"
+
+
+class PairObjective(Finetune):
+    """What the reward model and DPO share: pairs read, tokenised, batched and evaluated."""
+
+    metric_names: tuple[str, ...] = ("reward_chosen", "reward_rejected", "reward_accuracy", "reward_margin")
+
+    def read_val(self, path: str, task: str) -> list:
+        return read_pairs(path, self.config.skip_bad_lines).rows
+
+    def setup(self, train_rows: list, val_rows: list) -> None:
+        self.chat = isinstance(train_rows[0]["prompt"], list)
+        self.train_pairs = self.featurize(train_rows, "training")
+        self.val_pairs = self.featurize(val_rows, "validation")
+        if not self.train_pairs:
+            raise LmforgeError(f"no training pair fits max_length {self.max_length} tokens; raise --max-length")
+        self.n_train, self.n_val = len(self.train_pairs), len(self.val_pairs)
+
+    def featurize(self, rows: list, split: str) -> list:
+        pairs, stats = tokenize_pairs(self.tokenizer, rows, self.max_length, self.config.truncation)
+        self.report(stats, split)
+        return pairs
+
+    def report(self, stats: TokenizeStats, split: str) -> None:
+        summary = stats.summary(self.max_length)
+        if summary:
+            print(f"{split} pairs: {summary}", flush=True)
+
+    def pad_id(self) -> int:
+        pad = getattr(self.model.config, "pad_token_id", None)
+        if pad is None:
+            pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (self.tokenizer.eos_id or 0)
+        return pad
+
+    def collate(self, indices: list[int], pairs=None) -> dict:
+        """Chosen rows then rejected rows, right-padded; ``labels`` hold each answer token at the position
+        that predicts it (-100 elsewhere)."""
+        pairs = self.train_pairs if pairs is None else pairs
+        chosen = [pairs[i] for i in indices]
+        seqs = [p.prompt + p.chosen for p in chosen] + [p.prompt + p.rejected for p in chosen]
+        starts = [len(p.prompt) for p in chosen] * 2
+        ids = _pad(seqs, self.pad_id())
+        lengths = torch.tensor([len(s) for s in seqs])
+        position = torch.arange(ids.size(1))[None]
+        answer = (position >= torch.tensor(starts)[:, None]) & (position < lengths[:, None])
+        labels = torch.full_like(ids, -100)
+        labels[:, :-1] = torch.where(answer[:, 1:], ids[:, 1:], -100)
+        return {"ids": ids, "labels": labels, "lengths": lengths,
+                "margin": torch.tensor([p.margin for p in chosen], dtype=torch.float32),
+                "index": torch.tensor(indices)}
+
+    def batches(self, rank: int, world_size: int):
+        c = self.config
+        return ExampleBatches(self.n_train, c.micro_batch_size, c.seed, rank, world_size, c.grad_accum_steps, self.collate)
+
+    def loss_weight(self, batch) -> float:
+        return batch["margin"].numel()  # pairs
+
+    def batch_tokens(self, batch) -> int:
+        return int(batch["lengths"].sum())
+
+    def pair_loss(self, model, batch, split: str = "train"):
+        raise NotImplementedError
+
+    def loss(self, model, batch):
+        return self.pair_loss(model, batch, "train")
+
+    @torch.no_grad()
+    def evaluate(self, dist_: Distributed, autocast) -> dict | None:
+        """The loss and metrics over every validation pair (each rank its share, summed)."""
+        if not self.val_pairs:
+            return None
+        self.model.eval()
+        mine = list(range(self.n_val))[dist_.rank :: dist_.world_size]
+        sums = {k: torch.zeros((), device=self.device) for k in ("loss", *self.metric_names)}  # the same on every rank
+        for i in range(0, len(mine), self.config.micro_batch_size):
+            batch = _to(self.collate(mine[i : i + self.config.micro_batch_size], self.val_pairs), self.device)
+            with autocast:
+                loss, metrics = self.pair_loss(self.model, batch, "val")
+            n = batch["margin"].numel()
+            for key, value in {"loss": loss, **metrics}.items():
+                sums[key] += value.float() * n
+        self.model.train()
+        names = list(sums)
+        totals = dist_.all_sum(torch.stack([*sums.values(), torch.tensor(float(len(mine)), device=self.device)]))
+        return {f"val_{k}": (totals[i] / totals[-1]).item() for i, k in enumerate(names)}
+
+    def format_eval(self, record: dict) -> str:
+        return (f"val loss {record['val_loss']:.4f}, pair accuracy {record['val_reward_accuracy']:.4f}, "
+                f"reward margin {record['val_reward_margin']:.4f}")
+
+    def save_tokenizer(self) -> Tokenizer:
+        if self.chat and not self.tokenizer.chat_template:
+            self.tokenizer.config["chat_template"] = DEFAULT_CHAT_TEMPLATE  # what the pairs were rendered with
+        return self.tokenizer
+
+
+def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    return {"reward_chosen": chosen.mean(), "reward_rejected": rejected.mean(),
+            "reward_accuracy": (chosen > rejected).float().mean(), "reward_margin": (chosen - rejected).mean()}
+
+
+# -- the reward model ---------------------------------------------------------------------------
+
+
+class RewardModel(PairObjective):
+    task = "reward"
+    head = "sequence_classification"
+
+    def attach(self, model) -> None:
+        if getattr(model.config, "head", None) == self.head and model.config.num_labels == 1:
+            return  # already a reward model: train it on
+        if isinstance(model, GPT):
+            tok = self.tokenizer_of(model)
+            pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+            attach_head(model, self.head, 1, ("reward",), pad)
+        else:
+            # transformers' BertForSequenceClassification reads the pooler; without one, the [CLS] token
+            pooling = self.config.pooling if self.config.pooling != "auto" else ("pooler" if model.pooler is not None else "first")
+            attach_head(model, self.head, 1, ("reward",), None, pooling)
+
+    @staticmethod
+    def tokenizer_of(model) -> Tokenizer:
+        from lmforge.model.checkpoint import load_tokenizer_for
+
+        return load_tokenizer_for(model)
+
+    def load(self, checkpoint):
+        model = super().load(checkpoint)
+        c = model.config
+        if getattr(c, "head", None) != self.head or getattr(c, "num_labels", None) != 1:
+            raise LmforgeError(f"{checkpoint} is not a reward model (one score); start a new run")
+        return model
+
+    def featurize(self, rows: list, split: str) -> list:
+        if isinstance(self.model, GPT):
+            return super().featurize(rows, split)
+        return self.encoder_pairs(rows, split)
+
+    def encoder_pairs(self, rows: list, split: str) -> list:
+        """[CLS] prompt [SEP] answer [SEP] for each answer; the prompt cut from the left to fit."""
+        stats, out = TokenizeStats(), []
+        for row in rows:
+            encoded = [encoder_input(self.tokenizer, row["prompt"], row[k]) for k in ("chosen", "rejected")]
+            longest = max(len(ids) for ids, _, _ in encoded)
+            excess = longest - self.max_length
+            prompt_len = min(n for _, _, n in encoded)
+            if excess > 0 and (self.config.truncation == "drop" or excess >= prompt_len):
+                stats.dropped += 1
+                continue
+            if excess > 0:
+                stats.truncated += 1
+                encoded = [(ids[:1] + ids[1 + excess:], types[:1] + types[1 + excess:], n - excess) for ids, types, n in encoded]
+            (c, ct, _), (r, rt, _) = encoded
+            out.append((c, ct, r, rt, float(row.get("margin", 0.0))))
+        self.report(stats, split)
+        return out
+
+    def collate(self, indices: list[int], pairs=None) -> dict:
+        pairs = self.train_pairs if pairs is None else pairs
+        if isinstance(self.model, GPT):
+            return super().collate(indices, pairs)
+        chosen = [pairs[i] for i in indices]
+        seqs = [p[0] for p in chosen] + [p[2] for p in chosen]
+        types = [p[1] for p in chosen] + [p[3] for p in chosen]
+        lengths = torch.tensor([len(s) for s in seqs])
+        return {"ids": _pad(seqs, self.model.config.pad_token_id or 0), "types": _pad(types, 0), "lengths": lengths,
+                "mask": (torch.arange(max(map(len, seqs)))[None] < lengths[:, None]).long(),
+                "margin": torch.tensor([p[4] for p in chosen], dtype=torch.float32)}
+
+    @staticmethod
+    def rewards(model, batch) -> torch.Tensor:
+        if "mask" in batch:
+            return model(batch["ids"], batch["mask"], batch["types"]).logits.squeeze(-1).float()
+        return model(batch["ids"]).squeeze(-1).float()
+
+    def pair_loss(self, model, batch, split: str = "train"):
+        chosen, rejected = self.rewards(model, batch).chunk(2)
+        loss = -F.logsigmoid(chosen - rejected - batch["margin"]).mean()
+        if self.config.center_rewards > 0:
+            loss = loss + self.config.center_rewards * ((chosen + rejected) ** 2).mean()
+        return loss, {k: v.detach() for k, v in pair_metrics(chosen, rejected).items()}
+
+
+def encoder_input(tokenizer: Tokenizer, prompt, answer) -> tuple[list[int], list[int], int]:
+    """(ids, token types, tokens before the first answer token) of [CLS] prompt [SEP] answer [SEP]."""
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True) if isinstance(prompt, list) else prompt
+    answer_text = "\n".join(m["content"] for m in answer) if isinstance(answer, list) else answer
+    enc = tokenizer.hf.encode(prompt_text, answer_text, add_special_tokens=True)
+    first_answer = next((i for i, s in enumerate(enc.sequence_ids) if s == 1), len(enc.ids))
+    return enc.ids, enc.type_ids, first_answer - 1  # the [CLS] token is not the prompt's
+
+
+# -- DPO ----------------------------------------------------------------------------------------
+
+
+def answer_logps(model, batch) -> torch.Tensor:
+    """Each row's sequence log-probability of its answer: the sum over the answer's tokens."""
+    logits = model(batch["ids"])
+    labels = batch["labels"]
+    per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    return -per_token.view(labels.shape).sum(-1)
+
+
+def dpo_loss(h: torch.Tensor, loss: str, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair loss from h = chosen log-ratio minus rejected log-ratio (see the module's docstring)."""
+    if loss == "sigmoid":
+        return -F.logsigmoid(beta * h)
+    if loss == "cdpo":
+        return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    if loss == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    raise LmforgeError(f"unknown DPO loss {loss!r}; use sigmoid, ipo or cdpo")
+
+
+class DPO(PairObjective):
+    task = "dpo"
+    metric_names = PairObjective.metric_names + ("logp_chosen", "logp_rejected")
+
+    def __init__(self, config: DPOConfig, device, checkpoint, pairs):
+        self.checkpoint = checkpoint
+        super().__init__(config, device, checkpoint, pairs)
+
+    def load(self, checkpoint):
+        model = super().load(checkpoint)
+        if not isinstance(model, GPT) or model.score is not None:
+            what = "an encoder" if not isinstance(model, GPT) else "a classifier or reward model (it has a score head)"
+            raise LmforgeError(f"DPO trains a causal language model; {self.config.model} is {what}")
+        return model
+
+    def setup(self, train_rows: list, val_rows: list) -> None:
+        super().setup(train_rows, val_rows)
+        c = self.config
+        self.reference = c.reference if c.reference != "auto" else ("adapter" if c.method == "lora" else "copy")
+        self.ref_model = None
+        self.ref_logps: dict[str, torch.Tensor] = {}
+        if self.reference == "copy":
+            self.ref_model = self.base_model()
+        elif self.reference == "precomputed":
+            self.ref_logps = self.precomputed()
+
+    def base_model(self):
+        """The frozen reference: the model the run started from (never a resumed checkpoint)."""
+        model = load_model(self.config.model, self.device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.eval()
+
+    def cache_key(self) -> str:
+        digest = hashlib.sha256(str(Path(self.config.model).resolve()).encode())
+        for pairs in (self.train_pairs, self.val_pairs):
+            for p in pairs:
+                digest.update(repr((p.prompt, p.chosen, p.rejected)).encode())
+        return digest.hexdigest()
+
+    def precomputed(self) -> dict[str, torch.Tensor]:
+        """Reference log-probs of every pair, computed once (or read back from the run folder)."""
+        from safetensors import safe_open
+
+        cache = Path(self.config.out) / REFERENCE_CACHE
+        if self.checkpoint is not None and cache.exists():
+            with safe_open(cache, "pt") as f:
+                if (f.metadata() or {}).get("key") == self.cache_key():
+                    return {name: f.get_tensor(name) for name in f.keys()}
+        if self.checkpoint is None and not getattr(self.model, "lora", None):
+            model = self.model  # a fresh run: the policy is still the reference
+        else:
+            model = self.base_model() if self.config.method != "lora" else self.model
+        out = {}
+        was_training = self.model.training
+        with torch.no_grad(), adapters_off(model):
+            model.eval()
+            for name, pairs in (("train", self.train_pairs), ("val", self.val_pairs)):
+                values = []
+                for i in range(0, len(pairs), self.config.micro_batch_size):
+                    batch = _to(self.collate(list(range(i, min(i + self.config.micro_batch_size, len(pairs)))), pairs),
+                                self.device)
+                    values.append(answer_logps(model, batch).view(2, -1).T.cpu())
+                out[name] = torch.cat(values) if values else torch.zeros(0, 2)
+        self.model.train(was_training)
+        return out
+
+    def write_run_files(self, out: Path) -> None:
+        if self.reference == "precomputed":
+            from safetensors.torch import save_file
+
+            from lmforge.utils import atomic_dir
+
+            # save_file writes in place: write to a temporary folder, then move the file over
+            with atomic_dir(out / ".reference_tmp") as tmp:
+                save_file({k: v.contiguous() for k, v in self.ref_logps.items()}, tmp / REFERENCE_CACHE,
+                          metadata={"key": self.cache_key()})
+            os.replace(out / ".reference_tmp" / REFERENCE_CACHE, out / REFERENCE_CACHE)
+            (out / ".reference_tmp").rmdir()
+
+    def reference_logps(self, batch, split: str) -> torch.Tensor:
+        if self.reference == "precomputed":
+            table = self.ref_logps["train" if split == "train" else "val"]
+            rows = table[batch["index"].cpu()].to(self.device)
+            return torch.cat([rows[:, 0], rows[:, 1]])
+        with torch.no_grad():
+            if self.reference == "adapter":
+                with adapters_off(self.model):
+                    return answer_logps(self.model, batch)
+            return answer_logps(self.ref_model, batch)
+
+    def pair_loss(self, model, batch, split: str = "train"):
+        c = self.config
+        logps = answer_logps(model, batch)
+        ref = self.reference_logps(batch, split)
+        chosen, rejected = logps.chunk(2)
+        ref_chosen, ref_rejected = ref.float().chunk(2)
+        h = (chosen - ref_chosen) - (rejected - ref_rejected)
+        loss = dpo_loss(h, c.loss, c.beta, c.label_smoothing).mean()
+        metrics = pair_metrics(c.beta * (chosen - ref_chosen).detach(), c.beta * (rejected - ref_rejected).detach())
+        metrics.update(logp_chosen=chosen.detach().mean(), logp_rejected=rejected.detach().mean())
+        return loss, metrics
+
+    def format_eval(self, record: dict) -> str:
+        return (f"val loss {record['val_loss']:.4f}, preference accuracy {record['val_reward_accuracy']:.4f}, "
+                f"margin {record['val_reward_margin']:.4f}, log p chosen {record['val_logp_chosen']:.2f}, "
+                f"rejected {record['val_logp_rejected']:.2f}")
+
+
+# -- the Python API -----------------------------------------------------------------------------
+
+
+def _run(objective, cls, config, resume: bool, overwrite: bool, progress: bool, overrides: dict) -> dict:
+    config = resolve_config(config, resume, overrides, cls=cls)
+    pairs = read_pairs(config.train, config.skip_bad_lines)
+    if pairs.skipped:
+        warn(f"skipped {pairs.skipped} malformed pair(s) of {config.train} (lines {pairs.skipped_lines[:5]}"
+             f"{' ...' if pairs.skipped > 5 else ''})")
+    return train(config, lambda c, device, ckpt: objective(c, device, ckpt, pairs), resume=resume,
+                 overwrite=overwrite, progress=progress, fixed_on_resume=FIXED_ON_RESUME + ("reference", "loss"))
+
+
+def train_reward(config: RewardConfig | dict | str | os.PathLike | None = None, *, resume: bool = False,
+                 overwrite: bool = False, progress: bool = True, **overrides) -> dict:
+    """Train a reward model on preference pairs; returns the loop's summary (run folder, last evaluation, ...)."""
+    return _run(RewardModel, RewardConfig, config, resume, overwrite, progress, overrides)
+
+
+def dpo(config: DPOConfig | dict | str | os.PathLike | None = None, *, resume: bool = False,
+        overwrite: bool = False, progress: bool = True, **overrides) -> dict:
+    """Train a causal LM on preference pairs with DPO (or IPO, cDPO); returns the loop's summary."""
+    return _run(DPO, DPOConfig, config, resume, overwrite, progress, overrides)
+
+
+@torch.no_grad()
+def reward_scores(model, rows: list[dict], tokenizer: Tokenizer | None = None, batch_size: int = 16,
+                  max_length: int | None = None, device=None) -> list[float]:
+    """Rewards of ``rows`` ``{"prompt", "answer"}`` (strings or message lists) from a reward model: a folder
+    (a model, an adapter or a run) or a loaded model; batched. A prompt too long is cut from the left."""
+    from lmforge.model.checkpoint import load_tokenizer_for
+
+    if not isinstance(model, torch.nn.Module):
+        model = load_model(model, device or "cpu")
+    c = model.config
+    if getattr(c, "head", None) != "sequence_classification" or getattr(c, "num_labels", None) != 1:
+        raise LmforgeError(f"{getattr(model, 'source', 'the model')} is not a reward model (a sequence classification "
+                           f"head with one output); train one with `lmforge reward`")
+    tokenizer = tokenizer or load_tokenizer_for(model)
+    model.eval()
+    device = next(model.parameters()).device
+    limit = min(max_length or c.block_size, c.block_size)
+    stats = TokenizeStats()
+    inputs = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
+            raise LmforgeError(f"row {i + 1}: expected {{\"prompt\": ..., \"answer\": ...}}")
+        if isinstance(model, Encoder):
+            ids, types, prompt_len = encoder_input(tokenizer, row["prompt"], row["answer"])
+            excess = len(ids) - limit
+            if excess > 0:
+                if excess >= prompt_len:
+                    raise LmforgeError(f"row {i + 1}: the answer alone is longer than {limit} tokens")
+                ids, types = ids[:1] + ids[1 + excess:], types[:1] + types[1 + excess:]
+            inputs.append((ids, types))
+            continue
+        text, prompt_ids, end = encode_prompt(tokenizer, row["prompt"])
+        answer = encode_answer(tokenizer, row["prompt"], text, prompt_ids, row["answer"], end, stats)
+        excess = len(prompt_ids) + len(answer) - limit
+        if excess >= len(prompt_ids):
+            raise LmforgeError(f"row {i + 1}: the answer alone is longer than {limit} tokens")
+        inputs.append((prompt_ids[max(excess, 0):] + answer, None))
+    scores = []
+    pad = c.pad_token_id if c.pad_token_id is not None else 0
+    for i in range(0, len(inputs), batch_size):
+        chunk = inputs[i : i + batch_size]
+        ids = _pad([x[0] for x in chunk], pad).to(device)
+        if isinstance(model, Encoder):
+            lengths = torch.tensor([len(x[0]) for x in chunk], device=device)
+            mask = (torch.arange(ids.size(1), device=device)[None] < lengths[:, None]).long()
+            out = model(ids, mask, _pad([x[1] for x in chunk], 0).to(device)).logits
+        else:
+            out = model(ids)
+        scores += out.squeeze(-1).float().tolist()
+    return scores
+
+
+__all__ = ["RewardModel", "DPO", "train_reward", "dpo", "reward_scores", "dpo_loss", "answer_logps", "TokenizedPair"]
