@@ -186,6 +186,8 @@ def cmd_reward_score(args) -> None:
     from lmforge.train.preference import reward_scores
     from lmforge.utils import pick_device
 
+    if args.batch_size < 1:
+        raise LmforgeError("--batch-size must be at least 1")
     if bool(args.input) == (args.prompt is not None or args.answer is not None):
         raise LmforgeError("give either --prompt and --answer, or --input FILE of {\"prompt\", \"answer\"} rows")
     if args.input:

@@ -280,10 +280,13 @@ class GPT(nn.Module):
         last_only: bool = False,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        select: torch.Tensor | None = None,
     ):
         """Token ids ``idx`` (B, T) → logits (B, T, vocab); positions and masking as in ``hidden_states``.
 
-        With ``last_only`` only the last position's logits (B, 1, vocab) are computed (generation).
+        With ``last_only`` only the last position's logits (B, 1, vocab) are computed (generation); with
+        ``select``, a boolean (B, T), only those positions' logits (N, vocab), in row-major order (losses
+        on answer tokens: the vocabulary projection is skipped where nothing is learned).
         With ``targets`` (B, T; -100 is ignored) returns ``(logits, mean cross-entropy)``.
         A model with a classification head returns its scores (B, num_labels) instead (``targets``: labels (B,)).
         """
@@ -292,6 +295,8 @@ class GPT(nn.Module):
             return self._classify(idx, x, targets)
         if last_only:
             x = x[:, -1:]
+        elif select is not None:
+            x = x[select]
         logits = self.lm_logits(x)
         if targets is None:
             return logits

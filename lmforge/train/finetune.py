@@ -323,10 +323,9 @@ class SFT(Finetune):
         return ExampleBatches(self.n_train, *args, collate=self.collate)
 
     def loss(self, model, batch) -> torch.Tensor:
-        logits = model(batch["ids"], positions=batch.get("positions"), attn_mask=batch.get("attn_mask"))
-        labels = batch["labels"].flatten()
-        total = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=-100, reduction="sum")
-        return total / max(int((labels != -100).sum()), 1)
+        learned = batch["labels"] != -100  # logits only where a token is learned (not the prompts)
+        logits = model(batch["ids"], positions=batch.get("positions"), attn_mask=batch.get("attn_mask"), select=learned)
+        return F.cross_entropy(logits.float(), batch["labels"][learned], reduction="sum") / max(int(learned.sum()), 1)
 
     def loss_weight(self, batch) -> float:
         # Examples differ in length: the step's loss is the mean over every learned token of the step, so

@@ -240,10 +240,12 @@ def encoder_input(tokenizer: Tokenizer, prompt, answer) -> tuple[list[int], list
 
 def answer_logps(model, batch) -> torch.Tensor:
     """Each row's sequence log-probability of its answer: the sum over the answer's tokens."""
-    logits = model(batch["ids"])
     labels = batch["labels"]
-    per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
-    return -per_token.view(labels.shape).sum(-1)
+    learned = labels != -100
+    logits = model(batch["ids"], select=learned)  # (answer tokens, vocab): nothing spent on the prompts
+    per_token = F.cross_entropy(logits.float(), labels[learned], reduction="none")
+    row = torch.arange(labels.size(0), device=labels.device)[:, None].expand_as(labels)[learned]
+    return torch.zeros(labels.size(0), device=labels.device).index_add(0, row, -per_token)
 
 
 def dpo_loss(h: torch.Tensor, loss: str, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -413,6 +415,7 @@ def reward_scores(model, rows: list[dict], tokenizer: Tokenizer | None = None, b
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
             raise LmforgeError(f"row {i + 1}: expected {{\"prompt\": ..., \"answer\": ...}}")
+        row = _scoring_row(row, i)
         if isinstance(model, Encoder):
             ids, types, prompt_len = encoder_input(tokenizer, row["prompt"], row["answer"])
             excess = len(ids) - limit
@@ -441,6 +444,24 @@ def reward_scores(model, rows: list[dict], tokenizer: Tokenizer | None = None, b
             out = model(ids)
         scores += out.squeeze(-1).float().tolist()
     return scores
+
+
+def _scoring_row(row: dict, i: int) -> dict:
+    """A ``{"prompt", "answer"}`` row checked: strings, or a message-list prompt with a string (the
+    assistant's reply) or message-list answer."""
+    from lmforge.data.preference import _messages_problem
+
+    prompt, answer = row["prompt"], row["answer"]
+    if isinstance(prompt, list):
+        if isinstance(answer, str):
+            answer = [{"role": "assistant", "content": answer}]
+        problem = _messages_problem(prompt, "prompt") or _messages_problem(answer, "answer")
+    else:
+        problem = None if isinstance(prompt, str) and isinstance(answer, str) else \
+            "'prompt' and 'answer' must be strings, or the prompt a list of messages"
+    if problem:
+        raise LmforgeError(f"row {i + 1}: {problem}")
+    return {"prompt": prompt, "answer": answer}
 
 
 __all__ = ["RewardModel", "DPO", "train_reward", "dpo", "reward_scores", "dpo_loss", "answer_logps", "TokenizedPair"]
