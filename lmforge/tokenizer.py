@@ -98,6 +98,11 @@ class Tokenizer:
             config.setdefault("bos_token", eos)
         if self.pad_id is not None:
             config.setdefault("pad_token", self.hf.id_to_token(self.pad_id))
+        pair_template = type(self.hf.post_processor).__name__ in ("BertProcessing", "TemplateProcessing")
+        if pair_template and any(self.hf.encode("a", "b").type_ids):
+            # A BERT-style pair template: without this, transformers 5's PreTrainedTokenizerFast returns no
+            # token_type_ids and a (prompt, answer) pair scores differently there than here.
+            config.setdefault("model_input_names", ["input_ids", "token_type_ids", "attention_mask"])
         atomic_write_json(folder / "tokenizer_config.json", config)
 
     # -- chat ----------------------------------------------------------------------------------
