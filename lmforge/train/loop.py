@@ -561,7 +561,8 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         bad_steps = 0 if finite else bad_steps + 1
         skipped_steps += not finite
         step += 1
-        step_tokens *= dist_.world_size
+        if dist_.enabled:  # ranks' micro-batches differ in length (examples, pairs): count them all
+            step_tokens = int(dist_.all_sum(torch.tensor(step_tokens, dtype=torch.int64, device=device)).item())
         tokens_seen += step_tokens
         dt = time.perf_counter() - t0
         elapsed += dt
