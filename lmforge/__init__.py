@@ -31,6 +31,8 @@ _API = {
     "reward_scores": "lmforge.train.preference",
     "RewardConfig": "lmforge.train.config",
     "DPOConfig": "lmforge.train.config",
+    "rl": "lmforge.train.rl",
+    "RLConfig": "lmforge.train.config",
     "classify": "lmforge.eval.fewshot",
     "generate": "lmforge.infer.generate",
     "SamplingParams": "lmforge.infer.generate",

@@ -179,6 +179,16 @@ def cmd_dpo(args, extra: list[str]) -> None:
         print(f"done: {summary['steps']} steps; latest checkpoint {summary['checkpoint']}")
 
 
+def cmd_rl(args, extra: list[str]) -> None:
+    from lmforge.train.config import RLConfig, parse_overrides
+    from lmforge.train.rl import rl
+
+    summary = rl(args.config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                 **parse_overrides(extra, RLConfig))
+    if summary["checkpoint"] and not summary.get("already_done"):
+        print(f"done: {summary['steps']} steps; latest checkpoint {summary['checkpoint']}")
+
+
 def cmd_reward_score(args) -> None:
     import json
 
@@ -514,16 +524,19 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
     ft.set_defaults(func=cmd_finetune)
 
-    from lmforge.train.config import DPOConfig, RewardConfig
+    from lmforge.train.config import DPOConfig, RewardConfig, RLConfig
 
-    for name, cls, func, what in (
-        ("reward", RewardConfig, cmd_reward, "train a reward model on preference pairs (Bradley-Terry)"),
-        ("dpo", DPOConfig, cmd_dpo, "align a causal LM with preference pairs: DPO, IPO or conservative DPO"),
+    pairs = ('from JSONL/CSV/Parquet rows {"prompt", "chosen", "rejected"} (strings or message lists; '
+             'optional "margin")')
+    for name, cls, func, what, source in (
+        ("reward", RewardConfig, cmd_reward, "train a reward model on preference pairs (Bradley-Terry)", pairs),
+        ("dpo", DPOConfig, cmd_dpo, "align a causal LM with preference pairs: DPO, IPO or conservative DPO", pairs),
+        ("rl", RLConfig, cmd_rl, "improve a causal LM against a reward: PPO, GRPO, RLOO or REINFORCE",
+         'from JSONL/CSV/Parquet prompts {"prompt", other fields for the reward}'),
     ):
         sp = sub.add_parser(
             name, help=what, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-            description=f"{what[0].upper()}{what[1:]}, from JSONL/CSV/Parquet rows "
-                        '{"prompt", "chosen", "rejected"} (strings or message lists; optional "margin").\n'
+            description=f"{what[0].upper()}{what[1:]}, {source}.\n"
                         "Any config key can be given as --key value; these override --config.",
             epilog=_config_keys_help(cls),
         )
@@ -680,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     _clean_text_arguments(args)
-    takes_keys = (cmd_pretrain, cmd_finetune, cmd_reward, cmd_dpo, cmd_baseline, cmd_lm_eval)
+    takes_keys = (cmd_pretrain, cmd_finetune, cmd_reward, cmd_dpo, cmd_rl, cmd_baseline, cmd_lm_eval)
     if extra and args.func not in takes_keys:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

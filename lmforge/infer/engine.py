@@ -65,6 +65,7 @@ class Sequence:
         self.top_logprobs: list[list[tuple[int, float]]] = []
         self.finished = False
         self.finish_reason: str | None = None
+        self.stop_token: int | None = None  # the stop token that ended it (not part of ``tokens``)
         self.stop_ids = stop_ids
         self.text_stream = Detokenizer(tokenizer, p.stop)
         self.generator = None
@@ -105,6 +106,7 @@ class Sequence:
     def accept(self, token: int, logprob, top, context: int) -> Event:
         p = self.request.params
         if token in self.stop_ids:
+            self.stop_token = token
             self._finish("stop")
             return Event(self, token, self.text_stream.finish(), True, logprob, top)
         self.tokens.append(token)

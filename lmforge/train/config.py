@@ -252,6 +252,108 @@ class DPOConfig(FinetuneConfig):
                 raise LmforgeError(f"bad config: {message}")
 
 
+@dataclass
+class RLConfig(FinetuneConfig):
+    """`lmforge rl`: reinforcement learning from a reward (PPO, GRPO, RLOO, REINFORCE), through the same loop.
+
+    One rollout (per process) is ``minibatches x grad_accum_steps x micro_batch_size`` completions,
+    ``num_generations`` per prompt; it serves ``ppo_epochs x minibatches`` optimizer steps."""
+
+    IGNORED: ClassVar[dict[str, str]] = {
+        **FinetuneConfig.IGNORED,
+        "task": "the prompts file holds prompts", "labels": "RL trains a language model",
+        "packing": "completions are scored whole", "pooling": "RL trains a language model",
+        "max_length": "prompts keep their last (context - max_new_tokens) tokens",
+        "val_fraction": "held-out prompts come from --val",
+        "epochs": "RL runs max_steps optimizer steps (each rollout serves ppo_epochs x minibatches of them)",
+    }
+
+    out: str = setting("runs/rl", "the run folder: config, metrics, samples, checkpoints, the policy")
+    train: str = setting("", 'JSONL/CSV/Parquet prompts {"prompt": text or messages, other fields...} (required)')
+    val: str = setting("", "held-out prompts, scored with greedy completions at each evaluation")
+    val_fraction: float = setting(0.0, "(not used: held-out prompts come from --val)")
+    method: str = setting("full", "full (every weight) or lora (adapters; the reference is the base)",
+                      choices=("full", "lora"))
+    algo: str = setting("grpo", "ppo, grpo, rloo or reinforce", choices=("ppo", "grpo", "rloo", "reinforce"))
+    reward: str = setting("", "exact, arithmetic, regex:PATTERN, model:DIR or MODULE:FUNCTION (runs your code); "
+                          "several joined with ;")
+    reward_weights: str = setting("", "weights of the rewards, joined with ; (default: 1 each)")
+    reward_errors: str = setting("stop", "a reward that raises or is NaN/inf: stop, or penalty (scored error_penalty)",
+                             choices=("stop", "penalty"))
+    error_penalty: float = setting(-1.0, "the reward of a completion whose reward failed (reward_errors penalty)")
+    missing_eos_penalty: float = setting(0.0, "subtracted from the reward of a completion cut at max_new_tokens")
+    num_generations: int = setting(4, "completions per prompt (G): GRPO's group, RLOO's leave-one-out set")
+    max_new_tokens: int = setting(64, "most tokens in a completion")
+    temperature: float = setting(1.0, "sampling temperature of the rollouts")
+    top_k: int = setting(0, "rollouts sample from the k most likely tokens (0: all)")
+    top_p: float = setting(1.0, "rollouts' nucleus sampling")
+    stop: str = setting("", "stop strings joined with ; (the end-of-turn / end-of-text token always stops)")
+    minibatches: int = setting(1, "optimizer steps per pass over a rollout")
+    ppo_epochs: int = setting(0, "passes over each rollout (0: 4 for ppo, 1 otherwise)")
+    kl_coef: float = setting(-1.0, "beta of the KL penalty to the reference (-1: 0.05 for ppo and rloo, 0 for grpo "
+                             "and reinforce)")
+    kl_estimator: str = setting("k1", "ppo/rloo/reinforce: the per-token KL in the reward, k1 (log ratio) or k3",
+                            choices=("k1", "k3"))
+    target_kl: float = setting(0.0, "adaptive KL controller (Ziegler et al.): its target KL per completion; 0: off")
+    kl_horizon: int = setting(10000, "adaptive KL controller's horizon, in completions")
+    clip_eps: float = setting(0.2, "PPO/GRPO clip range: ratio kept in [1 - eps, 1 + eps_high]")
+    clip_eps_high: float = setting(0.0, "the upper clip range (clip-higher, DAPO); 0: clip_eps")
+    loss_norm: str = setting("grpo", "GRPO's loss normalisation: grpo (mean per completion, then over completions), "
+                             "bnpo / dapo (mean over the step's tokens), dr_grpo (sum / max_new_tokens)",
+                         choices=("grpo", "bnpo", "dapo", "dr_grpo"))
+    scale_rewards: str = setting("group", "GRPO: divide advantages by the std of the group, of the batch, or none",
+                             choices=("group", "batch", "none"))
+    gamma: float = setting(1.0, "PPO: discount")
+    lam: float = setting(0.95, "PPO: GAE lambda")
+    vf_coef: float = setting(0.1, "PPO: weight of the value loss")
+    value_clip: float = setting(0.2, "PPO: values kept within this of the rollout's values")
+    whiten_advantages: bool = setting(True, "PPO: advantages to mean 0, std 1 over the rollout")
+    critic: str = setting("auto", "PPO's critic: reward (a copy of the reward model), policy (a copy of the policy "
+                          "with a value head), shared (a value head on the policy's trunk); auto: reward if one "
+                          "reward is a model, else policy", choices=("auto", "reward", "policy", "shared"))
+    baseline_decay: float = setting(0.9, "REINFORCE: the moving-average baseline's decay")
+    sample_interval: int = setting(10, "write some prompts, completions and rewards to samples.jsonl every N steps")
+    dropout: float | None = setting(0.0, "dropout while training (off, so the rollout's log-probs are the policy's)")
+    lr: float = setting(1e-5, "peak learning rate of AdamW")
+    warmup_steps: int = setting(0, "steps of linear warmup from 0 to lr")
+    micro_batch_size: int = setting(8, "completions per process per forward pass")
+    eval_interval: int = setting(20, "score greedy completions of the --val prompts every N steps")
+
+    def validate(self) -> None:
+        super().validate()
+        rows = self.micro_batch_size * self.grad_accum_steps * self.minibatches
+        checks = [
+            (bool(self.reward), "reward is required: exact, arithmetic, regex:PATTERN, model:DIR or MODULE:FUNCTION"),
+            (self.num_generations >= 1, "num_generations must be at least 1"),
+            (self.algo not in ("grpo", "rloo") or self.num_generations >= 2,
+             f"{self.algo} compares completions of a prompt: num_generations must be at least 2"),
+            (rows % self.num_generations == 0,
+             f"a rollout of {rows} completions (micro_batch_size x grad_accum_steps x minibatches) must hold whole "
+             f"groups of num_generations {self.num_generations}"),
+            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (self.temperature > 0, "temperature must be positive (rollouts sample)"),
+            (0 < self.top_p <= 1 and self.top_k >= 0, "top_p must be in (0, 1] and top_k 0 or more"),
+            (self.minibatches >= 1 and self.ppo_epochs >= 0, "minibatches must be at least 1, ppo_epochs 0 or more"),
+            (self.clip_eps > 0 and self.clip_eps_high >= 0, "clip_eps must be positive"),
+            (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]"),
+            (0 <= self.baseline_decay < 1, "baseline_decay must be in [0, 1)"),
+            (self.sample_interval >= 1, "sample_interval must be at least 1"),
+            (self.kl_coef >= 0 or self.kl_coef == -1, "kl_coef must be 0 or more"),
+            (self.target_kl >= 0 and self.kl_horizon >= 1, "target_kl must be 0 or more, kl_horizon at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LmforgeError(f"bad config: {message}")
+
+    @property
+    def epochs_per_rollout(self) -> int:
+        return self.ppo_epochs or (4 if self.algo == "ppo" else 1)
+
+    @property
+    def beta(self) -> float:
+        return self.kl_coef if self.kl_coef >= 0 else (0.05 if self.algo in ("ppo", "rloo") else 0.0)
+
+
 def config_keys(cls=TrainConfig) -> list:
     """The dataclass fields of the keys ``cls``'s command takes (ignored ones left out)."""
     return [f for f in fields(cls) if f.name not in cls.IGNORED]

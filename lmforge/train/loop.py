@@ -470,6 +470,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
     precision = dist_.broadcast(_precision(config, objective, device) if dist_.is_main else None)
     use_bf16 = precision.dtype == "bfloat16"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    objective.autocast = autocast  # objectives that run the model outside the loop's steps (RL rollouts) use it too
     optimizer = make_optimizer(model, config, device)
     batches = objective.batches(dist_.rank, dist_.world_size)
     step, tokens_seen, elapsed = 0, 0, 0.0

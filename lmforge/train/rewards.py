@@ -1,0 +1,182 @@
+"""Rewards for reinforcement learning: each scores (prompt, completion, the prompt row's other fields).
+
+    model:DIR        a reward model (`lmforge reward`): its scalar score of the prompt and completion
+    exact            1 when the completion's final answer (its last number, else its first line) equals
+                     the row's "answer", else 0
+    arithmetic       the built-in arithmetic task's check: the first number of the completion is a + b,
+                     with a and b from the row ("a", "b") or from a prompt "A + B ="
+    regex:PATTERN    1 when the completion matches PATTERN (re.search), else 0: a format check
+    MODULE:FUNCTION  your function, called as FUNCTION(prompt=..., completion=..., **row_fields) -> float.
+                     This imports and runs your code (MODULE is found from the current folder or
+                     PYTHONPATH); lmforge does so only because you named it.
+
+Several are combined with ``;`` and weighted by ``reward_weights`` ("1;0.5"): the reward is the
+weighted sum. A reward that raises or returns NaN/inf stops the run naming the prompt, or (with
+``reward_errors: penalty``) is counted and scored ``error_penalty`` instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+import sys
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _final_answer(text: str) -> str:
+    numbers = _NUMBER.findall(text.replace(",", ""))
+    if numbers:
+        return numbers[-1]
+    return text.strip().split("\n")[0].strip()
+
+
+def exact_answer(prompt: str, completion: str, answer=None, **_) -> float:
+    if answer is None:
+        raise LmforgeError("the exact reward needs an \"answer\" field in every prompt row")
+    expected = str(answer).strip().replace(",", "")
+    got = _final_answer(completion)
+    try:
+        return float(float(got) == float(expected))
+    except ValueError:
+        return float(got == expected)
+
+
+def arithmetic(prompt: str, completion: str, a=None, b=None, answer=None, **_) -> float:
+    if answer is None:
+        if a is None or b is None:
+            match = re.search(r"(-?\d+)\s*\+\s*(-?\d+)\s*=?\s*$", prompt if isinstance(prompt, str) else "")
+            if not match:
+                raise LmforgeError("the arithmetic reward needs \"a\" and \"b\" (or \"answer\") fields, or a prompt "
+                                   "ending \"A + B =\"")
+            a, b = match.groups()
+        answer = int(a) + int(b)
+    first = _NUMBER.search(completion)
+    return float(first is not None and first.group() == str(answer))
+
+
+class Reward:
+    """One named reward with its weight."""
+
+    def __init__(self, name: str, weight: float, fn=None, batch_fn=None):
+        self.name, self.weight, self.fn, self.batch_fn = name, weight, fn, batch_fn
+
+    def __call__(self, prompts: list, completions: list[str], rows: list[dict]) -> list:
+        """Each value a float, or the exception it raised (the caller decides what an error costs)."""
+        if self.batch_fn is not None:
+            return self.batch_fn(prompts, completions)
+        out = []
+        for prompt, completion, row in zip(prompts, completions, rows):
+            fields = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
+            try:
+                out.append(self.fn(prompt=prompt, completion=completion, **fields))
+            except LmforgeError:
+                raise
+            except Exception as e:  # noqa: BLE001 (a user's function: reported by the caller, with the prompt)
+                out.append(e)
+        return out
+
+
+def _reward_model(path: str, device):
+    from lmforge.model.checkpoint import load_model, load_tokenizer_for
+    from lmforge.train.preference import reward_scores
+
+    if not Path(path).exists():
+        raise LmforgeError(f"reward model {path} does not exist")
+    model = load_model(path, device)
+    c = model.config
+    if getattr(c, "head", None) != "sequence_classification" or getattr(c, "num_labels", None) != 1:
+        raise LmforgeError(f"{path} is not a reward model (one score); train one with `lmforge reward`")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tokenizer = load_tokenizer_for(model)
+
+    def score(prompts, completions):
+        rows = [{"prompt": p, "answer": c} for p, c in zip(prompts, completions)]
+        return reward_scores(model, rows, tokenizer)
+
+    return score
+
+
+def _user_function(spec: str):
+    module_name, _, function = spec.rpartition(":")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise LmforgeError(f"reward {spec}: cannot import {module_name} ({e}); run from the folder that holds "
+                           f"{module_name}.py or add it to PYTHONPATH") from None
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise LmforgeError(f"reward {spec}: {module_name} has no function {function}")
+    return fn
+
+
+def parse_rewards(spec: str, weights: str = "", device="cpu") -> list[Reward]:
+    """The rewards named by ``spec`` ("exact;model:runs/rm;mymodule:score") with ``weights`` ("1;0.5;2")."""
+    names = [s.strip() for s in spec.split(";") if s.strip()]
+    if not names:
+        raise LmforgeError("no reward given: set --reward (exact, arithmetic, regex:PATTERN, model:DIR or "
+                           "MODULE:FUNCTION; several joined with ;)")
+    values = [w.strip() for w in weights.split(";") if w.strip()] if weights else ["1"] * len(names)
+    if len(values) != len(names):
+        raise LmforgeError(f"--reward-weights has {len(values)} value(s) for {len(names)} reward(s)")
+    try:
+        values = [float(v) for v in values]
+    except ValueError:
+        raise LmforgeError(f"--reward-weights must be numbers joined with ;, not {weights!r}") from None
+    rewards = []
+    for name, weight in zip(names, values):
+        if name == "exact":
+            rewards.append(Reward(name, weight, exact_answer))
+        elif name == "arithmetic":
+            rewards.append(Reward(name, weight, arithmetic))
+        elif name.startswith("regex:"):
+            try:
+                pattern = re.compile(name[len("regex:"):])
+            except re.error as e:
+                raise LmforgeError(f"reward {name}: not a valid regular expression ({e})") from None
+            rewards.append(Reward(name, weight, lambda completion, _p=pattern, **_: float(bool(_p.search(completion)))))
+        elif name.startswith("model:") or Path(name).is_dir():
+            rewards.append(Reward(name, weight, batch_fn=_reward_model(name.removeprefix("model:"), device)))
+        elif ":" in name:
+            rewards.append(Reward(name, weight, _user_function(name)))
+        else:
+            raise LmforgeError(f"unknown reward {name!r}: use exact, arithmetic, regex:PATTERN, model:DIR or "
+                               f"MODULE:FUNCTION")
+    return rewards
+
+
+def score(rewards: list[Reward], prompts: list, completions: list[str], rows: list[dict], on_error: str,
+          penalty: float) -> tuple[list[float], dict[str, list[float]], int]:
+    """(total reward of each completion, each reward's values, how many values were errors)."""
+    totals = [0.0] * len(completions)
+    parts: dict[str, list[float]] = {}
+    errors = 0
+    for reward in rewards:
+        values = reward(prompts, completions, rows)
+        clean = []
+        for i, value in enumerate(values):
+            bad = isinstance(value, Exception)
+            if not bad:
+                try:
+                    value = float(value)
+                    bad = not math.isfinite(value)
+                except (TypeError, ValueError):
+                    bad = True
+            if bad:
+                if on_error != "penalty":
+                    what = f"raised {type(value).__name__}: {value}" if isinstance(value, Exception) else f"returned {value!r}"
+                    raise LmforgeError(f"reward {reward.name} {what} for the prompt {str(prompts[i])[:80]!r}; fix it, or "
+                                       f"pass --reward-errors penalty to score such completions {penalty}")
+                errors += 1
+                value = penalty
+            clean.append(value)
+            totals[i] += reward.weight * value
+        parts[reward.name] = clean
+    return totals, parts, errors
