@@ -205,7 +205,8 @@ class RewardConfig(FinetuneConfig):
     truncation: str = setting("left", "pairs over max_length: left (cut the prompt's start) or drop",
                           choices=("left", "drop"))
     dropout: float | None = setting(0.0, "dropout while training (TRL turns it off too); none: the model's own")
-    lr: float = setting(1e-5, "peak learning rate of AdamW")
+    lr: float = setting(1e-5, "peak learning rate of AdamW (TRL's default, for large pretrained models; small "
+                        "models such as the demo's need 1e-4 or more)")
 
     def validate(self) -> None:
         super().validate()
@@ -237,7 +238,8 @@ class DPOConfig(FinetuneConfig):
     truncation: str = setting("left", "pairs over max_length: left (cut the prompt's start) or drop",
                           choices=("left", "drop"))
     dropout: float | None = setting(0.0, "dropout while training (TRL turns it off too); none: the model's own")
-    lr: float = setting(1e-6, "peak learning rate of AdamW")
+    lr: float = setting(1e-6, "peak learning rate of AdamW (TRL's default, for large pretrained models; small "
+                        "models such as the demo's need 1e-5 to 1e-4)")
 
     def validate(self) -> None:
         super().validate()

@@ -363,7 +363,11 @@ class DPO(PairObjective):
         return loss, metrics
 
     def format_eval(self, record: dict) -> str:
-        return (f"val loss {record['val_loss']:.4f}, preference accuracy {record['val_reward_accuracy']:.4f}, "
+        if record["val_reward_chosen"] == 0 and record["val_reward_rejected"] == 0:
+            accuracy = "n/a (the policy is still its reference)"  # every implicit reward is 0: a tie, counted wrong
+        else:
+            accuracy = f"{record['val_reward_accuracy']:.4f}"
+        return (f"val loss {record['val_loss']:.4f}, preference accuracy {accuracy}, "
                 f"margin {record['val_reward_margin']:.4f}, log p chosen {record['val_logp_chosen']:.2f}, "
                 f"rejected {record['val_logp_rejected']:.2f}")
 
