@@ -56,6 +56,93 @@ def _plot(path: Path, series: list[tuple[str, list, list]], xlabel: str, ylabel:
     plt.close(fig)
 
 
+def _plot_panels(path: Path, panels: list[tuple[str, str, list[tuple[str, list, list, str]]]], xlabel: str) -> None:
+    """One PNG of several plots side by side: each panel is (title, ylabel, [(label, xs, ys, style), ...])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 2 if len(panels) > 1 else 1
+    rows = (len(panels) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.6 * rows), dpi=110, squeeze=False)
+    for ax, (title, ylabel, series) in zip(axes.flat, panels):
+        for label, xs, ys, style in series:
+            if xs:
+                ax.plot(xs, ys, style, label=label, markersize=4)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _loss_label(task: str | None, config: dict) -> str:
+    """The loss plot's axis: a preference objective's loss is a mean over pairs, not a cross-entropy per token."""
+    if task == "reward":
+        return "Bradley-Terry loss (mean over pairs)"
+    if task == "dpo":
+        return f"{config.get('loss', 'sigmoid')} preference loss (mean over pairs)"
+    return "cross-entropy (nats/token)"
+
+# What `lmforge reward` and `lmforge dpo` log at every step (and with a val_ prefix at each evaluation).
+PREFERENCE_KEYS = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected",
+                   "logp_chosen", "logp_rejected")
+
+
+def _preference_section(run_dir: Path, train: list[dict], val: list[dict], task: str | None) -> list[str]:
+    """``preference.png`` and the report's lines about it, for a run whose objective logs pair metrics."""
+    dpo = task == "dpo"
+    reward = "implicit reward β·log(π/π_ref)" if dpo else "reward"
+    window = max(1, len(train) // 20)  # a step's accuracy is over one batch of pairs: smooth more than the loss
+    smoothed = f" (mean of {window} steps)" if window > 1 else ""
+
+    def curves(key: str, label: str, style: str = "-", val_style: str = "o--") -> list[tuple]:
+        rows = [r for r in train if key in r]
+        checked = [r for r in val if f"val_{key}" in r]
+        steps, values = [r["step"] for r in rows], _smooth([r[key] for r in rows], window)
+        return [(f"{label}, train{smoothed}", steps, values, style),
+                (f"{label}, validation", [r["step"] for r in checked], [r[f"val_{key}"] for r in checked], val_style)]
+
+    panels = [
+        ("Pair accuracy (chosen scored above rejected)", "fraction of pairs", curves("reward_accuracy", "accuracy")),
+        ("Margin (chosen minus rejected)", reward, curves("reward_margin", "margin")),
+        ("Chosen vs rejected", reward,
+         curves("reward_chosen", "chosen", "C0-", "C0o--") + curves("reward_rejected", "rejected", "C3-", "C3o--")),
+    ]
+    if any("logp_chosen" in r for r in train):
+        logps = curves("logp_chosen", "chosen", "C0-", "C0o--") + curves("logp_rejected", "rejected", "C3-", "C3o--")
+        panels.append(("Policy log-probability of the answers", "log π(answer | prompt), summed over tokens", logps))
+    _plot_panels(run_dir / "preference.png", panels, "step")
+
+    lines = ["## Preferences", ""]
+    checked = [r for r in val if "val_reward_accuracy" in r]
+    if checked:
+        first, last = checked[0], checked[-1]
+        names = {"reward_accuracy": "pair accuracy", "reward_margin": f"{reward}: margin",
+                 "reward_chosen": f"{reward}: chosen", "reward_rejected": f"{reward}: rejected",
+                 "logp_chosen": "log π(chosen)", "logp_rejected": "log π(rejected)", "loss": "loss"}
+        columns = [first, last] if first is not last else [last]
+        lines += ["| validation | " + " | ".join(f"step {r['step']:,}" for r in columns) + " |",
+                  "|---|" + "---:|" * len(columns)]
+        for key in ("loss", *PREFERENCE_KEYS):
+            if f"val_{key}" in last:
+                digits = 2 if key.startswith("logp") else 4
+                lines.append(f"| {names[key]} | " + " | ".join(f"{r[f'val_{key}']:.{digits}f}" for r in columns) + " |")
+        if dpo and first["step"] == 0 and first["val_reward_margin"] == 0:
+            lines += ["", ("At step 0 the policy is its reference: every implicit reward is 0, and a tie counts as "
+                           "a wrong pair, so the accuracy starts at 0.")]
+        lines.append("")
+    else:
+        lines += ["No validation pairs.", ""]
+    return lines + ["![preference curves](preference.png)", ""]
+
+
 def _smooth(values: list[float], window: int) -> list[float]:
     out, total = [], 0.0
     for i, v in enumerate(values):
@@ -73,7 +160,8 @@ def _duration(seconds: float) -> str:
 
 
 def write_report(run_dir: str | os.PathLike) -> Path:
-    """Write ``report.md``, ``loss.png``, ``lr.png`` and ``throughput.png`` into the run folder."""
+    """Write ``report.md``, ``loss.png``, ``lr.png`` and ``throughput.png`` into the run folder (and
+    ``preference.png`` for a reward model or DPO run: pair accuracy, margin, chosen vs rejected)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise LmforgeError(f"run folder {run_dir} does not exist")
@@ -90,7 +178,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             (f"train (mean of {window} steps)" if window > 1 else "train", [r["tokens"] for r in train], _smooth([r["loss"] for r in train], window)),
             ("validation", [r["tokens"] for r in val if "val_loss" in r], [r["val_loss"] for r in val if "val_loss" in r]),
         ],
-        "tokens", "cross-entropy (nats/token)", "Loss",
+        "tokens", _loss_label(run.get("task"), config), "Loss",
     )
     _plot(run_dir / "lr.png", [("lr", [r["step"] for r in train], [r["lr"] for r in train])], "step", "learning rate", "Learning rate")
     _plot(
@@ -134,6 +222,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     else:
         lines.append("No validation split.")
     lines += ["", "![loss](loss.png)", "", "![learning rate](lr.png) ![throughput](throughput.png)", ""]
+    if any("reward_accuracy" in r for r in train):  # `lmforge reward` or `lmforge dpo`
+        lines += _preference_section(run_dir, train, val, run.get("task"))
     if (run_dir / "eval.json").exists():  # written by `lmforge eval --model RUN`
         from lmforge.eval.evaluate import format_results
 
