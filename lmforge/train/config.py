@@ -205,8 +205,7 @@ class RewardConfig(FinetuneConfig):
     truncation: str = setting("left", "pairs over max_length: left (cut the prompt's start) or drop",
                           choices=("left", "drop"))
     dropout: float | None = setting(0.0, "dropout while training (TRL turns it off too); none: the model's own")
-    lr: float = setting(1e-5, "peak learning rate of AdamW (TRL's default, for large pretrained models; small "
-                        "models such as the demo's need 1e-4 or more)")
+    lr: float = setting(1e-4, "peak learning rate of AdamW (TRL's default for reward models)")
 
     def validate(self) -> None:
         super().validate()
