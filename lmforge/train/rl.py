@@ -341,7 +341,10 @@ class RL(Finetune):
         return RolloutStream(self, rank, world_size)
 
     def prompt_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.config.seed, 1_000_003, epoch]).permutation(self.n_train)
+        """The prompts of pass ``epoch`` over the file, in a seeded order."""
+        if getattr(self, "_order", (None,))[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.config.seed, 1_000_003, epoch]).permutation(self.n_train))
+        return self._order[1]
 
     def generate(self, prompts: list[dict], first: int, greedy: bool = False) -> list[dict]:
         """Completions (``num_generations`` per prompt, or one greedy) from the current weights."""
