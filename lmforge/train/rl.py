@@ -326,7 +326,9 @@ class RL(Finetune):
             attach_head(model, "sequence_classification", 1, ("value",), pad)
         for p in model.parameters():
             p.requires_grad_(True)
-        return ActorCritic(self.policy, critic=model.train())
+        from lmforge.train.finetune import set_dropout
+
+        return ActorCritic(self.policy, critic=set_dropout(model, c.dropout).train())
 
     # rollouts ---------------------------------------------------------------------------------
 
@@ -399,18 +401,9 @@ class RL(Finetune):
         self.advantages(buffer, rewards)
         self.model.train()
         t3 = time.perf_counter()
-        lengths = buffer["cmask"].sum(1).float()
-        stats = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-                 **{f"reward_{_slug(name)}": float(np.mean(v)) for name, v in parts.items() if len(parts) > 1},
-                 "completion_length": lengths.mean().item(),
-                 "truncated_share": float(np.mean([x["truncated"] for x in completions])),
-                 "reward_errors": float(errors), "kl_coef": self.beta,
-                 "generation_seconds": t1 - t0, "scoring_seconds": t2 - t1, "preparation_seconds": t3 - t2,
-                 "samples_per_second": len(completions) / (t3 - t0)}
-        if "kl" in buffer:
-            stats["kl"] = buffer.pop("kl").mean().item()
-        if "explained_variance" in buffer:
-            stats["explained_variance"] = buffer.pop("explained_variance").item()
+        stats = self.rollout_statistics(buffer, completions, rewards, parts, errors)
+        stats.update({"kl_coef": self.beta, "generation_seconds": t1 - t0, "scoring_seconds": t2 - t1,
+                      "preparation_seconds": t3 - t2, "samples_per_second": len(completions) / (t3 - t0)})
         self.rollout_stats = stats
         buffer["stats"] = torch.tensor(list(stats.values()), dtype=torch.float64)
         buffer["stat_names"] = list(stats)
@@ -418,6 +411,40 @@ class RL(Finetune):
         if rank == 0 and index % self.samples_every == 0:
             self.write_samples(index, completions, rewards)
         return buffer
+
+    def rollout_statistics(self, buffer: dict, completions: list[dict], rewards: torch.Tensor,
+                           parts: dict[str, list[float]], errors: int) -> dict[str, float]:
+        """The rollout's rewards, lengths, KL and the critic's explained variance over every process's
+        completions (sums all-reduced, so 2 processes log what 1 would)."""
+        names = ["count", "reward", "reward_sq", "length", "truncated", "errors"]
+        values = [len(rewards), rewards.sum(), (rewards ** 2).sum(), buffer["cmask"].sum(),
+                  sum(x["truncated"] for x in completions), errors]
+        if len(parts) > 1:
+            names += [f"reward_{_slug(name)}" for name in parts]
+            values += [sum(v) for v in parts.values()]
+        for key in ("kl", "explained_variance_sums"):
+            if key in buffer:
+                extra = buffer.pop(key).double()
+                names += [f"{key}{i}" for i in range(extra.numel())] if key != "kl" else ["kl"]
+                values += list(extra.reshape(-1)) if key != "kl" else [extra.sum()]
+        totals = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist_ = getattr(self, "dist", None)
+        if dist_ is not None:
+            totals = dist_.all_sum(totals)
+        t = dict(zip(names, totals.tolist()))
+        n = t["count"]
+        mean = t["reward"] / n
+        stats = {"reward_mean": mean,
+                 "reward_std": math.sqrt(max(t["reward_sq"] - n * mean * mean, 0.0) / (n - 1)) if n > 1 else 0.0}
+        stats.update({k: t[k] / n for k in names if k.startswith("reward_") and k != "reward_sq"})
+        stats.update(completion_length=t["length"] / n, truncated_share=t["truncated"] / n, reward_errors=t["errors"])
+        if "kl" in t:
+            stats["kl"] = t["kl"] / n
+        if "explained_variance_sums0" in t:
+            res, res_sq, ret, ret_sq, tokens = (t[f"explained_variance_sums{i}"] for i in range(5))
+            var = lambda s1, s2: (s2 - s1 * s1 / tokens) / max(tokens - 1, 1)  # noqa: E731
+            stats["explained_variance"] = 1 - var(res, res_sq) / max(var(ret, ret_sq), 1e-8)
+        return stats
 
     def tensors(self, completions: list[dict]) -> dict:
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (self.tokenizer.eos_id or 0)
@@ -485,8 +512,9 @@ class RL(Finetune):
             if c.whiten_advantages:
                 adv = masked_whiten(adv, cmask, dist_)
             buffer["advantages"], buffer["returns"] = adv, returns
-            residual = (returns - buffer["values"])[cmask]
-            buffer["explained_variance"] = 1 - residual.var() / returns[cmask].var().clamp(min=1e-8)
+            residual, kept = (returns - buffer["values"])[cmask].double(), returns[cmask].double()
+            buffer["explained_variance_sums"] = torch.stack([residual.sum(), (residual ** 2).sum(), kept.sum(),
+                                                             (kept ** 2).sum(), torch.tensor(float(kept.numel()))])
             return
         if c.algo == "grpo":
             if c.scale_rewards == "batch" and dist_ is not None and dist_.enabled:
@@ -586,8 +614,11 @@ class RL(Finetune):
             loss = (segment_sum(per_token, rows, n) / c.max_new_tokens).mean()
         else:  # rloo, reinforce: the sequence's log-probability
             loss = segment_sum(per_token, rows, n).mean()
-        metrics = {"clip_fraction": clipped.mean(), "approx_kl": (0.5 * (logp - batch["old_logp"]) ** 2).mean(),
-                   "entropy": entropy.mean()}
+        def per_item(x):  # a per-token quantity, averaged over the same items as the loss
+            return x.mean() if self.by_tokens() else (segment_sum(x, rows, n) / batch["seq_len"]).mean()
+
+        metrics = {"clip_fraction": per_item(clipped), "approx_kl": per_item(0.5 * (logp - batch["old_logp"]) ** 2),
+                   "entropy": per_item(entropy)}
         if values is not None:
             old_values, returns = batch["values"], batch["returns"]
             kept = old_values + torch.clamp(values.float() - old_values, -c.value_clip, c.value_clip)
