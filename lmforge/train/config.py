@@ -293,7 +293,9 @@ class RLConfig(FinetuneConfig):
     ppo_epochs: int = setting(0, "passes over each rollout (0: 4 for ppo, 1 otherwise)")
     kl_coef: float = setting(-1.0, "beta of the KL penalty to the reference (-1: 0.05 for ppo and rloo, 0 for grpo "
                              "and reinforce)")
-    kl_estimator: str = setting("k1", "ppo/rloo/reinforce: the per-token KL in the reward, k1 (log ratio) or k3",
+    kl_estimator: str = setting("k1", "ppo/rloo/reinforce: the per-token KL in the reward, k1 (log ratio: its policy "
+                                "gradient is the KL's) or k3 (a lower-variance estimate of the KL's value, but as a "
+                                "reward its gradient nearly vanishes near the reference: prefer k1)",
                             choices=("k1", "k3"))
     target_kl: float = setting(0.0, "adaptive KL controller (Ziegler et al.): its target KL per completion; 0: off")
     kl_horizon: int = setting(10000, "adaptive KL controller's horizon, in completions")

@@ -119,7 +119,8 @@ def _user_function(spec: str):
 
 def parse_rewards(spec: str, weights: str = "", device="cpu") -> list[Reward]:
     """The rewards named by ``spec`` ("exact;model:runs/rm;mymodule:score") with ``weights`` ("1;0.5;2")."""
-    names = [s.strip() for s in spec.split(";") if s.strip()]
+    # a regex keeps its pattern exactly (a leading or trailing space may be the point); other names are trimmed
+    names = [n if n.startswith("regex:") else n.strip() for n in (s.lstrip() for s in spec.split(";")) if n.strip()]
     if not names:
         raise LmforgeError("no reward given: set --reward (exact, arithmetic, regex:PATTERN, model:DIR or "
                            "MODULE:FUNCTION; several joined with ;)")

@@ -479,10 +479,12 @@ class RL(Finetune):
                     values[rows] = _scatter(value, cmask)
                 if ref is not None:
                     if self.ref_model is not None:
-                        ref_logp = _answer_logp(self.ref_model(batch["ids"], select=batch["learned"]), batch["labels"])
+                        ref_logp = _answer_logp(self.ref_model(batch["ids"], select=batch["learned"]) / c.temperature,
+                                                batch["labels"])
                     else:
                         with adapters_off(self.policy):
-                            ref_logp = _answer_logp(self.policy(batch["ids"], select=batch["learned"]), batch["labels"])
+                            ref_logp = _answer_logp(self.policy(batch["ids"], select=batch["learned"]) / c.temperature,
+                                                    batch["labels"])
                     ref[rows] = _scatter(ref_logp, cmask)
         buffer["old_logp"] = old
         if ref is not None:
@@ -546,6 +548,18 @@ class RL(Finetune):
             error = max(-0.2, min(0.2, kl / c.target_kl - 1))
             self.beta *= 1 + error * completions / c.kl_horizon
 
+    def write_run_files(self, out: Path) -> None:
+        """On resume, drop the samples of rollouts made after the checkpoint: they are made again."""
+        path = out / "samples.jsonl"
+        if self.checkpoint is None or not path.exists():
+            return
+        from lmforge.utils import atomic_write_text
+
+        step = int(self.checkpoint.name.rsplit("_", 1)[-1])
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) < step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
     def write_samples(self, index: int, completions: list[dict], rewards: torch.Tensor) -> None:
         c = self.config
         step = index * c.epochs_per_rollout * c.minibatches
@@ -582,7 +596,7 @@ class RL(Finetune):
     def policy_pass(self, model, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = model(batch["ids"], select=batch["learned"])
         logits, values = out if isinstance(out, tuple) else (out, None)
-        return _answer_logp(logits, batch["labels"]), values
+        return _answer_logp(logits / self.config.temperature, batch["labels"]), values
 
     def by_tokens(self) -> bool:
         c = self.config
@@ -598,7 +612,8 @@ class RL(Finetune):
         c = self.config
         out = model(batch["ids"], select=batch["learned"])
         logits, values = out if isinstance(out, tuple) else (out, None)
-        log_probs = F.log_softmax(logits.float(), -1)
+        # the distribution the rollouts sampled from: softmax(logits / temperature), for π, π_old and π_ref alike
+        log_probs = F.log_softmax(logits.float() / c.temperature, -1)
         logp = log_probs.gather(-1, batch["labels"][:, None]).squeeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         eps_high = c.clip_eps_high or c.clip_eps
