@@ -1083,7 +1083,7 @@ def test_the_rl_command_trains_a_policy_that_generate_loads_and_writes_its_sampl
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"done: 2 steps; latest checkpoint {run / 'checkpoints' / 'step_0000002'}" in out
-    assert "rl by full; 16 training / 0 validation examples" in out
+    assert "grpo by full; 16 training / 0 validation prompts" in out
     steps, _ = logs(run)
     assert [r["step"] for r in steps] == [1, 2]
     written = samples(run)

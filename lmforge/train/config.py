@@ -295,7 +295,8 @@ class RLConfig(FinetuneConfig):
                              "and reinforce)")
     kl_estimator: str = setting("k1", "ppo/rloo/reinforce: the per-token KL in the reward, k1 (log ratio: its policy "
                                 "gradient is the KL's) or k3 (a lower-variance estimate of the KL's value, but as a "
-                                "reward its gradient nearly vanishes near the reference: prefer k1)",
+                                "reward its gradient nearly vanishes near the reference: prefer k1). The logged kl "
+                                "is this estimate: k1's can be below 0 on a rollout",
                             choices=("k1", "k3"))
     target_kl: float = setting(0.0, "adaptive KL controller (Ziegler et al.): its target KL per completion; 0: off")
     kl_horizon: int = setting(10000, "adaptive KL controller's horizon, in completions")
@@ -318,7 +319,6 @@ class RLConfig(FinetuneConfig):
     sample_interval: int = setting(10, "write some prompts, completions and rewards to samples.jsonl every N steps")
     dropout: float | None = setting(0.0, "dropout while training (off, so the rollout's log-probs are the policy's)")
     lr: float = setting(1e-5, "peak learning rate of AdamW")
-    warmup_steps: int = setting(0, "steps of linear warmup from 0 to lr")
     micro_batch_size: int = setting(8, "completions per process per forward pass")
     eval_interval: int = setting(20, "score greedy completions of the --val prompts every N steps")
 

@@ -254,6 +254,10 @@ class Objective:
     def sample(self, step: int, out: Path, bar) -> None:
         pass
 
+    def format_train(self, loss: float) -> str:
+        """What the evaluation line says about training so far."""
+        return f"train loss {loss:.4f}"
+
     def format_eval(self, record: dict) -> str:
         return ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
 
@@ -591,7 +595,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         if step % config.eval_interval == 0 or step == config.max_steps:
             last_eval = run_eval()
             if last_eval and dist_.is_main:
-                bar.write(f"step {step}: train loss {train_loss:.4f}, {objective.format_eval(last_eval)}")
+                bar.write(f"step {step}: {objective.format_train(train_loss)}, {objective.format_eval(last_eval)}")
         if step % config.checkpoint_interval == 0 or step == config.max_steps:
             if dist_.is_main:
                 state = {

@@ -659,6 +659,28 @@ class RL(Finetune):
             record.update({f"val_reward_{_slug(name)}": float(np.mean(v)) for name, v in parts.items()})
         return record
 
+    def format_train(self, loss: float) -> str:
+        # The surrogate loss is no progress measure (with one pass over a rollout and centred advantages it is
+        # 0 by construction): show what the last rollout earned.
+        stats = self.rollout_stats
+        kl = f", KL {stats['kl']:.4f}" if "kl" in stats else ""
+        return f"rollout reward {stats.get('reward_mean', float('nan')):.4f}{kl}"
+
+    def describe(self) -> dict:
+        info = super().describe()
+        from lmforge.model.lora import count_trainable
+        from lmforge.utils import human_count
+
+        trainable, _ = count_trainable(self.model)
+        parts = f"policy {human_count(self.policy.num_params())}"
+        if isinstance(self.model, ActorCritic):
+            critic = self.model.critic.num_params() if self.model.critic is not None else \
+                sum(p.numel() for p in self.model.value_head.parameters())
+            parts += f" + critic {human_count(critic)}" if self.model.critic is not None else " + a value head"
+        info["summary"] = (f"{parts} parameters, {trainable:,} trainable; {self.config.algo} by {self.config.method}; "
+                           f"{self.n_train} training / {self.n_val} validation prompts")
+        return info
+
     def format_eval(self, record: dict) -> str:
         return f"val reward {record['val_reward']:.4f} (greedy), completion length {record['val_completion_length']:.1f}"
 
