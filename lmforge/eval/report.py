@@ -29,7 +29,8 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             raise LmforgeError(f"{path}:{lineno} is not valid JSON; the metrics log is corrupt") from None
-        (val if "val_loss" in record else train).append(record)
+        # an evaluation logs only val_ keys (val_loss, or val_reward for `lmforge rl`); a training step logs its loss
+        (val if any(k.startswith("val_") for k in record) else train).append(record)
     return train, val
 
 
@@ -88,6 +89,8 @@ def _loss_label(task: str | None, config: dict) -> str:
         return "Bradley-Terry loss (mean over pairs)"
     if task == "dpo":
         return f"{config.get('loss', 'sigmoid')} preference loss (mean over pairs)"
+    if task == "rl":
+        return f"{config.get('algo', 'rl')} policy loss (not a measure of progress: see rl.png)"
     return "cross-entropy (nats/token)"
 
 # What `lmforge reward` and `lmforge dpo` log at every step (and with a val_ prefix at each evaluation).
@@ -143,6 +146,77 @@ def _preference_section(run_dir: Path, train: list[dict], val: list[dict], task:
     return lines + ["![preference curves](preference.png)", ""]
 
 
+def _rl_section(run_dir: Path, train: list[dict], val: list[dict], config: dict) -> list[str]:
+    """``rl.png`` and the report's lines about it, for a `lmforge rl` run: reward (each reward function's too when
+    there are several), KL to the reference, completion length and the share cut at max_new_tokens."""
+    window = max(1, len(train) // 20)  # each step's numbers are one rollout's: smooth like the preference curves
+    smoothed = f" (mean of {window} steps)" if window > 1 else ""
+    parts = sorted({k for r in train for k in r if k.startswith("reward_")} - set(RL_OWN_KEYS))
+
+    def curve(key: str, label: str, style: str = "-") -> list[tuple]:
+        rows = [r for r in train if key in r]
+        return [(f"{label}, rollouts{smoothed}", [r["step"] for r in rows], _smooth([r[key] for r in rows], window), style)]
+
+    def points(key: str, label: str, style: str = "o--") -> list[tuple]:
+        rows = [r for r in val if key in r]
+        return [(f"{label}, validation (greedy)", [r["step"] for r in rows], [r[key] for r in rows], style)]
+
+    reward = curve("reward_mean", "mean reward", "C0-") + points("val_reward", "reward", "C0o--")
+    for i, key in enumerate(parts, 1):
+        name = key.removeprefix("reward_")
+        reward += curve(key, name, f"C{i}-") + points(f"val_{key}", name, f"C{i}o--")
+    has_kl = any("kl" in r for r in train)
+    panels = [("Reward", "reward per completion", reward)]
+    if has_kl:
+        panels.append(("KL to the reference", "KL(π‖π_ref), summed over a completion", curve("kl", "KL")))
+    panels += [
+        ("Completion length", "tokens", curve("completion_length", "length") +
+         points("val_completion_length", "length")),
+        (f"Completions cut at max_new_tokens ({config.get('max_new_tokens', '?')})", "share of completions",
+         curve("truncated_share", "cut")),
+    ]
+    _plot_panels(run_dir / "rl.png", panels, "step")
+
+    lines = ["## Reinforcement learning", ""]
+    lines.append(f"{config.get('algo', '?')} against `{config.get('reward', '?')}`; each step's rollout numbers are the "
+                 f"completions it sampled (temperature {config.get('temperature', '?')}), validation is greedy.")
+    lines.append("")
+    head, tail = train[:window], train[-window:]
+    label = (lambda rows: f"steps {rows[0]['step']:,}–{rows[-1]['step']:,}") if window > 1 else (lambda rows: f"step {rows[0]['step']:,}")
+    lines += [f"| | first ({label(head)}) | last ({label(tail)}) |", "|---|---:|---:|"]
+
+    def row(name: str, first, last, digits: int = 4) -> None:
+        if first is not None and last is not None:
+            lines.append(f"| {name} | {first:.{digits}f} | {last:.{digits}f} |")
+
+    def mean(rows: list[dict], key: str):
+        values = [r[key] for r in rows if key in r]
+        return sum(values) / len(values) if values else None
+
+    row("mean reward (rollouts)", mean(head, "reward_mean"), mean(tail, "reward_mean"))
+    for key in parts:
+        row(f"{key.removeprefix('reward_')} (rollouts)", mean(head, key), mean(tail, key))
+    checked = [r for r in val if "val_reward" in r]
+    if checked:
+        first, last = checked[0], checked[-1]
+        row(f"validation reward, greedy (step {first['step']:,} → {last['step']:,})", first["val_reward"], last["val_reward"])
+        for key in parts:
+            if f"val_{key}" in first:
+                row(f"validation {key.removeprefix('reward_')}", first[f"val_{key}"], last[f"val_{key}"])
+    if has_kl:
+        row("KL to the reference", mean(head, "kl"), mean(tail, "kl"))
+    row("kl_coef (β)", mean(head, "kl_coef"), mean(tail, "kl_coef"))
+    row("completion length (tokens)", mean(head, "completion_length"), mean(tail, "completion_length"), 1)
+    row("share cut at max_new_tokens", mean(head, "truncated_share"), mean(tail, "truncated_share"), 3)
+    if not has_kl:
+        lines += ["", "No KL: kl_coef is 0 and target_kl is off, so no reference model was run."]
+    return lines + ["", "![reinforcement learning curves](rl.png)", ""]
+
+
+# What `lmforge rl` logs under reward_ names besides the reward functions' own values.
+RL_OWN_KEYS = ("reward_mean", "reward_std", "reward_errors")
+
+
 def _smooth(values: list[float], window: int) -> list[float]:
     out, total = [], 0.0
     for i, v in enumerate(values):
@@ -153,6 +227,17 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _sample_text(sample: dict) -> str:
+    """A sample as text: pretraining's {"prompt", "text"}, or `lmforge rl`'s {"prompt" (text or messages), "completion",
+    "reward"}."""
+    prompt = sample["prompt"]
+    if isinstance(prompt, list):
+        prompt = "".join(f"[{m['role']}] {m['content']}\n" for m in prompt) + "[assistant] "
+    if "completion" in sample:
+        return f"{prompt}{sample['completion']}\n(reward {sample['reward']:.4f})"
+    return prompt + sample["text"]
+
+
 def _duration(seconds: float) -> str:
     minutes, s = divmod(int(round(seconds)), 60)
     h, m = divmod(minutes, 60)
@@ -161,7 +246,8 @@ def _duration(seconds: float) -> str:
 
 def write_report(run_dir: str | os.PathLike) -> Path:
     """Write ``report.md``, ``loss.png``, ``lr.png`` and ``throughput.png`` into the run folder (and
-    ``preference.png`` for a reward model or DPO run: pair accuracy, margin, chosen vs rejected)."""
+    ``preference.png`` for a reward model or DPO run: pair accuracy, margin, chosen vs rejected; ``rl.png`` for an
+    RL run: reward, KL to the reference, completion length, the share cut at max_new_tokens)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise LmforgeError(f"run folder {run_dir} does not exist")
@@ -224,6 +310,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     lines += ["", "![loss](loss.png)", "", "![learning rate](lr.png) ![throughput](throughput.png)", ""]
     if any("reward_accuracy" in r for r in train):  # `lmforge reward` or `lmforge dpo`
         lines += _preference_section(run_dir, train, val, run.get("task"))
+    if any("reward_mean" in r for r in train):  # `lmforge rl`
+        lines += _rl_section(run_dir, train, val, config)
     if (run_dir / "eval.json").exists():  # written by `lmforge eval --model RUN`
         from lmforge.eval.evaluate import format_results
 
@@ -236,7 +324,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         if samples:
             lines += ["## Samples", ""]
             for s in (samples[0], samples[-1]) if len(samples) > 1 else samples:
-                lines += [f"At step {s['step']}:", "", "```", s["prompt"] + s["text"], "```", ""]
+                lines += [f"At step {s['step']}:", "", "```", _sample_text(s), "```", ""]
     lines += [
         "## Configuration",
         "",
