@@ -97,3 +97,19 @@ def run_cli(*args: str, stdin: str | None = None, timeout: float = 120):
     return subprocess.run(
         [sys.executable, "-m", "lmforge", *args], input=stdin, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture
+def panels(monkeypatch):
+    """What `lmforge report` plotted: every call's panels (file name, panels), then the real plot."""
+    from lmforge.eval import report as report_module
+
+    calls = []
+    original = report_module._plot_panels
+
+    def record(path, panels_, xlabel):
+        calls.append((path.name, panels_))
+        original(path, panels_, xlabel)
+
+    monkeypatch.setattr(report_module, "_plot_panels", record)
+    return calls

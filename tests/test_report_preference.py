@@ -5,7 +5,6 @@ import json
 import pytest
 from conftest import make_hf_gpt2
 
-from lmforge.eval import report as report_module
 from lmforge.eval.report import write_report
 
 FAST = dict(micro_batch_size=4, max_steps=3, eval_interval=3, warmup_steps=1, lr=1e-3, dtype="float32", threads=1,
@@ -20,20 +19,6 @@ def pairs(tmp_path):
                 for a in range(n)]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return train, val
-
-
-@pytest.fixture
-def panels(monkeypatch):
-    """What the report plotted: every call's panels, then the real plot."""
-    calls = []
-    original = report_module._plot_panels
-
-    def record(path, panels_, xlabel):
-        calls.append((path.name, panels_))
-        original(path, panels_, xlabel)
-
-    monkeypatch.setattr(report_module, "_plot_panels", record)
-    return calls
 
 
 def records(run):

@@ -6,7 +6,6 @@ import json
 import pytest
 from conftest import make_hf_gpt2
 
-from lmforge.eval import report as report_module
 from lmforge.eval.report import read_metrics, write_report
 
 FAST = dict(micro_batch_size=8, num_generations=4, max_new_tokens=6, max_steps=4, eval_interval=2, lr=1e-3,
@@ -20,20 +19,6 @@ def prompts(tmp_path):
         rows = [{"prompt": f"{a} + {a + 1} =", "answer": str(2 * a + 1)} for a in range(n)]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return train, val
-
-
-@pytest.fixture
-def panels(monkeypatch):
-    """What the report plotted: every call's panels, then the real plot."""
-    calls = []
-    original = report_module._plot_panels
-
-    def record(path, panels_, xlabel):
-        calls.append((path.name, panels_))
-        original(path, panels_, xlabel)
-
-    monkeypatch.setattr(report_module, "_plot_panels", record)
-    return calls
 
 
 def series(panel):
