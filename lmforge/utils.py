@@ -188,9 +188,11 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def hardware_description(device) -> str:
+def hardware_description(device=None) -> str:
+    """The machine line benches and runs print: CPU model and the flags that matter, cores, torch (or the GPU)."""
     import torch
 
+    device = torch.device(device or "cpu")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return f"{name} ({torch.cuda.device_count()} visible), torch {torch.__version__}"
