@@ -89,6 +89,32 @@ def test_n_samples_seeds_and_abort(hf_gpt2):
     assert not engine.active and not engine.waiting
 
 
+@pytest.mark.parametrize("filters", [dict(), dict(top_k=5), dict(top_p=0.8), dict(min_p=0.1, temperature=0.7)])
+def test_seeded_samples_in_a_batch_are_the_samples_each_gets_alone(hf_gpt2, filters):
+    """Rows that share their sampling settings are sampled together (one softmax over the batch), each with its own
+    generator: the tokens are those each request gets alone, whatever else is in the batch (other prompt lengths,
+    greedy rows, rows with penalties)."""
+    model = load_model(hf_gpt2)
+    params = {"max_new_tokens": 12, "temperature": 1.0, **filters}
+    requests = [([1, 2, 3], SamplingParams(**params, n=3, seed=11)), ([4, 5], SamplingParams(**params, seed=5)),
+                ([6], SamplingParams(max_new_tokens=12, temperature=0)),
+                ([7, 8], SamplingParams(**params, seed=2, repetition_penalty=1.3))]
+    engine = Engine(model, IdTokenizer(), max_batch=6)
+    batch = [engine.add(p, q) for p, q in requests]
+    engine.run(batch)
+    got = [s.tokens for r in batch for s in r.sequences]
+    alone = []
+    for prompt, q in requests:
+        for i in range(q.n):
+            single = Engine(model, IdTokenizer(), max_batch=1)
+            seed = None if q.seed is None else q.seed + i
+            r = single.add(prompt, SamplingParams(**{**q.__dict__, "n": 1, "seed": seed}))
+            single.run([r])
+            alone.append(r.sequences[0].tokens)
+    assert len(set(map(tuple, got[:3]))) == 3 or filters.get("top_k") == 5  # the draws differ
+    assert got == alone
+
+
 def test_stop_strings_and_stop_ids_in_a_batch(hf_gpt2):
     model = load_model(hf_gpt2)
     free = one_by_one(model, [[1, 2, 3]], SamplingParams(max_new_tokens=12, temperature=0))[0]

@@ -704,6 +704,55 @@ def test_micro_batch_layouts_give_the_same_steps(base, prompts, tmp_path, case):
         assert_same_run(one, runs[layout][0], weights, runs[layout][1], f"{case} {layout}")
 
 
+@pytest.mark.parametrize("case", ["grpo-bnpo", "reinforce"])
+def test_on_policy_runs_skip_the_old_log_prob_pass_and_train_as_with_it(base, prompts, tmp_path, monkeypatch, case):
+    """With one optimizer step per rollout and no reference, π_old is the policy's own log-probs detached (ratio 1):
+    the no-grad pass over the rollout is skipped, and the run's steps and weights are those of a run that makes it.
+    clip_fraction and approx_kl are then exactly 0."""
+    spy = Spy(monkeypatch)
+    skipped = run_rl(base, prompts, tmp_path / "skipped", **LAYOUT_CASES[case])[0]
+    assert spy.objective.on_policy and all("old_logp" not in b for b in spy.buffers)
+    assert all(r["clip_fraction"] == 0 and r["approx_kl"] == 0 for r in skipped)
+    monkeypatch.setattr(RL, "on_policy", property(lambda self: False))
+    spy.buffers.clear()
+    made = run_rl(base, prompts, tmp_path / "made", **LAYOUT_CASES[case])[0]
+    assert all("old_logp" in b for b in spy.buffers)
+    for r in skipped + made:
+        r.pop("clip_fraction"), r.pop("approx_kl")  # 0 against ~1e-12: rounding of two passes
+    assert_same_run(skipped, made, final_weights(tmp_path / "skipped"), final_weights(tmp_path / "made"), case)
+
+
+@pytest.mark.parametrize("bf16_speed", [4.0, 0.5])
+def test_in_bf16_training_rollouts_sample_from_a_bf16_copy_of_the_current_weights_when_that_is_faster(
+        base, prompts, tmp_path, monkeypatch, bf16_speed):
+    """Training in bf16 autocast, the engine samples from the policy's current weights rounded to bf16 when bf16
+    products of the rollout's shape are measured faster (the probe is stubbed here), else from the fp32 policy."""
+    import lmforge.precision as precision
+    from lmforge.infer.engine import Engine
+
+    monkeypatch.setattr(precision, "measure", lambda *a, **k: {"float32": 1.0, "bfloat16": bf16_speed})
+    spy, seen = Spy(monkeypatch), []
+    init = Engine.__init__
+
+    def record(engine, model, *args, **kwargs):
+        policy = spy.objective.policy
+        seen.append((model is policy, next(model.parameters()).dtype,
+                     max((a.float() - b.to(torch.bfloat16).float()).abs().max().item()
+                         for a, b in zip(model.parameters(), policy.parameters())),
+                     {k: v.detach().clone() for k, v in policy.state_dict().items()}))
+        init(engine, model, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "__init__", record)
+    run_rl(base, prompts, tmp_path / "run", algo="grpo", max_steps=2, lr=1e-2, dtype="bfloat16")
+    assert len(seen) == 2
+    if bf16_speed > 1:
+        assert all(not is_policy and dtype == torch.bfloat16 and gap == 0 for is_policy, dtype, gap, _ in seen)
+    else:
+        assert all(is_policy and dtype == torch.float32 for is_policy, dtype, _, _ in seen)
+    first, second = seen[0][3], seen[1][3]
+    assert max((first[k] - second[k]).abs().max().item() for k in first) > 1e-4  # the copy follows a moving policy
+
+
 def torchrun(config: dict, tmp_path):
     path = tmp_path / "rl.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.detokenize import Detokenizer
-from lmforge.infer.sampling import SamplingParams, fit_prompt, process_logits, sample
+from lmforge.infer.sampling import SamplingParams, draw, filter_logits, fit_prompt, process_logits, sample
 from lmforge.model.gpt import GPT, KVCache
 
 _ids = itertools.count()
@@ -75,15 +75,21 @@ class Sequence:
         self.counts: torch.Tensor | None = None  # token counts of the output, for frequency/presence penalties
         self.next_input: int | None = None  # sampled but not yet in the cache
         self.pos = len(request.prompt_ids)  # cache position of next_input
-        self.plain_greedy = (p.temperature == 0 and p.repetition_penalty == 1.0 and not p.frequency_penalty
-                             and not p.presence_penalty and p.logprobs is None)
+        plain = (p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
+                 and p.logprobs is None)
+        self.plain_greedy = plain and p.temperature == 0
+        # Plain sampling rows with the same settings are sampled together (each with its own generator).
+        self.plain_sampling = (p.temperature, p.top_k, p.top_p, p.min_p) if plain and p.temperature > 0 else None
 
     @property
     def text(self) -> str:
         return self.text_stream.text
 
-    def choose(self, logits: torch.Tensor) -> tuple[int, float | None, list | None]:
-        """Pick the next token from raw ``logits`` (vocab,); returns (token, its logprob, top alternatives)."""
+    def choose(self, logits: torch.Tensor, cdf: torch.Tensor | None = None) -> tuple[int, float | None, list | None]:
+        """Pick the next token from raw ``logits`` (vocab,); returns (token, its logprob, top alternatives).
+        ``cdf``: the processed probabilities' cumulative sums, computed with other rows (plain sampling)."""
+        if cdf is not None:
+            return draw(cdf, self.generator), None, None
         p = self.request.params
         raw = logits.float()
         if p.frequency_penalty or p.presence_penalty:
@@ -244,18 +250,35 @@ class Engine:
             mask = (torch.arange(S)[None, :] <= positions)[:, None, None, :]
             self.cache.view_len = S
             logits = self._decode(tokens.to(self.device), positions.to(self.device), mask.to(self.device))
-        # Plain greedy rows (no penalties, no log-probabilities) are decided together.
+        # Plain rows (no penalties, no log-probabilities) are decided together: greedy ones by one argmax,
+        # sampled ones by settings, each row with its own generator (the token it would get alone).
         greedy = [i for i, s in enumerate(seqs) if s.plain_greedy]
         chosen = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
+        cdfs = self._batched_cdfs(seqs, logits)
         events = []
         for i, s in enumerate(seqs):
             s.pos += 1
             if not s.finished:  # (a row of a request that failed earlier in this step)
-                events += self._isolated(s.request, self._advance, s, logits[i], chosen.get(i))
+                events += self._isolated(s.request, self._advance, s, logits[i], chosen.get(i), cdfs.get(i))
         return events
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor, greedy_token: int | None) -> list[Event]:
-        choice = (greedy_token, None, None) if greedy_token is not None else seq.choose(logits)
+    @staticmethod
+    def _batched_cdfs(seqs: list[Sequence], logits: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Rows that sample with the same plain settings have their logits filtered, normalised and summed
+        together; each row then draws with its own generator (``Sequence.choose``), the token it gets alone."""
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(seqs):
+            if s.plain_sampling is not None and not s.finished:
+                groups.setdefault(s.plain_sampling, []).append(i)
+        cdfs = {}
+        for rows in groups.values():
+            if len(rows) > 1:
+                probs = filter_logits(logits[rows].float(), seqs[rows[0]].request.params).softmax(-1)
+                cdfs.update(zip(rows, probs.cumsum(-1)))
+        return cdfs
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor, token: int | None, cdf: torch.Tensor | None = None) -> list[Event]:
+        choice = (token, None, None) if token is not None else seq.choose(logits, cdf)
         return [seq.accept(*choice, self.max_len)]
 
     def _isolated(self, request: Request, work, *args) -> list[Event]:

@@ -69,20 +69,26 @@ def process_logits(logits: torch.Tensor, history: torch.Tensor, p: SamplingParam
         logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
     if p.temperature == 0:
         return logits
+    return filter_logits(logits, p)
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p over the last dimension of ``logits`` (..., vocab): one row or
+    a batch of rows that share ``p``, with the same arithmetic per row either way."""
     logits = logits / p.temperature
-    if p.top_k > 0 and p.top_k < logits.size(0):
-        kth = torch.topk(logits, p.top_k).values[-1]
+    if p.top_k > 0 and p.top_k < logits.size(-1):
+        kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens before it already reach top_p; the first is always kept.
         drop = (probs.cumsum(-1) - probs) >= p.top_p
-        drop[0] = False
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     if p.min_p > 0:
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        logits = logits.masked_fill(probs < p.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     return logits
 
 
@@ -104,8 +110,13 @@ def fit_prompt(prompt_ids: list[int], max_new_tokens: int, context: int, truncat
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
     """One draw from ``probs`` (vocab,) by inverse CDF: one uniform number and a binary search, where
-    ``torch.multinomial`` draws a random number per vocabulary entry (~20x slower here for 8K tokens).
-    Zero-probability tokens are never chosen: ``right=True`` skips the flat stretches of the CDF."""
-    cdf = probs.float().cumsum(0)
+    ``torch.multinomial`` draws a random number per vocabulary entry (~20x slower here for 8K tokens)."""
+    return draw(probs.float().cumsum(-1), generator)
+
+
+def draw(cdf: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One draw given the cumulative sums ``cdf`` (vocab,) of the probabilities (a row of a batch's cumsum
+    is the same numbers). Zero-probability tokens are never chosen: ``right=True`` skips the flat
+    stretches of the CDF."""
     u = torch.rand((), generator=generator) * cdf[-1]
-    return min(int(torch.searchsorted(cdf, u.reshape(1), right=True)), probs.numel() - 1)
+    return min(int(torch.searchsorted(cdf, u.reshape(1), right=True)), cdf.numel() - 1)

@@ -356,7 +356,10 @@ class RL(Finetune):
         c = self.config
         n = 1 if greedy else c.num_generations
         stops = [s for s in c.stop.split(";") if s] if c.stop else []
-        engine = Engine(self.policy, self.tokenizer, max_batch=max(n, min(len(prompts) * n, 64)))
+        # the cache holds the longest prompt and its completion, not the whole context
+        longest = max(len(p["ids"]) for p in prompts) + c.max_new_tokens
+        rows = max(n, min(len(prompts) * n, 64))
+        engine = Engine(self.rollout_model(rows), self.tokenizer, max_batch=rows, max_len=longest)
         requests = []
         for j, p in enumerate(prompts):
             params = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=0.0 if greedy else c.temperature,
@@ -370,6 +373,32 @@ class RL(Finetune):
                 tokens = s.tokens + ([s.stop_token] if s.stop_token is not None else [])
                 out.append({"prompt": p, "tokens": tokens, "text": s.text, "truncated": s.finish_reason == "length"})
         return out
+
+    def rollout_model(self, rows: int) -> GPT:
+        """The model the engine samples from: the policy, or, when training runs in bf16 autocast and bf16
+        products of the rollout's shape (``rows`` sequences) are measured faster here (always on a GPU), a bf16
+        copy of its current weights. Completions are then drawn from the rounding of the weights that the
+        bf16 training pass scores them with, at half the memory traffic (2x the tokens/s of fp32 for the
+        gpt2 shape at 32 rows on a 2-core Xeon with AMX)."""
+        autocast = self.autocast
+        if getattr(autocast, "fast_dtype", None) != torch.bfloat16:
+            return self.policy
+        if self.device.type == "cpu":
+            from lmforge.precision import MARGIN, measure
+
+            shape = self.policy.config
+            if measure("matmul", shape.n_embd, shape.hidden, rows).get("bfloat16", 0.0) < MARGIN:
+                return self.policy
+        copy = getattr(self, "_rollout_copy", None)
+        if copy is None:
+            import copy as copying
+
+            copy = self._rollout_copy = copying.deepcopy(self.policy).to(torch.bfloat16).requires_grad_(False)
+        else:
+            with torch.no_grad():
+                for mine, theirs in zip(copy.parameters(), self.policy.parameters(), strict=True):
+                    mine.copy_(theirs)
+        return copy
 
     def score(self, completions: list[dict]) -> tuple[torch.Tensor, dict[str, list[float]], int]:
         c = self.config
@@ -460,9 +489,19 @@ class RL(Finetune):
         position = torch.arange(width)[None]
         return (position >= starts[:, None] - 1) & (position <= lengths[:, None] - 2)
 
+    @property
+    def on_policy(self) -> bool:
+        """Each rollout serves one optimizer step and nothing but the loss needs π_old: the loss then takes
+        π_old as the policy's own log-probabilities, detached (ratio exactly 1, the gradient A·∇log π), and
+        the no-grad pass over the rollout is skipped, as TRL does with one iteration."""
+        c = self.config
+        return c.algo != "ppo" and not self.uses_reference and c.epochs_per_rollout * c.minibatches == 1
+
     def frozen_pass(self, buffer: dict) -> None:
         """π_old, π_ref and the critic's values of every completion token, in the training precision."""
         c = self.config
+        if self.on_policy:
+            return
         N, Tc = buffer["cmask"].shape
         old = torch.zeros(N, Tc)
         ref = torch.zeros(N, Tc) if self.uses_reference else None
@@ -617,7 +656,8 @@ class RL(Finetune):
         logp = log_probs.gather(-1, batch["labels"][:, None]).squeeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         eps_high = c.clip_eps_high or c.clip_eps
-        per_token, clipped = clipped_surrogate(logp, batch["old_logp"], batch["advantages"], c.clip_eps, eps_high)
+        old = batch["old_logp"] if "old_logp" in batch else logp.detach()  # (see on_policy)
+        per_token, clipped = clipped_surrogate(logp, old, batch["advantages"], c.clip_eps, eps_high)
         if c.algo == "grpo" and self.beta > 0 and "ref_logp" in batch:
             per_token = per_token + self.beta * token_kl(logp, batch["ref_logp"], "k3")
         rows, n = batch["row_of_token"], batch["seq_len"].numel()
@@ -632,7 +672,7 @@ class RL(Finetune):
         def per_item(x):  # a per-token quantity, averaged over the same items as the loss
             return x.mean() if self.by_tokens() else (segment_sum(x, rows, n) / batch["seq_len"]).mean()
 
-        metrics = {"clip_fraction": per_item(clipped), "approx_kl": per_item(0.5 * (logp - batch["old_logp"]) ** 2),
+        metrics = {"clip_fraction": per_item(clipped), "approx_kl": per_item(0.5 * (logp - old) ** 2),
                    "entropy": per_item(entropy)}
         if values is not None:
             old_values, returns = batch["values"], batch["returns"]
