@@ -18,7 +18,7 @@ def cmd_tokenizer_train(args) -> None:
     from lmforge.tokenizer import train_tokenizer
 
     tok = train_tokenizer(args.inputs, args.out, args.vocab_size, args.min_frequency, args.text_field,
-                          progress=not args.quiet, overwrite=args.overwrite)
+                          progress=not args.quiet, overwrite=args.overwrite, encoder=args.encoder)
     print(f"cleaning: {tok.train_stats.summary()}")
     warn_non_utf8(tok.train_stats.non_utf8_bytes)
     print(f"saved a {tok.vocab_size}-token byte-level BPE to {tok.path}")
@@ -454,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokens in the vocabulary, the 4 reserved special tokens included (default: 8192)")
     tt.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
     tt.add_argument("--overwrite", action="store_true", help="replace the tokenizer in a non-empty --out folder")
+    tt.add_argument("--encoder", action="store_true",
+                    help="also reserve [CLS], [SEP] and [MASK] for an encoder (pretrain --objective mlm)")
     tt.set_defaults(func=cmd_tokenizer_train)
 
     pr = sub.add_parser("prepare", help="clean, split and tokenize a corpus into shards")

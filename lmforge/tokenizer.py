@@ -27,6 +27,10 @@ SPECIAL_TOKENS = [END_OF_TEXT, "<|im_start|>", "<|im_end|>", "<|pad|>"]
 # tokenizer_config.json does not say.
 _EOS_CANDIDATES = [END_OF_TEXT, "</s>", "<|im_end|>", "<eos>", "[SEP]"]
 _PAD_CANDIDATES = ["<|pad|>", "<pad>", "[PAD]"]
+# What an encoder's masked-LM pretraining needs: reserved when a tokenizer is trained for an encoder
+# (after the four above, so their ids do not move), and found under BERT's or RoBERTa's names otherwise.
+ENCODER_TOKENS = ["[CLS]", "[SEP]", "[MASK]"]
+_ENCODER_CANDIDATES = {"cls_token": ["[CLS]", "<s>"], "sep_token": ["[SEP]", "</s>"], "mask_token": ["[MASK]", "<mask>"]}
 END_OF_TURN = "<|im_end|>"
 # ChatML, the default for a model whose tokenizer_config.json has no chat_template. It is what
 # transformers' apply_chat_template renders for the same template string.
@@ -50,6 +54,8 @@ class Tokenizer:
         self.config = dict(config or {})
         self.eos_id = self._find_special(self.config.get("eos_token"), _EOS_CANDIDATES)
         self.pad_id = self._find_special(self.config.get("pad_token"), _PAD_CANDIDATES)
+        self.cls_id, self.sep_id, self.mask_id = (self._find_special(self.config.get(key), names)
+                                                  for key, names in _ENCODER_CANDIDATES.items())
 
     def _find_special(self, configured, candidates: list[str]) -> int | None:
         if isinstance(configured, dict):
@@ -98,6 +104,9 @@ class Tokenizer:
             config.setdefault("bos_token", eos)
         if self.pad_id is not None:
             config.setdefault("pad_token", self.hf.id_to_token(self.pad_id))
+        for key, token_id in (("cls_token", self.cls_id), ("sep_token", self.sep_id), ("mask_token", self.mask_id)):
+            if token_id is not None:
+                config.setdefault(key, self.hf.id_to_token(token_id))
         pair_template = type(self.hf.post_processor).__name__ in ("BertProcessing", "TemplateProcessing")
         if pair_template and any(self.hf.encode("a", "b").type_ids):
             # A BERT-style pair template: without this, transformers 5's PreTrainedTokenizerFast returns no
@@ -208,19 +217,23 @@ def train_tokenizer(
     text_field: str = "text",
     progress: bool = True,
     overwrite: bool = False,
+    encoder: bool = False,
 ) -> Tokenizer:
     """Train a byte-level BPE on ``inputs`` (files, folders, ``-``; default: the Python stdlib).
 
     The text is cleaned exactly as ``prepare`` cleans it, so the merges fit the data they will
-    tokenise. Saves ``tokenizer.json`` and ``tokenizer_config.json`` in ``out``.
+    tokenise. Saves ``tokenizer.json`` and ``tokenizer_config.json`` in ``out``. ``encoder`` also
+    reserves [CLS], [SEP] and [MASK] for masked-LM pretraining, and makes ``encode(...,
+    add_special_tokens=True)`` give "[CLS] text [SEP]" (and "[CLS] a [SEP] b [SEP]" for a pair), as BERT's does.
     """
     from lmforge.data.corpus import CorpusStats, read_clean_documents
 
     n_byte_symbols = 256
-    if vocab_size < n_byte_symbols + len(SPECIAL_TOKENS) + 1:
+    special_tokens = SPECIAL_TOKENS + (ENCODER_TOKENS if encoder else [])
+    if vocab_size < n_byte_symbols + len(special_tokens) + 1:
         raise LmforgeError(
             f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least "
-            f"{n_byte_symbols + len(SPECIAL_TOKENS) + 1} (256 bytes + special tokens + 1 merge)"
+            f"{n_byte_symbols + len(special_tokens) + 1} (256 bytes + special tokens + 1 merge)"
         )
     if min_frequency < 0:
         raise LmforgeError(f"--min-frequency {min_frequency} must be 0 or more")
@@ -231,7 +244,7 @@ def train_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=progress,
     )
@@ -240,6 +253,13 @@ def train_tokenizer(
     hf.train_from_iterator(documents, trainer=trainer)
     if stats.kept == 0:
         raise LmforgeError("the corpus has no documents left after cleaning; pass files with some text in them")
+    if encoder:
+        cls, sep = (hf.token_to_id(t) for t in ENCODER_TOKENS[:2])
+        hf.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                          special_tokens=[("[CLS]", cls), ("[SEP]", sep)]),
+        ])
     tok = Tokenizer(hf)
     tok.save(out)
     tok.path = Path(out) / "tokenizer.json"

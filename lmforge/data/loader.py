@@ -80,6 +80,17 @@ class TrainBatches:
 
     def next_batch(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next micro-batch (inputs, targets), each (batch_size, block_size) int64."""
+        t = self.next_rows(device)
+        return t[:, :-1], t[:, 1:]
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(optimizer step, this rank's first row among the step's rows) of the next micro-batch."""
+        step, micro = divmod(self.batch_index, self.accum_steps)
+        return step, (micro * self.world_size + self.rank) * self.batch_size
+
+    def next_rows(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """This rank's next micro-batch of whole windows: (batch_size, block_size + 1) int64."""
         step, micro = divmod(self.batch_index, self.accum_steps)
         self.batch_index += 1
         rng = np.random.default_rng([self.seed, step])
@@ -94,7 +105,7 @@ class TrainBatches:
         t = torch.from_numpy(rows)
         if torch.device(device).type == "cuda":
             t = t.pin_memory().to(device, non_blocking=True)
-        return t[:, :-1], t[:, 1:]
+        return t
 
 
 def eval_windows(split: TokenSplit, block_size: int, max_windows: int) -> list[tuple[int, int]]:

@@ -323,6 +323,9 @@ def train_lstm(data_dir: str, out: str, progress: bool = True, config: str | Non
             return info
 
     settings = resolve_config(config, resume, {**overrides, "data": data_dir, "out": out, "model": "lstm"})
+    if settings.objective != "clm":
+        raise LmforgeError(f"the LSTM baseline is a causal language model; objective {settings.objective} trains a "
+                           f"Transformer with `lmforge pretrain`")
     return train(settings, LSTMObjective, resume=resume, overwrite=overwrite, progress=progress)
 
 

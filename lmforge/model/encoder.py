@@ -167,13 +167,18 @@ class Encoder(nn.Module):
         return x
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                start_positions=None, end_positions=None) -> EncoderOutput:
+                start_positions=None, end_positions=None, select=None) -> EncoderOutput:
+        """``select`` (B, T) bool, masked LM only: logits (and ``labels``) at those positions alone, (N, vocab),
+        so pretraining runs the vocabulary projection on the ~15% of tokens it predicts."""
         hidden = self.encode(input_ids, attention_mask, token_type_ids)
         out = EncoderOutput(hidden)
         if self.pooler is not None:
             out.pooled = torch.tanh(self.pooler(hidden[:, 0]))
         head = self.config.head
         if head == "masked_lm":
+            if select is not None:
+                hidden = hidden[select]
+                labels = labels[select] if labels is not None else None
             out.logits = self.mlm(hidden, self.wte.weight)
         elif head == "sequence_classification":
             out.logits = self.classifier(self.drop(self.sentence_features(out, attention_mask)))

@@ -37,6 +37,14 @@ class TrainConfig:
     n_embd: int | None = setting(None, "model width (default: the preset's)")
     n_kv_head: int | None = setting(None, "key/value heads for grouped-query attention (Llama-style presets)")
     dropout: float = setting(0.0, "dropout probability in [0, 1)")
+    # what is learned: the objective picks the model shape (clm: decoder; mlm: encoder)
+    objective: str = setting("clm", "clm (next token, decoder) or mlm (masked tokens, BERT-style encoder)",
+                             choices=("clm", "mlm"))
+    mlm_probability: float = setting(0.15, "mlm: share of tokens chosen for prediction each step")
+    mask_replace_prob: float = setting(0.8, "mlm: share of chosen tokens replaced by the mask token")
+    random_replace_prob: float = setting(0.1, "mlm: share of chosen tokens replaced by a random token (the rest "
+                                              "stay themselves)")
+    whole_word_mask: bool = setting(False, "mlm: choose whole words rather than single tokens")
     # batch: micro_batch_size sequences per process per forward, summed over grad_accum_steps and processes
     micro_batch_size: int = setting(8, "sequences per process per forward pass")
     grad_accum_steps: int = setting(1, "forward/backward passes summed into one optimizer step")
@@ -85,6 +93,10 @@ class TrainConfig:
             (self.eval_windows >= 1, "eval_windows must be at least 1"),
             (self.sample_tokens >= 1, "sample_tokens must be at least 1"),
             (self.threads >= 0, "threads must be 0 (torch's default) or more"),
+            (0 < self.mlm_probability < 1, "mlm_probability must be in (0, 1)"),
+            (0 <= self.mask_replace_prob <= 1 and 0 <= self.random_replace_prob <= 1
+             and self.mask_replace_prob + self.random_replace_prob <= 1,
+             "mask_replace_prob and random_replace_prob must be in [0, 1] and add up to at most 1"),
             (all(v is None or v >= 1 for v in (self.block_size, self.n_layer, self.n_head, self.n_embd, self.n_kv_head)),
              "block_size, n_layer, n_head, n_embd and n_kv_head must be at least 1"),
         ]
@@ -128,6 +140,8 @@ class FinetuneConfig(TrainConfig):
         "eval_windows": "the validation examples are evaluated whole",
         "sample_prompt": "fine-tuning prints no samples; try the result with `lmforge chat` or `generate`",
         "sample_tokens": "fine-tuning prints no samples",
+        **{key: "pretraining objectives are chosen in `lmforge pretrain`" for key in
+           ("objective", "mlm_probability", "mask_replace_prob", "random_replace_prob", "whole_word_mask")},
     }
 
     out: str = setting("runs/finetune", "the run folder: config, metrics, checkpoints, the final model or adapter")

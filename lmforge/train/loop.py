@@ -179,7 +179,7 @@ def resolve_config(config, resume: bool, overrides: dict, cls=TrainConfig) -> Tr
 
 # Keys that shape the model. A resumed run takes its model from the checkpoint, so a new value would be
 # ignored while config.yaml recorded it: it is refused instead.
-MODEL_KEYS = ("model", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "dropout")
+MODEL_KEYS = ("model", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "dropout", "objective")
 
 
 def _check_run_dir(out: Path, config: TrainConfig, resume: bool, overwrite: bool,
@@ -382,7 +382,10 @@ def pretrain(config: TrainConfig | dict | str | os.PathLike | None = None, *, re
     Returns a summary: the run folder, steps, tokens, final validation loss.
     """
     config = resolve_config(config, resume, overrides)
-    return train(config, CausalLM, resume=resume, overwrite=overwrite, progress=progress)
+    objective = CausalLM
+    if config.objective == "mlm":
+        from lmforge.train.pretraining import MaskedLM as objective
+    return train(config, objective, resume=resume, overwrite=overwrite, progress=progress)
 
 
 # -- the loop -------------------------------------------------------------------------------------

