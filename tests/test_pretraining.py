@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_cli, train_config
@@ -156,7 +157,7 @@ def test_whole_word_masking_chooses_every_piece_of_a_word_and_nothing_else(encod
 
 
 def mlm_config(data, out, **kw):
-    return train_config(data, out, objective="mlm", **{"block_size": 34, "n_embd": 32, "n_head": 2, **kw})
+    return train_config(data, out, **{"objective": "mlm", "block_size": 34, "n_embd": 32, "n_head": 2, **kw})
 
 
 def logs(out: Path) -> list[dict]:
@@ -267,3 +268,88 @@ def test_mlm_mistakes_are_one_line_errors(data_dir, encoder_data, tmp_path, hf_g
         train_lstm(str(encoder_data), str(tmp_path / "f"), progress=False, objective="mlm")
     result = run_cli("finetune", "--model", str(hf_gpt2), "--train", "x.jsonl", "--objective", "mlm")
     assert result.returncode == 2 and "does nothing here" in result.stderr
+
+
+# -- next-sentence prediction (mlm+nsp) -------------------------------------------------------------
+
+
+def contiguous_in(stream: np.ndarray, segment: list[int]) -> bool:
+    windows = np.lib.stride_tricks.sliding_window_view(stream, len(segment))
+    return bool((windows == np.asarray(segment, dtype=stream.dtype)).all(1).any())
+
+
+def test_segment_pairs_are_next_text_or_another_documents_half_the_time(encoder_data, tmp_path):
+    from lmforge.train.config import TrainConfig
+    from lmforge.train.pretraining import NextSentence
+
+    config = TrainConfig(**mlm_config(encoder_data, tmp_path / "x", objective="mlm+nsp"))
+    objective = NextSentence(config, torch.device("cpu"), None)
+    tok = objective.tokenizer
+    ids, types, labels = objective.rows(objective.pairs, np.random.default_rng(0), 400)
+    assert ids.shape == (400, 34) and (ids[:, 0] == tok.cls_id).all() and (ids[:, -1] == tok.sep_id).all()
+    stream = np.concatenate([np.asarray(s) for s in objective.train_split.shards])
+    documents = np.cumsum(stream == tok.eos_id)  # a document's number at each position
+    for row, row_types, label in zip(ids[:40].tolist(), types[:40].tolist(), labels[:40].tolist()):
+        middle = row.index(tok.sep_id)
+        a, b = row[1:middle], row[middle + 1 : -1]
+        assert row_types == [0] * (middle + 1) + [1] * (len(b) + 1) and a and b
+        assert contiguous_in(stream, a + b) == (label == 0)  # B follows A only when the label says so
+        if label == 1:
+            where_a = np.flatnonzero(np.lib.stride_tricks.sliding_window_view(stream, len(a)).__eq__(a).all(1))
+            where_b = np.flatnonzero(np.lib.stride_tricks.sliding_window_view(stream, len(b)).__eq__(b).all(1))
+            # B occurs in a document A does not (a short B may occur in A's as well)
+            assert set(documents[where_b].tolist()) - set(documents[where_a].tolist())
+    share = labels.float().mean().item()
+    assert abs(share - 0.5) < 4 * (0.25 / 400) ** 0.5
+    assert len({row.index(tok.sep_id) for row in ids.tolist()}) > 10  # A's length varies
+
+
+def test_mlm_nsp_checkpoints_load_in_bert_for_pretraining_with_the_same_logits_and_loss(encoder_data, tmp_path):
+    from transformers import BertForPreTraining
+
+    from lmforge.model.checkpoint import load_model
+
+    summary = pretrain(mlm_config(encoder_data, tmp_path / "run", objective="mlm+nsp", max_steps=6), progress=False)
+    folder = Path(summary["checkpoint"]) / "model"
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["BertForPreTraining"]
+    record = [r for r in logs(tmp_path / "run") if "loss" in r][-1]
+    assert record["loss"] == pytest.approx(record["mlm_loss"] + record["nsp_loss"], rel=1e-5)
+    ours, theirs = load_model(folder).eval(), BertForPreTraining.from_pretrained(folder).eval()
+    tok = Tokenizer.load(folder)
+    ids = rows_of(tok, TEXTS, 30)
+    types = (torch.arange(30) >= 12).long().expand(3, 30)
+    labels = ids.clone()
+    labels[:, ::2] = -100
+    nsp = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        a = ours(ids, token_type_ids=types, labels=labels, next_sentence_label=nsp)
+        b = theirs(input_ids=ids, token_type_ids=types, labels=labels, next_sentence_label=nsp)
+    torch.testing.assert_close(a.logits, b.prediction_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.nsp_logits, b.seq_relationship_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [(1, 4), (2, 2)])
+def test_mlm_nsp_micro_batch_layouts_give_the_same_steps(encoder_data, tmp_path, layout):
+    runs = {}
+    for micro, accum in ((4, 1), layout):
+        out = tmp_path / f"{micro}x{accum}"
+        pretrain(mlm_config(encoder_data, out, objective="mlm+nsp", max_steps=5, micro_batch_size=micro,
+                            grad_accum_steps=accum, eval_interval=5), progress=False)
+        runs[micro, accum] = logs(out)
+    for x, y in zip(runs[4, 1], runs[layout]):
+        for key in ("loss", "mlm_loss", "nsp_loss", "accuracy", "nsp_accuracy", "grad_norm", "val_loss"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (key, x, y)
+
+
+def test_an_interrupted_mlm_nsp_run_resumes_exactly(encoder_data, tmp_path):
+    kw = dict(objective="mlm+nsp", checkpoint_interval=3, eval_interval=3)
+    pretrain(mlm_config(encoder_data, tmp_path / "whole", max_steps=6, **kw), progress=False)
+    pretrain(mlm_config(encoder_data, tmp_path / "part", max_steps=3, **kw), progress=False)
+    pretrain(mlm_config(encoder_data, tmp_path / "part", max_steps=6, **kw), resume=True, progress=False)
+    a, b = logs(tmp_path / "whole"), logs(tmp_path / "part")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if "second" not in k and k != "elapsed"} == \
+            {k: v for k, v in y.items() if "second" not in k and k != "elapsed"}

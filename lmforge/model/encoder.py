@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 
-HEADS = (None, "masked_lm", "sequence_classification", "token_classification", "question_answering")
+# "pretraining" is BERT's pair of pretraining heads: masked LM and next-sentence prediction (on the pooler)
+HEADS = (None, "masked_lm", "pretraining", "sequence_classification", "token_classification", "question_answering")
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,9 @@ class EncoderConfig:
 
     def with_head(self, head: str | None, num_labels: int | None = None, labels=None, pooling: str | None = None) -> EncoderConfig:
         pooling = pooling or self.pooling
+        pooler = self.pooler and head not in ("token_classification", "question_answering", "masked_lm")
         return replace(self, head=head, num_labels=num_labels or self.num_labels, labels=tuple(labels) if labels else None,
-                       pooling=pooling, pooler=self.pooler and head not in ("token_classification", "question_answering", "masked_lm"))
+                       pooling=pooling, pooler=pooler or head == "pretraining")
 
 
 @dataclass
@@ -69,6 +71,7 @@ class EncoderOutput:
     pooled: torch.Tensor | None = None  # (B, n_embd) tanh pooler over the first token
     logits: torch.Tensor | None = None  # head output: (B, T, vocab), (B, labels) or (B, T, labels)
     loss: torch.Tensor | None = None
+    nsp_logits: torch.Tensor | None = None  # "pretraining": (B, 2), index 0 "B follows A", 1 "B is random"
     start_logits: torch.Tensor | None = None  # question answering: (B, T) each
     end_logits: torch.Tensor | None = None
 
@@ -131,7 +134,8 @@ class Encoder(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_layer))
         self.pooler = nn.Linear(config.n_embd, config.n_embd) if config.pooler else None
-        self.mlm = MaskedLMHead(config) if config.head == "masked_lm" else None
+        self.mlm = MaskedLMHead(config) if config.head in ("masked_lm", "pretraining") else None
+        self.nsp = nn.Linear(config.n_embd, 2) if config.head == "pretraining" else None
         self.classifier = None
         if config.head in ("sequence_classification", "token_classification"):
             self.classifier = nn.Linear(config.n_embd, config.num_labels)
@@ -167,15 +171,19 @@ class Encoder(nn.Module):
         return x
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                start_positions=None, end_positions=None, select=None) -> EncoderOutput:
+                start_positions=None, end_positions=None, select=None, next_sentence_label=None) -> EncoderOutput:
         """``select`` (B, T) bool, masked LM only: logits (and ``labels``) at those positions alone, (N, vocab),
-        so pretraining runs the vocabulary projection on the ~15% of tokens it predicts."""
+        so pretraining runs the vocabulary projection on the ~15% of tokens it predicts. With the "pretraining"
+        head the loss is the masked-LM loss plus the next-sentence loss (``next_sentence_label``), as in
+        ``transformers.BertForPreTraining``."""
         hidden = self.encode(input_ids, attention_mask, token_type_ids)
         out = EncoderOutput(hidden)
         if self.pooler is not None:
             out.pooled = torch.tanh(self.pooler(hidden[:, 0]))
         head = self.config.head
-        if head == "masked_lm":
+        if head == "pretraining":
+            out.nsp_logits = self.nsp(out.pooled)
+        if head in ("masked_lm", "pretraining"):
             if select is not None:
                 hidden = hidden[select]
                 labels = labels[select] if labels is not None else None
@@ -190,6 +198,9 @@ class Encoder(nn.Module):
                 out.loss = (F.cross_entropy(out.start_logits, start_positions) + F.cross_entropy(out.end_logits, end_positions)) / 2
         if labels is not None and out.logits is not None:
             out.loss = F.cross_entropy(out.logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100)
+        if next_sentence_label is not None and out.nsp_logits is not None:
+            nsp_loss = F.cross_entropy(out.nsp_logits.float(), next_sentence_label.flatten())
+            out.loss = nsp_loss if out.loss is None else out.loss + nsp_loss
         return out
 
     def sentence_features(self, out: EncoderOutput, attention_mask=None) -> torch.Tensor:

@@ -34,7 +34,7 @@ def attach_head(model, head: str, num_labels: int = 2, labels=None, pad_token_id
     if pooling == "pooler" and model.pooler is None:
         raise LmforgeError("this encoder has no pooler; use pooling first or mean")
     model.config = config
-    model.mlm, model.classifier, model.qa_outputs = None, None, None
+    model.mlm, model.nsp, model.classifier, model.qa_outputs = None, None, None, None
     if not config.pooler:
         model.pooler = None
     if head in ("sequence_classification", "token_classification"):

@@ -362,7 +362,8 @@ def state_dict_from_hf(config: Config, hf_sd: dict[str, torch.Tensor], where: st
 
 # -- BERT (the encoder) -----------------------------------------------------------------------------
 # The backbone's names; models with a head store it under "bert." and the head beside it.
-_BERT_ARCH = {None: "BertModel", "masked_lm": "BertForMaskedLM", "sequence_classification": "BertForSequenceClassification",
+_BERT_ARCH = {None: "BertModel", "masked_lm": "BertForMaskedLM", "pretraining": "BertForPreTraining",
+              "sequence_classification": "BertForSequenceClassification",
               "token_classification": "BertForTokenClassification", "question_answering": "BertForQuestionAnswering"}
 _BERT_IGNORED = ("embeddings.position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 
@@ -457,7 +458,9 @@ def _bert_names(c) -> dict[str, str]:
         names.update({"pooler.dense.weight": "pooler.weight", "pooler.dense.bias": "pooler.bias"})
     prefix = "" if c.head is None else "bert."
     names = {prefix + hf: ours for hf, ours in names.items()}
-    if c.head == "masked_lm":
+    if c.head == "pretraining":
+        names.update({"cls.seq_relationship.weight": "nsp.weight", "cls.seq_relationship.bias": "nsp.bias"})
+    if c.head in ("masked_lm", "pretraining"):
         names.update({
             "cls.predictions.transform.dense.weight": "mlm.dense.weight",
             "cls.predictions.transform.dense.bias": "mlm.dense.bias",

@@ -38,8 +38,8 @@ class TrainConfig:
     n_kv_head: int | None = setting(None, "key/value heads for grouped-query attention (Llama-style presets)")
     dropout: float = setting(0.0, "dropout probability in [0, 1)")
     # what is learned: the objective picks the model shape (clm: decoder; mlm: encoder)
-    objective: str = setting("clm", "clm (next token, decoder) or mlm (masked tokens, BERT-style encoder)",
-                             choices=("clm", "mlm"))
+    objective: str = setting("clm", "clm (next token, decoder), mlm (masked tokens, BERT-style encoder) or mlm+nsp "
+                                    "(masked tokens and next-sentence prediction, BERT)", choices=("clm", "mlm", "mlm+nsp"))
     mlm_probability: float = setting(0.15, "mlm: share of tokens chosen for prediction each step")
     mask_replace_prob: float = setting(0.8, "mlm: share of chosen tokens replaced by the mask token")
     random_replace_prob: float = setting(0.1, "mlm: share of chosen tokens replaced by a random token (the rest "

@@ -385,6 +385,8 @@ def pretrain(config: TrainConfig | dict | str | os.PathLike | None = None, *, re
     objective = CausalLM
     if config.objective == "mlm":
         from lmforge.train.pretraining import MaskedLM as objective
+    elif config.objective == "mlm+nsp":
+        from lmforge.train.pretraining import NextSentence as objective
     return train(config, objective, resume=resume, overwrite=overwrite, progress=progress)
 
 

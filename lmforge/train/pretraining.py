@@ -7,6 +7,12 @@ loss on those positions only. The masking is drawn afresh at every step (dynamic
 a generator seeded from ``(seed, step)``, over the whole step's rows before they are shared out: a
 step's masks are the same whatever the micro-batch layout and number of processes, and resuming
 needs no saved generator state.
+
+``mlm+nsp`` (BERT) adds next-sentence prediction: each row is ``[CLS] A [SEP] B [SEP]`` (token types 0
+then 1), A the text at a random place cut at a random length, B either the text that follows it (label
+0, "is next") or, half the time, text from another document (label 1). The segments are cut at token
+positions, not sentences. The loss is the masked-LM loss (mean over the step's predicted tokens) plus the
+next-sentence loss (mean over its rows) on the pooled [CLS], as in ``transformers.BertForPreTraining``.
 """
 
 from __future__ import annotations
@@ -37,12 +43,15 @@ def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
 class MaskedLM(CausalLM):
     """``--objective mlm``: masked-token prediction with a BERT-style encoder."""
 
+    head = "masked_lm"
+    framing = 2  # special tokens around a row's text: [CLS] text [SEP]
+
     def __init__(self, config: TrainConfig, device: torch.device, checkpoint: Path | None):
         super().__init__(config, device, checkpoint)
         tok = self.tokenizer
-        self.content = self.block_size - 2  # tokens of text in a window, between [CLS] and [SEP]
+        self.content = self.block_size - self.framing  # tokens of text in a row
         if self.content < 2:
-            raise LmforgeError(f"block_size {self.block_size} leaves no room for text between [CLS] and [SEP]; raise it")
+            raise LmforgeError(f"block_size {self.block_size} leaves no room for text between the special tokens; raise it")
         self.windows = eval_windows(self.val_split, self.content - 1, config.eval_windows) if self.val_split else []
         vocab = tok.hf.get_vocab_size(with_added_tokens=True)
         special = {t.content for t in tok.hf.get_added_tokens_decoder().values() if t.special}
@@ -65,7 +74,7 @@ class MaskedLM(CausalLM):
         if checkpoint is not None:
             return load_model(checkpoint / "model", self.device).train()
         if c.model in PRESETS:
-            return build_encoder(encoder_config(c, tok), self.device)
+            return build_encoder(encoder_config(c, tok, self.head), self.device)
         if not Path(c.model).exists():
             raise LmforgeError(f"model {c.model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
         given = [k for k in ("block_size", "n_layer", "n_head", "n_embd", "n_kv_head") if getattr(c, k) is not None]
@@ -75,7 +84,7 @@ class MaskedLM(CausalLM):
         if not isinstance(model, Encoder):
             raise LmforgeError(f"{c.model} is a decoder; --objective mlm trains an encoder (bert): start from a preset "
                                f"or an encoder folder")
-        return with_mlm_head(model).train()
+        return with_pretraining_head(model, self.head).train()
 
     def batches(self, rank: int, world_size: int) -> MaskedBatches:
         c = self.config
@@ -190,8 +199,164 @@ class MaskedBatches:
         self.rows.load_state_dict(state)
 
 
-def encoder_config(c: TrainConfig, tokenizer) -> EncoderConfig:
-    """A masked-LM encoder of a decoder preset's shape (width, depth, heads, MLP, context), overrides applied."""
+class NextSentence(MaskedLM):
+    """``--objective mlm+nsp``: masked LM and next-sentence prediction on segment pairs (BERT)."""
+
+    head = "pretraining"
+    framing = 3  # [CLS] A [SEP] B [SEP]
+
+    def __init__(self, config: TrainConfig, device: torch.device, checkpoint: Path | None):
+        super().__init__(config, device, checkpoint)
+        self.pairs = SegmentPairs(self.train_split, self.content, self.tokenizer.eos_id)
+        self.val_pairs = SegmentPairs(self.val_split, self.content, self.tokenizer.eos_id) if self.val_split else None
+
+    def batches(self, rank: int, world_size: int) -> PairBatches:
+        c = self.config
+        return PairBatches(self, c.micro_batch_size, c.seed, rank, world_size, c.grad_accum_steps)
+
+    def rows(self, pairs: SegmentPairs, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, ...]:
+        """``n`` rows: ids and token types (n, block_size), next-sentence labels (n,)."""
+        tok = self.tokenizer
+        ids, types, labels = [], [], []
+        for _ in range(n):
+            a, b, label = pairs.draw(rng)
+            ids.append([tok.cls_id, *a, tok.sep_id, *b, tok.sep_id])
+            types.append([0] * (len(a) + 2) + [1] * (len(b) + 1))
+            labels.append(label)
+        return torch.tensor(ids), torch.tensor(types), torch.tensor(labels)
+
+    def forward(self, model, batch):
+        """(masked-LM loss summed over the batch's predicted tokens, next-sentence loss summed over its rows,
+        correct masked-token and next-sentence predictions)."""
+        chosen = batch["labels"] != -100
+        out = model(batch["ids"], token_type_ids=batch["types"], select=chosen)
+        logits, target = out.logits.float(), batch["labels"][chosen]
+        nsp = out.nsp_logits.float()
+        return (F.cross_entropy(logits, target, reduction="sum"), F.cross_entropy(nsp, batch["nsp"], reduction="sum"),
+                (logits.argmax(-1) == target).sum(), (nsp.argmax(-1) == batch["nsp"]).sum())
+
+    def loss(self, model, batch):
+        # Weighed by rows, a micro-batch's share of the step's masked-LM mean is its sum over all the step's
+        # predicted tokens (counted when the step's rows were drawn), times the step's rows over its own.
+        mlm_sum, nsp_sum, mlm_right, nsp_right = self.forward(model, batch)
+        rows = batch["ids"].size(0)
+        scale = batch["step_rows"] / (rows * batch["step_chosen"])
+        metrics = {"mlm_loss": mlm_sum.detach() * scale, "nsp_loss": nsp_sum.detach() / rows,
+                   "accuracy": mlm_right * scale, "nsp_accuracy": nsp_right.float() / rows}
+        return mlm_sum * scale + nsp_sum / rows, metrics
+
+    def loss_weight(self, batch) -> float:
+        return float(batch["ids"].size(0))
+
+    @torch.no_grad()
+    def evaluate(self, dist_: Distributed, autocast) -> dict | None:
+        """The fixed validation pairs (pair i drawn and masked by generators seeded with i)."""
+        if self.val_pairs is None:
+            return None
+        model = self.model
+        was_training = model.training
+        model.eval()
+        totals = torch.zeros(5, dtype=torch.float64)  # masked-LM loss, right; next-sentence loss, right; predicted tokens
+        for index in range(dist_.rank, self.config.eval_windows, dist_.world_size):
+            ids, types, label = self.rows(self.val_pairs, np.random.default_rng([self.config.seed, 1, index]), 1)
+            ids, labels = self.corrupt(ids, step_generator(self.config.seed, index, 1))
+            batch = {"ids": ids, "types": types, "labels": labels, "nsp": label}
+            with autocast:
+                mlm_sum, nsp_sum, mlm_right, nsp_right = self.forward(model, {k: v.to(self.device) for k, v in batch.items()})
+            totals += torch.tensor([mlm_sum.item(), mlm_right.item(), nsp_sum.item(), nsp_right.item(),
+                                    (labels != -100).sum().item()], dtype=torch.float64)
+        totals = dist_.all_sum(totals.to(self.device)).cpu()
+        model.train(was_training)
+        n = self.config.eval_windows
+        mlm_loss = (totals[0] / totals[4]).item()
+        nsp_loss = (totals[2] / n).item()
+        return {"val_loss": mlm_loss + nsp_loss, "val_mlm_loss": mlm_loss, "val_perplexity": math.exp(min(mlm_loss, 50.0)),
+                "val_accuracy": (totals[1] / totals[4]).item(), "val_nsp_loss": nsp_loss,
+                "val_nsp_accuracy": (totals[3] / n).item()}
+
+    def format_eval(self, record: dict) -> str:
+        return (f"val loss {record['val_loss']:.4f} (masked LM {record['val_mlm_loss']:.4f}, next sentence "
+                f"{record['val_nsp_loss']:.4f}), masked-token accuracy {100 * record['val_accuracy']:.1f}%, "
+                f"next-sentence accuracy {100 * record['val_nsp_accuracy']:.1f}%")
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info["summary"] = info["summary"].replace("masked LM", "masked LM and next-sentence prediction")
+        return info
+
+
+class SegmentPairs:
+    """Segment pairs (A, B, label) from a split: A at a random place, B the text after it (label 0) or, with
+    probability 1/2, text from another document (label 1); A and B together ``content`` tokens."""
+
+    def __init__(self, split, content: int, eos_id: int | None):
+        self.split, self.content = split, content
+        starts = [max(len(s) - content, 0) for s in split.shards]
+        self.cum_starts = np.cumsum(starts)
+        if self.cum_starts[-1] == 0:
+            raise LmforgeError(f"the {split.split} split has {split.tokens} tokens, too few for pairs of {content} "
+                               f"tokens; lower block_size or prepare more data")
+        # where each shard's documents end (the end-of-text token after each), to tell documents apart
+        self.ends = [np.flatnonzero(np.asarray(s) == eos_id) if eos_id is not None else np.empty(0, np.int64)
+                     for s in split.shards]
+
+    def place(self, rng: np.random.Generator) -> tuple[int, int]:
+        """(shard, offset) of a window of ``content`` tokens inside one shard."""
+        start = int(rng.integers(0, self.cum_starts[-1]))
+        shard = int(np.searchsorted(self.cum_starts, start, side="right"))
+        return shard, start - (int(self.cum_starts[shard - 1]) if shard > 0 else 0)
+
+    def document(self, shard: int, offset: int) -> tuple[int, int]:
+        return shard, int(np.searchsorted(self.ends[shard], offset, side="right"))
+
+    def draw(self, rng: np.random.Generator) -> tuple[list[int], list[int], int]:
+        shard, offset = self.place(rng)
+        cut = int(rng.integers(1, self.content))  # A's length; B's is the rest
+        text = self.split.shards[shard]
+        a = text[offset : offset + cut]
+        if rng.random() < 0.5:
+            return a.tolist(), text[offset + cut : offset + self.content].tolist(), 0
+        here = self.document(shard, offset)
+        for _ in range(10):  # another document (a one-document corpus keeps the last draw)
+            other, at = self.place(rng)
+            if self.document(other, at) != here:
+                break
+        return a.tolist(), self.split.shards[other][at : at + self.content - cut].tolist(), 1
+
+
+class PairBatches:
+    """Micro-batches of segment pairs; the rows of a step depend only on ``(seed, step)``. Every process builds
+    and masks all the step's rows (cheap next to the forward pass) and takes its own: the masked-LM mean is
+    then over the whole step's predicted tokens whatever the layout."""
+
+    def __init__(self, objective: NextSentence, batch_size: int, seed: int, rank: int, world_size: int, accum_steps: int):
+        self.objective, self.batch_size, self.seed = objective, batch_size, seed
+        self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
+        self.batch_index = 0
+
+    def next_batch(self, device) -> dict:
+        o = self.objective
+        step, micro = divmod(self.batch_index, self.accum_steps)
+        self.batch_index += 1
+        total = self.batch_size * self.accum_steps * self.world_size
+        ids, types, nsp = o.rows(o.pairs, np.random.default_rng([self.seed, step]), total)
+        ids, labels = o.corrupt(ids, step_generator(self.seed, step, 0))
+        first = (micro * self.world_size + self.rank) * self.batch_size
+        mine = slice(first, first + self.batch_size)
+        batch = {"ids": ids[mine], "types": types[mine], "labels": labels[mine], "nsp": nsp[mine],
+                 "step_rows": torch.tensor(float(total)),
+                 "step_chosen": torch.tensor(float(max(int((labels != -100).sum()), 1)))}
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "batch_index": self.batch_index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.batch_index = int(state["seed"]), int(state["batch_index"])
+
+
+def encoder_config(c: TrainConfig, tokenizer, head: str = "masked_lm") -> EncoderConfig:
+    """A pretraining encoder of a decoder preset's shape (width, depth, heads, MLP, context), overrides applied."""
     shape: Config = Config.from_preset(c.model, block_size=c.block_size, n_layer=c.n_layer, n_head=c.n_head,
                                        n_embd=c.n_embd)
     if shape.family != "gpt2" or c.n_kv_head is not None:
@@ -200,22 +365,36 @@ def encoder_config(c: TrainConfig, tokenizer) -> EncoderConfig:
     return EncoderConfig(vocab_size=tokenizer.hf.get_vocab_size(with_added_tokens=True), block_size=shape.block_size,
                          n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, mlp_hidden=shape.hidden,
                          dropout=c.dropout, pad_token_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
-                         pooler=False, head="masked_lm")
+                         pooler=head == "pretraining", head=head)
 
 
-def with_mlm_head(model: Encoder) -> Encoder:
-    """The encoder with a masked-LM head: its own if it has one, else a new one (N(0, 0.02), zero bias)."""
-    if model.config.head == "masked_lm":
+def with_pretraining_head(model: Encoder, head: str) -> Encoder:
+    """The encoder with ``head`` ("masked_lm", or "pretraining": masked LM and next-sentence prediction): the
+    parts it has are kept, the missing ones start from BERT's initialisation (N(0, 0.02), zero biases)."""
+    if model.config.head == head:
         return model
     weight = model.wte.weight
-    model.config = model.config.with_head("masked_lm")
+    model.config = model.config.with_head(head)
     model.classifier, model.qa_outputs = None, None
-    model.pooler = None
-    model.mlm = MaskedLMHead(model.config).to(device=weight.device, dtype=weight.dtype)
+    new = []
+    if model.mlm is None:
+        model.mlm = MaskedLMHead(model.config)
+        new.append(model.mlm)
+    if head == "pretraining":
+        if model.pooler is None:
+            model.pooler = nn.Linear(model.config.n_embd, model.config.n_embd)
+            new.append(model.pooler)
+        model.nsp = nn.Linear(model.config.n_embd, 2)
+        new.append(model.nsp)
+    else:
+        model.pooler, model.nsp = None, None
     with torch.no_grad():
-        for module in model.mlm.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=model.config.init_std)
-                nn.init.zeros_(module.bias)
-        nn.init.zeros_(model.mlm.bias)
+        for part in new:
+            part.to(device=weight.device, dtype=weight.dtype)
+            for module in part.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=model.config.init_std)
+                    nn.init.zeros_(module.bias)
+            if part is model.mlm:
+                nn.init.zeros_(model.mlm.bias)
     return model
