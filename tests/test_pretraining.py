@@ -353,3 +353,105 @@ def test_an_interrupted_mlm_nsp_run_resumes_exactly(encoder_data, tmp_path):
     for x, y in zip(a, b):
         assert {k: v for k, v in x.items() if "second" not in k and k != "elapsed"} == \
             {k: v for k, v in y.items() if "second" not in k and k != "elapsed"}
+
+
+# -- permutation LM (plm) ---------------------------------------------------------------------------
+
+
+def test_plm_targets_and_order_are_the_collators_draws(encoder_tok):
+    """With the global generator in the same state: the same predicted tokens (labels) as
+    DataCollatorForPermutationLanguageModeling, and the same attention for every token that is not special (special
+    tokens are context here, where the collator orders them with the predicted ones)."""
+    from transformers import DataCollatorForPermutationLanguageModeling, PreTrainedTokenizerFast
+
+    from lmforge.data.masking import factorization_order, plm_attention, plm_targets
+
+    tok = Tokenizer.load(encoder_tok)
+    hf_tok = PreTrainedTokenizerFast.from_pretrained(encoder_tok)
+    ids = rows_of(tok, TEXTS * 3, 24)
+    collator = DataCollatorForPermutationLanguageModeling(hf_tok, plm_probability=1 / 6, max_span_length=5)
+    torch.manual_seed(7)
+    _, perm_mask, _, labels = collator.torch_mask_tokens(ids.clone())
+    special = torch.tensor([[i in hf_tok.all_special_ids for i in row] for row in ids.tolist()])
+    torch.manual_seed(7)
+    targets = plm_targets(tuple(ids.shape), special, 1 / 6, 5)
+    order = factorization_order(targets)
+    assert torch.equal(ids.masked_fill(~targets, -100), labels) and targets.sum() > 5
+    _, query = plm_attention(order)
+    theirs = perm_mask == 0  # 1 in perm_mask: may not attend
+    ours = query[:, 0]
+    plain = ~special
+    assert torch.equal(ours[plain], theirs[plain])
+    assert not (ours & ~theirs).any()  # special tokens see less here, never more
+
+
+def test_plm_masks_keep_each_predicted_token_from_its_own_and_later_content():
+    from lmforge.data.masking import factorization_order, plm_attention, plm_targets
+
+    g = torch.Generator().manual_seed(3)
+    no_mask = torch.zeros(6, 40, dtype=torch.bool)
+    no_mask[:, [0, -1]] = True
+    targets = plm_targets((6, 40), no_mask, 0.3, 4, g)
+    order = factorization_order(targets, g)
+    content, query = (m[:, 0] for m in plm_attention(order))
+    for b in range(6):
+        for i in range(40):
+            for j in range(40):
+                if targets[b, i]:
+                    later = targets[b, j] and order[b, j] >= order[b, i]
+                    assert query[b, i, j] == (not later)  # context and earlier predicted tokens only
+                    assert content[b, i, j] == (not later or i == j)
+                else:  # context sees context alone
+                    assert query[b, i, j] == (not targets[b, j]) and content[b, i, j] == (not targets[b, j] or i == j)
+    assert sorted(order[targets].tolist()) != order[targets].tolist()  # the order is not left to right
+
+
+def test_a_predicted_tokens_logits_do_not_depend_on_its_own_or_later_content():
+    """The two-stream model end to end: changing the token at a predicted position t leaves the logits at t and at
+    every predicted position before t in the order unchanged, and changes some after it (information flows)."""
+    from lmforge.data.masking import factorization_order, plm_targets
+    from lmforge.model.encoder import EncoderConfig, build_encoder
+
+    torch.manual_seed(0)
+    model = build_encoder(EncoderConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, mlp_hidden=64,
+                                        dropout=0.0, pooler=False, head="masked_lm")).eval()
+    ids = torch.randint(5, 50, (1, 32))
+    no_mask = torch.zeros_like(ids, dtype=torch.bool)
+    no_mask[:, [0, -1]] = True
+    g = torch.Generator().manual_seed(1)
+    targets = plm_targets((1, 32), no_mask, 0.4, 3, g)
+    order = factorization_order(targets, g)
+    positions = targets[0].nonzero().flatten().tolist()
+    ranked = sorted(positions, key=lambda p: int(order[0, p]))
+    t = ranked[len(ranked) // 2]
+    changed = ids.clone()
+    changed[0, t] = (ids[0, t] - 5 + 7) % 45 + 5
+    with torch.no_grad():
+        a = model(ids, plm_order=order, plm_query=4).logits
+        b = model(changed, plm_order=order, plm_query=4).logits
+    moved = {p: (a[k] - b[k]).abs().max().item() for k, p in enumerate(positions)}
+    for p in positions:
+        if order[0, p] <= order[0, t]:
+            assert moved[p] == 0, (p, moved[p])
+    assert max(moved[p] for p in positions if order[0, p] > order[0, t]) > 1e-4
+
+
+def test_plm_pretraining_learns_and_gives_the_same_steps_in_any_layout_and_on_resume(encoder_data, tmp_path):
+    kw = dict(objective="plm", eval_interval=4, checkpoint_interval=4, max_steps=8)
+    pretrain(mlm_config(encoder_data, tmp_path / "4x1", **kw), progress=False)
+    pretrain(mlm_config(encoder_data, tmp_path / "2x2", micro_batch_size=2, grad_accum_steps=2, **kw), progress=False)
+    pretrain(mlm_config(encoder_data, tmp_path / "part", **{**kw, "max_steps": 4}), progress=False)
+    pretrain(mlm_config(encoder_data, tmp_path / "part", **kw), resume=True, progress=False)
+    whole = logs(tmp_path / "4x1")
+    for other, exact in (("2x2", False), ("part", True)):
+        for x, y in zip(whole, logs(tmp_path / other)):
+            for key in ("loss", "accuracy", "grad_norm", "val_loss"):
+                if key in x:
+                    assert x[key] == (y[key] if exact else pytest.approx(y[key], rel=1e-5, abs=1e-6)), (other, key)
+    out = tmp_path / "learn"
+    pretrain(mlm_config(encoder_data, out, objective="plm", max_steps=100, eval_interval=50, eval_windows=64, lr=3e-3,
+                        micro_batch_size=16, n_embd=64, n_head=4), progress=False)
+    val = [r for r in logs(out) if "val_loss" in r]
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.7, val
+    with pytest.raises(LmforgeError, match="even block_size"):
+        pretrain(mlm_config(encoder_data, tmp_path / "odd", objective="plm", block_size=33), progress=False)

@@ -74,3 +74,53 @@ class WordStarts:
         starts[:, 1:] |= self.closes[ids[:, :-1]]
         starts[:, 0] = True
         return starts
+
+
+# -- permutation LM (XLNet) -------------------------------------------------------------------------
+
+
+def plm_targets(shape: tuple[int, int], no_mask: torch.Tensor, plm_probability: float = 1 / 6,
+                max_span_length: int = 5, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The tokens permutation LM predicts, (B, T) bool, by ``DataCollatorForPermutationLanguageModeling``'s
+    spans with the same draws in the same order: along each row, a span of 1 to ``max_span_length`` tokens
+    is placed at random inside a stretch of ``span / plm_probability`` tokens, stretch after stretch. Tokens
+    in ``no_mask`` (special, padding) are never predicted."""
+    rows, width = shape
+    targets = torch.zeros(shape, dtype=torch.bool)
+    for i in range(rows):
+        position = 0
+        while position < width:
+            span = int(torch.randint(1, max_span_length + 1, (1,), generator=generator))
+            stretch = int(span / plm_probability)
+            start = position + int(torch.randint(stretch - span + 1, (1,), generator=generator))
+            targets[i, start : start + span] = True
+            position += stretch
+    return targets & ~no_mask
+
+
+def factorization_order(targets: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each token's place in a random factorisation order, (B, T) long; -1 for the tokens that are not
+    predicted (context, which every token sees). The order is the collator's: positions split into two
+    halves, pairs (i, i + T/2) shuffled together, so an order never runs from one half into the other
+    before it has to (XLNet's choice for memory reuse; it needs T even)."""
+    rows, width = targets.shape
+    if width % 2:
+        raise ValueError(f"permutation LM needs rows of an even length, not {width}")
+    order = torch.empty(targets.shape, dtype=torch.long)
+    for i in range(rows):
+        index = torch.arange(width).reshape(-1, width // 2).transpose(0, 1)
+        index = index[torch.randperm(width // 2, generator=generator)]
+        order[i] = index.transpose(0, 1).flatten()
+    return order.masked_fill(~targets, -1)
+
+
+def plm_attention(order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(content, query) attention masks (B, 1, T, T), True where a token may attend, from ``order``:
+
+    query stream, which predicts: a token sees the context and the predicted tokens before it in the order,
+    never its own content nor a later one's. Content stream: the same plus itself. Context tokens (-1) see
+    only the context, so no predicted token's content reaches anyone through them."""
+    seen = order[:, None, :]  # the key's place, broadcast over queries
+    query = (seen == -1) | (seen < order[:, :, None])
+    content = query | torch.eye(order.size(1), dtype=torch.bool)
+    return content[:, None], query[:, None]

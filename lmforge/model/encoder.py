@@ -83,11 +83,20 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor | None = None,
+                g_mask: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention of ``x``; with ``g`` (permutation LM's query stream) also ``g``'s queries over ``x``'s
+        keys and values under ``g_mask``, with the same weights: returns both."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = self.proj(y.transpose(1, 2).reshape(B, T, C))
+        if g is None:
+            return y
+        qg = F.linear(g, self.qkv.weight[:C], self.qkv.bias[:C]).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        yg = F.scaled_dot_product_attention(qg, k, v, attn_mask=g_mask, dropout_p=dropout)
+        return y, self.proj(yg.transpose(1, 2).reshape(B, T, C))
 
 
 class EncoderBlock(nn.Module):
@@ -105,7 +114,15 @@ class EncoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = self.ln_1(x + self.drop(self.attn(x, mask)))
+        return self.mlp(x)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln_2(x + self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate))))
+
+    def two_stream(self, h: torch.Tensor, g: torch.Tensor, h_mask: torch.Tensor, g_mask: torch.Tensor):
+        """XLNet's two streams through one block, its weights shared: content ``h`` and query ``g``."""
+        attn_h, attn_g = self.attn(h, h_mask, g, g_mask)
+        return self.mlp(self.ln_1(h + self.drop(attn_h))), self.mlp(self.ln_1(g + self.drop(attn_g)))
 
 
 class MaskedLMHead(nn.Module):
@@ -170,12 +187,37 @@ class Encoder(nn.Module):
             x = block(x, mask)
         return x
 
+    def permutation_lm(self, input_ids, order: torch.Tensor, query_token: int, token_type_ids=None,
+                       select=None) -> torch.Tensor:
+        """Permutation LM (XLNet's two-stream attention, without Transformer-XL's memory and relative positions):
+        the content stream reads the tokens, the query stream starts from ``query_token``'s embedding (the
+        mask token: position, no content) and attends to the content stream under
+        ``lmforge.data.masking.plm_attention(order)``. Returns the masked-LM head's logits from the query
+        stream at ``select`` (default: the predicted tokens, ``order >= 0``), (N, vocab)."""
+        from lmforge.data.masking import plm_attention
+
+        B, T = input_ids.shape
+        pos = torch.arange(T, device=input_ids.device)
+        types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        around = self.wpe(pos) + self.wtt(types)
+        h = self.drop(self.ln_emb(self.wte(input_ids) + around))
+        g = self.drop(self.ln_emb(self.wte.weight[query_token] + around))
+        h_mask, g_mask = (m.to(input_ids.device) for m in plm_attention(order))
+        for block in self.blocks:
+            h, g = block.two_stream(h, g, h_mask, g_mask)
+        chosen = order >= 0 if select is None else select
+        return self.mlm(g[chosen], self.wte.weight)
+
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                start_positions=None, end_positions=None, select=None, next_sentence_label=None) -> EncoderOutput:
+                start_positions=None, end_positions=None, select=None, next_sentence_label=None,
+                plm_order=None, plm_query=None) -> EncoderOutput:
         """``select`` (B, T) bool, masked LM only: logits (and ``labels``) at those positions alone, (N, vocab),
         so pretraining runs the vocabulary projection on the ~15% of tokens it predicts. With the "pretraining"
         head the loss is the masked-LM loss plus the next-sentence loss (``next_sentence_label``), as in
-        ``transformers.BertForPreTraining``."""
+        ``transformers.BertForPreTraining``. ``plm_order`` and ``plm_query``: ``permutation_lm``'s logits (at
+        ``select``) as ``logits``, and ``hidden`` None (so DDP's forward wraps it too)."""
+        if plm_order is not None:
+            return EncoderOutput(None, logits=self.permutation_lm(input_ids, plm_order, plm_query, token_type_ids, select))
         hidden = self.encode(input_ids, attention_mask, token_type_ids)
         out = EncoderOutput(hidden)
         if self.pooler is not None:

@@ -387,6 +387,8 @@ def pretrain(config: TrainConfig | dict | str | os.PathLike | None = None, *, re
         from lmforge.train.pretraining import MaskedLM as objective
     elif config.objective == "mlm+nsp":
         from lmforge.train.pretraining import NextSentence as objective
+    elif config.objective == "plm":
+        from lmforge.train.pretraining import PermutationLM as objective
     return train(config, objective, resume=resume, overwrite=overwrite, progress=progress)
 
 

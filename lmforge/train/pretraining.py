@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.data.loader import TrainBatches, eval_windows
-from lmforge.data.masking import WordStarts, mask_tokens
+from lmforge.data.masking import WordStarts, factorization_order, mask_tokens, plm_targets
 from lmforge.errors import LmforgeError
 from lmforge.model.config import PRESETS, Config
 from lmforge.model.encoder import Encoder, EncoderConfig, MaskedLMHead, build_encoder
@@ -99,20 +99,26 @@ class MaskedLM(CausalLM):
         sep = torch.full((B, 1), self.tokenizer.sep_id, dtype=torch.long)
         return torch.cat([cls, rows.cpu(), sep], 1)
 
-    def corrupt(self, ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def corrupt(self, ids: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """A batch of rows (B, T) as the model is to see it: ``ids``, ``labels`` (-100 where nothing is predicted)
+        and whatever else the objective's ``predict`` needs, each with the rows first."""
         c = self.config
-        return mask_tokens(ids, self.no_mask[ids], self.tokenizer.mask_id, self.vocab, generator, c.mlm_probability,
-                           c.mask_replace_prob, c.random_replace_prob,
-                           self.word_starts(ids) if self.word_starts is not None else None)
+        ids, labels = mask_tokens(ids, self.no_mask[ids], self.tokenizer.mask_id, self.vocab, generator,
+                                  c.mlm_probability, c.mask_replace_prob, c.random_replace_prob,
+                                  self.word_starts(ids) if self.word_starts is not None else None)
+        return {"ids": ids, "labels": labels}
+
+    def predict(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (N, vocab), targets (N,)) at the predicted positions, in row-major order."""
+        chosen = batch["labels"] != -100
+        return model(batch["ids"], select=chosen).logits, batch["labels"][chosen]
 
     def loss(self, model, batch):
-        chosen = batch["labels"] != -100
-        out = model(batch["ids"], select=chosen)
-        labels = batch["labels"][chosen]
+        logits, labels = self.predict(model, batch)
         if labels.numel() == 0:  # nothing chosen in this micro-batch: it weighs 0 in the step
-            zero = out.logits.sum() * 0.0
+            zero = logits.sum() * 0.0
             return zero, {"accuracy": zero.detach()}
-        logits = out.logits.float()
+        logits = logits.float()
         accuracy = (logits.argmax(-1) == labels).float().mean()
         return F.cross_entropy(logits, labels), {"accuracy": accuracy.detach()}
 
@@ -135,13 +141,12 @@ class MaskedLM(CausalLM):
         for index in range(dist_.rank, len(self.windows), dist_.world_size):
             shard, offset = self.windows[index]
             rows = torch.from_numpy(self.val_split.shards[shard][offset : offset + self.content].astype(np.int64))
-            ids, labels = self.corrupt(self.frame(rows[None]), step_generator(self.config.seed, index, 1))
-            chosen = labels != -100
-            if not chosen.any():
+            batch = self.corrupt(self.frame(rows[None]), step_generator(self.config.seed, index, 1))
+            if not (batch["labels"] != -100).any():
                 continue
             with autocast:
-                logits = model(ids.to(self.device), select=chosen.to(self.device)).logits.float().cpu()
-            target = labels[chosen]
+                logits, target = self.predict(model, {k: v.to(self.device) for k, v in batch.items()})
+            logits, target = logits.float().cpu(), target.cpu()
             totals += torch.tensor([F.cross_entropy(logits, target, reduction="sum").item(),
                                     (logits.argmax(-1) == target).sum().item(), target.numel()], dtype=torch.float64)
         totals = dist_.all_sum(totals.to(self.device)).cpu()
@@ -188,15 +193,52 @@ class MaskedBatches:
         total = rows.batch_size * rows.accum_steps * rows.world_size
         everything = torch.full((total, mine.size(1)), o.tokenizer.cls_id, dtype=torch.long)
         everything[first : first + len(mine)] = mine
-        ids, labels = o.corrupt(everything, step_generator(rows.seed, step, 0))
-        ids, labels = ids[first : first + len(mine)], labels[first : first + len(mine)]
-        return {"ids": ids.to(device), "labels": labels.to(device)}
+        batch = o.corrupt(everything, step_generator(rows.seed, step, 0))
+        return {k: v[first : first + len(mine)].to(device) for k, v in batch.items()}
 
     def state_dict(self) -> dict:
         return self.rows.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.rows.load_state_dict(state)
+
+
+class PermutationLM(MaskedLM):
+    """``--objective plm``: permutation language modelling (XLNet) with the encoder's two-stream attention.
+
+    The predicted tokens are ``DataCollatorForPermutationLanguageModeling``'s spans (``plm_probability`` 1/6 of
+    the tokens, spans of at most ``max_span_length``) and the factorisation order its permutation (same draws,
+    same order). Where it differs: the collator replaces the predicted tokens by [MASK] in the input, while
+    here, as in XLNet, the content stream reads their real tokens and only the query stream, which predicts,
+    is kept from each token's own content and from later ones in the order; and every token that is not
+    predicted (special tokens included, which the collator orders with the rest) is context that sees no
+    predicted token. The query stream starts from the [MASK] embedding, so the model saved is a plain
+    BertForMaskedLM folder with no extra weights.
+    """
+
+    def __init__(self, config: TrainConfig, device: torch.device, checkpoint: Path | None):
+        if (config.block_size or 0) % 2:
+            raise LmforgeError(f"--objective plm needs an even block_size (the factorisation order pairs positions "
+                               f"i and i + block_size/2), not {config.block_size}")
+        super().__init__(config, device, checkpoint)
+        if self.block_size % 2:
+            raise LmforgeError(f"--objective plm needs an even block_size, not {self.block_size}; pass --block-size")
+
+    def corrupt(self, ids: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        c = self.config
+        targets = plm_targets(tuple(ids.shape), self.no_mask[ids], c.plm_probability, c.max_span_length, generator)
+        order = factorization_order(targets, generator)
+        return {"ids": ids, "labels": ids.masked_fill(~targets, -100), "order": order}
+
+    def predict(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = batch["order"] >= 0
+        return model(batch["ids"], plm_order=batch["order"], plm_query=self.tokenizer.mask_id).logits, batch["ids"][targets]
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info["summary"] = info["summary"].replace(f"masked LM ({100 * self.config.mlm_probability:g}%",
+                                                  f"permutation LM (two streams; {100 * self.config.plm_probability:.0f}%")
+        return info
 
 
 class NextSentence(MaskedLM):
@@ -259,8 +301,8 @@ class NextSentence(MaskedLM):
         totals = torch.zeros(5, dtype=torch.float64)  # masked-LM loss, right; next-sentence loss, right; predicted tokens
         for index in range(dist_.rank, self.config.eval_windows, dist_.world_size):
             ids, types, label = self.rows(self.val_pairs, np.random.default_rng([self.config.seed, 1, index]), 1)
-            ids, labels = self.corrupt(ids, step_generator(self.config.seed, index, 1))
-            batch = {"ids": ids, "types": types, "labels": labels, "nsp": label}
+            batch = {**self.corrupt(ids, step_generator(self.config.seed, index, 1)), "types": types, "nsp": label}
+            labels = batch["labels"]
             with autocast:
                 mlm_sum, nsp_sum, mlm_right, nsp_right = self.forward(model, {k: v.to(self.device) for k, v in batch.items()})
             totals += torch.tensor([mlm_sum.item(), mlm_right.item(), nsp_sum.item(), nsp_right.item(),
@@ -340,12 +382,12 @@ class PairBatches:
         self.batch_index += 1
         total = self.batch_size * self.accum_steps * self.world_size
         ids, types, nsp = o.rows(o.pairs, np.random.default_rng([self.seed, step]), total)
-        ids, labels = o.corrupt(ids, step_generator(self.seed, step, 0))
+        masked = o.corrupt(ids, step_generator(self.seed, step, 0))
         first = (micro * self.world_size + self.rank) * self.batch_size
         mine = slice(first, first + self.batch_size)
-        batch = {"ids": ids[mine], "types": types[mine], "labels": labels[mine], "nsp": nsp[mine],
+        batch = {"ids": masked["ids"][mine], "types": types[mine], "labels": masked["labels"][mine], "nsp": nsp[mine],
                  "step_rows": torch.tensor(float(total)),
-                 "step_chosen": torch.tensor(float(max(int((labels != -100).sum()), 1)))}
+                 "step_chosen": torch.tensor(float(max(int((masked["labels"] != -100).sum()), 1)))}
         return {k: v.to(device) for k, v in batch.items()}
 
     def state_dict(self) -> dict:
