@@ -30,6 +30,10 @@ from lmforge.model.hf import (
     config_to_hf,
     state_dict_from_hf,
     state_dict_to_hf,
+    t5_config_from_hf,
+    t5_config_to_hf,
+    t5_state_dict_from_hf,
+    t5_state_dict_to_hf,
     weight_files,
 )
 from lmforge.utils import atomic_dir, atomic_write_json, check_output_dir, first_line, read_json
@@ -87,14 +91,22 @@ def _write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_byt
 
 
 def save_model(model, folder: str | os.PathLike, tokenizer=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Write a decoder or encoder (and its tokenizer) as a Hugging Face folder, atomically."""
+    """Write a decoder, encoder or encoder-decoder (and its tokenizer) as a Hugging Face folder, atomically."""
     from lmforge.model.encoder import Encoder
+    from lmforge.model.encoder_decoder import EncoderDecoder
 
     with atomic_dir(folder) as tmp:
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         if isinstance(model, Encoder):
             atomic_write_json(tmp / "config.json", {**bert_config_to_hf(model.config), "torch_dtype": dtype})
             tensors = bert_state_dict_to_hf(model)
+        elif isinstance(model, EncoderDecoder):
+            c = model.config
+            atomic_write_json(tmp / "config.json", {**t5_config_to_hf(c), "torch_dtype": dtype})
+            atomic_write_json(tmp / "generation_config.json", {"decoder_start_token_id": c.decoder_start_token_id,
+                                                               "eos_token_id": c.eos_token_id,
+                                                               "pad_token_id": c.pad_token_id})
+            tensors = t5_state_dict_to_hf(model)
         else:
             config = model.config
             if tokenizer is not None and tokenizer.eos_id is not None and config.eos_token_id is None:
@@ -129,7 +141,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Load a model folder (or a run folder's latest checkpoint): a ``GPT`` for decoder families,
-    an ``Encoder`` for ``bert``."""
+    an ``Encoder`` for ``bert``, an ``EncoderDecoder`` for ``t5``."""
     from lmforge.model.encoder import build_encoder
 
     folder = resolve_model_dir(path)
@@ -142,6 +154,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         config = bert_config_from_hf(hf, raw.keys(), where)
         model = build_encoder(config, "meta")
         weights = bert_state_dict_from_hf(config, raw, str(folder))
+    elif hf.get("model_type") == "t5":
+        from lmforge.model.encoder_decoder import build_encoder_decoder
+
+        config = t5_config_from_hf(hf, raw, where)
+        model = build_encoder_decoder(config, "meta")
+        weights = t5_state_dict_from_hf(config, raw, str(folder))
     else:
         config = config_from_hf(hf, where)
         model = build_model(config, "meta")
@@ -209,7 +227,12 @@ def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu", dt
     """``load_model`` for commands that need a decoder (generation, training)."""
     model = load_model(path, device, dtype)
     if not isinstance(model, GPT):
-        raise LmforgeError(f"{model.source} is an encoder (bert): it cannot generate text; use `lmforge embed` with it")
+        from lmforge.model.encoder import Encoder
+
+        if isinstance(model, Encoder):
+            raise LmforgeError(f"{model.source} is an encoder (bert): it cannot generate text; use `lmforge embed` with it")
+        raise LmforgeError(f"{model.source} is an encoder-decoder (t5); this command runs decoders (gpt2, llama, "
+                           f"qwen2, mistral) only so far")
     return model
 
 

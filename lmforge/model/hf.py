@@ -15,7 +15,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.config import Config
 from lmforge.model.gpt import GPT
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral", "bert", "lmforge")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral", "bert", "t5", "lmforge")
 
 # -- GPT-2 ------------------------------------------------------------------------------------------
 # Hugging Face GPT-2 stores these (in, out) in its Conv1D layers; lmforge's nn.Linear is (out, in).
@@ -287,6 +287,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         )
     if model_type == "bert":
         raise LmforgeError(f"{where}: bert is an encoder; this needs a decoder (gpt2, llama, qwen2, mistral)")
+    if model_type == "t5":
+        raise LmforgeError(f"{where}: t5 is an encoder-decoder; this needs a decoder (gpt2, llama, qwen2, mistral)")
     try:
         if model_type == "lmforge":
             return Config.from_dict(hf["lmforge_config"])
@@ -505,6 +507,97 @@ def bert_state_dict_to_hf(model) -> dict[str, torch.Tensor]:
     out = {hf: sd[ours] for hf, ours in _bert_names(c).items()}
     for ours, parts in _bert_fused(c):
         out.update(zip(parts, sd[ours].chunk(3)))
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+# -- T5 (the encoder-decoder) -----------------------------------------------------------------------
+# Whether the head is tied is told in more than one place. transformers 4 reads tie_word_embeddings (true:
+# the head is the shared matrix and the output is scaled by d_model^-0.5; false: its own head, no
+# scaling). transformers 5 always ties unless the file holds an lm_head that differs, and reads the
+# scaling from scale_decoder_outputs. lmforge reads the head from the weights and the scaling from
+# scale_decoder_outputs when present, else from tie_word_embeddings, and writes both fields.
+_T5_FEED_FORWARD = {"relu": "relu", "gated-gelu": "gated-gelu", "gated-gelu_new": "gated-gelu",
+                    "gated-gelu_pytorch_tanh": "gated-gelu", "gated-silu": "gated-silu"}
+_T5_IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
+def t5_config_from_hf(hf: dict, weights: dict[str, torch.Tensor], where: str):
+    from lmforge.model.encoder_decoder import Seq2SeqConfig
+
+    feed_forward = _T5_FEED_FORWARD.get(str(hf.get("feed_forward_proj", "relu")))
+    if feed_forward is None:
+        raise LmforgeError(f"{where}: feed_forward_proj {hf.get('feed_forward_proj')!r} is not supported; "
+                           f"lmforge reads {', '.join(sorted(set(_T5_FEED_FORWARD)))}")
+    head, shared = weights.get("lm_head.weight"), weights.get("shared.weight")
+    tied = head is None or (shared is not None and head.shape == shared.shape and torch.equal(head, shared))
+    scale = hf["scale_decoder_outputs"] if "scale_decoder_outputs" in hf else hf.get("tie_word_embeddings", True) is not False
+    pad = int(hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0)
+    start = hf.get("decoder_start_token_id")
+    eos = hf.get("eos_token_id")
+    return Seq2SeqConfig(
+        vocab_size=int(hf["vocab_size"]), d_model=int(hf["d_model"]), d_kv=int(hf["d_kv"]), d_ff=int(hf["d_ff"]),
+        n_layer=int(hf["num_layers"]), n_decoder_layer=int(hf.get("num_decoder_layers") or hf["num_layers"]),
+        n_head=int(hf["num_heads"]), num_buckets=int(hf.get("relative_attention_num_buckets", 32)),
+        max_distance=int(hf.get("relative_attention_max_distance", 128)), feed_forward=feed_forward,
+        dropout=float(hf.get("dropout_rate", 0.1)), norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)),
+        tied=bool(tied), scale_output=bool(scale), init_factor=float(hf.get("initializer_factor", 1.0)),
+        pad_token_id=pad, eos_token_id=int(_first_id(eos) if eos is not None else 1),
+        decoder_start_token_id=int(start if start is not None else pad),
+        block_size=int(hf.get("n_positions") or hf.get("lmforge_block_size") or 512),
+    )
+
+
+def t5_config_to_hf(c) -> dict:
+    return {
+        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True,
+        "vocab_size": c.vocab_size, "d_model": c.d_model, "d_kv": c.d_kv, "d_ff": c.d_ff, "num_layers": c.n_layer,
+        "num_decoder_layers": c.n_decoder_layer, "num_heads": c.n_head,
+        "relative_attention_num_buckets": c.num_buckets, "relative_attention_max_distance": c.max_distance,
+        "feed_forward_proj": c.feed_forward, "dropout_rate": c.dropout, "layer_norm_epsilon": c.norm_eps,
+        "initializer_factor": c.init_factor, "pad_token_id": c.pad_token_id, "eos_token_id": c.eos_token_id,
+        "decoder_start_token_id": c.decoder_start_token_id,
+        # transformers 4 scales exactly when it ties; a tied head without scaling is written as an own copy
+        "tie_word_embeddings": c.tied and c.scale_output, "scale_decoder_outputs": c.scale_output,
+        "n_positions": c.block_size, "torch_dtype": "float32",
+    }
+
+
+def _t5_names(c) -> dict[str, str]:
+    """transformers' name → lmforge's, for every tensor but a tied head."""
+    names = {"shared.weight": "shared.weight", "encoder.final_layer_norm.weight": "encoder.ln_f.weight",
+             "decoder.final_layer_norm.weight": "decoder.ln_f.weight",
+             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": "encoder.relative_bias.weight",
+             "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": "decoder.relative_bias.weight"}
+    ff = ("wi_0", "wi_1", "wo") if c.feed_forward.startswith("gated") else ("wi", "wo")
+    for stack, n, layers in (("encoder", c.n_layer, (("SelfAttention", "attn", "ln_attn"),)),
+                             ("decoder", c.n_decoder_layer, (("SelfAttention", "self_attn", "ln_self"),
+                                                              ("EncDecAttention", "cross_attn", "ln_cross")))):
+        for i in range(n):
+            h, ours = f"{stack}.block.{i}.layer.", f"{stack}.blocks.{i}."
+            for k, (theirs, attn, norm) in enumerate(layers):
+                names[f"{h}{k}.layer_norm.weight"] = f"{ours}{norm}.weight"
+                names.update({f"{h}{k}.{theirs}.{x}.weight": f"{ours}{attn}.{x}.weight" for x in "qkvo"})
+            k = len(layers)
+            names[f"{h}{k}.layer_norm.weight"] = f"{ours}ln_ff.weight"
+            names.update({f"{h}{k}.DenseReluDense.{x}.weight": f"{ours}ff.{x}.weight" for x in ff})
+    if not c.tied:
+        names["lm_head.weight"] = "lm_head.weight"
+    return names
+
+
+def t5_state_dict_from_hf(c, hf_sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    hf_sd = {k: v for k, v in hf_sd.items() if k not in _T5_IGNORED and not (c.tied and k == "lm_head.weight")}
+    out, problems = _rename(hf_sd, _t5_names(c))
+    if problems:
+        raise LmforgeError(f"{where}: weights do not match config.json ({'; '.join(problems)})")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def t5_state_dict_to_hf(model) -> dict[str, torch.Tensor]:
+    c, sd = model.config, model.state_dict()
+    out = {hf: sd[ours] for hf, ours in _t5_names(c).items()}
+    if c.tied and not c.scale_output:  # see t5_config_to_hf
+        out["lm_head.weight"] = sd["shared.weight"].clone()
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 

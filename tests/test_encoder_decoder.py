@@ -1,0 +1,128 @@
+"""The encoder-decoder (T5 family) against transformers: conversion both ways, logits and loss, the position
+buckets, incremental decoding with the cross-attention cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.model.checkpoint import load_model, save_model
+from lmforge.model.encoder_decoder import EncoderDecoder, relative_position_bucket
+
+transformers = pytest.importorskip("transformers")
+
+SHAPES = {  # T5 v1.0 (ReLU, tied head, output scaled) and v1.1 / Flan-T5 (gated GELU, own head, no scaling)
+    "v1.0": dict(feed_forward_proj="relu", tie_word_embeddings=True),
+    "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}
+
+
+def make_hf_t5(folder: Path, shape: str, seed: int = 0, **kw) -> Path:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(**{**dict(vocab_size=120, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
+                                num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                                dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+                         **SHAPES[shape], **kw})
+    model = T5ForConditionalGeneration(config).eval()
+    if shape == "v1.1":  # an untied head must differ from the embeddings to show which one is used
+        with torch.no_grad():
+            model.lm_head.weight = torch.nn.Parameter(torch.randn(120, 32))
+        model.config.tie_word_embeddings = False
+    model.save_pretrained(folder)
+    return folder
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 120, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # padding in the source
+    ids[1, 7:] = 0
+    labels = torch.randint(2, 120, (3, 6), generator=g)
+    labels[2, 4:] = -100  # padding in the target
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_logits_and_loss_equal_transformers_both_ways(tmp_path, shape):
+    from transformers import T5ForConditionalGeneration
+
+    folder = make_hf_t5(tmp_path / "hf", shape)
+    theirs = T5ForConditionalGeneration.from_pretrained(folder).eval()
+    ours = load_model(folder).eval()
+    assert isinstance(ours, EncoderDecoder)
+    assert ours.config.tied == (shape == "v1.0") and ours.config.scale_output == (shape == "v1.0")
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask, labels=labels)
+        logits, loss = ours(ids, mask, labels=labels)
+    torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss, expected.loss, atol=1e-5, rtol=1e-5)
+    # exported by lmforge, read back by transformers and by lmforge: the same logits
+    save_model(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["decoder_start_token_id"] == 0 and config["scale_decoder_outputs"] == (shape == "v1.0")
+    again = T5ForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask, labels=labels).logits, expected.logits,
+                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(load_model(tmp_path / "ours")(ids, mask, labels=labels)[0], logits, atol=0, rtol=0)
+
+
+def test_a_tied_head_without_scaling_as_transformers_5_saves_v1_1_models(tmp_path):
+    """transformers 5 writes a T5 v1.1 model as tie_word_embeddings true, scale_decoder_outputs false and no lm_head:
+    lmforge reads that as a tied head without scaling and writes it so transformers 4 and 5 both read it the same."""
+    from transformers import T5ForConditionalGeneration
+
+    folder = make_hf_t5(tmp_path / "hf", "v1.0", feed_forward_proj="gated-gelu")
+    config = json.loads((folder / "config.json").read_text())
+    config["scale_decoder_outputs"] = False
+    (folder / "config.json").write_text(json.dumps(config))
+    theirs = T5ForConditionalGeneration.from_pretrained(folder).eval()
+    assert not theirs.config.scale_decoder_outputs
+    ours = load_model(folder).eval()
+    assert ours.config.tied and not ours.config.scale_output
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, mask, labels=labels)[0], theirs(input_ids=ids, attention_mask=mask,
+                                                                             labels=labels).logits, atol=1e-4, rtol=1e-4)
+    save_model(ours, tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert written["tie_word_embeddings"] is False and written["scale_decoder_outputs"] is False
+
+
+def test_a_config_without_decoder_start_token_id_starts_from_the_pad_token(tmp_path):
+    folder = make_hf_t5(tmp_path / "hf", "v1.0", pad_token_id=3)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("decoder_start_token_id")
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_model(folder).config.decoder_start_token_id == 3
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_position_buckets_equal_transformers(bidirectional):
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    relative = torch.arange(-300, 300)[None, :] - torch.arange(0, 40)[:, None]
+    for buckets, distance in ((32, 128), (8, 20)):
+        expected = T5Attention._relative_position_bucket(relative, bidirectional, buckets, distance)
+        assert torch.equal(relative_position_bucket(relative, bidirectional, buckets, distance), expected)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_decoding_token_by_token_with_the_caches_gives_the_full_passs_logits(tmp_path, shape):
+    model = load_model(make_hf_t5(tmp_path / "hf", shape)).eval()
+    ids, mask, labels = batch()
+    target = model.shift_right(labels.clamp(min=0))
+    with torch.no_grad():
+        memory = model.encode(ids, mask)
+        full = model.decode(target, memory, mask)
+        cache = [{} for _ in model.decoder.blocks]
+        steps = [model.decode(target[:, t : t + 1], memory if t == 0 else None, mask, cache) for t in range(target.size(1))]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache[0]["cross"][0].shape[2] == ids.size(1)  # the encoder's keys, computed once
