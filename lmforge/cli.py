@@ -18,7 +18,8 @@ def cmd_tokenizer_train(args) -> None:
     from lmforge.tokenizer import train_tokenizer
 
     tok = train_tokenizer(args.inputs, args.out, args.vocab_size, args.min_frequency, args.text_field,
-                          progress=not args.quiet, overwrite=args.overwrite, encoder=args.encoder)
+                          progress=not args.quiet, overwrite=args.overwrite, encoder=args.encoder,
+                          sentinels=args.sentinels)
     print(f"cleaning: {tok.train_stats.summary()}")
     warn_non_utf8(tok.train_stats.non_utf8_bytes)
     print(f"saved a {tok.vocab_size}-token byte-level BPE to {tok.path}")
@@ -456,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--overwrite", action="store_true", help="replace the tokenizer in a non-empty --out folder")
     tt.add_argument("--encoder", action="store_true",
                     help="also reserve [CLS], [SEP] and [MASK] for an encoder (pretrain --objective mlm)")
+    tt.add_argument("--sentinels", type=int, default=0,
+                    help="add T5's <extra_id_0> ... <extra_id_N-1> at the end (pretrain --objective span; T5 has 100)")
     tt.set_defaults(func=cmd_tokenizer_train)
 
     pr = sub.add_parser("prepare", help="clean, split and tokenize a corpus into shards")

@@ -56,6 +56,11 @@ class Tokenizer:
         self.pad_id = self._find_special(self.config.get("pad_token"), _PAD_CANDIDATES)
         self.cls_id, self.sep_id, self.mask_id = (self._find_special(self.config.get(key), names)
                                                   for key, names in _ENCODER_CANDIDATES.items())
+        # T5's span-corruption sentinels: <extra_id_0> and the ids below it, <extra_id_k> = sentinel_id - k
+        self.sentinel_id = hf.token_to_id("<extra_id_0>")
+        self.sentinels = 0
+        while self.sentinel_id is not None and hf.token_to_id(f"<extra_id_{self.sentinels}>") == self.sentinel_id - self.sentinels:
+            self.sentinels += 1
 
     def _find_special(self, configured, candidates: list[str]) -> int | None:
         if isinstance(configured, dict):
@@ -218,6 +223,7 @@ def train_tokenizer(
     progress: bool = True,
     overwrite: bool = False,
     encoder: bool = False,
+    sentinels: int = 0,
 ) -> Tokenizer:
     """Train a byte-level BPE on ``inputs`` (files, folders, ``-``; default: the Python stdlib).
 
@@ -225,15 +231,19 @@ def train_tokenizer(
     tokenise. Saves ``tokenizer.json`` and ``tokenizer_config.json`` in ``out``. ``encoder`` also
     reserves [CLS], [SEP] and [MASK] for masked-LM pretraining, and makes ``encode(...,
     add_special_tokens=True)`` give "[CLS] text [SEP]" (and "[CLS] a [SEP] b [SEP]" for a pair), as BERT's does.
+    ``sentinels`` adds T5's ``<extra_id_0>`` ... at the end of the vocabulary (``<extra_id_0>`` last, the others
+    counting down), for span corruption; ``vocab_size`` counts them.
     """
     from lmforge.data.corpus import CorpusStats, read_clean_documents
 
     n_byte_symbols = 256
     special_tokens = SPECIAL_TOKENS + (ENCODER_TOKENS if encoder else [])
-    if vocab_size < n_byte_symbols + len(special_tokens) + 1:
+    if sentinels < 0:
+        raise LmforgeError(f"--sentinels {sentinels} must be 0 or more")
+    if vocab_size - sentinels < n_byte_symbols + len(special_tokens) + 1:
         raise LmforgeError(
             f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least "
-            f"{n_byte_symbols + len(special_tokens) + 1} (256 bytes + special tokens + 1 merge)"
+            f"{n_byte_symbols + len(special_tokens) + 1 + sentinels} (256 bytes + special tokens + sentinels + 1 merge)"
         )
     if min_frequency < 0:
         raise LmforgeError(f"--min-frequency {min_frequency} must be 0 or more")
@@ -242,7 +252,7 @@ def train_tokenizer(
     check_output_dir(out, overwrite)  # a tokenizer that data was prepared with is not replaced by accident
     hf = new_byte_level_bpe()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - sentinels,
         min_frequency=min_frequency,
         special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -253,6 +263,10 @@ def train_tokenizer(
     hf.train_from_iterator(documents, trainer=trainer)
     if stats.kept == 0:
         raise LmforgeError("the corpus has no documents left after cleaning; pass files with some text in them")
+    if sentinels:
+        from tokenizers import AddedToken
+
+        hf.add_special_tokens([AddedToken(f"<extra_id_{k}>", special=True) for k in reversed(range(sentinels))])
     if encoder:
         cls, sep = (hf.token_to_id(t) for t in ENCODER_TOKENS[:2])
         hf.post_processor = processors.Sequence([

@@ -455,3 +455,85 @@ def test_plm_pretraining_learns_and_gives_the_same_steps_in_any_layout_and_on_re
     assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.7, val
     with pytest.raises(LmforgeError, match="even block_size"):
         pretrain(mlm_config(encoder_data, tmp_path / "odd", objective="plm", block_size=33), progress=False)
+
+
+# -- span corruption (span) -------------------------------------------------------------------------
+
+
+def test_span_length_arithmetic_is_the_references():
+    """T5's numbers: inputs of 512 tokens come from rows of 568, whose targets are 114 long (noise 0.15, spans of 3)."""
+    from lmforge.data.masking import span_input_lengths, span_raw_length
+
+    assert span_raw_length(512) == 568 and span_input_lengths(568) == (512, 114)
+    for inputs in (16, 30, 64, 127, 512):
+        raw = span_raw_length(inputs)
+        assert span_input_lengths(raw)[0] == inputs < span_input_lengths(raw + 1)[0]
+
+
+@pytest.mark.parametrize("tokens", [20, 57, 568])
+def test_span_noise_has_the_exact_counts_alternates_and_undoes(tokens):
+    from lmforge.data.masking import corrupt_spans, span_lengths, span_noise_mask
+
+    rng = np.random.default_rng(tokens)
+    noise, spans, kept = span_lengths(tokens)
+    starts = set()
+    for _ in range(50):
+        mask = span_noise_mask(tokens, rng)
+        assert mask.sum() == noise and not mask[0] and mask[-1]  # kept first, noise last
+        runs = np.flatnonzero(np.diff(mask.astype(int)) == 1) + 1  # where noise spans start
+        assert len(runs) == spans
+        starts.add(tuple(runs))
+        ids = list(range(1000, 1000 + tokens))
+        source, target = corrupt_spans(ids, mask, 999, 7)
+        assert source[-1] == target[-1] == 7 and len(source) == kept + spans + 1 and len(target) == noise + spans + 1
+        assert [t for t in source if t <= 999 and t != 7] == [999 - k for k in range(spans)]  # sentinels count down
+        restored, k = [], 0  # fill each sentinel of the input with what follows it in the target
+        pieces, current = {}, None
+        for t in target[:-1]:
+            if t <= 999:
+                current = t
+                pieces[current] = []
+            else:
+                pieces[current].append(t)
+        for t in source[:-1]:
+            restored += pieces[t] if t <= 999 else [t]
+        assert restored == ids
+    assert len(starts) > 40 or spans == 1  # the spans move (one span always ends the row)
+
+
+def test_span_pretraining_learns_and_saves_a_folder_t5_loads(corpus_dir, tmp_path):
+    from transformers import T5ForConditionalGeneration
+
+    from lmforge.data.prepare import prepare
+    from lmforge.model.checkpoint import load_model
+    from lmforge.tokenizer import train_tokenizer
+
+    train_tokenizer([corpus_dir], tmp_path / "tok", vocab_size=1024, progress=False, sentinels=20)
+    prepare([corpus_dir], tmp_path / "tok", tmp_path / "data", val_fraction=0.1, workers=0, progress=False)
+    data = tmp_path / "data"
+    with pytest.raises(LmforgeError, match="needs .* sentinel tokens"):
+        pretrain(mlm_config(data, tmp_path / "few", objective="span", block_size=512, n_layer=1), progress=False)
+    kw = dict(objective="span", block_size=32, eval_interval=4, checkpoint_interval=4, max_steps=8)
+    pretrain(mlm_config(data, tmp_path / "4x1", **kw), progress=False)
+    pretrain(mlm_config(data, tmp_path / "2x2", micro_batch_size=2, grad_accum_steps=2, **kw), progress=False)
+    pretrain(mlm_config(data, tmp_path / "part", **{**kw, "max_steps": 4}), progress=False)
+    pretrain(mlm_config(data, tmp_path / "part", **kw), resume=True, progress=False)
+    whole = logs(tmp_path / "4x1")
+    for other, exact in (("2x2", False), ("part", True)):
+        for x, y in zip(whole, logs(tmp_path / other)):
+            for key in ("loss", "accuracy", "grad_norm", "val_loss"):
+                if key in x:
+                    assert x[key] == (y[key] if exact else pytest.approx(y[key], rel=1e-5, abs=1e-6)), (other, key)
+    out = tmp_path / "learn"
+    summary = pretrain(mlm_config(data, out, objective="span", block_size=32, max_steps=80,
+                                  eval_interval=40, eval_windows=32, lr=3e-3, micro_batch_size=16), progress=False)
+    val = [r for r in logs(out) if "val_loss" in r]
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 1.0, val
+    folder = Path(summary["checkpoint"]) / "model"
+    ours, theirs = load_model(folder).eval(), T5ForConditionalGeneration.from_pretrained(folder).eval()
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(0, 1000, (2, 32), generator=g), torch.randint(0, 1000, (2, 9), generator=g)
+    with torch.no_grad():
+        a, b = ours(ids, labels=labels), theirs(input_ids=ids, labels=labels)
+    torch.testing.assert_close(a[0], b.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a[1], b.loss, atol=1e-5, rtol=1e-5)

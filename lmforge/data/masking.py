@@ -1,4 +1,7 @@
-"""Masked-LM corruption (BERT): which tokens a step predicts, and what the model sees in their place.
+"""Corruptions the pretraining objectives learn to undo: masked LM (BERT), permutation LM's targets and
+factorisation order (XLNet), span corruption (T5). Each is a function of tensors that a test can call.
+
+Masked LM: which tokens a step predicts, and what the model sees in their place.
 
 ``mask_tokens`` is ``transformers.DataCollatorForLanguageModeling``'s masking with the same random
 draws in the same order: given a generator in the same state it returns the same inputs and labels,
@@ -14,6 +17,7 @@ draw at its first token) and all its tokens are then predicted, each replaced as
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -124,3 +128,66 @@ def plm_attention(order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     query = (seen == -1) | (seen < order[:, :, None])
     content = query | torch.eye(order.size(1), dtype=torch.bool)
     return content[:, None], query[:, None]
+
+
+# -- span corruption (T5) ---------------------------------------------------------------------------
+
+
+def span_lengths(tokens: int, noise_density: float = 0.15, mean_span_length: float = 3.0) -> tuple[int, int, int]:
+    """(noise tokens, noise spans, kept tokens) of a row of ``tokens``, as T5's reference rounds them: at least
+    one noise token and one kept token, at least one span."""
+    noise = min(max(int(round(tokens * noise_density)), 1), tokens - 1)
+    spans = max(min(int(round(noise / mean_span_length)), tokens - noise), 1)  # (a span needs kept tokens before it)
+    return noise, spans, tokens - noise
+
+
+def span_input_lengths(tokens: int, noise_density: float = 0.15, mean_span_length: float = 3.0) -> tuple[int, int]:
+    """(encoder input length, decoder target length) once a row of ``tokens`` is corrupted: the kept tokens and
+    one sentinel per span, the noise and one sentinel per span, each with the end-of-text token."""
+    noise, spans, kept = span_lengths(tokens, noise_density, mean_span_length)
+    return kept + spans + 1, noise + spans + 1
+
+
+def span_raw_length(input_length: int, noise_density: float = 0.15, mean_span_length: float = 3.0) -> int:
+    """The longest row of raw tokens whose corrupted input fits ``input_length`` (the reference's
+    ``compute_input_and_target_lengths``), so that every row's input is exactly that long."""
+    tokens = input_length
+    while span_input_lengths(tokens + 1, noise_density, mean_span_length)[0] <= input_length:
+        tokens += 1
+    return tokens
+
+
+def _segments(items: int, segments: int, rng) -> list[int]:
+    """``items`` cut at random into ``segments`` parts, each at least 1 long."""
+    cuts = np.sort(rng.choice(np.arange(1, items), segments - 1, replace=False)) if segments > 1 else np.empty(0, int)
+    return np.diff(np.concatenate([[0], cuts, [items]])).tolist()
+
+
+def span_noise_mask(tokens: int, rng, noise_density: float = 0.15, mean_span_length: float = 3.0) -> np.ndarray:
+    """(tokens,) bool, True on the noise: kept and noise spans alternate, starting with kept tokens and ending
+    with noise, their lengths random with the exact totals of ``span_lengths``."""
+    noise, spans, kept = span_lengths(tokens, noise_density, mean_span_length)
+    mask = np.zeros(tokens, dtype=bool)
+    position = 0
+    for keep, drop in zip(_segments(kept, spans, rng), _segments(noise, spans, rng)):
+        position += keep
+        mask[position : position + drop] = True
+        position += drop
+    return mask
+
+
+def corrupt_spans(ids: list[int], noise: np.ndarray, sentinel: int, eos: int) -> tuple[list[int], list[int]]:
+    """(input, target): each noise span in the input replaced by a sentinel, ``sentinel``, ``sentinel - 1``, ...
+    (<extra_id_0>, <extra_id_1>, ... counting down from the end of the vocabulary), and the target each
+    sentinel followed by the span it stands for; both end with ``eos``."""
+    source, target, k = [], [], 0
+    for i, token in enumerate(ids):
+        if not noise[i]:
+            source.append(token)
+        elif i == 0 or not noise[i - 1]:
+            source.append(sentinel - k)
+            target += [sentinel - k, token]
+            k += 1
+        else:
+            target.append(token)
+    return source + [eos], target + [eos]

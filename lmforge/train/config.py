@@ -39,8 +39,8 @@ class TrainConfig:
     dropout: float = setting(0.0, "dropout probability in [0, 1)")
     # what is learned: the objective picks the model shape (clm: decoder; mlm: encoder)
     objective: str = setting("clm", "clm (next token, decoder), mlm (masked tokens, BERT-style encoder) or mlm+nsp "
-                                    "(masked tokens and next-sentence prediction, BERT) or plm (permutation LM, XLNet)",
-                             choices=("clm", "mlm", "mlm+nsp", "plm"))
+                                    "(masked tokens and next-sentence prediction, BERT), plm (permutation LM, XLNet) or span "
+                                    "(span corruption, a T5 encoder-decoder)", choices=("clm", "mlm", "mlm+nsp", "plm", "span"))
     mlm_probability: float = setting(0.15, "mlm: share of tokens chosen for prediction each step")
     mask_replace_prob: float = setting(0.8, "mlm: share of chosen tokens replaced by the mask token")
     random_replace_prob: float = setting(0.1, "mlm: share of chosen tokens replaced by a random token (the rest "
@@ -48,6 +48,8 @@ class TrainConfig:
     whole_word_mask: bool = setting(False, "mlm: choose whole words rather than single tokens")
     plm_probability: float = setting(1 / 6, "plm: share of tokens predicted (in spans)")
     max_span_length: int = setting(5, "plm: longest span of predicted tokens")
+    noise_density: float = setting(0.15, "span: share of tokens corrupted")
+    mean_span_length: float = setting(3.0, "span: mean length of a corrupted span")
     # batch: micro_batch_size sequences per process per forward, summed over grad_accum_steps and processes
     micro_batch_size: int = setting(8, "sequences per process per forward pass")
     grad_accum_steps: int = setting(1, "forward/backward passes summed into one optimizer step")
@@ -97,6 +99,8 @@ class TrainConfig:
             (self.sample_tokens >= 1, "sample_tokens must be at least 1"),
             (self.threads >= 0, "threads must be 0 (torch's default) or more"),
             (0 < self.mlm_probability < 1, "mlm_probability must be in (0, 1)"),
+            (0 < self.noise_density < 1 and self.mean_span_length >= 1,
+             "noise_density must be in (0, 1) and mean_span_length at least 1"),
             (0 < self.plm_probability < 1 and self.max_span_length >= 1,
              "plm_probability must be in (0, 1) and max_span_length at least 1"),
             (0 <= self.mask_replace_prob <= 1 and 0 <= self.random_replace_prob <= 1
@@ -147,7 +151,7 @@ class FinetuneConfig(TrainConfig):
         "sample_tokens": "fine-tuning prints no samples",
         **{key: "pretraining objectives are chosen in `lmforge pretrain`" for key in
            ("objective", "mlm_probability", "mask_replace_prob", "random_replace_prob", "whole_word_mask",
-            "plm_probability", "max_span_length")},
+            "plm_probability", "max_span_length", "noise_density", "mean_span_length")},
     }
 
     out: str = setting("runs/finetune", "the run folder: config, metrics, checkpoints, the final model or adapter")

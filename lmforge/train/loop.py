@@ -389,6 +389,8 @@ def pretrain(config: TrainConfig | dict | str | os.PathLike | None = None, *, re
         from lmforge.train.pretraining import NextSentence as objective
     elif config.objective == "plm":
         from lmforge.train.pretraining import PermutationLM as objective
+    elif config.objective == "span":
+        from lmforge.train.pretraining import SpanCorruption as objective
     return train(config, objective, resume=resume, overwrite=overwrite, progress=progress)
 
 

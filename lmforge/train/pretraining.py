@@ -13,6 +13,12 @@ then 1), A the text at a random place cut at a random length, B either the text 
 0, "is next") or, half the time, text from another document (label 1). The segments are cut at token
 positions, not sentences. The loss is the masked-LM loss (mean over the step's predicted tokens) plus the
 next-sentence loss (mean over its rows) on the pooled [CLS], as in ``transformers.BertForPreTraining``.
+
+``plm`` (XLNet) is documented on ``PermutationLM``. ``span`` (T5) trains the encoder-decoder to restore
+corrupted spans: ``noise_density`` of each row's tokens, in spans of ``mean_span_length`` on average,
+are each replaced by a sentinel in the encoder's input and spelled out after their sentinel in the
+decoder's target; rows are cut so that every input is exactly ``block_size`` tokens (the reference's
+length arithmetic, ``lmforge.data.masking.span_raw_length``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.data.loader import TrainBatches, eval_windows
-from lmforge.data.masking import WordStarts, factorization_order, mask_tokens, plm_targets
+from lmforge.data.masking import (
+    WordStarts,
+    corrupt_spans,
+    factorization_order,
+    mask_tokens,
+    plm_targets,
+    span_input_lengths,
+    span_lengths,
+    span_noise_mask,
+    span_raw_length,
+)
 from lmforge.errors import LmforgeError
 from lmforge.model.config import PRESETS, Config
 from lmforge.model.encoder import Encoder, EncoderConfig, MaskedLMHead, build_encoder
@@ -395,6 +411,148 @@ class PairBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.batch_index = int(state["seed"]), int(state["batch_index"])
+
+
+class SpanCorruption(CausalLM):
+    """``--objective span``: T5's span corruption with the encoder-decoder."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, checkpoint: Path | None):
+        super().__init__(config, device, checkpoint)
+        c, tok = config, self.tokenizer
+        self.raw = span_raw_length(self.block_size, c.noise_density, c.mean_span_length)
+        self.target_length = span_input_lengths(self.raw, c.noise_density, c.mean_span_length)[1]
+        spans = span_lengths(self.raw, c.noise_density, c.mean_span_length)[1]
+        if tok.sentinels < spans:
+            raise LmforgeError(f"span corruption of rows of {self.raw} tokens needs {spans} sentinel tokens "
+                               f"(<extra_id_0> ...) but the tokenizer of {c.data} has {tok.sentinels}; train one with "
+                               f"`lmforge tokenizer train --sentinels 100` and prepare the data with it")
+        if tok.eos_id is None:
+            raise LmforgeError(f"the tokenizer of {c.data} has no end-of-text token, which ends inputs and targets")
+        self.windows = eval_windows(self.val_split, self.raw - 1, c.eval_windows) if self.val_split else []
+
+    def load(self, checkpoint: Path | None):
+        from lmforge.model.checkpoint import load_model
+        from lmforge.model.encoder_decoder import EncoderDecoder, build_encoder_decoder
+
+        c = self.config
+        if checkpoint is not None:
+            return load_model(checkpoint / "model", self.device).train()
+        if c.model in PRESETS:
+            return build_encoder_decoder(seq2seq_config(c, self.tokenizer), self.device)
+        if not Path(c.model).exists():
+            raise LmforgeError(f"model {c.model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
+        model = load_model(c.model, self.device)
+        if not isinstance(model, EncoderDecoder):
+            raise LmforgeError(f"{c.model} is not an encoder-decoder; --objective span trains one (t5): start from a "
+                               f"preset or a t5 folder")
+        return model.train()
+
+    def batches(self, rank: int, world_size: int) -> SpanBatches:
+        c = self.config
+        rows = TrainBatches(self.train_split, self.raw - 1, c.micro_batch_size, c.seed, rank, world_size,
+                            c.grad_accum_steps)
+        return SpanBatches(self, rows)
+
+    def corrupt(self, rows: torch.Tensor, rng: np.random.Generator, count: int | None = None) -> dict[str, torch.Tensor]:
+        """Rows of raw tokens (B, raw) → encoder inputs (B, block_size) and targets (B, target_length). ``count``
+        rows of noise masks are drawn (the step's, of which these rows are the first)."""
+        c, tok = self.config, self.tokenizer
+        masks = [span_noise_mask(self.raw, rng, c.noise_density, c.mean_span_length) for _ in range(count or len(rows))]
+        pairs = [corrupt_spans(row, mask, tok.sentinel_id, tok.eos_id) for row, mask in zip(rows.tolist(), masks)]
+        return {"ids": torch.tensor([p[0] for p in pairs]), "labels": torch.tensor([p[1] for p in pairs])}
+
+    def loss(self, model, batch):
+        logits, loss = model(batch["ids"], labels=batch["labels"])
+        accuracy = (logits.argmax(-1) == batch["labels"]).float().mean()
+        return loss, {"accuracy": accuracy.detach()}
+
+    def loss_weight(self, batch) -> float:
+        return float(batch["labels"].numel())
+
+    def batch_tokens(self, batch) -> int:
+        return batch["ids"].numel() + batch["labels"].numel()
+
+    @torch.no_grad()
+    def evaluate(self, dist_: Distributed, autocast) -> dict | None:
+        if self.val_split is None:
+            return None
+        model = self.model
+        was_training = model.training
+        model.eval()
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, right, target tokens
+        for index in range(dist_.rank, len(self.windows), dist_.world_size):
+            shard, offset = self.windows[index]
+            rows = torch.from_numpy(self.val_split.shards[shard][offset : offset + self.raw].astype(np.int64))
+            batch = self.corrupt(rows[None], np.random.default_rng([self.config.seed, 1, index]))
+            with autocast:
+                logits = model(batch["ids"].to(self.device), labels=batch["labels"].to(self.device))[0].float().cpu()
+            target = batch["labels"].flatten()
+            logits = logits.flatten(0, 1)
+            totals += torch.tensor([F.cross_entropy(logits, target, reduction="sum").item(),
+                                    (logits.argmax(-1) == target).sum().item(), target.numel()], dtype=torch.float64)
+        totals = dist_.all_sum(totals.to(self.device)).cpu()
+        model.train(was_training)
+        loss = (totals[0] / totals[2]).item()
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_accuracy": (totals[1] / totals[2]).item()}
+
+    def format_eval(self, record: dict) -> str:
+        return (f"val loss {record['val_loss']:.4f}, ppl {record['val_perplexity']:.2f}, "
+                f"target-token accuracy {100 * record['val_accuracy']:.1f}%")
+
+    def describe(self) -> dict:
+        params = self.model.num_params()
+        return {
+            "model": self.model.config.to_dict(), "parameters": params, "flops_per_token": 6 * params,
+            "data": {"train_tokens": self.train_split.tokens, "val_tokens": self.val_split.tokens if self.val_split else 0},
+            "summary": f"encoder-decoder of {human_count(params)} parameters, span corruption (rows of {self.raw} "
+                       f"tokens: inputs {self.block_size}, targets {self.target_length}); train split "
+                       f"{human_count(self.train_split.tokens)} tokens",
+        }
+
+    def sample(self, step: int, out: Path, bar) -> None:
+        pass
+
+
+class SpanBatches:
+    """Micro-batches of corrupted rows; the noise of a step is drawn for all its rows from ``(seed, step)`` and each
+    micro-batch takes its own (the draws do not depend on the tokens, so only the count matters)."""
+
+    def __init__(self, objective: SpanCorruption, rows: TrainBatches):
+        self.objective, self.rows = objective, rows
+
+    def next_batch(self, device) -> dict:
+        step, first = self.rows.position
+        mine = self.rows.next_rows().cpu()
+        rng = np.random.default_rng([self.rows.seed, 2, step])
+        for _ in range(first):  # the rows before this micro-batch's take their draws
+            span_noise_mask(self.objective.raw, rng, self.objective.config.noise_density,
+                            self.objective.config.mean_span_length)
+        batch = self.objective.corrupt(mine, rng)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def state_dict(self) -> dict:
+        return self.rows.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows.load_state_dict(state)
+
+
+def seq2seq_config(c: TrainConfig, tokenizer):
+    """An encoder-decoder of a decoder preset's shape (T5 v1.1's layout: gated GELU, own head), both stacks as
+    deep as the preset."""
+    from lmforge.model.encoder_decoder import Seq2SeqConfig
+
+    shape: Config = Config.from_preset(c.model, block_size=c.block_size, n_layer=c.n_layer, n_head=c.n_head,
+                                       n_embd=c.n_embd)
+    if shape.family != "gpt2" or c.n_kv_head is not None:
+        raise LmforgeError(f"preset {c.model} is a Llama-layout decoder; an encoder-decoder is built from the tiny, "
+                           f"mini or gpt2 shapes (without n_kv_head)")
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    return Seq2SeqConfig(vocab_size=tokenizer.hf.get_vocab_size(with_added_tokens=True), d_model=shape.n_embd,
+                         d_kv=shape.n_embd // shape.n_head, d_ff=shape.hidden, n_layer=shape.n_layer,
+                         n_decoder_layer=shape.n_layer, n_head=shape.n_head, feed_forward="gated-gelu",
+                         dropout=c.dropout, tied=False, scale_output=False, pad_token_id=pad,
+                         eos_token_id=tokenizer.eos_id, decoder_start_token_id=pad, block_size=shape.block_size)
 
 
 def encoder_config(c: TrainConfig, tokenizer, head: str = "masked_lm") -> EncoderConfig:
