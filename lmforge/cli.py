@@ -60,16 +60,20 @@ def cmd_pretrain(args, extra: list[str]) -> None:
         print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens; latest checkpoint {summary['checkpoint']}")
 
 
-def _load_for_inference(args):
-    """The decoder and tokenizer of ``--model``, int8-quantised with ``--int8``."""
-    from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
+def _load_for_inference(args, seq2seq: bool = False):
+    """The decoder (or, with ``seq2seq``, also an encoder-decoder) and tokenizer of ``--model``, int8-quantised
+    with ``--int8``."""
+    from lmforge.model.checkpoint import load_decoder, load_generator, load_tokenizer_for
+    from lmforge.model.gpt import GPT
     from lmforge.utils import pick_device
 
     device = pick_device(args.device)
     dtype = _inference_dtype(args, device)
-    model = load_decoder(args.model, device, dtype)
+    model = (load_generator if seq2seq else load_decoder)(args.model, device, dtype)
     tokenizer = load_tokenizer_for(model, getattr(args, "tokenizer", None))
     if getattr(args, "int8", False):
+        if not isinstance(model, GPT):
+            raise LmforgeError("--int8 quantises decoders only so far; drop it for this encoder-decoder")
         from lmforge.infer.engine import quantize_int8
 
         if model.wte.weight.device.type != "cpu":
@@ -116,15 +120,18 @@ def cmd_generate(args) -> None:
     from lmforge.data.corpus import read_stdin_text
 
     prompt = read_stdin_text() if args.prompt == "-" else args.prompt
-    model, tokenizer = _load_for_inference(args)
+    from lmforge.model.gpt import GPT
+
+    model, tokenizer = _load_for_inference(args, seq2seq=True)
+    seq2seq = not isinstance(model, GPT)  # the prompt is the encoder's source
     text, stops = prompt, SamplingParams(stop=args.stop or [])
-    if tokenizer.chat_template is not None and not args.raw:
+    if tokenizer.chat_template is not None and not args.raw and not seq2seq:
         # A chat model: the prompt is the user's message, answered through the model's template.
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
         text, stops = chat_prompt(tokenizer, messages, stops)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:  # up to 128, but never more than the context leaves after the (rendered) prompt
-        room = model.config.block_size - max(len(tokenizer.encode(text)), 1)
+        room = model.config.block_size - (0 if seq2seq else max(len(tokenizer.encode(text)), 1))
         max_new_tokens = max(1, min(128, room))
     params = _sampling_from(args, max_new_tokens=max_new_tokens, stop=stops.stop, stop_token_ids=stops.stop_token_ids,
                             truncate=args.truncate, n=args.n, num_beams=args.num_beams, length_penalty=args.length_penalty)

@@ -93,9 +93,14 @@ def test_loading_never_runs_code_from_a_pickle(tmp_path):
 def test_corrupt_and_unsupported_folders_give_clear_errors(tmp_path):
     folder = make_hf_gpt2(tmp_path / "hf", vocab_size=101)
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
-    with pytest.raises(LmforgeError, match="model_type 't5' is not supported; lmforge reads: gpt2"):
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
+    with pytest.raises(LmforgeError, match="model_type 'mamba' is not supported; lmforge reads: gpt2"):
         load_model(folder)
+    for model_type in ("t5", "bert"):  # a supported type whose fields are missing: one line, not a traceback
+        bare = {k: v for k, v in config.items() if k != "architectures"}
+        (folder / "config.json").write_text(json.dumps({**bare, "model_type": model_type}))
+        with pytest.raises(LmforgeError, match=f"missing field .*is this a {model_type} config.json"):
+            load_model(folder)
     (folder / "config.json").write_text("{broken")
     with pytest.raises(LmforgeError, match="not valid JSON"):
         load_model(folder)

@@ -126,3 +126,88 @@ def test_decoding_token_by_token_with_the_caches_gives_the_full_passs_logits(tmp
         steps = [model.decode(target[:, t : t + 1], memory if t == 0 else None, mask, cache) for t in range(target.size(1))]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     assert cache[0]["cross"][0].shape[2] == ids.size(1)  # the encoder's keys, computed once
+
+
+# -- generation through the engine ------------------------------------------------------------------
+
+
+class IdTokenizer:
+    eos_id = 1
+    pad_id = 0
+
+    def decode(self, ids):
+        return "".join(f"{i} " for i in ids)
+
+
+SOURCES = [[5, 9, 14, 22, 7, 3], [40, 41], [8, 8, 8, 17, 30, 2, 99, 11, 4]]
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_greedy_and_beam_search_are_token_identical_to_transformers_generate(tmp_path, shape):
+    """A batch of sources of different lengths (padded in one wave) decoded greedily, and beam search with 3 beams:
+    the tokens of T5ForConditionalGeneration.generate, end token included."""
+    from transformers import T5ForConditionalGeneration
+
+    from lmforge.infer.engine import Engine, beam_search
+    from lmforge.infer.sampling import SamplingParams
+
+    # (transformers' generate sizes its cache by num_layers: a deeper decoder fails there, not here)
+    folder = make_hf_t5(tmp_path / "hf", shape, num_decoder_layers=2)
+    theirs = T5ForConditionalGeneration.from_pretrained(folder).eval()
+    ours = load_model(folder).eval()
+    engine = Engine(ours, IdTokenizer(), max_batch=4)
+    requests = [engine.add(src, SamplingParams(max_new_tokens=12, temperature=0)) for src in SOURCES]
+    engine.run(requests)
+    for src, request in zip(SOURCES, requests):
+        with torch.no_grad():
+            expected = theirs.generate(torch.tensor([src]), max_new_tokens=12, do_sample=False)[0, 1:].tolist()
+        seq = request.sequences[0]
+        assert seq.tokens + ([seq.stop_token] if seq.stop_token is not None else []) == expected
+        with torch.no_grad():
+            beams = theirs.generate(torch.tensor([src]), max_new_tokens=10, num_beams=3, do_sample=False)[0, 1:].tolist()
+        tokens, _ = beam_search(ours, src, 3, 10, eos_ids=(1,))
+        assert tokens == [t for t in beams if t != 0]  # (transformers pads a beam that ended early)
+
+
+def test_seeded_samples_of_a_wave_are_each_requests_own_and_n_samples_differ(tmp_path):
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+
+    model = load_model(make_hf_t5(tmp_path / "hf", "v1.1")).eval()
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=20, stop_token_ids=[], seed=3)
+    together = Engine(model, IdTokenizer(), max_batch=8)
+    requests = [together.add(src, replace_n(params, 2 if i == 0 else 1, seed=3 + 10 * i)) for i, src in enumerate(SOURCES)]
+    together.run(requests)
+    got = [s.tokens for r in requests for s in r.sequences]
+    alone = []
+    for i, src in enumerate(SOURCES):
+        for k in range(2 if i == 0 else 1):
+            engine = Engine(model, IdTokenizer(), max_batch=1)
+            r = engine.add(src, replace_n(params, 1, seed=3 + 10 * i + k))
+            engine.run([r])
+            alone.append(r.sequences[0].tokens)
+    assert got == alone and got[0] != got[1]
+
+
+def replace_n(params, n, seed):
+    from dataclasses import replace
+
+    return replace(params, n=n, seed=seed)
+
+
+def test_the_generate_api_and_command_run_an_encoder_decoder(tmp_path, tokenizer_dir):
+    import shutil
+
+    from conftest import run_cli
+
+    from lmforge import generate
+
+    folder = make_hf_t5(tmp_path / "hf", "v1.0", vocab_size=1024)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    out = generate(str(folder), ["def f(x):", "import os"], max_new_tokens=5, temperature=0)
+    assert len(out) == 2 and all(len(g.token_ids) <= 5 for g in out)
+    beam = generate(str(folder), "def f(x):", max_new_tokens=5, num_beams=2)
+    assert beam.token_ids
+    result = run_cli("generate", "--model", str(folder), "--max-new-tokens", "4", "--temperature", "0", "def f(x):")
+    assert result.returncode == 0, result.stderr

@@ -7,6 +7,11 @@ sequence's result therefore never depends on what else is in the batch. The serv
 engine from many clients (continuous batching); `generate` feeds it one prompt or a list.
 
 Rows stay packed: when a sequence finishes, the last active row moves into its place.
+
+An encoder-decoder (T5) runs in waves: the waiting requests that fit are admitted together, their
+sources encoded once as one padded batch (each row's cross-attention keys and values cached once),
+and their decoders start together and advance in step, finished rows dropping out; the next wave
+starts when this one is done. Sampling, stop rules and events are the same code as the decoder's.
 """
 
 from __future__ import annotations
@@ -137,6 +142,19 @@ class Sequence:
         self.finished, self.finish_reason = True, reason
 
 
+def fit_source(source_ids: list[int], max_new_tokens: int, context: int, truncate: bool) -> list[int]:
+    """An encoder-decoder's source, checked against the longest input it takes (left-truncated when asked);
+    the decoder's ``max_new_tokens`` has a room of its own."""
+    if max_new_tokens > context:
+        raise LmforgeError(f"max_new_tokens {max_new_tokens} exceeds the model's {context} decoder positions")
+    if len(source_ids) <= context:
+        return source_ids
+    if not truncate:
+        raise LmforgeError(f"the source of {len(source_ids)} tokens exceeds the model's {context}; shorten it or pass "
+                           f"--truncate to keep its last {context} tokens")
+    return source_ids[-context:]
+
+
 def static_keys(needed: int, max_len: int) -> int:
     """How many cache positions a compiled (static-shape) step attends to when its longest row needs
     ``needed``: the next power of two from max(128, max_len / 128), at most ``max_len``. Attending to the
@@ -153,14 +171,18 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer, max_batch: int = 8, max_len: int | None = None, compile: bool = False,
                  isolate_failures: bool = False):
-        if not isinstance(model, GPT):
-            raise LmforgeError("the engine generates with decoder models; an encoder cannot generate text")
+        from lmforge.model.encoder_decoder import EncoderDecoder
+
+        self.seq2seq = isinstance(model, EncoderDecoder)
+        if not isinstance(model, GPT) and not self.seq2seq:
+            raise LmforgeError("the engine generates with decoder and encoder-decoder models; an encoder cannot generate text")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch = max_batch
         self.max_len = min(max_len or model.config.block_size, model.config.block_size)
-        self.device = model.wte.weight.device
-        dtype = model.wte.weight.dtype
-        self.cache = KVCache(model.config, max_batch, self.max_len, self.device, dtype)
+        embedding = model.shared.weight if self.seq2seq else model.wte.weight
+        self.device = embedding.device
+        self.cache = None if self.seq2seq else KVCache(model.config, max_batch, self.max_len, self.device, embedding.dtype)
+        self.wave: dict | None = None  # encoder-decoder: the current wave's encoder padding and decoder caches
         self.waiting: deque[Request] = deque()
         self.active: list[Sequence] = []  # active[i] lives in cache row i
         self.static = compile
@@ -180,11 +202,17 @@ class Engine:
         prompt_ids = prompt_ids or ([self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else [])
         if not prompt_ids:
             raise LmforgeError("the prompt is empty and the tokenizer has no end-of-text token to start from")
-        prompt_ids = fit_prompt(list(prompt_ids), params.max_new_tokens, self.max_len, params.truncate)
+        if self.seq2seq:  # the prompt is the encoder's source; the decoder's room is its own
+            prompt_ids = fit_source(list(prompt_ids), params.max_new_tokens, self.max_len, params.truncate)
+        else:
+            prompt_ids = fit_prompt(list(prompt_ids), params.max_new_tokens, self.max_len, params.truncate)
         request = Request(prompt_ids, params)
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else [self.tokenizer.eos_id])
         stops.discard(None)
         request.sequences = [Sequence(request, i, self.tokenizer, stops) for i in range(params.n)]
+        if self.seq2seq:  # repetition penalties look at the decoder's tokens, which start at the start token
+            for seq in request.sequences:
+                seq.history = torch.tensor([self.model.config.decoder_start_token_id])
         self.waiting.append(request)
         return request
 
@@ -204,6 +232,8 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[Event]:
         """Advance every active sequence by one token and admit waiting requests that fit."""
+        if self.seq2seq:
+            return self._wave_step()
         events: list[Event] = []
         self._drop_finished()
         pending = list(self.active)  # sequences that already hold a sampled token
@@ -254,6 +284,10 @@ class Engine:
         # sampled ones by settings, each row with its own generator (the token it would get alone).
         greedy = [i for i, s in enumerate(seqs) if s.plain_greedy]
         chosen = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
+        return self._choose_all(seqs, logits, chosen)
+
+    def _choose_all(self, seqs: list[Sequence], logits: torch.Tensor, chosen: dict[int, int]) -> list[Event]:
+        """Each row's next token from its ``logits`` row (``chosen``: rows already decided)."""
         cdfs = self._batched_cdfs(seqs, logits)
         events = []
         for i, s in enumerate(seqs):
@@ -261,6 +295,77 @@ class Engine:
             if not s.finished:  # (a row of a request that failed earlier in this step)
                 events += self._isolated(s.request, self._advance, s, logits[i], chosen.get(i), cdfs.get(i))
         return events
+
+    # -- encoder-decoder waves --------------------------------------------------------------------
+
+    def _wave_step(self) -> list[Event]:
+        """Start a wave (encode the admitted sources, decode the first token) or advance the current one."""
+        events: list[Event] = []
+        if not self.active:
+            requests, rows = [], 0
+            while self.waiting and rows + len(self.waiting[0].sequences) <= self.max_batch:
+                request = self.waiting.popleft()
+                if not request.aborted:
+                    requests.append(request)
+                    rows += len(request.sequences)
+            if not requests:
+                return events
+            try:
+                events += self._start_wave(requests)
+            except Exception as e:  # noqa: BLE001 (the wave's requests fail; the engine goes on)
+                if not self.isolate_failures:
+                    raise
+                for request in requests:
+                    request.error = e
+                    for s in request.sequences:
+                        if not s.finished:
+                            s._finish("error")
+                            events.append(Event(s, None, "", True))
+                self.active, self.wave = [], None
+        else:
+            seqs = self.active
+            tokens = torch.tensor([[s.next_input] for s in seqs], device=self.device)
+            logits = self.model.decode(tokens, None, self.wave["mask"], self.wave["cache"])[:, -1]
+            events += self._choose_all(seqs, logits, self._greedy(seqs, logits))
+        self._drop_finished_rows()
+        return events
+
+    def _start_wave(self, requests: list[Request]) -> list[Event]:
+        sources = [r.prompt_ids for r in requests]
+        width = max(map(len, sources))
+        pad = self.model.config.pad_token_id
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in sources], device=self.device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources], device=self.device)
+        rows = torch.tensor([i for i, r in enumerate(requests) for _ in r.sequences], device=self.device)
+        memory = self.model.encode(ids, mask)[rows]
+        self.wave = {"mask": mask[rows], "cache": [{} for _ in self.model.decoder.blocks]}
+        self.active = [s for r in requests for s in r.sequences]
+        start = torch.full((len(self.active), 1), self.model.config.decoder_start_token_id, device=self.device)
+        logits = self.model.decode(start, memory, self.wave["mask"], self.wave["cache"])[:, -1]
+        events = []
+        for s in self.active:
+            s.pos = 0
+        events += self._choose_all(self.active, logits, self._greedy(self.active, logits))
+        return events
+
+    def _greedy(self, seqs: list[Sequence], logits: torch.Tensor) -> dict[int, int]:
+        greedy = [i for i, s in enumerate(seqs) if s.plain_greedy]
+        return dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
+
+    def _drop_finished_rows(self) -> None:
+        """Keep the unfinished rows of the wave (their caches and encoder padding too)."""
+        keep = [i for i, s in enumerate(self.active) if not s.finished]
+        if len(keep) == len(self.active):
+            return
+        self.active = [self.active[i] for i in keep]
+        if not keep:
+            self.wave = None
+            return
+        rows = torch.tensor(keep, device=self.device)
+        self.wave["mask"] = self.wave["mask"][rows]
+        for layer in self.wave["cache"]:
+            for key in layer:
+                layer[key] = tuple(t[rows] for t in layer[key])
 
     @staticmethod
     def _batched_cdfs(seqs: list[Sequence], logits: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -337,19 +442,26 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
     ``num_beams`` finished; the rest continue. ``early_stopping`` True stops once ``num_beams`` have
     finished; False and "never" stop when no running beam can still beat the finished ones.
     """
+    from lmforge.model.encoder_decoder import EncoderDecoder
+
     if num_beams < 1:
         raise LmforgeError("num_beams must be at least 1")
     c = model.config
-    P = len(prompt_ids)
+    seq2seq = isinstance(model, EncoderDecoder)
+    # an encoder-decoder reads the prompt in its encoder; its decoder's prefix is the start token
+    prefix = [c.decoder_start_token_id] if seq2seq else prompt_ids
+    if seq2seq:
+        fit_source(prompt_ids, max_new_tokens, c.block_size, False)
+    P = len(prefix)
     max_length = P + max_new_tokens
-    if max_length > c.block_size:
+    if max_length > c.block_size and not seq2seq:
         raise LmforgeError(f"prompt of {P} tokens plus {max_new_tokens} new tokens exceeds the context of {c.block_size}")
-    device = model.wte.weight.device
+    device = (model.shared if seq2seq else model.wte).weight.device
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     keep = max(2, 1 + len(eos_ids)) * num_beams
     fill = eos_ids[0] if eos_ids else -1
     running = torch.full((num_beams, max_length), fill, dtype=torch.long, device=device)
-    running[:, :P] = torch.tensor(prompt_ids, device=device)
+    running[:, :P] = torch.tensor(prefix, device=device)
     finished_seqs = running.clone()
     running_scores = torch.zeros(num_beams, device=device)
     running_scores[1:] = -1e9
@@ -360,10 +472,27 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
     finished_parents = running_parents.clone()
     top_mask = torch.arange(keep, device=device) < num_beams
 
-    cache = KVCache(c, num_beams, max_length, device, model.wte.weight.dtype)
-    logits = model(running[:1, :P], kv_cache=cache.row(0), start=0, last_only=True)[:, -1].expand(num_beams, -1)
-    for b in range(1, num_beams):
-        cache.copy_row(0, b, P)
+    if seq2seq:
+        memory = model.encode(torch.tensor([prompt_ids], device=device)).expand(num_beams, -1, -1)
+        layers = [{} for _ in model.decoder.blocks]
+        logits = model.decode(running[:, :1], memory, None, layers)[:, -1]
+
+        def step(tokens, _position):
+            return model.decode(tokens, None, None, layers)[:, -1]
+
+        def reorder(rows):
+            for layer in layers:
+                layer.update({key: tuple(t[rows] for t in value) for key, value in layer.items()})
+    else:
+        cache = KVCache(c, num_beams, max_length, device, model.wte.weight.dtype)
+        logits = model(running[:1, :P], kv_cache=cache.row(0), start=0, last_only=True)[:, -1].expand(num_beams, -1)
+        for b in range(1, num_beams):
+            cache.copy_row(0, b, P)
+
+        def step(tokens, position):
+            return model(tokens, kv_cache=cache, start=position, last_only=True)[:, -1]
+
+        reorder = cache.reorder
     cur = P
     while True:
         log_probs = F.log_softmax(logits.float(), dim=-1) + running_scores[:, None]
@@ -393,7 +522,7 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
         finished_parents = torch.cat([finished_parents, cand_parents])[best]
         is_finished = torch.cat([is_finished, just_ended])[best]
         finished_scores = merged[best]
-        cache.reorder(running_parents[:, cur - P])
+        reorder(running_parents[:, cur - P])
         cur += 1
         best_length = max_length - P if early_stopping == "never" and length_penalty > 0 else cur - P
         best_possible = running_scores[0] / (best_length ** length_penalty)
@@ -402,7 +531,7 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
         open_beams = not (bool(is_finished.all()) and early_stopping is True)
         if not (improvable and open_beams and not bool(ends.all())):
             break
-        logits = model(running[:, cur - 1 : cur], kv_cache=cache, start=cur - 1, last_only=True)[:, -1]
+        logits = step(running[:, cur - 1 : cur], cur - 1)
     length = int((finished_parents[0] + 1).bool().sum())
     return finished_seqs[0, P : P + length].tolist(), float(finished_scores[0])
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from lmforge.infer.detokenize import Detokenizer
-from lmforge.infer.engine import Engine, beam_search
+from lmforge.infer.engine import Engine, beam_search, fit_source
 from lmforge.infer.sampling import SamplingParams, fit_prompt, process_logits
 from lmforge.model.gpt import GPT
 
@@ -96,15 +96,17 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
     ``chat`` (default: when the model has a chat template) sends each prompt as a user message through
     the template and stops at the end of the assistant's turn. ``num_beams`` > 1 runs beam search.
     """
-    from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
+    from lmforge.model.checkpoint import load_generator, load_tokenizer_for
+    from lmforge.model.encoder_decoder import EncoderDecoder
 
-    if not isinstance(model, GPT):
-        model = load_decoder(model)
+    if not isinstance(model, (GPT, EncoderDecoder)):
+        model = load_generator(model)
+    seq2seq = isinstance(model, EncoderDecoder)
     tokenizer = tokenizer or load_tokenizer_for(model)
     sampling = SamplingParams(**params)
     sampling.validate()
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if chat if chat is not None else tokenizer.chat_template is not None:
+    if chat if chat is not None else (tokenizer.chat_template is not None and not seq2seq):
         rendered = []
         for p in prompts:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
@@ -114,8 +116,9 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
     if sampling.num_beams > 1:
         out = []
         for p in prompts:
-            ids = fit_prompt(tokenizer.encode(p) or [tokenizer.eos_id], sampling.max_new_tokens, model.config.block_size,
-                             sampling.truncate)
+            fit = fit_source if seq2seq else fit_prompt
+            ids = fit(tokenizer.encode(p) or [tokenizer.eos_id], sampling.max_new_tokens, model.config.block_size,
+                      sampling.truncate)
             stops = tuple(sampling.stop_token_ids if sampling.stop_token_ids is not None else [tokenizer.eos_id])
             tokens, _ = beam_search(model, ids, sampling.num_beams, sampling.max_new_tokens, sampling.length_penalty,
                                     sampling.early_stopping, tuple(t for t in stops if t is not None))

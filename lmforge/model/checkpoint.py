@@ -236,6 +236,16 @@ def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu", dt
     return model
 
 
+def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """``load_model`` for commands that generate text: a decoder or an encoder-decoder."""
+    from lmforge.model.encoder_decoder import EncoderDecoder
+
+    model = load_model(path, device, dtype)
+    if not isinstance(model, (GPT, EncoderDecoder)):
+        raise LmforgeError(f"{model.source} is an encoder (bert): it cannot generate text; use `lmforge embed` with it")
+    return model
+
+
 def load_tokenizer_for(model: GPT, path: str | os.PathLike | None = None):
     """The tokenizer in the model's folder (or ``path``), checked against the model's vocabulary."""
     from lmforge.tokenizer import Tokenizer

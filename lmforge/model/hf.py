@@ -7,6 +7,8 @@ renaming, splitting, concatenating and transposing of tensors: no arithmetic on 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from pathlib import Path
 
 import torch
@@ -289,7 +291,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         raise LmforgeError(f"{where}: bert is an encoder; this needs a decoder (gpt2, llama, qwen2, mistral)")
     if model_type == "t5":
         raise LmforgeError(f"{where}: t5 is an encoder-decoder; this needs a decoder (gpt2, llama, qwen2, mistral)")
-    try:
+    with _reading(where, model_type):
         if model_type == "lmforge":
             return Config.from_dict(hf["lmforge_config"])
         fields = _gpt2_config_from_hf(hf, where) if model_type == "gpt2" else _llama_config_from_hf(hf, where)
@@ -309,6 +311,13 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
             bos_token_id=_first_id(hf.get("bos_token_id")),
             eos_token_id=_first_id(hf.get("eos_token_id")),
         )
+
+
+@contextmanager
+def _reading(where: str, model_type: str):
+    """A config.json's missing or mistyped field as one line, not a traceback."""
+    try:
+        yield
     except KeyError as e:
         raise LmforgeError(f"{where}: missing field {e.args[0]!r}; is this a {model_type} config.json?") from None
     except (TypeError, ValueError) as e:
@@ -382,6 +391,13 @@ def bert_config_from_hf(hf: dict, weight_names, where: str):
     arch = (hf.get("architectures") or ["BertModel"])[0]
     if arch not in heads:
         raise LmforgeError(f"{where}: architecture {arch} is not supported; lmforge reads {', '.join(_BERT_ARCH.values())}")
+    with _reading(where, "bert"):
+        return _bert_config(hf, weight_names, heads[arch], act)
+
+
+def _bert_config(hf: dict, weight_names, head: str | None, act: str):
+    from lmforge.model.encoder import EncoderConfig
+
     id2label = hf.get("id2label") or {}
     labels = tuple(id2label[k] for k in sorted(id2label, key=int)) if id2label else None
     return EncoderConfig(
@@ -399,7 +415,7 @@ def bert_config_from_hf(hf: dict, weight_names, where: str):
         pad_token_id=int(hf.get("pad_token_id") or 0),
         pooler=any(n.endswith("pooler.dense.weight") for n in weight_names),
         pooling=hf.get("lmforge_pooling", "pooler"),
-        head=heads[arch],
+        head=head,
         num_labels=len(labels) if labels else int(hf.get("num_labels", 2)),
         labels=labels,
     )
@@ -528,6 +544,13 @@ def t5_config_from_hf(hf: dict, weights: dict[str, torch.Tensor], where: str):
     if feed_forward is None:
         raise LmforgeError(f"{where}: feed_forward_proj {hf.get('feed_forward_proj')!r} is not supported; "
                            f"lmforge reads {', '.join(sorted(set(_T5_FEED_FORWARD)))}")
+    with _reading(where, "t5"):
+        return _t5_config(hf, weights, feed_forward)
+
+
+def _t5_config(hf: dict, weights: dict[str, torch.Tensor], feed_forward: str):
+    from lmforge.model.encoder_decoder import Seq2SeqConfig
+
     head, shared = weights.get("lm_head.weight"), weights.get("shared.weight")
     tied = head is None or (shared is not None and head.shape == shared.shape and torch.equal(head, shared))
     scale = hf["scale_decoder_outputs"] if "scale_decoder_outputs" in hf else hf.get("tie_word_embeddings", True) is not False
