@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge import finetune, pretrain, prepare, train_tokenizer
+from lmforge import finetune, prepare, pretrain, train_tokenizer
 from lmforge.model.checkpoint import load_model, save_model
 from lmforge.model.encoder import build_encoder
 from lmforge.tokenizer import Tokenizer

@@ -487,7 +487,7 @@ def test_span_noise_has_the_exact_counts_alternates_and_undoes(tokens):
         source, target = corrupt_spans(ids, mask, 999, 7)
         assert source[-1] == target[-1] == 7 and len(source) == kept + spans + 1 and len(target) == noise + spans + 1
         assert [t for t in source if t <= 999 and t != 7] == [999 - k for k in range(spans)]  # sentinels count down
-        restored, k = [], 0  # fill each sentinel of the input with what follows it in the target
+        restored = []  # fill each sentinel of the input with what follows it in the target
         pieces, current = {}, None
         for t in target[:-1]:
             if t <= 999:

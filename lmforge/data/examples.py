@@ -1,8 +1,9 @@
-"""Fine-tuning examples: JSONL (one object per line), CSV or Parquet, four formats told apart by their fields.
+"""Fine-tuning examples: JSONL (one object per line), CSV or Parquet, five formats told apart by their fields.
 
     chat            {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
     instruction     {"prompt": ..., "completion": ...}
     classification  {"text": ..., "label": ...}   (label a string or an integer; "text_pair" optional)
+    seq2seq         {"source": ..., "target": ...}   (an encoder-decoder: translation, summarisation)
     qa              {"question": ..., "context": ..., "answers": {"text": [...], "answer_start": [...]}}
 
 A malformed example is an error naming its line (or row) and what was expected; with
@@ -27,12 +28,14 @@ FORMATS = {
     "instruction": ("prompt", "completion"),
     "classification": ("text", "label"),
     "qa": ("question", "context", "answers"),
+    "seq2seq": ("source", "target"),
 }
 EXPECTED = {
     "chat": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
     "instruction": '{"prompt": "...", "completion": "..."}',
     "classification": '{"text": "...", "label": "positive"} (optionally "text_pair")',
     "qa": '{"question": "...", "context": "...", "answers": {"text": ["..."], "answer_start": [0]}}',
+    "seq2seq": '{"source": "...", "target": "..."} (an encoder-decoder also takes prompt/completion)',
 }
 ROLES = ("system", "user", "assistant")
 
@@ -69,6 +72,11 @@ def _check(task: str, row: dict) -> str | None:
                 return f"message {i} must be {{\"role\": system|user|assistant, \"content\": string}}"
         if not any(m["role"] == "assistant" for m in messages):
             return "a conversation needs at least one assistant message to learn from"
+    elif task == "seq2seq":
+        if not isinstance(row["source"], str) or not isinstance(row["target"], str):
+            return "'source' and 'target' must be strings"
+        if not row["target"]:
+            return "'target' is empty"
     elif task == "instruction":
         if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
             return "'prompt' and 'completion' must be strings"

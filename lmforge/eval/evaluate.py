@@ -27,6 +27,7 @@ from lmforge.errors import LmforgeError
 from lmforge.eval.loglikelihood import loglikelihoods, score_tokens
 from lmforge.eval.metrics import bleu, classification_metrics, pearson, rouge, spearman, squad_f1
 from lmforge.eval.tasks import Task
+from lmforge.model.gpt import GPT
 from lmforge.utils import atomic_write_json, warn
 
 # -- sliding-window perplexity ----------------------------------------------------------------------
@@ -132,7 +133,7 @@ def _choice_task(model, tokenizer, task: Task, batch_size: int, progress: bool) 
 def _generation_task(model, tokenizer, task: Task, batch_size: int, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
-    from lmforge.infer.engine import Engine
+    from lmforge.infer.engine import Engine, fit_source
     from lmforge.infer.generate import SamplingParams, fit_prompt
 
     references = [task.render(task.target, d).strip() for d in task.docs]
@@ -142,13 +143,14 @@ def _generation_task(model, tokenizer, task: Task, batch_size: int, progress: bo
              f"answers (first: {task.target_delimiter + cut[0]!r}); generation stops there, so those cannot match")
     params = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=0, stop=list(task.until))
     engine = Engine(model, tokenizer, max_batch=batch_size)
+    fit = fit_prompt if isinstance(model, GPT) else fit_source  # an encoder-decoder's prompt is its source
     contexts = [task.context(i) for i in range(len(task.docs))]
     # Longest prompts first: similar lengths decode side by side.
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
     requests = {}
     for i in order:
         ids = tokenizer.encode(contexts[i]) or [tokenizer.eos_id]
-        ids = fit_prompt(ids, params.max_new_tokens, model.config.block_size, truncate=True)
+        ids = fit(ids, params.max_new_tokens, model.config.block_size, truncate=True)
         requests[i] = engine.add(ids, params)
     bar = tqdm(total=len(requests), desc=task.name, unit="ex", disable=not progress)
     done = 0
@@ -187,7 +189,7 @@ def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str
     (Transformers beside n-gram and LSTM baselines, on the same tokens); ``tasks`` on the first model.
     Returns (and with ``out`` saves) the results."""
     from lmforge import __version__
-    from lmforge.model.checkpoint import load_decoder, load_tokenizer_for, resolve_model_dir
+    from lmforge.model.checkpoint import load_generator, load_tokenizer_for, resolve_model_dir
 
     models = [models] if isinstance(models, (str, os.PathLike)) else list(models)
     if not models:
@@ -211,7 +213,11 @@ def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str
     if tasks:
         from lmforge.eval.baselines import transformer_dtype
 
-        model = load_decoder(models[0], dtype=transformer_dtype(models[0], dtype))
+        model = load_generator(models[0], dtype=transformer_dtype(models[0], dtype))
+        scored = [t.name for t in tasks if t.type not in ("generate", "regression")]
+        if not isinstance(model, GPT) and scored:
+            raise LmforgeError(f"{models[0]} is an encoder-decoder (t5): it is evaluated on generation tasks (bleu, "
+                               f"rouge, exact_match, ...) so far, not on {', '.join(scored)}")
         tokenizer = load_tokenizer_for(model)
         for task in tasks:
             results["tasks"][task.name] = run_task(model, tokenizer, task, batch_size, stride, progress)

@@ -8,7 +8,6 @@ renaming, splitting, concatenating and transposing of tensors: no arithmetic on 
 from __future__ import annotations
 
 from contextlib import contextmanager
-
 from pathlib import Path
 
 import torch
@@ -380,7 +379,6 @@ _BERT_IGNORED = ("embeddings.position_ids", "cls.predictions.decoder.weight", "c
 
 
 def bert_config_from_hf(hf: dict, weight_names, where: str):
-    from lmforge.model.encoder import EncoderConfig
 
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise LmforgeError(f"{where}: position_embedding_type {hf['position_embedding_type']!r} is not supported")
@@ -538,7 +536,6 @@ _T5_IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 
 def t5_config_from_hf(hf: dict, weights: dict[str, torch.Tensor], where: str):
-    from lmforge.model.encoder_decoder import Seq2SeqConfig
 
     feed_forward = _T5_FEED_FORWARD.get(str(hf.get("feed_forward_proj", "relu")))
     if feed_forward is None:

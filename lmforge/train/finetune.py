@@ -226,7 +226,7 @@ class Finetune(Objective):
         elif c.method == "full":
             for p in model.parameters():
                 p.requires_grad_(True)
-        blocks = len(model.blocks)
+        blocks = len(getattr(model, "blocks", ()))
         frozen_blocks = c.freeze_layers if c.freeze_layers else (blocks - c.train_layers if c.train_layers else 0)
         if frozen_blocks > blocks:
             raise LmforgeError(f"the model has {blocks} blocks; cannot freeze {frozen_blocks}")
@@ -601,7 +601,80 @@ class QA(Finetune):
         return f"exact match {record['val_exact_match']:.2f}, F1 {record['val_f1']:.2f}"
 
 
-OBJECTIVES = {"chat": SFT, "instruction": SFT, "classification": Classification, "qa": QA}
+# -- sequence to sequence (encoder-decoder) -------------------------------------------------------
+
+
+class Seq2Seq(Finetune):
+    """Translation, summarisation: the encoder reads the source (ending with the end-of-text token, as T5's
+    inputs do), the decoder learns the target and its end-of-text token; the loss is the mean over target
+    tokens."""
+
+    task = "seq2seq"
+
+    def load(self, checkpoint: Path | None):
+        if self.config.method != "full" or self.config.freeze_layers or self.config.train_layers:
+            raise LmforgeError("an encoder-decoder is fine-tuned with --method full (LoRA, linear probes and frozen "
+                               "layers are for decoders and encoders so far)")
+        return super().load(checkpoint)
+
+    def setup(self, train_rows: list, val_rows: list) -> None:
+        from lmforge.model.encoder_decoder import EncoderDecoder
+
+        if not isinstance(self.model, EncoderDecoder):
+            raise LmforgeError("source/target fine-tuning needs an encoder-decoder (t5); for a decoder write the "
+                               "examples as {\"prompt\", \"completion\"}")
+        self.train_features = self.featurize(train_rows)
+        self.val_features = self.featurize(val_rows)
+        self.n_train, self.n_val = len(self.train_features), len(self.val_features)
+
+    def featurize(self, rows: list) -> list[tuple[list[int], list[int]]]:
+        tok = self.tokenizer
+        end = [tok.eos_id] if tok.eos_id is not None else []
+        source_key, target_key = ("source", "target") if rows and "source" in rows[0] else ("prompt", "completion")
+        return [((tok.encode(r[source_key]) + end)[-self.max_length:], (tok.encode(r[target_key]) + end)[: self.max_length])
+                for r in rows]
+
+    def collate(self, indices: list[int], features=None) -> dict:
+        features = features or self.train_features
+        pad = self.model.config.pad_token_id
+        sources = [features[i][0] for i in indices]
+        return {"ids": _pad(sources, pad), "mask": _pad([[1] * len(s) for s in sources], 0),
+                "labels": _pad([features[i][1] for i in indices], -100)}
+
+    def batches(self, rank: int, world_size: int):
+        c = self.config
+        return ExampleBatches(self.n_train, c.micro_batch_size, c.seed, rank, world_size, c.grad_accum_steps,
+                              collate=self.collate)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return model(batch["ids"], batch["mask"], labels=batch["labels"])[1]
+
+    def loss_weight(self, batch) -> float:
+        return int((batch["labels"] != -100).sum())
+
+    def batch_tokens(self, batch) -> int:
+        return int(batch["mask"].sum()) + int((batch["labels"] != -100).sum())
+
+    @torch.no_grad()
+    def evaluate(self, dist_: Distributed, autocast) -> dict | None:
+        if not self.val_features:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        for i in range(0, self.n_val, self.config.micro_batch_size):
+            batch = _to(self.collate(list(range(i, min(i + self.config.micro_batch_size, self.n_val))), self.val_features),
+                        self.device)
+            with autocast:
+                logits = self.model(batch["ids"], batch["mask"], labels=batch["labels"])[0]
+            total += F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
+                                     reduction="sum").item()
+            count += int((batch["labels"] != -100).sum())
+        self.model.train()
+        loss = total / max(count, 1)
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+
+OBJECTIVES = {"chat": SFT, "instruction": SFT, "classification": Classification, "qa": QA, "seq2seq": Seq2Seq}
 # What the checkpoint's model (or adapter) and optimizer state were built for: --resume refuses to change them.
 FIXED_ON_RESUME = ("model", "task", "method", "labels", "pooling", "freeze_layers", "train_layers",
                    "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
@@ -619,7 +692,20 @@ def finetune(config: FinetuneConfig | dict | str | os.PathLike | None = None, *,
         warn(f"skipped {examples.skipped} malformed example(s) of {config.train} (lines {examples.skipped_lines[:5]}"
              f"{' ...' if examples.skipped > 5 else ''})")
     objective = OBJECTIVES[examples.task]
+    if examples.task == "instruction" and _model_type(config.model) == "t5":
+        objective = Seq2Seq  # prompt → completion is source → target for an encoder-decoder
     if config.packing and objective is not SFT:
         raise LmforgeError("packing applies to chat and instruction fine-tuning only")
     return train(config, lambda c, device, ckpt: objective(c, device, ckpt, examples), resume=resume,
                  overwrite=overwrite, progress=progress, fixed_on_resume=FIXED_ON_RESUME)
+
+
+def _model_type(folder: str) -> str | None:
+    """The model_type of a model folder's config.json (None when there is none to read)."""
+    from lmforge.model.checkpoint import resolve_model_dir
+    from lmforge.utils import read_json
+
+    try:
+        return read_json(resolve_model_dir(folder) / "config.json", "model config").get("model_type")
+    except LmforgeError:
+        return None
