@@ -276,3 +276,36 @@ def test_seq2seq_fine_tuning_learns_a_mapping_and_its_loss_is_transformers(tmp_p
     again = finetune(model=str(folder), train=str(prompts), out=str(tmp_path / "run2"), max_steps=3, threads=1,
                      val_fraction=0.0, tensorboard=False, dtype="float32", progress=False)
     assert again["steps"] == 3 and json.loads((tmp_path / "run2" / "run.json").read_text())["task"] == "seq2seq"
+
+
+def test_serve_answers_completions_from_an_encoder_decoder_and_refuses_chat_with_a_400(tmp_path, tokenizer_dir):
+    """The OpenAI client's completions against a T5 folder give the engine's greedy tokens; chat (no template) and a
+    source longer than the model reads are the client's mistakes: 400s with OpenAI's error shape."""
+    import shutil
+
+    import httpx
+
+    openai = pytest.importorskip("openai")
+    from test_serve import LiveServer
+
+    from lmforge import generate
+    from lmforge.model.checkpoint import load_tokenizer_for
+    from lmforge.serve.server import ServerSettings, build_server_app
+
+    folder = make_hf_t5(tmp_path / "hf", "v1.1", vocab_size=1024, num_decoder_layers=2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    model = load_model(folder)
+    live = LiveServer(build_server_app(model, load_tokenizer_for(model), ServerSettings(max_batch=4, model_name="t5")))
+    try:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", timeout=30, max_retries=0)
+        answer = client.completions.create(model="t5", prompt="def f(x):", max_tokens=6, temperature=0)
+        assert answer.choices[0].text == generate(str(folder), "def f(x):", max_new_tokens=6, temperature=0).text
+        chat = httpx.post(live.url + "/v1/chat/completions", json={"model": "t5", "messages": [
+            {"role": "user", "content": "hi"}]}, timeout=30)
+        assert chat.status_code == 400 and chat.json()["error"]["code"] == "chat_not_supported"
+        long = httpx.post(live.url + "/v1/completions", json={"model": "t5", "prompt": "x " * 700, "max_tokens": 2},
+                          timeout=30)
+        assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+    finally:
+        live.stop()

@@ -332,6 +332,8 @@ class OpenAIService:
     def __init__(self, model, tokenizer, settings: ServerSettings, metrics: Metrics):
         self.tokenizer, self.settings, self.metrics = tokenizer, settings, metrics
         self.context, self.vocab_size = model.config.block_size, model.config.vocab_size
+        # an encoder-decoder reads the prompt in its encoder: prompt and completion each have the whole context
+        self.seq2seq = hasattr(model, "encoder") and hasattr(model, "decoder")
         self.worker: EngineWorker | None = None  # started with the app
 
     def check_model(self, name: str | None) -> None:
@@ -343,7 +345,8 @@ class OpenAIService:
     def default_max_tokens(self, prompt_tokens: int, at_most: int | None = None) -> int:
         """Without a limit in the request, the answer may fill what the context leaves (as vLLM), within
         this server's limit."""
-        return min(self.settings.max_tokens, max(self.context - prompt_tokens, 1), at_most or self.context)
+        room = self.context if self.seq2seq else self.context - prompt_tokens
+        return min(self.settings.max_tokens, max(room, 1), at_most or self.context)
 
     def sampling(self, body: _Sampling, max_tokens: int, prompt_tokens: int, logprobs: int | None) -> SamplingParams:
         """The engine's settings for ``body``, refused (400) where they exceed this server or this model."""
@@ -357,7 +360,11 @@ class OpenAIService:
         if logprobs is not None and logprobs > self.vocab_size:
             param = "top_logprobs" if isinstance(body, ChatBody) else "logprobs"
             raise APIError(400, f"{param} {logprobs} is above the model's vocabulary of {self.vocab_size}", param=param)
-        if prompt_tokens + max_tokens > self.context:
+        if self.seq2seq and max(prompt_tokens, max_tokens) > self.context:
+            raise APIError(400, f"This model reads up to {self.context} tokens and writes up to {self.context}; you "
+                                f"sent {prompt_tokens} and asked for {max_tokens}. Please reduce the prompt or the "
+                                f"completion length.", param="prompt", code="context_length_exceeded")
+        if not self.seq2seq and prompt_tokens + max_tokens > self.context:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, you requested "
                                 f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
                                 f"completion). Please reduce the prompt or the completion length.",
@@ -476,6 +483,9 @@ class OpenAIService:
 
     async def chat(self, body: ChatBody, http: HTTPRequest):
         self.check_model(body.model)
+        if self.seq2seq:
+            raise APIError(400, "This model is an encoder-decoder without a chat template; use /v1/completions",
+                           param="messages", code="chat_not_supported")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
                     for m in body.messages]
         prompt, with_stops = chat_prompt(self.tokenizer, messages, SamplingParams())
@@ -801,7 +811,8 @@ def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bo
 
     import uvicorn
 
-    from lmforge.model.checkpoint import load_decoder, load_tokenizer_for, weights_precision
+    from lmforge.model.checkpoint import load_generator, load_tokenizer_for, weights_precision
+    from lmforge.model.gpt import GPT
     from lmforge.utils import pick_device
 
     settings.api_key = settings.api_key or os.environ.get(API_KEY_ENV) or None
@@ -809,8 +820,10 @@ def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bo
     precision = weights_precision(model_dir, device, "float32" if int8 else dtype)  # int8 quantises fp32 weights
     if precision.news:
         print(f"precision: {precision.reason}", flush=True)
-    model = load_decoder(model_dir, device, precision.torch_dtype)
+    model = load_generator(model_dir, device, precision.torch_dtype)
     tokenizer = load_tokenizer_for(model)
+    if int8 and not isinstance(model, GPT):
+        raise LmforgeError("--int8 quantises decoders only so far; drop it for this encoder-decoder")
     if int8:
         from lmforge.infer.engine import quantize_int8
 
