@@ -291,7 +291,8 @@ def cmd_embed(args) -> None:
         raise LmforgeError("no text to embed; pass one or more texts, or - to read one per line from stdin")
     model = load_model(args.model, pick_device(args.device))
     if not isinstance(model, Encoder):
-        raise LmforgeError(f"{model.source} is a decoder; `lmforge embed` needs an encoder (bert) model folder")
+        kind = "a decoder" if hasattr(model, "wte") else "an encoder-decoder (t5)"
+        raise LmforgeError(f"{model.source} is {kind}; `lmforge embed` needs an encoder (bert) model folder")
     tokenizer = load_tokenizer_for(model)
     max_length = args.max_length or _sentence_transformers_max_length(model.source)
     vectors = embed(model, tokenizer, texts, max_length=max_length, normalize=not args.no_normalize)

@@ -112,8 +112,8 @@ class Tokenizer:
         for key, token_id in (("cls_token", self.cls_id), ("sep_token", self.sep_id), ("mask_token", self.mask_id)):
             if token_id is not None:
                 config.setdefault(key, self.hf.id_to_token(token_id))
-        pair_template = type(self.hf.post_processor).__name__ in ("BertProcessing", "TemplateProcessing")
-        if pair_template and any(self.hf.encode("a", "b").type_ids):
+        pair = self.hf.encode("a", "b")
+        if any(pair.special_tokens_mask) and any(pair.type_ids):
             # A BERT-style pair template: without this, transformers 5's PreTrainedTokenizerFast returns no
             # token_type_ids and a (prompt, answer) pair scores differently there than here.
             config.setdefault("model_input_names", ["input_ids", "token_type_ids", "attention_mask"])

@@ -160,7 +160,8 @@ def test_greedy_and_beam_search_are_token_identical_to_transformers_generate(tmp
     engine.run(requests)
     for src, request in zip(SOURCES, requests):
         with torch.no_grad():
-            expected = theirs.generate(torch.tensor([src]), max_new_tokens=12, do_sample=False)[0, 1:].tolist()
+            # (the engine ends a source with the end-of-text token, as training does: transformers is given it too)
+            expected = theirs.generate(torch.tensor([src + [1]]), max_new_tokens=12, do_sample=False)[0, 1:].tolist()
         seq = request.sequences[0]
         assert seq.tokens + ([seq.stop_token] if seq.stop_token is not None else []) == expected
         with torch.no_grad():
@@ -309,3 +310,65 @@ def test_serve_answers_completions_from_an_encoder_decoder_and_refuses_chat_with
         assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
     finally:
         live.stop()
+
+
+def test_a_wave_survives_a_failed_step_and_sources_end_with_the_end_token(tmp_path):
+    """A decode step that fails in its second block leaves the caches as they were: the step runs again and gives
+    the tokens of a run that never failed. The engine ends each source with the end-of-text token (once), and a
+    decoder asked for block_size tokens writes block_size."""
+    from lmforge.infer.engine import Engine, fit_source
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.model.encoder_decoder import DecoderBlock
+
+    model = load_model(make_hf_t5(tmp_path / "hf", "v1.1", num_decoder_layers=2)).eval()
+    params = SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[])
+    clean = Engine(model, IdTokenizer(), max_batch=4)
+    expected = [clean.add(src, params) for src in SOURCES]
+    clean.run(expected)
+    engine = Engine(model, IdTokenizer(), max_batch=4)
+    requests = [engine.add(src, params) for src in SOURCES]
+    engine.step()
+    engine.step()
+    calls, forward = [0], DecoderBlock.forward
+
+    def fail_once(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("injected")
+        return forward(self, *args, **kwargs)
+
+    DecoderBlock.forward = fail_once
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.step()
+    finally:
+        DecoderBlock.forward = forward
+    engine.run(requests)
+    assert [r.sequences[0].tokens for r in requests] == [r.sequences[0].tokens for r in expected]
+    assert requests[0].prompt_ids == SOURCES[0] + [1] and fit_source([3, 1], 4, 10, False, 1) == [3, 1]
+    model = load_model(make_hf_t5(tmp_path / "short", "v1.0", n_positions=8, num_decoder_layers=2)).eval()
+    assert model.config.block_size == 8
+    short = Engine(model, IdTokenizer(), max_batch=1)
+    r = short.add([5, 6], SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[]))
+    short.run([r])
+    assert len(r.sequences[0].tokens) == 8
+
+
+def test_t5_folders_where_they_do_not_fit_give_one_line(tmp_path, tokenizer_dir):
+    import shutil
+
+    from lmforge.errors import LmforgeError
+    from lmforge.train.finetune import finetune
+
+    folder = make_hf_t5(tmp_path / "hf", "v1.0", vocab_size=1024)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"source": "a b", "target": "b a"}) + "\n")
+    for train, needle in ((chat, "LoRA adapters are for decoders and encoders so far"),
+                          (pairs, "fine-tuned with --method full")):
+        with pytest.raises(LmforgeError, match=needle):
+            finetune(model=str(folder), train=str(train), out=str(tmp_path / "out"), method="lora", max_steps=1,
+                     val_fraction=0.0, progress=False)

@@ -190,7 +190,8 @@ def test_mlm_pretraining_learns_and_saves_a_folder_bert_for_masked_lm_loads(enco
         a, b = ours(ids, labels=labels), theirs(input_ids=ids, labels=labels)
     torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
-    assert json.loads((folder / "tokenizer_config.json").read_text())["mask_token"] == "[MASK]"
+    saved = json.loads((folder / "tokenizer_config.json").read_text())
+    assert saved["mask_token"] == "[MASK]" and "token_type_ids" in saved["model_input_names"]
 
 
 def test_chosen_tokens_left_unchanged_are_learned_through_the_whole_path(encoder_data, tmp_path):
@@ -263,6 +264,14 @@ def test_mlm_mistakes_are_one_line_errors(data_dir, encoder_data, tmp_path, hf_g
     assert result.returncode == 2 and "objective must be one of" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "d").exists()
     from lmforge.eval.baselines import train_lstm
+    from lmforge.model.encoder import EncoderConfig, build_encoder
+    from lmforge.train.pretraining import with_pretraining_head
+
+    # a BERT folder with a pooler (bert-base's BertForMaskedLM has one): masked LM drops it (DDP needs every
+    # parameter in the loss)
+    bert = build_encoder(EncoderConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=8, mlp_hidden=16,
+                                       pooler=True, head="masked_lm"))
+    assert bert.pooler is not None and with_pretraining_head(bert, "masked_lm").pooler is None
 
     with pytest.raises(LmforgeError, match="LSTM baseline is a causal language model"):
         train_lstm(str(encoder_data), str(tmp_path / "f"), progress=False, objective="mlm")
@@ -404,6 +413,7 @@ def test_plm_masks_keep_each_predicted_token_from_its_own_and_later_content():
                 else:  # context sees context alone
                     assert query[b, i, j] == (not targets[b, j]) and content[b, i, j] == (not targets[b, j] or i == j)
     assert sorted(order[targets].tolist()) != order[targets].tolist()  # the order is not left to right
+    assert all(m.device.type == "meta" for m in plm_attention(order.to("meta")))  # made where the order is (GPUs)
 
 
 def test_a_predicted_tokens_logits_do_not_depend_on_its_own_or_later_content():
@@ -466,8 +476,9 @@ def test_span_length_arithmetic_is_the_references():
 
     assert span_raw_length(512) == 568 and span_input_lengths(568) == (512, 114)
     for inputs in (16, 30, 64, 127, 512):
-        raw = span_raw_length(inputs)
-        assert span_input_lengths(raw)[0] == inputs < span_input_lengths(raw + 1)[0]
+        for mean in (3.0, 1.0):  # (spans of one token: more sentinels than noise tokens saved)
+            raw = span_raw_length(inputs, 0.15, mean)
+            assert span_input_lengths(raw, 0.15, mean)[0] == inputs < span_input_lengths(raw + 1, 0.15, mean)[0]
 
 
 @pytest.mark.parametrize("tokens", [20, 57, 568])

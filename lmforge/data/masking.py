@@ -126,7 +126,7 @@ def plm_attention(order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     only the context, so no predicted token's content reaches anyone through them."""
     seen = order[:, None, :]  # the key's place, broadcast over queries
     query = (seen == -1) | (seen < order[:, :, None])
-    content = query | torch.eye(order.size(1), dtype=torch.bool)
+    content = query | torch.eye(order.size(1), dtype=torch.bool, device=order.device)
     return content[:, None], query[:, None]
 
 
@@ -151,7 +151,7 @@ def span_input_lengths(tokens: int, noise_density: float = 0.15, mean_span_lengt
 def span_raw_length(input_length: int, noise_density: float = 0.15, mean_span_length: float = 3.0) -> int:
     """The longest row of raw tokens whose corrupted input fits ``input_length`` (the reference's
     ``compute_input_and_target_lengths``), so that every row's input is exactly that long."""
-    tokens = input_length
+    tokens = 2  # the shortest row that has a kept and a noise token
     while span_input_lengths(tokens + 1, noise_density, mean_span_length)[0] <= input_length:
         tokens += 1
     return tokens

@@ -150,7 +150,7 @@ def _generation_task(model, tokenizer, task: Task, batch_size: int, progress: bo
     requests = {}
     for i in order:
         ids = tokenizer.encode(contexts[i]) or [tokenizer.eos_id]
-        ids = fit(ids, params.max_new_tokens, model.config.block_size, truncate=True)
+        ids = fit(ids, params.max_new_tokens, model.config.block_size, True, *([] if fit is fit_prompt else [tokenizer.eos_id]))
         requests[i] = engine.add(ids, params)
     bar = tqdm(total=len(requests), desc=task.name, unit="ex", disable=not progress)
     done = 0

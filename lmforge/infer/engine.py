@@ -142,11 +142,15 @@ class Sequence:
         self.finished, self.finish_reason = True, reason
 
 
-def fit_source(source_ids: list[int], max_new_tokens: int, context: int, truncate: bool) -> list[int]:
-    """An encoder-decoder's source, checked against the longest input it takes (left-truncated when asked);
-    the decoder's ``max_new_tokens`` has a room of its own."""
+def fit_source(source_ids: list[int], max_new_tokens: int, context: int, truncate: bool,
+               eos: int | None = None) -> list[int]:
+    """An encoder-decoder's source, ending with ``eos`` as its training inputs did (T5's inputs end with the
+    end-of-text token), checked against the longest input it takes (left-truncated when asked, the end token
+    kept); the decoder's ``max_new_tokens`` has a room of its own."""
     if max_new_tokens > context:
         raise LmforgeError(f"max_new_tokens {max_new_tokens} exceeds the model's {context} decoder positions")
+    if eos is not None and (not source_ids or source_ids[-1] != eos):
+        source_ids = source_ids + [eos]
     if len(source_ids) <= context:
         return source_ids
     if not truncate:
@@ -183,6 +187,9 @@ class Engine:
         self.device = embedding.device
         self.cache = None if self.seq2seq else KVCache(model.config, max_batch, self.max_len, self.device, embedding.dtype)
         self.wave: dict | None = None  # encoder-decoder: the current wave's encoder padding and decoder caches
+        # a sequence ends at this position: the context (a decoder's prompt shares it; an encoder-decoder's
+        # decoder has it all, counted from its start token)
+        self.limit = self.max_len + 1 if self.seq2seq else self.max_len
         self.waiting: deque[Request] = deque()
         self.active: list[Sequence] = []  # active[i] lives in cache row i
         self.static = compile
@@ -203,7 +210,8 @@ class Engine:
         if not prompt_ids:
             raise LmforgeError("the prompt is empty and the tokenizer has no end-of-text token to start from")
         if self.seq2seq:  # the prompt is the encoder's source; the decoder's room is its own
-            prompt_ids = fit_source(list(prompt_ids), params.max_new_tokens, self.max_len, params.truncate)
+            prompt_ids = fit_source(list(prompt_ids), params.max_new_tokens, self.max_len, params.truncate,
+                                    self.tokenizer.eos_id)
         else:
             prompt_ids = fit_prompt(list(prompt_ids), params.max_new_tokens, self.max_len, params.truncate)
         request = Request(prompt_ids, params)
@@ -301,6 +309,7 @@ class Engine:
     def _wave_step(self) -> list[Event]:
         """Start a wave (encode the admitted sources, decode the first token) or advance the current one."""
         events: list[Event] = []
+        self._drop_finished_rows()  # (aborted ones too)
         if not self.active:
             requests, rows = [], 0
             while self.waiting and rows + len(self.waiting[0].sequences) <= self.max_batch:
@@ -312,20 +321,31 @@ class Engine:
                 return events
             try:
                 events += self._start_wave(requests)
-            except Exception as e:  # noqa: BLE001 (the wave's requests fail; the engine goes on)
+            except Exception as e:
+                self.active, self.wave = [], None
                 if not self.isolate_failures:
                     raise
-                for request in requests:
-                    request.error = e
-                    for s in request.sequences:
-                        if not s.finished:
-                            s._finish("error")
-                            events.append(Event(s, None, "", True))
-                self.active, self.wave = [], None
+                # The newest request is the likeliest cause (the longest source, the one that did not fit): it
+                # fails alone, the others wait for the next wave.
+                newest = requests.pop()
+                self.waiting.extendleft(reversed(requests))
+                newest.error = e
+                for s in newest.sequences:
+                    if not s.finished:
+                        s._finish("error")
+                        events.append(Event(s, None, "", True))
         else:
-            seqs = self.active
+            seqs, cache = self.active, self.wave["cache"]
             tokens = torch.tensor([[s.next_input] for s in seqs], device=self.device)
-            logits = self.model.decode(tokens, None, self.wave["mask"], self.wave["cache"])[:, -1]
+            past = cache[0]["self"][0].size(2)
+            try:
+                logits = self.model.decode(tokens, None, self.wave["mask"], cache)[:, -1]
+            except Exception:
+                # Blocks before the failing one already hold this step's keys: cut them back, so that the
+                # step can run again (with fewer rows, when a server fails the newest request and retries).
+                for layer in cache:
+                    layer["self"] = tuple(t[:, :, :past] for t in layer["self"])
+                raise
             events += self._choose_all(seqs, logits, self._greedy(seqs, logits))
         self._drop_finished_rows()
         return events
@@ -384,7 +404,7 @@ class Engine:
 
     def _advance(self, seq: Sequence, logits: torch.Tensor, token: int | None, cdf: torch.Tensor | None = None) -> list[Event]:
         choice = (token, None, None) if token is not None else seq.choose(logits, cdf)
-        return [seq.accept(*choice, self.max_len)]
+        return [seq.accept(*choice, self.limit)]
 
     def _isolated(self, request: Request, work, *args) -> list[Event]:
         """``work(*args)``, one request's share of a step. With ``isolate_failures``, an exception ends

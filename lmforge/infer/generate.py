@@ -116,9 +116,11 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
     if sampling.num_beams > 1:
         out = []
         for p in prompts:
-            fit = fit_source if seq2seq else fit_prompt
-            ids = fit(tokenizer.encode(p) or [tokenizer.eos_id], sampling.max_new_tokens, model.config.block_size,
-                      sampling.truncate)
+            ids = tokenizer.encode(p) or [tokenizer.eos_id]
+            if seq2seq:
+                ids = fit_source(ids, sampling.max_new_tokens, model.config.block_size, sampling.truncate, tokenizer.eos_id)
+            else:
+                ids = fit_prompt(ids, sampling.max_new_tokens, model.config.block_size, sampling.truncate)
             stops = tuple(sampling.stop_token_ids if sampling.stop_token_ids is not None else [tokenizer.eos_id])
             tokens, _ = beam_search(model, ids, sampling.num_beams, sampling.max_new_tokens, sampling.length_penalty,
                                     sampling.early_stopping, tuple(t for t in stops if t is not None))

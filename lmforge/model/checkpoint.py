@@ -218,7 +218,7 @@ def weights_precision(path: str | os.PathLike, device: torch.device, requested: 
         folder = Path(base) if base and (Path(base) / "config.json").exists() else folder
     hf = read_json(folder / "config.json", "model config") if (folder / "config.json").exists() else {}
     stored = hf.get("torch_dtype") or hf.get("dtype")
-    width = hf.get("n_embd") or hf.get("hidden_size") or 768
+    width = hf.get("n_embd") or hf.get("hidden_size") or hf.get("d_model") or 768
     return choose_weights(device, requested, stored if isinstance(stored, str) else None, int(width),
                           int(hf.get("vocab_size") or 32000))
 

@@ -136,6 +136,9 @@ def add_lora(model, targets: list[str] | str, r: int = 8, alpha: float = 16.0, d
     """
     if getattr(model, "lora", None):
         raise LmforgeError("the model already has LoRA adapters")
+    if not hasattr(model, "blocks"):
+        raise LmforgeError(f"LoRA adapters are for decoders and encoders so far, not {type(model).__name__}; "
+                           f"use --method full")
     if getattr(model.config, "family", None) == "lmforge":
         raise LmforgeError("LoRA adapters are saved in PEFT's format, which needs a Hugging Face family (not 'lmforge')")
     targets = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)

@@ -450,7 +450,7 @@ def _precision(config: TrainConfig, objective, device: torch.device):
     from lmforge.precision import choose_autocast
 
     shape = objective.model.config
-    width = getattr(shape, "n_embd", None) or 768
+    width = getattr(shape, "n_embd", None) or getattr(shape, "d_model", None) or 768
     rows = config.micro_batch_size * (getattr(objective, "block_size", None) or 256)
     return choose_autocast(device, config.dtype, width, 4 * width, rows)
 

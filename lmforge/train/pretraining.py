@@ -98,7 +98,8 @@ class MaskedLM(CausalLM):
             raise LmforgeError(f"{', '.join(given)} cannot change when continuing from the model folder {c.model}")
         model = load_model(c.model, self.device)
         if not isinstance(model, Encoder):
-            raise LmforgeError(f"{c.model} is a decoder; --objective mlm trains an encoder (bert): start from a preset "
+            kind = "a decoder" if hasattr(model, "wte") else "an encoder-decoder (t5)"
+            raise LmforgeError(f"{c.model} is {kind}; --objective {c.objective} trains an encoder (bert): start from a preset "
                                f"or an encoder folder")
         return with_pretraining_head(model, self.head).train()
 
@@ -441,6 +442,9 @@ class SpanCorruption(CausalLM):
             return build_encoder_decoder(seq2seq_config(c, self.tokenizer), self.device)
         if not Path(c.model).exists():
             raise LmforgeError(f"model {c.model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
+        given = [k for k in ("block_size", "n_layer", "n_head", "n_embd", "n_kv_head") if getattr(c, k) is not None]
+        if given:
+            raise LmforgeError(f"{', '.join(given)} cannot change when continuing from the model folder {c.model}")
         model = load_model(c.model, self.device)
         if not isinstance(model, EncoderDecoder):
             raise LmforgeError(f"{c.model} is not an encoder-decoder; --objective span trains one (t5): start from a "
@@ -571,7 +575,7 @@ def encoder_config(c: TrainConfig, tokenizer, head: str = "masked_lm") -> Encode
 def with_pretraining_head(model: Encoder, head: str) -> Encoder:
     """The encoder with ``head`` ("masked_lm", or "pretraining": masked LM and next-sentence prediction): the
     parts it has are kept, the missing ones start from BERT's initialisation (N(0, 0.02), zero biases)."""
-    if model.config.head == head:
+    if model.config.head == head and (head == "pretraining" or model.pooler is None):
         return model
     weight = model.wte.weight
     model.config = model.config.with_head(head)
