@@ -540,6 +540,10 @@ def test_span_pretraining_learns_and_saves_a_folder_t5_loads(corpus_dir, tmp_pat
                                   eval_interval=40, eval_windows=32, lr=3e-3, micro_batch_size=16), progress=False)
     val = [r for r in logs(out) if "val_loss" in r]
     assert val[-1]["val_loss"] < val[0]["val_loss"] - 1.0, val
+    from lmforge.eval.report import write_report
+
+    report = Path(write_report(out)).read_text()
+    assert "(encoder-decoder, span corruption): 2 encoder + 2 decoder layers" in report and "| accuracy |" in report
     folder = Path(summary["checkpoint"]) / "model"
     ours, theirs = load_model(folder).eval(), T5ForConditionalGeneration.from_pretrained(folder).eval()
     g = torch.Generator().manual_seed(0)

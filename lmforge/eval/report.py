@@ -238,6 +238,21 @@ def _sample_text(sample: dict) -> str:
     return prompt + sample["text"]
 
 
+_OBJECTIVES = {"mlm": "encoder, masked LM", "mlm+nsp": "encoder, masked LM and next-sentence prediction",
+               "plm": "encoder, permutation LM", "span": "encoder-decoder, span corruption"}
+
+
+def _model_line(config: dict, shape: dict) -> str:
+    """The model's shape in words: a decoder's, an encoder's or an encoder-decoder's config."""
+    layers = f"{shape['n_layer']} layers"
+    if "n_decoder_layer" in shape:
+        layers = f"{shape['n_layer']} encoder + {shape['n_decoder_layer']} decoder layers"
+    kind = _OBJECTIVES.get(config.get("objective"))
+    return (f"{config.get('model', '?')}{f' ({kind})' if kind else ''}: {layers}, {shape['n_head']} heads, "
+            f"width {shape.get('n_embd') or shape.get('d_model')}, context {shape['block_size']}, "
+            f"vocabulary {shape['vocab_size']}")
+
+
 def _duration(seconds: float) -> str:
     minutes, s = divmod(int(round(seconds)), 60)
     h, m = divmod(minutes, 60)
@@ -281,8 +296,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         "",
         "| | |",
         "|---|---|",
-        f"| model | {config.get('model', '?')}: {run['model']['n_layer']} layers, {run['model']['n_head']} heads, "
-        f"width {run['model']['n_embd']}, context {run['model']['block_size']}, vocabulary {run['model']['vocab_size']} |",
+        f"| model | {_model_line(config, run['model'])} |",
         f"| parameters | {run['parameters']:,} ({human_count(run['parameters'])}), "
         f"{run.get('trainable_parameters', run['parameters']):,} trained |",
         *([f"| task, method | {run['task']}, {run['method']} (from {run['base_model']}) |"] if "task" in run else []),
