@@ -1,6 +1,6 @@
 """What masked-LM pretraining buys: one encoder fine-tuned from MLM pretraining, from random weights, and MiniLM.
 
-    python examples/eval_mlm.py --out runs/mlm                 # about 25 minutes on 2 CPU cores
+    python examples/eval_mlm.py --out runs/mlm                 # about 15 minutes on 2 CPU cores
     python examples/eval_mlm.py --out runs/mlm --mlm-steps 200  # a quick look
 
 1. A byte-level BPE with [CLS]/[SEP]/[MASK] (`lmforge tokenizer train --encoder`, 8,192 tokens) and the standard
@@ -8,7 +8,11 @@
    `make demo` and examples/make_preferences.py use).
 2. `lmforge pretrain --objective mlm`: an encoder of the tiny preset's shape (4 layers x 256, 4 heads) on windows
    of 128 tokens.
-3. The task, real code nobody here wrote: is a line of a standard-library file the real next line after its
+3. The task (--task package, the default), real code nobody here wrote: which of 8 standard-library packages
+   (asyncio, email, xml, multiprocessing, concurrent, importlib, unittest, tkinter) a function comes from, from its
+   code (first 400 characters): 100 training functions per package at most, from files of the training split;
+   the test functions from files of the validation split, which the pretraining never read.
+   Or (--task next-line): is a line of a standard-library file the real next line after its
    context, or that line corrupted (another line of the file, two identifiers swapped, a bracket deleted)? The
    pairs of examples/preferences/ (examples/make_preferences.py) become classification examples
    {"text": the last 3 lines of context + the line, "label": "real" | "corrupted"}, one of each per pair: 2,400 for
