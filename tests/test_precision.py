@@ -84,8 +84,8 @@ def test_generate_loads_a_bf16_checkpoint_in_the_measured_precision(hf_gpt2, tmp
     import lmforge.model.checkpoint as checkpoint
 
     loaded = []
-    real = checkpoint.load_decoder
-    monkeypatch.setattr(checkpoint, "load_decoder", lambda *a, **k: loaded.append(a[2] if len(a) > 2 else k.get("dtype"))
+    real = checkpoint.load_generator  # (generate loads decoders and encoder-decoders)
+    monkeypatch.setattr(checkpoint, "load_generator", lambda *a, **k: loaded.append(a[2] if len(a) > 2 else k.get("dtype"))
                         or real(*a, **k))
     assert main(["generate", "def", "--model", str(hf_gpt2), "--max-new-tokens", "3", "--seed", "0"]) == 0
     assert loaded == [expected]

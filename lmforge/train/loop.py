@@ -406,9 +406,17 @@ def train(config: TrainConfig, make_objective, *, resume: bool = False, overwrit
     from tqdm.auto import tqdm
 
     dist_ = setup_distributed(config.device)
+    # AdamW's moments of parameters whose gradient is 0 (embeddings of tokens a step did not use) decay into
+    # subnormal floats within a few hundred steps, and CPUs compute on those ~20x slower: an untied embedding
+    # made a T5 step 3x slower by step 500. While training, values below 1.2e-38 become 0 instead; the
+    # process's float behaviour is given back afterwards.
+    already = (torch.tensor([1e-39]) * 1.0).item() == 0.0  # (torch has no getter for the setting)
+    flushing = not already and torch.set_flush_denormal(True)
     try:
         return _train(config, make_objective, dist_, resume, overwrite, progress and dist_.is_main, tqdm, fixed_on_resume)
     finally:
+        if flushing:
+            torch.set_flush_denormal(False)
         if dist_.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -461,11 +469,6 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
     device = pick_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
-    if device.type == "cpu":
-        # AdamW's moments of parameters whose gradient is 0 (embeddings of tokens a step did not use) decay into
-        # subnormal floats within a few hundred steps, and CPUs compute on those ~20x slower: an untied
-        # embedding made a T5 step 3x slower by step 500. Values below 1.2e-38 become 0 instead.
-        torch.set_flush_denormal(True)
 
     # Every check runs before anything in the run folder is written: a refused start or --resume leaves
     # the folder as it was, so a plain --resume still works after a mistaken one.
