@@ -56,6 +56,34 @@ def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream, step]).generate_state(1)[0]))
 
 
+@torch.no_grad()
+def held_out_tokens(objective, dist_: Distributed, autocast, length: int, make_batch) -> dict | None:
+    """Loss, perplexity and accuracy of ``objective.predict`` over the fixed validation windows of ``length``
+    tokens; ``make_batch(rows, index)`` corrupts window ``index`` the same way at every evaluation. The
+    windows are shared out over the processes and the sums all-reduced."""
+    if objective.val_split is None:
+        return None
+    model, split = objective.model, objective.val_split
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, right, predicted tokens
+    for index in range(dist_.rank, len(objective.windows), dist_.world_size):
+        shard, offset = objective.windows[index]
+        rows = torch.from_numpy(split.shards[shard][offset : offset + length].astype(np.int64))[None]
+        batch = make_batch(rows, index)
+        if not (batch["labels"] != -100).any():
+            continue
+        with autocast:
+            logits, target = objective.predict(model, {k: v.to(objective.device) for k, v in batch.items()})
+        logits, target = logits.float().cpu(), target.cpu()
+        totals += torch.tensor([F.cross_entropy(logits, target, reduction="sum").item(),
+                                (logits.argmax(-1) == target).sum().item(), target.numel()], dtype=torch.float64)
+    totals = dist_.all_sum(totals.to(objective.device)).cpu()
+    model.train(was_training)
+    loss = (totals[0] / totals[2]).item()
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_accuracy": (totals[1] / totals[2]).item()}
+
+
 class MaskedLM(CausalLM):
     """``--objective mlm``: masked-token prediction with a BERT-style encoder."""
 
@@ -145,31 +173,11 @@ class MaskedLM(CausalLM):
     def batch_tokens(self, batch) -> int:
         return batch["ids"].numel()
 
-    @torch.no_grad()
     def evaluate(self, dist_: Distributed, autocast) -> dict | None:
         """Loss and accuracy on the fixed validation windows, each masked by its own generator (the same
         masks at every evaluation and on any number of processes)."""
-        if self.val_split is None:
-            return None
-        model = self.model
-        was_training = model.training
-        model.eval()
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, predicted tokens
-        for index in range(dist_.rank, len(self.windows), dist_.world_size):
-            shard, offset = self.windows[index]
-            rows = torch.from_numpy(self.val_split.shards[shard][offset : offset + self.content].astype(np.int64))
-            batch = self.corrupt(self.frame(rows[None]), step_generator(self.config.seed, index, 1))
-            if not (batch["labels"] != -100).any():
-                continue
-            with autocast:
-                logits, target = self.predict(model, {k: v.to(self.device) for k, v in batch.items()})
-            logits, target = logits.float().cpu(), target.cpu()
-            totals += torch.tensor([F.cross_entropy(logits, target, reduction="sum").item(),
-                                    (logits.argmax(-1) == target).sum().item(), target.numel()], dtype=torch.float64)
-        totals = dist_.all_sum(totals.to(self.device)).cpu()
-        model.train(was_training)
-        loss = (totals[0] / totals[2]).item()
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_accuracy": (totals[1] / totals[2]).item()}
+        return held_out_tokens(self, dist_, autocast, self.content, lambda rows, index: self.corrupt(
+            self.frame(rows), step_generator(self.config.seed, index, 1)))
 
     def format_train(self, loss: float) -> str:
         return f"train loss {loss:.4f}"
@@ -476,28 +484,12 @@ class SpanCorruption(CausalLM):
     def batch_tokens(self, batch) -> int:
         return batch["ids"].numel() + batch["labels"].numel()
 
-    @torch.no_grad()
+    def predict(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(batch["ids"], labels=batch["labels"])[0].flatten(0, 1), batch["labels"].flatten()
+
     def evaluate(self, dist_: Distributed, autocast) -> dict | None:
-        if self.val_split is None:
-            return None
-        model = self.model
-        was_training = model.training
-        model.eval()
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, right, target tokens
-        for index in range(dist_.rank, len(self.windows), dist_.world_size):
-            shard, offset = self.windows[index]
-            rows = torch.from_numpy(self.val_split.shards[shard][offset : offset + self.raw].astype(np.int64))
-            batch = self.corrupt(rows[None], np.random.default_rng([self.config.seed, 1, index]))
-            with autocast:
-                logits = model(batch["ids"].to(self.device), labels=batch["labels"].to(self.device))[0].float().cpu()
-            target = batch["labels"].flatten()
-            logits = logits.flatten(0, 1)
-            totals += torch.tensor([F.cross_entropy(logits, target, reduction="sum").item(),
-                                    (logits.argmax(-1) == target).sum().item(), target.numel()], dtype=torch.float64)
-        totals = dist_.all_sum(totals.to(self.device)).cpu()
-        model.train(was_training)
-        loss = (totals[0] / totals[2]).item()
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_accuracy": (totals[1] / totals[2]).item()}
+        return held_out_tokens(self, dist_, autocast, self.raw, lambda rows, index: self.corrupt(
+            rows, np.random.default_rng([self.config.seed, 1, index])))
 
     def format_eval(self, record: dict) -> str:
         return (f"val loss {record['val_loss']:.4f}, ppl {record['val_perplexity']:.2f}, "
