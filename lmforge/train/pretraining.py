@@ -112,24 +112,15 @@ class MaskedLM(CausalLM):
             raise LmforgeError(f"the tokenizer of {self.config.data} has no {', '.join(missing)} token(s), which masked-LM "
                                f"pretraining needs; train one with `lmforge tokenizer train --encoder` and prepare the "
                                f"data with it (or use a BERT tokenizer)")
-        from lmforge.model.checkpoint import load_model
 
-        c = self.config
-        if checkpoint is not None:
-            return load_model(checkpoint / "model", self.device).train()
-        if c.model in PRESETS:
-            return build_encoder(encoder_config(c, tok, self.head), self.device)
-        if not Path(c.model).exists():
-            raise LmforgeError(f"model {c.model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
-        given = [k for k in ("block_size", "n_layer", "n_head", "n_embd", "n_kv_head") if getattr(c, k) is not None]
-        if given:
-            raise LmforgeError(f"{', '.join(given)} cannot change when continuing from the model folder {c.model}")
-        model = load_model(c.model, self.device)
-        if not isinstance(model, Encoder):
+        def refuse(model) -> str:
             kind = "a decoder" if hasattr(model, "wte") else "an encoder-decoder (t5)"
-            raise LmforgeError(f"{c.model} is {kind}; --objective {c.objective} trains an encoder (bert): start from a preset "
-                               f"or an encoder folder")
-        return with_pretraining_head(model, self.head).train()
+            return (f"{self.config.model} is {kind}; --objective {self.config.objective} trains an encoder (bert): "
+                    f"start from a preset or an encoder folder")
+
+        model = load_or_build(self.config, self.device, checkpoint, Encoder, refuse,
+                              lambda: build_encoder(encoder_config(self.config, tok, self.head), self.device))
+        return model if checkpoint is not None else with_pretraining_head(model, self.head).train()
 
     def batches(self, rank: int, world_size: int) -> MaskedBatches:
         c = self.config
@@ -440,24 +431,12 @@ class SpanCorruption(CausalLM):
         self.windows = eval_windows(self.val_split, self.raw - 1, c.eval_windows) if self.val_split else []
 
     def load(self, checkpoint: Path | None):
-        from lmforge.model.checkpoint import load_model
         from lmforge.model.encoder_decoder import EncoderDecoder, build_encoder_decoder
 
-        c = self.config
-        if checkpoint is not None:
-            return load_model(checkpoint / "model", self.device).train()
-        if c.model in PRESETS:
-            return build_encoder_decoder(seq2seq_config(c, self.tokenizer), self.device)
-        if not Path(c.model).exists():
-            raise LmforgeError(f"model {c.model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
-        given = [k for k in ("block_size", "n_layer", "n_head", "n_embd", "n_kv_head") if getattr(c, k) is not None]
-        if given:
-            raise LmforgeError(f"{', '.join(given)} cannot change when continuing from the model folder {c.model}")
-        model = load_model(c.model, self.device)
-        if not isinstance(model, EncoderDecoder):
-            raise LmforgeError(f"{c.model} is not an encoder-decoder; --objective span trains one (t5): start from a "
-                               f"preset or a t5 folder")
-        return model.train()
+        return load_or_build(self.config, self.device, checkpoint, EncoderDecoder,
+                             lambda model: f"{self.config.model} is not an encoder-decoder; --objective span trains one "
+                                           f"(t5): start from a preset or a t5 folder",
+                             lambda: build_encoder_decoder(seq2seq_config(self.config, self.tokenizer), self.device))
 
     def batches(self, rank: int, world_size: int) -> SpanBatches:
         c = self.config
@@ -549,6 +528,27 @@ def seq2seq_config(c: TrainConfig, tokenizer):
                          n_decoder_layer=shape.n_layer, n_head=shape.n_head, feed_forward="gated-gelu",
                          dropout=c.dropout, tied=False, scale_output=False, pad_token_id=pad,
                          eos_token_id=tokenizer.eos_id, decoder_start_token_id=pad, block_size=shape.block_size)
+
+
+def load_or_build(c: TrainConfig, device, checkpoint: Path | None, kind: type, refusal, build) -> torch.nn.Module:
+    """The model a pretraining objective trains: the checkpoint's when resuming, ``build()`` for a preset, else
+    the model folder ``c.model`` (whose shape the config may not change), refused with ``refusal(model)`` when
+    it is not a ``kind``."""
+    from lmforge.model.checkpoint import load_model
+
+    if checkpoint is not None:
+        return load_model(checkpoint / "model", device).train()
+    if c.model in PRESETS:
+        return build()
+    if not Path(c.model).exists():
+        raise LmforgeError(f"model {c.model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
+    given = [k for k in ("block_size", "n_layer", "n_head", "n_embd", "n_kv_head") if getattr(c, k) is not None]
+    if given:
+        raise LmforgeError(f"{', '.join(given)} cannot change when continuing from the model folder {c.model}")
+    model = load_model(c.model, device)
+    if not isinstance(model, kind):
+        raise LmforgeError(refusal(model))
+    return model.train()
 
 
 def encoder_config(c: TrainConfig, tokenizer, head: str = "masked_lm") -> EncoderConfig:
