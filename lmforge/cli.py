@@ -331,6 +331,13 @@ def cmd_convert(args) -> None:
 def cmd_plan(args) -> None:
     from lmforge.train.plan import format_plan, plan
 
+    if args.measured:
+        from lmforge.train.plan import compare_measured
+
+        print(compare_measured(args.measured))
+        return
+    if not args.model:
+        raise LmforgeError("plan needs --model (a preset or a model folder), or --measured RUN")
     print(format_plan(plan(args.model, args.gpus, args.gpu, args.tokens, args.mfu, args.seq_len, args.micro_batch, args.price)))
 
 
@@ -441,6 +448,16 @@ def sampling_options(p: argparse.ArgumentParser, temperature: float, top_p: floa
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
 
 
+def _run_arguments(parser) -> None:
+    """The flags every training command has besides its config keys."""
+    parser.add_argument("--config", help="YAML file of config keys")
+    parser.add_argument("--resume", nargs="?", const=True, choices=("auto",),
+                        help="continue from the run folder's latest checkpoint; --resume auto: continue if it has "
+                             "one, else start (for torchrun --max-restarts)")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmforge", description="Train, fine-tune, run and evaluate language models.")
     p.add_argument("--version", action="version", version=f"lmforge {__version__}")
@@ -488,10 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "these override --config.",
         epilog=_config_keys_help(),
     )
-    pt.add_argument("--config", help="YAML file of config keys")
-    pt.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    pt.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
-    pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    _run_arguments(pt)
     pt.set_defaults(func=cmd_pretrain)
 
     ge = sub.add_parser("generate", help="continue a prompt with a model")
@@ -531,10 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "these override --config. The task comes from the examples' fields.",
         epilog=_config_keys_help(finetune=True),
     )
-    ft.add_argument("--config", help="YAML file of config keys")
-    ft.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    ft.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
-    ft.add_argument("--quiet", action="store_true", help="no progress bar")
+    _run_arguments(ft)
     ft.set_defaults(func=cmd_finetune)
 
     from lmforge.train.config import DPOConfig, RewardConfig, RLConfig
@@ -553,10 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Any config key can be given as --key value; these override --config.",
             epilog=_config_keys_help(cls),
         )
-        sp.add_argument("--config", help="YAML file of config keys")
-        sp.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-        sp.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
-        sp.add_argument("--quiet", action="store_true", help="no progress bar")
+        _run_arguments(sp)
         sp.set_defaults(func=func)
 
     rs = sub.add_parser("reward-score", help="score (prompt, answer) pairs with a reward model")
@@ -611,7 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.set_defaults(func=cmd_convert)
 
     pl = sub.add_parser("plan", help="compute, time, cost and per-GPU memory of a pretraining run")
-    pl.add_argument("--model", required=True, help="a preset (e.g. llama-7b) or a model folder")
+    pl.add_argument("--model", help="a preset (e.g. llama-7b) or a model folder")
+    pl.add_argument("--measured", metavar="RUN", help="instead: the plan's memory per process for a run folder's "
+                                                      "model and layout, beside what the run measured")
     pl.add_argument("--gpus", type=int, default=8)
     pl.add_argument("--gpu", default="h100", help="h100, h200, a100-80gb or a100-40gb")
     pl.add_argument("--tokens", type=float, default=None, help="training tokens (default: 20 per parameter)")

@@ -55,7 +55,25 @@ class TokenSplit:
         return self.bytes / max(self.tokens, 1)
 
 
-class TrainBatches:
+class StepPosition:
+    """The saved position of a loader whose rows depend only on ``(seed, optimizer step)``: kept by step, so
+    that a run resumed with another number of processes or accumulation steps goes on with the rows its
+    next step would have had. Loaders set ``seed``, ``accum_steps`` and count ``batch_index`` (micro-batches
+    handed out by this rank)."""
+
+    seed: int
+    accum_steps: int
+    batch_index: int
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "batch_index": self.batch_index, "step": self.batch_index // self.accum_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self.batch_index = int(state["step"]) * self.accum_steps if "step" in state else int(state["batch_index"])
+
+
+class TrainBatches(StepPosition):
     """Random windows of ``block_size + 1`` tokens; the rows of a step depend only on ``(seed, step)``."""
 
     def __init__(self, split: TokenSplit, block_size: int, batch_size: int, seed: int, rank: int = 0,
@@ -72,11 +90,6 @@ class TrainBatches:
             )
         self.batch_index = 0  # micro-batches handed out so far by this rank
 
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "batch_index": self.batch_index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.batch_index = int(state["seed"]), int(state["batch_index"])
 
     def next_batch(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next micro-batch (inputs, targets), each (batch_size, block_size) int64."""

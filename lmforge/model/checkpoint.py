@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
-from lmforge.model.gpt import GPT, build_model
+from lmforge.model.gpt import GPT, build_model, deferring
 from lmforge.model.hf import (
     SUPPORTED_MODEL_TYPES,
     bert_config_from_hf,
@@ -164,6 +164,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         config = config_from_hf(hf, where)
         model = build_model(config, "meta")
         weights = state_dict_from_hf(config, raw, str(folder))
+    if deferring():  # sharded training: each rank copies its shard of each tensor later (train/distributed.py)
+        _check_names(model, weights, folder)
+        model.pending_weights = weights
+        model.source = folder
+        return model
     try:
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as e:
@@ -173,6 +178,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     model.to(device=device, dtype=dtype or torch.float32)
     model.source = folder
     return model.eval()
+
+
+def _check_names(model, weights: dict[str, torch.Tensor], folder: Path) -> None:
+    """What ``load_state_dict(strict=True)`` would refuse, checked without loading (names and shapes)."""
+    params = dict(model.named_parameters())
+    missing = [n for n in params if n not in weights]
+    unexpected = [n for n in weights if n not in params]
+    wrong = [n for n, p in params.items() if n in weights and tuple(weights[n].shape) != tuple(p.shape)]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
+                  else f"{wrong[0]} has shape {tuple(weights[wrong[0]].shape)}, not {tuple(params[wrong[0]].shape)}")
+        raise LmforgeError(f"{folder}: weights do not fit config.json ({detail})")
 
 
 def load_adapted(adapter: str | os.PathLike, device="cpu", dtype=None, merge: bool = True, base: str | None = None,

@@ -11,6 +11,7 @@ through ``scaled_dot_product_attention`` (flash kernels on GPU). Build big model
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -329,12 +330,35 @@ def build_model(config: Config, device: torch.device | str = "cpu", init: bool =
     return build_on_meta(GPT, config, device, init)
 
 
+_DEFERRING = [False]
+
+
+@contextlib.contextmanager
+def deferred_init(enabled: bool = True):
+    """While active, models are built on the ``meta`` device and left there (``build_on_meta``), and
+    model folders are opened without copying their weights (``load_model`` keeps them, memory-mapped, as
+    ``model.pending_weights``); ``materialize`` gives them memory later, shard by shard."""
+    before = _DEFERRING[0]
+    _DEFERRING[0] = enabled
+    try:
+        yield
+    finally:
+        _DEFERRING[0] = before
+
+
+def deferring() -> bool:
+    return _DEFERRING[0]
+
+
 def build_on_meta(cls, config, device, init: bool):
     """``cls(config)`` with no memory (the meta device), then allocated on ``device`` and, if ``init``,
     initialised: a 70B config is inspected without 276 GB, and loading skips a wasted initialisation."""
     with torch.device("meta"):
         model = cls(config)
     if str(device) == "meta":
+        return model
+    if deferring() and init:  # sharded training: materialised later, one shard each (train/distributed.py: materialize)
+        model.init_rng_state = torch.get_rng_state()
         return model
     model.to_empty(device=device)
     if init:

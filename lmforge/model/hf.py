@@ -14,7 +14,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.model.config import Config
-from lmforge.model.gpt import GPT
+from lmforge.model.gpt import GPT, deferring
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral", "bert", "t5", "lmforge")
 
@@ -237,6 +237,14 @@ def _llama_from_hf(c: Config, hf_sd: dict[str, torch.Tensor]) -> tuple[dict, lis
 # -- the dispatch -----------------------------------------------------------------------------------
 
 
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor laid out row-major: a transposed view as a Parameter would get row-major gradients for
+    column-major storage, which the fused AdamW kernel would pair up element by element, wrongly. While a
+    sharded model is being opened (``deferred_init``) views are kept, so that nothing is copied whole: each
+    rank copies its rows of one tensor at a time."""
+    return dict(tensors) if deferring() else {k: v.contiguous() for k, v in tensors.items()}
+
+
 def _some(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
@@ -365,9 +373,7 @@ def state_dict_from_hf(config: Config, hf_sd: dict[str, torch.Tensor], where: st
     # (a tied head saved by older transformers is a copy of the embeddings and is dropped)
     if problems:
         raise LmforgeError(f"{where}: weights do not match config.json ({'; '.join(problems)})")
-    # contiguous(): a transposed view as a Parameter would get row-major gradients for column-major
-    # storage, which the fused AdamW kernel would pair up element by element, wrongly.
-    return {k: v.contiguous() for k, v in out.items()}
+    return _contiguous(out)
 
 
 # -- BERT (the encoder) -----------------------------------------------------------------------------
@@ -513,7 +519,7 @@ def bert_state_dict_from_hf(c, hf_sd: dict[str, torch.Tensor], where: str) -> di
     if problems:
         raise LmforgeError(f"{where}: weights do not match config.json ({'; '.join(problems)})")
     out.update(fused)
-    return {k: v.contiguous() for k, v in out.items()}
+    return _contiguous(out)
 
 
 def bert_state_dict_to_hf(model) -> dict[str, torch.Tensor]:
@@ -610,7 +616,7 @@ def t5_state_dict_from_hf(c, hf_sd: dict[str, torch.Tensor], where: str) -> dict
     out, problems = _rename(hf_sd, _t5_names(c))
     if problems:
         raise LmforgeError(f"{where}: weights do not match config.json ({'; '.join(problems)})")
-    return {k: v.contiguous() for k, v in out.items()}
+    return _contiguous(out)
 
 
 def t5_state_dict_to_hf(model) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
     RUN/checkpoints/step_0000500/model/         config.json, model.safetensors, tokenizer.json, ...
     RUN/checkpoints/step_0000500/trainer.pt     optimizer, loader position, RNG states, step, time
+    RUN/checkpoints/step_0000500/shards/        under FSDP: model and optimizer state, one file per rank (DCP)
     RUN/checkpoints/step_0000500/manifest.json  size and SHA-256 of every file above
 
 Each checkpoint is assembled in a hidden temporary folder and renamed into place, so a process
@@ -12,6 +13,7 @@ checkpoint. Only the last K are kept.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -74,17 +76,28 @@ def _save_trainer_state(state: dict, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(run_dir: Path, step: int, save_model, trainer_state: dict, keep: int) -> Path:
-    """``save_model(folder)`` writes the model folder (a full model, or a LoRA adapter)."""
+def save_checkpoint(run_dir: Path, step: int, save_model, trainer_state: dict, keep: int, *, dist_=None,
+                    write_shards=None) -> Path:
+    """``save_model(folder)`` writes the model folder (a full model, or a LoRA adapter).
+
+    With ``write_shards`` (sharded training) every rank calls this: all write into the one temporary
+    folder that rank 0 made (``write_shards(folder)``: each rank its shards; ``save_model``: every rank
+    takes part, rank 0 writes), and rank 0 alone adds the trainer state and manifest and renames it into place.
+    """
     root = run_dir / "checkpoints"
     final = root / f"step_{step:07d}"
+    main = dist_ is None or dist_.is_main
     try:
-        with atomic_dir(final) as tmp:
+        with atomic_dir(final) if main else contextlib.nullcontext() as tmp:
+            if write_shards is not None:
+                tmp = Path(dist_.broadcast(str(tmp) if main else None))
+                write_shards(tmp)
             save_model(tmp / "model")
-            _save_trainer_state(trainer_state, tmp / "trainer.pt")
-            files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
-            atomic_write_json(tmp / MANIFEST, {"format": MANIFEST_FORMAT, "step": step, "files": files})
+            if main:
+                _save_trainer_state(trainer_state, tmp / "trainer.pt")
+                files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                         for p in sorted(tmp.rglob("*")) if p.is_file()}
+                atomic_write_json(tmp / MANIFEST, {"format": MANIFEST_FORMAT, "step": step, "files": files})
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -92,7 +105,8 @@ def save_checkpoint(run_dir: Path, step: int, save_model, trainer_state: dict, k
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise LmforgeError(f"disk full: no space left on the device of {root} while saving step {step} "
                            f"({kept}); free some space, then continue with --resume") from None
-    _prune(root, keep)
+    if main:
+        _prune(root, keep)
     return final
 
 

@@ -78,12 +78,21 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model")
     threads: int = setting(0, "CPU threads for torch; 0 keeps torch's default")
     tensorboard: bool = setting(True, "also log to TensorBoard when it is installed")
+    # several processes (torchrun)
+    parallel: str = setting("auto", "with several processes: ddp (each holds the whole model), fsdp (FSDP2: "
+                                    "parameters, gradients and optimizer state sharded over processes) or auto "
+                                    "(fsdp when the training state would not fit one device)", choices=("auto", "ddp", "fsdp"))
+    activation_checkpointing: bool = setting(False, "recompute each block's activations in the backward pass "
+                                                    "instead of keeping them (less memory, about 1/3 more compute)")
+    dist_timeout: float = setting(600.0, "seconds a process waits for the others before the run ends with an "
+                                         "error (a rank that died)")
 
     def validate(self) -> None:
         checks = [
             (self.micro_batch_size >= 1, "micro_batch_size must be at least 1"),
             (self.grad_accum_steps >= 1, "grad_accum_steps must be at least 1"),
             (self.max_steps >= 1, "max_steps must be at least 1"),
+            (self.dist_timeout > 0, "dist_timeout must be positive (seconds)"),
             (self.lr > 0, "lr must be positive"),
             (self.warmup_steps >= 0, "warmup_steps must be 0 or more"),
             (self.eval_interval >= 1, "eval_interval must be at least 1"),

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data.examples import Examples, read_examples
+from lmforge.data.loader import StepPosition
 from lmforge.errors import LmforgeError
 from lmforge.eval.metrics import classification_metrics, squad_metrics
 from lmforge.model.checkpoint import load_adapted, load_model, load_tokenizer_for, save_model
@@ -61,7 +62,7 @@ def set_dropout(model, p: float | None):
     return model
 
 
-class ExampleBatches:
+class ExampleBatches(StepPosition):
     """Micro-batches of example indices: epochs of seeded permutations, read as one endless stream.
 
     Like the pretraining loader, the rows of step ``s`` depend only on ``(seed, s)`` and are shared
@@ -91,11 +92,6 @@ class ExampleBatches:
         indices = [int(self.order(g // self.n)[g % self.n]) for g in self.rows()]
         return _to(self.collate(indices), device)
 
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "batch_index": self.batch_index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.batch_index = int(state["seed"]), int(state["batch_index"])
 
 
 class PackedBatches(ExampleBatches):

@@ -17,7 +17,6 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,10 +26,30 @@ from lmforge.data.loader import TokenSplit, TrainBatches, eval_windows, window_b
 from lmforge.errors import LmforgeError
 from lmforge.model.checkpoint import load_decoder
 from lmforge.model.config import PRESETS, Config
-from lmforge.model.gpt import GPT, build_model
+from lmforge.model.gpt import GPT, build_model, deferred_init
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpointing import latest_checkpoint, load_trainer_state, resume_checkpoint, save_checkpoint, set_aside
+from lmforge.train.checkpointing import checkpoint_dirs, latest_checkpoint, load_trainer_state, resume_checkpoint, save_checkpoint, set_aside
 from lmforge.train.config import TrainConfig, load_config, read_config_file, save_config
+from lmforge.train.distributed import (  # noqa: F401 (Distributed: objectives import it from here)
+    SHARDS,
+    Distributed,
+    checkpoint_activations,
+    choose_parallel,
+    full_value,
+    is_meta,
+    load_full_optimizer,
+    load_sharded,
+    materialize,
+    meta_twin,
+    no_sync,
+    peak_flops,
+    peak_memory_bytes,
+    save_sharded,
+    setup_distributed,
+    shard,
+    whole_model,
+    wrap,
+)
 from lmforge.utils import (
     atomic_write_json,
     atomic_write_text,
@@ -40,51 +59,6 @@ from lmforge.utils import (
     pick_device,
     warn,
 )
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            value = value.clone()
-            dist.all_reduce(value)
-        return value
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def broadcast(self, value):
-        """Rank 0's ``value``, on every rank."""
-        if not self.enabled:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def setup_distributed(device_name: str) -> Distributed:
-    """Join the process group when started by ``torchrun`` with more than one process."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size <= 1:
-        return Distributed()
-    if not dist.is_initialized():
-        use_nccl = torch.cuda.is_available() and device_name != "cpu"
-        if use_nccl:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if use_nccl else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size())
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -110,13 +84,16 @@ def evaluate(model: GPT, split: TokenSplit, windows, batch_size: int, device, au
     """Mean cross-entropy over the fixed validation windows (shared out across ranks)."""
     was_training = model.training
     model.eval()
-    mine = windows[dist_.rank :: dist_.world_size]
+    # (under FSDP every rank makes as many forward passes: a rank short of a batch runs window 0 and drops it)
+    share = dist_.share(len(windows)) if dist_.sharded else list(range(dist_.rank, len(windows), dist_.world_size))
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in range(0, len(mine), batch_size):
-        x, y = window_batch(split, mine[i : i + batch_size], model.config.block_size)
+    for i in range(0, len(share), batch_size):
+        real = [windows[k] for k in share[i : i + batch_size] if k is not None]
+        x, y = window_batch(split, real or windows[:1], model.config.block_size)
         with autocast:
             _, loss = model(x.to(device), y.to(device))
-        total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
+        if real:
+            total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
     if dist_.enabled:
         dist.all_reduce(total)
     model.train(was_training)
@@ -188,6 +165,13 @@ def _check_run_dir(out: Path, config: TrainConfig, resume: bool, overwrite: bool
     damaged checkpoints newer than it, and whether the folder is to be emptied first (``overwrite``)."""
     if out.exists() and not out.is_dir():
         raise LmforgeError(f"--out {out} is a file; give a folder path")
+    if resume == "auto":  # continue when there is something to continue (torchrun --max-restarts), else start
+        if checkpoint_dirs(out):
+            resume = True
+        elif out.exists() and any(out.iterdir()):
+            resume, overwrite = False, overwrite or (out / "config.yaml").exists()  # a run that died before saving
+        else:
+            resume = False
     if resume:
         saved = read_config_file(out / "config.yaml") if (out / "config.yaml").exists() else {}
         for key in fixed_on_resume:
@@ -214,10 +198,19 @@ def _check_run_dir(out: Path, config: TrainConfig, resume: bool, overwrite: bool
 # checkpoint), its loss, its evaluation and how its model is saved. The loop below is the same for all.
 
 
+def may_defer(config: TrainConfig):
+    """A context for building an objective's model: under torchrun with FSDP possible, models are left on the
+    meta device (fresh) or memory-mapped (from a folder), for the loop to shard before they get memory.
+    Only objectives whose construction reads no weight values use it."""
+    return deferred_init(int(os.environ.get("WORLD_SIZE", 1)) > 1 and config.parallel != "ddp")
+
+
 class Objective:
     model: torch.nn.Module  # the bare model (not wrapped by DDP or torch.compile)
     tokenizer: Tokenizer
     eval_interval_name = "val_loss"  # the metric printed at each evaluation
+    unshardable = ""  # why the objective cannot run under FSDP, when it cannot
+
 
     def batches(self, rank: int, world_size: int):
         """A stream with next_batch(device), state_dict() and load_state_dict()."""
@@ -280,7 +273,8 @@ class CausalLM(Objective):
                     f"was trained with; resume with data prepared by that tokenizer, or start a new run (--out) for this data"
                 )
         torch.manual_seed(config.seed)
-        self.model = self.load(checkpoint)
+        with may_defer(config):
+            self.model = self.load(checkpoint)
         if made_with["vocab_size"] > self.model.config.vocab_size:
             source = checkpoint or config.model
             raise LmforgeError(
@@ -405,7 +399,7 @@ def train(config: TrainConfig, make_objective, *, resume: bool = False, overwrit
     """
     from tqdm.auto import tqdm
 
-    dist_ = setup_distributed(config.device)
+    dist_ = setup_distributed(config.device, config.dist_timeout)
     # AdamW's moments of parameters whose gradient is 0 (embeddings of tokens a step did not use) decay into
     # subnormal floats within a few hundred steps, and CPUs compute on those ~20x slower: an untied embedding
     # made a T5 step 3x slower by step 500. While training, values below 1.2e-38 become 0 instead; the
@@ -414,6 +408,15 @@ def train(config: TrainConfig, make_objective, *, resume: bool = False, overwrit
     flushing = not already and torch.set_flush_denormal(True)
     try:
         return _train(config, make_objective, dist_, resume, overwrite, progress and dist_.is_main, tqdm, fixed_on_resume)
+    except RuntimeError as e:
+        if not dist_.enabled or not _lost_a_process(e):
+            raise
+        last = latest_checkpoint(config.out)
+        raise LmforgeError(
+            f"process {dist_.rank}: another process of the run stopped or did not answer within dist_timeout "
+            f"({config.dist_timeout:g} s): {first_line(e)}. The last checkpoint is {last or 'none'}; fix the cause "
+            f"and continue with --resume (under torchrun --max-restarts N, --resume auto continues by itself)"
+        ) from None
     finally:
         if flushing:
             torch.set_flush_denormal(False)
@@ -421,17 +424,71 @@ def train(config: TrainConfig, make_objective, *, resume: bool = False, overwrit
             dist.destroy_process_group()
 
 
-def _restore(state: dict, checkpoint: Path, optimizer, batches, device: torch.device) -> None:
-    """Put the optimizer, the loader's position and the RNGs back where ``checkpoint`` left them."""
+def _lost_a_process(error: RuntimeError) -> bool:
+    """Whether a collective failed because a peer died or hung (gloo and NCCL say so in these words)."""
+    text = str(error).lower()
+    return isinstance(error, dist.DistError) or any(
+        words in text for words in ("connection closed by peer", "timed out", "timeout", "connection reset", "broken pipe"))
+
+
+def _restore(state: dict, checkpoint: Path, model, optimizer, batches, device: torch.device, dist_: Distributed) -> None:
+    """Put the optimizer (and, from a sharded checkpoint, the model), the loader's position and the RNGs
+    back where ``checkpoint`` left them, whatever the number of processes that saved it."""
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        if (checkpoint / SHARDS).is_dir():  # saved under FSDP: each rank reads the parts its layout needs
+            load_sharded(checkpoint / SHARDS, model, optimizer)
+        elif dist_.sharded:  # saved whole by one process or under DDP: each rank keeps its part
+            load_full_optimizer(state["optimizer"], model, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, RuntimeError) as e:
         raise LmforgeError(f"the optimizer state in {checkpoint} does not fit the model's trainable parameters "
                            f"({first_line(e)}); resume with the settings the run was started with") from None
     batches.load_state_dict(state["loader"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if device.type == "cuda" and state["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    # Each rank's own random state when the number of processes is the same; otherwise rank 0's for all.
+    ranks = state["rng"].get("ranks")
+    same_layout = ranks is not None and len(ranks) == dist_.world_size
+    rng = ranks[dist_.rank] if same_layout else state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def _rng_states(device: torch.device) -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _throughput(tokens: int, seconds: float, flops_per_token, peak: float, peak_source: str, device,
+                dist_: Distributed) -> dict:
+    """Speed since the last evaluation, model FLOPs utilisation (the training FLOPs the tokens needed over
+    what the devices can do), and every rank's peak memory (a collective: all ranks call it)."""
+    memory = dist_.gather(peak_memory_bytes(device) / 2**20)
+    record = {"tokens_per_second": tokens / seconds if seconds else 0.0, "peak_memory_mb": memory}
+    if flops_per_token and peak and seconds:
+        record.update(mfu=flops_per_token * tokens / seconds / (peak * dist_.world_size),
+                      peak_flops_per_device=peak, peak_source=peak_source)
+    return record
+
+
+def _keep_global_batch(config: TrainConfig, state: dict, dist_: Distributed) -> None:
+    """Resuming on another number of processes: change grad_accum_steps so that a step still trains on as
+    many rows (the loader then hands out exactly the rows the original layout would have)."""
+    saved = state.get("global_batch")
+    now = config.micro_batch_size * config.grad_accum_steps * dist_.world_size
+    if saved is None or saved == now:
+        return
+    per_pass = config.micro_batch_size * dist_.world_size
+    if saved % per_pass:
+        fits = [m for m in range(1, saved // dist_.world_size + 1) if saved % (m * dist_.world_size) == 0]
+        hint = f"pass --micro-batch-size {fits[-1]}" if fits else f"resume on a number of processes that divides {saved}"
+        raise LmforgeError(
+            f"the run's steps are of {saved} rows (saved on {state.get('world_size')} process(es)); "
+            f"{dist_.world_size} process(es) x micro_batch_size {config.micro_batch_size} cannot make that up: {hint}"
+        )
+    config.grad_accum_steps = saved // per_pass
+    if dist_.is_main:
+        print(f"resuming on {dist_.world_size} process(es) (saved on {state.get('world_size')}): grad_accum_steps "
+              f"{config.grad_accum_steps} keeps the {saved} rows of a step", flush=True)
 
 
 def _write_run_info(out: Path, config: TrainConfig, objective, device, use_bf16: bool, world_size: int) -> str:
@@ -467,6 +524,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
            tqdm, fixed_on_resume: tuple[str, ...]) -> dict:
     out = Path(config.out)
     device = pick_device(config.device)
+    baseline_memory = peak_memory_bytes(device)  # before the model: what `plan --measured` subtracts
     if config.threads:
         torch.set_num_threads(config.threads)
 
@@ -477,7 +535,11 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         checkpoint, damaged, start_over = _check_run_dir(out, config, resume, overwrite, fixed_on_resume)
     checkpoint = dist_.broadcast(checkpoint)
     state = load_trainer_state(checkpoint) if checkpoint is not None else None
+    if state is not None:
+        _keep_global_batch(config, state, dist_)
 
+    # With several processes the model may be sharded: objectives that can build it on the meta device do
+    # (see may_defer), and it gets memory below, one shard per rank, never whole in one process.
     objective = make_objective(config, device, checkpoint)  # may set max_steps (fine-tuning by epochs)
     if state is not None and state["step"] >= config.max_steps:
         # The run already went as far as asked: say so and change nothing, so running it again is harmless.
@@ -492,22 +554,31 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
     use_bf16 = precision.dtype == "bfloat16"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     objective.autocast = autocast  # objectives that run the model outside the loop's steps (RL rollouts) use it too
+    dist_.parallel, parallel_reason = choose_parallel(config.parallel, model, dist_.world_size, device)
+    if dist_.sharded and objective.unshardable:
+        raise LmforgeError(f"--parallel fsdp: {objective.unshardable}; use --parallel ddp")
+    if config.activation_checkpointing:
+        checkpoint_activations(model)
+    if dist_.sharded:
+        twin = meta_twin(model)  # the plain structure that rank 0 saves the gathered weights through
+        shard(model, device, use_bf16)
+    if is_meta(model):
+        materialize(model, device)
     optimizer = make_optimizer(model, config, device)
+    # (taken now: after a forward pass FSDP may show the root's gathered weights as model.parameters())
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     batches = objective.batches(dist_.rank, dist_.world_size)
     step, tokens_seen, elapsed = 0, 0, 0.0
     skipped_steps = bad_steps = 0  # updates skipped for a non-finite loss or gradient: in all, and in a row
     if state is not None:
-        _restore(state, checkpoint, optimizer, batches, device)
+        _restore(state, checkpoint, model, optimizer, batches, device, dist_)
         step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
         skipped_steps, bad_steps = state.get("skipped_steps", 0), state.get("bad_steps", 0)
 
-    train_model: torch.nn.Module = model
-    if config.compile:
-        train_model = torch.compile(model)
-    if dist_.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model: torch.nn.Module = torch.compile(model) if config.compile else model
+    train_model = wrap(train_model, dist_, device)
+    flops_per_token = objective.describe().get("flops_per_token")
+    peak, peak_source = peak_flops(device, use_bf16) if flops_per_token else (0.0, "")
 
     log = None
     if dist_.is_main:  # the checks passed: from here on the run folder is written
@@ -521,6 +592,10 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
             print(f"resuming from step {step} of {out}", flush=True)
         print(f"model: {summary} on {dist_.world_size}×{device}", flush=True)
         print(f"precision: {precision.reason}", flush=True)
+        if dist_.enabled:
+            print(f"parallel: {dist_.parallel} ({parallel_reason})", flush=True)
+        if peak:
+            print(f"MFU is against {peak / 1e12:.2f} TFLOP/s ({peak_source})", flush=True)
 
     def run_eval() -> dict | None:
         metrics = objective.evaluate(dist_, autocast)
@@ -532,15 +607,15 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         return record
 
     bar = tqdm(total=config.max_steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True)
+    window_tokens, window_seconds = 0, 0.0  # since the last evaluation: throughput.json's figures
     last_eval = None
     if step == 0:
         last_eval = run_eval()
         if last_eval and dist_.is_main:
             bar.write(f"step 0: {objective.format_eval(last_eval)}")
-        if dist_.is_main:
+        if dist_.is_main and not dist_.sharded:  # (under FSDP a forward pass needs every rank)
             objective.sample(step, out, bar)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
     while step < config.max_steps:
         t0 = time.perf_counter()
         lr = lr_at(step, config)
@@ -557,8 +632,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         for micro, batch in enumerate(micro_batches):
             last_micro = micro == config.grad_accum_steps - 1
             # Gradients are all-reduced across ranks only on the last micro-batch.
-            sync = nullcontext() if last_micro or not dist_.enabled else train_model.no_sync()
-            with sync:
+            with no_sync(train_model, dist_, last_micro):
                 with autocast:
                     loss = objective.loss(train_model, batch)
                 loss, metrics = loss if isinstance(loss, tuple) else (loss, {})
@@ -568,7 +642,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
                 sums[key] = sums.get(key, 0.0) + value.detach().float() * weights[micro]
             step_tokens += objective.batch_tokens(batch)
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
         names = list(sums)
         means = (dist_.all_sum(torch.stack([sums[k] for k in names])) / total_weight).tolist() if total_weight > 0 \
             else [float("nan")] * len(names)
@@ -588,6 +662,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         tokens_seen += step_tokens
         dt = time.perf_counter() - t0
         elapsed += dt
+        window_tokens, window_seconds = window_tokens + step_tokens, window_seconds + dt
         if log:
             log.write({
                 "step": step, "tokens": tokens_seen, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
@@ -610,21 +685,41 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
             if dist_.is_main:
                 bar.write(f"step {step}: loss or gradients not finite; update skipped ({bad_steps} in a row)")
         if step % config.eval_interval == 0 or step == config.max_steps:
+            throughput = _throughput(window_tokens, window_seconds, flops_per_token, peak, peak_source, device, dist_)
+            window_tokens, window_seconds = 0, 0.0
+            if dist_.is_main:
+                atomic_write_json(out / "throughput.json", {"step": step, "parallel": dist_.parallel,
+                                                             "activation_checkpointing": config.activation_checkpointing,
+                                                             "baseline_memory_mb": baseline_memory / 2**20, **throughput})
             last_eval = run_eval()
             if last_eval and dist_.is_main:
                 bar.write(f"step {step}: {objective.format_train(train_loss)}, {objective.format_eval(last_eval)}")
         if step % config.checkpoint_interval == 0 or step == config.max_steps:
-            if dist_.is_main:
-                state = {
-                    "step": step, "tokens": tokens_seen, "elapsed": elapsed, "skipped_steps": skipped_steps,
-                    "bad_steps": bad_steps, "optimizer": optimizer.state_dict(), "loader": batches.state_dict(),
-                    "rng": {"torch": torch.get_rng_state(),
-                            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                }
-                save_checkpoint(out, step, objective.save, state, config.keep_checkpoints)
+            state = {
+                "step": step, "tokens": tokens_seen, "elapsed": elapsed, "skipped_steps": skipped_steps,
+                "bad_steps": bad_steps, "loader": batches.state_dict(), "world_size": dist_.world_size,
+                "global_batch": config.micro_batch_size * config.grad_accum_steps * dist_.world_size,
+                "rng": {**_rng_states(device), "ranks": dist_.gather(_rng_states(device))},
+            }
+            started = time.perf_counter()
+            if dist_.sharded:  # every rank writes its shards; rank 0 also the gathered model folder
+                def save_model(folder: Path) -> None:
+                    with whole_model(objective, twin, dist_):
+                        if dist_.is_main:
+                            objective.save(folder)
+
+                save_checkpoint(out, step, save_model, state, config.keep_checkpoints, dist_=dist_,
+                                write_shards=lambda folder: save_sharded(folder / SHARDS, model, optimizer))
+            elif dist_.is_main:
+                save_checkpoint(out, step, objective.save, {**state, "optimizer": optimizer.state_dict()},
+                                config.keep_checkpoints)
             dist_.barrier()
+            if dist_.is_main:
+                saved = latest_checkpoint(out)
+                size = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
+                bar.write(f"step {step}: saved {saved.name} ({size / 2**20:,.1f} MB) in {time.perf_counter() - started:.2f} s")
     bar.close()
-    if dist_.is_main:
+    if dist_.is_main and not dist_.sharded:
         objective.sample(step, out, bar)
     if log:
         log.close()

@@ -209,3 +209,65 @@ def format_plan(p: Plan) -> str:
         lines.append(f"  {row.strategy:<46}{row.states / size:>9.2f}{row.activations / size:>13.2f}{row.total / size:>9.2f}   "
                      f"{'yes' if row.fits else 'no'}")
     return "\n".join(lines)
+
+
+# -- a plan beside a measured run -----------------------------------------------------------------------
+
+
+def run_memory(c: Config, micro_batch: int, seq_len: int, world: int, parallel: str, checkpointing: bool,
+               bytes_per_activation: int) -> tuple[float, float]:
+    """(model states, activations) in bytes per process that the plan's conventions predict for a run:
+    fp32 master weights, gradients and AdamW's moments are 16 bytes a parameter in fp32 and in bf16 autocast
+    alike; activations are kept in the training precision."""
+    n = c.num_params()
+    states = BYTES_PER_PARAM_STATES * n
+    if parallel == "fsdp":
+        layer = (n - c.vocab_size * c.n_embd * (1 if c.tie_embeddings else 2)) / c.n_layer
+        states = states / world + 2 * 4 * layer  # two fp32 layers gathered at once
+    per_layer = activation_bytes_per_layer(c, seq_len, micro_batch) / 2 * bytes_per_activation
+    logits = 4 * seq_len * micro_batch * c.vocab_size
+    if checkpointing:
+        activations = c.n_layer * bytes_per_activation * seq_len * micro_batch * c.n_embd + per_layer + logits
+    else:
+        activations = c.n_layer * per_layer + logits
+    return states, activations
+
+
+def compare_measured(run_dir: str | os.PathLike) -> str:
+    """The plan's per-process memory and the speed for a run, beside what the run measured
+    (``throughput.json``, written at each evaluation)."""
+    import yaml
+
+    from lmforge.utils import read_json
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "throughput.json").exists():
+        raise LmforgeError(f"{run_dir} has no throughput.json; --measured takes a run folder that reached an evaluation")
+    run = read_json(run_dir / "run.json", "run description")
+    speed = read_json(run_dir / "throughput.json", "throughput record")
+    if not isinstance(run.get("model"), dict) or "n_embd" not in run["model"]:
+        raise LmforgeError(f"{run_dir} did not train a decoder; the plan's memory model is a decoder's")
+    c = Config.from_dict(run["model"])
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    world, parallel = int(run.get("world_size", 1)), speed.get("parallel", "none")
+    micro, seq = int(config.get("micro_batch_size", 1)), c.block_size
+    checkpointing = bool(speed.get("activation_checkpointing"))
+    states, activations = run_memory(c, micro, seq, world, parallel, checkpointing,
+                                     2 if "bfloat16" in run.get("dtype", "") else 4)
+    baseline = float(speed.get("baseline_memory_mb", 0.0)) * 2**20
+    measured = max(speed["peak_memory_mb"]) * 2**20 - baseline
+    predicted = states + activations
+    mb = 2**20
+    lines = [
+        f"run              {run_dir}: {c.num_params():,} parameters on {world} process(es) ({parallel}), "
+        f"{run.get('dtype')}, micro-batch {micro} x {seq} tokens, activation checkpointing {'on' if checkpointing else 'off'}",
+        f"memory/process   plan {predicted / mb:,.1f} MB (states {states / mb:,.1f} + activations {activations / mb:,.1f}); "
+        f"measured {measured / mb:,.1f} MB above the {baseline / mb:,.0f} MB the process held before the model "
+        f"(peak of the {len(speed['peak_memory_mb'])} rank(s)); plan error {(predicted - measured) / measured:+.0%}",
+    ]
+    if speed.get("mfu"):
+        lines.append(
+            f"speed            {speed['tokens_per_second']:,.0f} tokens/s = {speed['mfu']:.1%} MFU of "
+            f"{speed['peak_flops_per_device'] / 1e12:.3g} TFLOP/s per device ({speed.get('peak_source')}); "
+            f"plan a run with --mfu {speed['mfu']:.3f} to use it")
+    return "\n".join(lines)

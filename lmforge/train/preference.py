@@ -115,12 +115,18 @@ class PairObjective(Finetune):
         if not self.val_pairs:
             return None
         self.model.eval()
-        mine = list(range(self.n_val))[dist_.rank :: dist_.world_size]
+        # (under FSDP every rank makes as many forward passes: a rank short of a batch runs pair 0 and drops it)
+        share = dist_.share(self.n_val) if dist_.sharded else list(range(self.n_val))[dist_.rank :: dist_.world_size]
+        mine = [i for i in share if i is not None]
         sums = {k: torch.zeros((), device=self.device) for k in ("loss", *self.metric_names)}  # the same on every rank
-        for i in range(0, len(mine), self.config.micro_batch_size):
-            batch = _to(self.collate(mine[i : i + self.config.micro_batch_size], self.val_pairs), self.device)
+        for i in range(0, len(share), self.config.micro_batch_size):
+            chunk = share[i : i + self.config.micro_batch_size]
+            real = [k for k in chunk if k is not None]
+            batch = _to(self.collate(real or [0], self.val_pairs), self.device)
             with autocast:
                 loss, metrics = self.pair_loss(self.model, batch, "val")
+            if not real:
+                continue
             n = batch["margin"].numel()
             for key, value in {"loss": loss, **metrics}.items():
                 sums[key] += value.float() * n

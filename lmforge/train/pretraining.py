@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.data.loader import TrainBatches, eval_windows
+from lmforge.data.loader import StepPosition, TrainBatches, eval_windows
 from lmforge.data.masking import (
     WordStarts,
     corrupt_spans,
@@ -47,7 +47,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.config import PRESETS, Config
 from lmforge.model.encoder import Encoder, EncoderConfig, MaskedLMHead, build_encoder
 from lmforge.train.config import TrainConfig
-from lmforge.train.loop import CausalLM, Distributed
+from lmforge.train.loop import CausalLM, Distributed, may_defer
 from lmforge.utils import human_count
 
 
@@ -67,14 +67,17 @@ def held_out_tokens(objective, dist_: Distributed, autocast, length: int, make_b
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, right, predicted tokens
-    for index in range(dist_.rank, len(objective.windows), dist_.world_size):
-        shard, offset = objective.windows[index]
+    for index in dist_.share(len(objective.windows)):
+        shard, offset = objective.windows[index or 0]
         rows = torch.from_numpy(split.shards[shard][offset : offset + length].astype(np.int64))[None]
-        batch = make_batch(rows, index)
-        if not (batch["labels"] != -100).any():
+        batch = make_batch(rows, index or 0)
+        counts = index is not None and bool((batch["labels"] != -100).any())
+        if not counts and not dist_.sharded:
             continue
-        with autocast:
+        with autocast:  # (under FSDP every rank makes as many forward passes; the padding's are dropped)
             logits, target = objective.predict(model, {k: v.to(objective.device) for k, v in batch.items()})
+        if not counts:
+            continue
         logits, target = logits.float().cpu(), target.cpu()
         totals += torch.tensor([F.cross_entropy(logits, target, reduction="sum").item(),
                                 (logits.argmax(-1) == target).sum().item(), target.numel()], dtype=torch.float64)
@@ -315,12 +318,16 @@ class NextSentence(MaskedLM):
         was_training = model.training
         model.eval()
         totals = torch.zeros(5, dtype=torch.float64)  # masked-LM loss, right; next-sentence loss, right; predicted tokens
-        for index in range(dist_.rank, self.config.eval_windows, dist_.world_size):
-            ids, types, label = self.rows(self.val_pairs, np.random.default_rng([self.config.seed, 1, index]), 1)
-            batch = {**self.corrupt(ids, step_generator(self.config.seed, index, 1)), "types": types, "nsp": label}
+        for index in dist_.share(self.config.eval_windows):
+            if index is None and not dist_.sharded:
+                continue
+            ids, types, label = self.rows(self.val_pairs, np.random.default_rng([self.config.seed, 1, index or 0]), 1)
+            batch = {**self.corrupt(ids, step_generator(self.config.seed, index or 0, 1)), "types": types, "nsp": label}
             labels = batch["labels"]
-            with autocast:
+            with autocast:  # (under FSDP every rank makes as many forward passes; the padding's are dropped)
                 mlm_sum, nsp_sum, mlm_right, nsp_right = self.forward(model, {k: v.to(self.device) for k, v in batch.items()})
+            if index is None:
+                continue
             totals += torch.tensor([mlm_sum.item(), mlm_right.item(), nsp_sum.item(), nsp_right.item(),
                                     (labels != -100).sum().item()], dtype=torch.float64)
         totals = dist_.all_sum(totals.to(self.device)).cpu()
@@ -382,7 +389,7 @@ class SegmentPairs:
         return a.tolist(), self.split.shards[other][at : at + self.content - cut].tolist(), 1
 
 
-class PairBatches:
+class PairBatches(StepPosition):
     """Micro-batches of segment pairs; the rows of a step depend only on ``(seed, step)``. Every process builds
     and masks all the step's rows (cheap next to the forward pass) and takes its own: the masked-LM mean is
     then over the whole step's predicted tokens whatever the layout."""
@@ -405,12 +412,6 @@ class PairBatches:
                  "step_rows": torch.tensor(float(total)),
                  "step_chosen": torch.tensor(float(max(int((masked["labels"] != -100).sum()), 1)))}
         return {k: v.to(device) for k, v in batch.items()}
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "batch_index": self.batch_index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.batch_index = int(state["seed"]), int(state["batch_index"])
 
 
 class SpanCorruption(CausalLM):
@@ -537,9 +538,11 @@ def load_or_build(c: TrainConfig, device, checkpoint: Path | None, kind: type, r
     from lmforge.model.checkpoint import load_model
 
     if checkpoint is not None:
-        return load_model(checkpoint / "model", device).train()
+        with may_defer(c):
+            return load_model(checkpoint / "model", device).train()
     if c.model in PRESETS:
-        return build()
+        with may_defer(c):
+            return build()
     if not Path(c.model).exists():
         raise LmforgeError(f"model {c.model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
     given = [k for k in ("block_size", "n_layer", "n_head", "n_embd", "n_kv_head") if getattr(c, k) is not None]

@@ -1,0 +1,410 @@
+"""Training on several processes: the process group, how the model is spread over it, and the sharded
+part of checkpoints. The loop calls these; it has no branch of its own per kind of parallelism.
+
+    ddp   every process holds the whole model, its gradients and AdamW's moments; gradients are averaged
+    fsdp  FSDP2 (``fully_shard`` per block, then the root): each process holds 1/N of the parameters,
+          gradients and moments, and gathers a block's weights only while that block runs
+
+Under FSDP a model is built on the ``meta`` device and materialised shard by shard: fresh weights are
+drawn whole one tensor at a time, with the same random numbers one process would draw, and each rank
+keeps its rows; weights from a model folder are read from the memory-mapped safetensors, tensor by
+tensor. Checkpoints are written with ``torch.distributed.checkpoint`` (each rank its shards), so a run
+saved by N processes resumes on M.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import datetime
+import os
+import resource
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lmforge.errors import LmforgeError
+
+# FSDP2 over gloo (CPU) fails outright on torch 2.5-2.6 and sums gradients instead of averaging them on
+# 2.7-2.8 (pytorch/pytorch#162338); from 2.9 on it is correct. On CUDA (NCCL) fully_shard is public from 2.6.
+FSDP_MIN_TORCH = {"cpu": (2, 9), "cuda": (2, 6)}
+PARALLEL_CHOICES = ("auto", "ddp", "fsdp")
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    parallel: str = "none"  # none (one process), ddp or fsdp: set by the loop once the model is known
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        return self.parallel == "fsdp"
+
+    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def broadcast(self, value):
+        """Rank 0's ``value``, on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value) -> list:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if not self.enabled:
+            return [value]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+    def share(self, n: int) -> list[int | None]:
+        """This rank's share of items ``0..n-1`` (every world_size-th), padded with None so that every rank
+        gets as many: under FSDP each forward pass is a collective that all ranks must make, so a rank with
+        one item fewer runs a pass whose result it drops."""
+        mine = list(range(self.rank, n, self.world_size))
+        rounds = -(-n // self.world_size)
+        return mine + [None] * (rounds - len(mine))
+
+
+def setup_distributed(device_name: str, timeout_s: float = 600.0) -> Distributed:
+    """Join the process group when started by ``torchrun`` with more than one process (gloo on CPU, NCCL on
+    GPU). A collective that waits ``timeout_s`` for a rank that died ends the run instead of hanging."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size <= 1:
+        return Distributed()
+    if not dist.is_initialized():
+        use_nccl = torch.cuda.is_available() and device_name != "cpu"
+        if use_nccl:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        backend = "nccl" if use_nccl else "gloo"
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        if restart > 0 and "MASTER_ADDR" in os.environ:
+            # Workers restarted by torchrun --max-restarts meet in the same key-value store as the round that
+            # failed, where its processes' addresses are still written: under a prefix of their own they cannot
+            # connect to a dead process's port (gloo's "connectFullMesh failed ... Connection refused").
+            rank = int(os.environ["RANK"])
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                  is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
+                                  timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"lmforge-restart-{restart}", store), rank=rank,
+                                    world_size=world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
+    return Distributed(dist.get_rank(), dist.get_world_size())
+
+
+def check_fsdp_torch(device: torch.device) -> None:
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    need = FSDP_MIN_TORCH[kind]
+    if torch_version() < need:
+        why = ("FSDP2 over gloo fails on 2.5-2.6 and sums gradients instead of averaging them on 2.7-2.8, "
+               "pytorch/pytorch#162338") if kind == "cpu" else "fully_shard is public from 2.6"
+        raise LmforgeError(f"--parallel fsdp on {kind.upper()} needs torch >= {need[0]}.{need[1]}, this is "
+                           f"{torch.__version__} ({why}); upgrade torch or use --parallel ddp")
+
+
+def choose_parallel(requested: str, model: torch.nn.Module, world_size: int, device: torch.device) -> tuple[str, str]:
+    """(none|ddp|fsdp, why). ``auto``: DDP unless the model with its gradients and AdamW's two moments
+    (16 bytes a parameter in fp32) would take more than 80% of one device's memory."""
+    if world_size <= 1:
+        return "none", "one process"
+    if requested in ("ddp", "fsdp"):
+        if requested == "fsdp":
+            check_fsdp_torch(device)
+        return requested, "as configured"
+    need = 16 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    need += 4 * sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    have = device_memory(device, world_size)
+    if need > 0.8 * have:
+        check_fsdp_torch(device)
+        return "fsdp", f"the model's training state ({need / 2**30:.1f} GiB) would not fit one device ({have / 2**30:.1f} GiB)"
+    return "ddp", f"the model's training state ({need / 2**30:.1f} GiB) fits one device ({have / 2**30:.1f} GiB)"
+
+
+def device_memory(device: torch.device, world_size: int) -> float:
+    """Bytes one process may use: its GPU's memory, or this machine's RAM shared by its local processes."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(local, 1)
+
+
+# -- building a model without holding it whole ------------------------------------------------------
+# (``deferred_init`` in model/gpt.py makes builders leave models on the meta device.)
+
+def is_meta(model: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def _local_part(whole: torch.Tensor, like) -> torch.Tensor:
+    """This rank's part of ``whole``, laid out as the sharded parameter ``like`` (no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return whole
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+class _WholeDraws(torch.overrides.TorchFunctionMode):
+    """While ``init_weights`` runs on a sharded model: each random fill of a sharded parameter draws the
+    whole tensor, as one process would, and keeps this rank's rows. The weights then equal single-process
+    training's for the same seed whatever the number of processes, and only one tensor is whole at a time."""
+
+    RANDOM = {"normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+              "trunc_normal_", "orthogonal_", "bernoulli_", "exponential_", "random_"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")
+        if not isinstance(target, DTensor) or getattr(func, "__name__", "") not in self.RANDOM:
+            return func(*args, **kwargs)
+        whole = torch.empty(target.shape, dtype=target.dtype, device=target.to_local().device)
+        if args:
+            func(whole, *args[1:], **kwargs)
+        else:
+            func(**{**kwargs, "tensor": whole})
+        target.to_local().copy_(_local_part(whole, target))
+        return target
+
+
+@torch.no_grad()
+def materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Give a model built on the meta device (sharded or not) its memory and its weights: those of the
+    folder it was opened from, tensor by tensor, or a fresh initialisation equal to one process's."""
+    pending = getattr(model, "pending_weights", None)
+    init_rng = getattr(model, "init_rng_state", None)
+    model.to_empty(device=device)
+    if pending is not None:
+        for name, param in model.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            local.copy_(_local_part(pending[name].to(param.dtype), param))
+        del model.pending_weights
+        return
+    if init_rng is not None:  # the random numbers one process would have drawn when it built the model
+        torch.set_rng_state(init_rng)
+    with _WholeDraws():
+        model.init_weights()
+
+
+# -- wrapping ---------------------------------------------------------------------------------------
+
+
+def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated Transformer blocks of any lmforge model (decoder, encoder, both stacks of T5)."""
+    return [m for name, m in model.named_modules() if name.rsplit(".", 2)[-2:-1] == ["blocks"]]
+
+
+def checkpoint_activations(model: torch.nn.Module) -> int:
+    """Recompute each block's activations in the backward pass instead of keeping them: activation memory
+    falls from every block's to one block's, for about one more forward pass of compute."""
+    from torch.utils.checkpoint import checkpoint
+
+    wrapped = 0
+    for block in blocks(model):
+        if getattr(block, "checkpointed", False):
+            continue
+        forward = block.forward
+
+        def recomputed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():  # evaluation and generation: nothing to save memory on
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = recomputed
+        block.checkpointed = True
+        wrapped += 1
+    return wrapped
+
+
+def shard(model: torch.nn.Module, device: torch.device, bf16: bool) -> None:
+    """FSDP2: ``fully_shard`` each block, then the root (embeddings, final norm, head). On GPUs with bf16 the
+    gathered weights and the compute are bf16 and gradients are reduced in fp32; on CPU all is fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if bf16 and device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mesh = None
+    if device.type == "cuda":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cuda", (dist.get_world_size(),))
+    for block in blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def wrap(model: torch.nn.Module, dist_: Distributed, device: torch.device) -> torch.nn.Module:
+    """The module the training steps call: the model itself (one process, or FSDP, which shards it in
+    place), or a DDP wrapper."""
+    if dist_.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def no_sync(train_model: torch.nn.Module, dist_: Distributed, last_micro: bool):
+    """Gradients are averaged across ranks only on a step's last micro-batch."""
+    if last_micro or not dist_.enabled:
+        return contextlib.nullcontext()
+    if dist_.parallel == "ddp":
+        return train_model.no_sync()
+
+    @contextlib.contextmanager
+    def fsdp_no_sync():
+        train_model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            train_model.set_requires_gradient_sync(True)
+
+    return fsdp_no_sync()
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor (the whole value) from a tensor that may be a DTensor (a gradient norm under FSDP)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s structure (adapters, heads and all) on the meta device: no memory. Kept beside a
+    sharded model, it becomes the plain model that a gathered state is loaded into for saving."""
+    import copy
+
+    memo = {id(t): (torch.nn.Parameter(torch.empty_like(t, device="meta"), t.requires_grad)
+                    if isinstance(t, torch.nn.Parameter) else torch.empty_like(t, device="meta"))
+            for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+@contextlib.contextmanager
+def whole_model(objective, twin: torch.nn.Module, dist_: Distributed):
+    """Within: on rank 0, ``objective.model`` is a plain model holding every weight whole (gathered from all
+    ranks to CPU), so that ``objective.save`` writes an ordinary Hugging Face folder. Every rank enters it
+    (gathering is collective); on leaving, the sharded model is back and the whole copy is dropped."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    model = objective.model
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist_.is_main:
+        yield
+        return
+    twin.load_state_dict(whole, assign=True)
+    objective.model = twin
+    try:
+        yield
+    finally:
+        objective.model = model
+        twin.to("meta")
+
+
+# -- distributed checkpoints (DCP) ------------------------------------------------------------------
+
+SHARDS = "shards"  # the checkpoint's sub-folder with the model and optimizer state, one file per rank
+
+
+def save_sharded(folder: Path, model: torch.nn.Module, optimizer) -> None:
+    """Model and optimizer state, each rank writing its own shards (all ranks call this)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+
+
+def load_sharded(folder: Path, model: torch.nn.Module, optimizer) -> None:
+    """Fill the (sharded or whole) model and optimizer from a DCP folder written by any number of
+    processes: DCP reads the parts of the saved shards that this rank's layout needs."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    with warnings.catch_warnings():  # one process reading a sharded checkpoint is what is meant
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def load_full_optimizer(state: dict, model: torch.nn.Module, optimizer) -> None:
+    """Load an optimizer state saved whole by one process (``optimizer.state_dict()``: parameters by index)
+    into an optimizer of a sharded model: indices become parameter names, then each rank keeps its part."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    index_to_name = {}
+    i = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            index_to_name[i] = names[id(p)]
+            i += 1
+    by_name = {
+        "state": {index_to_name[int(k)]: v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [index_to_name[int(k)] for k in g["params"]]} for g in state["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+# -- what a run measures about itself ---------------------------------------------------------------
+
+# Dense bf16 peak of GPUs people train on (FLOP/s), from their vendors' data sheets.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+                  "4090": 165e12, "3090": 71e12}
+
+
+@functools.lru_cache(maxsize=None)
+def peak_flops(device: torch.device, bf16: bool) -> tuple[float, str]:
+    """(FLOP/s, where the figure comes from): a GPU's data-sheet peak, or on CPU a large matrix product
+    timed now in the training precision (so the CPU's MFU is against what it was measured to reach)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops if bf16 else flops / 2, f"{name} data-sheet peak"
+        return 0.0, f"{name}: peak unknown"
+    from lmforge.precision import median_seconds
+
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a = torch.randn(1024, 1024, generator=g).to(dtype)
+    b = torch.randn(1024, 1024, generator=g).to(dtype)
+    with torch.inference_mode():
+        seconds = median_seconds(lambda: a @ b, repeats=5, warmup=2)
+    return 2 * 1024**3 / seconds, "a 1024x1024 matrix product timed at start"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The most memory this process has held: the GPU allocator's peak, or on CPU the peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

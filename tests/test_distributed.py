@@ -1,0 +1,251 @@
+"""Training on several processes: FSDP2 and DDP against one process, checkpoints that change the number of
+processes, two "nodes" over loopback, and a rank that dies. Each torchrun here is 2 CPU processes over gloo."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import make_hf_gpt2, train_config
+
+from lmforge.errors import LmforgeError
+from lmforge.train import distributed
+from lmforge.train.checkpointing import checkpoint_dirs
+from lmforge.train.loop import pretrain
+
+HERE = Path(__file__).parent
+
+
+def log(run: Path) -> tuple[list[dict], list[dict]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def assert_same_steps(a: Path, b: Path, tol: float = 1e-5) -> None:
+    """Same losses and gradient norms step for step (a gradient summed over ranks instead of averaged, which
+    AdamW's scale invariance would hide in the losses, doubles the norm), and the same validation losses."""
+    (train_a, val_a), (train_b, val_b) = log(a), log(b)
+    assert [r["step"] for r in train_a] == [r["step"] for r in train_b]
+    for x, y in zip(train_a, train_b):
+        assert abs(x["loss"] - y["loss"]) < tol, (x["step"], x["loss"], y["loss"])
+        assert abs(x["grad_norm"] - y["grad_norm"]) < tol * 10, (x["step"], x["grad_norm"], y["grad_norm"])
+    assert [r["step"] for r in val_a] == [r["step"] for r in val_b]
+    for x, y in zip(val_a, val_b):
+        assert abs(x["val_loss"] - y["val_loss"]) < tol, (x["step"], x["val_loss"], y["val_loss"])
+
+
+def torchrun(command: str, config: dict, tmp_path: Path, *flags: str, launcher: tuple[str, ...] = ("--standalone",),
+             nproc: int = 2, script: tuple[str, ...] = ("-m", "lmforge"), timeout: float = 240, check: bool = True):
+    name = Path(config["out"]).name
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc_per_node", str(nproc), *script,
+         command, "--config", str(path), "--quiet", *flags],
+        capture_output=True, text=True, timeout=timeout, env=env, check=False,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- FSDP2 against one process and DDP ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fsdp_and_ddp_match_one_process_and_the_checkpoint_is_a_transformers_folder(data_dir, tokenizer_dir, tmp_path):
+    # Continuing a transformers GPT-2 folder: under FSDP each rank copies its rows of each tensor from the
+    # memory-mapped safetensors (the model is never whole in one process).
+    base = make_hf_gpt2(tmp_path / "gpt2", tokenizer_dir=tokenizer_dir, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0)
+    kw = dict(model=str(base), n_layer=None, n_head=None, n_embd=None, block_size=None, max_steps=6, eval_interval=3,
+              checkpoint_interval=3)
+    pretrain(train_config(data_dir, tmp_path / "one", micro_batch_size=4, **kw), progress=False)
+    torchrun("pretrain", train_config(data_dir, tmp_path / "fsdp", micro_batch_size=2, parallel="fsdp", **kw), tmp_path)
+    torchrun("pretrain", train_config(data_dir, tmp_path / "ddp", micro_batch_size=2, parallel="ddp", **kw), tmp_path)
+    assert_same_steps(tmp_path / "one", tmp_path / "fsdp")
+    assert_same_steps(tmp_path / "one", tmp_path / "ddp")
+    assert json.loads((tmp_path / "fsdp" / "run.json").read_text())["world_size"] == 2
+
+    # Only rank 0 writes the folder; each rank wrote its own shard of the model and optimizer state (DCP).
+    last = checkpoint_dirs(tmp_path / "fsdp")[-1]
+    assert sorted(p.name for p in (last / "shards").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (checkpoint_dirs(tmp_path / "ddp")[-1] / "shards").exists()
+    speed = json.loads((tmp_path / "fsdp" / "throughput.json").read_text())
+    assert speed["step"] == 6 and speed["parallel"] == "fsdp" and speed["tokens_per_second"] > 0
+    assert 0 < speed["mfu"] < 1 and len(speed["peak_memory_mb"]) == 2 and min(speed["peak_memory_mb"]) > 0
+
+    # The gathered model folder is an ordinary transformers checkpoint with the weights one process reached.
+    from transformers import GPT2LMHeadModel
+
+    ours = GPT2LMHeadModel.from_pretrained(last / "model").eval()
+    single = GPT2LMHeadModel.from_pretrained(checkpoint_dirs(tmp_path / "one")[-1] / "model").eval()
+    idx = torch.randint(0, 1024, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx).logits, single(idx).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_fsdp_runs_resume_on_another_number_of_processes(data_dir, tmp_path):
+    """A fresh preset model is drawn whole one tensor at a time under FSDP (the weights equal one process's),
+    and a run saved by 2 processes continues on 1 and one saved by 1 continues on 2, as if uninterrupted."""
+    kw = dict(max_steps=6, eval_interval=3, checkpoint_interval=3)
+    pretrain(train_config(data_dir, tmp_path / "straight", micro_batch_size=4, **kw), progress=False)
+
+    # 2 processes (2 rows each) for 3 steps, then 1 process: grad_accum_steps 2 keeps the 4 rows of a step
+    torchrun("pretrain", train_config(data_dir, tmp_path / "two_one", micro_batch_size=2, parallel="fsdp", **kw),
+             tmp_path, "--max-steps", "3")
+    assert (checkpoint_dirs(tmp_path / "two_one")[-1] / "shards").is_dir()
+    pretrain(train_config(data_dir, tmp_path / "two_one", micro_batch_size=2, **kw), resume=True, progress=False)
+    assert_same_steps(tmp_path / "straight", tmp_path / "two_one")
+
+    # 1 process for 3 steps (whole optimizer state in trainer.pt), then 2 under FSDP, each keeping its part
+    pretrain(train_config(data_dir, tmp_path / "one_two", micro_batch_size=4, **{**kw, "max_steps": 3}), progress=False)
+    result = torchrun("pretrain", train_config(data_dir, tmp_path / "one_two", micro_batch_size=4, parallel="fsdp", **kw),
+                      tmp_path, "--resume", check=False)
+    # 2 processes x 4 rows cannot make the run's 4-row steps: refused, saying what would (torchrun exits 1)
+    assert result.returncode != 0 and "lmforge: error: the run's steps are of 4 rows" in result.stderr
+    assert "pass --micro-batch-size 2" in result.stderr
+    torchrun("pretrain", train_config(data_dir, tmp_path / "one_two", micro_batch_size=2, parallel="fsdp", **kw),
+             tmp_path, "--resume")
+    assert_same_steps(tmp_path / "straight", tmp_path / "one_two")
+
+
+@pytest.mark.slow
+def test_lora_sft_under_fsdp_matches_one_process(tmp_path, tokenizer_dir):
+    """The frozen base is sharded with the adapters; only the adapters train, and the saved adapter is the same."""
+    from test_finetune import chat_rows, jsonl, settings
+
+    from lmforge.train.finetune import finetune
+
+    base = make_hf_gpt2(tmp_path / "gpt2", tokenizer_dir=tokenizer_dir)
+    data = jsonl(tmp_path / "chat.jsonl", chat_rows())
+    kw = dict(model=str(base), train=data, method="lora", lora_r=4, lora_targets="q,v,o,fc,proj", dropout=0.0)
+    finetune(**kw, progress=False, **settings(tmp_path, out=str(tmp_path / "one"), lr=1e-2, max_steps=4, eval_interval=2,
+                                              checkpoint_interval=2, micro_batch_size=8))
+    torchrun("finetune", {**kw, **settings(tmp_path, out=str(tmp_path / "fsdp"), lr=1e-2, max_steps=4, eval_interval=2,
+                                           checkpoint_interval=2, micro_batch_size=4, parallel="fsdp")}, tmp_path)
+    assert_same_steps(tmp_path / "one", tmp_path / "fsdp")
+    from safetensors.torch import load_file
+
+    a = load_file(checkpoint_dirs(tmp_path / "one")[-1] / "model" / "adapter_model.safetensors")
+    b = load_file(checkpoint_dirs(tmp_path / "fsdp")[-1] / "model" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+
+
+# -- more than one machine ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_nodes_over_loopback_match_one_process(data_dir, tmp_path):
+    """Two torchrun launchers, one process each, meeting through the c10d rendezvous as two machines would."""
+    kw = dict(max_steps=4, eval_interval=2, checkpoint_interval=2)
+    pretrain(train_config(data_dir, tmp_path / "one", micro_batch_size=4, **kw), progress=False)
+    config = tmp_path / "nodes.yaml"
+    config.write_text(yaml.safe_dump(train_config(data_dir, tmp_path / "nodes", micro_batch_size=2, **kw)))
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "lmforge-test",
+         "-m", "lmforge", "pretrain", "--config", str(config), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=240) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert_same_steps(tmp_path / "one", tmp_path / "nodes")
+    assert json.loads((tmp_path / "nodes" / "run.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_run_and_max_restarts_resumes_it(data_dir, tmp_path):
+    """Rank 1 dies right after the step-3 checkpoint on the first attempt: rank 0 stops with a one-line error
+    (not a hang), torchrun starts both again, and --resume auto continues from step 3 as if nothing happened."""
+    kw = dict(max_steps=6, eval_interval=3, checkpoint_interval=3)
+    pretrain(train_config(data_dir, tmp_path / "straight", micro_batch_size=4, **kw), progress=False)
+    result = torchrun("pretrain", train_config(data_dir, tmp_path / "restarted", micro_batch_size=2, dist_timeout=60, **kw),
+                      tmp_path, "--resume", "auto", launcher=("--standalone", "--max-restarts", "1"),
+                      script=(str(HERE / "dying_rank.py"),))
+    assert "rank 1 dies after step 3" in result.stderr
+    assert "another process of the run stopped or did not answer" in result.stderr
+    assert "resuming from step 3" in result.stdout
+    assert_same_steps(tmp_path / "straight", tmp_path / "restarted")
+
+
+# -- in one process ------------------------------------------------------------------------------------
+
+
+def test_fsdp_refuses_a_torch_that_gets_it_wrong(monkeypatch):
+    monkeypatch.setattr(distributed, "torch_version", lambda: (2, 8))
+    with pytest.raises(LmforgeError, match=r"--parallel fsdp on CPU needs torch >= 2\.9, .*pytorch/pytorch#162338"):
+        distributed.check_fsdp_torch(torch.device("cpu"))
+    monkeypatch.setattr(distributed, "torch_version", lambda: (2, 9))
+    distributed.check_fsdp_torch(torch.device("cpu"))
+
+
+def test_auto_picks_fsdp_only_when_the_training_state_would_not_fit(monkeypatch):
+    model = torch.nn.Linear(1000, 1000)  # 1M parameters: 16 MB of weights, gradients and AdamW moments
+    monkeypatch.setattr(distributed, "device_memory", lambda device, world: 1e9)
+    assert distributed.choose_parallel("auto", model, 2, torch.device("cpu"))[0] == "ddp"
+    monkeypatch.setattr(distributed, "device_memory", lambda device, world: 1e7)
+    assert distributed.choose_parallel("auto", model, 2, torch.device("cpu"))[0] == "fsdp"
+    assert distributed.choose_parallel("fsdp", model, 1, torch.device("cpu"))[0] == "none"
+
+
+def test_a_deferred_model_materialises_to_the_weights_built_directly():
+    from lmforge.model.config import Config
+    from lmforge.model.gpt import build_model, deferred_init
+
+    config = Config.from_preset("tiny", vocab_size=100, n_layer=2, n_embd=32, n_head=2, block_size=16)
+    torch.manual_seed(3)
+    direct = build_model(config)
+    torch.manual_seed(3)
+    with deferred_init():
+        deferred = build_model(config)
+    assert distributed.is_meta(deferred)
+    torch.randn(10)  # random numbers drawn in between do not change the weights
+    distributed.materialize(deferred, torch.device("cpu"))
+    for (name, a), (_, b) in zip(direct.named_parameters(), deferred.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_share_pads_every_rank_to_as_many_items():
+    shares = [distributed.Distributed(rank, 3).share(7) for rank in range(3)]
+    assert shares == [[0, 3, 6], [1, 4, None], [2, 5, None]]
+
+
+def test_activation_checkpointing_changes_memory_not_results(data_dir, tmp_path):
+    kw = dict(max_steps=4, eval_interval=2)
+    pretrain(train_config(data_dir, tmp_path / "plain", **kw), progress=False)
+    pretrain(train_config(data_dir, tmp_path / "recomputed", activation_checkpointing=True, **kw), progress=False)
+    assert_same_steps(tmp_path / "plain", tmp_path / "recomputed", tol=1e-6)
+
+
+def test_resume_auto_starts_a_run_then_continues_it(data_dir, tmp_path, capsys):
+    from lmforge.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(train_config(data_dir, tmp_path / "run", max_steps=2)))
+    assert main(["pretrain", "--config", str(config), "--resume", "auto", "--quiet"]) == 0
+    assert "resuming" not in capsys.readouterr().out
+    assert main(["pretrain", "--config", str(config), "--resume", "auto", "--quiet", "--max-steps", "4"]) == 0
+    assert "resuming from step 2" in capsys.readouterr().out
+    assert [r["step"] for r in log(tmp_path / "run")[0]] == [1, 2, 3, 4]
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--config", str(config), "--resume", "maybe"])
+    assert "invalid choice: 'maybe'" in capsys.readouterr().err
