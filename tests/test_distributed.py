@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,29 @@ def test_fsdp_runs_resume_on_another_number_of_processes(data_dir, tmp_path):
     assert_same_steps(tmp_path / "straight", tmp_path / "one_two")
 
 
+@pytest.fixture(scope="module")
+def encoder_data(corpus_dir, tmp_path_factory) -> Path:
+    from lmforge.data.prepare import prepare
+    from lmforge.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("encoder")
+    train_tokenizer([corpus_dir], root / "tok", vocab_size=1024, progress=False, encoder=True, sentinels=20)
+    prepare([corpus_dir], root / "tok", root / "data", val_fraction=0.1, workers=0, progress=False)
+    return root / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["plm", "span"])
+def test_encoder_objectives_under_fsdp_match_one_process(encoder_data, tmp_path, objective):
+    """XLNet's two-stream pass runs each block through a method besides forward (FSDP must gather for it too);
+    T5 shards two stacks of blocks."""
+    kw = dict(objective=objective, block_size=34 if objective == "plm" else 32, max_steps=4, eval_interval=2,
+              checkpoint_interval=2)
+    pretrain(train_config(encoder_data, tmp_path / "one", micro_batch_size=4, **kw), progress=False)
+    torchrun("pretrain", train_config(encoder_data, tmp_path / "fsdp", micro_batch_size=2, parallel="fsdp", **kw), tmp_path)
+    assert_same_steps(tmp_path / "one", tmp_path / "fsdp")
+
+
 @pytest.mark.slow
 def test_lora_sft_under_fsdp_matches_one_process(tmp_path, tokenizer_dir):
     """The frozen base is sharded with the adapters; only the adapters train, and the saved adapter is the same."""
@@ -187,6 +211,19 @@ def test_a_rank_that_dies_ends_the_run_and_max_restarts_resumes_it(data_dir, tmp
     assert_same_steps(tmp_path / "straight", tmp_path / "restarted")
 
 
+@pytest.mark.slow
+def test_a_rank_that_hangs_ends_the_run_after_dist_timeout(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DYING_RANK", "hang")  # rank 1 stops answering after step 3 (and would sleep 120 s)
+    kw = dict(max_steps=6, eval_interval=3, checkpoint_interval=3, dist_timeout=5)
+    start = time.monotonic()
+    result = torchrun("pretrain", train_config(data_dir, tmp_path / "hung", micro_batch_size=2, **kw), tmp_path,
+                      script=(str(HERE / "dying_rank.py"),), check=False)
+    assert result.returncode != 0 and time.monotonic() - start < 90
+    assert "rank 1 hangs after step 3" in result.stderr
+    assert "another process of the run stopped or did not answer within dist_timeout (5 s)" in result.stderr
+    assert "The last checkpoint is " + str(tmp_path / "hung" / "checkpoints" / "step_0000003") in result.stderr
+
+
 # -- in one process ------------------------------------------------------------------------------------
 
 
@@ -249,3 +286,21 @@ def test_resume_auto_starts_a_run_then_continues_it(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--config", str(config), "--resume", "maybe"])
     assert "invalid choice: 'maybe'" in capsys.readouterr().err
+
+
+def test_plan_measured_sets_the_plan_beside_a_run(data_dir, tmp_path, capsys):
+    from lmforge.cli import main
+
+    pretrain(train_config(data_dir, tmp_path / "run", max_steps=4, eval_interval=2, activation_checkpointing=True),
+             progress=False)
+    speed = json.loads((tmp_path / "run" / "throughput.json").read_text())
+    assert speed["step"] == 4 and speed["parallel"] == "none" and speed["activation_checkpointing"] is True
+    assert speed["tokens_per_second"] > 0 and 0 < speed["mfu"] < 1 and len(speed["peak_memory_mb"]) == 1
+    capsys.readouterr()
+    assert main(["plan", "--measured", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "activation checkpointing on" in out and "plan error" in out and "MFU of" in out
+    assert main(["plan", "--measured", str(data_dir)]) == 2
+    assert "has no throughput.json" in capsys.readouterr().err
+    assert main(["plan"]) == 2
+    assert "plan needs --model" in capsys.readouterr().err

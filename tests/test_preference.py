@@ -635,12 +635,12 @@ def torchrun(command, config: dict, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["reward", "dpo"])
-def test_two_processes_of_4_match_one_process_of_8(base, tmp_path, command):
+@pytest.mark.parametrize("command, parallel", [("reward", "ddp"), ("dpo", "ddp"), ("reward", "fsdp"), ("dpo", "fsdp")])
+def test_two_processes_of_4_match_one_process_of_8(base, tmp_path, command, parallel):
     data = jsonl(tmp_path / "d.jsonl", string_pairs(40))
     one = run_layout(command, base, data, tmp_path / "one", micro_batch_size=8)
-    torchrun(command, dict(model=str(base), train=data, **layout_settings(command, tmp_path / "two", micro_batch_size=4)),
-             tmp_path)
+    torchrun(command, dict(model=str(base), train=data, parallel=parallel,
+                           **layout_settings(command, tmp_path / "two", micro_batch_size=4)), tmp_path)
     two = logs(tmp_path / "two")
     assert [r["step"] for r in two[0]] == [1, 2, 3, 4]  # rank 0 alone logs, once a step
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2

@@ -102,6 +102,9 @@ class SelfAttention(nn.Module):
 class EncoderBlock(nn.Module):
     """Post-norm: x = ln_1(x + attn(x)); x = ln_2(x + mlp(x))."""
 
+    # Methods that run the block besides forward(): a sharded block (FSDP) gathers its weights for them too.
+    other_forwards = ("two_stream",)
+
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.attn = SelfAttention(config)

@@ -258,8 +258,12 @@ def shard(model: torch.nn.Module, device: torch.device, bf16: bool) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cuda", (dist.get_world_size(),))
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
     for block in blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
+        for method in getattr(block, "other_forwards", ()):  # (the permutation LM's two-stream pass)
+            register_fsdp_forward_method(block, method)
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
