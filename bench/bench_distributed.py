@@ -8,8 +8,10 @@ Every run is a real `lmforge pretrain` (in a subprocess, under `torchrun` for 2 
 fp32, on standard-library text, for a few steps; each reads back the run's throughput.json (tokens/s since the
 last evaluation, MFU against the matmul peak measured at start, every rank's peak resident memory) and prints
 it beside the plan's per-process memory for that layout (`lmforge plan --measured RUN`: model states plus
-activations, the plan's conventions with fp32 activations). Measured memory is the peak resident set above
-what the process held before it built the model (torch, the data's memory maps), so allocator slack counts.
+activations, the plan's conventions with fp32 activations). Two measurements: exact counts from the run's
+first step (the bytes of the tensors autograd keeps for the backward pass; the bytes of parameters, gradients
+and optimizer state), and the peak resident set above what the process held before it built the model, where
+the allocator's slack and every temporary count.
 """
 
 from __future__ import annotations

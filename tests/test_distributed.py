@@ -148,24 +148,26 @@ def test_encoder_objectives_under_fsdp_match_one_process(encoder_data, tmp_path,
 
 
 @pytest.mark.slow
-def test_lora_sft_under_fsdp_matches_one_process(tmp_path, tokenizer_dir):
-    """The frozen base is sharded with the adapters; only the adapters train, and the saved adapter is the same."""
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_sft_under_fsdp_matches_one_process(tmp_path, tokenizer_dir, method):
+    """LoRA: the frozen base is sharded with the adapters; only the adapters train, and the saved adapter is the
+    same. Full: the model folder is opened without copying it whole, each rank copying its rows of each tensor."""
+    from safetensors.torch import load_file
     from test_finetune import chat_rows, jsonl, settings
 
     from lmforge.train.finetune import finetune
 
     base = make_hf_gpt2(tmp_path / "gpt2", tokenizer_dir=tokenizer_dir)
     data = jsonl(tmp_path / "chat.jsonl", chat_rows())
-    kw = dict(model=str(base), train=data, method="lora", lora_r=4, lora_targets="q,v,o,fc,proj", dropout=0.0)
-    finetune(**kw, progress=False, **settings(tmp_path, out=str(tmp_path / "one"), lr=1e-2, max_steps=4, eval_interval=2,
-                                              checkpoint_interval=2, micro_batch_size=8))
-    torchrun("finetune", {**kw, **settings(tmp_path, out=str(tmp_path / "fsdp"), lr=1e-2, max_steps=4, eval_interval=2,
-                                           checkpoint_interval=2, micro_batch_size=4, parallel="fsdp")}, tmp_path)
+    kw = dict(model=str(base), train=data, method=method, lora_r=4, lora_targets="q,v,o,fc,proj", dropout=0.0)
+    steps = dict(lr=1e-2 if method == "lora" else 1e-3, max_steps=4, eval_interval=2, checkpoint_interval=2)
+    finetune(**kw, progress=False, **settings(tmp_path, out=str(tmp_path / "one"), micro_batch_size=8, **steps))
+    torchrun("finetune", {**kw, **settings(tmp_path, out=str(tmp_path / "fsdp"), micro_batch_size=4, parallel="fsdp",
+                                           **steps)}, tmp_path)
     assert_same_steps(tmp_path / "one", tmp_path / "fsdp")
-    from safetensors.torch import load_file
-
-    a = load_file(checkpoint_dirs(tmp_path / "one")[-1] / "model" / "adapter_model.safetensors")
-    b = load_file(checkpoint_dirs(tmp_path / "fsdp")[-1] / "model" / "adapter_model.safetensors")
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    a = load_file(checkpoint_dirs(tmp_path / "one")[-1] / "model" / weights)
+    b = load_file(checkpoint_dirs(tmp_path / "fsdp")[-1] / "model" / weights)
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
 
 
@@ -300,6 +302,10 @@ def test_plan_measured_sets_the_plan_beside_a_run(data_dir, tmp_path, capsys):
     assert main(["plan", "--measured", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "activation checkpointing on" in out and "plan error" in out and "MFU of" in out
+    # the training state is counted exactly: 16 bytes a parameter (fp32 weights, gradients, AdamW's m and v)
+    params = json.loads((tmp_path / "run" / "run.json").read_text())["parameters"]
+    assert speed["states_mb"][0] * 2**20 == pytest.approx(16 * params, rel=1e-6)
+    assert "(plan error +0%)" in out.splitlines()[2] and 0 < speed["activation_mb"][0]
     assert main(["plan", "--measured", str(data_dir)]) == 2
     assert "has no throughput.json" in capsys.readouterr().err
     assert main(["plan"]) == 2

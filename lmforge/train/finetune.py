@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from lmforge.model.heads import attach_head
 from lmforge.model.lora import LoRALinear, add_lora, count_trainable, save_adapter
 from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 from lmforge.train.config import FinetuneConfig
-from lmforge.train.loop import Distributed, Objective, resolve_config, train
+from lmforge.train.loop import Distributed, Objective, may_defer, resolve_config, train
 from lmforge.utils import human_count, warn
 
 
@@ -163,6 +164,7 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
 
 class Finetune(Objective):
     head: str | None = None  # the task head the model needs
+    defers_model = True  # whether the model may be opened unmaterialised (see load); not when setup runs it
 
     def __init__(self, config: FinetuneConfig, device: torch.device, checkpoint: Path | None, examples: Examples):
         self.config, self.device = config, device
@@ -195,9 +197,14 @@ class Finetune(Objective):
             model = load_adapted(checkpoint / "model", self.device, merge=False, base=c.model)
             model.base_source = Path(c.model)
             return self._freeze(set_dropout(model, c.dropout), lora_loaded=True)
+        # Under torchrun, a full fine-tune without a new head opens the folder without copying its weights: the
+        # loop shards it first (FSDP), each rank copying its rows. Adapters and heads are made from real weights.
+        deferrable = c.method != "lora" and self.head is None and self.defers_model
         if checkpoint is not None:
-            return self._freeze(set_dropout(load_model(checkpoint / "model", self.device), c.dropout))
-        model = set_dropout(load_model(c.model, self.device), c.dropout)
+            with may_defer(c) if deferrable else nullcontext():
+                return self._freeze(set_dropout(load_model(checkpoint / "model", self.device), c.dropout))
+        with may_defer(c) if deferrable else nullcontext():
+            model = set_dropout(load_model(c.model, self.device), c.dropout)
         model.base_source = Path(c.model)
         if self.head is not None:
             self.attach(model)

@@ -28,11 +28,19 @@ from lmforge.model.checkpoint import load_decoder
 from lmforge.model.config import PRESETS, Config
 from lmforge.model.gpt import GPT, build_model, deferred_init
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpointing import checkpoint_dirs, latest_checkpoint, load_trainer_state, resume_checkpoint, save_checkpoint, set_aside
+from lmforge.train.checkpointing import (
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_trainer_state,
+    resume_checkpoint,
+    save_checkpoint,
+    set_aside,
+)
 from lmforge.train.config import TrainConfig, load_config, read_config_file, save_config
 from lmforge.train.distributed import (  # noqa: F401 (Distributed: objectives import it from here)
     SHARDS,
     Distributed,
+    SavedForBackward,
     checkpoint_activations,
     choose_parallel,
     full_value,
@@ -44,9 +52,11 @@ from lmforge.train.distributed import (  # noqa: F401 (Distributed: objectives i
     no_sync,
     peak_flops,
     peak_memory_bytes,
+    reset_peak_memory,
     save_sharded,
     setup_distributed,
     shard,
+    state_bytes,
     whole_model,
     wrap,
 )
@@ -524,7 +534,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
            tqdm, fixed_on_resume: tuple[str, ...]) -> dict:
     out = Path(config.out)
     device = pick_device(config.device)
-    baseline_memory = peak_memory_bytes(device)  # before the model: what `plan --measured` subtracts
+    baseline_memory = reset_peak_memory(device)  # before the model: what `plan --measured` subtracts
     if config.threads:
         torch.set_num_threads(config.threads)
 
@@ -608,6 +618,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
 
     bar = tqdm(total=config.max_steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True)
     window_tokens, window_seconds = 0, 0.0  # since the last evaluation: throughput.json's figures
+    measured = None  # this process's saved activations and training state, in the first step it runs
     last_eval = None
     if step == 0:
         last_eval = run_eval()
@@ -632,8 +643,11 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         for micro, batch in enumerate(micro_batches):
             last_micro = micro == config.grad_accum_steps - 1
             # Gradients are all-reduced across ranks only on the last micro-batch.
+            # The run's first micro-batch counts what autograd keeps for the backward pass (plan --measured).
+            if measured is None and micro == 0:
+                saved = SavedForBackward()
             with no_sync(train_model, dist_, last_micro):
-                with autocast:
+                with autocast, saved if measured is None and micro == 0 else nullcontext():
                     loss = objective.loss(train_model, batch)
                 loss, metrics = loss if isinstance(loss, tuple) else (loss, {})
                 share = weights[micro] * dist_.world_size / total_weight if total_weight > 0 else 0.0
@@ -653,6 +667,8 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         finite = math.isfinite(train_loss) and bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
+        if measured is None:  # exact, where resident memory is not: what the plan's memory model counts
+            measured = {"activation_mb": saved.bytes / 2**20, "states_mb": state_bytes(model, optimizer) / 2**20}
         optimizer.zero_grad(set_to_none=True)
         bad_steps = 0 if finite else bad_steps + 1
         skipped_steps += not finite
@@ -686,6 +702,8 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
                 bar.write(f"step {step}: loss or gradients not finite; update skipped ({bad_steps} in a row)")
         if step % config.eval_interval == 0 or step == config.max_steps:
             throughput = _throughput(window_tokens, window_seconds, flops_per_token, peak, peak_source, device, dist_)
+            for key, values in zip(("activation_mb", "states_mb"), zip(*dist_.gather(tuple(measured.values())))):
+                throughput[key] = list(values)
             window_tokens, window_seconds = 0, 0.0
             if dist_.is_main:
                 atomic_write_json(out / "throughput.json", {"step": step, "parallel": dist_.parallel,

@@ -258,12 +258,20 @@ def compare_measured(run_dir: str | os.PathLike) -> str:
     measured = max(speed["peak_memory_mb"]) * 2**20 - baseline
     predicted = states + activations
     mb = 2**20
+    exact = ""
+    if "activation_mb" in speed:  # counted in the run's first step: autograd's saved tensors, the training state
+        kept, held = max(speed["activation_mb"]) * mb, max(speed["states_mb"]) * mb
+        exact = (f"\nstates           plan {states / mb:,.1f} MB; the run held {held / mb:,.1f} MB of parameters, gradients "
+                 f"and optimizer state (plan error {(states - held) / held:+.0%})"
+                 f"\nactivations      plan {activations / mb:,.1f} MB; autograd kept {kept / mb:,.1f} MB for the backward pass "
+                 f"(plan error {(activations - kept) / kept:+.0%})" if kept > 0 and held > 0 else "")
     lines = [
         f"run              {run_dir}: {c.num_params():,} parameters on {world} process(es) ({parallel}), "
         f"{run.get('dtype')}, micro-batch {micro} x {seq} tokens, activation checkpointing {'on' if checkpointing else 'off'}",
         f"memory/process   plan {predicted / mb:,.1f} MB (states {states / mb:,.1f} + activations {activations / mb:,.1f}); "
         f"measured {measured / mb:,.1f} MB above the {baseline / mb:,.0f} MB the process held before the model "
-        f"(peak of the {len(speed['peak_memory_mb'])} rank(s)); plan error {(predicted - measured) / measured:+.0%}",
+        f"(peak of the {len(speed['peak_memory_mb'])} rank(s)); "
+        + (f"plan error {(predicted - measured) / measured:+.0%}" if measured > 0 else "too little to compare") + exact,
     ]
     if speed.get("mfu"):
         lines.append(

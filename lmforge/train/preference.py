@@ -46,6 +46,7 @@ REFERENCE_CACHE = "reference_logps.safetensors"
 
 class PairObjective(Finetune):
     """What the reward model and DPO share: pairs read, tokenised, batched and evaluated."""
+    defers_model = False  # setup runs the model (reference log-probs, rollouts)
 
     metric_names: tuple[str, ...] = ("reward_chosen", "reward_rejected", "reward_accuracy", "reward_margin")
 

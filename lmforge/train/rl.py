@@ -233,6 +233,7 @@ class RolloutStream:
 
 class RL(Finetune):
     task = "rl"
+    defers_model = False  # rollouts run the model as it is built
     # Each rank generates its own rollouts, of lengths of their own: under FSDP every forward pass is a
     # collective that all ranks must make together, so the ranks would wait on each other for ever.
     unshardable = "lmforge rl generates rollouts of different lengths on each rank, which FSDP cannot gather for"
