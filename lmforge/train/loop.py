@@ -604,6 +604,9 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         print(f"precision: {precision.reason}", flush=True)
         if dist_.enabled:
             print(f"parallel: {dist_.parallel} ({parallel_reason})", flush=True)
+        elif config.parallel != "auto":
+            warn(f"--parallel {config.parallel} has nothing to share out in one process; start several with "
+                 f"torchrun --nproc-per-node N -m lmforge ...")
         if peak:
             print(f"MFU is against {peak / 1e12:.2f} TFLOP/s ({peak_source})", flush=True)
 
