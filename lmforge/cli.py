@@ -281,7 +281,7 @@ def cmd_embed(args) -> None:
     import json
 
     from lmforge.model.checkpoint import load_model, load_tokenizer_for
-    from lmforge.model.encoder import Encoder, embed
+    from lmforge.model.encoder import Encoder, declared_max_length, embed
     from lmforge.utils import pick_device
 
     from lmforge.data.corpus import read_stdin_text
@@ -294,7 +294,7 @@ def cmd_embed(args) -> None:
         kind = "a decoder" if hasattr(model, "wte") else "an encoder-decoder (t5)"
         raise LmforgeError(f"{model.source} is {kind}; `lmforge embed` needs an encoder (bert) model folder")
     tokenizer = load_tokenizer_for(model)
-    max_length = args.max_length or _sentence_transformers_max_length(model.source)
+    max_length = args.max_length or declared_max_length(model.source)
     vectors = embed(model, tokenizer, texts, max_length=max_length, normalize=not args.no_normalize)
     fmt = args.format or ("matrix" if len(texts) > 1 else "json")
     if fmt == "json":
@@ -310,15 +310,32 @@ def cmd_embed(args) -> None:
         print(f"{f'[{i}]':<6}{row}   {text if len(text) <= 60 else text[:57] + '...'}")
 
 
-def _sentence_transformers_max_length(folder) -> int | None:
-    """The max_seq_length a sentence-transformers folder declares (256 for all-MiniLM-L6-v2)."""
+def cmd_index(args) -> None:
+    from lmforge.infer.retrieval import build_index
+
+    result = build_index(args.docs, args.model, args.out, passage_tokens=args.passage_tokens, overlap=args.overlap,
+                         progress=not args.quiet)
+    print(f"indexed {result['passages']:,} passages of {result['files']} file(s) into {result['out']} "
+          f"({result['embedded']:,} embedded, {result['reused']:,} unchanged)")
+
+
+def cmd_search(args) -> None:
     import json
 
-    path = folder / "sentence_bert_config.json"
-    try:
-        return int(json.loads(path.read_text())["max_seq_length"]) if path.exists() else None
-    except (ValueError, KeyError, TypeError):
-        return None
+    from lmforge.data.corpus import read_stdin_text
+    from lmforge.infer.retrieval import Index
+
+    query = read_stdin_text() if args.query == "-" else args.query
+    hits = Index(args.index).search(query, args.k, args.mode)
+    if not hits:
+        print("no passage matches")
+    for hit in hits:
+        if args.json:
+            print(json.dumps({"rank": hit.rank, "score": hit.score, **hit.passage.to_dict(), **hit.scores},
+                             ensure_ascii=False))
+            continue
+        text = " ".join(hit.passage.text.split())
+        print(f"{hit.rank}. [{hit.score:.4f}] {hit.passage.source}\n   {text if len(text) <= 300 else text[:297] + '...'}")
 
 
 def cmd_convert(args) -> None:
@@ -355,7 +372,8 @@ def cmd_serve(args) -> None:
              __import__("os").environ.get("LMFORGE_API_KEY") else "; consider --api-key"))
     if args.int8 and args.dtype not in ("auto", "float32"):
         raise LmforgeError("--int8 quantises float32 weights; leave out --dtype or pass --dtype float32")
-    serve(args.model, args.host, args.port, settings, args.int8, args.device, args.compile, args.dtype)
+    serve(args.model, args.host, args.port, settings, args.int8, args.device, args.compile, args.dtype,
+          args.embedding_model)
 
 
 def cmd_eval(args) -> None:
@@ -608,6 +626,26 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--device", default="auto")
     em.set_defaults(func=cmd_embed)
 
+    ix = sub.add_parser("index", help="index documents for search and retrieval-augmented chat")
+    ix.add_argument("docs", nargs="+", metavar="DOCS", help=".txt, .md or .jsonl files (FAQ rows {\"question\", \"answer\"} "
+                    "or {\"text\"}), or folders of them")
+    ix.add_argument("--model", required=True, help="the encoder that embeds passages (e.g. all-MiniLM-L6-v2)")
+    ix.add_argument("--out", required=True, help="the index folder (an existing index is updated: only changed files "
+                    "are embedded again)")
+    ix.add_argument("--passage-tokens", type=int, default=200, help="encoder tokens per passage (default 200)")
+    ix.add_argument("--overlap", type=int, default=40, help="tokens shared by neighbouring passages (default 40)")
+    ix.add_argument("--quiet", action="store_true", help="no progress bar")
+    ix.set_defaults(func=cmd_index)
+
+    se = sub.add_parser("search", help="the passages of an index that best answer a question")
+    se.add_argument("index", help="an index folder written by `lmforge index`")
+    se.add_argument("query", help="the question, or - to read it from stdin")
+    se.add_argument("-k", type=int, default=5, help="passages to show (default 5)")
+    se.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default="hybrid",
+                    help="dense: by meaning (the encoder); bm25: by words; hybrid (default): both, fused by reciprocal rank")
+    se.add_argument("--json", action="store_true", help="one JSON object per passage")
+    se.set_defaults(func=cmd_search)
+
     cv = sub.add_parser("convert", help="read a model folder and write it as a Hugging Face folder")
     cv.add_argument("src", help="a model folder (gpt2, llama, qwen2, mistral, bert; safetensors or .bin), a run folder, "
                     "or a LoRA adapter folder (merged into its base)")
@@ -632,7 +670,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page")
-    sv.add_argument("--model", required=True, help="a model folder, an adapter folder or a run folder")
+    sv.add_argument("--model", required=True, help="a model folder, an adapter folder or a run folder (an encoder "
+                    "folder serves POST /v1/embeddings only)")
+    sv.add_argument("--embedding-model", default=None, metavar="ENCODER",
+                    help="also answer POST /v1/embeddings with this encoder (e.g. all-MiniLM-L6-v2)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000; 0: any free port)")
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or set LMFORGE_API_KEY)")

@@ -9,6 +9,7 @@ mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -284,6 +285,18 @@ def embed(model: Encoder, tokenizer, texts: list[str], max_length: int | None = 
         pooled = mean_pool(model.encode(input_ids, mask), mask)
         out.append(F.normalize(pooled, p=2, dim=1) if normalize else pooled)
     return torch.cat(out)
+
+
+def declared_max_length(folder) -> int | None:
+    """The max_seq_length a sentence-transformers folder declares (256 for all-MiniLM-L6-v2): the length its
+    embeddings were trained and are compared at."""
+    import json
+
+    path = Path(folder) / "sentence_bert_config.json"
+    try:
+        return int(json.loads(path.read_text())["max_seq_length"]) if path.exists() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def build_encoder(config: EncoderConfig, device="cpu", init: bool = True) -> Encoder:

@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Engine, Request
 from lmforge.infer.generate import SamplingParams, chat_prompt
+from lmforge.serve.embeddings import EmbeddingBody, embeddings
 
 API_KEY_ENV = "LMFORGE_API_KEY"
 log = logging.getLogger("lmforge.serve")
@@ -556,22 +557,36 @@ def _text_of(content: str | list[ContentPart] | None) -> str:
 # -- the app --------------------------------------------------------------------------------------
 
 
-def create_app(model, tokenizer, settings: ServerSettings | None = None, compile: bool = False, engine_thread: bool = True):
+def create_app(model, tokenizer, settings: ServerSettings | None = None, compile: bool = False, engine_thread: bool = True,
+               embedder=None):
     """The FastAPI application serving ``model``; its engine worker starts with it (in a thread of its
-    own, or, without ``engine_thread``, waiting for the caller to ``run()`` it)."""
+    own, or, without ``engine_thread``, waiting for the caller to ``run()`` it). ``embedder`` (an
+    ``Embedder``) answers /v1/embeddings; with no ``model`` the server answers only that."""
     from contextlib import asynccontextmanager
 
     settings = settings or ServerSettings()
     metrics = Metrics()
-    engine = Engine(model, tokenizer, max_batch=settings.max_batch, compile=compile, isolate_failures=True)
-    service = OpenAIService(model, tokenizer, settings, metrics)
+    service = None
+    if model is not None:
+        engine = Engine(model, tokenizer, max_batch=settings.max_batch, compile=compile, isolate_failures=True)
+        service = OpenAIService(model, tokenizer, settings, metrics)
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app):
-        service.worker = app.state.worker = EngineWorker(engine, settings, metrics, thread=engine_thread)
+        app.state.worker = None
+        if service is not None:
+            service.worker = app.state.worker = EngineWorker(engine, settings, metrics, thread=engine_thread)
         yield
-        service.worker.stop()
+        if service is not None:
+            service.worker.stop()
+
+    def generator() -> OpenAIService:
+        if service is None:
+            raise APIError(400, f"this server has no generator: it serves embeddings from '{embedder.name}' "
+                                f"(POST /v1/embeddings); start it with a decoder or T5 --model to generate",
+                           code="no_generator")
+        return service
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
@@ -594,16 +609,36 @@ def create_app(model, tokenizer, settings: ServerSettings | None = None, compile
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": created,
-                                            "owned_by": "lmforge", "max_model_len": service.context}]}
+        served = []
+        if service is not None:
+            served.append({"id": settings.model_name, "object": "model", "created": created, "owned_by": "lmforge",
+                           "max_model_len": service.context})
+        if embedder is not None:
+            served.append({"id": embedder.name, "object": "model", "created": created, "owned_by": "lmforge",
+                           "max_model_len": embedder.max_length})
+        return {"object": "list", "data": served}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HTTPRequest):
-        return await service.completions(body, http)
+        return await generator().completions(body, http)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, http: HTTPRequest):
-        return await service.chat(body, http)
+        return await generator().chat(body, http)
+
+    def check_embedding_model(name: str | None) -> None:
+        if name is None or settings.allow_any_model or name == embedder.name:
+            return
+        raise APIError(404, f"The model '{name}' does not exist; this server embeds with '{embedder.name}' "
+                            "(see /v1/models)", param="model", code="model_not_found")
+
+    @app.post("/v1/embeddings")
+    async def embeddings_endpoint(body: EmbeddingBody):
+        if embedder is None:
+            raise APIError(400, "this server has no embedding model; start it with --embedding-model ENCODER "
+                                "(or serve an encoder folder as --model)", code="no_embedding_model")
+        return await embeddings(body, embedder, check_embedding_model,
+                                lambda message, param: APIError(400, message, param=param, code="invalid_value"))
 
     return app
 
@@ -753,13 +788,27 @@ class BodyLimit:
         await send_error(send, APIError(413, f"the request body is larger than {self.limit} bytes", code="body_too_large"))
 
 
-def build_server_app(model, tokenizer, settings: ServerSettings, compile: bool = False, engine_thread: bool = True):
+def build_server_app(model, tokenizer, settings: ServerSettings, compile: bool = False, engine_thread: bool = True,
+                     embedder=None):
     """The app with its ASGI middleware: API key and counting outside, then the body size limit."""
-    app = create_app(model, tokenizer, settings, compile, engine_thread)
+    app = create_app(model, tokenizer, settings, compile, engine_thread, embedder)
     paths = {route.path for route in app.routes}
     wrapped = AuthAndCount(BodyLimit(app, settings.max_body_bytes), settings, app.state.metrics, paths)
     wrapped.fastapi = app
     return wrapped
+
+
+def _is_encoder_folder(model_dir) -> bool:
+    from lmforge.model.checkpoint import resolve_model_dir
+
+    folder = resolve_model_dir(model_dir)
+    config = folder / "config.json"
+    try:
+        import json
+
+        return config.exists() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "bert"
+    except (OSError, ValueError):
+        return False
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -795,18 +844,20 @@ def _free_port(family, host: str) -> int:
 
 
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
-          int8: bool = False, device: str = "auto", compile: bool = False, dtype: str = "auto") -> None:
-    """Load ``model_dir`` (weights in ``dtype``: auto, float32, bfloat16, float16) and serve it until interrupted."""
+          int8: bool = False, device: str = "auto", compile: bool = False, dtype: str = "auto",
+          embedding_model: str | os.PathLike | None = None) -> None:
+    """Load ``model_dir`` (weights in ``dtype``: auto, float32, bfloat16, float16) and serve it until interrupted;
+    an encoder folder (as ``model_dir`` or ``embedding_model``) answers /v1/embeddings."""
     settings = settings or ServerSettings()
     sock = listen(host, port)  # before the model loads: a busy port is known at once
     try:
-        _serve_on(sock, model_dir, settings, int8, device, compile, dtype)
+        _serve_on(sock, model_dir, settings, int8, device, compile, dtype, embedding_model)
     finally:
         sock.close()
 
 
 def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bool, device: str, compile: bool,
-              dtype: str = "auto") -> None:
+              dtype: str = "auto", embedding_model=None) -> None:
     import sys
 
     import uvicorn
@@ -815,13 +866,26 @@ def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bo
     from lmforge.model.gpt import GPT
     from lmforge.utils import pick_device
 
+    from lmforge.serve.embeddings import Embedder
+
     settings.api_key = settings.api_key or os.environ.get(API_KEY_ENV) or None
     device = pick_device(device)
-    precision = weights_precision(model_dir, device, "float32" if int8 else dtype)  # int8 quantises fp32 weights
-    if precision.news:
-        print(f"precision: {precision.reason}", flush=True)
-    model = load_generator(model_dir, device, precision.torch_dtype)
-    tokenizer = load_tokenizer_for(model)
+    model = tokenizer = embedder = None
+    if _is_encoder_folder(model_dir):  # an encoder serves embeddings only
+        if embedding_model is not None:
+            raise LmforgeError(f"{model_dir} is an encoder: it serves /v1/embeddings itself; drop --embedding-model "
+                               f"or give a decoder or T5 --model")
+        if int8:
+            raise LmforgeError("--int8 quantises decoders only; drop it for an encoder")
+        embedding_model = model_dir
+    else:
+        precision = weights_precision(model_dir, device, "float32" if int8 else dtype)  # int8 quantises fp32 weights
+        if precision.news:
+            print(f"precision: {precision.reason}", flush=True)
+        model = load_generator(model_dir, device, precision.torch_dtype)
+        tokenizer = load_tokenizer_for(model)
+    if embedding_model is not None:
+        embedder = Embedder(embedding_model, device)
     if int8 and not isinstance(model, GPT):
         raise LmforgeError("--int8 quantises decoders only so far; drop it for this encoder-decoder")
     if int8:
@@ -830,7 +894,9 @@ def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bo
         model = quantize_int8(model)
     if settings.model_name == "lmforge":
         settings.model_name = Path(model_dir).resolve().name
-    app = build_server_app(model, tokenizer, settings, compile, engine_thread=False)
+    if model is None:
+        embedder.name = settings.model_name  # (--name names the one model this server has)
+    app = build_server_app(model, tokenizer, settings, compile, engine_thread=False, embedder=embedder)
     # The engine runs here, on the main thread, which already ran the model's first torch operations;
     # uvicorn (which only tokenizes) gets a thread. Torch ops on a second thread run ~3x slower on small
     # CPUs, because the main thread's idle OpenMP team keeps spinning (measured: 341 vs 115 ms).
@@ -844,10 +910,15 @@ def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bo
         time.sleep(0.05)
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
-    print(f"serving {model_dir} as {settings.model_name!r} on http://{url_host}:{port} "
-          f"(OpenAI API under /v1, chat page at /){' with an API key' if settings.api_key else ''}", flush=True)
+    what = "(OpenAI API under /v1, chat page at /)" if model is not None else "(POST /v1/embeddings)"
+    also = f", embeddings from {embedder.name!r}" if model is not None and embedder is not None else ""
+    print(f"serving {model_dir} as {settings.model_name!r}{also} on http://{url_host}:{port} "
+          f"{what}{' with an API key' if settings.api_key else ''}", flush=True)
     try:
-        app.fastapi.state.worker.run()
+        if app.fastapi.state.worker is not None:
+            app.fastapi.state.worker.run()
+        else:
+            http_thread.join()
     except KeyboardInterrupt:
         pass
     finally:

@@ -1,0 +1,328 @@
+"""A knowledge base to answer from: documents cut into passages, embedded by an encoder, searched by meaning
+(inner product of normalised vectors), by words (BM25, from bm25s) or by both (reciprocal-rank fusion).
+
+    INDEX/manifest.json        format, the encoder (folder, SHA-256 of its weights), passage settings, and each
+                               source file's SHA-256 with its passages' range (re-indexing embeds only what changed)
+    INDEX/passages.jsonl       one passage a line: text, source ("file:line"), and for FAQ rows the answer
+    INDEX/vectors.safetensors  "vectors": (passages, width) float32, L2-normalised
+    INDEX/bm25/                the BM25 index of the same passages
+
+Documents: ``.txt`` and ``.md`` files (cut into passages of ``passage_tokens`` encoder tokens, ``overlap``
+tokens shared between neighbours), and ``.jsonl`` files whose rows are FAQ pairs ``{"question", "answer"}``
+(one passage each, the question and its answer) or ``{"text"}`` (cut like a file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.utils import atomic_dir, atomic_write_json, read_json, sha256_file
+
+FORMAT = "lmforge-index-v1"
+SUFFIXES = (".txt", ".md", ".jsonl")
+RRF_K = 60  # reciprocal-rank fusion's constant (Cormack et al., 2009): score = sum over lists of 1 / (k + rank)
+BM25_TOKENS = r"(?u)\b\w+\b"  # every word, single letters and digits too: product codes and error numbers
+
+
+@dataclass
+class Passage:
+    text: str
+    source: str  # file:line where the passage starts
+    answer: str | None = None  # an FAQ row's answer (the text holds its question and answer)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "source": self.source, **({"answer": self.answer} if self.answer else {})}
+
+
+@dataclass
+class Hit:
+    score: float
+    passage: Passage
+    rank: int = 0
+    scores: dict = field(default_factory=dict)  # each method's score (hybrid)
+
+
+# -- reading documents --------------------------------------------------------------------------------
+
+
+def document_files(paths: list[str | os.PathLike]) -> list[Path]:
+    """The files to index: the files named, and the .txt/.md/.jsonl files under the folders named (sorted)."""
+    files: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            raise LmforgeError(f"{path} does not exist; give files or folders of .txt, .md or .jsonl documents")
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.suffix.lower() in SUFFIXES:
+            files.append(path)
+        else:
+            raise LmforgeError(f"{path}: documents are .txt, .md or .jsonl files (FAQ rows {{\"question\", \"answer\"}} "
+                               f"or {{\"text\"}})")
+    if not files:
+        raise LmforgeError(f"no .txt, .md or .jsonl documents in {', '.join(map(str, paths))}")
+    return list(dict.fromkeys(files))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it or leave it out") from None
+
+
+def split_passages(text: str, tokenizer, size: int, overlap: int, source: str, first_line: int = 1) -> list[Passage]:
+    """Windows of ``size`` tokens of ``text``, each starting ``size - overlap`` tokens after the last, as
+    spans of the original text (cut at token boundaries, so nothing is re-detokenised)."""
+    offsets = tokenizer.hf.encode(text, add_special_tokens=False).offsets
+    if not offsets:
+        return []
+    out, step = [], max(1, size - overlap)
+    for first in range(0, len(offsets), step):
+        last = min(first + size, len(offsets)) - 1
+        start, end = offsets[first][0], offsets[last][1]
+        piece = text[start:end].strip()
+        if piece:
+            out.append(Passage(piece, f"{source}:{first_line + text.count(chr(10), 0, start)}"))
+        if last == len(offsets) - 1:
+            break
+    return out
+
+
+def read_passages(path: Path, tokenizer, size: int, overlap: int, name: str) -> list[Passage]:
+    """The passages of one document file (``name``: how sources call it)."""
+    text = _read_text(path)
+    if path.suffix.lower() != ".jsonl":
+        return split_passages(text, tokenizer, size, overlap, name)
+    passages = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise LmforgeError(f"{path}:{lineno} is not a JSON object")
+        if isinstance(row.get("question"), str) and isinstance(row.get("answer"), str):
+            question, answer = row["question"].strip(), row["answer"].strip()
+            if question and answer:
+                passages.append(Passage(f"{question}\n{answer}", f"{name}:{lineno}", answer))
+                continue
+        if isinstance(row.get("text"), str):
+            passages += split_passages(row["text"], tokenizer, size, overlap, name, lineno)
+            continue
+        raise LmforgeError(f"{path}:{lineno} has neither a non-empty \"question\" and \"answer\" nor a \"text\" "
+                           f"field (it has {', '.join(map(repr, row)) or 'none'})")
+    return passages
+
+
+# -- building an index -----------------------------------------------------------------------------------
+
+
+def _encoder(model_dir: str | os.PathLike, device="cpu"):
+    from lmforge.model.checkpoint import load_model, load_tokenizer_for
+    from lmforge.model.encoder import Encoder
+
+    model = load_model(model_dir, device)
+    if not isinstance(model, Encoder):
+        raise LmforgeError(f"{model_dir} is not an encoder; an index embeds with an encoder (bert) model folder "
+                           f"such as all-MiniLM-L6-v2")
+    return model, load_tokenizer_for(model)
+
+
+def encoder_fingerprint(model_dir: str | os.PathLike) -> str:
+    """SHA-256 over the encoder's weight files: an index is only searched with the encoder that made it."""
+    from hashlib import sha256
+
+    from lmforge.model.checkpoint import resolve_model_dir
+    from lmforge.model.hf import weight_files
+
+    digest = sha256()
+    for path in weight_files(resolve_model_dir(model_dir)):
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def _embed(model, tokenizer, texts: list[str], max_length: int | None, progress: bool, batch_size: int = 32):
+    from tqdm.auto import tqdm
+
+    from lmforge.model.encoder import embed
+
+    chunks = []
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(texts), batch_size), desc="embedding", unit="batch", disable=not progress):
+            chunks.append(embed(model, tokenizer, texts[i : i + batch_size], max_length=max_length).float().cpu())
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.config.n_embd)
+
+
+def _max_length(model) -> int | None:
+    from lmforge.model.encoder import declared_max_length
+
+    return declared_max_length(model.source)
+
+
+def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: str | os.PathLike, *,
+                passage_tokens: int = 200, overlap: int = 40, progress: bool = True) -> dict:
+    """Index the documents under ``paths`` with the encoder folder ``model`` into the folder ``out``.
+
+    When ``out`` is an index made with the same encoder and passage settings, the passages of files whose
+    contents did not change keep their vectors; only new and changed files are embedded. Returns counts.
+    """
+    import bm25s
+    from safetensors.torch import load_file, save_file
+
+    if passage_tokens < 8 or not 0 <= overlap < passage_tokens:
+        raise LmforgeError("--passage-tokens must be at least 8 and --overlap in [0, passage-tokens)")
+    out = Path(out)
+    files = document_files(paths)
+    previous = {}  # an index already there is built again, keeping what did not change; anything else is refused
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        manifest = out / "manifest.json"
+        previous = read_json(manifest, "index manifest") if out.is_dir() and manifest.exists() else {}
+        if previous.get("format") != FORMAT:
+            raise LmforgeError(f"--out {out} exists and is not an lmforge index; choose another --out")
+    encoder, tokenizer = _encoder(model)
+    fingerprint = encoder_fingerprint(model)
+    settings = {"passage_tokens": passage_tokens, "overlap": overlap}
+    reusable = previous and previous.get("encoder_sha256") == fingerprint and previous.get("passages") == settings
+    old_passages, old_vectors = [], None
+    if reusable:
+        old_passages = [Passage(**json.loads(line)) for line in (out / "passages.jsonl").read_text("utf-8").splitlines() if line]
+        old_vectors = load_file(out / "vectors.safetensors")["vectors"]
+    common = os.path.commonpath([str(f.resolve().parent) for f in files])
+    passages: list[Passage] = []
+    vectors: list[torch.Tensor | None] = []
+    entries, reused, to_embed = {}, 0, []
+    for path in files:
+        name = str(path.resolve().relative_to(common)) if len(files) > 1 else path.name
+        digest = sha256_file(path)
+        before = (previous.get("files") or {}).get(name) if reusable else None
+        start = len(passages)
+        if before and before["sha256"] == digest:
+            kept = old_passages[before["first"] : before["first"] + before["count"]]
+            passages += kept
+            vectors += list(old_vectors[before["first"] : before["first"] + before["count"]])
+            reused += len(kept)
+        else:
+            new = read_passages(path, tokenizer, passage_tokens, overlap, name)
+            to_embed += range(len(passages), len(passages) + len(new))
+            passages += new
+            vectors += [None] * len(new)
+        entries[name] = {"sha256": digest, "first": start, "count": len(passages) - start}
+    if not passages:
+        raise LmforgeError(f"the documents in {', '.join(map(str, paths))} hold no text to index")
+    fresh = _embed(encoder, tokenizer, [passages[i].text for i in to_embed], _max_length(encoder), progress)
+    for i, vector in zip(to_embed, fresh):
+        vectors[i] = vector
+    matrix = torch.stack(vectors).contiguous()
+    with atomic_dir(out) as tmp:
+        save_file({"vectors": matrix}, tmp / "vectors.safetensors")
+        (tmp / "passages.jsonl").write_text("".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in passages),
+                                            encoding="utf-8")
+        lexical = bm25s.BM25()
+        lexical.index(_bm25_tokens([p.text for p in passages]), show_progress=False)
+        lexical.save(str(tmp / "bm25"))
+        atomic_write_json(tmp / "manifest.json", {
+            "format": FORMAT, "encoder": str(Path(model).resolve()), "encoder_sha256": fingerprint,
+            "passages": settings, "count": len(passages), "dim": matrix.size(1), "files": entries,
+        })
+    return {"out": str(out), "files": len(files), "passages": len(passages), "embedded": len(to_embed), "reused": reused}
+
+
+def _bm25_tokens(texts: list[str]):
+    import bm25s
+
+    return bm25s.tokenize(texts, lower=True, token_pattern=BM25_TOKENS, stopwords="en", show_progress=False)
+
+
+# -- searching -------------------------------------------------------------------------------------------
+
+
+class Index:
+    """An index folder, opened for searching. ``search(query, k, mode)``: ``dense`` (the encoder), ``bm25``
+    (words) or ``hybrid`` (both, fused by reciprocal rank)."""
+
+    MODES = ("dense", "bm25", "hybrid")
+
+    def __init__(self, folder: str | os.PathLike, device="cpu"):
+        from safetensors.torch import load_file
+
+        self.folder = Path(folder)
+        if not (self.folder / "manifest.json").exists():
+            raise LmforgeError(f"{self.folder} is not an index (no manifest.json); build one with `lmforge index`")
+        self.manifest = read_json(self.folder / "manifest.json", "index manifest")
+        if self.manifest.get("format") != FORMAT:
+            raise LmforgeError(f"{self.folder}/manifest.json is not an lmforge index")
+        try:
+            self.passages = [Passage(**json.loads(line)) for line in
+                             (self.folder / "passages.jsonl").read_text("utf-8").splitlines() if line]
+            self.vectors = load_file(self.folder / "vectors.safetensors")["vectors"].to(device)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise LmforgeError(f"{self.folder} is damaged ({e}); build it again with `lmforge index`") from None
+        if len(self.passages) != self.vectors.size(0):
+            raise LmforgeError(f"{self.folder} is damaged ({len(self.passages)} passages, {self.vectors.size(0)} "
+                               f"vectors); build it again with `lmforge index`")
+        self.device = device
+        self._encoder = None
+        self._bm25 = None
+
+    def encoder(self):
+        if self._encoder is None:
+            folder = self.manifest["encoder"]
+            if not Path(folder).exists():
+                raise LmforgeError(f"the index's encoder {folder} is gone; index again with an encoder that exists")
+            if encoder_fingerprint(folder) != self.manifest["encoder_sha256"]:
+                raise LmforgeError(f"the encoder {folder} changed since {self.folder} was built; its vectors no longer "
+                                   f"match: run `lmforge index` again")
+            self._encoder = _encoder(folder, self.device)
+        return self._encoder
+
+    def embed_queries(self, queries: list[str]) -> torch.Tensor:
+        model, tokenizer = self.encoder()
+        return _embed(model, tokenizer, queries, _max_length(model), progress=False).to(self.vectors.device)
+
+    def dense(self, query: str, k: int) -> list[tuple[int, float]]:
+        scores = self.vectors @ self.embed_queries([query])[0]
+        top = torch.topk(scores, min(k, len(self.passages)))
+        return list(zip(top.indices.tolist(), top.values.tolist()))
+
+    def bm25(self, query: str, k: int) -> list[tuple[int, float]]:
+        import bm25s
+
+        if self._bm25 is None:
+            self._bm25 = bm25s.BM25.load(str(self.folder / "bm25"))
+        tokens = _bm25_tokens([query])
+        if not tokens.vocab or not any(tokens.ids):
+            return []
+        ids, scores = self._bm25.retrieve(tokens, k=min(k, len(self.passages)), show_progress=False)
+        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if s > 0]
+
+    def search(self, query: str, k: int = 5, mode: str = "dense") -> list[Hit]:
+        if mode not in self.MODES:
+            raise LmforgeError(f"search mode {mode!r} is not one of {', '.join(self.MODES)}")
+        if not query.strip():
+            raise LmforgeError("the query is empty")
+        if k < 1:
+            raise LmforgeError("k must be at least 1")
+        if mode != "hybrid":
+            found = self.dense(query, k) if mode == "dense" else self.bm25(query, k)
+            return [Hit(score, self.passages[i], rank) for rank, (i, score) in enumerate(found, 1)]
+        depth = max(k, 50)  # fuse deeper lists than asked: a passage second in both beats one first in one
+        fused: dict[int, Hit] = {}
+        for method, found in (("dense", self.dense(query, depth)), ("bm25", self.bm25(query, depth))):
+            for rank, (i, score) in enumerate(found, 1):
+                hit = fused.setdefault(i, Hit(0.0, self.passages[i]))
+                hit.score += 1 / (RRF_K + rank)
+                hit.scores[method] = score
+        ranked = sorted(fused.values(), key=lambda h: -h.score)[:k]
+        for rank, hit in enumerate(ranked, 1):
+            hit.rank = rank
+        return ranked

