@@ -152,9 +152,27 @@ def cmd_generate(args) -> None:
 def cmd_chat(args) -> None:
     from lmforge.infer.chat import chat_session
 
+    retriever = _retriever(args)
     model, tokenizer = _load_for_inference(args)
     params = _sampling_from(args, max_new_tokens=args.max_new_tokens or min(256, model.config.block_size // 2))
-    chat_session(model, tokenizer, params, args.system)
+    chat_session(model, tokenizer, params, args.system, retriever=retriever)
+
+
+def _retriever(args):
+    """The index that answers come from (--index), opened before the model loads: a wrong path fails at once."""
+    if not getattr(args, "index", None):
+        return None
+    from lmforge.infer.retrieval import Index, Retriever
+
+    return Retriever(Index(args.index), k=args.retrieve_k, min_score=args.min_score)
+
+
+def _index_options(parser) -> None:
+    parser.add_argument("--index", default=None, help="answer from this index (`lmforge index`): each turn retrieves "
+                        "passages, and the answer lists its sources")
+    parser.add_argument("--retrieve-k", type=int, default=3, help="passages put before each question (default 3)")
+    parser.add_argument("--min-score", type=float, default=0.3, help="below this cosine similarity of the closest "
+                        "passage, the answer is \"I don't know\" (default 0.3)")
 
 
 def cmd_finetune(args, extra: list[str]) -> None:
@@ -373,7 +391,7 @@ def cmd_serve(args) -> None:
     if args.int8 and args.dtype not in ("auto", "float32"):
         raise LmforgeError("--int8 quantises float32 weights; leave out --dtype or pass --dtype float32")
     serve(args.model, args.host, args.port, settings, args.int8, args.device, args.compile, args.dtype,
-          args.embedding_model)
+          args.embedding_model, _retriever(args))
 
 
 def cmd_eval(args) -> None:
@@ -554,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--device", default="auto")
     dtype_option(ch)
     ch.add_argument("--int8", action="store_true", help="int8 weights for CPU inference (PyTorch dynamic quantisation)")
+    _index_options(ch)
     ch.set_defaults(func=cmd_chat)
 
     ft = sub.add_parser(
@@ -674,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "folder serves POST /v1/embeddings only)")
     sv.add_argument("--embedding-model", default=None, metavar="ENCODER",
                     help="also answer POST /v1/embeddings with this encoder (e.g. all-MiniLM-L6-v2)")
+    _index_options(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000; 0: any free port)")
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or set LMFORGE_API_KEY)")

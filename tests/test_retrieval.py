@@ -176,3 +176,95 @@ def test_embedding_requests_that_are_wrong_get_openai_errors(embedding_server):
     response = httpx.post(embedding_server.url + "/v1/completions", json={"prompt": "hi"}, timeout=30)
     assert response.status_code == 400 and "has no generator" in response.json()["error"]["message"]
     assert [m["id"] for m in httpx.get(embedding_server.url + "/v1/models", timeout=30).json()["data"]] == ["minilm"]
+
+
+# -- answers from the index ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory, tokenizer_dir):
+    from conftest import make_hf_gpt2
+
+    return make_hf_gpt2(tmp_path_factory.mktemp("rag") / "gpt2", tokenizer_dir=tokenizer_dir, n_positions=512)
+
+
+@pytest.fixture()
+def retriever(docs, tmp_path):
+    from lmforge.infer.retrieval import Retriever
+
+    build_index([docs], MINILM, tmp_path / "index", passage_tokens=48, overlap=8, progress=False)
+    return Retriever(Index(tmp_path / "index"), k=2, min_score=0.3)
+
+
+def test_retrieval_grounds_the_last_turn_follows_up_and_says_when_it_does_not_know(retriever):
+    from lmforge.infer.retrieval import DONT_KNOW
+
+    asked = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "How do I reset my password?"}]
+    grounding = retriever.ground(asked)
+    assert grounding.refusal is None and grounding.hits[0].passage.source == "faq.jsonl:1"
+    assert grounding.messages[:1] == asked[:1] and len(grounding.messages) == 2
+    assert "[1] (faq.jsonl:1)" in grounding.messages[-1]["content"]
+    assert grounding.messages[-1]["content"].endswith("Question: How do I reset my password?")
+    # a follow-up that names nothing is read with the turns before it
+    follow = [{"role": "user", "content": "Tell me about the Pro plan."}, {"role": "assistant", "content": "It is our plan."},
+              {"role": "user", "content": "and how much does it cost?"}]
+    assert retriever.ground(follow).hits[0].passage.source == "faq.jsonl:2"
+    # nothing close enough: no passages, and the answer says so instead of inventing one
+    unrelated = retriever.ground([{"role": "user", "content": "Who painted the Sistine Chapel ceiling?"}])
+    assert unrelated.refusal == DONT_KNOW and unrelated.hits == []
+
+
+def test_chat_answers_with_sources_and_admits_what_it_does_not_know(retriever, generator):
+    import io
+
+    from lmforge.infer.chat import chat_session
+    from lmforge.infer.generate import SamplingParams
+    from lmforge.infer.retrieval import DONT_KNOW
+    from lmforge.model.checkpoint import load_model, load_tokenizer_for
+
+    model = load_model(generator)
+    lines = iter(["How much does the Pro plan cost?", "Who painted the Sistine Chapel ceiling?"])
+
+    def read(_prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    messages = chat_session(model, load_tokenizer_for(model), SamplingParams(max_new_tokens=5, temperature=0), read=read,
+                            out=out, retriever=retriever)
+    text = out.getvalue()
+    assert "sources: [1] faq.jsonl:2" in text and f"assistant> {DONT_KNOW}" in text
+    assert messages[0]["content"] == "How much does the Pro plan cost?"  # the conversation keeps the question as asked
+    assert messages[-1]["content"] == DONT_KNOW
+
+
+def test_the_server_answers_from_the_index_with_sources(retriever, generator):
+    import openai
+    from test_serve import LiveServer
+
+    from lmforge.infer.retrieval import DONT_KNOW
+    from lmforge.model.checkpoint import load_model, load_tokenizer_for
+    from lmforge.serve.server import ServerSettings, build_server_app
+
+    model = load_model(generator)
+    live = LiveServer(build_server_app(model, load_tokenizer_for(model), ServerSettings(model_name="tiny"),
+                                       retriever=retriever))
+    try:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", timeout=30, max_retries=0)
+        answer = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0,
+                                                messages=[{"role": "user", "content": "How do I reset my password?"}])
+        sources = answer.model_extra["sources"]  # an extra field: OpenAI clients keep it and need not read it
+        assert sources[0]["source"] == "faq.jsonl:1" and sources[0]["rank"] == 1 and "Reset password" in sources[0]["text"]
+        chunks = list(client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, stream=True,
+                                                     messages=[{"role": "user", "content": "How do I reset my password?"}]))
+        assert chunks[-1].model_extra["sources"][0]["source"] == "faq.jsonl:1"
+        unknown = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Who painted the "
+                                                                          "Sistine Chapel ceiling?"}])
+        assert unknown.choices[0].message.content == DONT_KNOW and unknown.model_extra["sources"] == []
+        streamed = client.chat.completions.create(model="tiny", stream=True, messages=[
+            {"role": "user", "content": "Who painted the Sistine Chapel ceiling?"}])
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == DONT_KNOW
+    finally:
+        live.stop()

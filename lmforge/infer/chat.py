@@ -34,8 +34,10 @@ def fit_conversation(tokenizer, messages: list[dict], params: SamplingParams, co
         dropped += 1
 
 
-def chat_session(model, tokenizer, params: SamplingParams, system: str | None = None, read=input, out=sys.stdout) -> list[dict]:
-    """Run the conversation loop; returns the messages when the user quits."""
+def chat_session(model, tokenizer, params: SamplingParams, system: str | None = None, read=input, out=sys.stdout,
+                 retriever=None) -> list[dict]:
+    """Run the conversation loop; returns the messages when the user quits. With a ``retriever`` (an index),
+    each answer is generated from the passages retrieved for it, which are listed after it."""
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     out.write(f"Chatting with {model.source}. {HELP}\n")
     while True:
@@ -87,7 +89,21 @@ def chat_session(model, tokenizer, params: SamplingParams, system: str | None = 
             continue
         if dropped:
             out.write(f"(dropped the {dropped} oldest message(s) to fit the context)\n")
-        prompt, sampling = chat_prompt(tokenizer, messages, params)
+        grounding = retriever.ground(messages) if retriever is not None else None
+        if grounding is not None and grounding.refusal:
+            out.write(f"assistant> {grounding.refusal}\n")
+            messages.append({"role": "assistant", "content": grounding.refusal})
+            continue
+        if grounding is not None:
+            try:  # the passages go into this turn's prompt only; the conversation keeps the question as asked
+                prompt_messages, _ = fit_conversation(tokenizer, grounding.messages, params, model.config.block_size)
+            except LmforgeError:
+                out.write("error: the retrieved passages do not fit the model's context; lower --retrieve-k\n")
+                messages.pop()
+                continue
+        else:
+            prompt_messages = messages
+        prompt, sampling = chat_prompt(tokenizer, prompt_messages, params)
         out.write("assistant> ")
         out.flush()
         answer = []
@@ -99,4 +115,6 @@ def chat_session(model, tokenizer, params: SamplingParams, system: str | None = 
         except KeyboardInterrupt:
             out.write(" [stopped]")
         out.write("\n")
+        if grounding is not None:
+            out.write("sources: " + ", ".join(f"[{h.rank}] {h.passage.source}" for h in grounding.hits) + "\n")
         messages.append({"role": "assistant", "content": "".join(answer)})

@@ -326,3 +326,71 @@ class Index:
         for rank, hit in enumerate(ranked, 1):
             hit.rank = rank
         return ranked
+
+
+# -- answering from the index ----------------------------------------------------------------------------
+
+DONT_KNOW = "I don't know: nothing in the knowledge base answers that."
+
+
+@dataclass
+class Grounding:
+    """What retrieval made of a conversation: the messages to generate from (the last user turn carries the
+    passages), the passages (its sources), or, when none is close enough, the reply that says so."""
+
+    messages: list[dict]
+    hits: list[Hit]
+    refusal: str | None = None
+
+    def sources(self) -> list[dict]:
+        return [{"rank": h.rank, "source": h.passage.source, "score": round(h.score, 6), "text": h.passage.text}
+                for h in self.hits]
+
+
+class Retriever:
+    """Retrieval-augmented answers: for each user turn, the top ``k`` passages put before the question.
+
+    The query is the last user turn when some passage is as close to it as ``min_score`` (cosine similarity by
+    the encoder). A follow-up that names nothing ("and how much does it cost?") is read together with the user
+    turns before it, when it is at least half as close on its own and the turns together reach ``min_score``.
+    Otherwise (a new topic the knowledge base does not cover) the answer is ``DONT_KNOW`` instead of whatever
+    the model would invent.
+    """
+
+    def __init__(self, index: Index, k: int = 3, min_score: float = 0.3, mode: str = "hybrid", turns: int = 3):
+        if k < 1:
+            raise LmforgeError("--retrieve-k must be at least 1")
+        if not -1 <= min_score <= 1:
+            raise LmforgeError("--min-score is a cosine similarity in [-1, 1]")
+        self.index, self.k, self.min_score, self.mode, self.turns = index, k, min_score, mode, turns
+
+    def query(self, messages: list[dict]) -> str | None:
+        """What to search for, or None when nothing in the index is close enough to the conversation's last turn."""
+        asked = [m["content"] for m in messages if m["role"] == "user" and m["content"].strip()]
+        if not asked:
+            return None
+
+        def closest(text: str) -> float:
+            best = self.index.dense(text, 1)
+            return best[0][1] if best else -1.0
+
+        alone = closest(asked[-1])
+        if alone >= self.min_score:
+            return asked[-1]
+        together = "\n".join(asked[-self.turns:])
+        if len(asked) > 1 and alone >= self.min_score / 2 and closest(together) >= self.min_score:
+            return together
+        return None
+
+    def ground(self, messages: list[dict]) -> Grounding:
+        if not messages or messages[-1]["role"] != "user":
+            return Grounding(messages, [])
+        query = self.query(messages)
+        if query is None:
+            return Grounding(messages, [], DONT_KNOW)
+        hits = self.index.search(query, self.k, self.mode)
+        context = "\n".join(f"[{h.rank}] ({h.passage.source}) {' '.join(h.passage.text.split())}" for h in hits)
+        question = messages[-1]["content"]
+        grounded = (f"Answer from these passages of the knowledge base, citing them as [1], [2], ...; if they do not "
+                    f"hold the answer, say you do not know.\n\n{context}\n\nQuestion: {question}")
+        return Grounding(messages[:-1] + [{"role": "user", "content": grounded}], hits)

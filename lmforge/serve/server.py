@@ -330,8 +330,8 @@ class Metrics:
 class OpenAIService:
     """What /v1/completions and /v1/chat/completions do: check a request, submit it, answer."""
 
-    def __init__(self, model, tokenizer, settings: ServerSettings, metrics: Metrics):
-        self.tokenizer, self.settings, self.metrics = tokenizer, settings, metrics
+    def __init__(self, model, tokenizer, settings: ServerSettings, metrics: Metrics, retriever=None):
+        self.tokenizer, self.settings, self.metrics, self.retriever = tokenizer, settings, metrics, retriever
         self.context, self.vocab_size = model.config.block_size, model.config.vocab_size
         # an encoder-decoder reads the prompt in its encoder: prompt and completion each have the whole context
         self.seq2seq = hasattr(model, "encoder") and hasattr(model, "decoder")
@@ -489,6 +489,12 @@ class OpenAIService:
                            param="messages", code="chat_not_supported")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
                     for m in body.messages]
+        extra = {}  # with an index: the passages the answer came from, a field OpenAI clients ignore
+        if self.retriever is not None:
+            grounding = await asyncio.to_thread(self.retriever.ground, messages)
+            if grounding.refusal:
+                return self.canned(body, grounding.refusal)
+            messages, extra = grounding.messages, {"sources": grounding.sources()}
         prompt, with_stops = chat_prompt(self.tokenizer, messages, SamplingParams())
         prompt_ids = self.tokenizer.encode(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or self.default_max_tokens(len(prompt_ids))
@@ -522,7 +528,8 @@ class OpenAIService:
                 if ev.text or lp:
                     yield chunk([{"index": seq.index, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}])
                 if ev.finished:
-                    yield chunk([{"index": seq.index, "delta": {}, "logprobs": None, "finish_reason": _reason(seq)}])
+                    yield chunk([{"index": seq.index, "delta": {}, "logprobs": None, "finish_reason": _reason(seq)}],
+                                **extra)
             if body.stream_options and body.stream_options.include_usage and last_request is not None:
                 yield chunk([], usage=self.usage(last_request))
 
@@ -530,9 +537,29 @@ class OpenAIService:
             return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
                     "choices": [{"index": s.index, "message": {"role": "assistant", "content": s.text},
                                  "logprobs": chat_logprobs(s), "finish_reason": _reason(s)} for s in request.sequences],
-                    "usage": self.usage(request)}
+                    "usage": self.usage(request), **extra}
 
         return await self.run(http, prompt_ids, params, stream if body.stream else None, final, "/v1/chat/completions")
+
+    def canned(self, body: ChatBody, text: str):
+        """A fixed answer (no passage of the index was close enough), shaped as a generated one."""
+        rid, created, name = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), self.settings.model_name
+        if not body.stream:
+            return {"id": rid, "object": "chat.completion", "created": created, "model": name,
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                                 "finish_reason": "stop"} for i in range(body.n)],
+                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}, "sources": []}
+
+        def events():
+            for i in range(body.n):
+                for delta, reason in (({"role": "assistant", "content": ""}, None), ({"content": text}, None),
+                                      ({}, "stop")):
+                    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                             "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+                    yield f"data: {json.dumps({**chunk, **({'sources': []} if reason else {})})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     def _token_entry(self, token: int, logprob: float) -> dict:
         text = self.token_text(token)
@@ -558,10 +585,11 @@ def _text_of(content: str | list[ContentPart] | None) -> str:
 
 
 def create_app(model, tokenizer, settings: ServerSettings | None = None, compile: bool = False, engine_thread: bool = True,
-               embedder=None):
+               embedder=None, retriever=None):
     """The FastAPI application serving ``model``; its engine worker starts with it (in a thread of its
     own, or, without ``engine_thread``, waiting for the caller to ``run()`` it). ``embedder`` (an
-    ``Embedder``) answers /v1/embeddings; with no ``model`` the server answers only that."""
+    ``Embedder``) answers /v1/embeddings; with no ``model`` the server answers only that. With a ``retriever``
+    (an index) chat answers come from retrieved passages and carry them as ``sources``."""
     from contextlib import asynccontextmanager
 
     settings = settings or ServerSettings()
@@ -569,7 +597,7 @@ def create_app(model, tokenizer, settings: ServerSettings | None = None, compile
     service = None
     if model is not None:
         engine = Engine(model, tokenizer, max_batch=settings.max_batch, compile=compile, isolate_failures=True)
-        service = OpenAIService(model, tokenizer, settings, metrics)
+        service = OpenAIService(model, tokenizer, settings, metrics, retriever)
     created = int(time.time())
 
     @asynccontextmanager
@@ -789,9 +817,9 @@ class BodyLimit:
 
 
 def build_server_app(model, tokenizer, settings: ServerSettings, compile: bool = False, engine_thread: bool = True,
-                     embedder=None):
+                     embedder=None, retriever=None):
     """The app with its ASGI middleware: API key and counting outside, then the body size limit."""
-    app = create_app(model, tokenizer, settings, compile, engine_thread, embedder)
+    app = create_app(model, tokenizer, settings, compile, engine_thread, embedder, retriever)
     paths = {route.path for route in app.routes}
     wrapped = AuthAndCount(BodyLimit(app, settings.max_body_bytes), settings, app.state.metrics, paths)
     wrapped.fastapi = app
@@ -845,19 +873,19 @@ def _free_port(family, host: str) -> int:
 
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
           int8: bool = False, device: str = "auto", compile: bool = False, dtype: str = "auto",
-          embedding_model: str | os.PathLike | None = None) -> None:
+          embedding_model: str | os.PathLike | None = None, retriever=None) -> None:
     """Load ``model_dir`` (weights in ``dtype``: auto, float32, bfloat16, float16) and serve it until interrupted;
     an encoder folder (as ``model_dir`` or ``embedding_model``) answers /v1/embeddings."""
     settings = settings or ServerSettings()
     sock = listen(host, port)  # before the model loads: a busy port is known at once
     try:
-        _serve_on(sock, model_dir, settings, int8, device, compile, dtype, embedding_model)
+        _serve_on(sock, model_dir, settings, int8, device, compile, dtype, embedding_model, retriever)
     finally:
         sock.close()
 
 
 def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bool, device: str, compile: bool,
-              dtype: str = "auto", embedding_model=None) -> None:
+              dtype: str = "auto", embedding_model=None, retriever=None) -> None:
     import sys
 
     import uvicorn
@@ -896,7 +924,10 @@ def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bo
         settings.model_name = Path(model_dir).resolve().name
     if model is None:
         embedder.name = settings.model_name  # (--name names the one model this server has)
-    app = build_server_app(model, tokenizer, settings, compile, engine_thread=False, embedder=embedder)
+    if retriever is not None and model is None:
+        raise LmforgeError("--index answers chat from passages: give a decoder --model to answer with")
+    app = build_server_app(model, tokenizer, settings, compile, engine_thread=False, embedder=embedder,
+                           retriever=retriever)
     # The engine runs here, on the main thread, which already ran the model's first torch operations;
     # uvicorn (which only tokenizes) gets a thread. Torch ops on a second thread run ~3x slower on small
     # CPUs, because the main thread's idle OpenMP team keeps spinning (measured: 341 vs 115 ms).
