@@ -164,7 +164,7 @@ def _retriever(args):
         return None
     from lmforge.infer.retrieval import Index, Retriever
 
-    return Retriever(Index(args.index), k=args.retrieve_k, min_score=args.min_score)
+    return Retriever(Index(args.index), k=args.retrieve_k, min_score=args.min_score, mode=args.retrieve_mode)
 
 
 def _index_options(parser) -> None:
@@ -173,6 +173,8 @@ def _index_options(parser) -> None:
     parser.add_argument("--retrieve-k", type=int, default=3, help="passages put before each question (default 3)")
     parser.add_argument("--min-score", type=float, default=0.3, help="below this cosine similarity of the closest "
                         "passage, the answer is \"I don't know\" (default 0.3)")
+    parser.add_argument("--retrieve-mode", choices=["dense", "bm25", "hybrid"], default="dense",
+                        help="how passages are ranked (see `lmforge search --mode`; default dense)")
 
 
 def cmd_finetune(args, extra: list[str]) -> None:
@@ -660,8 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("index", help="an index folder written by `lmforge index`")
     se.add_argument("query", help="the question, or - to read it from stdin")
     se.add_argument("-k", type=int, default=5, help="passages to show (default 5)")
-    se.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default="hybrid",
-                    help="dense: by meaning (the encoder); bm25: by words; hybrid (default): both, fused by reciprocal rank")
+    se.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default="dense",
+                    help="dense (default): by meaning (the encoder); bm25: by words (product codes, error numbers); "
+                         "hybrid: both, fused by reciprocal rank")
     se.add_argument("--json", action="store_true", help="one JSON object per passage")
     se.set_defaults(func=cmd_search)
 

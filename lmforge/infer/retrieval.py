@@ -357,7 +357,7 @@ class Retriever:
     the model would invent.
     """
 
-    def __init__(self, index: Index, k: int = 3, min_score: float = 0.3, mode: str = "hybrid", turns: int = 3):
+    def __init__(self, index: Index, k: int = 3, min_score: float = 0.3, mode: str = "dense", turns: int = 3):
         if k < 1:
             raise LmforgeError("--retrieve-k must be at least 1")
         if not -1 <= min_score <= 1:
