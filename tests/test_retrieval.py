@@ -268,3 +268,71 @@ def test_the_server_answers_from_the_index_with_sources(retriever, generator):
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == DONT_KNOW
     finally:
         live.stop()
+
+
+# -- fine-tuning the retriever ---------------------------------------------------------------------------
+
+
+def pairs_file(path: Path) -> str:
+    rows = [{"query": r["question"], "positive": r["answer"]} for r in FAQ]
+    rows += [{"query": "When does my order leave the warehouse?", "positive": "Orders leave within two working days."},
+             {"query": "Is return shipping free?", "positive": "The return label is free for members of the Pro plan."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    return str(path)
+
+
+def test_the_contrastive_loss_is_sentence_transformers_multiple_negatives_ranking_loss():
+    from sentence_transformers import SentenceTransformer, losses
+
+    from lmforge.model.checkpoint import load_model, load_tokenizer_for
+    from lmforge.train.finetune import Contrastive
+
+    queries, docs = [r["question"] for r in FAQ], [r["answer"] for r in FAQ]
+    st = SentenceTransformer(str(MINILM), device="cpu")
+    theirs = losses.MultipleNegativesRankingLoss(st)([st.tokenize(queries), st.tokenize(docs)], None)
+
+    model, tokenizer = load_model(MINILM), load_tokenizer_for(load_model(MINILM))
+    objective = Contrastive.__new__(Contrastive)  # the loss alone, on a batch made as the objective makes them
+    objective.model, objective.tokenizer, objective.max_length = model, tokenizer, 256
+    features = objective.featurize([{"query": q, "positive": d} for q, d in zip(queries, docs)])
+    objective.train_features = features
+    ours, metrics = objective.loss(model, objective.collate(list(range(len(features)))))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert 0 <= metrics["in_batch_accuracy"] <= 1
+
+
+def test_finetuning_the_encoder_on_pairs_saves_a_folder_index_and_sentence_transformers_take(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from lmforge.train.finetune import finetune
+
+    data = pairs_file(tmp_path / "pairs.jsonl")
+    finetune(model=str(MINILM), train=data, out=str(tmp_path / "run"), max_steps=3, micro_batch_size=8, lr=5e-5,
+             warmup_steps=1, eval_interval=3, checkpoint_interval=3, val_fraction=0.25, dtype="float32", threads=1,
+             tensorboard=False, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert all(0 <= r["val_recall_at_1"] <= 1 and 0 < r["val_mrr"] <= 1 for r in records if "val_mrr" in r)
+    folder = tmp_path / "run" / "checkpoints" / "step_0000003" / "model"
+    assert (folder / "modules.json").exists() and (folder / "sentence_bert_config.json").exists()
+    texts = ["How much does the Pro plan cost?", "returns are free for Pro members"]
+    from lmforge.model.checkpoint import load_model, load_tokenizer_for
+    from lmforge.model.encoder import embed
+
+    tuned = load_model(folder)
+    ours = embed(tuned, load_tokenizer_for(tuned), texts, max_length=256)
+    theirs = torch.from_numpy(SentenceTransformer(str(folder), device="cpu").encode(texts, normalize_embeddings=True))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    base = load_model(MINILM)
+    assert not torch.allclose(ours, embed(base, load_tokenizer_for(base), texts, max_length=256), atol=1e-4)  # it moved
+    (tmp_path / "shipping.md").write_text(SHIPPING)
+    result = build_index([tmp_path / "shipping.md"], folder, tmp_path / "index", progress=False)
+    assert result["passages"] == 1 and Index(tmp_path / "index").manifest["encoder"] == str(folder.resolve())
+
+
+def test_retrieval_pairs_need_an_encoder(tmp_path, hf_gpt2):
+    from lmforge.train.finetune import finetune
+
+    with pytest.raises(LmforgeError, match="is not an encoder; .* pairs train a sentence encoder"):
+        finetune(model=str(hf_gpt2), train=pairs_file(tmp_path / "p.jsonl"), out=str(tmp_path / "run"), max_steps=1,
+                 progress=False, tensorboard=False)

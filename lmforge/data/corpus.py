@@ -111,6 +111,23 @@ def read_text_file(path: str | os.PathLike) -> str:
     return text
 
 
+def jsonl_objects(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSON-lines file; a line that is not a JSON object is an
+    error naming ``path:line``."""
+    rows = []
+    for lineno, line in enumerate(read_text_file(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise LmforgeError(f"{path}:{lineno}: each line must be a JSON object")
+        rows.append((lineno, row))
+    return rows
+
+
 def text_from_os(value: str, where: str) -> str:
     """Text from the command line, the terminal or stdin read as ``str``: bytes that were not UTF-8 arrive as
     lone surrogates (Python's surrogateescape), which no tokenizer takes. They become U+FFFD, counted in the

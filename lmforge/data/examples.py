@@ -1,10 +1,11 @@
-"""Fine-tuning examples: JSONL (one object per line), CSV or Parquet, five formats told apart by their fields.
+"""Fine-tuning examples: JSONL (one object per line), CSV or Parquet, six formats told apart by their fields.
 
     chat            {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
     instruction     {"prompt": ..., "completion": ...}
     classification  {"text": ..., "label": ...}   (label a string or an integer; "text_pair" optional)
     seq2seq         {"source": ..., "target": ...}   (an encoder-decoder: translation, summarisation)
     qa              {"question": ..., "context": ..., "answers": {"text": [...], "answer_start": [...]}}
+    retrieval       {"query": ..., "positive": ...}   (a sentence encoder for search, in-batch negatives)
 
 A malformed example is an error naming its line (or row) and what was expected; with
 ``skip_bad_lines`` it is counted and skipped instead. In CSV files, the nested fields
@@ -29,6 +30,7 @@ FORMATS = {
     "classification": ("text", "label"),
     "qa": ("question", "context", "answers"),
     "seq2seq": ("source", "target"),
+    "retrieval": ("query", "positive"),
 }
 EXPECTED = {
     "chat": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
@@ -36,6 +38,7 @@ EXPECTED = {
     "classification": '{"text": "...", "label": "positive"} (optionally "text_pair")',
     "qa": '{"question": "...", "context": "...", "answers": {"text": ["..."], "answer_start": [0]}}',
     "seq2seq": '{"source": "...", "target": "..."} (an encoder-decoder also takes prompt/completion)',
+    "retrieval": '{"query": "...", "positive": "..."} (a passage that answers the query)',
 }
 ROLES = ("system", "user", "assistant")
 
@@ -82,6 +85,11 @@ def _check(task: str, row: dict) -> str | None:
             return "'prompt' and 'completion' must be strings"
         if not row["completion"]:
             return "'completion' is empty"
+    elif task == "retrieval":
+        if not isinstance(row["query"], str) or not isinstance(row["positive"], str):
+            return "'query' and 'positive' must be strings"
+        if not row["query"].strip() or not row["positive"].strip():
+            return "'query' and 'positive' must not be empty"
     elif task == "classification":
         if not isinstance(row["text"], str):
             return "'text' must be a string"

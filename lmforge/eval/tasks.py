@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import json
 import os
 import random
 import re
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from lmforge.data.corpus import read_text_file
+from lmforge.data.corpus import jsonl_objects, read_text_file
 from lmforge.errors import LmforgeError
 
 TYPES = ("multiple_choice", "classification", "generate", "regression", "perplexity")
@@ -197,18 +196,7 @@ def _render(template: str, doc: dict, task: str) -> str:
 def read_jsonl(path: Path, task: str) -> list[dict]:
     if not path.exists():
         raise LmforgeError(f"task {task}: data file {path} does not exist")
-    docs = []
-    for lineno, line in enumerate(read_text_file(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(doc, dict):
-            raise LmforgeError(f"{path}:{lineno}: each line must be a JSON object")
-        docs.append(doc)
-    return docs
+    return [doc for _, doc in jsonl_objects(path)]
 
 
 _SPEC_KEYS = {"task", "version", "type", "data", "fewshot_data", "prompt", "choices", "target", "target_delimiter",

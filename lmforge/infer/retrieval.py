@@ -71,13 +71,6 @@ def document_files(paths: list[str | os.PathLike]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LmforgeError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it or leave it out") from None
-
-
 def split_passages(text: str, tokenizer, size: int, overlap: int, source: str, first_line: int | None = 1) -> list[Passage]:
     """Windows of ``size`` tokens of ``text``, each starting ``size - overlap`` tokens after the last, as
     spans of the original text (cut at token boundaries, so nothing is re-detokenised). Each is sourced
@@ -101,19 +94,12 @@ def split_passages(text: str, tokenizer, size: int, overlap: int, source: str, f
 
 def read_passages(path: Path, tokenizer, size: int, overlap: int, name: str) -> list[Passage]:
     """The passages of one document file (``name``: how sources call it)."""
-    text = _read_text(path)
+    from lmforge.data.corpus import jsonl_objects, read_text_file
+
     if path.suffix.lower() != ".jsonl":
-        return split_passages(text, tokenizer, size, overlap, name)
+        return split_passages(read_text_file(path), tokenizer, size, overlap, name)
     passages = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise LmforgeError(f"{path}:{lineno} is not a JSON object")
+    for lineno, row in jsonl_objects(path):
         if isinstance(row.get("question"), str) and isinstance(row.get("answer"), str):
             question, answer = row["question"].strip(), row["answer"].strip()
             if question and answer:
@@ -198,7 +184,7 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
     reusable = previous and previous.get("encoder_sha256") == fingerprint and previous.get("passages") == settings
     old_passages, old_vectors = [], None
     if reusable:
-        old_passages = [Passage(**json.loads(line)) for line in (out / "passages.jsonl").read_text("utf-8").splitlines() if line]
+        old_passages = _stored_passages(out)
         old_vectors = load_file(out / "vectors.safetensors")["vectors"]
     common = os.path.commonpath([str(f.resolve().parent) for f in files])
     passages: list[Passage] = []
@@ -240,6 +226,10 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
     return {"out": str(out), "files": len(files), "passages": len(passages), "embedded": len(to_embed), "reused": reused}
 
 
+def _stored_passages(folder: Path) -> list[Passage]:
+    return [Passage(**json.loads(line)) for line in (folder / "passages.jsonl").read_text("utf-8").splitlines() if line]
+
+
 def _bm25_tokens(texts: list[str]):
     import bm25s
 
@@ -265,8 +255,7 @@ class Index:
         if self.manifest.get("format") != FORMAT:
             raise LmforgeError(f"{self.folder}/manifest.json is not an lmforge index")
         try:
-            self.passages = [Passage(**json.loads(line)) for line in
-                             (self.folder / "passages.jsonl").read_text("utf-8").splitlines() if line]
+            self.passages = _stored_passages(self.folder)
             self.vectors = load_file(self.folder / "vectors.safetensors")["vectors"].to(device)
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise LmforgeError(f"{self.folder} is damaged ({e}); build it again with `lmforge index`") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -505,6 +506,110 @@ class Classification(Finetune):
                 f"macro-F1 {record['val_macro_f1']:.4f}, MCC {record['val_mcc']:.4f}")
 
 
+# -- a retriever's encoder ------------------------------------------------------------------------
+
+
+class Contrastive(Finetune):
+    """Sentence embeddings for retrieval, from ``{"query", "positive"}`` pairs: each query's embedding is pulled
+    towards its positive's and pushed from the micro-batch's other positives (in-batch negatives; the loss of
+    sentence-transformers' MultipleNegativesRankingLoss: cross-entropy over ``scale`` × cosine similarities).
+    Embeddings are mean-pooled and normalised, as `lmforge embed` and `lmforge index` make them, so a folder
+    saved from here indexes better. The negatives are a micro-batch's rows: its size matters, not only the step's."""
+
+    task = "retrieval"
+    scale = 20.0  # sentence-transformers' default: cosine similarities in [-1, 1] become logits in [-20, 20]
+
+    def setup(self, train_rows: list, val_rows: list) -> None:
+        if not isinstance(self.model, Encoder):
+            raise LmforgeError(f"{self.config.model} is not an encoder; {{\"query\", \"positive\"}} pairs train a sentence "
+                               f"encoder for retrieval (a bert folder such as all-MiniLM-L6-v2)")
+        if self.config.method == "linear-probe":
+            raise LmforgeError("--method linear-probe trains a task head; retrieval has none: use full or lora")
+        from lmforge.model.encoder import declared_max_length
+
+        declared = declared_max_length(Path(self.config.model))
+        self.max_length = min(self.max_length, declared) if declared else self.max_length
+        self.train_features, self.val_features = self.featurize(train_rows), self.featurize(val_rows)
+        self.n_train, self.n_val = len(self.train_features), len(self.val_features)
+
+    def featurize(self, rows: list) -> list[tuple[list[int], list[int]]]:
+        def ids(text: str) -> list[int]:
+            out = self.tokenizer.encode(text, add_special_tokens=True)
+            return out if len(out) <= self.max_length else out[: self.max_length - 1] + out[-1:]  # keep [SEP]
+
+        return [(ids(r["query"]), ids(r["positive"])) for r in rows]
+
+    def side(self, features, indices: list[int], which: int) -> dict:
+        rows = [features[i][which] for i in indices]
+        ids = _pad(rows, self.model.config.pad_token_id or 0)
+        lengths = torch.tensor([len(r) for r in rows])
+        return {"ids": ids, "mask": (torch.arange(ids.size(1))[None] < lengths[:, None]).long()}
+
+    def collate(self, indices: list[int], features=None) -> dict:
+        features = self.train_features if features is None else features
+        q, d = self.side(features, indices, 0), self.side(features, indices, 1)
+        return {"query_ids": q["ids"], "query_mask": q["mask"], "doc_ids": d["ids"], "doc_mask": d["mask"]}
+
+    def batches(self, rank: int, world_size: int):
+        c = self.config
+        return ExampleBatches(self.n_train, c.micro_batch_size, c.seed, rank, world_size, c.grad_accum_steps, self.collate)
+
+    @staticmethod
+    def embed(model, ids, mask) -> torch.Tensor:
+        from lmforge.model.encoder import mean_pool
+
+        return F.normalize(mean_pool(model.encode(ids, mask), mask).float(), dim=-1)
+
+    def loss(self, model, batch):
+        queries = self.embed(model, batch["query_ids"], batch["query_mask"])
+        docs = self.embed(model, batch["doc_ids"], batch["doc_mask"])
+        scores = self.scale * queries @ docs.T  # (B, B): row i's positive is column i
+        target = torch.arange(len(scores), device=scores.device)
+        accuracy = (scores.argmax(-1) == target).float().mean()
+        return F.cross_entropy(scores, target), {"in_batch_accuracy": accuracy}
+
+    def loss_weight(self, batch) -> float:
+        return float(batch["query_ids"].size(0))
+
+    def batch_tokens(self, batch) -> int:
+        return int(batch["query_mask"].sum() + batch["doc_mask"].sum())
+
+    @torch.no_grad()
+    def evaluate(self, dist_: Distributed, autocast) -> dict | None:
+        """Each validation query searched among all the validation positives: recall@1, MRR, and the loss."""
+        if not self.val_features:
+            return None
+        self.model.eval()
+        queries, docs = [], []
+        with autocast:
+            for i in range(0, self.n_val, self.config.micro_batch_size):
+                b = _to(self.collate(list(range(i, min(i + self.config.micro_batch_size, self.n_val))), self.val_features),
+                        self.device)
+                queries.append(self.embed(self.model, b["query_ids"], b["query_mask"]))
+                docs.append(self.embed(self.model, b["doc_ids"], b["doc_mask"]))
+        self.model.train()
+        scores = torch.cat(queries) @ torch.cat(docs).T
+        target = torch.arange(len(scores), device=scores.device)
+        right = scores.gather(1, target[:, None])
+        ranks = (scores > right).sum(1) + 1
+        return {"val_loss": F.cross_entropy(self.scale * scores, target).item(),
+                "val_recall_at_1": (ranks == 1).float().mean().item(), "val_mrr": (1.0 / ranks).mean().item()}
+
+    def format_eval(self, record: dict) -> str:
+        return (f"val loss {record['val_loss']:.4f}, recall@1 {record['val_recall_at_1']:.4f} "
+                f"(among {self.n_val}), MRR {record['val_mrr']:.4f}")
+
+    def save(self, folder: Path) -> None:
+        super().save(folder)
+        if self.config.method != "lora":  # a sentence-transformers base: the fine-tuned folder loads there too
+            base = Path(self.config.model)
+            for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+                if (base / name).is_file():
+                    shutil.copy(base / name, folder / name)
+            if (base / "1_Pooling").is_dir():
+                shutil.copytree(base / "1_Pooling", folder / "1_Pooling", dirs_exist_ok=True)
+
+
 # -- extractive question answering ----------------------------------------------------------------
 
 
@@ -677,7 +782,8 @@ class Seq2Seq(Finetune):
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
 
-OBJECTIVES = {"chat": SFT, "instruction": SFT, "classification": Classification, "qa": QA, "seq2seq": Seq2Seq}
+OBJECTIVES = {"chat": SFT, "instruction": SFT, "classification": Classification, "qa": QA, "seq2seq": Seq2Seq,
+              "retrieval": Contrastive}
 # What the checkpoint's model (or adapter) and optimizer state were built for: --resume refuses to change them.
 FIXED_ON_RESUME = ("model", "task", "method", "labels", "pooling", "freeze_layers", "train_layers",
                    "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
