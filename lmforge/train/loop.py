@@ -221,7 +221,6 @@ class Objective:
     eval_interval_name = "val_loss"  # the metric printed at each evaluation
     unshardable = ""  # why the objective cannot run under FSDP, when it cannot
 
-
     def batches(self, rank: int, world_size: int):
         """A stream with next_batch(device), state_dict() and load_state_dict()."""
         raise NotImplementedError
@@ -647,10 +646,11 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
             last_micro = micro == config.grad_accum_steps - 1
             # Gradients are all-reduced across ranks only on the last micro-batch.
             # The run's first micro-batch counts what autograd keeps for the backward pass (plan --measured).
-            if measured is None and micro == 0:
+            counting = measured is None and micro == 0
+            if counting:
                 saved = SavedForBackward()
             with no_sync(train_model, dist_, last_micro):
-                with autocast, saved if measured is None and micro == 0 else nullcontext():
+                with autocast, saved if counting else nullcontext():
                     loss = objective.loss(train_model, batch)
                 loss, metrics = loss if isinstance(loss, tuple) else (loss, {})
                 share = weights[micro] * dist_.world_size / total_weight if total_weight > 0 else 0.0
