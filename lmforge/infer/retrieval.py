@@ -6,6 +6,8 @@
     INDEX/passages.jsonl       one passage a line: text, source ("file:line"), and for FAQ rows the answer
     INDEX/vectors.safetensors  "vectors": (passages, width) float32, L2-normalised
     INDEX/bm25/                the BM25 index of the same passages
+    INDEX/ann.faiss            with --ann: an approximate (HNSW, from FAISS) index of the vectors, for collections
+                               too large to search exactly at interactive speed
 
 Documents: ``.txt`` and ``.md`` files (cut into passages of ``passage_tokens`` encoder tokens, ``overlap``
 tokens shared between neighbours), and ``.jsonl`` files whose rows are FAQ pairs ``{"question", "answer"}``
@@ -158,8 +160,29 @@ def _max_length(model) -> int | None:
     return declared_max_length(model.source)
 
 
+ANN_NEIGHBOURS = 32  # HNSW's M: links per vector (FAISS's default for IndexHNSWFlat is 32 too)
+ANN_SEARCH_DEPTH = 128  # HNSW's efSearch floor
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise LmforgeError("--ann needs FAISS: pip install 'lmforge[ann]' (or faiss-cpu)") from None
+    return faiss
+
+
+def build_ann(vectors: torch.Tensor, path: Path) -> None:
+    """An HNSW graph over the (normalised) vectors, by inner product, written to ``path``."""
+    faiss = _faiss()
+    graph = faiss.IndexHNSWFlat(vectors.size(1), ANN_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+    graph.hnsw.efConstruction = 200
+    graph.add(vectors.float().numpy())
+    faiss.write_index(graph, str(path))
+
+
 def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: str | os.PathLike, *,
-                passage_tokens: int = 200, overlap: int = 40, progress: bool = True) -> dict:
+                passage_tokens: int = 200, overlap: int = 40, ann: bool = False, progress: bool = True) -> dict:
     """Index the documents under ``paths`` with the encoder folder ``model`` into the folder ``out``.
 
     When ``out`` is an index made with the same encoder and passage settings, the passages of files whose
@@ -168,6 +191,8 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
     import bm25s
     from safetensors.torch import load_file, save_file
 
+    if ann:
+        _faiss()  # before any work: a missing library is said at once
     if passage_tokens < 8 or not 0 <= overlap < passage_tokens:
         raise LmforgeError("--passage-tokens must be at least 8 and --overlap in [0, passage-tokens)")
     out = Path(out)
@@ -219,9 +244,12 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
         lexical = bm25s.BM25()
         lexical.index(_bm25_tokens([p.text for p in passages]), show_progress=False)
         lexical.save(str(tmp / "bm25"))
+        if ann:
+            build_ann(matrix, tmp / "ann.faiss")
         atomic_write_json(tmp / "manifest.json", {
             "format": FORMAT, "encoder": str(Path(model).resolve()), "encoder_sha256": fingerprint,
             "passages": settings, "count": len(passages), "dim": matrix.size(1), "files": entries,
+            **({"ann": {"kind": "hnsw", "neighbours": ANN_NEIGHBOURS}} if ann else {}),
         })
     return {"out": str(out), "files": len(files), "passages": len(passages), "embedded": len(to_embed), "reused": reused}
 
@@ -245,7 +273,8 @@ class Index:
 
     MODES = ("dense", "bm25", "hybrid")
 
-    def __init__(self, folder: str | os.PathLike, device="cpu"):
+    def __init__(self, folder: str | os.PathLike, device="cpu", exact: bool = False):
+        """``exact``: search every vector even when the index has an approximate (``--ann``) graph."""
         from safetensors.torch import load_file
 
         self.folder = Path(folder)
@@ -265,6 +294,9 @@ class Index:
         self.device = device
         self._encoder = None
         self._bm25 = None
+        self.ann = None
+        if self.manifest.get("ann") and not exact:
+            self.ann = _faiss().read_index(str(self.folder / "ann.faiss"))
 
     def encoder(self):
         if self._encoder is None:
@@ -282,8 +314,17 @@ class Index:
         return _embed(model, tokenizer, queries, _max_length(model), progress=False).to(self.vectors.device)
 
     def dense(self, query: str, k: int) -> list[tuple[int, float]]:
-        scores = self.vectors @ self.embed_queries([query])[0]
-        top = torch.topk(scores, min(k, len(self.passages)))
+        return self.nearest(self.embed_queries([query])[0], k)
+
+    def nearest(self, vector: torch.Tensor, k: int) -> list[tuple[int, float]]:
+        """The ``k`` passages of largest inner product with ``vector``: exact, or by the HNSW graph (``--ann``)."""
+        k = min(k, len(self.passages))
+        if self.ann is not None:
+            # candidates kept while walking the graph: recall against time (bench/RESULTS.md measures both)
+            self.ann.hnsw.efSearch = max(ANN_SEARCH_DEPTH, 4 * k)
+            scores, ids = self.ann.search(vector.float().cpu().numpy()[None], k)
+            return [(int(i), float(v)) for i, v in zip(ids[0], scores[0]) if i >= 0]
+        top = torch.topk(self.vectors @ vector, k)
         return list(zip(top.indices.tolist(), top.values.tolist()))
 
     def bm25(self, query: str, k: int) -> list[tuple[int, float]]:
