@@ -160,10 +160,14 @@ def cmd_chat(args) -> None:
 
 def _retriever(args):
     """The index that answers come from (--index), opened before the model loads: a wrong path fails at once."""
+    from lmforge.infer.retrieval import Index, Retriever, Router
+
+    if getattr(args, "route", None):
+        if args.index:
+            raise LmforgeError("give --index or --route, not both (a routes file names an index per intent)")
+        return Router(args.route, min_score=args.min_score, mode=args.retrieve_mode, k=args.retrieve_k)
     if not getattr(args, "index", None):
         return None
-    from lmforge.infer.retrieval import Index, Retriever
-
     return Retriever(Index(args.index), k=args.retrieve_k, min_score=args.min_score, mode=args.retrieve_mode)
 
 
@@ -175,6 +179,9 @@ def _index_options(parser) -> None:
                         "passage, the answer is \"I don't know\" (default 0.3)")
     parser.add_argument("--retrieve-mode", choices=["dense", "bm25", "hybrid"], default="dense",
                         help="how passages are ranked (see `lmforge search --mode`; default dense)")
+    parser.add_argument("--route", default=None, metavar="ROUTES.yaml",
+                        help="intent routing: a classifier picks, for each turn, the index that answers it or a fixed "
+                             "answer (see README)")
 
 
 def cmd_finetune(args, extra: list[str]) -> None:

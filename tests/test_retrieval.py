@@ -362,3 +362,45 @@ def test_an_approximate_index_finds_what_exact_search_finds(docs, tmp_path, caps
     queries = torch.nn.functional.normalize(vectors[:200] + 0.1 * torch.randn(200, 384), dim=1)
     found = sum(len({i for i, _ in graph.nearest(q, 10)} & {i for i, _ in exact.nearest(q, 10)}) for q in queries)
     assert found / 2000 > 0.9
+
+
+INTENTS = {
+    "billing": ["How much does it cost?", "What is the price of the Pro plan?", "Can I pay by card?",
+                "Why was I charged twice?", "I want a refund of my payment", "Is there a yearly price?",
+                "How do I change my billing address?", "Do you send invoices?"],
+    "shipping": ["When will my parcel arrive?", "How long does delivery take?", "Do you ship to Norway?",
+                 "Where is my order?", "Is express delivery available?", "How do I return an item?",
+                 "My package is late", "Can I track my shipment?"],
+    "greeting": ["hello", "hi there", "good morning", "hey!", "hello, anyone there?", "hi", "good evening",
+                 "greetings"],
+}
+
+
+def test_intent_routing_sends_each_turn_to_its_index_or_fixed_answer(docs, tmp_path):
+    from lmforge.infer.retrieval import Router
+    from lmforge.train.finetune import finetune
+
+    rows = [{"text": t, "label": label} for label, texts in INTENTS.items() for t in texts]
+    (tmp_path / "intents.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    finetune(model=str(MINILM), train=str(tmp_path / "intents.jsonl"), out=str(tmp_path / "intent"), method="linear-probe",
+             max_steps=150, lr=3e-2, micro_batch_size=8, val_fraction=0.0, eval_interval=150, checkpoint_interval=150,
+             dtype="float32", threads=1, tensorboard=False, progress=False)
+    build_index([docs / "faq.jsonl"], MINILM, tmp_path / "billing.index", progress=False)
+    build_index([docs / "shipping.md"], MINILM, tmp_path / "shipping.index", progress=False)
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("classifier: intent\nroutes:\n  billing: {index: billing.index}\n  shipping: {index: shipping.index}\n"
+                      "  greeting: {answer: \"Hello! How can I help?\"}\n")
+    router = Router(routes)
+    hello = router.ground([{"role": "user", "content": "hello there"}])
+    assert (hello.intent, hello.refusal) == ("greeting", "Hello! How can I help?")
+    parcel = router.ground([{"role": "user", "content": "how long until my delivery arrives?"}])
+    assert parcel.intent == "shipping" and parcel.hits and all(h.passage.source.startswith("shipping.md") for h in parcel.hits)
+    price = router.ground([{"role": "user", "content": "what is the price of the pro plan?"}])
+    assert price.intent == "billing" and price.hits[0].passage.source == "faq.jsonl:2"
+
+    routes.write_text("classifier: intent\nroutes:\n  refunds: {index: billing.index}\n")
+    with pytest.raises(LmforgeError, match="refunds not among the classifier's labels"):
+        Router(routes)
+    routes.write_text("classifier: intent\nroutes:\n  billing: billing.index\n")
+    with pytest.raises(LmforgeError, match=r"route 'billing' must be \{index: INDEX\} or \{answer: TEXT\}"):
+        Router(routes)

@@ -116,5 +116,6 @@ def chat_session(model, tokenizer, params: SamplingParams, system: str | None = 
             out.write(" [stopped]")
         out.write("\n")
         if grounding is not None:
-            out.write("sources: " + ", ".join(f"[{h.rank}] {h.passage.source}" for h in grounding.hits) + "\n")
+            routed = f" (intent: {grounding.intent})" if grounding.intent is not None else ""
+            out.write("sources: " + ", ".join(f"[{h.rank}] {h.passage.source}" for h in grounding.hits) + routed + "\n")
         messages.append({"role": "assistant", "content": "".join(answer)})

@@ -373,7 +373,8 @@ class Grounding:
 
     messages: list[dict]
     hits: list[Hit]
-    refusal: str | None = None
+    refusal: str | None = None  # the answer to give instead of generating one
+    intent: str | None = None  # the label intent routing gave the turn
 
     def sources(self) -> list[dict]:
         return [{"rank": h.rank, "source": h.passage.source, "score": round(h.score, 6), "text": h.passage.text}
@@ -427,3 +428,94 @@ class Retriever:
         grounded = (f"Answer from these passages of the knowledge base, citing them as [1], [2], ...; if they do not "
                     f"hold the answer, say you do not know.\n\n{context}\n\nQuestion: {question}")
         return Grounding(messages[:-1] + [{"role": "user", "content": grounded}], hits)
+
+
+# -- intent routing --------------------------------------------------------------------------------------
+
+
+class IntentClassifier:
+    """A classification folder from `lmforge finetune` (an encoder or a decoder with a sequence-classification
+    head): the label of a text."""
+
+    def __init__(self, folder: str | os.PathLike, device="cpu"):
+        from lmforge.model.checkpoint import load_model, load_tokenizer_for
+
+        self.model = load_model(folder, device)
+        if getattr(self.model.config, "head", None) != "sequence_classification":
+            raise LmforgeError(f"{folder} is not a classifier; train one with `lmforge finetune` on "
+                               f'{{"text", "label"}} rows')
+        self.tokenizer = load_tokenizer_for(self.model)
+        labels = self.model.config.labels
+        self.labels = list(labels) if labels else [str(i) for i in range(self.model.config.num_labels)]
+
+    @torch.no_grad()
+    def label(self, text: str) -> str:
+        from lmforge.model.encoder import Encoder
+
+        model, tok = self.model, self.tokenizer
+        limit = model.config.block_size
+        device = next(model.parameters()).device
+        if isinstance(model, Encoder):
+            ids = tok.encode(text, add_special_tokens=True)
+            ids = ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:]
+            logits = model(torch.tensor([ids], device=device), torch.ones(1, len(ids), dtype=torch.long, device=device)).logits
+        else:
+            ids = tok.encode(text)
+            if tok.eos_id is not None and model.config.pad_token_id != tok.eos_id:
+                ids = ids + [tok.eos_id]  # as fine-tuning read it: a fixed last token for the score
+            logits = model(torch.tensor([ids[-limit:]], device=device))
+        return self.labels[int(logits[0].argmax())]
+
+
+class Router:
+    """Intent routing: a classifier labels each user turn, and the label's route answers it, from an index of its
+    own or with a fixed answer. A routes file (YAML)::
+
+        classifier: runs/intent          # a `lmforge finetune` classification folder
+        routes:
+          billing: {index: kb/billing.index}
+          shipping: {index: kb/shipping.index, k: 2}
+          greeting: {answer: "Hello! How can I help?"}
+        default: {answer: "I can help with billing and shipping."}   # a label with no route (optional)
+    """
+
+    def __init__(self, path: str | os.PathLike, min_score: float = 0.3, mode: str = "dense", k: int = 3):
+        import yaml
+
+        path = Path(path)
+        try:
+            spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise LmforgeError(f"--route {path} cannot be read ({str(e).splitlines()[0]})") from None
+        if not isinstance(spec, dict) or "classifier" not in spec or not isinstance(spec.get("routes"), dict):
+            raise LmforgeError(f"--route {path} needs 'classifier: FOLDER' and 'routes: {{label: {{index: INDEX}} or "
+                               f"{{answer: TEXT}}}}'")
+        here = path.parent
+        self.classifier = IntentClassifier(here / spec["classifier"])
+        unknown = sorted(set(spec["routes"]) - set(self.classifier.labels))
+        if unknown:
+            raise LmforgeError(f"--route {path}: {', '.join(unknown)} not among the classifier's labels "
+                               f"({', '.join(self.classifier.labels)})")
+        self.routes = {label: self._route(here, label, route, min_score, mode, k) for label, route in spec["routes"].items()}
+        self.default = self._route(here, "default", spec["default"], min_score, mode, k) if spec.get("default") else None
+
+    @staticmethod
+    def _route(here: Path, label: str, route, min_score: float, mode: str, k: int):
+        if isinstance(route, dict) and isinstance(route.get("answer"), str):
+            return route["answer"]
+        if isinstance(route, dict) and isinstance(route.get("index"), str):
+            return Retriever(Index(here / route["index"]), k=int(route.get("k", k)), min_score=min_score, mode=mode)
+        raise LmforgeError(f"route {label!r} must be {{index: INDEX}} or {{answer: TEXT}}, not {route!r}")
+
+    def ground(self, messages: list[dict]) -> Grounding:
+        if not messages or messages[-1]["role"] != "user":
+            return Grounding(messages, [])
+        label = self.classifier.label(messages[-1]["content"])
+        route = self.routes.get(label, self.default)
+        if route is None:
+            return Grounding(messages, [], DONT_KNOW, label)
+        if isinstance(route, str):
+            return Grounding(messages, [], route, label)
+        grounding = route.ground(messages)
+        grounding.intent = label
+        return grounding

@@ -492,9 +492,10 @@ class OpenAIService:
         extra = {}  # with an index: the passages the answer came from, a field OpenAI clients ignore
         if self.retriever is not None:
             grounding = await asyncio.to_thread(self.retriever.ground, messages)
+            routed = {"intent": grounding.intent} if grounding.intent is not None else {}
             if grounding.refusal:
-                return self.canned(body, grounding.refusal)
-            messages, extra = grounding.messages, {"sources": grounding.sources()}
+                return self.canned(body, grounding.refusal, routed)
+            messages, extra = grounding.messages, {"sources": grounding.sources(), **routed}
         prompt, with_stops = chat_prompt(self.tokenizer, messages, SamplingParams())
         prompt_ids = self.tokenizer.encode(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or self.default_max_tokens(len(prompt_ids))
@@ -541,14 +542,14 @@ class OpenAIService:
 
         return await self.run(http, prompt_ids, params, stream if body.stream else None, final, "/v1/chat/completions")
 
-    def canned(self, body: ChatBody, text: str):
-        """A fixed answer (no passage of the index was close enough), shaped as a generated one."""
+    def canned(self, body: ChatBody, text: str, extra: dict):
+        """A fixed answer (no passage of the index was close enough, or intent routing's), shaped as a generated one."""
         rid, created, name = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), self.settings.model_name
         if not body.stream:
             return {"id": rid, "object": "chat.completion", "created": created, "model": name,
                     "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
                                  "finish_reason": "stop"} for i in range(body.n)],
-                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}, "sources": []}
+                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}, "sources": [], **extra}
 
         def events():
             for i in range(body.n):
@@ -556,7 +557,7 @@ class OpenAIService:
                                       ({}, "stop")):
                     chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
                              "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}]}
-                    yield f"data: {json.dumps({**chunk, **({'sources': []} if reason else {})})}\n\n"
+                    yield f"data: {json.dumps({**chunk, **({'sources': [], **extra} if reason else {})})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
