@@ -118,7 +118,7 @@ def read_passages(path: Path, tokenizer, size: int, overlap: int, name: str) -> 
 # -- building an index -----------------------------------------------------------------------------------
 
 
-def _encoder(model_dir: str | os.PathLike, device="cpu"):
+def load_encoder(model_dir: str | os.PathLike, device="cpu"):
     from lmforge.model.checkpoint import load_model, load_tokenizer_for
     from lmforge.model.encoder import Encoder
 
@@ -203,7 +203,7 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
         previous = read_json(manifest, "index manifest") if out.is_dir() and manifest.exists() else {}
         if previous.get("format") != FORMAT:
             raise LmforgeError(f"--out {out} exists and is not an lmforge index; choose another --out")
-    encoder, tokenizer = _encoder(model)
+    encoder, tokenizer = load_encoder(model)
     fingerprint = encoder_fingerprint(model)
     settings = {"passage_tokens": passage_tokens, "overlap": overlap}
     reusable = previous and previous.get("encoder_sha256") == fingerprint and previous.get("passages") == settings
@@ -296,7 +296,12 @@ class Index:
         self._bm25 = None
         self.ann = None
         if self.manifest.get("ann") and not exact:
-            self.ann = _faiss().read_index(str(self.folder / "ann.faiss"))
+            try:
+                import faiss
+            except ImportError:
+                raise LmforgeError(f"{self.folder} has an approximate graph (built with --ann): install FAISS (pip "
+                                   f"install 'lmforge[ann]') or search it exactly (search --exact)") from None
+            self.ann = faiss.read_index(str(self.folder / "ann.faiss"))
 
     def encoder(self):
         if self._encoder is None:
@@ -306,7 +311,7 @@ class Index:
             if encoder_fingerprint(folder) != self.manifest["encoder_sha256"]:
                 raise LmforgeError(f"the encoder {folder} changed since {self.folder} was built; its vectors no longer "
                                    f"match: run `lmforge index` again")
-            self._encoder = _encoder(folder, self.device)
+            self._encoder = load_encoder(folder, self.device)
         return self._encoder
 
     def embed_queries(self, queries: list[str]) -> torch.Tensor:

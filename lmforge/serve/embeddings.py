@@ -30,10 +30,10 @@ class Embedder:
     """An encoder behind the endpoint: one request embeds at a time (its batches use every core already)."""
 
     def __init__(self, folder: str | Path, device="cpu"):
-        from lmforge.infer.retrieval import _encoder
+        from lmforge.infer.retrieval import load_encoder
         from lmforge.model.encoder import declared_max_length
 
-        self.model, self.tokenizer = _encoder(folder, device)
+        self.model, self.tokenizer = load_encoder(folder, device)
         self.name = Path(folder).resolve().name
         self.max_length = min(declared_max_length(self.model.source) or self.model.config.block_size,
                               self.model.config.block_size)

@@ -242,6 +242,13 @@ class Finetune(Objective):
         model.train()
         return model
 
+    def val_batches(self):
+        """The validation examples as training micro-batches (``collate(indices, val_features)``), on the device,
+        in the same order at every evaluation."""
+        size = self.config.micro_batch_size
+        for i in range(0, self.n_val, size):
+            yield _to(self.collate(list(range(i, min(i + size, self.n_val))), self.val_features), self.device)
+
     def save(self, folder: Path) -> None:
         if self.config.method == "lora":
             save_adapter(self.model, folder, self.config.model, self.save_tokenizer())
@@ -345,9 +352,7 @@ class SFT(Finetune):
             return None
         self.model.eval()
         total, count = 0.0, 0
-        for i in range(0, self.n_val, self.config.micro_batch_size):
-            batch = _to(self.collate(list(range(i, min(i + self.config.micro_batch_size, self.n_val))), self.val_features),
-                        self.device)
+        for batch in self.val_batches():
             with autocast:
                 logits = self.model(batch["ids"])
             losses = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
@@ -582,9 +587,7 @@ class Contrastive(Finetune):
         self.model.eval()
         queries, docs = [], []
         with autocast:
-            for i in range(0, self.n_val, self.config.micro_batch_size):
-                b = _to(self.collate(list(range(i, min(i + self.config.micro_batch_size, self.n_val))), self.val_features),
-                        self.device)
+            for b in self.val_batches():
                 queries.append(self.embed(self.model, b["query_ids"], b["query_mask"]))
                 docs.append(self.embed(self.model, b["doc_ids"], b["doc_mask"]))
         self.model.train()
@@ -769,9 +772,7 @@ class Seq2Seq(Finetune):
             return None
         self.model.eval()
         total, count = 0.0, 0
-        for i in range(0, self.n_val, self.config.micro_batch_size):
-            batch = _to(self.collate(list(range(i, min(i + self.config.micro_batch_size, self.n_val))), self.val_features),
-                        self.device)
+        for batch in self.val_batches():
             with autocast:
                 logits = self.model(batch["ids"], batch["mask"], labels=batch["labels"])[0]
             total += F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
