@@ -74,7 +74,9 @@ def test_fsdp_and_ddp_match_one_process_and_the_checkpoint_is_a_transformers_fol
     kw = dict(model=str(base), n_layer=None, n_head=None, n_embd=None, block_size=None, max_steps=6, eval_interval=3,
               checkpoint_interval=3)
     pretrain(train_config(data_dir, tmp_path / "one", micro_batch_size=4, **kw), progress=False)
-    torchrun("pretrain", train_config(data_dir, tmp_path / "fsdp", micro_batch_size=2, parallel="fsdp", **kw), tmp_path)
+    # (FSDP with 2 accumulation steps of 1 row: gradients are reduced only on a step's last micro-batch)
+    torchrun("pretrain", train_config(data_dir, tmp_path / "fsdp", micro_batch_size=1, grad_accum_steps=2,
+                                      parallel="fsdp", **kw), tmp_path)
     torchrun("pretrain", train_config(data_dir, tmp_path / "ddp", micro_batch_size=2, parallel="ddp", **kw), tmp_path)
     assert_same_steps(tmp_path / "one", tmp_path / "fsdp")
     assert_same_steps(tmp_path / "one", tmp_path / "ddp")
