@@ -101,6 +101,16 @@ def test_fsdp_and_ddp_match_one_process_and_the_checkpoint_is_a_transformers_fol
 
 
 @pytest.mark.slow
+def test_a_llama_folder_trains_under_fsdp_as_in_one_process(data_dir, tmp_path):
+    base = make_hf_llama(tmp_path / "llama")
+    kw = dict(model=str(base), n_layer=None, n_head=None, n_embd=None, block_size=None, max_steps=4, eval_interval=2,
+              checkpoint_interval=4)
+    pretrain(train_config(data_dir, tmp_path / "one", micro_batch_size=4, **kw), progress=False)
+    torchrun("pretrain", train_config(data_dir, tmp_path / "fsdp", micro_batch_size=2, parallel="fsdp", **kw), tmp_path)
+    assert_same_steps(tmp_path / "one", tmp_path / "fsdp")
+
+
+@pytest.mark.slow
 def test_fsdp_runs_resume_on_another_number_of_processes(data_dir, tmp_path):
     """A fresh preset model is drawn whole one tensor at a time under FSDP (the weights equal one process's),
     and a run saved by 2 processes continues on 1 and one saved by 1 continues on 2, as if uninterrupted."""
@@ -263,6 +273,36 @@ def test_a_deferred_model_materialises_to_the_weights_built_directly():
     distributed.materialize(deferred, torch.device("cpu"))
     for (name, a), (_, b) in zip(direct.named_parameters(), deferred.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def make_hf_llama(folder: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
+    return folder
+
+
+def test_a_folder_opened_for_sharding_is_copied_tensor_by_tensor(tmp_path):
+    """Llama's q/k/v and gate/up are fused in lmforge: while deferred, the fusion is a view of the memory-mapped
+    parts (each rank copies only its rows), and materialising gives exactly the weights of a plain load."""
+    from lmforge.model.checkpoint import load_model
+    from lmforge.model.gpt import deferred_init
+    from lmforge.model.hf import RowConcat
+
+    folder = make_hf_llama(tmp_path / "llama")
+    with deferred_init():
+        opened = load_model(folder)
+    assert distributed.is_meta(opened)
+    assert isinstance(opened.pending_weights["blocks.0.attn.qkv.weight"], RowConcat)
+    distributed.materialize(opened, torch.device("cpu"))
+    plain = load_model(folder)
+    for (name, a), (_, b) in zip(plain.named_parameters(), opened.named_parameters()):
+        assert torch.equal(a, b), name
+    fused = RowConcat([torch.arange(6.0).view(3, 2), torch.arange(6.0, 10.0).view(2, 2)])
+    assert torch.equal(fused.rows(2, 4), torch.tensor([[4.0, 5.0], [6.0, 7.0]]))
 
 
 def test_share_pads_every_rank_to_as_many_items():

@@ -219,12 +219,36 @@ def _llama_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
+class RowConcat:
+    """Tensors stacked along their rows, not yet copied: what a fused matrix is while a sharded model is being
+    opened (``deferred_init``), so that each rank copies only its rows of q/k/v or gate/up from the memory map."""
+
+    def __init__(self, parts: list[torch.Tensor], dtype: torch.dtype | None = None):
+        self.parts, self.dtype = parts, dtype or parts[0].dtype
+        self.shape = torch.Size([sum(p.shape[0] for p in parts), *parts[0].shape[1:]])
+
+    def to(self, dtype: torch.dtype) -> RowConcat:
+        return RowConcat(self.parts, dtype)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the concatenation (copied, in ``dtype``)."""
+        out, offset = [], 0
+        for part in self.parts:
+            n = part.shape[0]
+            a, b = max(start - offset, 0), min(stop - offset, n)
+            if a < b:
+                out.append(part[a:b].to(self.dtype))
+            offset += n
+        return torch.cat(out) if out else torch.empty(0, *self.shape[1:], dtype=self.dtype)
+
+
 def _llama_from_hf(c: Config, hf_sd: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
     hf_sd = dict(hf_sd)
     fused, missing = {}, []
     for ours, parts, _ in _llama_fused(c):
         if all(p in hf_sd for p in parts):
-            fused[ours] = torch.cat([hf_sd.pop(p) for p in parts])
+            taken = [hf_sd.pop(p) for p in parts]
+            fused[ours] = RowConcat(taken) if deferring() else torch.cat(taken)
         else:
             missing += [p for p in parts if p not in hf_sd]
     out, problems = _rename(hf_sd, _llama_names(c))

@@ -164,10 +164,18 @@ def is_meta(model: torch.nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def _local_part(whole: torch.Tensor, like) -> torch.Tensor:
-    """This rank's part of ``whole``, laid out as the sharded parameter ``like`` (no communication)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def _local_part(whole, like) -> torch.Tensor:
+    """This rank's part of ``whole``, laid out as the sharded parameter ``like`` (no communication). ``whole``
+    may be a ``RowConcat`` (a fused matrix of a folder being opened): then only this rank's rows are copied."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+    if hasattr(whole, "rows"):
+        n = whole.shape[0]
+        if isinstance(like, DTensor) and like.placements == (Shard(0),):  # FSDP2's rows, torch.chunk's split
+            per = -(-n // like.device_mesh.size())
+            start = min(like.device_mesh.get_local_rank() * per, n)
+            return whole.rows(start, min(start + per, n))
+        whole = whole.rows(0, n)
     if not isinstance(like, DTensor):
         return whole
     return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None).to_local()
