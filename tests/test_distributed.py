@@ -118,8 +118,9 @@ def test_fsdp_runs_resume_on_another_number_of_processes(data_dir, tmp_path):
     pretrain(train_config(data_dir, tmp_path / "straight", micro_batch_size=4, **kw), progress=False)
 
     # 2 processes (2 rows each) for 3 steps, then 1 process: grad_accum_steps 2 keeps the 4 rows of a step
-    torchrun("pretrain", train_config(data_dir, tmp_path / "two_one", micro_batch_size=2, parallel="fsdp", **kw),
-             tmp_path, "--max-steps", "3")
+    # (with activation checkpointing under FSDP: a block's recomputation in the backward pass needs its weights)
+    torchrun("pretrain", train_config(data_dir, tmp_path / "two_one", micro_batch_size=2, parallel="fsdp",
+                                      activation_checkpointing=True, **kw), tmp_path, "--max-steps", "3")
     assert (checkpoint_dirs(tmp_path / "two_one")[-1] / "shards").is_dir()
     pretrain(train_config(data_dir, tmp_path / "two_one", micro_batch_size=2, **kw), resume=True, progress=False)
     assert_same_steps(tmp_path / "straight", tmp_path / "two_one")
