@@ -738,7 +738,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
             if dist_.is_main:
                 saved = latest_checkpoint(out)
                 size = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
-                bar.write(f"step {step}: saved {saved.name} ({size / 2**20:,.1f} MB) in {time.perf_counter() - started:.2f} s")
+                bar.write(f"checkpoint {saved.name}: {size / 2**20:,.1f} MB written in {time.perf_counter() - started:.2f} s")
     bar.close()
     if dist_.is_main and not dist_.sharded:
         objective.sample(step, out, bar)
