@@ -349,6 +349,10 @@ def test_plan_measured_sets_the_plan_beside_a_run(data_dir, tmp_path, capsys):
     params = json.loads((tmp_path / "run" / "run.json").read_text())["parameters"]
     assert speed["states_mb"][0] * 2**20 == pytest.approx(16 * params, rel=1e-6)
     assert "(plan error +0%)" in out.splitlines()[2] and 0 < speed["activation_mb"][0]
+    from lmforge.eval.report import write_report
+
+    report = write_report(tmp_path / "run").read_text()
+    assert "| model FLOPs utilisation | " in report and "| parallelism | one process, activation checkpointing |" in report
     assert main(["plan", "--measured", str(data_dir)]) == 2
     assert "has no throughput.json" in capsys.readouterr().err
     assert main(["plan"]) == 2

@@ -259,6 +259,24 @@ def _duration(seconds: float) -> str:
     return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
 
 
+def _speed_rows(run_dir: Path) -> list[str]:
+    """What the run measured about itself at its last evaluation (throughput.json): MFU, memory, layout."""
+    path = run_dir / "throughput.json"
+    if not path.exists():
+        return []
+    try:
+        speed = json.loads(path.read_text(encoding="utf-8"))
+        layout = {"none": "one process", "ddp": "DDP", "fsdp": "FSDP2"}.get(speed["parallel"], speed["parallel"])
+        rows = [f"| parallelism | {layout}{', activation checkpointing' if speed.get('activation_checkpointing') else ''} |",
+                f"| peak memory per process | {', '.join(f'{m:,.0f}' for m in speed['peak_memory_mb'])} MB |"]
+        if speed.get("mfu"):
+            rows.insert(0, f"| model FLOPs utilisation | {speed['mfu']:.1%} of {speed['peak_flops_per_device'] / 1e12:.3g} "
+                           f"TFLOP/s per device ({speed['peak_source']}) |")
+        return rows
+    except (ValueError, KeyError, TypeError):
+        return []  # a report never fails on this optional file
+
+
 def write_report(run_dir: str | os.PathLike) -> Path:
     """Write ``report.md``, ``loss.png``, ``lr.png`` and ``throughput.png`` into the run folder (and
     ``preference.png`` for a reward model or DPO run: pair accuracy, margin, chosen vs rejected; ``rl.png`` for an
@@ -307,6 +325,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         f"| tokens seen | {last['tokens']:,} ({human_count(last['tokens'])}) |",
         f"| wall-clock training time | {_duration(last['elapsed'])} |",
         f"| mean throughput | {last['tokens'] / max(last['elapsed'], 1e-9):,.0f} tokens/s |",
+        *_speed_rows(run_dir),
         f"| final train loss (mean of last {n_recent} steps) | {recent_loss:.4f} |",
         "",
         "## Validation",
