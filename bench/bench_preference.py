@@ -51,11 +51,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from turns import Turns, quiet, run_in_turns  # noqa: E402
+from turns import Turns, begin, run_in_turns  # noqa: E402
 
 from lmforge.model.config import Config
 from lmforge.precision import describe_probe
-from lmforge.utils import hardware_description
 
 PROMPT_TOKENS, ANSWER_TOKENS, PAIRS_PER_STEP = 64, 64, 8
 THREADS = 2
@@ -318,14 +317,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="steps left out at the start of each run")
     p.add_argument("--steps", default="tiny=10,gpt2=4", help="timed steps of each run, by shape")
     args = p.parse_args()
-    import transformers
-    import trl
-
-    quiet()
-    torch.set_num_threads(THREADS)
-    steps = dict(item.split("=") for item in args.steps.split(","))
-    print(f"machine: {hardware_description(torch.device('cpu'))}; transformers {transformers.__version__}, "
-          f"trl {trl.__version__}")
+    steps = begin(args.steps, THREADS)
     print(f"pairs: prompt {PROMPT_TOKENS} tokens, chosen and rejected {ANSWER_TOKENS} tokens each (end-of-text "
           f"included), {PAIRS_PER_STEP} pairs per step; {args.warmup} warm-up steps left out of each run\n", flush=True)
     results = []

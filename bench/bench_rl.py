@@ -53,11 +53,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from turns import Turns, quiet, run_in_turns  # noqa: E402
+from turns import Turns, begin, run_in_turns  # noqa: E402
 
 from lmforge.model.config import Config  # noqa: E402
 from lmforge.precision import describe_probe  # noqa: E402
-from lmforge.utils import hardware_description  # noqa: E402
 
 PROMPTS_PER_STEP, G, MAX_NEW_TOKENS, MICRO_BATCH = 4, 8, 32, 8
 ACCUM = PROMPTS_PER_STEP * G // MICRO_BATCH  # micro-batches per optimizer step
@@ -322,14 +321,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="steps left out at the start of each run")
     p.add_argument("--steps", default="tiny=8,gpt2=4", help="timed steps of each run, by shape")
     args = p.parse_args()
-    import transformers
-    import trl
-
-    quiet()
-    torch.set_num_threads(THREADS)
-    steps = dict(item.split("=") for item in args.steps.split(","))
-    print(f"machine: {hardware_description(torch.device('cpu'))}; transformers {transformers.__version__}, "
-          f"trl {trl.__version__}")
+    steps = begin(args.steps, THREADS)
     print(f"GRPO: {PROMPTS_PER_STEP} prompts x G={G} = {SAMPLES_PER_STEP} completions of at most {MAX_NEW_TOKENS} "
           f"tokens per step, {ACCUM} micro-batches of {MICRO_BATCH}, one update per rollout; {args.warmup} warm-up "
           f"step(s) left out of each run; load average {os.getloadavg()[0]:.2f}\n", flush=True)

@@ -34,6 +34,22 @@ class Turns:
             self.next.release()
 
 
+def begin(steps: str, threads: int) -> dict[str, str]:
+    """What a TRL comparison does first: libraries quiet, the thread count set, the machine line printed (with
+    transformers' and TRL's versions); returns ``--steps`` ("tiny=8,gpt2=4") as {shape: steps}."""
+    import torch
+    import transformers
+    import trl
+
+    from lmforge.utils import hardware_description
+
+    quiet()
+    torch.set_num_threads(threads)
+    print(f"machine: {hardware_description(torch.device('cpu'))}; transformers {transformers.__version__}, "
+          f"trl {trl.__version__}")
+    return dict(item.split("=") for item in steps.split(","))
+
+
 def quiet() -> None:
     """transformers', datasets' and Python's warnings and progress bars off."""
     import datasets
