@@ -830,14 +830,12 @@ def build_server_app(model, tokenizer, settings: ServerSettings, compile: bool =
 def _is_encoder_folder(model_dir) -> bool:
     from lmforge.model.checkpoint import resolve_model_dir
 
-    folder = resolve_model_dir(model_dir)
-    config = folder / "config.json"
+    config = resolve_model_dir(model_dir) / "config.json"
     try:
-        import json
-
-        return config.exists() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "bert"
+        hf = json.loads(config.read_text(encoding="utf-8")) if config.exists() else {}
     except (OSError, ValueError):
-        return False
+        return False  # (the loader then says what is wrong with the folder)
+    return isinstance(hf, dict) and hf.get("model_type") == "bert"
 
 
 def listen(host: str, port: int) -> socket.socket:
