@@ -120,6 +120,49 @@ def test_kv_cache_decoding_equals_the_full_forward_for_every_switch(kw):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [
+    {},
+    {**LLAMA, "n_kv_head": 2},
+    {**LLAMA, "family": "mistral", "sliding_window": 5, "n_kv_head": 1},
+    {**LLAMA, "family": "lmforge", "pos_embedding": "sinusoidal"},
+])
+def test_keep_computes_only_the_kept_positions_through_the_last_block(kw):
+    """``keep`` gives exactly the full pass's outputs at those positions, with its gradients, also from a
+    cache and with a packed mask; the last block's attention and MLP see only the kept rows."""
+    torch.manual_seed(0)
+    config = Config(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=16, **kw)
+    model = build_model(config).eval()
+    idx = torch.randint(0, 50, (3, 20))
+    keep = torch.tensor([[19, 4], [0, 7], [12, 12]])
+    gather = lambda t: t.gather(1, keep[:, :, None].expand(-1, -1, t.size(2)))  # noqa: E731
+    full = model(idx)
+    part = model(idx, keep=keep)
+    assert part.shape == (3, 2, 50)
+    torch.testing.assert_close(part, gather(full), atol=1e-6, rtol=1e-5)
+    # the same through the gradients of every weight
+    g_full = torch.autograd.grad(gather(full).square().sum(), list(model.parameters()), allow_unused=True)
+    g_part = torch.autograd.grad(part.square().sum(), list(model.parameters()), allow_unused=True)
+    for a, b in zip(g_full, g_part):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+    # with explicit positions and a mask (packed rows)
+    positions = torch.arange(20).repeat(3, 1)
+    mask = torch.ones(20, 20, dtype=torch.bool).tril().repeat(3, 1, 1, 1)
+    torch.testing.assert_close(model(idx, positions=positions, attn_mask=mask, keep=keep), gather(full),
+                               atol=1e-6, rtol=1e-5)
+    # the last position of a chunk decoded from a cache
+    with torch.no_grad():
+        cache = KVCache(config, 3, 20)
+        model(idx[:, :15], kv_cache=cache, start=0)
+        step = model(idx[:, 15:], kv_cache=cache, start=15, keep=torch.tensor([[4], [0], [2]]))
+    torch.testing.assert_close(step[:, 0], full[[0, 1, 2], [19, 15, 17]], atol=1e-5, rtol=1e-5)
+    # the last block really computes fewer rows: its MLP sees (3, 2, n_embd)
+    seen = []
+    hook = model.blocks[-1].mlp.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    model(idx, keep=keep)
+    hook.remove()
+    assert seen == [(3, 2, 16)]
+
+
 def test_sliding_window_limits_what_a_token_sees():
     torch.manual_seed(0)
     config = Config(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=16, sliding_window=4,

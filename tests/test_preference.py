@@ -437,6 +437,40 @@ def test_the_reward_models_logged_rewards_are_what_reward_score_gives(base, tmp_
     assert last["val_loss"] == pytest.approx(bt / 6, abs=1e-5)  # Bradley-Terry with each pair's margin
 
 
+@pytest.mark.parametrize("kw", [{}, {"family": "llama", "pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu",
+                                      "bias": False, "n_kv_head": 2},
+                                {"family": "mistral", "pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu",
+                                 "bias": False, "sliding_window": 4}])
+def test_a_packed_pair_scores_each_answer_as_if_it_were_alone(kw):
+    """prompt ‖ chosen ‖ rejected in one row gives each answer the reward (and gradient) of its own
+    prompt + answer sequence: the rejected answer never sees the chosen one, and sits at its positions;
+    the answers' common first tokens go through the model once."""
+    from lmforge.model.config import Config
+    from lmforge.model.gpt import build_model
+    from lmforge.model.heads import attach_head
+    from lmforge.data.preference import TokenizedPair
+    from lmforge.train.preference import RewardModel, packed_pairs
+
+    torch.manual_seed(0)
+    model = build_model(Config(vocab_size=60, block_size=40, n_layer=2, n_head=4, n_embd=16, **kw))
+    attach_head(model, "sequence_classification", 1, ("reward",), 0)
+    rng = random.Random(0)
+    draw = lambda n: [rng.randrange(1, 60) for _ in range(n)]  # noqa: E731  (0 is padding)
+    pairs = [TokenizedPair(draw(p), draw(c), draw(r)) for p, c, r in [(5, 3, 7), (1, 9, 2), (12, 1, 1), (3, 6, 6)]]
+    same_start = draw(4)  # answers with common first tokens (shared too), one of them a prefix of the other
+    pairs += [TokenizedPair(draw(3), same_start + draw(3), same_start + draw(2)), TokenizedPair(draw(2), same_start, same_start + draw(3)),
+              TokenizedPair(draw(2), same_start + draw(2), same_start)]
+    batch = packed_pairs(pairs, 0)
+    assert batch["keep"][4].tolist() == [3 + 7 - 1, 3 + 7 + 2 - 1]  # prompt, 4 shared, 3 chosen, 2 rejected: 12 tokens
+    packed = RewardModel.rewards(model, batch)
+    alone = torch.cat([model(torch.tensor([p.prompt + p.chosen]))[:, 0] for p in pairs]
+                      + [model(torch.tensor([p.prompt + p.rejected]))[:, 0] for p in pairs])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    weights = [w for w in model.parameters()]
+    for a, b in zip(torch.autograd.grad(packed.square().sum(), weights), torch.autograd.grad(alone.square().sum(), weights)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("method, reference", [("full", "copy"), ("full", "precomputed"), ("full", "auto"),
                                                ("lora", "adapter"), ("lora", "precomputed"), ("lora", "auto")])
 def test_at_step_0_the_policy_is_its_reference_loss_log_2_and_rewards_0(base, tmp_path, method, reference):

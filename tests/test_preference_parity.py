@@ -156,7 +156,9 @@ def test_reward_loss_and_gradients_equal_trl_reward_trainer(case, tmp_path, toke
     assert_near(metrics["reward_margin"], trainer._metrics["train"]["margin"][-1], 1e-5, "reward margin")
     loss.backward()
     theirs.backward()
-    assert_near(ours.model.score.weight.grad, hf.score.weight.grad, 1e-6, f"score head gradient ({case})")
+    # (relative: lmforge packs chosen and rejected behind one pass of the prompt, so sums run in another order)
+    scale = hf.score.weight.grad.abs().max().item()
+    assert_near(ours.model.score.weight.grad, hf.score.weight.grad, 1e-6 * max(1.0, scale), f"score head gradient ({case})")
     assert_same_grads(ours.model, hf, f"reward model gradients ({case})")
 
 

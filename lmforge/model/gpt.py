@@ -152,7 +152,10 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(q_out, config.n_embd, bias=config.bias)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, mask=None, kv_cache: KVCache | None = None, layer: int = 0, start: int = 0):
+    def forward(self, x, rope=None, mask=None, kv_cache: KVCache | None = None, layer: int = 0, start: int = 0,
+                keep: torch.Tensor | None = None):
+        """``keep`` (B, K) indices: only those positions ask (queries), every position answers (keys and
+        values); the output is (B, K, n_embd)."""
         B, T, _ = x.shape
         q_out, kv_out = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.qkv(x).split([q_out, kv_out, kv_out], dim=-1)
@@ -163,11 +166,25 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, start, k, v)
+        if keep is not None:
+            q = q.gather(2, keep[:, None, :, None].expand(-1, q.size(1), -1, q.size(3)))
+            mask = query_rows(mask, keep, T, k.size(2))
+            T = keep.size(1)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask is None and T > 1 and T == k.size(2), enable_gqa=self.n_kv_head != self.n_head,
         )
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, q_out)))
+
+
+def query_rows(mask: torch.Tensor | None, keep: torch.Tensor, T: int, S: int) -> torch.Tensor:
+    """The rows of an attention mask over S keys (None = the last T keys are the queries, causal; (T, S);
+    or (B, 1, T, S)) for the queries at indices ``keep`` (B, K) → (B, 1, K, S)."""
+    if mask is None:
+        return (torch.arange(S, device=keep.device)[None, None, :] <= keep[:, :, None] + (S - T))[:, None]
+    if mask.dim() == 2:
+        return mask[keep][:, None]
+    return mask.gather(2, keep[:, None, :, None].expand(-1, mask.size(1), -1, S))
 
 
 class MLP(nn.Module):
@@ -197,8 +214,14 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, mask=None, kv_cache: KVCache | None = None, layer: int = 0, start: int = 0):
-        x = x + self.attn(self.ln_1(x), rope, mask, kv_cache, layer, start)
+    def forward(self, x, rope=None, mask=None, kv_cache: KVCache | None = None, layer: int = 0, start: int = 0,
+                keep: torch.Tensor | None = None):
+        """With ``keep`` (B, K) only those positions come out (B, K, n_embd): the last block of a model that
+        reads a few positions (a reward model's score) skips the rest of its attention and MLP."""
+        h = self.attn(self.ln_1(x), rope, mask, kv_cache, layer, start, keep)
+        if keep is not None:
+            x = x.gather(1, keep[:, :, None].expand(-1, -1, x.size(2)))
+        x = x + h
         return x + self.mlp(self.ln_2(x))
 
 
@@ -236,8 +259,10 @@ class GPT(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def hidden_states(self, idx, *, kv_cache=None, start: int = 0, positions=None, attn_mask=None) -> torch.Tensor:
-        """Token ids (B, T) → final normed hidden states (B, T, n_embd).
+    def hidden_states(self, idx, *, kv_cache=None, start: int = 0, positions=None, attn_mask=None,
+                      keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) → final normed hidden states (B, T, n_embd); with ``keep`` (B, K) indices only
+        those positions' (B, K, n_embd), and the last block computes nothing else.
 
         By default tokens sit at positions ``start..start+T-1`` under causal attention. ``positions``
         (B, T) and a boolean ``attn_mask`` (B, 1, T, S) (True = may attend; causality included) replace
@@ -267,8 +292,9 @@ class GPT(nn.Module):
         else:
             rope = rope_cos_sin(c, pos)
         x = self.drop(x)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, kv_cache, i, start)
+            x = block(x, rope, mask, kv_cache, i, start, keep if i == last else None)
         return self.ln_f(x)
 
     def forward(
@@ -282,6 +308,7 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         select: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ):
         """Token ids ``idx`` (B, T) → logits (B, T, vocab); positions and masking as in ``hidden_states``.
 
@@ -290,8 +317,12 @@ class GPT(nn.Module):
         on answer tokens: the vocabulary projection is skipped where nothing is learned).
         With ``targets`` (B, T; -100 is ignored) returns ``(logits, mean cross-entropy)``.
         A model with a classification head returns its scores (B, num_labels) instead (``targets``: labels (B,)).
+        With ``keep`` (B, K) indices only those positions are computed through the last block, and the
+        output is theirs: logits (B, K, vocab), or a classification head's scores (B, K, num_labels).
         """
-        x = self.hidden_states(idx, kv_cache=kv_cache, start=start, positions=positions, attn_mask=attn_mask)
+        x = self.hidden_states(idx, kv_cache=kv_cache, start=start, positions=positions, attn_mask=attn_mask, keep=keep)
+        if keep is not None:
+            return self.score(x) if self.score is not None else self.lm_logits(x)
         if self.score is not None:
             return self._classify(idx, x, targets)
         if last_only:

@@ -210,7 +210,7 @@ class RewardModel(PairObjective):
     def collate(self, indices: list[int], pairs=None) -> dict:
         pairs = self.train_pairs if pairs is None else pairs
         if isinstance(self.model, GPT):
-            return super().collate(indices, pairs)
+            return packed_pairs([pairs[i] for i in indices], self.pad_id())
         chosen = [pairs[i] for i in indices]
         seqs = [p[0] for p in chosen] + [p[2] for p in chosen]
         types = [p[1] for p in chosen] + [p[3] for p in chosen]
@@ -221,9 +221,11 @@ class RewardModel(PairObjective):
 
     @staticmethod
     def rewards(model, batch) -> torch.Tensor:
-        if "mask" in batch:
+        """The chosen answers' rewards, then the rejected ones'."""
+        if "types" in batch:
             return model(batch["ids"], batch["mask"], batch["types"]).logits.squeeze(-1).float()
-        return model(batch["ids"]).squeeze(-1).float()
+        scores = model(batch["ids"], positions=batch["positions"], attn_mask=batch["mask"], keep=batch["keep"])
+        return scores[..., 0].float().T.flatten()  # (pairs, 2) → chosen then rejected
 
     def pair_loss(self, model, batch, split: str = "train"):
         chosen, rejected = self.rewards(model, batch).chunk(2)
@@ -231,6 +233,31 @@ class RewardModel(PairObjective):
         if self.config.center_rewards > 0:
             loss = loss + self.config.center_rewards * ((chosen + rejected) ** 2).mean()
         return loss, {k: v.detach() for k, v in pair_metrics(chosen, rejected).items()}
+
+
+def packed_pairs(pairs: list, pad: int) -> dict:
+    """A decoder reward model's rows: shared ‖ rest of chosen ‖ rest of rejected, each pair in one row, where
+    the shared part is the prompt and the answers' common first tokens: it passes through the model once.
+    The rest of the rejected answer takes the positions after the shared part and attends to it and
+    itself, never to the chosen answer: each answer's last token sees exactly the tokens it would see
+    alone. ``keep`` names the two last tokens, where the scores are read."""
+    seqs, positions, keep, hidden = [], [], [], []
+    for p in pairs:
+        common = next((i for i, (a, b) in enumerate(zip(p.chosen, p.rejected)) if a != b), min(len(p.chosen), len(p.rejected)))
+        S, C, R = len(p.prompt) + common, len(p.chosen) - common, len(p.rejected) - common
+        seqs.append(p.prompt + p.chosen + p.rejected[common:])
+        positions.append(list(range(S + C)) + list(range(S, S + R)))
+        keep.append([S + C - 1, (S + C + R if R else S) - 1])
+        hidden.append((S + C, S + C + R, S, S + C))  # rejected queries hide the chosen keys
+    ids = _pad(seqs, pad)
+    W = ids.size(1)
+    mask = torch.ones(W, W, dtype=torch.bool).tril().repeat(len(pairs), 1, 1)
+    for row, (q0, q1, k0, k1) in enumerate(hidden):
+        mask[row, q0:q1, k0:k1] = False
+    return {"ids": ids, "positions": _pad(positions, 0), "mask": mask[:, None], "keep": torch.tensor(keep),
+            "lengths": torch.tensor([len(p.prompt) + len(p.chosen) for p in pairs]
+                                    + [len(p.prompt) + len(p.rejected) for p in pairs]),
+            "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32)}
 
 
 def encoder_input(tokenizer: Tokenizer, prompt, answer) -> tuple[list[int], list[int], int]:
