@@ -460,7 +460,10 @@ def test_a_packed_pair_scores_each_answer_as_if_it_were_alone(kw):
     same_start = draw(4)  # answers with common first tokens (shared too), one of them a prefix of the other
     pairs += [TokenizedPair(draw(3), same_start + draw(3), same_start + draw(2)), TokenizedPair(draw(2), same_start, same_start + draw(3)),
               TokenizedPair(draw(2), same_start + draw(2), same_start)]
-    batch = packed_pairs(pairs, 0)
+    # answers ending in the pad token (GPT-2's end-of-text is its pad): scored, as transformers does, at the
+    # last token that is not pad
+    pairs += [TokenizedPair(draw(3), draw(2) + [0], draw(4) + [0]), TokenizedPair(draw(3), same_start + [0], same_start + draw(1) + [0])]
+    batch = packed_pairs(pairs, 0, 0)
     assert batch["keep"][4].tolist() == [3 + 7 - 1, 3 + 7 + 2 - 1]  # prompt, 4 shared, 3 chosen, 2 rejected: 12 tokens
     packed = RewardModel.rewards(model, batch)
     alone = torch.cat([model(torch.tensor([p.prompt + p.chosen]))[:, 0] for p in pairs]

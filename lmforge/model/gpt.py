@@ -344,9 +344,7 @@ class GPT(nn.Module):
         """Sequence classification: scores (B, num_labels) read at each row's last non-padding token
         (rows are right-padded with ``config.pad_token_id``), as transformers does; with ``labels`` (B,)
         also the mean cross-entropy."""
-        pad = self.config.pad_token_id
-        real = idx != pad if pad is not None else torch.ones_like(idx, dtype=torch.bool)
-        last = (torch.arange(idx.size(1), device=idx.device) * real).argmax(-1)
+        last = last_tokens(idx, self.config.pad_token_id)
         logits = self.score(hidden[torch.arange(idx.size(0), device=idx.device), last])
         if labels is None:
             return logits
@@ -354,6 +352,13 @@ class GPT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def last_tokens(idx: torch.Tensor, pad: int | None) -> torch.Tensor:
+    """Each row's last token that is not ``pad`` (B,), where a classification head reads: transformers'
+    rule, so a pad token that is also the end-of-text token is not read either."""
+    real = idx != pad if pad is not None else torch.ones_like(idx, dtype=torch.bool)
+    return (torch.arange(idx.size(1), device=idx.device) * real).argmax(-1)
 
 
 def build_model(config: Config, device: torch.device | str = "cpu", init: bool = True) -> GPT:

@@ -32,7 +32,7 @@ from lmforge.data.preference import TokenizedPair, TokenizeStats, encode_answer,
 from lmforge.errors import LmforgeError
 from lmforge.model.checkpoint import load_model
 from lmforge.model.encoder import Encoder
-from lmforge.model.gpt import GPT
+from lmforge.model.gpt import GPT, last_tokens
 from lmforge.model.heads import attach_head
 from lmforge.model.lora import adapters_off
 from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
@@ -210,7 +210,7 @@ class RewardModel(PairObjective):
     def collate(self, indices: list[int], pairs=None) -> dict:
         pairs = self.train_pairs if pairs is None else pairs
         if isinstance(self.model, GPT):
-            return packed_pairs([pairs[i] for i in indices], self.pad_id())
+            return packed_pairs([pairs[i] for i in indices], self.pad_id(), self.model.config.pad_token_id)
         chosen = [pairs[i] for i in indices]
         seqs = [p[0] for p in chosen] + [p[2] for p in chosen]
         types = [p[1] for p in chosen] + [p[3] for p in chosen]
@@ -235,19 +235,22 @@ class RewardModel(PairObjective):
         return loss, {k: v.detach() for k, v in pair_metrics(chosen, rejected).items()}
 
 
-def packed_pairs(pairs: list, pad: int) -> dict:
+def packed_pairs(pairs: list, pad: int, score_pad: int | None = None) -> dict:
     """A decoder reward model's rows: shared ‖ rest of chosen ‖ rest of rejected, each pair in one row, where
     the shared part is the prompt and the answers' common first tokens: it passes through the model once.
     The rest of the rejected answer takes the positions after the shared part and attends to it and
     itself, never to the chosen answer: each answer's last token sees exactly the tokens it would see
-    alone. ``keep`` names the two last tokens, where the scores are read."""
+    alone. ``keep`` names where the scores are read: each answer's last token that is not ``score_pad``
+    (the head's rule, ``last_tokens``: a pad token that is also end-of-text is not read)."""
     seqs, positions, keep, hidden = [], [], [], []
     for p in pairs:
         common = next((i for i, (a, b) in enumerate(zip(p.chosen, p.rejected)) if a != b), min(len(p.chosen), len(p.rejected)))
         S, C, R = len(p.prompt) + common, len(p.chosen) - common, len(p.rejected) - common
         seqs.append(p.prompt + p.chosen + p.rejected[common:])
         positions.append(list(range(S + C)) + list(range(S, S + R)))
-        keep.append([S + C - 1, (S + C + R if R else S) - 1])
+        last_chosen = _last_real(p.prompt + p.chosen, score_pad)
+        last_rejected = _last_real(p.prompt + p.rejected, score_pad)
+        keep.append([last_chosen, last_rejected if last_rejected < S else last_rejected + C])
         hidden.append((S + C, S + C + R, S, S + C))  # rejected queries hide the chosen keys
     ids = _pad(seqs, pad)
     W = ids.size(1)
@@ -258,6 +261,10 @@ def packed_pairs(pairs: list, pad: int) -> dict:
             "lengths": torch.tensor([len(p.prompt) + len(p.chosen) for p in pairs]
                                     + [len(p.prompt) + len(p.rejected) for p in pairs]),
             "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32)}
+
+
+def _last_real(seq: list[int], pad: int | None) -> int:
+    return next((i for i in range(len(seq) - 1, -1, -1) if seq[i] != pad), 0)
 
 
 def encoder_input(tokenizer: Tokenizer, prompt, answer) -> tuple[list[int], list[int], int]:
@@ -478,9 +485,9 @@ def reward_scores(model, rows: list[dict], tokenizer: Tokenizer | None = None, b
             lengths = torch.tensor([len(x[0]) for x in chunk], device=device)
             mask = (torch.arange(ids.size(1), device=device)[None] < lengths[:, None]).long()
             out = model(ids, mask, _pad([x[1] for x in chunk], 0).to(device)).logits
-        else:
-            out = model(ids)
-        scores += out.squeeze(-1).float().tolist()
+        else:  # only the scored positions through the last block
+            out = model(ids, keep=last_tokens(ids, c.pad_token_id)[:, None])
+        scores += out.flatten(1).float().squeeze(-1).tolist()
     return scores
 
 
