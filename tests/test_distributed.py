@@ -318,6 +318,34 @@ def test_activation_checkpointing_changes_memory_not_results(data_dir, tmp_path)
     assert_same_steps(tmp_path / "plain", tmp_path / "recomputed", tol=1e-6)
 
 
+def test_a_copy_of_a_model_with_activation_checkpointing_runs_its_own_blocks():
+    """RL samples from a bf16 deep copy of the policy: the copy's blocks must recompute with the copy's
+    weights (a closure over the original block made the copy run the original's)."""
+    import copy
+
+    from lmforge.model.config import Config
+    from lmforge.model.gpt import build_model
+
+    torch.manual_seed(0)
+    model = build_model(Config(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    assert distributed.checkpoint_activations(model) == 2
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.blocks.parameters():
+            p.mul_(3)
+    x = torch.randint(0, 50, (2, 6))
+    for grad in (False, True):  # generation, and training (where the checkpoint recomputes)
+        with torch.set_grad_enabled(grad):
+            assert not torch.allclose(twin(x), model(x))
+    plain = copy.deepcopy(twin)
+    for block in plain.blocks:
+        del block.forward  # back to the class's forward
+    torch.testing.assert_close(twin(x), plain(x))
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        assert half(x).dtype == torch.bfloat16
+
+
 def test_resume_auto_starts_a_run_then_continues_it(data_dir, tmp_path, capsys):
     from lmforge.cli import main
 

@@ -20,6 +20,7 @@ import functools
 import os
 import resource
 import time
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,23 +236,25 @@ def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 def checkpoint_activations(model: torch.nn.Module) -> int:
     """Recompute each block's activations in the backward pass instead of keeping them: activation memory
     falls from every block's to one block's, for about one more forward pass of compute."""
-    from torch.utils.checkpoint import checkpoint
-
     wrapped = 0
     for block in blocks(model):
         if getattr(block, "checkpointed", False):
             continue
-        forward = block.forward
-
-        def recomputed(*args, _forward=forward, **kwargs):
-            if not torch.is_grad_enabled():  # evaluation and generation: nothing to save memory on
-                return _forward(*args, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        block.forward = recomputed
+        # a method bound to the block (not a closure over it): a deep copy of the model then recomputes
+        # its own blocks, not the original's
+        block.forward = types.MethodType(_recomputed_forward, block)
         block.checkpointed = True
         wrapped += 1
     return wrapped
+
+
+def _recomputed_forward(block, *args, **kwargs):
+    from torch.utils.checkpoint import checkpoint
+
+    forward = type(block).forward
+    if not torch.is_grad_enabled():  # evaluation and generation: nothing to save memory on
+        return forward(block, *args, **kwargs)
+    return checkpoint(forward, block, *args, use_reentrant=False, **kwargs)
 
 
 def shard(model: torch.nn.Module, device: torch.device, bf16: bool) -> None:
