@@ -22,7 +22,53 @@ def fake_speeds(monkeypatch, **speed):
 
     monkeypatch.setattr(precision, "time_product", time_product)
     monkeypatch.setattr(precision, "candidates", lambda: ["float32", *speed])
+    monkeypatch.setattr(precision, "matvec_speedup", lambda dtype, k, n: 1.0)  # linear and mv alike
     return timed
+
+
+def test_one_row_decoding_takes_the_matrix_vector_kernel_when_it_is_measured_faster(monkeypatch, tmp_path):
+    """``use_matvec`` changes the kernel, not the numbers: the same logits and greedy tokens, for the
+    blocks' Linear layers and the tied head; the engine applies it to bf16 weights when mv is faster here."""
+    import copy
+
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.model.config import Config
+    from lmforge.model.gpt import build_model, use_matvec
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    assert precision.matvec_speedup(torch.bfloat16, 64, 300) > 0  # measured for real, then cached
+    assert "matvec bfloat16" in next(iter(json.loads((tmp_path / "precision.json").read_text())))
+    torch.manual_seed(0)
+    model = build_model(Config(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=64)).to(torch.bfloat16).eval()
+    fast = copy.deepcopy(model)
+    use_matvec(fast)
+    calls = []
+    monkeypatch.setattr(torch, "mv", lambda *a, _mv=torch.mv: calls.append(1) or _mv(*a))
+    x = torch.randint(0, 300, (1, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=0.02, rtol=0.02)
+        assert len(calls) == 2 * 4 + 1  # four products a block, and the head
+        fast(torch.randint(0, 300, (2, 3)))  # several rows: linear, as before
+    assert len(calls) == 9
+
+    class Ids:
+        eos_id = None
+
+        def decode(self, ids):
+            return ""
+
+    for speedup, expected in ((3.0, True), (1.0, False)):
+        monkeypatch.setattr(precision, "matvec_speedup", lambda dtype, k, n, s=speedup: s)
+        plain = copy.deepcopy(model)
+        engine = Engine(plain, Ids(), max_batch=1)
+        assert plain.matvec is expected
+        request = engine.add([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[]))
+        engine.run([request])
+        reference = Engine(copy.deepcopy(model), Ids(), max_batch=1)
+        ref = reference.add([1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[]))
+        reference.run([ref])
+        assert request.sequences[0].tokens == ref.sequences[0].tokens
 
 
 def test_the_probe_is_real_fast_and_cached(tmp_path, monkeypatch):

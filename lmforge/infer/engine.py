@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from lmforge.errors import LmforgeError
 from lmforge.infer.detokenize import Detokenizer
 from lmforge.infer.sampling import SamplingParams, draw, filter_logits, fit_prompt, process_logits, sample
-from lmforge.model.gpt import GPT, KVCache
+from lmforge.model.gpt import GPT, KVCache, use_matvec
 
 _ids = itertools.count()
 
@@ -185,6 +185,13 @@ class Engine:
         self.max_len = min(max_len or model.config.block_size, model.config.block_size)
         embedding = model.shared.weight if self.seq2seq else model.wte.weight
         self.device = embedding.device
+        # (bf16/fp16 only: fp32's linear and mv are both BLAS gemv, the same speed in whole-model decoding)
+        if self.device.type == "cpu" and embedding.dtype != torch.float32 and not getattr(model, "quantized", None):
+            from lmforge.precision import MARGIN, matvec_speedup
+
+            width = model.config.d_model if self.seq2seq else model.config.n_embd
+            if matvec_speedup(embedding.dtype, width, model.config.vocab_size) >= MARGIN:
+                use_matvec(model)  # batch-1 steps through the faster matrix-vector kernel (measured here)
         self.cache = None if self.seq2seq else KVCache(model.config, max_batch, self.max_len, self.device, embedding.dtype)
         self.wave: dict | None = None  # encoder-decoder: the current wave's encoder padding and decoder caches
         # a sequence ends at this position: the context (a decoder's prompt shares it; an encoder-decoder's

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
+from lmforge.model.gpt import linear
 
 FEED_FORWARD = ("relu", "gated-gelu", "gated-silu")
 
@@ -222,6 +223,7 @@ class EncoderDecoder(nn.Module):
         self.encoder = Stack(config, decoder=False)
         self.decoder = Stack(config, decoder=True)
         self.lm_head = None if config.tied else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.matvec = False  # one-row products through torch.mv (gpt.use_matvec)
         self.init_weights()
 
     @torch.no_grad()
@@ -275,7 +277,7 @@ class EncoderDecoder(nn.Module):
         x = stack.drop(stack.ln_f(x))
         if self.config.scale_output:
             x = x * self.config.d_model ** -0.5
-        return F.linear(x, self.shared.weight if self.lm_head is None else self.lm_head.weight)
+        return linear(x, self.shared.weight if self.lm_head is None else self.lm_head.weight, matvec=self.matvec)
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """The decoder's input for ``labels``: the start token, then the labels but the last (-100 as padding)."""

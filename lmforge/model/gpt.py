@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 
 import torch
 import torch.nn as nn
@@ -237,6 +238,7 @@ class GPT(nn.Module):
         # Tied embeddings use wte.weight directly in forward(): no second Parameter to keep tied.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.score = None
+        self.matvec = False  # one-row products through torch.mv (``use_matvec``)
         if config.head == "sequence_classification":
             self.lm_head = None
             self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
@@ -338,7 +340,7 @@ class GPT(nn.Module):
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states (..., n_embd) → next-token logits (..., vocab)."""
         # (a module call, not F.linear with its weight, so that a quantised head works too)
-        return self.lm_head(hidden) if self.lm_head is not None else F.linear(hidden, self.wte.weight)
+        return self.lm_head(hidden) if self.lm_head is not None else linear(hidden, self.wte.weight, matvec=self.matvec)
 
     def _classify(self, idx: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor | None):
         """Sequence classification: scores (B, num_labels) read at each row's last non-padding token
@@ -352,6 +354,29 @@ class GPT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, matvec: bool = False) -> torch.Tensor:
+    """``F.linear``; with ``matvec``, an input of one row (batch-1 decoding) goes through ``torch.mv``, a
+    matrix-vector kernel that some CPUs run much faster than ``linear``'s in bf16 (the precision probe
+    measures it: ``precision.matvec_speedup``). Same arithmetic, another kernel."""
+    if matvec and x.numel() == x.size(-1) and x.dtype == weight.dtype:
+        y = torch.mv(weight, x.reshape(-1))
+        return (y if bias is None else y + bias).view(*x.shape[:-1], -1)
+    return F.linear(x, weight, bias)
+
+
+def _matvec_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, module.weight, module.bias, matvec=True)
+
+
+def use_matvec(model: nn.Module) -> None:
+    """Run ``model``'s one-row products through ``torch.mv`` (see ``linear``): each plain ``nn.Linear``
+    gets a forward bound to itself (so a deep copy keeps its own weights), and a tied head is flagged."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.forward = types.MethodType(_matvec_forward, module)
+    model.matvec = True
 
 
 def last_tokens(idx: torch.Tensor, pad: int | None) -> torch.Tensor:
