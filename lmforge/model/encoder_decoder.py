@@ -170,20 +170,36 @@ class DecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, self_bias: torch.Tensor, cross_bias: torch.Tensor,
                 memory: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
         """``memory``: the encoder's output, or None when ``cache`` holds its keys and values ("cross")
-        beside the self-attention's of the tokens decoded so far ("self", extended here)."""
+        beside the self-attention's of the tokens decoded so far ("self", extended here: ``_extend``)."""
         h = self.ln_self(x)
         kv = None
         if cache is not None:
-            k, v = self.self_attn.keys_values(h)
-            if "self" in cache:
-                k, v = torch.cat([cache["self"][0], k], 2), torch.cat([cache["self"][1], v], 2)
-            cache["self"] = kv = (k, v)
+            kv = _extend(cache, *self.self_attn.keys_values(h))
         x = x + self.drop(self.self_attn(h, self_bias, kv))
         h = self.ln_cross(x)
         if cache is not None and "cross" not in cache:
             cache["cross"] = self.cross_attn.keys_values(memory)
         x = x + self.drop(self.cross_attn(h, cross_bias, cache["cross"] if cache is not None else None, memory))
         return x + self.drop(self.ff(self.ln_ff(x)))
+
+
+def _extend(cache: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append a step's self-attention keys and values to ``cache["self"]`` (B, H, length, D) and return it.
+    The tensors live in a preallocated ``cache["buffer"]`` that doubles when full, so a step writes its
+    own positions instead of copying the whole past (``cache["self"]`` are views of its first ``length``)."""
+    past = cache["self"][0].size(2) if "self" in cache else 0
+    end = past + k.size(2)
+    buffer = cache.get("buffer")
+    if buffer is None or buffer[0].size(2) < end or buffer[0].size(0) != k.size(0):
+        capacity = max(end, 2 * buffer[0].size(2) if buffer is not None else 16)
+        buffer = tuple(k.new_empty(k.size(0), k.size(1), capacity, k.size(3)) for _ in range(2))
+        for new, old in zip(buffer, cache.get("self", ())):
+            new[:, :, :past] = old
+        cache["buffer"] = buffer
+    buffer[0][:, :, past:end] = k
+    buffer[1][:, :, past:end] = v
+    cache["self"] = (buffer[0][:, :, :end], buffer[1][:, :, :end])
+    return cache["self"]
 
 
 class Stack(nn.Module):
