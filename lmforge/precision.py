@@ -171,10 +171,9 @@ def choose_weights(device: torch.device, requested: str, stored: str | None, k: 
         if device.type == "cuda" and stored == "bfloat16" and not torch.cuda.is_bf16_supported():
             return Choice("float32", "fp32 weights (the checkpoint is bf16; this GPU has no bf16)")
         return Choice(stored, f"{SHORT[stored]} weights (the checkpoint's precision)", news=stored != "float32")
+    # (linear's speed, not torch.mv's: on the tiny shape bf16 mv measured 1.6x linear, yet a whole bf16
+    # decode step ran 0.8x fp32's; the one-row kernel is chosen after the precision, in the engine)
     speed = measure("gemv", k, n).get(stored, 0.0)
-    kernel = matvec_speedup(DTYPES[stored], k, n)
-    if kernel >= MARGIN:  # the engine decodes one row through torch.mv then (gpt.use_matvec)
-        speed *= kernel
     if speed >= 1.0 / MARGIN:
         return Choice(stored, f"{SHORT[stored]} weights (the checkpoint's precision; decoding in it is "
                               f"{speed:.1f}x fp32's speed on this CPU)")
