@@ -2,6 +2,7 @@
 
     python bench/bench_context.py                       # gpt2 shape, 528 new tokens, 3 repeats
     python bench/bench_context.py --new 272 --repeats 5
+    python bench/bench_context.py --llama-cpp /tmp/llamaenv/bin/python   # beside llama.cpp (f32, bf16, q8_0)
 
 A random model of the gpt2 (124M) shape, fp32, the same weights in both systems; a 32-token prompt,
 then every new token forced (no end token). Each generated token's arrival time is recorded (the
@@ -9,16 +10,24 @@ engine's steps; a logits processor in transformers, called once per token), so o
 rate over each window of the output (tokens 17-144, 144-272, ... as in issue 11) and the time per
 token at each position. Systems alternate and each figure is the median over repeats, so that a
 shared machine's drift hits both alike; the spread (min-max over repeats) is printed beside it.
+
+With ``--llama-cpp PYTHON`` (a Python with llama-cpp-python and gguf: see bench/llamacpp_worker.py) the
+same weights are also written as GGUF files in f32, bf16 and q8_0 and decoded by llama.cpp, beside
+lmforge in fp32, bf16 and int8 (each compared with llama.cpp at its precision: int8 with q8_0).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import _Ids  # noqa: E402
 from bench_gpt import hf_model  # noqa: E402
 
-from lmforge.infer.engine import Engine  # noqa: E402
+from lmforge.infer.engine import Engine, quantize_int8  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.model.config import Config  # noqa: E402
 from lmforge.model.gpt import build_model  # noqa: E402
@@ -65,6 +74,44 @@ def hf_times(hf, prompt: list[int], new: int) -> tuple[list[float], list[int]]:
     return times, out[0, PROMPT:].tolist()
 
 
+def llama_cpp_systems(python: str, ours, config: Config, new: int, folder: Path) -> dict:
+    """llama.cpp at f32, bf16 and q8_0 on ``ours``'s weights: each a function prompt → (times, tokens)."""
+    from safetensors.torch import save_file
+
+    worker = str(Path(__file__).resolve().parent / "llamacpp_worker.py")
+    weights = {k: v.contiguous() for k, v in state_dict_to_hf(ours).items()}
+    save_file(weights, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "n_positions": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
+        "n_head": config.n_head, "layer_norm_epsilon": config.norm_eps, "vocab_size": config.vocab_size,
+        "n_inner": config.hidden}))
+    threads = torch.get_num_threads()
+
+    def system(path: str):
+        def run(prompt):
+            out = subprocess.run([python, worker, "time", path, json.dumps(prompt), str(new), str(threads)],
+                                 check=True, capture_output=True, text=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            return result["times"], result["tokens"]
+        return run
+
+    systems = {}
+    prompt = list(range(1, PROMPT + 1))
+    with torch.no_grad():
+        ours_logits = ours(torch.tensor([prompt]))[0].float().numpy()
+    for kind in ("f32", "bf16", "q8_0"):
+        path = str(folder / f"model-{kind}.gguf")
+        subprocess.run([python, worker, "convert", str(folder), path, kind], check=True)
+        subprocess.run([python, worker, "logits", path, json.dumps(prompt), str(folder / "logits.npy")], check=True)
+        theirs = np.load(folder / "logits.npy")
+        # the conversion's check: the same logits as lmforge's fp32 within the format's rounding
+        print(f"llama.cpp {kind}: logits over a {PROMPT}-token prompt differ from lmforge fp32's by at most "
+              f"{np.abs(theirs - ours_logits).max():.2e} (largest logit {np.abs(ours_logits).max():.2f}); same argmax at "
+              f"{(theirs.argmax(-1) == ours_logits.argmax(-1)).mean():.0%} of positions")
+        systems[f"llama.cpp {kind}"] = system(path)
+    return systems
+
+
 def window_rate(times: list[float], first: int, last: int) -> float:
     """Tokens/s over generated tokens ``first..last`` (1-based): (last - first) tokens between their arrivals."""
     return (last - first) / (times[last - 1] - times[first - 1])
@@ -78,6 +125,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--compile", action="store_true", help="also the engine with a compiled decode step (static shapes)")
+    p.add_argument("--llama-cpp", metavar="PYTHON", help="a Python with llama-cpp-python and gguf: also llama.cpp at "
+                   "f32, bf16 and q8_0, and lmforge at bf16 and int8")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,6 +144,15 @@ def main() -> None:
         loaded = hf.load_state_dict(state_dict_to_hf(ours), strict=False)
         assert loaded.missing_keys == ["lm_head.weight"] and not loaded.unexpected_keys, loaded  # tied to wte: the same weights
         systems["HF generate"] = lambda prompt: hf_times(hf, prompt, args.new)
+    if args.llama_cpp:
+        bf16 = build_model(config).eval()
+        bf16.load_state_dict(ours.state_dict())
+        bf16 = bf16.to(torch.bfloat16)
+        int8 = quantize_int8(ours)
+        systems["lmforge bf16"] = lambda prompt: lmforge_times(Engine(bf16, _Ids(), max_batch=1), prompt, args.new)
+        systems["lmforge int8"] = lambda prompt: lmforge_times(Engine(int8, _Ids(), max_batch=1), prompt, args.new)
+        gguf_dir = Path(tempfile.mkdtemp(prefix="bench_context_gguf_"))
+        systems.update(llama_cpp_systems(args.llama_cpp, ours, config, args.new, gguf_dir))
     prompt = torch.randint(0, config.vocab_size, (PROMPT,)).tolist()
 
     edges = [17] + list(range(144, args.new + 1, 128))
@@ -131,6 +189,15 @@ def main() -> None:
         rates = {n: [window_rate(t, first, last) for t in runs[n]] for n in names}
         ratios = "".join(f" {statistics.median(rates[n]) / statistics.median(rates[hf]):.2f}x |" for n in vs)
         print(f"| {first}-{last} | " + " | ".join(fmt(rates[n]) for n in names) + " |" + ratios)
+    pairs = [(a, b) for a, b in (("lmforge", "llama.cpp f32"), ("lmforge bf16", "llama.cpp bf16"),
+                                  ("lmforge int8", "llama.cpp q8_0")) if a in systems and b in systems]
+    if pairs:
+        print("\n| generated tokens | " + " | ".join(f"{a} vs {b}" for a, b in pairs) + " |")
+        print("|---|" + "---:|" * len(pairs))
+        for first, last in windows:
+            ratio = [statistics.median([window_rate(t, first, last) for t in runs[a]])
+                     / statistics.median([window_rate(t, first, last) for t in runs[b]]) for a, b in pairs]
+            print(f"| {first}-{last} | " + " | ".join(f"{r:.2f}x" for r in ratio) + " |")
     print("\n| position (prompt + generated) | " + " | ".join(f"{n} ms/token" for n in names) + " |")
     print("|---:|" + "---:|" * len(names))
     for b in buckets:
