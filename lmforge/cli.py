@@ -341,9 +341,10 @@ def cmd_index(args) -> None:
     from lmforge.infer.retrieval import build_index
 
     result = build_index(args.docs, args.model, args.out, passage_tokens=args.passage_tokens, overlap=args.overlap,
-                         ann=args.ann, progress=not args.quiet)
+                         ann=args.ann, progress=not args.quiet, dtype=args.dtype)
     print(f"indexed {result['passages']:,} passages of {result['files']} file(s) into {result['out']} "
           f"({result['embedded']:,} embedded, {result['reused']:,} unchanged)")
+    print(f"precision: {result['precision']}")
 
 
 def cmd_search(args) -> None:
@@ -664,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--overlap", type=int, default=40, help="tokens shared by neighbouring passages (default 40)")
     ix.add_argument("--ann", action="store_true", help="also build an approximate (HNSW) index for large collections "
                     "(needs FAISS: pip install 'lmforge[ann]')")
+    ix.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="precision of the encoder's matrix products: auto (default) takes bf16 autocast where this "
+                    "machine runs it measurably faster (vectors within 1e-4 cosine of fp32's); queries are embedded in fp32")
     ix.add_argument("--quiet", action="store_true", help="no progress bar")
     ix.set_defaults(func=cmd_index)
 

@@ -60,6 +60,14 @@ def test_padding_does_not_change_a_sentence(minilm):
     together = embed(model, tok, SENTENCES)
     alone = torch.cat([embed(model, tok, [s]) for s in SENTENCES])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    # batched in order of length (less padding), each row back in its text's place
+    texts = [s * n for n, s in zip([3, 1, 5, 2, 4, 1], SENTENCES * 2)]
+    widths = []
+    hook = model.wte.register_forward_pre_hook(lambda m, args: widths.append(args[0].size(1)))
+    twos = embed(model, tok, texts, batch_size=2)
+    hook.remove()
+    assert widths == sorted(widths, reverse=True) and len(widths) == 3
+    torch.testing.assert_close(twos, torch.cat([embed(model, tok, [t]) for t in texts]), atol=1e-5, rtol=0)
 
 
 HEADS = {

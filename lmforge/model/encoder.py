@@ -271,20 +271,28 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 @torch.inference_mode()
 def embed(model: Encoder, tokenizer, texts: list[str], max_length: int | None = None, batch_size: int = 32,
-          normalize: bool = True) -> torch.Tensor:
-    """Sentence embeddings (len(texts), n_embd): mean-pooled last hidden states, L2-normalised."""
+          normalize: bool = True, progress: bool = False) -> torch.Tensor:
+    """Sentence embeddings (len(texts), n_embd): mean-pooled last hidden states, L2-normalised.
+
+    Texts are batched in order of length (as sentence-transformers does), so that a batch pads to
+    about its own length rather than to the longest text's; the rows come back in the texts' order."""
+    from tqdm.auto import tqdm
+
     max_length = min(max_length or model.config.block_size, model.config.block_size)
     device = model.wte.weight.device
-    out = []
-    for i in range(0, len(texts), batch_size):
-        ids = [tokenizer.encode(t, add_special_tokens=True)[:max_length] for t in texts[i : i + batch_size]]
+    encoded = [tokenizer.encode(t, add_special_tokens=True)[:max_length] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
+    pad = model.config.pad_token_id
+    out = torch.zeros(len(texts), model.config.n_embd, device=device)
+    for i in tqdm(range(0, len(texts), batch_size), desc="embedding", unit="batch", disable=not progress):
+        rows = order[i : i + batch_size]
+        ids = [encoded[r] for r in rows]
         width = max(map(len, ids))
-        pad = model.config.pad_token_id
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
-        pooled = mean_pool(model.encode(input_ids, mask), mask)
-        out.append(F.normalize(pooled, p=2, dim=1) if normalize else pooled)
-    return torch.cat(out)
+        pooled = mean_pool(model.encode(input_ids, mask), mask).float()
+        out[torch.tensor(rows, device=device)] = F.normalize(pooled, p=2, dim=1) if normalize else pooled
+    return out
 
 
 def declared_max_length(folder) -> int | None:
