@@ -201,8 +201,8 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
 
     When ``out`` is an index made with the same encoder, passage settings and precision, the passages of
     files whose contents did not change keep their vectors; only new and changed files are embedded.
-    ``dtype``: the precision of the encoder's matrix products ("auto": bf16 autocast where measured faster
-    here; queries are embedded the same way). Returns counts and the precision's one-line reason.
+    ``dtype``: the precision of the passages' matrix products ("auto": bf16 autocast where measured faster
+    here; queries are embedded in fp32). Returns counts and the precision's one-line reason.
     """
     import bm25s
     from safetensors.torch import load_file, save_file
