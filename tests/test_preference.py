@@ -474,6 +474,41 @@ def test_a_packed_pair_scores_each_answer_as_if_it_were_alone(kw):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kw", [{}, {"family": "llama", "pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu",
+                                      "bias": False, "n_kv_head": 2},
+                                {"family": "mistral", "pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu",
+                                 "bias": False, "sliding_window": 4}])
+def test_a_packed_pair_gives_each_answer_its_own_log_probability(kw):
+    """DPO's packed rows: each answer's summed log-probability (and its gradient) is that of its own
+    prompt + answer sequence, with common answer starts shared, a prefix answer, and no prompt at all."""
+    from lmforge.data.preference import TokenizedPair
+    from lmforge.model.config import Config
+    from lmforge.model.gpt import build_model
+    from lmforge.train.preference import answer_logps, packed_pairs
+
+    torch.manual_seed(0)
+    model = build_model(Config(vocab_size=60, block_size=40, n_layer=2, n_head=4, n_embd=16, **kw))
+    rng = random.Random(1)
+    draw = lambda n: [rng.randrange(1, 60) for _ in range(n)]  # noqa: E731
+    start = draw(3)
+    pairs = [TokenizedPair(draw(5), draw(3), draw(7)), TokenizedPair(draw(1), draw(9), draw(2)),
+             TokenizedPair(draw(4), start + draw(2), start + draw(5)), TokenizedPair(draw(2), start, start + draw(2)),
+             TokenizedPair([], draw(4), draw(3)), TokenizedPair([], start + draw(1), start + draw(2))]
+
+    def alone(prompt, answer):
+        ids = torch.tensor([prompt + answer])
+        logp = torch.log_softmax(model(ids)[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+        return logp[max(len(prompt) - 1, 0):].sum()  # the answer's tokens (the first has no predictor without a prompt)
+
+    packed = answer_logps(model, packed_pairs(pairs, 0, answers=True))
+    expected = torch.stack([alone(p.prompt, p.chosen) for p in pairs] + [alone(p.prompt, p.rejected) for p in pairs])
+    torch.testing.assert_close(packed, expected, atol=1e-5, rtol=1e-5)
+    weights = list(model.parameters())
+    for a, b in zip(torch.autograd.grad((packed * torch.arange(1.0, 13.0)).sum(), weights),
+                    torch.autograd.grad((expected * torch.arange(1.0, 13.0)).sum(), weights)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("method, reference", [("full", "copy"), ("full", "precomputed"), ("full", "auto"),
                                                ("lora", "adapter"), ("lora", "precomputed"), ("lora", "auto")])
 def test_at_step_0_the_policy_is_its_reference_loss_log_2_and_rewards_0(base, tmp_path, method, reference):

@@ -235,32 +235,50 @@ class RewardModel(PairObjective):
         return loss, {k: v.detach() for k, v in pair_metrics(chosen, rejected).items()}
 
 
-def packed_pairs(pairs: list, pad: int, score_pad: int | None = None) -> dict:
-    """A decoder reward model's rows: shared ‖ rest of chosen ‖ rest of rejected, each pair in one row, where
-    the shared part is the prompt and the answers' common first tokens: it passes through the model once.
-    The rest of the rejected answer takes the positions after the shared part and attends to it and
-    itself, never to the chosen answer: each answer's last token sees exactly the tokens it would see
-    alone. ``keep`` names where the scores are read: each answer's last token that is not ``score_pad``
-    (the head's rule, ``last_tokens``: a pad token that is also end-of-text is not read)."""
-    seqs, positions, keep, hidden = [], [], [], []
+def packed_pairs(pairs: list, pad: int, score_pad: int | None = None, answers: bool = False) -> dict:
+    """Decoder rows of pairs: shared ‖ rest of chosen ‖ rest of rejected, each pair in one row, where the
+    shared part is the prompt and the answers' common first tokens: it passes through the model once. The
+    rest of the rejected answer takes the positions after the shared part and attends to it and itself,
+    never to the chosen answer: each answer token sees exactly the tokens it would see alone.
+
+    ``keep`` names the positions the caller reads. For a reward model, where the scores are read: each
+    answer's last token that is not ``score_pad`` (the head's rule, ``last_tokens``: a pad token that is
+    also end-of-text is not read). With ``answers`` (DPO), the position that predicts each answer token,
+    chosen then rejected (a shared position twice), with the token in ``targets`` (-100 for padding) and
+    ``side`` 0 for chosen, 1 for rejected."""
+    seqs, positions, keep, hidden, targets, side = [], [], [], [], [], []
     for p in pairs:
         common = next((i for i, (a, b) in enumerate(zip(p.chosen, p.rejected)) if a != b), min(len(p.chosen), len(p.rejected)))
-        S, C, R = len(p.prompt) + common, len(p.chosen) - common, len(p.rejected) - common
+        P, S, C, R = len(p.prompt), len(p.prompt) + common, len(p.chosen) - common, len(p.rejected) - common
         seqs.append(p.prompt + p.chosen + p.rejected[common:])
         positions.append(list(range(S + C)) + list(range(S, S + R)))
-        last_chosen = _last_real(p.prompt + p.chosen, score_pad)
-        last_rejected = _last_real(p.prompt + p.rejected, score_pad)
-        keep.append([last_chosen, last_rejected if last_rejected < S else last_rejected + C])
         hidden.append((S + C, S + C + R, S, S + C))  # rejected queries hide the chosen keys
+
+        def row_index(i: int) -> int:  # position i of prompt + rejected → its index in the row
+            return i if i < S else i + C
+
+        if answers:
+            # answer token j sits at P + j of its own sequence and is predicted by the position before it
+            # (with no prompt, the first answer token has none and is not counted, as in the unpacked rows)
+            first = 1 if P == 0 else 0
+            keep.append([P + j - 1 for j in range(first, len(p.chosen))]
+                        + [row_index(P + j - 1) for j in range(first, len(p.rejected))])
+            targets.append(p.chosen[first:] + p.rejected[first:])
+            side.append([0] * (len(p.chosen) - first) + [1] * (len(p.rejected) - first))
+        else:
+            keep.append([_last_real(p.prompt + p.chosen, score_pad), row_index(_last_real(p.prompt + p.rejected, score_pad))])
     ids = _pad(seqs, pad)
     W = ids.size(1)
     mask = torch.ones(W, W, dtype=torch.bool).tril().repeat(len(pairs), 1, 1)
     for row, (q0, q1, k0, k1) in enumerate(hidden):
         mask[row, q0:q1, k0:k1] = False
-    return {"ids": ids, "positions": _pad(positions, 0), "mask": mask[:, None], "keep": torch.tensor(keep),
-            "lengths": torch.tensor([len(p.prompt) + len(p.chosen) for p in pairs]
-                                    + [len(p.prompt) + len(p.rejected) for p in pairs]),
-            "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32)}
+    batch = {"ids": ids, "positions": _pad(positions, 0), "mask": mask[:, None], "keep": _pad(keep, 0),
+             "lengths": torch.tensor([len(p.prompt) + len(p.chosen) for p in pairs]
+                                     + [len(p.prompt) + len(p.rejected) for p in pairs]),
+             "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32)}
+    if answers:
+        batch.update(targets=_pad(targets, -100), side=_pad(side, 1))
+    return batch
 
 
 def _last_real(seq: list[int], pad: int | None) -> int:
@@ -280,7 +298,16 @@ def encoder_input(tokenizer: Tokenizer, prompt, answer) -> tuple[list[int], list
 
 
 def answer_logps(model, batch) -> torch.Tensor:
-    """Each row's sequence log-probability of its answer: the sum over the answer's tokens."""
+    """Each row's sequence log-probability of its answer: the sum over the answer's tokens; chosen answers
+    then rejected ones. A packed batch (``packed_pairs(answers=True)``) computes logits only at the
+    positions that predict answer tokens."""
+    if "targets" in batch:
+        logits = model(batch["ids"], positions=batch["positions"], attn_mask=batch["mask"], keep=batch["keep"])
+        targets = batch["targets"]
+        per_token = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                     reduction="none").view_as(targets)
+        rejected = batch["side"].bool()
+        return torch.cat([per_token.masked_fill(rejected, 0).sum(1), per_token.masked_fill(~rejected, 0).sum(1)])
     labels = batch["labels"]
     learned = labels != -100
     logits = model(batch["ids"], select=learned)  # (answer tokens, vocab): nothing spent on the prompts
@@ -307,6 +334,11 @@ class DPO(PairObjective):
     def __init__(self, config: DPOConfig, device, checkpoint, pairs):
         self.checkpoint = checkpoint
         super().__init__(config, device, checkpoint, pairs)
+
+    def collate(self, indices: list[int], pairs=None) -> dict:
+        """Each pair in one row (``packed_pairs``): the prompt passes through the policy and the reference once."""
+        pairs = self.train_pairs if pairs is None else pairs
+        return {**packed_pairs([pairs[i] for i in indices], self.pad_id(), answers=True), "index": torch.tensor(indices)}
 
     def load(self, checkpoint):
         model = super().load(checkpoint)
