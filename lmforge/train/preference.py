@@ -18,9 +18,8 @@ Chosen and rejected answers of a micro-batch go through the model in one forward
 each pair as one row (``packed_pairs``): the prompt and the answers' common first tokens once, then the
 rest of each answer, the rejected one masked from the chosen one and placed at its own positions, so
 every answer token sees what it would see alone (a quarter fewer tokens when prompt and answers are
-of one length; nearly half for long prompts). Every loss is a
-mean over pairs, and the loop weighs each micro-batch by its pairs, so any split into micro-batches and
-processes gives the same step.
+of one length; nearly half for long prompts). Every loss is a mean over pairs, and the loop weighs each
+micro-batch by its pairs, so any split into micro-batches and processes gives the same step.
 """
 
 from __future__ import annotations
