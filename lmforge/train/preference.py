@@ -81,21 +81,8 @@ class PairObjective(Finetune):
         return pad
 
     def collate(self, indices: list[int], pairs=None) -> dict:
-        """Chosen rows then rejected rows, right-padded; ``labels`` hold each answer token at the position
-        that predicts it (-100 elsewhere)."""
-        pairs = self.train_pairs if pairs is None else pairs
-        chosen = [pairs[i] for i in indices]
-        seqs = [p.prompt + p.chosen for p in chosen] + [p.prompt + p.rejected for p in chosen]
-        starts = [len(p.prompt) for p in chosen] * 2
-        ids = _pad(seqs, self.pad_id())
-        lengths = torch.tensor([len(s) for s in seqs])
-        position = torch.arange(ids.size(1))[None]
-        answer = (position >= torch.tensor(starts)[:, None]) & (position < lengths[:, None])
-        labels = torch.full_like(ids, -100)
-        labels[:, :-1] = torch.where(answer[:, 1:], ids[:, 1:], -100)
-        return {"ids": ids, "labels": labels, "lengths": lengths,
-                "margin": torch.tensor([p.margin for p in chosen], dtype=torch.float32),
-                "index": torch.tensor(indices)}
+        """The batch of pairs ``indices`` (a decoder's: ``packed_pairs``)."""
+        raise NotImplementedError
 
     def batches(self, rank: int, world_size: int):
         c = self.config
@@ -301,22 +288,15 @@ def encoder_input(tokenizer: Tokenizer, prompt, answer) -> tuple[list[int], list
 
 
 def answer_logps(model, batch) -> torch.Tensor:
-    """Each row's sequence log-probability of its answer: the sum over the answer's tokens; chosen answers
-    then rejected ones. A packed batch (``packed_pairs(answers=True)``) computes logits only at the
-    positions that predict answer tokens."""
-    if "targets" in batch:
-        logits = model(batch["ids"], positions=batch["positions"], attn_mask=batch["mask"], keep=batch["keep"])
-        targets = batch["targets"]
-        per_token = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                     reduction="none").view_as(targets)
-        rejected = batch["side"].bool()
-        return torch.cat([per_token.masked_fill(rejected, 0).sum(1), per_token.masked_fill(~rejected, 0).sum(1)])
-    labels = batch["labels"]
-    learned = labels != -100
-    logits = model(batch["ids"], select=learned)  # (answer tokens, vocab): nothing spent on the prompts
-    per_token = F.cross_entropy(logits.float(), labels[learned], reduction="none")
-    row = torch.arange(labels.size(0), device=labels.device)[:, None].expand_as(labels)[learned]
-    return torch.zeros(labels.size(0), device=labels.device).index_add(0, row, -per_token)
+    """Each answer's sequence log-probability (the sum over its tokens), chosen answers then rejected ones,
+    from packed pairs (``packed_pairs(answers=True)``): logits only at the positions that predict answer
+    tokens, nothing spent on the prompts."""
+    logits = model(batch["ids"], positions=batch["positions"], attn_mask=batch["mask"], keep=batch["keep"])
+    targets = batch["targets"]
+    per_token = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                 reduction="none").view_as(targets)
+    rejected = batch["side"].bool()
+    return torch.cat([per_token.masked_fill(rejected, 0).sum(1), per_token.masked_fill(~rejected, 0).sum(1)])
 
 
 def dpo_loss(h: torch.Tensor, loss: str, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
