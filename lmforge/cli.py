@@ -64,7 +64,6 @@ def _load_for_inference(args, seq2seq: bool = False):
     """The decoder (or, with ``seq2seq``, also an encoder-decoder) and tokenizer of ``--model``, int8-quantised
     with ``--int8``."""
     from lmforge.model.checkpoint import load_decoder, load_generator, load_tokenizer_for
-    from lmforge.model.gpt import GPT
     from lmforge.utils import pick_device
 
     device = pick_device(args.device)
@@ -72,11 +71,9 @@ def _load_for_inference(args, seq2seq: bool = False):
     model = (load_generator if seq2seq else load_decoder)(args.model, device, dtype)
     tokenizer = load_tokenizer_for(model, getattr(args, "tokenizer", None))
     if getattr(args, "int8", False):
-        if not isinstance(model, GPT):
-            raise LmforgeError("--int8 quantises decoders only so far; drop it for this encoder-decoder")
         from lmforge.infer.engine import quantize_int8
 
-        if model.wte.weight.device.type != "cpu":
+        if next(model.parameters()).device.type != "cpu":
             raise LmforgeError("--int8 is for CPU inference; use --device cpu")
         source = model.source
         model = quantize_int8(model)

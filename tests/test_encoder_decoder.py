@@ -246,6 +246,20 @@ def test_seq2seq_fine_tuning_learns_a_mapping_and_its_loss_is_transformers(tmp_p
     right = sum(generate(str(model_dir), r["source"], max_new_tokens=6, temperature=0).text.strip() == r["target"]
                 for r in rows)
     assert right > len(rows) // 2, right
+    # int8 weights (every projection and the tied-or-own head quantised) write the same targets
+    from lmforge.infer.engine import quantize_int8
+
+    fp32 = load_model(model_dir)
+    int8 = quantize_int8(fp32)
+    assert not any(isinstance(m, torch.nn.Linear) for m in int8.modules())
+    same = sum(generate(int8, r["source"], max_new_tokens=6, temperature=0).token_ids
+               == generate(fp32, r["source"], max_new_tokens=6, temperature=0).token_ids for r in rows)
+    assert same >= len(rows) - 3, same
+    from conftest import run_cli
+
+    result = run_cli("generate", "--model", str(model_dir), "--int8", "--max-new-tokens", "6", "--temperature", "0",
+                     rows[0]["source"])
+    assert result.returncode == 0 and rows[0]["target"] in result.stdout, result.stderr
     # the objective's loss is transformers' on the same batch
     tok = Tokenizer.load(model_dir)
     objective = Seq2Seq.__new__(Seq2Seq)
@@ -367,8 +381,61 @@ def test_t5_folders_where_they_do_not_fit_give_one_line(tmp_path, tokenizer_dir)
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"source": "a b", "target": "b a"}) + "\n")
-    for train, needle in ((chat, "LoRA adapters are for decoders and encoders so far"),
-                          (pairs, "fine-tuned with --method full")):
+    for train, method, needle in ((chat, "full", "need a decoder model"), (chat, "lora", "need a decoder model"),
+                                  (pairs, "linear-probe", "fine-tuned with --method full or --method lora")):
         with pytest.raises(LmforgeError, match=needle):
-            finetune(model=str(folder), train=str(train), out=str(tmp_path / "out"), method="lora", max_steps=1,
+            finetune(model=str(folder), train=str(train), out=str(tmp_path / "out"), method=method, max_steps=1,
                      val_fraction=0.0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shape,targets", [("v1.0", "q,v"), ("v1.1", "q,k,v,o,fc,proj")])
+def test_lora_fine_tuning_of_t5_writes_an_adapter_peft_loads_with_the_same_logits(tmp_path, tokenizer_dir, shape,
+                                                                                 targets, capsys):
+    """LoRA on the encoder-decoder: only adapters train, in the self-attention of both stacks and the decoder's
+    cross-attention (PEFT's "q" matches SelfAttention.q and EncDecAttention.q); the adapter loads in PEFT on
+    transformers' T5 with the logits of lmforge's merged model, and `lmforge merge` writes a T5 folder."""
+    import shutil
+
+    peft = pytest.importorskip("peft")
+    from transformers import T5ForConditionalGeneration
+
+    from lmforge.cli import main
+    from lmforge.train.finetune import finetune
+
+    base = make_hf_t5(tmp_path / "hf", shape, vocab_size=1024)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, base / name)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"source": f"reverse {a} {b}", "target": f"{b} {a}"}) + "\n"
+                             for a, b in (("red", "fox"), ("blue", "sky"), ("green", "tea"), ("cold", "rain"))))
+    summary = finetune(model=str(base), train=str(pairs), out=str(tmp_path / "run"), method="lora", lora_targets=targets,
+                       lora_r=4, lr=1e-2, max_steps=4, micro_batch_size=2, val_fraction=0.0, progress=False, seed=3)
+    adapter = Path(summary["checkpoint"]) / "model"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_2_SEQ_LM" and not (adapter / "config.json").exists()
+    expected_targets = {"v1.0": {"q", "v"}, "v1.1": {"q", "k", "v", "o", "wi_0", "wi_1", "wo"}}[shape]
+    assert set(config["target_modules"]) == expected_targets
+    from safetensors.torch import load_file
+
+    keys = load_file(adapter / "adapter_model.safetensors").keys()
+    assert "base_model.model.decoder.block.2.layer.1.EncDecAttention.q.lora_A.weight" in keys
+    assert "base_model.model.encoder.block.1.layer.0.SelfAttention.v.lora_B.weight" in keys
+    n_modules = (2 + 3 * 2) * (2 if shape == "v1.0" else 4) + (0 if shape == "v1.0" else (2 + 3) * 3)
+    assert len(keys) == 2 * n_modules
+
+    ids, mask, labels = batch()
+    ours = load_model(adapter).eval()  # the base with the adapter merged
+    hf = peft.PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base), str(adapter)).eval()
+    plain = T5ForConditionalGeneration.from_pretrained(base).eval()
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, labels=labels).logits
+        logits = ours(ids, mask, labels=labels)[0]
+        assert (expected - plain(input_ids=ids, attention_mask=mask, labels=labels).logits).abs().max() > 1e-3
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    merged = T5ForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask, labels=labels).logits, expected,
+                                   atol=1e-4, rtol=1e-4)
+    assert "merged" in capsys.readouterr().out

@@ -563,19 +563,21 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
     return finished_seqs[0, P : P + length].tolist(), float(finished_scores[0])
 
 
-def quantize_int8(model: GPT) -> GPT:
-    """Int8 weights for CPU inference, with PyTorch's dynamic quantisation (``quantize_dynamic``: int8
-    weights per output channel, activations quantised on the fly by fbgemm). The tied output head gets
-    its own Linear first so that it is quantised too. Returns a new model for inference only."""
+def quantize_int8(model):
+    """Int8 weights of a decoder or an encoder-decoder for CPU inference, with PyTorch's dynamic quantisation
+    (``quantize_dynamic``: int8 weights per output channel, activations quantised on the fly by fbgemm). The
+    tied output head gets its own Linear first so that it is quantised too (the embedding stays float).
+    Returns a new model for inference only."""
     import copy
     import warnings
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     model = copy.deepcopy(model).float().cpu().eval()
-    if model.lm_head is None and model.score is None:
-        head = torch.nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False)
-        head.weight = model.wte.weight
+    embedding = model.wte if isinstance(model, GPT) else model.shared
+    if model.lm_head is None and getattr(model, "score", None) is None:
+        head = torch.nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False)
+        head.weight = embedding.weight
         model.lm_head = head
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao

@@ -293,6 +293,8 @@ class EncoderDecoder(nn.Module):
         x = stack.drop(stack.ln_f(x))
         if self.config.scale_output:
             x = x * self.config.d_model ** -0.5
+        if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):  # an int8 head (quantize_int8)
+            return self.lm_head(x)
         return linear(x, self.shared.weight if self.lm_head is None else self.lm_head.weight, matvec=self.matvec)
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:

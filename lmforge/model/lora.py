@@ -6,7 +6,9 @@ gate/up) in one fused matrix; an adapter covers a *slice* of its outputs, which 
 PEFT adapter on Hugging Face's separate ``q_proj``/``v_proj`` (or on GPT-2's fused ``c_attn``) does.
 
 Targets are named the same way for every family: ``q``, ``k``, ``v``, ``o`` (attention) and ``fc``,
-``proj`` (MLP in and out; ``fc`` of a SwiGLU MLP is its gate and up projections).
+``proj`` (MLP in and out; ``fc`` of a SwiGLU MLP is its gate and up projections). In an encoder-decoder
+(T5) ``q`` ... ``o`` adapt the self-attention of both stacks and the decoder's cross-attention, as PEFT's
+``target_modules=["q", "v"]`` does; ``fc`` is ``wi`` (or gated ``wi_0`` and ``wi_1``), ``proj`` is ``wo``.
 
 An adapter folder holds what PEFT writes (``adapter_config.json`` with PEFT's keys only, and
 ``adapter_model.safetensors``) plus ``lmforge_adapter.json``: lmforge's targets, a task head, and the
@@ -85,8 +87,23 @@ class LoRALinear(nn.Module):
 def _slices(model, block, target: str) -> list[tuple[str, str, dict[str, tuple[int, int]]]]:
     """(module path inside a block, PEFT module name(s), slices) of one target name."""
     from lmforge.model.encoder import Encoder
+    from lmforge.model.encoder_decoder import DecoderBlock, EncoderDecoder
 
     c = model.config
+    if isinstance(model, EncoderDecoder):
+        # T5 keeps every projection apart; q, k, v and o name the self-attention's and (in the decoder) the
+        # cross-attention's, as PEFT's target "q" matches both SelfAttention.q and EncDecAttention.q.
+        decoder = isinstance(block, DecoderBlock)
+        if target in ("q", "k", "v", "o"):
+            out = c.d_model if target == "o" else c.n_head * c.d_kv
+            attentions = [("self_attn", "layer.0.SelfAttention"), ("cross_attn", "layer.1.EncDecAttention")] \
+                if decoder else [("attn", "layer.0.SelfAttention")]
+            return [(f"{ours}.{target}", f"{theirs}.{target}", {target: (0, out)}) for ours, theirs in attentions]
+        ff = f"layer.{2 if decoder else 1}.DenseReluDense"
+        if target == "proj":
+            return [("ff.wo", f"{ff}.wo", {"proj": (0, c.d_model)})]
+        names = ("wi_0", "wi_1") if c.feed_forward.startswith("gated") else ("wi",)
+        return [(f"ff.{name}", f"{ff}.{name}", {"fc": (0, c.d_ff)}) for name in names]
     if isinstance(model, Encoder):
         d = c.n_embd
         qkv = {"q": (0, d), "k": (d, 2 * d), "v": (2 * d, 3 * d)}
@@ -115,10 +132,23 @@ def _slices(model, block, target: str) -> list[tuple[str, str, dict[str, tuple[i
     return [("mlp.proj", "mlp.down_proj", {"proj": (0, c.n_embd)})]
 
 
-def _peft_block_prefix(model, layer: int) -> str:
+def _blocks(model) -> list[tuple[str, int, object]]:
+    """(lmforge's path of the block list, layer number, block) of every block; an encoder-decoder's two stacks."""
+    from lmforge.model.encoder_decoder import EncoderDecoder
+
+    if isinstance(model, EncoderDecoder):
+        return [(f"{stack}.blocks", i, block) for stack in ("encoder", "decoder")
+                for i, block in enumerate(getattr(model, stack).blocks)]
+    return [("blocks", i, block) for i, block in enumerate(model.blocks)]
+
+
+def _peft_block_prefix(model, path: str, layer: int) -> str:
     from lmforge.model.encoder import Encoder
+    from lmforge.model.encoder_decoder import EncoderDecoder
 
     c = model.config
+    if isinstance(model, EncoderDecoder):
+        return f"{path.split('.')[0]}.block.{layer}."
     if isinstance(model, Encoder):
         return ("" if c.head is None else "bert.") + f"encoder.layer.{layer}."
     return f"transformer.h.{layer}." if c.family == "gpt2" else f"model.layers.{layer}."
@@ -136,8 +166,10 @@ def add_lora(model, targets: list[str] | str, r: int = 8, alpha: float = 16.0, d
     """
     if getattr(model, "lora", None):
         raise LmforgeError("the model already has LoRA adapters")
-    if not hasattr(model, "blocks"):
-        raise LmforgeError(f"LoRA adapters are for decoders and encoders so far, not {type(model).__name__}; "
+    from lmforge.model.encoder_decoder import EncoderDecoder
+
+    if not hasattr(model, "blocks") and not isinstance(model, EncoderDecoder):
+        raise LmforgeError(f"LoRA adapters are for decoders, encoders and encoder-decoders, not {type(model).__name__}; "
                            f"use --method full")
     if getattr(model.config, "family", None) == "lmforge":
         raise LmforgeError("LoRA adapters are saved in PEFT's format, which needs a Hugging Face family (not 'lmforge')")
@@ -148,13 +180,13 @@ def add_lora(model, targets: list[str] | str, r: int = 8, alpha: float = 16.0, d
     for p in model.parameters():
         p.requires_grad_(False)
     modules: dict[str, dict] = {}  # module path → {slice name: (a, b)} and its PEFT names
-    for i, block in enumerate(model.blocks):
+    for blocks, i, block in _blocks(model):
         for target in targets:
             for path, peft_name, slices in _slices(model, block, target):
-                entry = modules.setdefault(f"blocks.{i}.{path}", {"slices": {}, "peft": {}})
+                entry = modules.setdefault(f"{blocks}.{i}.{path}", {"slices": {}, "peft": {}})
                 for slice_name, span in slices.items():
                     entry["slices"][slice_name] = span
-                    entry["peft"][slice_name] = _peft_block_prefix(model, i) + peft_name
+                    entry["peft"][slice_name] = _peft_block_prefix(model, blocks, i) + peft_name
     for path, entry in modules.items():
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path)
@@ -204,6 +236,7 @@ def save_adapter(model, folder: str | os.PathLike, base_model: str | os.PathLike
     ``lmforge_adapter.json``. The base recorded is the folder the model's weights were loaded from (when
     ``base_model`` is a run folder: the checkpoint it resolved to), with the hashes of its weight files."""
     from lmforge.model.checkpoint import resolve_model_dir
+    from lmforge.model.encoder_decoder import EncoderDecoder
 
     settings = model.lora
     base = settings.get("base") or resolve_model_dir(base_model).resolve()
@@ -221,7 +254,7 @@ def save_adapter(model, folder: str | os.PathLike, base_model: str | os.PathLike
     head = getattr(model.config, "head", None)
     config = {  # PEFT's keys only: PEFT warns about any other
         "peft_type": "LORA",
-        "task_type": PEFT_TASK[head],
+        "task_type": "SEQ_2_SEQ_LM" if isinstance(model, EncoderDecoder) else PEFT_TASK[head],
         "base_model_name_or_path": str(base),
         "r": settings["r"],
         "lora_alpha": settings["alpha"],
@@ -350,7 +383,9 @@ def adapter_base(adapter: Path, config: dict, meta: dict, base: str | os.PathLik
 
 _PEFT_TO_TARGET = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "fc", "up_proj": "fc",
                    "down_proj": "proj", "c_attn": "q", "c_proj": None, "c_fc": "fc", "query": "q", "key": "k",
-                   "value": "v", "dense": None}
+                   "value": "v", "dense": None,
+                   # T5
+                   "q": "q", "k": "k", "v": "v", "o": "o", "wi": "fc", "wi_0": "fc", "wi_1": "fc", "wo": "proj"}
 
 
 def read_adapter_config(folder: Path) -> dict:

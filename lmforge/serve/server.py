@@ -890,7 +890,6 @@ def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bo
     import uvicorn
 
     from lmforge.model.checkpoint import load_generator, load_tokenizer_for, weights_precision
-    from lmforge.model.gpt import GPT
     from lmforge.utils import pick_device
 
     from lmforge.serve.embeddings import Embedder
@@ -913,8 +912,6 @@ def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bo
         tokenizer = load_tokenizer_for(model)
     if embedding_model is not None:
         embedder = Embedder(embedding_model, device)
-    if int8 and not isinstance(model, GPT):
-        raise LmforgeError("--int8 quantises decoders only so far; drop it for this encoder-decoder")
     if int8:
         from lmforge.infer.engine import quantize_int8
 

@@ -723,9 +723,9 @@ class Seq2Seq(Finetune):
     task = "seq2seq"
 
     def load(self, checkpoint: Path | None):
-        if self.config.method != "full" or self.config.freeze_layers or self.config.train_layers:
-            raise LmforgeError("an encoder-decoder is fine-tuned with --method full (LoRA, linear probes and frozen "
-                               "layers are for decoders and encoders so far)")
+        if self.config.method == "linear-probe" or self.config.freeze_layers or self.config.train_layers:
+            raise LmforgeError("an encoder-decoder is fine-tuned with --method full or --method lora (linear probes "
+                               "and frozen layers are for decoders and encoders so far)")
         return super().load(checkpoint)
 
     def setup(self, train_rows: list, val_rows: list) -> None:
