@@ -14,6 +14,7 @@ import json
 import os
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,23 @@ def candidates() -> list[str]:
     """Precisions worth timing on this CPU: fp16 only where the CPU has fp16 arithmetic."""
     flags = _cpu_flags()
     return ["float32", "bfloat16"] + (["float16"] if flags & {"avx512_fp16", "amx_fp16"} else [])
+
+
+@contextmanager
+def flushing_subnormals():
+    """Inside the block, floats below 1.2e-38 (subnormals) become 0 on the CPU; the process's setting is given back.
+
+    CPUs compute on subnormals ~20x slower, and training makes them: AdamW's moments of parameters whose gradient
+    is 0 (embedding rows a step did not use) decay into them within a few hundred steps, and the softmax gradient
+    of a sharply peaked output (a freshly initialised T5 head) holds them from the first step. The training loop
+    runs inside this; the benches run lmforge's training steps inside it too."""
+    already = (torch.tensor([1e-39]) * 1.0).item() == 0.0  # (torch has no getter for the setting)
+    flushing = not already and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if flushing:
+            torch.set_flush_denormal(False)
 
 
 def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:

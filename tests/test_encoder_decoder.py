@@ -439,3 +439,38 @@ def test_lora_fine_tuning_of_t5_writes_an_adapter_peft_loads_with_the_same_logit
         torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask, labels=labels).logits, expected,
                                    atol=1e-4, rtol=1e-4)
     assert "merged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_mt5_folders_load_with_transformers_logits_and_write_back_as_t5(tmp_path, untied):
+    """model_type mt5 (T5 v1.1's architecture, which transformers 5 never scales before the head): as transformers 5
+    saves it (tied) and as the published checkpoints are (tie_word_embeddings false, an own lm_head)."""
+    from transformers import MT5Config, MT5ForConditionalGeneration, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = MT5Config(vocab_size=120, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4,
+                       relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0)
+    theirs = MT5ForConditionalGeneration(config).eval()
+    theirs.save_pretrained(tmp_path / "mt5")
+    if untied:  # a head of its own, and the field as the published mT5 configs have it
+        head = torch.randn(120, 32)
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(tmp_path / "mt5" / "model.safetensors")
+        save_file({**weights, "lm_head.weight": head}, tmp_path / "mt5" / "model.safetensors", metadata={"format": "pt"})
+        hf_config = json.loads((tmp_path / "mt5" / "config.json").read_text())
+        (tmp_path / "mt5" / "config.json").write_text(json.dumps({**hf_config, "tie_word_embeddings": False}))
+        theirs = MT5ForConditionalGeneration.from_pretrained(tmp_path / "mt5").eval()
+        assert torch.equal(theirs.lm_head.weight, head)
+    ours = load_model(tmp_path / "mt5").eval()
+    assert not ours.config.scale_output and ours.config.feed_forward == "gated-gelu"
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask, labels=labels)
+        logits, loss = ours(ids, mask, labels=labels)
+        torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(loss, expected.loss, atol=1e-5, rtol=1e-5)
+        save_model(ours, tmp_path / "ours")
+        again = T5ForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask, labels=labels).logits, expected.logits,
+                                   atol=1e-4, rtol=1e-4)

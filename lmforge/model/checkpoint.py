@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT, build_model, deferring
 from lmforge.model.hf import (
+    ENCODER_DECODER_TYPES,
     SUPPORTED_MODEL_TYPES,
     bert_config_from_hf,
     bert_config_to_hf,
@@ -154,7 +155,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         config = bert_config_from_hf(hf, raw.keys(), where)
         model = build_encoder(config, "meta")
         weights = bert_state_dict_from_hf(config, raw, str(folder))
-    elif hf.get("model_type") == "t5":
+    elif hf.get("model_type") in ENCODER_DECODER_TYPES:
         from lmforge.model.encoder_decoder import build_encoder_decoder
 
         config = t5_config_from_hf(hf, raw, where)

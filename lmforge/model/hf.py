@@ -16,7 +16,8 @@ from lmforge.errors import LmforgeError
 from lmforge.model.config import Config
 from lmforge.model.gpt import GPT, deferring
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral", "bert", "t5", "lmforge")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral", "bert", "t5", "mt5", "lmforge")
+ENCODER_DECODER_TYPES = ("t5", "mt5")  # mT5 is T5 v1.1's architecture; lmforge writes it back as t5
 
 # -- GPT-2 ------------------------------------------------------------------------------------------
 # Hugging Face GPT-2 stores these (in, out) in its Conv1D layers; lmforge's nn.Linear is (out, in).
@@ -320,8 +321,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         )
     if model_type == "bert":
         raise LmforgeError(f"{where}: bert is an encoder; this needs a decoder (gpt2, llama, qwen2, mistral)")
-    if model_type == "t5":
-        raise LmforgeError(f"{where}: t5 is an encoder-decoder; this needs a decoder (gpt2, llama, qwen2, mistral)")
+    if model_type in ENCODER_DECODER_TYPES:
+        raise LmforgeError(f"{where}: {model_type} is an encoder-decoder; this needs a decoder (gpt2, llama, qwen2, mistral)")
     with _reading(where, model_type):
         if model_type == "lmforge":
             return Config.from_dict(hf["lmforge_config"])
@@ -580,7 +581,10 @@ def _t5_config(hf: dict, weights: dict[str, torch.Tensor], feed_forward: str):
 
     head, shared = weights.get("lm_head.weight"), weights.get("shared.weight")
     tied = head is None or (shared is not None and head.shape == shared.shape and torch.equal(head, shared))
-    scale = hf["scale_decoder_outputs"] if "scale_decoder_outputs" in hf else hf.get("tie_word_embeddings", True) is not False
+    if "scale_decoder_outputs" in hf:
+        scale = hf["scale_decoder_outputs"]
+    else:  # mT5 (T5 v1.1's shape) is never scaled by transformers 5, and its published checkpoints are untied
+        scale = hf.get("model_type") != "mt5" and hf.get("tie_word_embeddings", True) is not False
     pad = int(hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0)
     start = hf.get("decoder_start_token_id")
     eos = hf.get("eos_token_id")

@@ -33,6 +33,7 @@ from lmforge.model.checkpoint import load_adapted, load_model, load_tokenizer_fo
 from lmforge.model.encoder import Encoder
 from lmforge.model.gpt import GPT
 from lmforge.model.heads import attach_head
+from lmforge.model.hf import ENCODER_DECODER_TYPES
 from lmforge.model.lora import LoRALinear, add_lora, count_trainable, save_adapter
 from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 from lmforge.train.config import FinetuneConfig
@@ -802,7 +803,7 @@ def finetune(config: FinetuneConfig | dict | str | os.PathLike | None = None, *,
         warn(f"skipped {examples.skipped} malformed example(s) of {config.train} (lines {examples.skipped_lines[:5]}"
              f"{' ...' if examples.skipped > 5 else ''})")
     objective = OBJECTIVES[examples.task]
-    if examples.task == "instruction" and _model_type(config.model) == "t5":
+    if examples.task == "instruction" and _model_type(config.model) in ENCODER_DECODER_TYPES:
         objective = Seq2Seq  # prompt → completion is source → target for an encoder-decoder
     if config.packing and objective is not SFT:
         raise LmforgeError("packing applies to chat and instruction fine-tuning only")

@@ -27,6 +27,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.checkpoint import load_decoder
 from lmforge.model.config import PRESETS, Config
 from lmforge.model.gpt import GPT, build_model, deferred_init
+from lmforge.precision import flushing_subnormals
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpointing import (
     checkpoint_dirs,
@@ -409,14 +410,12 @@ def train(config: TrainConfig, make_objective, *, resume: bool = False, overwrit
     from tqdm.auto import tqdm
 
     dist_ = setup_distributed(config.device, config.dist_timeout)
-    # AdamW's moments of parameters whose gradient is 0 (embeddings of tokens a step did not use) decay into
-    # subnormal floats within a few hundred steps, and CPUs compute on those ~20x slower: an untied embedding
-    # made a T5 step 3x slower by step 500. While training, values below 1.2e-38 become 0 instead; the
-    # process's float behaviour is given back afterwards.
-    already = (torch.tensor([1e-39]) * 1.0).item() == 0.0  # (torch has no getter for the setting)
-    flushing = not already and torch.set_flush_denormal(True)
+    # Subnormal floats (AdamW's moments of unused embedding rows, the softmax gradient of a peaked head) are
+    # computed on ~20x slower: an untied embedding made a T5 step 3x slower by step 500. Training flushes them.
     try:
-        return _train(config, make_objective, dist_, resume, overwrite, progress and dist_.is_main, tqdm, fixed_on_resume)
+        with flushing_subnormals():
+            return _train(config, make_objective, dist_, resume, overwrite, progress and dist_.is_main, tqdm,
+                          fixed_on_resume)
     except RuntimeError as e:
         if not dist_.enabled or not _lost_a_process(e):
             raise
@@ -427,8 +426,6 @@ def train(config: TrainConfig, make_objective, *, resume: bool = False, overwrit
             f"and continue with --resume (under torchrun --max-restarts N, --resume auto continues by itself)"
         ) from None
     finally:
-        if flushing:
-            torch.set_flush_denormal(False)
         if dist_.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
