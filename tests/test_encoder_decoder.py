@@ -474,3 +474,15 @@ def test_mt5_folders_load_with_transformers_logits_and_write_back_as_t5(tmp_path
         again = T5ForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
         torch.testing.assert_close(again(input_ids=ids, attention_mask=mask, labels=labels).logits, expected.logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_a_decoding_steps_position_bias_is_a_slice_of_the_full_table(tmp_path):
+    """The one-query bias a decoding step takes from its table equals the bias computed from the positions, at every
+    position through two growths of the table (64, then 130, then 262 columns)."""
+    model = load_model(make_hf_t5(tmp_path / "hf", "v1.0")).eval()
+    stack, cache = model.decoder, {}
+    for position in range(200):
+        step = stack.step_bias(cache, position, torch.float32)
+        full = stack.position_bias(1, position + 1, position, "cpu")
+        assert torch.equal(step, full), position
+    assert cache["bias_table"].size(-1) == 262

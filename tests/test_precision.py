@@ -139,3 +139,59 @@ def test_generate_loads_a_bf16_checkpoint_in_the_measured_precision(hf_gpt2, tmp
     assert main(["generate", "def", "--model", str(hf_gpt2), "--max-new-tokens", "3", "--dtype", "float32"]) == 0
     assert loaded[-1] == torch.float32
     assert main(["generate", "def", "--model", str(hf_gpt2), "--int8", "--dtype", "bfloat16"]) == 2
+
+
+def test_inference_stores_fp32_weights_transposed_where_a_few_rows_run_faster_so(monkeypatch, tmp_path, hf_gpt2,
+                                                                                 tokenizer_dir):
+    """``store_transposed`` changes strides, not values: every Linear weight and a tied head's embedding, for a
+    decoder and an encoder-decoder, when the probe (real, cached) says products of 1..rows rows run faster so;
+    logits and greedy tokens stay those of the plain model. One row, bf16 weights or a slow probe: nothing changes.
+    `generate` on a folder applies it; a model object it is given is left alone (it may train on)."""
+    import copy
+
+    from lmforge import generate
+    from lmforge.model.checkpoint import load_model
+    from lmforge.model.gpt import store_transposed
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    assert precision.layout_speedup(64, 300, 4) > 0  # measured for real, then cached
+    assert "layout fp32 rows 1-4 x64x300" in next(iter(json.loads((tmp_path / "precision.json").read_text())))
+    from test_encoder_decoder import make_hf_t5
+
+    import shutil
+
+    t5 = make_hf_t5(tmp_path / "t5", "v1.0", vocab_size=1024)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, t5 / name)
+    for folder in (hf_gpt2, t5):
+        model = load_model(folder).eval()
+        monkeypatch.setattr(precision, "layout_speedup", lambda k, n, rows: 2.0)
+        for rows, dtype in ((1, torch.float32), (8, torch.bfloat16)):
+            other = copy.deepcopy(model).to(dtype)
+            assert not store_transposed(other, rows)
+            assert all(p.is_contiguous() for p in other.parameters())
+        moved = copy.deepcopy(model)
+        assert store_transposed(moved, 8)
+        linears = [m.weight for m in moved.modules() if type(m) is torch.nn.Linear]
+        head = [getattr(moved, "wte", None) or moved.shared][0].weight
+        assert linears and all(w.t().is_contiguous() and not w.is_contiguous() for w in linears + [head])
+        for a, b in zip(model.parameters(), moved.parameters()):
+            assert torch.equal(a, b)
+        ids = torch.randint(2, 100, (3, 7))
+        with torch.no_grad():
+            if hasattr(model, "wte"):
+                torch.testing.assert_close(moved(ids)[0], model(ids)[0], atol=1e-5, rtol=1e-5)
+            else:
+                torch.testing.assert_close(moved(ids, labels=ids)[0], model(ids, labels=ids)[0], atol=1e-5, rtol=1e-5)
+        greedy = dict(max_new_tokens=6, temperature=0)
+        assert [g.token_ids for g in generate(moved, ["a", "b c"], **greedy)] == \
+            [g.token_ids for g in generate(model, ["a", "b c"], **greedy)]
+        monkeypatch.setattr(precision, "layout_speedup", lambda k, n, rows: 1.0)
+        assert not store_transposed(copy.deepcopy(model), 8)
+    monkeypatch.setattr(precision, "layout_speedup", lambda k, n, rows: 2.0)
+    calls = []
+    monkeypatch.setattr("lmforge.infer.generate.store_transposed", lambda m, rows: calls.append(rows))
+    generate(str(hf_gpt2), ["a", "b"], n=2, max_new_tokens=2, temperature=0.5)
+    model = load_model(hf_gpt2)
+    generate(model, ["a", "b"], max_new_tokens=2, temperature=0)
+    assert calls == [4] and all(p.is_contiguous() for p in model.parameters())

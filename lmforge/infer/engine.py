@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from lmforge.errors import LmforgeError
 from lmforge.infer.detokenize import Detokenizer
 from lmforge.infer.sampling import SamplingParams, draw, filter_logits, fit_prompt, process_logits, sample
+from lmforge.model.encoder_decoder import select_rows
 from lmforge.model.gpt import GPT, KVCache, use_matvec
 
 _ids = itertools.count()
@@ -390,9 +391,7 @@ class Engine:
             return
         rows = torch.tensor(keep, device=self.device)
         self.wave["mask"] = self.wave["mask"][rows]
-        for layer in self.wave["cache"]:
-            for key in layer:
-                layer[key] = tuple(t[rows] for t in layer[key])
+        select_rows(self.wave["cache"], rows)
 
     @staticmethod
     def _batched_cdfs(seqs: list[Sequence], logits: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -508,8 +507,7 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
             return model.decode(tokens, None, None, layers)[:, -1]
 
         def reorder(rows):
-            for layer in layers:
-                layer.update({key: tuple(t[rows] for t in value) for key, value in layer.items()})
+            select_rows(layers, rows)
     else:
         cache = KVCache(c, num_beams, max_length, device, model.wte.weight.dtype)
         logits = model(running[:1, :P], kv_cache=cache.row(0), start=0, last_only=True)[:, -1].expand(num_beams, -1)

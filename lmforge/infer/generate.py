@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from lmforge.infer.detokenize import Detokenizer
 from lmforge.infer.engine import Engine, beam_search, fit_source
 from lmforge.infer.sampling import SamplingParams, fit_prompt, process_logits
-from lmforge.model.gpt import GPT
+from lmforge.model.gpt import GPT, store_transposed
 
 __all__ = ["Detokenizer", "Generation", "SamplingParams", "chat_prompt", "fit_prompt", "generate", "generate_ids",
            "process_logits", "stream_generate"]
@@ -99,7 +99,8 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
     from lmforge.model.checkpoint import load_generator, load_tokenizer_for
     from lmforge.model.encoder_decoder import EncoderDecoder
 
-    if not isinstance(model, (GPT, EncoderDecoder)):
+    loaded = not isinstance(model, (GPT, EncoderDecoder))
+    if loaded:
         model = load_generator(model)
     seq2seq = isinstance(model, EncoderDecoder)
     tokenizer = tokenizer or load_tokenizer_for(model)
@@ -113,6 +114,8 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
             text, sampling = chat_prompt(tokenizer, messages, sampling)
             rendered.append(text)
         prompts = rendered
+    if loaded:  # (a model object is left as it is: it may train on)
+        store_transposed(model, max(len(prompts) * sampling.n, sampling.num_beams))
     if sampling.num_beams > 1:
         out = []
         for p in prompts:

@@ -89,6 +89,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:  # the same arithmetic in one kernel
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         normed = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             normed = normed.to(self.weight.dtype)
@@ -139,7 +141,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
-        return self.wo(self.drop(hidden))
+        return self.wo(_drop(self.drop, hidden))
 
 
 class EncoderBlock(nn.Module):
@@ -152,8 +154,8 @@ class EncoderBlock(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_attn(x), bias))
-        return x + self.drop(self.ff(self.ln_ff(x)))
+        x = x + _drop(self.drop, self.attn(self.ln_attn(x), bias))
+        return x + _drop(self.drop, self.ff(self.ln_ff(x)))
 
 
 class DecoderBlock(nn.Module):
@@ -175,12 +177,12 @@ class DecoderBlock(nn.Module):
         kv = None
         if cache is not None:
             kv = _extend(cache, *self.self_attn.keys_values(h))
-        x = x + self.drop(self.self_attn(h, self_bias, kv))
+        x = x + _drop(self.drop, self.self_attn(h, self_bias, kv))
         h = self.ln_cross(x)
         if cache is not None and "cross" not in cache:
             cache["cross"] = self.cross_attn.keys_values(memory)
-        x = x + self.drop(self.cross_attn(h, cross_bias, cache["cross"] if cache is not None else None, memory))
-        return x + self.drop(self.ff(self.ln_ff(x)))
+        x = x + _drop(self.drop, self.cross_attn(h, cross_bias, cache["cross"] if cache is not None else None, memory))
+        return x + _drop(self.drop, self.ff(self.ln_ff(x)))
 
 
 def _extend(cache: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,6 +204,18 @@ def _extend(cache: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor
     return cache["self"]
 
 
+def select_rows(cache: list[dict], rows: torch.Tensor) -> None:
+    """Keep (or reorder, or repeat) the rows ``rows`` of a decoding cache, in place: the self-attention keys and
+    values (their buffer) and the cross-attention's. The position-bias table is the same for every row."""
+    for layer in cache:
+        if "cross" in layer:
+            layer["cross"] = tuple(t[rows] for t in layer["cross"])
+        if "self" in layer:
+            length = layer["self"][0].size(2)
+            layer["buffer"] = tuple(t[rows] for t in layer["buffer"])
+            layer["self"] = tuple(t[:, :, :length] for t in layer["buffer"])
+
+
 class Stack(nn.Module):
     """The encoder's or the decoder's blocks, their position bias table and final norm."""
 
@@ -215,6 +229,18 @@ class Stack(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.config = config
 
+    def step_bias(self, cache: dict, position: int, dtype) -> torch.Tensor:
+        """(1, heads, 1, position + 1): ``position_bias`` of the one query at ``position`` over keys 0 ... position
+        (all allowed), a slice of a table of the bias of every distance kept in ``cache`` (grown by doubling).
+        Column j of the table is distance n - 1 - j, so the keys 0 ... position are its last position + 1 columns."""
+        table = cache.get("bias_table")
+        if table is None or table.size(-1) <= position or table.dtype != dtype:
+            c, n = self.config, max(64, 2 * (position + 1))
+            distance = torch.arange(n - 1, -1, -1, device=self.relative_bias.weight.device)
+            buckets = relative_position_bucket(-distance, not self.decoder, c.num_buckets, c.max_distance)
+            table = cache["bias_table"] = self.relative_bias(buckets).T[None, :, None, :].to(dtype)
+        return table[..., table.size(-1) - 1 - position:]
+
     def position_bias(self, queries: int, keys: int, offset: int, device) -> torch.Tensor:
         """(1, heads, queries, keys): the learned bias of each key's distance from each query (queries at
         positions ``offset ...``)."""
@@ -222,6 +248,18 @@ class Stack(nn.Module):
         relative = torch.arange(keys, device=device)[None, :] - (torch.arange(queries, device=device)[:, None] + offset)
         buckets = relative_position_bucket(relative, not self.decoder, c.num_buckets, c.max_distance)
         return self.relative_bias(buckets).permute(2, 0, 1)[None]
+
+
+def _drop(dropout: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """``dropout(x)``, skipped (not even called) where it does nothing: in eval mode or at p = 0."""
+    return dropout(x) if dropout.training and dropout.p > 0 else x
+
+
+def _cached_padding_bias(cache: dict, mask: torch.Tensor | None, dtype) -> torch.Tensor | float:
+    """``_padding_bias`` of ``mask``, made once per mask tensor a decoding run passes (kept in ``cache``)."""
+    if cache.get("mask") is not mask or cache.get("padding_bias_dtype") != dtype:
+        cache.update(mask=mask, padding_bias=_padding_bias(mask, dtype), padding_bias_dtype=dtype)
+    return cache["padding_bias"]
 
 
 def _padding_bias(mask: torch.Tensor | None, dtype) -> torch.Tensor | float:
@@ -266,12 +304,12 @@ class EncoderDecoder(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Source ids (B, S) → the encoder's output (B, S, d_model); ``attention_mask`` 1 = token, 0 = padding."""
         stack = self.encoder
-        x = stack.drop(self.shared(input_ids))
+        x = _drop(stack.drop, self.shared(input_ids))
         bias = stack.position_bias(input_ids.size(1), input_ids.size(1), 0, input_ids.device) \
             + _padding_bias(attention_mask, x.dtype)
         for block in stack.blocks:
             x = block(x, bias)
-        return stack.drop(stack.ln_f(x))
+        return _drop(stack.drop, stack.ln_f(x))
 
     def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor | None,
                attention_mask: torch.Tensor | None = None, cache: list[dict] | None = None) -> torch.Tensor:
@@ -282,15 +320,18 @@ class EncoderDecoder(nn.Module):
         stack = self.decoder
         past = cache[0]["self"][0].size(2) if cache is not None and "self" in cache[0] else 0
         T = decoder_input_ids.size(1)
-        x = stack.drop(self.shared(decoder_input_ids))
-        causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-        self_bias = stack.position_bias(T, past + T, past, x.device).masked_fill(~causal, torch.finfo(x.dtype).min)
-        cross_bias = _padding_bias(attention_mask, x.dtype)
+        x = _drop(stack.drop, self.shared(decoder_input_ids))
+        if cache is not None and T == 1 and not torch.is_grad_enabled():  # a decoding step: biases kept with the cache
+            self_bias, cross_bias = stack.step_bias(cache[0], past, x.dtype), _cached_padding_bias(cache[0], attention_mask, x.dtype)
+        else:
+            causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            self_bias = stack.position_bias(T, past + T, past, x.device).masked_fill(~causal, torch.finfo(x.dtype).min)
+            cross_bias = _padding_bias(attention_mask, x.dtype)
         if not isinstance(cross_bias, torch.Tensor):
             cross_bias = torch.zeros(1, 1, 1, 1, dtype=x.dtype, device=x.device)
         for i, block in enumerate(stack.blocks):
             x = block(x, self_bias, cross_bias, memory, cache[i] if cache is not None else None)
-        x = stack.drop(stack.ln_f(x))
+        x = _drop(stack.drop, stack.ln_f(x))
         if self.config.scale_output:
             x = x * self.config.d_model ** -0.5
         if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):  # an int8 head (quantize_int8)

@@ -379,6 +379,31 @@ def use_matvec(model: nn.Module) -> None:
     model.matvec = True
 
 
+def store_transposed(model: nn.Module, rows: int) -> bool:
+    """For inference on the CPU with up to ``rows`` rows a step: store every fp32 weight of ``model``'s matrix
+    products (each ``nn.Linear``'s and a tied head's embedding) transposed in memory, in place, when products of
+    1 to ``rows`` rows are measured faster so on this machine (``precision.layout_speedup``). The values, the modules and their ``F.linear`` calls stay the same; only the
+    strides change. Returns whether it did. Not for a model that will train on: its optimizer state and DDP's
+    buckets expect the layout they were made with."""
+    from lmforge.precision import MARGIN, layout_speedup
+
+    tied = [m for m in (getattr(model, "wte", None), getattr(model, "shared", None)) if m is not None]
+    weights = [m.weight for m in model.modules() if type(m) is nn.Linear] + (
+        [tied[0].weight] if getattr(model, "lm_head", 1) is None and tied else [])
+    if (rows <= 1 or not weights or getattr(model, "quantized", None)
+            or any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights)):
+        return False
+    width = tied[0].weight.size(1) if tied else weights[0].size(1)
+    vocab = getattr(model.config, "vocab_size", weights[-1].size(0))
+    if layout_speedup(width, vocab, min(rows, 16)) < MARGIN:
+        return False
+    with torch.no_grad():
+        for w in weights:
+            if w.is_contiguous():
+                w.data = w.data.t().contiguous().t()
+    return True
+
+
 def last_tokens(idx: torch.Tensor, pad: int | None) -> torch.Tensor:
     """Each row's last token that is not ``pad`` (B,), where a classification head reads: transformers'
     rule, so a pad token that is also the end-of-text token is not read either."""

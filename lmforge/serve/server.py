@@ -916,6 +916,10 @@ def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bo
         from lmforge.infer.engine import quantize_int8
 
         model = quantize_int8(model)
+    elif model is not None:
+        from lmforge.model.gpt import store_transposed
+
+        store_transposed(model, settings.max_batch)  # fp32 weights on the CPU, when measured faster here
     if settings.model_name == "lmforge":
         settings.model_name = Path(model_dir).resolve().name
     if model is None:
