@@ -181,7 +181,8 @@ class DecoderBlock(nn.Module):
         h = self.ln_cross(x)
         if cache is not None and "cross" not in cache:
             cache["cross"] = self.cross_attn.keys_values(memory)
-        x = x + _drop(self.drop, self.cross_attn(h, cross_bias, cache["cross"] if cache is not None else None, memory))
+        cross = cache["cross"] if cache is not None else None
+        x = x + _drop(self.drop, self.cross_attn(h, cross_bias, cross, memory))
         return x + _drop(self.drop, self.ff(self.ln_ff(x)))
 
 
@@ -322,7 +323,8 @@ class EncoderDecoder(nn.Module):
         T = decoder_input_ids.size(1)
         x = _drop(stack.drop, self.shared(decoder_input_ids))
         if cache is not None and T == 1 and not torch.is_grad_enabled():  # a decoding step: biases kept with the cache
-            self_bias, cross_bias = stack.step_bias(cache[0], past, x.dtype), _cached_padding_bias(cache[0], attention_mask, x.dtype)
+            self_bias = stack.step_bias(cache[0], past, x.dtype)
+            cross_bias = _cached_padding_bias(cache[0], attention_mask, x.dtype)
         else:
             causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
             self_bias = stack.position_bias(T, past + T, past, x.device).masked_fill(~causal, torch.finfo(x.dtype).min)

@@ -382,9 +382,9 @@ def use_matvec(model: nn.Module) -> None:
 def store_transposed(model: nn.Module, rows: int) -> bool:
     """For inference on the CPU with up to ``rows`` rows a step: store every fp32 weight of ``model``'s matrix
     products (each ``nn.Linear``'s and a tied head's embedding) transposed in memory, in place, when products of
-    1 to ``rows`` rows are measured faster so on this machine (``precision.layout_speedup``). The values, the modules and their ``F.linear`` calls stay the same; only the
-    strides change. Returns whether it did. Not for a model that will train on: its optimizer state and DDP's
-    buckets expect the layout they were made with."""
+    1 to ``rows`` rows are measured faster so on this machine (``precision.layout_speedup``). The values, the
+    modules and their ``F.linear`` calls stay the same; only the strides change. Returns whether it did. Not for
+    a model that will train on: its optimizer state and DDP's buckets expect the layout they were made with."""
     from lmforge.precision import MARGIN, layout_speedup
 
     tied = [m for m in (getattr(model, "wte", None), getattr(model, "shared", None)) if m is not None]
