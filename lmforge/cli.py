@@ -562,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: 128, or what the context leaves after the prompt")
     sampling_options(ge, temperature=1.0, top_p=1.0)
     ge.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
-    ge.add_argument("-n", type=int, default=1, help="number of samples")
+    ge.add_argument("-n", "--n", type=int, default=1, help="number of samples")
     ge.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
     ge.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length ** this")
     ge.add_argument("--echo", action="store_true", help="print the prompt before the continuation")

@@ -244,13 +244,16 @@ def test_stop_strings_on_every_path(rigged):
             assert g.text == "hié" and g.finish_reason == "stop", extra
 
 
-@pytest.mark.parametrize("options", [[], ["-n", "2"], ["--num-beams", "2"]], ids=["stream", "n2", "beams"])
+@pytest.mark.parametrize("options", [[], ["-n", "2"], ["--n", "2"], ["--num-beams", "2"]],
+                         ids=["stream", "n2", "long-n2", "beams"])
 def test_cli_generate(rigged, capsys, options):
+    """(``--n 2`` once fell to argparse's prefix matching and ran a 2-beam search: one answer, no error.)"""
     assert main(["generate", "a", "--model", str(rigged), "--max-new-tokens", str(len(SCRIPT)), "--temperature", "0",
                  "--device", "cpu", *options]) == 0
     out = capsys.readouterr().out
     expected = ENDS_MID_CHARACTER + "\n"
-    assert out == ("--- sample 1 ---\n" + expected + "--- sample 2 ---\n" + expected if "-n" in options else expected)
+    samples = "-n" in options or "--n" in options
+    assert out == ("--- sample 1 ---\n" + expected + "--- sample 2 ---\n" + expected if samples else expected)
 
 
 def test_chat(rigged):
