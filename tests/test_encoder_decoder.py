@@ -57,21 +57,27 @@ def test_logits_and_loss_equal_transformers_both_ways(tmp_path, shape):
     ours = load_model(folder).eval()
     assert isinstance(ours, EncoderDecoder)
     assert ours.config.tied == (shape == "v1.0") and ours.config.scale_output == (shape == "v1.0")
-    ids, mask, labels = batch()
-    with torch.no_grad():
-        expected = theirs(input_ids=ids, attention_mask=mask, labels=labels)
-        logits, loss = ours(ids, mask, labels=labels)
-    torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(loss, expected.loss, atol=1e-5, rtol=1e-5)
-    # exported by lmforge, read back by transformers and by lmforge: the same logits
-    save_model(ours, tmp_path / "ours")
+    assert_parity_both_ways(ours, theirs, tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert config["decoder_start_token_id"] == 0 and config["scale_decoder_outputs"] == (shape == "v1.0")
-    again = T5ForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask, labels=labels).logits, expected.logits,
-                                   atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(load_model(tmp_path / "ours")(ids, mask, labels=labels)[0], logits, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def assert_parity_both_ways(ours, theirs, out: Path) -> None:
+    """lmforge's model gives transformers' logits (1e-4) and loss (1e-5); exported to ``out``, it is read back by
+    transformers with the same logits and by lmforge with the very same ones."""
+    from transformers import T5ForConditionalGeneration
+
+    ids, mask, labels = batch()
+    expected = theirs(input_ids=ids, attention_mask=mask, labels=labels)
+    logits, loss = ours(ids, mask, labels=labels)
+    torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss, expected.loss, atol=1e-5, rtol=1e-5)
+    save_model(ours, out)
+    again = T5ForConditionalGeneration.from_pretrained(out).eval()
+    torch.testing.assert_close(again(input_ids=ids, attention_mask=mask, labels=labels).logits, expected.logits,
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(load_model(out)(ids, mask, labels=labels)[0], logits, atol=0, rtol=0)
 
 
 def test_a_tied_head_without_scaling_as_transformers_5_saves_v1_1_models(tmp_path):
@@ -445,7 +451,7 @@ def test_lora_fine_tuning_of_t5_writes_an_adapter_peft_loads_with_the_same_logit
 def test_mt5_folders_load_with_transformers_logits_and_write_back_as_t5(tmp_path, untied):
     """model_type mt5 (T5 v1.1's architecture, which transformers 5 never scales before the head): as transformers 5
     saves it (tied) and as the published checkpoints are (tie_word_embeddings false, an own lm_head)."""
-    from transformers import MT5Config, MT5ForConditionalGeneration, T5ForConditionalGeneration
+    from transformers import MT5Config, MT5ForConditionalGeneration
 
     torch.manual_seed(0)
     config = MT5Config(vocab_size=120, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4,
@@ -464,16 +470,7 @@ def test_mt5_folders_load_with_transformers_logits_and_write_back_as_t5(tmp_path
         assert torch.equal(theirs.lm_head.weight, head)
     ours = load_model(tmp_path / "mt5").eval()
     assert not ours.config.scale_output and ours.config.feed_forward == "gated-gelu"
-    ids, mask, labels = batch()
-    with torch.no_grad():
-        expected = theirs(input_ids=ids, attention_mask=mask, labels=labels)
-        logits, loss = ours(ids, mask, labels=labels)
-        torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(loss, expected.loss, atol=1e-5, rtol=1e-5)
-        save_model(ours, tmp_path / "ours")
-        again = T5ForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
-        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask, labels=labels).logits, expected.logits,
-                                   atol=1e-4, rtol=1e-4)
+    assert_parity_both_ways(ours, theirs, tmp_path / "ours")
 
 
 def test_a_decoding_steps_position_bias_is_a_slice_of_the_full_table(tmp_path):
