@@ -217,8 +217,11 @@ def test_a_rank_that_dies_ends_the_run_and_max_restarts_resumes_it(data_dir, tmp
     (not a hang), torchrun starts both again, and --resume auto continues from step 3 as if nothing happened."""
     kw = dict(max_steps=6, eval_interval=3, checkpoint_interval=3)
     pretrain(train_config(data_dir, tmp_path / "straight", micro_batch_size=4, **kw), progress=False)
+    # torchrun looks at its workers every --monitor-interval seconds and stops the others once one has died; 0.1 s
+    # (its default) can beat rank 0 to its own error on a loaded machine (seen once in CI), so it looks every 3 s.
     result = torchrun("pretrain", train_config(data_dir, tmp_path / "restarted", micro_batch_size=2, dist_timeout=60, **kw),
-                      tmp_path, "--resume", "auto", launcher=("--standalone", "--max-restarts", "1"),
+                      tmp_path, "--resume", "auto",
+                      launcher=("--standalone", "--max-restarts", "1", "--monitor-interval", "3"),
                       script=(str(HERE / "dying_rank.py"),))
     assert "rank 1 dies after step 3" in result.stderr
     assert "another process of the run stopped or did not answer" in result.stderr
