@@ -80,6 +80,27 @@ class WordStarts:
         return starts
 
 
+class SentenceStarts:
+    """Where sentences begin in a stream of token ids, from the vocabulary's token strings: after a token that
+    holds a newline (byte-level BPE writes it "Ċ"), after one ending in ".", "!" or "?" when the next token
+    begins a word with a space ("Ġ"; WordPiece keeps no spaces, so there any "." that is a token of its own
+    ends a sentence), and after the end-of-text token (a new document)."""
+
+    def __init__(self, tokenizer):
+        vocab = tokenizer.hf.get_vocab_size(with_added_tokens=True)
+        names = [tokenizer.hf.id_to_token(i) or "" for i in range(vocab)]
+        wordpiece = type(tokenizer.hf.model).__name__ == "WordPiece"
+        self.line = np.array([("Ċ" in n and not wordpiece) or i == tokenizer.eos_id for i, n in enumerate(names)])
+        self.stop = np.array([n[-1:] in (".", "!", "?") for n in names])
+        self.spaced = np.array([not n.startswith("##") if wordpiece else n[:1] in ("Ġ", "Ċ", "ĉ") for n in names])
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """Positions (ascending) in ``ids`` where a sentence begins, after its first token."""
+        ids = np.asarray(ids)
+        before, after = ids[:-1], ids[1:]
+        return np.flatnonzero(self.line[before] | (self.stop[before] & self.spaced[after])) + 1
+
+
 # -- permutation LM (XLNet) -------------------------------------------------------------------------
 
 

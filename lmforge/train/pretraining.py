@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from lmforge.data.loader import StepPosition, TrainBatches, eval_windows
 from lmforge.data.masking import (
+    SentenceStarts,
     WordStarts,
     corrupt_spans,
     factorization_order,
@@ -268,8 +269,10 @@ class NextSentence(MaskedLM):
 
     def __init__(self, config: TrainConfig, device: torch.device, checkpoint: Path | None):
         super().__init__(config, device, checkpoint)
-        self.pairs = SegmentPairs(self.train_split, self.content, self.tokenizer.eos_id)
-        self.val_pairs = SegmentPairs(self.val_split, self.content, self.tokenizer.eos_id) if self.val_split else None
+        sentences = SentenceStarts(self.tokenizer)
+        self.pairs = SegmentPairs(self.train_split, self.content, self.tokenizer.eos_id, sentences)
+        self.val_pairs = SegmentPairs(self.val_split, self.content, self.tokenizer.eos_id, sentences) \
+            if self.val_split else None
 
     def batches(self, rank: int, world_size: int) -> PairBatches:
         c = self.config
@@ -351,10 +354,13 @@ class NextSentence(MaskedLM):
 
 
 class SegmentPairs:
-    """Segment pairs (A, B, label) from a split: A at a random place, B the text after it (label 0) or, with
-    probability 1/2, text from another document (label 1); A and B together ``content`` tokens."""
+    """Segment pairs (A, B, label) from a split, cut at sentence starts (``SentenceStarts``) as BERT's are: A from
+    a sentence start at a random place, ending at a random sentence start inside the pair's ``content`` tokens; B
+    the text after it (label 0) or, with probability 1/2, text from a sentence start in another document
+    (label 1); A and B together ``content`` tokens (B cut at the end, as BERT truncates pairs). Where a window
+    holds no sentence start (a long line), the cut falls at a random token instead."""
 
-    def __init__(self, split, content: int, eos_id: int | None):
+    def __init__(self, split, content: int, eos_id: int | None, sentences: SentenceStarts | None = None):
         self.split, self.content = split, content
         starts = [max(len(s) - content, 0) for s in split.shards]
         self.cum_starts = np.cumsum(starts)
@@ -364,19 +370,29 @@ class SegmentPairs:
         # where each shard's documents end (the end-of-text token after each), to tell documents apart
         self.ends = [np.flatnonzero(np.asarray(s) == eos_id) if eos_id is not None else np.empty(0, np.int64)
                      for s in split.shards]
+        self.sentences = [sentences(s) if sentences is not None else np.empty(0, np.int64) for s in split.shards]
 
     def place(self, rng: np.random.Generator) -> tuple[int, int]:
-        """(shard, offset) of a window of ``content`` tokens inside one shard."""
+        """(shard, offset) of a window of ``content`` tokens inside one shard, starting at a sentence where one
+        starts between there and the last place a window fits."""
         start = int(rng.integers(0, self.cum_starts[-1]))
         shard = int(np.searchsorted(self.cum_starts, start, side="right"))
-        return shard, start - (int(self.cum_starts[shard - 1]) if shard > 0 else 0)
+        offset = start - (int(self.cum_starts[shard - 1]) if shard > 0 else 0)
+        sentences = self.sentences[shard]
+        k = int(np.searchsorted(sentences, offset))
+        if k < len(sentences) and sentences[k] <= len(self.split.shards[shard]) - self.content:
+            offset = int(sentences[k])
+        return shard, offset
 
     def document(self, shard: int, offset: int) -> tuple[int, int]:
         return shard, int(np.searchsorted(self.ends[shard], offset, side="right"))
 
     def draw(self, rng: np.random.Generator) -> tuple[list[int], list[int], int]:
         shard, offset = self.place(rng)
-        cut = int(rng.integers(1, self.content))  # A's length; B's is the rest
+        sentences = self.sentences[shard]
+        inside = sentences[np.searchsorted(sentences, offset + 1) : np.searchsorted(sentences, offset + self.content)]
+        # A's length (B's is the rest): up to a sentence start inside the window, or a random token
+        cut = int(inside[rng.integers(len(inside))]) - offset if len(inside) else int(rng.integers(1, self.content))
         text = self.split.shards[shard]
         a = text[offset : offset + cut]
         if rng.random() < 0.5:
