@@ -175,6 +175,32 @@ def layout_speedup(k: int, n: int, rows: int) -> float:
     return float(_cached(f"{machine_key()} | layout fp32 rows 1-{rows} x{k}x{n}", speedup, float))
 
 
+def attention_math_speedup(dtype: torch.dtype, heads: int, head_dim: int, length: int) -> float:
+    """How much faster causal attention's forward and backward run through ``scaled_dot_product_attention``'s
+    math backend than through its flash kernel, in ``dtype`` on the CPU, for 4 rows of ``length`` tokens; cached
+    per machine. On a 2-core Xeon the bf16 flash kernel's backward made 37 tokens 5x slower than the math
+    backend; from ~192 tokens on the flash kernel was faster (and always in the forward pass alone)."""
+    name = next(name for name, d in DTYPES.items() if d == dtype)
+
+    def speedup():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        g = torch.Generator().manual_seed(0)
+        q, k, v, grad = (torch.randn(4, heads, length, head_dim, generator=g).to(dtype) for _ in range(4))
+        for t in (q, k, v):
+            t.requires_grad_(True)
+
+        def step(backend):
+            def run():
+                with sdpa_kernel(backend):
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+            return run
+
+        return median_seconds(step(SDPBackend.FLASH_ATTENTION)) / median_seconds(step(SDPBackend.MATH))
+
+    return float(_cached(f"{machine_key()} | attention {name} 4x{heads}x{length}x{head_dim}", speedup, float))
+
+
 @dataclass
 class Choice:
     dtype: str  # float32, bfloat16 or float16

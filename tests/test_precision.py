@@ -195,3 +195,39 @@ def test_inference_stores_fp32_weights_transposed_where_a_few_rows_run_faster_so
     model = load_model(hf_gpt2)
     generate(model, ["a", "b"], max_new_tokens=2, temperature=0)
     assert calls == [4] and all(p.is_contiguous() for p in model.parameters())
+
+
+def test_bf16_training_attention_takes_the_math_backend_where_it_is_measured_faster(monkeypatch, tmp_path):
+    """``gpt.attention`` picks SDPA's math backend only for bf16/fp16 training on the CPU, where the probe (real,
+    cached per shape) says so; the loss and the gradients are those of the flash kernel within bf16's rounding."""
+    import copy
+
+    import lmforge.model.gpt as gpt
+    from lmforge.model.config import Config
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    assert precision.attention_math_speedup(torch.bfloat16, 2, 16, 32) > 0  # measured for real, then cached
+    assert "attention bfloat16 4x2x32x16" in next(iter(json.loads((tmp_path / "precision.json").read_text())))
+    asked = []
+    monkeypatch.setattr(gpt, "_math_attention_is_faster", lambda *key: asked.append(key) or key[-1] <= 64)
+    torch.manual_seed(0)
+    model = gpt.build_model(Config(vocab_size=300, block_size=128, n_layer=2, n_head=4, n_embd=64, dropout=0.0))
+    ids = torch.randint(0, 300, (3, 37))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids)
+    model(ids)  # fp32 training
+    assert asked == []
+    grads = {}
+    for name, faster in (("math", True), ("flash", False)):
+        trained = copy.deepcopy(model)
+        monkeypatch.setattr(gpt, "_math_attention_is_faster", lambda *key, f=faster: asked.append(key) or f)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+            loss = trained(ids, ids)[1]
+        loss.backward()
+        kernels = {e.key for e in prof.key_averages() if "flash_attention" in e.key}
+        assert bool(kernels) == (name == "flash"), kernels
+        grads[name] = (loss.item(), [p.grad.float() for p in trained.parameters()])
+    assert asked and all(key == (torch.bfloat16, 4, 16, 64) for key in asked)  # 37 keys: the 64 bucket
+    assert abs(grads["math"][0] - grads["flash"][0]) < 1e-2
+    for a, b in zip(grads["math"][1], grads["flash"][1]):
+        torch.testing.assert_close(a, b, atol=2e-2 * float(b.abs().max()) + 1e-6, rtol=0)
