@@ -352,3 +352,37 @@ def test_training_flushes_subnormal_floats_to_zero_and_gives_the_setting_back(da
     assert (tiny * 1.0).item() > 0  # subnormal arithmetic, before
     pretrain(train_config(data_dir, tmp_path / "run", max_steps=1), progress=False)
     assert seen == [0.0] and (tiny * 1.0).item() > 0
+
+
+def test_training_keeps_freed_memory_for_the_next_step_and_puts_glibcs_settings_back(data_dir, tmp_path, monkeypatch):
+    """glibc maps allocations over 32 MB afresh and unmaps them when freed (a page fault per 4 KB of every large
+    tensor, each step): training tells it to keep freed memory (mmap off, no trimming), once however deeply
+    nested, and puts the defaults back and returns the free memory when training returns."""
+    import lmforge.precision as precision
+    import lmforge.train.loop as loop
+
+    calls, seen = [], []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+            return 1
+
+    real_glibc = precision._glibc
+    monkeypatch.setattr(precision, "_glibc", lambda: FakeLibc())
+    real_loop = loop._train
+    monkeypatch.setattr(loop, "_train", lambda *args: seen.append(list(calls)) or real_loop(*args))
+    with precision.keeping_freed_memory():  # an outer block: training inside it changes nothing more
+        pretrain(train_config(data_dir, tmp_path / "nested", max_steps=1), progress=False)
+        assert calls == [(-4, 0), (-1, 2**31 - 1)]
+    assert calls[2:] == [(-4, 65536), (-1, 128 * 1024), ("trim", 0)]
+    calls.clear()
+    pretrain(train_config(data_dir, tmp_path / "run", max_steps=1), progress=False)
+    assert seen[-1] == [(-4, 0), (-1, 2**31 - 1)]  # set while training runs
+    assert calls[2:] == [(-4, 65536), (-1, 128 * 1024), ("trim", 0)]
+    libc = real_glibc()  # the real lookup: glibc on Linux, None elsewhere (where training leaves malloc alone)
+    assert libc is None or libc.gnu_get_libc_version

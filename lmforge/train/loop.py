@@ -27,7 +27,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.checkpoint import load_decoder
 from lmforge.model.config import PRESETS, Config
 from lmforge.model.gpt import GPT, build_model, deferred_init
-from lmforge.precision import flushing_subnormals
+from lmforge.precision import flushing_subnormals, keeping_freed_memory
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpointing import (
     checkpoint_dirs,
@@ -411,9 +411,10 @@ def train(config: TrainConfig, make_objective, *, resume: bool = False, overwrit
 
     dist_ = setup_distributed(config.device, config.dist_timeout)
     # Subnormal floats (AdamW's moments of unused embedding rows, the softmax gradient of a peaked head) are
-    # computed on ~20x slower: an untied embedding made a T5 step 3x slower by step 500. Training flushes them.
+    # computed on ~20x slower: an untied embedding made a T5 step 3x slower by step 500. Training flushes them,
+    # and keeps freed memory for the next step's large tensors instead of mapping them afresh.
     try:
-        with flushing_subnormals():
+        with flushing_subnormals(), keeping_freed_memory():
             return _train(config, make_objective, dist_, resume, overwrite, progress and dist_.is_main, tqdm,
                           fixed_on_resume)
     except RuntimeError as e:
