@@ -140,9 +140,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> to
     where that is measured faster than the flash kernel for this shape (``precision.attention_math_speedup``,
     lengths rounded up to a power of two): the flash kernel's backward is slow for short sequences (5x slower
     at 37 tokens on a Xeon). The same attention either way, computed by another kernel."""
+    length = max(16, 1 << (k.size(-2) - 1).bit_length())
     if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
             and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and _math_attention_is_faster(q.dtype, q.size(1), q.size(-1), max(16, 1 << (k.size(-2) - 1).bit_length()))):
+            and _math_attention_is_faster(q.dtype, q.size(1), q.size(-1), length)):
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, **kwargs)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
