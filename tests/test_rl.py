@@ -753,12 +753,12 @@ def test_in_bf16_training_rollouts_sample_from_a_bf16_copy_of_the_current_weight
     assert max((first[k] - second[k]).abs().max().item() for k in first) > 1e-4  # the copy follows a moving policy
 
 
-def torchrun(config: dict, tmp_path):
+def torchrun(config: dict, tmp_path, *flags):
     path = tmp_path / "rl.yaml"
     path.write_text(yaml.safe_dump(config))
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmforge", "rl",
-         "--config", str(path), "--quiet"],
+         "--config", str(path), "--quiet", *flags],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -785,6 +785,82 @@ def test_two_processes_of_4_match_one_process_of_8(base, prompts, tmp_path, case
         assert len({r["kl_coef"] for r in one}) > 2  # β moved at each rollout
     # (the logged tokens are every rank's completion tokens: compared with the rest)
     assert_same_run(one, two, final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), case)
+
+
+FSDP_CASES = {
+    # the policy is FSDP's root; the reference a frozen copy
+    "grpo": LAYOUT_CASES["grpo"],
+    # policy and critic under one root; LoRA's reference (adapters off) and the value head go through that root
+    "ppo-lora": dict(algo="ppo", critic="shared", ppo_epochs=2, method="lora", lora_targets="q,v,fc", kl_coef=0.05,
+                     lr=1e-2),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(FSDP_CASES))
+def test_under_fsdp_two_processes_of_4_match_one_process_of_8(base, prompts, tmp_path, case):
+    """Under FSDP each rank samples from a whole copy of the policy's current weights (its rollouts' lengths are
+    its own, and a sharded forward pass is a collective): every logged value and the saved weights (gathered to
+    rank 0) are those of one process of 8."""
+    one = run_rl(base, prompts, tmp_path / "one", **FSDP_CASES[case])[0]
+    torchrun({"model": str(base), "train": prompts, "parallel": "fsdp",
+              **settings(tmp_path / "two", micro_batch_size=4, **FSDP_CASES[case])}, tmp_path)
+    two = logs(tmp_path / "two")[0]
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    assert (latest_checkpoint(tmp_path / "two") / "shards").is_dir()  # it did run sharded
+    assert_same_run(one, two, final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), case)
+
+
+@pytest.mark.slow
+def test_under_fsdp_a_run_stopped_in_the_middle_of_a_rollout_resumes_exactly(base, prompts, tmp_path):
+    """2 processes, 4 steps a rollout (2 epochs x 2 minibatches), stopped at step 2 and resumed: the same steps and
+    weights as a run that went on (each rank took back its own rollout from the checkpoint; the lr is constant,
+    so max_steps may grow)."""
+    kw = dict(algo="ppo", ppo_epochs=2, minibatches=2, micro_batch_size=2, checkpoint_interval=2, lr=3e-3, min_lr=3e-3,
+              max_steps=8, parallel="fsdp")
+    torchrun({"model": str(base), "train": prompts, **settings(tmp_path / "a", **kw)}, tmp_path)
+    torchrun({"model": str(base), "train": prompts, **settings(tmp_path / "b", **{**kw, "max_steps": 2})}, tmp_path)
+    torchrun({"model": str(base), "train": prompts, **settings(tmp_path / "b", **kw)}, tmp_path, "--resume")
+    assert_same_run(logs(tmp_path / "a")[0], logs(tmp_path / "b")[0], final_weights(tmp_path / "a"),
+                    final_weights(tmp_path / "b"), "resumed")
+
+
+class _Ranks:
+    """Stand-in for the objective's process group: ``gather`` returns what every rank would hold."""
+
+    def __init__(self, everyone):
+        self.everyone = everyone
+
+    def gather(self, value):
+        return self.everyone
+
+
+def test_a_checkpoint_keeps_every_ranks_rollout_and_each_rank_resumes_its_own(base, prompts, tmp_path, monkeypatch):
+    """Each process samples its own completions: a checkpoint saved mid-rollout holds every rank's buffer and each
+    rank takes back its own (not rank 0's, which an earlier version gave to all); on another number of processes it
+    is refused in one line, and a checkpoint at a rollout's end resumes anywhere (the next step samples anew)."""
+    from lmforge.train.rl import RolloutStream
+
+    spy = Spy(monkeypatch)
+    run_rl(base, prompts, tmp_path / "run", **{**RESUME_CASES["ppo"][0], "max_steps": 1})
+    objective = spy.objective
+    stream = RolloutStream(objective, 0, 2)
+    stream.buffer, stream.served, stream.rollout = {"rank": 0}, 1, 1
+    objective.dist = _Ranks([{"rank": 0}, {"rank": 1}])
+    state = stream.state_dict()
+    assert state["buffers"] == [{"rank": 0}, {"rank": 1}]
+    for rank in (0, 1):
+        resumed = RolloutStream(objective, rank, 2)
+        resumed.load_state_dict(state)
+        assert resumed.buffer == {"rank": rank} and resumed.served == 1
+    with pytest.raises(LmforgeError, match="saved by 2 process.*resume it on 2"):
+        RolloutStream(objective, 0, 1).load_state_dict(state)
+    stream.served = stream.per_rollout  # at the rollout's end: nothing is kept, any layout resumes
+    state = stream.state_dict()
+    assert state["buffers"] == []
+    resumed = RolloutStream(objective, 0, 1)
+    resumed.load_state_dict(state)
+    assert resumed.buffer is None and resumed.served == resumed.per_rollout
 
 
 # -- 4. exact resume ------------------------------------------------------------------------------

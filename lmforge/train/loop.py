@@ -220,7 +220,6 @@ class Objective:
     model: torch.nn.Module  # the bare model (not wrapped by DDP or torch.compile)
     tokenizer: Tokenizer
     eval_interval_name = "val_loss"  # the metric printed at each evaluation
-    unshardable = ""  # why the objective cannot run under FSDP, when it cannot
 
     def batches(self, rank: int, world_size: int):
         """A stream with next_batch(device), state_dict() and load_state_dict()."""
@@ -562,8 +561,6 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     objective.autocast = autocast  # objectives that run the model outside the loop's steps (RL rollouts) use it too
     dist_.parallel, parallel_reason = choose_parallel(config.parallel, model, dist_.world_size, device)
-    if dist_.sharded and objective.unshardable:
-        raise LmforgeError(f"--parallel fsdp: {objective.unshardable}; use --parallel ddp")
     if config.activation_checkpointing:
         checkpoint_activations(model)
     if dist_.sharded:

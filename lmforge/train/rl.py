@@ -183,8 +183,11 @@ class ActorCritic(nn.Module):
     def config(self):
         return self.policy.config
 
-    def forward(self, ids: torch.Tensor, select: torch.Tensor):
-        """(policy logits, values) at the ``select``ed positions."""
+    def forward(self, ids: torch.Tensor, select: torch.Tensor, policy_only: bool = False):
+        """(policy logits, values) at the ``select``ed positions; the logits alone with ``policy_only`` (the
+        reference pass of LoRA: under FSDP every pass goes through this root module, which gathers the weights)."""
+        if policy_only:
+            return self.policy(ids, select=select)
         if self.value_head is not None:
             hidden = self.policy.hidden_states(ids)[select]
             return self.policy.lm_logits(hidden), self.value_head(hidden).squeeze(-1)
@@ -219,13 +222,27 @@ class RolloutStream:
         return self.objective.micro_batch(self.buffer, order[within * self.micro : (within + 1) * self.micro], device)
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "rollout": self.rollout, "served": self.served, "buffer": self.buffer,
+        """With every rank's rollout buffer while it still has steps to serve (gathered: all ranks call this,
+        rank 0 writes the checkpoint)."""
+        middle = self.buffer is not None and self.served < self.per_rollout
+        return {"seed": self.seed, "rollout": self.rollout, "served": self.served, "per_rollout": self.per_rollout,
+                "buffers": self.objective.dist.gather(self.buffer) if middle else [],
                 "objective": self.objective.rl_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.rollout, self.served = int(state["seed"]), int(state["rollout"]), int(state["served"])
-        self.buffer = state["buffer"]
         self.objective.load_rl_state(state["objective"])
+        buffers = state["buffers"] if "buffers" in state else [state["buffer"]]  # (checkpoints of one process)
+        if self.served == state.get("per_rollout", self.per_rollout) or not buffers:  # the next step makes one
+            self.buffer, self.served = None, self.per_rollout
+        elif len(buffers) == self.world_size:
+            self.buffer = buffers[self.rank]
+        else:
+            raise LmforgeError(
+                f"the checkpoint was saved by {len(buffers)} process(es) in the middle of a rollout, whose "
+                f"completions were sampled by each of them; resume it on {len(buffers)} process(es), or resume "
+                f"on {self.world_size} from a checkpoint saved at the end of a rollout (every "
+                f"{self.objective.config.minibatches * self.objective.config.epochs_per_rollout} steps)")
 
 
 # -- the objective --------------------------------------------------------------------------------
@@ -234,9 +251,6 @@ class RolloutStream:
 class RL(Finetune):
     task = "rl"
     defers_model = False  # rollouts run the model as it is built
-    # Each rank generates its own rollouts, of lengths of their own: under FSDP every forward pass is a
-    # collective that all ranks must make together, so the ranks would wait on each other for ever.
-    unshardable = "lmforge rl generates rollouts of different lengths on each rank, which FSDP cannot gather for"
 
     def __init__(self, config: RLConfig, device, checkpoint, prompts):
         self.checkpoint = checkpoint
@@ -272,6 +286,10 @@ class RL(Finetune):
         if c.algo == "ppo":
             self.model = self.actor_critic()
         self.rollout_stats: dict[str, float] = {}
+        # the policy's structure without memory: the rollout copy is made from it (see rollout_model)
+        from lmforge.train.distributed import meta_twin
+
+        self._policy_twin, self._rollout_copy = meta_twin(self.policy), None
         self.samples_every = max(1, c.sample_interval // (c.epochs_per_rollout * c.minibatches))
 
     def encode(self, rows: list, split: str) -> list[dict]:
@@ -379,30 +397,43 @@ class RL(Finetune):
         return out
 
     def rollout_model(self, rows: int) -> GPT:
-        """The model the engine samples from: the policy, or, when training runs in bf16 autocast and bf16
-        products of the rollout's shape (``rows`` sequences) are measured faster here (always on a GPU), a bf16
-        copy of its current weights. Completions are then drawn from the rounding of the weights that the
-        bf16 training pass scores them with, at half the memory traffic (2x the tokens/s of fp32 for the
-        gpt2 shape at 32 rows on a 2-core Xeon with AMX)."""
-        autocast = self.autocast
-        if getattr(autocast, "fast_dtype", None) != torch.bfloat16:
+        """The model the engine samples from: the policy itself, or a copy of its current weights
+
+        - in bf16, when training runs in bf16 autocast and bf16 products of the rollout's shape (``rows``
+          sequences) are measured faster here (always on a GPU): completions are then drawn from the rounding
+          of the weights that the bf16 training pass scores them with, at half the memory traffic (2x the
+          tokens/s of fp32 for the gpt2 shape at 32 rows on a 2-core Xeon with AMX);
+        - whole on every rank, under FSDP: each rank samples completions of lengths of its own, and a sharded
+          model's every forward pass is a collective that all ranks would have to make together. The weights
+          are gathered once a rollout (every rank calls this at the same points), at the cost of one whole
+          copy of the policy per rank while training runs (in bf16 where the rule above says so)."""
+        sharded = any(hasattr(p, "full_tensor") for p in self.policy.parameters())
+        dtype = torch.bfloat16 if self.bf16_rollouts(rows) else None
+        if not sharded and dtype is None:
             return self.policy
+        copy = self._rollout_copy
+        if copy is None:
+            import copy as copying
+
+            copy = copying.deepcopy(self._policy_twin).to_empty(device=self.device)
+            copy = self._rollout_copy = (copy.to(dtype) if dtype is not None else copy).requires_grad_(False).eval()
+        from lmforge.train.distributed import full_value
+
+        with torch.no_grad():
+            for mine, theirs in zip([*copy.parameters(), *copy.buffers()],
+                                    [*self.policy.parameters(), *self.policy.buffers()], strict=True):
+                mine.copy_(full_value(theirs.detach()))
+        return copy
+
+    def bf16_rollouts(self, rows: int) -> bool:
+        if getattr(self.autocast, "fast_dtype", None) != torch.bfloat16:
+            return False
         if self.device.type == "cpu":
             from lmforge.precision import MARGIN, measure
 
             shape = self.policy.config
-            if measure("matmul", shape.n_embd, shape.hidden, rows).get("bfloat16", 0.0) < MARGIN:
-                return self.policy
-        copy = getattr(self, "_rollout_copy", None)
-        if copy is None:
-            import copy as copying
-
-            copy = self._rollout_copy = copying.deepcopy(self.policy).to(torch.bfloat16).requires_grad_(False)
-        else:
-            with torch.no_grad():
-                for mine, theirs in zip(copy.parameters(), self.policy.parameters(), strict=True):
-                    mine.copy_(theirs)
-        return copy
+            return measure("matmul", shape.n_embd, shape.hidden, rows).get("bfloat16", 0.0) >= MARGIN
+        return True
 
     def score(self, completions: list[dict]) -> tuple[torch.Tensor, dict[str, list[float]], int]:
         c = self.config
@@ -526,8 +557,9 @@ class RL(Finetune):
                                                 batch["labels"])
                     else:
                         with adapters_off(self.policy):
-                            ref_logp = _answer_logp(self.policy(batch["ids"], select=batch["learned"]) / c.temperature,
-                                                    batch["labels"])
+                            kwargs = {"policy_only": True} if isinstance(self.model, ActorCritic) else {}
+                            ref_logp = _answer_logp(self.model(batch["ids"], select=batch["learned"], **kwargs)
+                                                    / c.temperature, batch["labels"])
                     ref[rows] = _scatter(ref_logp, cmask)
         buffer["old_logp"] = old
         if ref is not None:
@@ -731,10 +763,12 @@ class RL(Finetune):
     def save(self, folder: Path) -> None:
         c = self.config
         tokenizer = self.save_tokenizer()
+        # (self.model, not self.policy: under FSDP the loop swaps in a whole copy of self.model for saving)
+        policy = self.model.policy if isinstance(self.model, ActorCritic) else self.model
         if c.method == "lora":
-            save_adapter(self.policy, folder, c.model, tokenizer)
+            save_adapter(policy, folder, c.model, tokenizer)
         else:
-            save_model(self.policy, folder, tokenizer)
+            save_model(policy, folder, tokenizer)
         if isinstance(self.model, ActorCritic):
             if self.model.critic is not None:
                 save_model(self.model.critic, folder / "critic", tokenizer)
