@@ -16,7 +16,7 @@ from conftest import make_hf_gpt2, train_config
 
 from lmforge.errors import LmforgeError
 from lmforge.train import distributed
-from lmforge.train.checkpointing import checkpoint_dirs
+from lmforge.train.checkpointing import checkpoint_dirs, damage
 from lmforge.train.loop import pretrain
 
 HERE = Path(__file__).parent
@@ -118,10 +118,15 @@ def test_fsdp_runs_resume_on_another_number_of_processes(data_dir, tmp_path):
     pretrain(train_config(data_dir, tmp_path / "straight", micro_batch_size=4, **kw), progress=False)
 
     # 2 processes (2 rows each) for 3 steps, then 1 process: grad_accum_steps 2 keeps the 4 rows of a step
-    # (with activation checkpointing under FSDP: a block's recomputation in the backward pass needs its weights)
+    # (with activation checkpointing under FSDP: a block's recomputation in the backward pass needs its weights;
+    # with the shards of a checkpoint at every step written in the background, each sealed at the next or the end)
     torchrun("pretrain", train_config(data_dir, tmp_path / "two_one", micro_batch_size=2, parallel="fsdp",
-                                      activation_checkpointing=True, **kw), tmp_path, "--max-steps", "3")
-    assert (checkpoint_dirs(tmp_path / "two_one")[-1] / "shards").is_dir()
+                                      activation_checkpointing=True, async_save=True, **{**kw, "checkpoint_interval": 1}),
+             tmp_path, "--max-steps", "3")
+    saved = checkpoint_dirs(tmp_path / "two_one")
+    assert [d.name for d in saved] == ["step_0000002", "step_0000003"]  # (2 kept)
+    assert all((d / "shards").is_dir() and damage(d) is None for d in saved)
+    assert not list((tmp_path / "two_one" / "checkpoints").glob(".*"))  # no temporary folder left
     pretrain(train_config(data_dir, tmp_path / "two_one", micro_batch_size=2, **kw), resume=True, progress=False)
     assert_same_steps(tmp_path / "straight", tmp_path / "two_one")
 

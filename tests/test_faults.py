@@ -415,3 +415,53 @@ def test_everything_lmforge_writes_has_the_permissions_the_umask_gives(umask, fi
             wrong.append(f"{path.relative_to(tmp_path)} {oct(mode)}")
     assert wrong == []
     assert (out / "run" / "checkpoints" / "step_0000002" / "model" / "model.safetensors").exists()
+
+
+class _OneProcess:
+    """The process-group stand-in ``save_checkpoint`` needs for sharded saving, in one process."""
+
+    is_main = True
+
+    def broadcast(self, value):
+        return value
+
+    def barrier(self):
+        pass
+
+
+def test_a_checkpoint_written_in_the_background_is_not_a_checkpoint_until_its_shards_are_written(tmp_path):
+    """--async-save: while the shards are being written the run's latest checkpoint is the one before (a process
+    killed meanwhile leaves nothing to resume from that is half-written); ``finish`` seals it (manifest, rename),
+    and a background write that failed for a full disk is the one-line error of a foreground one."""
+    from concurrent.futures import Future
+
+    from lmforge.train.checkpointing import save_checkpoint
+
+    def model_folder(folder):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+
+    run = tmp_path / "run"
+    save_checkpoint(run, 1, model_folder, {"step": 1}, keep=3)
+    writing = Future()
+
+    def shards(folder):
+        (folder / "shards").mkdir()
+        (folder / "shards" / "__0_0.distcp").write_bytes(b"x" * 10)
+        return writing
+
+    pending = save_checkpoint(run, 2, model_folder, {"step": 2}, keep=3, dist_=_OneProcess(), write_shards=shards,
+                              background=True)
+    assert latest_checkpoint(run).name == "step_0000001" and pending.tmp.is_dir()
+    writing.set_result(None)
+    assert pending.finish() == latest_checkpoint(run) and latest_checkpoint(run).name == "step_0000002"
+    assert damage(latest_checkpoint(run)) is None and not pending.tmp.exists()
+    assert "shards/__0_0.distcp" in json.loads((latest_checkpoint(run) / "manifest.json").read_text())["files"]
+
+    failed = Future()
+    pending = save_checkpoint(run, 3, model_folder, {"step": 3}, keep=3, dist_=_OneProcess(),
+                              write_shards=lambda folder: failed, background=True)
+    failed.set_exception(OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(LmforgeError, match="disk full.*step 3.*step_0000002 is intact"):
+        pending.finish()
+    assert latest_checkpoint(run).name == "step_0000002" and not pending.tmp.exists()

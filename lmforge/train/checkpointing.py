@@ -18,12 +18,14 @@ import errno
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.utils import atomic_dir, atomic_write_json, first_line, read_json, sha256_file, warn
+from lmforge.utils import (atomic_dir, atomic_write_json, first_line, fsync_dir, give_usual_permissions, read_json,
+                           replace_dir, sha256_file, warn)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
@@ -77,17 +79,21 @@ def _save_trainer_state(state: dict, path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, save_model, trainer_state: dict, keep: int, *, dist_=None,
-                    write_shards=None) -> Path:
+                    write_shards=None, background: bool = False):
     """``save_model(folder)`` writes the model folder (a full model, or a LoRA adapter).
 
     With ``write_shards`` (sharded training) every rank calls this: all write into the one temporary
     folder that rank 0 made (``write_shards(folder)``: each rank its shards; ``save_model``: every rank
     takes part, rank 0 writes), and rank 0 alone adds the trainer state and manifest and renames it into place.
+    With ``background`` too, ``write_shards`` returns a future of shards still being written: the checkpoint is
+    returned as a ``PendingCheckpoint``, which its ``finish()`` seals and renames into place once they are.
     """
     root = run_dir / "checkpoints"
     final = root / f"step_{step:07d}"
     main = dist_ is None or dist_.is_main
-    try:
+    if background:
+        return _start_in_background(run_dir, step, save_model, trainer_state, keep, dist_, write_shards)
+    with _disk_full_is_an_error(run_dir, step):
         with atomic_dir(final) if main else contextlib.nullcontext() as tmp:
             if write_shards is not None:
                 tmp = Path(dist_.broadcast(str(tmp) if main else None))
@@ -95,19 +101,78 @@ def save_checkpoint(run_dir: Path, step: int, save_model, trainer_state: dict, k
             save_model(tmp / "model")
             if main:
                 _save_trainer_state(trainer_state, tmp / "trainer.pt")
-                files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                         for p in sorted(tmp.rglob("*")) if p.is_file()}
-                atomic_write_json(tmp / MANIFEST, {"format": MANIFEST_FORMAT, "step": step, "files": files})
+                _write_manifest(tmp, step)
+    if main:
+        _prune(root, keep)
+    return final
+
+
+def _write_manifest(folder: Path, step: int) -> None:
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    atomic_write_json(folder / MANIFEST, {"format": MANIFEST_FORMAT, "step": step, "files": files})
+
+
+@contextlib.contextmanager
+def _disk_full_is_an_error(run_dir: Path, step: int):
+    try:
+        yield
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         previous = latest_checkpoint(run_dir)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise LmforgeError(f"disk full: no space left on the device of {root} while saving step {step} "
-                           f"({kept}); free some space, then continue with --resume") from None
-    if main:
-        _prune(root, keep)
-    return final
+        raise LmforgeError(f"disk full: no space left on the device of {run_dir / 'checkpoints'} while saving step "
+                           f"{step} ({kept}); free some space, then continue with --resume") from None
+
+
+def _start_in_background(run_dir: Path, step: int, save_model, trainer_state: dict, keep: int, dist_, write_shards):
+    started = time.perf_counter()
+    root = run_dir / "checkpoints"
+    final = root / f"step_{step:07d}"
+    tmp = None
+    if dist_.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-{final.name}-{os.getpid()}"  # hidden: a killed run's is removed by the next save
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    tmp = Path(dist_.broadcast(str(tmp) if dist_.is_main else None))
+    with _disk_full_is_an_error(run_dir, step):
+        future = write_shards(tmp)
+        save_model(tmp / "model")
+        if dist_.is_main:
+            _save_trainer_state(trainer_state, tmp / "trainer.pt")
+    return PendingCheckpoint(run_dir, step, tmp, final, keep, dist_, future, started)
+
+
+class PendingCheckpoint:
+    """A checkpoint whose shards are still being written in the background (``--async-save``). Until
+    ``finish()`` it lies in a hidden temporary folder, so the run's latest checkpoint is still the one before:
+    a process killed meanwhile leaves no broken checkpoint."""
+
+    def __init__(self, run_dir: Path, step: int, tmp: Path, final: Path, keep: int, dist_, future, started: float):
+        self.run_dir, self.step, self.tmp, self.final, self.keep = run_dir, step, tmp, final, keep
+        self.dist_, self.future, self.started = dist_, future, started  # (started: time.perf_counter())
+
+    def finish(self) -> Path:
+        """Wait for this rank's shards, then (rank 0, once every rank's are written) seal and rename the
+        checkpoint into place. Every rank calls this."""
+        try:
+            with _disk_full_is_an_error(self.run_dir, self.step):
+                self.future.result()
+                self.dist_.barrier()
+                if self.dist_.is_main:
+                    _write_manifest(self.tmp, self.step)
+                    give_usual_permissions(self.tmp)
+                    fsync_dir(self.tmp)
+                    replace_dir(self.tmp, self.final)
+        except BaseException:
+            if self.dist_.is_main:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        if self.dist_.is_main:
+            _prune(self.run_dir / "checkpoints", self.keep)
+        return self.final
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -349,13 +349,32 @@ def whole_model(objective, twin: torch.nn.Module, dist_: Distributed):
 SHARDS = "shards"  # the checkpoint's sub-folder with the model and optimizer state, one file per rank
 
 
-def save_sharded(folder: Path, model: torch.nn.Module, optimizer) -> None:
-    """Model and optimizer state, each rank writing its own shards (all ranks call this)."""
+def save_sharded(folder: Path, model: torch.nn.Module, optimizer, background: bool = False):
+    """Model and optimizer state, each rank writing its own shards (all ranks call this). In the
+    ``background``: the state is copied (to CPU memory) and the future of its writing by a thread is returned
+    (``dcp.async_save``; the copy costs this rank's share of the model and optimizer state in memory meanwhile)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if not background:
+        dcp.save(state, checkpoint_id=str(folder))
+        return None
+    saving = dcp.async_save(state, checkpoint_id=str(folder), process_group=_cpu_group())
+    return getattr(saving, "upload_completion", saving)  # (newer torch may answer with both stages' futures)
+
+
+_SAVING_GROUP = []
+
+
+def _cpu_group():
+    """The process group DCP's background writing coordinates over: its own gloo group (made once; every rank
+    gets here together). It runs collectives on CPU tensors, which the writing needs, and it is not the group
+    the training steps use: collectives of two threads on one group would interleave."""
+    if not _SAVING_GROUP:
+        _SAVING_GROUP.append(dist.new_group(backend="gloo"))
+    return _SAVING_GROUP[0]
 
 
 def load_sharded(folder: Path, model: torch.nn.Module, optimizer) -> None:

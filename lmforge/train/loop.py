@@ -614,6 +614,18 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         return record
 
     bar = tqdm(total=config.max_steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True)
+    pending = None  # a checkpoint whose shards are being written in the background (--async-save)
+    if config.async_save and not dist_.sharded and dist_.is_main:
+        warn("--async-save applies to the sharded checkpoints of --parallel fsdp; this run saves its checkpoints "
+             "whole, in the foreground")
+
+    def report_saved(saved: Path | None, started: float, background: bool = False) -> None:
+        if dist_.is_main:
+            size = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
+            seconds = time.perf_counter() - started
+            bar.write(f"checkpoint {saved.name}: {size / 2**20:,.1f} MB, " + (
+                f"in place {seconds:.2f} s after it was started (shards written in the background)" if background
+                else f"written in {seconds:.2f} s"))
     window_tokens, window_seconds = 0, 0.0  # since the last evaluation: throughput.json's figures
     measured = None  # this process's saved activations and training state, in the first step it runs
     last_eval = None
@@ -687,6 +699,8 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         bar.update()
         if not finite:
             if bad_steps >= config.max_bad_steps:
+                if pending is not None:  # a good checkpoint: let it land
+                    pending.finish()
                 bar.close()
                 if log:
                     log.close()
@@ -717,6 +731,9 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
                 "global_batch": config.micro_batch_size * config.grad_accum_steps * dist_.world_size,
                 "rng": {**_rng_states(device), "ranks": dist_.gather(_rng_states(device))},
             }
+            if pending is not None:  # at most one checkpoint is written in the background at a time
+                report_saved(pending.finish(), pending.started, background=True)
+                pending = None
             started = time.perf_counter()
             if dist_.sharded:  # every rank writes its shards; rank 0 also the gathered model folder
                 def save_model(folder: Path) -> None:
@@ -724,16 +741,22 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
                         if dist_.is_main:
                             objective.save(folder)
 
-                save_checkpoint(out, step, save_model, state, config.keep_checkpoints, dist_=dist_,
-                                write_shards=lambda folder: save_sharded(folder / SHARDS, model, optimizer))
+                saving = save_checkpoint(
+                    out, step, save_model, state, config.keep_checkpoints, dist_=dist_, background=config.async_save,
+                    write_shards=lambda folder: save_sharded(folder / SHARDS, model, optimizer, config.async_save))
+                if config.async_save:
+                    pending = saving
+                    if dist_.is_main:
+                        bar.write(f"checkpoint {saving.final.name}: shards being written in the background "
+                                  f"({time.perf_counter() - started:.2f} s to start)")
+                    continue
             elif dist_.is_main:
                 save_checkpoint(out, step, objective.save, {**state, "optimizer": optimizer.state_dict()},
                                 config.keep_checkpoints)
             dist_.barrier()
-            if dist_.is_main:
-                saved = latest_checkpoint(out)
-                size = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
-                bar.write(f"checkpoint {saved.name}: {size / 2**20:,.1f} MB written in {time.perf_counter() - started:.2f} s")
+            report_saved(latest_checkpoint(out) if dist_.is_main else None, started)
+    if pending is not None:
+        report_saved(pending.finish(), pending.started, background=True)
     bar.close()
     if dist_.is_main and not dist_.sharded:
         objective.sample(step, out, bar)
