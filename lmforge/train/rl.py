@@ -188,11 +188,13 @@ class ActorCritic(nn.Module):
         reference pass of LoRA: under FSDP every pass goes through this root module, which gathers the weights)."""
         if policy_only:
             return self.policy(ids, select=select)
+        # (the values are returned as tensors of their own, not views: FSDP warns of views, which an in-place
+        # operation would cut from its backward hook)
         if self.value_head is not None:
             hidden = self.policy.hidden_states(ids)[select]
-            return self.policy.lm_logits(hidden), self.value_head(hidden).squeeze(-1)
+            return self.policy.lm_logits(hidden), self.value_head(hidden).squeeze(-1).clone()
         logits = self.policy(ids, select=select)
-        return logits, self.critic.score(self.critic.hidden_states(ids)[select]).squeeze(-1)
+        return logits, self.critic.score(self.critic.hidden_states(ids)[select]).squeeze(-1).clone()
 
 
 # -- rollouts as the loop's batches -----------------------------------------------------------------
