@@ -314,6 +314,42 @@ def test_a_folder_opened_for_sharding_is_copied_tensor_by_tensor(tmp_path):
     assert torch.equal(fused.rows(2, 4), torch.tensor([[4.0, 5.0], [6.0, 7.0]]))
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_folder_opened_for_sharding_takes_a_head_and_adapters_drawn_as_one_process_draws_them(tmp_path, family):
+    """A classification head and LoRA adapters added to a folder opened for sharding are drawn whole on the CPU
+    (they are small; the same random numbers as one process), the frozen layers they wrap keep their memory-mapped
+    weights under their new names, and materialising gives exactly the model built from a plain load."""
+    from lmforge.model.checkpoint import load_model
+    from lmforge.model.gpt import deferred_init
+    from lmforge.model.heads import attach_head
+    from lmforge.model.lora import add_lora
+
+    folder = make_hf_llama(tmp_path / "llama") if family == "llama" else make_hf_gpt2(tmp_path / "gpt2")
+
+    def build(defer: bool):
+        torch.manual_seed(5)
+        with deferred_init(defer):
+            model = load_model(folder)
+        attach_head(model, "sequence_classification", 3, None, 0)
+        add_lora(model, "q,v,fc", 4, 8.0)
+        if defer:
+            assert distributed.is_meta(model) and not model.score.weight.is_meta
+            assert "blocks.0.attn.qkv.base.weight" in model.pending_weights
+            # the loop's plain twin for saving has the structure only: a deep copy of the opened folder's weights
+            # would read all of them into memory (it did, in every rank)
+            twin = distributed.meta_twin(model)
+            assert not hasattr(twin, "pending_weights") and model.pending_weights
+            distributed.materialize(model, torch.device("cpu"))
+        return model
+
+    plain, opened = build(False), build(True)
+    names = [name for name, _ in plain.named_parameters()]
+    assert names == [name for name, _ in opened.named_parameters()] and any("lora_A" in n for n in names)
+    for (name, a), (_, b) in zip(plain.named_parameters(), opened.named_parameters()):
+        assert torch.equal(a, b), name
+    assert plain.score.weight.abs().sum() > 0
+
+
 def test_share_pads_every_rank_to_as_many_items():
     shares = [distributed.Distributed(rank, 3).share(7) for rank in range(3)]
     assert shares == [[0, 3, 6], [1, 4, None], [2, 5, None]]

@@ -356,8 +356,9 @@ def test_training_flushes_subnormal_floats_to_zero_and_gives_the_setting_back(da
 
 def test_training_keeps_freed_memory_for_the_next_step_and_puts_glibcs_settings_back(data_dir, tmp_path, monkeypatch):
     """glibc maps allocations over 32 MB afresh and unmaps them when freed (a page fault per 4 KB of every large
-    tensor, each step): training tells it to keep freed memory (mmap off, no trimming), once however deeply
-    nested, and puts the defaults back and returns the free memory when training returns."""
+    tensor, each step): the training steps tell it to keep freed memory (mmap off, no trimming), once however
+    deeply nested, and the defaults are put back and the free memory returned when training returns. Setting up
+    (loading, sharding) runs with glibc's defaults: the whole tensors it frees go back to the system."""
     import lmforge.precision as precision
     import lmforge.train.loop as loop
 
@@ -374,15 +375,16 @@ def test_training_keeps_freed_memory_for_the_next_step_and_puts_glibcs_settings_
 
     real_glibc = precision._glibc
     monkeypatch.setattr(precision, "_glibc", lambda: FakeLibc())
-    real_loop = loop._train
-    monkeypatch.setattr(loop, "_train", lambda *args: seen.append(list(calls)) or real_loop(*args))
+    real_optimizer, real_lr = loop.make_optimizer, loop.lr_at
+    monkeypatch.setattr(loop, "make_optimizer", lambda *args: seen.append(("setup", list(calls))) or real_optimizer(*args))
+    monkeypatch.setattr(loop, "lr_at", lambda *args: seen.append(("step", list(calls))) or real_lr(*args))
     with precision.keeping_freed_memory():  # an outer block: training inside it changes nothing more
         pretrain(train_config(data_dir, tmp_path / "nested", max_steps=1), progress=False)
         assert calls == [(-4, 0), (-1, 2**31 - 1)]
     assert calls[2:] == [(-4, 65536), (-1, 128 * 1024), ("trim", 0)]
     calls.clear()
     pretrain(train_config(data_dir, tmp_path / "run", max_steps=1), progress=False)
-    assert seen[-1] == [(-4, 0), (-1, 2**31 - 1)]  # set while training runs
+    assert seen[-2:] == [("setup", []), ("step", [(-4, 0), (-1, 2**31 - 1)])]  # set while the steps run
     assert calls[2:] == [(-4, 65536), (-1, 128 * 1024), ("trim", 0)]
     libc = real_glibc()  # the real lookup: glibc on Linux, None elsewhere (where training leaves malloc alone)
     assert libc is None or libc.gnu_get_libc_version

@@ -459,6 +459,14 @@ def deferring() -> bool:
     return _DEFERRING[0]
 
 
+def new_weights_device(model: nn.Module) -> torch.device:
+    """Where weights added to ``model`` (a task head, LoRA adapters) are made: beside its own, or on the CPU
+    while it is a folder opened for sharding (on the meta device, with ``pending_weights``): there they are
+    drawn as one process draws them, and ``materialize`` keeps them when the rest gets its memory."""
+    first = next(model.parameters())
+    return torch.device("cpu") if first.is_meta and hasattr(model, "pending_weights") else first.device
+
+
 def build_on_meta(cls, config, device, init: bool):
     """``cls(config)`` with no memory (the meta device), then allocated on ``device`` and, if ``init``,
     initialised: a 70B config is inspected without 276 GB, and loading skips a wasted initialisation."""

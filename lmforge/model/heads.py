@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from lmforge.errors import LmforgeError
 from lmforge.model.encoder import Encoder
-from lmforge.model.gpt import GPT
+from lmforge.model.gpt import GPT, new_weights_device
 
 
 def attach_head(model, head: str, num_labels: int = 2, labels=None, pad_token_id: int | None = None,
@@ -18,7 +18,7 @@ def attach_head(model, head: str, num_labels: int = 2, labels=None, pad_token_id
     """Replace ``model``'s head (in place) and its config; returns the model."""
     labels = tuple(labels) if labels else None
     num_labels = len(labels) if labels else num_labels
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    device, dtype = new_weights_device(model), next(model.parameters()).dtype
     if isinstance(model, GPT):
         if head != "sequence_classification":
             raise LmforgeError(f"a decoder model takes the sequence_classification head, not {head}; "

@@ -40,12 +40,13 @@ PEFT_TASK = {None: "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "token_cla
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus adapters on named slices of its output features."""
 
-    def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], r: int, alpha: float, dropout: float):
+    def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], r: int, alpha: float, dropout: float,
+                 device: torch.device | None = None):
         super().__init__()
         self.base = base
         self.slices = slices
         self.r, self.alpha, self.scale = r, alpha, alpha / r
-        device, dtype = base.weight.device, base.weight.dtype
+        device, dtype = device or base.weight.device, base.weight.dtype
         self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype)) for n in slices})
         self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(b - a, r, device=device, dtype=dtype)) for n, (a, b) in slices.items()})
         for a_matrix in self.lora_A.values():
@@ -187,10 +188,17 @@ def add_lora(model, targets: list[str] | str, r: int = 8, alpha: float = 16.0, d
                 for slice_name, span in slices.items():
                     entry["slices"][slice_name] = span
                     entry["peft"][slice_name] = _peft_block_prefix(model, blocks, i) + peft_name
+    from lmforge.model.gpt import new_weights_device
+
+    device = new_weights_device(model)
+    pending = getattr(model, "pending_weights", None)  # a folder opened for sharding: its tensors by name
     for path, entry in modules.items():
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path)
-        setattr(parent, attr, LoRALinear(getattr(parent, attr), entry["slices"], r, alpha, dropout))
+        setattr(parent, attr, LoRALinear(getattr(parent, attr), entry["slices"], r, alpha, dropout, device))
+        if pending is not None:  # the frozen layer's weights now sit under path.base
+            for key in [k for k in pending if k.startswith(path + ".")]:
+                pending[f"{path}.base.{key[len(path) + 1:]}"] = pending.pop(key)
     for name in _head_modules(model):
         for p in getattr(model, name).parameters():
             p.requires_grad_(True)

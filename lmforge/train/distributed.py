@@ -212,17 +212,29 @@ def materialize(model: torch.nn.Module, device: torch.device) -> None:
     folder it was opened from, tensor by tensor, or a fresh initialisation equal to one process's."""
     pending = getattr(model, "pending_weights", None)
     init_rng = getattr(model, "init_rng_state", None)
+    # weights that already have values (a task head or LoRA adapters added to a folder opened for sharding,
+    # drawn as one process draws them: see new_weights_device) are kept, this rank's part of each
+    kept = {name: local.clone() for name, local in _locals(model) if not local.is_meta}
     model.to_empty(device=device)
     if pending is not None:
-        for name, param in model.named_parameters():
-            local = param.to_local() if hasattr(param, "to_local") else param
-            local.copy_(_local_part(pending[name].to(param.dtype), param))
+        for name, local in _locals(model):
+            if name not in kept:
+                local.copy_(_local_part(pending[name].to(local.dtype), model.get_parameter(name)))
         del model.pending_weights
-        return
-    if init_rng is not None:  # the random numbers one process would have drawn when it built the model
-        torch.set_rng_state(init_rng)
-    with _WholeDraws():
-        model.init_weights()
+    else:
+        if init_rng is not None:  # the random numbers one process would have drawn when it built the model
+            torch.set_rng_state(init_rng)
+        with _WholeDraws():
+            model.init_weights()
+    for name, local in _locals(model):
+        if name in kept:
+            local.copy_(kept[name])
+
+
+def _locals(model: torch.nn.Module):
+    """(name, this rank's tensor) of each parameter, sharded (a DTensor) or not."""
+    for name, param in model.named_parameters():
+        yield name, (param.to_local() if hasattr(param, "to_local") else param)
 
 
 # -- wrapping ---------------------------------------------------------------------------------------
@@ -320,7 +332,13 @@ def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
     memo = {id(t): (torch.nn.Parameter(torch.empty_like(t, device="meta"), t.requires_grad)
                     if isinstance(t, torch.nn.Parameter) else torch.empty_like(t, device="meta"))
             for t in [*model.parameters(), *model.buffers()]}
-    return copy.deepcopy(model, memo)
+    # (not the weights of a folder opened for sharding: a deep copy would read every one of them into memory)
+    pending = model.__dict__.pop("pending_weights", None)
+    try:
+        return copy.deepcopy(model, memo)
+    finally:
+        if pending is not None:
+            model.pending_weights = pending
 
 
 @contextlib.contextmanager

@@ -199,9 +199,9 @@ class Finetune(Objective):
             model = load_adapted(checkpoint / "model", self.device, merge=False, base=c.model)
             model.base_source = Path(c.model)
             return self._freeze(set_dropout(model, c.dropout), lora_loaded=True)
-        # Under torchrun, a full fine-tune without a new head opens the folder without copying its weights: the
-        # loop shards it first (FSDP), each rank copying its rows. Adapters and heads are made from real weights.
-        deferrable = c.method != "lora" and self.head is None and self.defers_model
+        # Under torchrun, the folder is opened without copying its weights: the loop shards it first (FSDP), each
+        # rank copying its rows; a new head and LoRA adapters are drawn whole (they are small) and kept.
+        deferrable = self.defers_model
         if checkpoint is not None:
             with may_defer(c) if deferrable else nullcontext():
                 return self._freeze(set_dropout(load_model(checkpoint / "model", self.device), c.dropout))

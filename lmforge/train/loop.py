@@ -11,6 +11,7 @@ NCCL on GPU). Only rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -410,12 +411,11 @@ def train(config: TrainConfig, make_objective, *, resume: bool = False, overwrit
 
     dist_ = setup_distributed(config.device, config.dist_timeout)
     # Subnormal floats (AdamW's moments of unused embedding rows, the softmax gradient of a peaked head) are
-    # computed on ~20x slower: an untied embedding made a T5 step 3x slower by step 500. Training flushes them,
-    # and keeps freed memory for the next step's large tensors instead of mapping them afresh.
+    # computed on ~20x slower: an untied embedding made a T5 step 3x slower by step 500. Training flushes them.
     try:
-        with flushing_subnormals(), keeping_freed_memory():
+        with flushing_subnormals(), contextlib.ExitStack() as steps:
             return _train(config, make_objective, dist_, resume, overwrite, progress and dist_.is_main, tqdm,
-                          fixed_on_resume)
+                          fixed_on_resume, steps)
     except RuntimeError as e:
         if not dist_.enabled or not _lost_a_process(e):
             raise
@@ -527,7 +527,7 @@ def _precision(config: TrainConfig, objective, device: torch.device):
 
 
 def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool, overwrite: bool, progress: bool,
-           tqdm, fixed_on_resume: tuple[str, ...]) -> dict:
+           tqdm, fixed_on_resume: tuple[str, ...], steps: contextlib.ExitStack) -> dict:
     out = Path(config.out)
     device = pick_device(config.device)
     baseline_memory = reset_peak_memory(device)  # before the model: what `plan --measured` subtracts
@@ -636,6 +636,9 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         if dist_.is_main and not dist_.sharded:  # (under FSDP a forward pass needs every rank)
             objective.sample(step, out, bar)
     model.train()
+    # The steps keep freed memory for the next step's large tensors instead of mapping them afresh (until train()
+    # returns). Not before: the whole tensors that loading and sharding free would stay with the process too.
+    steps.enter_context(keeping_freed_memory())
     while step < config.max_steps:
         t0 = time.perf_counter()
         lr = lr_at(step, config)

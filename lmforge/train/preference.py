@@ -49,7 +49,7 @@ REFERENCE_CACHE = "reference_logps.safetensors"
 
 class PairObjective(Finetune):
     """What the reward model and DPO share: pairs read, tokenised, batched and evaluated."""
-    defers_model = False  # setup runs the model (reference log-probs, rollouts)
+    defers_model = False  # (see DPO and RewardModel)
 
     metric_names: tuple[str, ...] = ("reward_chosen", "reward_rejected", "reward_accuracy", "reward_margin")
 
@@ -147,6 +147,7 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
 class RewardModel(PairObjective):
     task = "reward"
     head = "sequence_classification"
+    defers_model = True  # its setup reads no weights
 
     def attach(self, model) -> None:
         if getattr(model.config, "head", None) == self.head and model.config.num_labels == 1:
@@ -313,6 +314,10 @@ def dpo_loss(h: torch.Tensor, loss: str, beta: float, label_smoothing: float = 0
 class DPO(PairObjective):
     task = "dpo"
     metric_names = PairObjective.metric_names + ("logp_chosen", "logp_rejected")
+
+    @property
+    def defers_model(self) -> bool:
+        return self.config.reference != "precomputed"  # whose pass over the pairs runs in setup
 
     def __init__(self, config: DPOConfig, device, checkpoint, pairs):
         self.checkpoint = checkpoint
