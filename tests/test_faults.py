@@ -458,10 +458,49 @@ def test_a_checkpoint_written_in_the_background_is_not_a_checkpoint_until_its_sh
     assert damage(latest_checkpoint(run)) is None and not pending.tmp.exists()
     assert "shards/__0_0.distcp" in json.loads((latest_checkpoint(run) / "manifest.json").read_text())["files"]
 
+    # DCP reports a rank's failed write as a CheckpointException (a BaseException) around the OSError
+    from torch.distributed.checkpoint.api import CheckpointException
+
     failed = Future()
     pending = save_checkpoint(run, 3, model_folder, {"step": 3}, keep=3, dist_=_OneProcess(),
                               write_shards=lambda folder: failed, background=True)
-    failed.set_exception(OSError(errno.ENOSPC, "No space left on device"))
+    failed.set_exception(CheckpointException("save failed", {0: (OSError(errno.ENOSPC, "No space left"), None)}))
     with pytest.raises(LmforgeError, match="disk full.*step 3.*step_0000002 is intact"):
         pending.finish()
     assert latest_checkpoint(run).name == "step_0000002" and not pending.tmp.exists()
+
+    # a run that fails while a save is in flight waits for it and removes the unsealed folder
+    writing = Future()
+    pending = save_checkpoint(run, 4, model_folder, {"step": 4}, keep=3, dist_=_OneProcess(), write_shards=shards,
+                              background=True)
+    writing.set_exception(RuntimeError("the run is failing anyway"))
+    pending.abandon()
+    assert latest_checkpoint(run).name == "step_0000002" and not pending.tmp.exists()
+
+
+def test_a_full_disk_while_dcp_writes_shards_is_the_one_line_disk_full_error(tmp_path, monkeypatch):
+    """DCP's own writer, failing with ENOSPC, in the foreground and in the background (torch wraps the OSError)."""
+    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint.filesystem as filesystem
+
+    from lmforge.train.checkpointing import save_checkpoint
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(filesystem, "_write_item", full)
+    state = {"w": torch.ones(4)}
+
+    def model_folder(folder):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+
+    with pytest.raises(LmforgeError, match="disk full.*step 1"):
+        save_checkpoint(tmp_path / "run", 1, model_folder, {}, keep=2, dist_=_OneProcess(),
+                        write_shards=lambda folder: dcp.save(state, checkpoint_id=str(folder / "shards"), no_dist=True))
+    pending = save_checkpoint(tmp_path / "run", 2, model_folder, {}, keep=2, dist_=_OneProcess(), background=True,
+                              write_shards=lambda folder: dcp.async_save(state, checkpoint_id=str(folder / "shards"),
+                                                                         no_dist=True))
+    with pytest.raises(LmforgeError, match="disk full.*step 2"):
+        pending.finish()
+    assert latest_checkpoint(tmp_path / "run") is None

@@ -24,8 +24,17 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.utils import (atomic_dir, atomic_write_json, first_line, fsync_dir, give_usual_permissions, read_json,
-                           replace_dir, sha256_file, warn)
+from lmforge.utils import (
+    atomic_dir,
+    atomic_write_json,
+    first_line,
+    fsync_dir,
+    give_usual_permissions,
+    read_json,
+    replace_dir,
+    sha256_file,
+    warn,
+)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
@@ -113,12 +122,25 @@ def _write_manifest(folder: Path, step: int) -> None:
     atomic_write_json(folder / MANIFEST, {"format": MANIFEST_FORMAT, "step": step, "files": files})
 
 
+def _full_disk(error: BaseException) -> bool:
+    """Whether ``error`` is a full disk or quota: an OSError, or DCP's CheckpointException around one (a rank's
+    failure to write its shards)."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    failures = getattr(error, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+    for failure in failures.values() if isinstance(failures, dict) else ():
+        cause = failure[0] if isinstance(failure, tuple) else failure  # (exception, its traceback)
+        if isinstance(cause, BaseException) and _full_disk(cause):
+            return True
+    return False
+
+
 @contextlib.contextmanager
 def _disk_full_is_an_error(run_dir: Path, step: int):
     try:
         yield
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except BaseException as e:
+        if not _full_disk(e):
             raise
         previous = latest_checkpoint(run_dir)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
@@ -137,11 +159,16 @@ def _start_in_background(run_dir: Path, step: int, save_model, trainer_state: di
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     tmp = Path(dist_.broadcast(str(tmp) if dist_.is_main else None))
-    with _disk_full_is_an_error(run_dir, step):
-        future = write_shards(tmp)
-        save_model(tmp / "model")
-        if dist_.is_main:
-            _save_trainer_state(trainer_state, tmp / "trainer.pt")
+    future = None
+    try:
+        with _disk_full_is_an_error(run_dir, step):
+            future = write_shards(tmp)
+            save_model(tmp / "model")
+            if dist_.is_main:
+                _save_trainer_state(trainer_state, tmp / "trainer.pt")
+    except BaseException:
+        PendingCheckpoint(run_dir, step, tmp, final, keep, dist_, future, started).abandon()
+        raise
     return PendingCheckpoint(run_dir, step, tmp, final, keep, dist_, future, started)
 
 
@@ -153,6 +180,22 @@ class PendingCheckpoint:
     def __init__(self, run_dir: Path, step: int, tmp: Path, final: Path, keep: int, dist_, future, started: float):
         self.run_dir, self.step, self.tmp, self.final, self.keep = run_dir, step, tmp, final, keep
         self.dist_, self.future, self.started = dist_, future, started  # (started: time.perf_counter())
+
+    def done(self) -> bool:
+        """Whether this rank's shards are written (a local question: see the loop, which asks every rank)."""
+        return self.future.done()
+
+    def abandon(self) -> None:
+        """On the way out of a failed run: wait for this rank's background writing to end (it must not be cut
+        off mid-file, and its own collectives end with the group's timeout at the latest), then (rank 0)
+        remove the unsealed folder. The run's latest checkpoint stays the one before."""
+        if self.future is not None:
+            try:
+                self.future.result()
+            except BaseException:  # (the run is failing already: its own error is the one to report)
+                pass
+        if self.dist_.is_main:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def finish(self) -> Path:
         """Wait for this rank's shards, then (rank 0, once every rank's are written) seal and rename the

@@ -86,7 +86,7 @@ class TrainConfig:
                                                     "instead of keeping them (less memory, about 1/3 more compute)")
     async_save: bool = setting(False, "under FSDP: write each checkpoint's shards in a background thread "
                                       "(dcp.async_save) while training goes on; it becomes the latest checkpoint "
-                                      "once written (at the next checkpoint or the end)")
+                                      "at the end of the first step after they are written")
     dist_timeout: float = setting(600.0, "seconds a process waits for the others before the run ends with an "
                                          "error (a rank that died)")
 

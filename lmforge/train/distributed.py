@@ -367,10 +367,11 @@ def whole_model(objective, twin: torch.nn.Module, dist_: Distributed):
 SHARDS = "shards"  # the checkpoint's sub-folder with the model and optimizer state, one file per rank
 
 
-def save_sharded(folder: Path, model: torch.nn.Module, optimizer, background: bool = False):
+def save_sharded(folder: Path, model: torch.nn.Module, optimizer, background: bool = False, timeout_s: float = 600.0):
     """Model and optimizer state, each rank writing its own shards (all ranks call this). In the
     ``background``: the state is copied (to CPU memory) and the future of its writing by a thread is returned
-    (``dcp.async_save``; the copy costs this rank's share of the model and optimizer state in memory meanwhile)."""
+    (``dcp.async_save``; the copy costs this rank's share of the model and optimizer state in memory meanwhile);
+    its collectives give up on a lost process after ``timeout_s``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -379,20 +380,24 @@ def save_sharded(folder: Path, model: torch.nn.Module, optimizer, background: bo
     if not background:
         dcp.save(state, checkpoint_id=str(folder))
         return None
-    saving = dcp.async_save(state, checkpoint_id=str(folder), process_group=_cpu_group())
+    saving = dcp.async_save(state, checkpoint_id=str(folder), process_group=_saving_group(timeout_s))
     return getattr(saving, "upload_completion", saving)  # (newer torch may answer with both stages' futures)
 
 
-_SAVING_GROUP = []
+_SAVING_GROUP: dict = {}  # {"world": the process group it was made in, "group": it}
 
 
-def _cpu_group():
-    """The process group DCP's background writing coordinates over: its own gloo group (made once; every rank
-    gets here together). It runs collectives on CPU tensors, which the writing needs, and it is not the group
-    the training steps use: collectives of two threads on one group would interleave."""
-    if not _SAVING_GROUP:
-        _SAVING_GROUP.append(dist.new_group(backend="gloo"))
-    return _SAVING_GROUP[0]
+def _saving_group(timeout_s: float):
+    """The process group DCP's background writing coordinates over: a gloo group of its own (made once per
+    process group, every rank getting here together). It runs collectives on CPU tensors, which the writing
+    needs, and it is not the group the training steps use: collectives of two threads on one group would
+    interleave."""
+    from datetime import timedelta
+
+    world = dist.group.WORLD
+    if _SAVING_GROUP.get("world") is not world:  # the first save, or a process group made anew since
+        _SAVING_GROUP.update(world=world, group=dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)))
+    return _SAVING_GROUP["group"]
 
 
 def load_sharded(folder: Path, model: torch.nn.Module, optimizer) -> None:

@@ -639,6 +639,13 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
     # The steps keep freed memory for the next step's large tensors instead of mapping them afresh (until train()
     # returns). Not before: the whole tensors that loading and sharding free would stay with the process too.
     steps.enter_context(keeping_freed_memory())
+
+    def abandon_on_failure(error_type, error, traceback) -> bool:  # (an __exit__: runs as the error leaves)
+        if error_type is not None and pending is not None:
+            pending.abandon()
+        return False
+
+    steps.push(abandon_on_failure)
     while step < config.max_steps:
         t0 = time.perf_counter()
         lr = lr_at(step, config)
@@ -704,6 +711,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
             if bad_steps >= config.max_bad_steps:
                 if pending is not None:  # a good checkpoint: let it land
                     pending.finish()
+                    pending = None
                 bar.close()
                 if log:
                     log.close()
@@ -727,6 +735,10 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
             last_eval = run_eval()
             if last_eval and dist_.is_main:
                 bar.write(f"step {step}: {objective.format_train(train_loss)}, {objective.format_eval(last_eval)}")
+        if pending is not None and dist_.all_sum(torch.tensor(float(pending.done()), device=device)).item() \
+                == dist_.world_size:  # every rank's shards are written: it becomes the latest checkpoint now
+            report_saved(pending.finish(), pending.started, background=True)
+            pending = None
         if step % config.checkpoint_interval == 0 or step == config.max_steps:
             state = {
                 "step": step, "tokens": tokens_seen, "elapsed": elapsed, "skipped_steps": skipped_steps,
@@ -746,7 +758,8 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
 
                 saving = save_checkpoint(
                     out, step, save_model, state, config.keep_checkpoints, dist_=dist_, background=config.async_save,
-                    write_shards=lambda folder: save_sharded(folder / SHARDS, model, optimizer, config.async_save))
+                    write_shards=lambda folder: save_sharded(folder / SHARDS, model, optimizer, config.async_save,
+                                                             config.dist_timeout))
                 if config.async_save:
                     pending = saving
                     if dist_.is_main:

@@ -291,7 +291,7 @@ class RL(Finetune):
         # the policy's structure without memory: the rollout copy is made from it (see rollout_model)
         from lmforge.train.distributed import meta_twin
 
-        self._policy_twin, self._rollout_copy = meta_twin(self.policy), None
+        self._policy_twin, self._rollout_copies = meta_twin(self.policy), {}
         self.samples_every = max(1, c.sample_interval // (c.epochs_per_rollout * c.minibatches))
 
     def encode(self, rows: list, split: str) -> list[dict]:
@@ -413,12 +413,13 @@ class RL(Finetune):
         dtype = torch.bfloat16 if self.bf16_rollouts(rows) else None
         if not sharded and dtype is None:
             return self.policy
-        copy = self._rollout_copy
+        copy = self._rollout_copies.get(dtype)  # (one per precision: the choice may differ by the rollout's rows)
         if copy is None:
             import copy as copying
 
             copy = copying.deepcopy(self._policy_twin).to_empty(device=self.device)
-            copy = self._rollout_copy = (copy.to(dtype) if dtype is not None else copy).requires_grad_(False).eval()
+            copy = (copy.to(dtype) if dtype is not None else copy).requires_grad_(False).eval()
+            self._rollout_copies[dtype] = copy
         from lmforge.train.distributed import full_value
 
         with torch.no_grad():
