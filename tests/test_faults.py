@@ -504,3 +504,22 @@ def test_a_full_disk_while_dcp_writes_shards_is_the_one_line_disk_full_error(tmp
     with pytest.raises(LmforgeError, match="disk full.*step 2"):
         pending.finish()
     assert latest_checkpoint(tmp_path / "run") is None
+
+
+def test_a_sharded_checkpoint_that_does_not_fit_the_model_is_a_one_line_error(tmp_path):
+    """DCP raises a CheckpointException (a BaseException, not an Exception) when saved shards do not fit the model
+    being resumed: it is a one-line error naming the checkpoint, not a traceback."""
+    import warnings
+
+    from lmforge.train.distributed import SHARDS, Distributed, save_sharded
+    from lmforge.train.loop import _restore
+
+    saved, other = torch.nn.Linear(4, 3), torch.nn.Linear(4, 5)
+    optimizers = [torch.optim.AdamW(m.parameters()) for m in (saved, other)]
+    saved(torch.ones(1, 4)).sum().backward()
+    optimizers[0].step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (one process, no process group: DCP says it assumes so)
+        save_sharded(tmp_path / "step" / SHARDS, saved, optimizers[0])
+        with pytest.raises(LmforgeError, match="sharded state in .*shards cannot be read into this run"):
+            _restore({}, tmp_path / "step", other, optimizers[1], None, torch.device("cpu"), Distributed())

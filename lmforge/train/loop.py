@@ -450,6 +450,15 @@ def _restore(state: dict, checkpoint: Path, model, optimizer, batches, device: t
     except (ValueError, KeyError, RuntimeError) as e:
         raise LmforgeError(f"the optimizer state in {checkpoint} does not fit the model's trainable parameters "
                            f"({first_line(e)}); resume with the settings the run was started with") from None
+    except BaseException as e:  # DCP's CheckpointException (a BaseException) names each rank's failure
+        failures = getattr(e, "failures", None)
+        if not isinstance(failures, dict) or not failures:
+            raise
+        cause = next(iter(failures.values()))
+        cause = cause[0] if isinstance(cause, tuple) else cause
+        raise LmforgeError(f"the sharded state in {checkpoint / SHARDS} cannot be read into this run "
+                           f"({type(cause).__name__}: {first_line(cause)}); resume with the settings the run was "
+                           f"started with") from None
     batches.load_state_dict(state["loader"])
     # Each rank's own random state when the number of processes is the same; otherwise rank 0's for all.
     ranks = state["rng"].get("ranks")
