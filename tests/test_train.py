@@ -388,3 +388,37 @@ def test_training_keeps_freed_memory_for_the_next_step_and_puts_glibcs_settings_
     assert calls[2:] == [(-4, 65536), (-1, 128 * 1024), ("trim", 0)]
     libc = real_glibc()  # the real lookup: glibc on Linux, None elsewhere (where training leaves malloc alone)
     assert libc is None or libc.gnu_get_libc_version
+
+
+def test_in_bf16_a_step_casts_the_weights_once_however_many_micro_batches(data_dir, tmp_path, monkeypatch):
+    """autocast keeps the bf16 copies of the weights it makes until its outermost region ends: the loop holds one
+    region over a step's micro-batches (backward passes with autocast off inside it), so 4 micro-batches cast the
+    weights once, as 1 does (an autocast region that ends empties the cache: counted here), with the same losses
+    and gradient norms as 4 micro-batches each casting them afresh."""
+    ends, real = [], torch.clear_autocast_cache
+    monkeypatch.setattr(torch, "clear_autocast_cache", lambda: ends.append(1) or real())
+    kw = dict(max_steps=2, eval_interval=100, dtype="bfloat16")
+    pretrain(train_config(data_dir, tmp_path / "one", micro_batch_size=2, **kw), progress=False)  # (eval alike)
+    once = len(ends)
+    ends.clear()
+    pretrain(train_config(data_dir, tmp_path / "four", micro_batch_size=2, grad_accum_steps=4, **kw), progress=False)
+    assert len(ends) == once  # (with a region per micro-batch: 6 more)
+    held = [(r["loss"], r["grad_norm"]) for r in read_log(tmp_path / "four")[0]]
+
+    import lmforge.train.loop as loop
+
+    monkeypatch.setattr(loop.torch, "autocast", _autocast_without_nesting(loop.torch.autocast))
+    pretrain(train_config(data_dir, tmp_path / "afresh", micro_batch_size=2, grad_accum_steps=4, **kw), progress=False)
+    assert held == [(r["loss"], r["grad_norm"]) for r in read_log(tmp_path / "afresh")[0]]
+
+
+def _autocast_without_nesting(autocast):
+    """torch.autocast whose regions each empty the cache when they end (as one region per micro-batch did)."""
+
+    class Afresh(autocast):
+        def __exit__(self, *exc):
+            out = super().__exit__(*exc)
+            torch.clear_autocast_cache()
+            return out
+
+    return Afresh

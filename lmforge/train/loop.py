@@ -668,22 +668,30 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         total_weight = dist_.all_sum(torch.tensor(sum(weights), dtype=torch.float64, device=device)).item()
         sums: dict[str, torch.Tensor] = {}  # weighted sums of the loss and the objective's metrics
         step_tokens = 0
-        for micro, batch in enumerate(micro_batches):
-            last_micro = micro == config.grad_accum_steps - 1
-            # Gradients are all-reduced across ranks only on the last micro-batch.
-            # The run's first micro-batch counts what autograd keeps for the backward pass (plan --measured).
-            counting = measured is None and micro == 0
-            if counting:
-                saved = SavedForBackward()
-            with no_sync(train_model, dist_, last_micro):
-                with autocast, saved if counting else nullcontext():
-                    loss = objective.loss(train_model, batch)
-                loss, metrics = loss if isinstance(loss, tuple) else (loss, {})
-                share = weights[micro] * dist_.world_size / total_weight if total_weight > 0 else 0.0
-                (loss * share).backward()
-            for key, value in {"loss": loss, **metrics}.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float() * weights[micro]
-            step_tokens += objective.batch_tokens(batch)
+        # In bf16 autocast, the weights' bf16 copies are made once a step instead of once a micro-batch: an outer
+        # autocast region keeps autocast's cache of them until the step's last micro-batch (each backward pass
+        # still runs with autocast off, as it would outside). Not under FSDP, whose gathered weights are new
+        # tensors at every forward pass.
+        holding = use_bf16 and not dist_.sharded and config.grad_accum_steps > 1
+        backward_precision = torch.autocast(device.type, enabled=False) if holding else nullcontext()
+        with torch.autocast(device.type, dtype=torch.bfloat16) if holding else nullcontext():
+            for micro, batch in enumerate(micro_batches):
+                last_micro = micro == config.grad_accum_steps - 1
+                # Gradients are all-reduced across ranks only on the last micro-batch.
+                # The run's first micro-batch counts what autograd keeps for the backward pass (plan --measured).
+                counting = measured is None and micro == 0
+                if counting:
+                    saved = SavedForBackward()
+                with no_sync(train_model, dist_, last_micro):
+                    with autocast, saved if counting else nullcontext():
+                        loss = objective.loss(train_model, batch)
+                    loss, metrics = loss if isinstance(loss, tuple) else (loss, {})
+                    share = weights[micro] * dist_.world_size / total_weight if total_weight > 0 else 0.0
+                    with backward_precision:
+                        (loss * share).backward()
+                for key, value in {"loss": loss, **metrics}.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach().float() * weights[micro]
+                step_tokens += objective.batch_tokens(batch)
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = full_value(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
         names = list(sums)
