@@ -392,7 +392,7 @@ def test_training_keeps_freed_memory_for_the_next_step_and_puts_glibcs_settings_
 
 def test_in_bf16_a_step_casts_the_weights_once_however_many_micro_batches(data_dir, tmp_path, monkeypatch):
     """autocast keeps the bf16 copies of the weights it makes until its outermost region ends: the loop holds one
-    region over a step's micro-batches (backward passes with autocast off inside it), so 4 micro-batches cast the
+    region (autocast off) over a step's micro-batches and one over an evaluation, so 4 micro-batches cast the
     weights once, as 1 does (an autocast region that ends empties the cache: counted here), with the same losses
     and gradient norms as 4 micro-batches each casting them afresh."""
     ends, real = [], torch.clear_autocast_cache

@@ -613,8 +613,20 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         if peak:
             print(f"MFU is against {peak / 1e12:.2f} TFLOP/s ({peak_source})", flush=True)
 
+    def holding_casts(enabled: bool = True):
+        """In bf16 autocast, the bf16 copies autocast makes of the weights are kept (autocast's cache) until the
+        block ends, instead of being made again in each autocast region (each micro-batch, each evaluation
+        batch) inside it: an outer region with autocast off keeps the cache, and the code between the regions
+        runs as it would outside. Not under FSDP, whose gathered weights are new tensors at every forward pass.
+        (An objective must not run its trainable weights under no_grad before it runs them with gradients in
+        one step: the later pass would get the first one's copies, which carry no gradient. lmforge's objectives
+        run the policy first.)"""
+        held = enabled and use_bf16 and not dist_.sharded
+        return torch.autocast(device.type, enabled=False) if held else nullcontext()
+
     def run_eval() -> dict | None:
-        metrics = objective.evaluate(dist_, autocast)
+        with holding_casts():
+            metrics = objective.evaluate(dist_, autocast)
         if metrics is None:
             return None
         record = {"step": step, "tokens": tokens_seen, **metrics}
@@ -668,13 +680,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         total_weight = dist_.all_sum(torch.tensor(sum(weights), dtype=torch.float64, device=device)).item()
         sums: dict[str, torch.Tensor] = {}  # weighted sums of the loss and the objective's metrics
         step_tokens = 0
-        # In bf16 autocast, the weights' bf16 copies are made once a step instead of once a micro-batch: an outer
-        # autocast region keeps autocast's cache of them until the step's last micro-batch (each backward pass
-        # still runs with autocast off, as it would outside). Not under FSDP, whose gathered weights are new
-        # tensors at every forward pass.
-        holding = use_bf16 and not dist_.sharded and config.grad_accum_steps > 1
-        backward_precision = torch.autocast(device.type, enabled=False) if holding else nullcontext()
-        with torch.autocast(device.type, dtype=torch.bfloat16) if holding else nullcontext():
+        with holding_casts(config.grad_accum_steps > 1):  # (the weights' bf16 copies: once a step)
             for micro, batch in enumerate(micro_batches):
                 last_micro = micro == config.grad_accum_steps - 1
                 # Gradients are all-reduced across ranks only on the last micro-batch.
@@ -687,8 +693,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
                         loss = objective.loss(train_model, batch)
                     loss, metrics = loss if isinstance(loss, tuple) else (loss, {})
                     share = weights[micro] * dist_.world_size / total_weight if total_weight > 0 else 0.0
-                    with backward_precision:
-                        (loss * share).backward()
+                    (loss * share).backward()
                 for key, value in {"loss": loss, **metrics}.items():
                     sums[key] = sums.get(key, 0.0) + value.detach().float() * weights[micro]
                 step_tokens += objective.batch_tokens(batch)
