@@ -33,6 +33,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -545,6 +546,22 @@ class RL(Finetune):
         ref = torch.zeros(N, Tc) if self.uses_reference else None
         values = torch.zeros(N, Tc) if c.algo == "ppo" else None
         self.model.eval()
+        # (an outer region with autocast off keeps autocast's bf16 copies of the weights for every micro-batch of
+        # the pass: made once, not once a micro-batch; not under FSDP, whose gathered weights are new each pass)
+        held = isinstance(self.autocast, torch.autocast) and \
+            not any(hasattr(p, "full_tensor") for p in self.model.parameters())
+        holding = torch.autocast(self.device.type, enabled=False) if held else nullcontext()
+        with holding:
+            self._frozen_passes(buffer, old, ref, values)
+        buffer["old_logp"] = old
+        if ref is not None:
+            buffer["ref_logp"] = ref
+        if values is not None:
+            buffer["values"] = values
+
+    def _frozen_passes(self, buffer: dict, old: torch.Tensor, ref: torch.Tensor | None, values: torch.Tensor | None):
+        c = self.config
+        N = buffer["cmask"].size(0)
         for i in range(0, N, c.micro_batch_size):
             rows = torch.arange(i, min(i + c.micro_batch_size, N))
             batch = self.micro_batch(buffer, rows, self.device, frozen=True)
@@ -564,15 +581,8 @@ class RL(Finetune):
                             ref_logp = _answer_logp(self.model(batch["ids"], select=batch["learned"], **kwargs)
                                                     / c.temperature, batch["labels"])
                     ref[rows] = _scatter(ref_logp, cmask)
-        buffer["old_logp"] = old
-        if ref is not None:
-            buffer["ref_logp"] = ref
-        if values is not None:
-            buffer["values"] = values
 
     def autocast_context(self):
-        from contextlib import nullcontext
-
         return self.autocast if self.autocast is not None else nullcontext()
 
     def advantages(self, buffer: dict, rewards: torch.Tensor) -> None:
