@@ -647,6 +647,13 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
             bar.write(f"checkpoint {saved.name}: {size / 2**20:,.1f} MB, " + (
                 f"in place {seconds:.2f} s after it was started (shards written in the background)" if background
                 else f"written in {seconds:.2f} s"))
+
+    def seal_pending() -> None:
+        """The checkpoint written in the background becomes the run's latest (every rank calls this)."""
+        nonlocal pending
+        if pending is not None:
+            report_saved(pending.finish(), pending.started, background=True)
+            pending = None
     window_tokens, window_seconds = 0, 0.0  # since the last evaluation: throughput.json's figures
     measured = None  # this process's saved activations and training state, in the first step it runs
     last_eval = None
@@ -731,9 +738,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         bar.update()
         if not finite:
             if bad_steps >= config.max_bad_steps:
-                if pending is not None:  # a good checkpoint: let it land
-                    pending.finish()
-                    pending = None
+                seal_pending()  # a good checkpoint: let it land
                 bar.close()
                 if log:
                     log.close()
@@ -759,8 +764,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
                 bar.write(f"step {step}: {objective.format_train(train_loss)}, {objective.format_eval(last_eval)}")
         if pending is not None and dist_.all_sum(torch.tensor(float(pending.done()), device=device)).item() \
                 == dist_.world_size:  # every rank's shards are written: it becomes the latest checkpoint now
-            report_saved(pending.finish(), pending.started, background=True)
-            pending = None
+            seal_pending()
         if step % config.checkpoint_interval == 0 or step == config.max_steps:
             state = {
                 "step": step, "tokens": tokens_seen, "elapsed": elapsed, "skipped_steps": skipped_steps,
@@ -768,9 +772,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
                 "global_batch": config.micro_batch_size * config.grad_accum_steps * dist_.world_size,
                 "rng": {**_rng_states(device), "ranks": dist_.gather(_rng_states(device))},
             }
-            if pending is not None:  # at most one checkpoint is written in the background at a time
-                report_saved(pending.finish(), pending.started, background=True)
-                pending = None
+            seal_pending()  # at most one checkpoint is written in the background at a time
             started = time.perf_counter()
             if dist_.sharded:  # every rank writes its shards; rank 0 also the gathered model folder
                 def save_model(folder: Path) -> None:
@@ -793,8 +795,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
                                 config.keep_checkpoints)
             dist_.barrier()
             report_saved(latest_checkpoint(out) if dist_.is_main else None, started)
-    if pending is not None:
-        report_saved(pending.finish(), pending.started, background=True)
+    seal_pending()
     bar.close()
     if dist_.is_main and not dist_.sharded:
         objective.sample(step, out, bar)
