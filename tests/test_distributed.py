@@ -169,7 +169,8 @@ def test_encoder_objectives_under_fsdp_match_one_process(encoder_data, tmp_path,
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_sft_under_fsdp_matches_one_process(tmp_path, tokenizer_dir, method):
     """LoRA: the frozen base is sharded with the adapters; only the adapters train, and the saved adapter is the
-    same. Full: the model folder is opened without copying it whole, each rank copying its rows of each tensor."""
+    same. Full: the model folder is opened without copying it whole, each rank copying its rows of each tensor.
+    Both stop half-way and resume."""
     from safetensors.torch import load_file
     from test_finetune import chat_rows, jsonl, settings
 
@@ -180,8 +181,10 @@ def test_sft_under_fsdp_matches_one_process(tmp_path, tokenizer_dir, method):
     kw = dict(model=str(base), train=data, method=method, lora_r=4, lora_targets="q,v,o,fc,proj", dropout=0.0)
     steps = dict(lr=1e-2 if method == "lora" else 1e-3, max_steps=4, eval_interval=2, checkpoint_interval=2)
     finetune(**kw, progress=False, **settings(tmp_path, out=str(tmp_path / "one"), micro_batch_size=8, **steps))
-    torchrun("finetune", {**kw, **settings(tmp_path, out=str(tmp_path / "fsdp"), micro_batch_size=4, parallel="fsdp",
-                                           **steps)}, tmp_path)
+    # stopped at step 2 and resumed: the resumed run opens its base (and, for LoRA, the saved adapter) for sharding
+    fsdp = {**kw, **settings(tmp_path, out=str(tmp_path / "fsdp"), micro_batch_size=4, parallel="fsdp", **steps)}
+    torchrun("finetune", fsdp, tmp_path, "--max-steps", "2")
+    torchrun("finetune", fsdp, tmp_path, "--resume")
     assert_same_steps(tmp_path / "one", tmp_path / "fsdp")
     weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     a = load_file(checkpoint_dirs(tmp_path / "one")[-1] / "model" / weights)
@@ -348,6 +351,34 @@ def test_a_folder_opened_for_sharding_takes_a_head_and_adapters_drawn_as_one_pro
     for (name, a), (_, b) in zip(plain.named_parameters(), opened.named_parameters()):
         assert torch.equal(a, b), name
     assert plain.score.weight.abs().sum() > 0
+
+
+def test_a_lora_run_resumed_for_sharding_opens_its_base_without_loading_it(tmp_path, tokenizer_dir):
+    """Resuming a LoRA run under torchrun: the adapter and head are read whole from the checkpoint, the base stays
+    memory-mapped until it is sharded, and materialising gives exactly the model of a plain load."""
+    from lmforge.model.checkpoint import load_adapted, load_model
+    from lmforge.model.gpt import deferred_init
+    from lmforge.model.heads import attach_head
+    from lmforge.model.lora import add_lora, save_adapter
+    from lmforge.tokenizer import Tokenizer
+
+    base = make_hf_gpt2(tmp_path / "gpt2", tokenizer_dir=tokenizer_dir)
+    trained = load_model(base)
+    attach_head(trained, "sequence_classification", 3, None, 0)
+    add_lora(trained, "q,v,fc", 4, 8.0)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))  # adapters and head as training left them (B no longer zero)
+    save_adapter(trained, tmp_path / "adapter", base, Tokenizer.load(tokenizer_dir))
+    plain = load_adapted(tmp_path / "adapter", merge=False, base=str(base))
+    with deferred_init():
+        opened = load_adapted(tmp_path / "adapter", merge=False, base=str(base))
+    assert distributed.is_meta(opened) and not opened.score.weight.is_meta
+    distributed.materialize(opened, torch.device("cpu"))
+    for (name, a), (_, b) in zip(plain.named_parameters(), opened.named_parameters()):
+        assert torch.equal(a, b), name
+    assert any(b.abs().sum() > 0 for name, b in opened.named_parameters() if "lora_B" in name)
 
 
 def test_share_pads_every_rank_to_as_many_items():

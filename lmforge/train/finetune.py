@@ -196,7 +196,8 @@ class Finetune(Objective):
     def load(self, checkpoint: Path | None):
         c = self.config
         if checkpoint is not None and c.method == "lora":
-            model = load_adapted(checkpoint / "model", self.device, merge=False, base=c.model)
+            with may_defer(c) if self.defers_model else nullcontext():  # (the base opened for sharding, as below)
+                model = load_adapted(checkpoint / "model", self.device, merge=False, base=c.model)
             model.base_source = Path(c.model)
             return self._freeze(set_dropout(model, c.dropout), lora_loaded=True)
         # Under torchrun, the folder is opened without copying its weights: the loop shards it first (FSDP), each
