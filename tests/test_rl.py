@@ -826,12 +826,12 @@ def test_under_fsdp_a_run_stopped_in_the_middle_of_a_rollout_resumes_exactly(bas
 
 
 class _Ranks:
-    """Stand-in for the objective's process group: ``gather`` returns what every rank would hold."""
+    """Stand-in for the objective's process group, seen from rank 0: ``gather_to_main`` returns every rank's."""
 
     def __init__(self, everyone):
         self.everyone = everyone
 
-    def gather(self, value):
+    def gather_to_main(self, value):
         return self.everyone
 
 

@@ -85,6 +85,14 @@ class Distributed:
         dist.all_gather_object(out, value)
         return out
 
+    def gather_to_main(self, value) -> list | None:
+        """Every rank's ``value``, in rank order, on rank 0 (None on the others)."""
+        if not self.enabled:
+            return [value]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, out, dst=0)
+        return out
+
     def share(self, n: int) -> list[int | None]:
         """This rank's share of items ``0..n-1`` (every world_size-th), padded with None so that every rank
         gets as many: under FSDP each forward pass is a collective that all ranks must make, so a rank with

@@ -225,11 +225,11 @@ class RolloutStream:
         return self.objective.micro_batch(self.buffer, order[within * self.micro : (within + 1) * self.micro], device)
 
     def state_dict(self) -> dict:
-        """With every rank's rollout buffer while it still has steps to serve (gathered: all ranks call this,
-        rank 0 writes the checkpoint)."""
+        """With every rank's rollout buffer while it still has steps to serve (gathered to rank 0, which writes the
+        checkpoint: all ranks call this)."""
         middle = self.buffer is not None and self.served < self.per_rollout
         return {"seed": self.seed, "rollout": self.rollout, "served": self.served, "per_rollout": self.per_rollout,
-                "buffers": self.objective.dist.gather(self.buffer) if middle else [],
+                "buffers": self.objective.dist.gather_to_main(self.buffer) if middle else [],
                 "objective": self.objective.rl_state()}
 
     def load_state_dict(self, state: dict) -> None:
