@@ -254,6 +254,10 @@ class Objective:
     def describe(self) -> dict:
         return {}
 
+    def holding_casts(self):
+        """A block in which autocast's bf16 copies of the weights are made once (set by the loop: see there)."""
+        return nullcontext()
+
     def sample(self, step: int, out: Path, bar) -> None:
         pass
 
@@ -623,6 +627,8 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         run the policy first.)"""
         held = enabled and use_bf16 and not dist_.sharded
         return torch.autocast(device.type, enabled=False) if held else nullcontext()
+
+    objective.holding_casts = holding_casts  # (RL's no-grad pass over a rollout holds them too)
 
     def run_eval() -> dict | None:
         with holding_casts():

@@ -546,12 +546,7 @@ class RL(Finetune):
         ref = torch.zeros(N, Tc) if self.uses_reference else None
         values = torch.zeros(N, Tc) if c.algo == "ppo" else None
         self.model.eval()
-        # (an outer region with autocast off keeps autocast's bf16 copies of the weights for every micro-batch of
-        # the pass: made once, not once a micro-batch; not under FSDP, whose gathered weights are new each pass)
-        held = isinstance(self.autocast, torch.autocast) and \
-            not any(hasattr(p, "full_tensor") for p in self.model.parameters())
-        holding = torch.autocast(self.device.type, enabled=False) if held else nullcontext()
-        with holding:
+        with self.holding_casts():  # (the weights' bf16 copies: once for the pass, not once a micro-batch)
             self._frozen_passes(buffer, old, ref, values)
         buffer["old_logp"] = old
         if ref is not None:
