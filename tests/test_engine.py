@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from test_families import make
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.engine import Engine, beam_search, perplexity, quantize_int8
+from lmforge.infer.engine import Engine, Request, beam_search, perplexity, prefill_groups, quantize_int8
 from lmforge.infer.generate import SamplingParams, generate, process_logits
 from lmforge.model.checkpoint import load_model, load_tokenizer_for
 
@@ -113,6 +113,78 @@ def test_seeded_samples_in_a_batch_are_the_samples_each_gets_alone(hf_gpt2, filt
             alone.append(r.sequences[0].tokens)
     assert len(set(map(tuple, got[:3]))) == 3 or filters.get("top_k") == 5  # the draws differ
     assert got == alone
+
+
+def test_requests_admitted_together_are_prefilled_in_one_pass(hf_gpt2):
+    """Prompts of different lengths (right-padded into one forward pass) with requests of n samples between them:
+    each sequence gets the tokens it gets alone, and the first step runs the model once for all the prompts."""
+    model = load_model(hf_gpt2)
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    requests = [([5, 6, 7], greedy), ([9, 10, 11, 12, 13, 14], SamplingParams(max_new_tokens=8, temperature=1.0, n=2, seed=3)),
+                ([4], greedy), ([8, 1], SamplingParams(max_new_tokens=8, temperature=0.8, n=2, seed=9))]
+    engine = Engine(model, IdTokenizer(), max_batch=6)
+    batch = [engine.add(p, q) for p, q in requests]
+    passes = []
+    hook = model.register_forward_hook(lambda module, args, out: passes.append(tuple(args[0].shape)))
+    try:
+        engine.step()
+    finally:
+        hook.remove()
+    assert passes == [(4, 6)]
+    engine.run(batch)
+    alone = []
+    for prompt, q in requests:
+        single = Engine(model, IdTokenizer(), max_batch=q.n)
+        r = single.add(prompt, q)
+        single.run([r])
+        alone.append([s.tokens for s in r.sequences])
+    assert [[s.tokens for s in r.sequences] for r in batch] == alone
+    assert alone[1][0] != alone[1][1]
+
+
+def test_a_prompt_that_fails_the_shared_prefill_fails_alone(hf_gpt2):
+    """With ``isolate_failures`` (the server), a prompt that breaks the pass shared with others (here a token id
+    outside the vocabulary) fails alone: the others are prefilled again, each alone, and answer as usual."""
+    model = load_model(hf_gpt2)
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    prompts = [[5, 6, 7], [1, model.config.vocab_size + 5], [4]]
+    engine = Engine(model, IdTokenizer(), max_batch=3, isolate_failures=True)
+    good, bad, other = [engine.add(p, params) for p in prompts]
+    engine.run([good, bad, other])
+    assert isinstance(bad.error, IndexError) and bad.sequences[0].finish_reason == "error"
+    assert [good.sequences[0].tokens, other.sequences[0].tokens] == one_by_one(model, [prompts[0], prompts[2]], params)
+    strict = Engine(model, IdTokenizer(), max_batch=3)  # without it, the error reaches the caller
+    for p in prompts:
+        strict.add(p, params)
+    with pytest.raises(IndexError):
+        strict.step()
+
+
+def test_the_cache_grows_to_what_requests_need_and_keeps_what_it_holds(hf_gpt2):
+    """The cache starts empty and holds what the admitted requests need (prompt + max_new_tokens), growing while
+    other sequences decode (a server's later, longer request) without changing anyone's tokens."""
+    model = load_model(hf_gpt2)  # a context of 64 positions
+    first, later = ([5, 6], SamplingParams(max_new_tokens=9, temperature=0)), (list(range(3, 30)), SamplingParams(max_new_tokens=8, temperature=0))
+    engine = Engine(model, IdTokenizer(), max_batch=2)
+    assert engine.cache.max_len == 0
+    a = engine.add(*first)
+    engine.step()
+    engine.step()
+    assert engine.cache.max_len == 11
+    b = engine.add(*later)  # 35 positions: the cache doubles past it while `a` is in the middle of its answer
+    engine.run([a, b])
+    assert engine.cache.max_len == 35 and engine.max_len == 64
+    assert [a.sequences[0].tokens, b.sequences[0].tokens] == [one_by_one(model, [p], q)[0] for p, q in (first, later)]
+    huge = Engine(model, IdTokenizer(), max_batch=1)
+    huge.run([huge.add([1], SamplingParams(max_new_tokens=60, temperature=0))])
+    assert huge.cache.max_len == 61
+
+
+def test_prefill_groups_keep_the_padded_batch_within_its_token_budget():
+    requests = [Request(list(range(n)), SamplingParams()) for n in (3, 6, 1, 20, 2, 2)]
+    groups = prefill_groups(requests, 12)
+    assert [[len(r.prompt_ids) for r in g] for g in groups] == [[3, 6], [1], [20], [2, 2]]
+    assert prefill_groups([], 12) == []
 
 
 def test_stop_strings_and_stop_ids_in_a_batch(hf_gpt2):

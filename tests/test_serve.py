@@ -330,9 +330,10 @@ def inject_failure(monkeypatch, where: str) -> None:
     if where == "add":
         add = Engine.add
         monkeypatch.setattr(Engine, "add", lambda self, ids, p: fail() if faulty(p) else add(self, ids, p))
-    elif where == "prefill":
-        prefill = Engine._prefill
-        monkeypatch.setattr(Engine, "_prefill", lambda self, r: fail() if faulty(r.params) else prefill(self, r))
+    elif where == "prefill":  # the prefill pass, whenever a faulty request takes part (requests admitted together share one)
+        prefill = Engine._prefill_together
+        monkeypatch.setattr(Engine, "_prefill_together", lambda self, requests: fail()
+                            if any(faulty(r.params) for r in requests) else prefill(self, requests))
     elif where == "sampling":  # one row of a batched decode step, after the request has streamed a token
         choose = Sequence.choose
         monkeypatch.setattr(Sequence, "choose",

@@ -53,10 +53,19 @@ class KVCache:
         self.v[layer][:B, :, start:end] = v
         return self.k[layer][:B, :, :end], self.v[layer][:B, :, :end]
 
-    def row(self, r: int) -> KVCache:
-        """A one-row view of this cache (writes go to row ``r``)."""
+    def grow(self, max_len: int) -> None:
+        """Hold ``max_len`` positions from now on (more than now), keeping what is stored; one layer at a time,
+        so that the old and the new cache are never both whole in memory."""
+        for store in (self.k, self.v):
+            for layer, old in enumerate(store):
+                store[layer] = old.new_zeros(*old.shape[:2], max_len, old.size(3))
+                store[layer][:, :, : self.max_len] = old
+        self.max_len = max_len
+
+    def row(self, r: int, n: int = 1) -> KVCache:
+        """A view of rows ``r ... r + n - 1`` of this cache (writes go to them)."""
         view = KVCache.__new__(KVCache)
-        view.k, view.v = [k[r : r + 1] for k in self.k], [v[r : r + 1] for v in self.v]
+        view.k, view.v = [k[r : r + n] for k in self.k], [v[r : r + n] for v in self.v]
         view.max_len, view.view_len = self.max_len, None
         return view
 
