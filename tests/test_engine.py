@@ -180,6 +180,43 @@ def test_the_cache_grows_to_what_requests_need_and_keeps_what_it_holds(hf_gpt2):
     assert huge.cache.max_len == 61
 
 
+def test_a_cache_that_cannot_grow_fails_the_requests_that_needed_it_alone(hf_gpt2, monkeypatch):
+    """The server's engine: growing the cache for a longer request runs out of memory (half the layers grown). The
+    new request fails with the error; the one decoding goes on to its own tokens; the next that fits is served."""
+    from lmforge.model.gpt import KVCache
+
+    model = load_model(hf_gpt2)
+    params = SamplingParams(max_new_tokens=9, temperature=0)
+    engine = Engine(model, IdTokenizer(), max_batch=2, isolate_failures=True)
+    first = engine.add([5, 6], params)
+    engine.step()
+    engine.step()
+    grow = KVCache.grow
+
+    def half_then_fail(cache, max_len):
+        cache.k[0] = torch.cat([cache.k[0], torch.zeros_like(cache.k[0])], 2)  # one layer grown, then no memory
+        raise MemoryError("no memory for the cache")
+
+    monkeypatch.setattr(KVCache, "grow", half_then_fail)
+    big = engine.add(list(range(3, 30)), params)
+    events = engine.step()
+    assert isinstance(big.error, MemoryError) and big.sequences[0].finish_reason == "error"
+    assert any(e.sequence.request is big and e.finished for e in events)
+    monkeypatch.setattr(KVCache, "grow", grow)
+    small = engine.add([7], SamplingParams(max_new_tokens=3, temperature=0))
+    engine.run([first, small])
+    assert [first.sequences[0].tokens, small.sequences[0].tokens] == one_by_one(model, [[5, 6], [7]], params)[:1] + \
+        one_by_one(model, [[7]], SamplingParams(max_new_tokens=3, temperature=0))
+    again = engine.add(list(range(3, 30)), params)  # the cache grows past the layer grown before the failure
+    engine.run([again])
+    assert again.sequences[0].tokens == one_by_one(model, [list(range(3, 30))], params)[0] and engine.cache.max_len == 36
+    strict = Engine(model, IdTokenizer(), max_batch=1)  # without isolate_failures the caller gets the error
+    monkeypatch.setattr(KVCache, "grow", half_then_fail)
+    strict.add([1], params)
+    with pytest.raises(MemoryError):
+        strict.step()
+
+
 def test_prefill_groups_keep_the_padded_batch_within_its_token_budget():
     requests = [Request(list(range(n)), SamplingParams()) for n in (3, 6, 1, 20, 2, 2)]
     groups = prefill_groups(requests, 12)

@@ -162,6 +162,10 @@ def fit_source(source_ids: list[int], max_new_tokens: int, context: int, truncat
     return source_ids[-context:]
 
 
+def _reraise(error: Exception):
+    raise error
+
+
 def prefill_groups(requests: list[Request], tokens: int) -> list[list[Request]]:
     """``requests`` in order, cut into groups whose prompts, right-padded to the group's longest, hold at most
     ``tokens`` tokens (a longer prompt is a group of its own)."""
@@ -285,7 +289,15 @@ class Engine:
         need = max((min(len(r.prompt_ids) + r.params.max_new_tokens, self.max_len) for r in admitted), default=0)
         need = self.max_len if self.static and admitted else need
         if need > self.cache.max_len:  # (doubling: a server's longer requests grow it a few times at most)
-            self.cache.grow(min(max(need, 2 * self.cache.max_len), self.max_len))
+            try:
+                self.cache.grow(min(max(need, 2 * self.cache.max_len), self.max_len))
+            except Exception as e:
+                if not self.isolate_failures:
+                    raise
+                # (out of memory, most likely) the requests that needed the room fail; the rows decoding go on
+                for request in admitted:
+                    events += self._isolated(request, _reraise, e)
+                admitted = []
         for group in prefill_groups(admitted, self.PREFILL_TOKENS):
             events += self._prefill(group)
         self._drop_finished()

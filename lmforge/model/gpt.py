@@ -55,11 +55,14 @@ class KVCache:
 
     def grow(self, max_len: int) -> None:
         """Hold ``max_len`` positions from now on (more than now), keeping what is stored; one layer at a time,
-        so that the old and the new cache are never both whole in memory."""
+        so that the old and the new cache are never both whole in memory (and a failed allocation leaves a
+        cache that works as before: layers already grown only hold more)."""
         for store in (self.k, self.v):
             for layer, old in enumerate(store):
-                store[layer] = old.new_zeros(*old.shape[:2], max_len, old.size(3))
-                store[layer][:, :, : self.max_len] = old
+                if old.size(2) < max_len:
+                    new = old.new_zeros(*old.shape[:2], max_len, old.size(3))
+                    new[:, :, : old.size(2)] = old
+                    store[layer] = new
         self.max_len = max_len
 
     def row(self, r: int, n: int = 1) -> KVCache:
