@@ -315,9 +315,7 @@ class DPO(PairObjective):
     task = "dpo"
     metric_names = PairObjective.metric_names + ("logp_chosen", "logp_rejected")
 
-    @property
-    def defers_model(self) -> bool:
-        return self.config.reference != "precomputed"  # whose pass over the pairs runs in setup
+    defers_model = True  # a precomputed reference waits for the sharded model when it is opened for sharding
 
     def __init__(self, config: DPOConfig, device, checkpoint, pairs):
         self.checkpoint = checkpoint
@@ -344,7 +342,11 @@ class DPO(PairObjective):
         if self.reference == "copy":
             self.ref_model = self.base_model()
         elif self.reference == "precomputed":
-            self.ref_logps = self.precomputed()
+            self.ref_logps = self.read_precomputed()
+            if self.ref_logps is None and not any(p.is_meta for p in self.model.parameters()):
+                self.ref_logps = self.precomputed()
+            # else the model is opened for sharding (FSDP): its pass over the pairs runs when the loop first asks,
+            # after sharding, every rank passing over every pair (a sharded forward pass is a collective)
 
     def base_model(self):
         """The frozen reference: the model the run started from (never a resumed checkpoint)."""
@@ -360,8 +362,8 @@ class DPO(PairObjective):
                 digest.update(repr((p.prompt, p.chosen, p.rejected)).encode())
         return digest.hexdigest()
 
-    def precomputed(self) -> dict[str, torch.Tensor]:
-        """Reference log-probs of every pair, computed once (or read back from the run folder)."""
+    def read_precomputed(self) -> dict[str, torch.Tensor] | None:
+        """A resumed run's reference log-probs, read back from its folder (None: not there, or for other pairs)."""
         from safetensors import safe_open
 
         cache = Path(self.config.out) / REFERENCE_CACHE
@@ -369,13 +371,17 @@ class DPO(PairObjective):
             with safe_open(cache, "pt") as f:
                 if (f.metadata() or {}).get("key") == self.cache_key():
                     return {name: f.get_tensor(name) for name in f.keys()}
+        return None
+
+    def precomputed(self) -> dict[str, torch.Tensor]:
+        """Reference log-probs of every pair, computed once, in fp32 as the policy's weights are."""
         if self.checkpoint is None and not getattr(self.model, "lora", None):
             model = self.model  # a fresh run: the policy is still the reference
         else:
             model = self.base_model() if self.config.method != "lora" else self.model
         out = {}
         was_training = self.model.training
-        with torch.no_grad(), adapters_off(model):
+        with torch.no_grad(), adapters_off(model), torch.autocast(self.device.type, enabled=False):
             model.eval()
             for name, pairs in (("train", self.train_pairs), ("val", self.val_pairs)):
                 values = []
@@ -388,7 +394,7 @@ class DPO(PairObjective):
         return out
 
     def write_run_files(self, out: Path) -> None:
-        if self.reference == "precomputed":
+        if self.reference == "precomputed" and self.ref_logps is not None:  # (else written once computed)
             from safetensors.torch import save_file
 
             from lmforge.utils import atomic_dir
@@ -402,6 +408,10 @@ class DPO(PairObjective):
 
     def reference_logps(self, batch, split: str) -> torch.Tensor:
         if self.reference == "precomputed":
+            if self.ref_logps is None:  # the model was opened for sharding: now it is sharded (see setup)
+                self.ref_logps = self.precomputed()
+                if int(os.environ.get("RANK", "0")) == 0:
+                    self.write_run_files(Path(self.config.out))
             table = self.ref_logps["train" if split == "train" else "val"]
             rows = table[batch["index"].cpu()].to(self.device)
             return torch.cat([rows[:, 0], rows[:, 1]])
