@@ -215,6 +215,22 @@ def test_text_settled_every_few_ids_streams_the_whole_decode(kind, settle, data)
     assert "".join(pieces) == detok.text == (full[: min(hits)] if hits else full)
 
 
+@pytest.mark.parametrize("kind", TOKENIZERS)
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_text_decoded_at_the_end_is_the_decode_of_the_ids(kind, data):
+    """``lazy`` (a caller that reads the text at the end: RL rollouts, generate's lists): the pieces are empty
+    until ``finish`` hands out the whole text; with stop strings it streams as before (they must be found)."""
+    tok = TOKENIZERS[kind]
+    ids, stops = data.draw(ids_strategy(tok)), data.draw(stops_strategy)
+    detok = Detokenizer(tok, stops, lazy=True)
+    pieces, k = stream(detok, ids)
+    full = tok.decode(ids[:k])
+    hits = [i for i in (full.find(s) for s in stops if s) if i >= 0]
+    assert "".join(pieces) == detok.text == (full[: min(hits)] if hits else full)
+    assert detok.lazy == (not any(stops)) and (not detok.lazy or not any(pieces[:-1]))
+
+
 def test_a_long_answer_is_decoded_from_its_settled_text():
     ids = [BYTE_ID[b] for b in ("é中 ab😀\n" * 200).encode()]
     detok = Detokenizer(TOK, [])

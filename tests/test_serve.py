@@ -337,8 +337,8 @@ def inject_failure(monkeypatch, where: str) -> None:
     elif where == "sampling":  # one row of a batched decode step, after the request has streamed a token
         choose = Sequence.choose
         monkeypatch.setattr(Sequence, "choose",
-                            lambda self, logits, cdf=None: fail() if faulty(self.request.params) and self.tokens
-                            else choose(self, logits, cdf))
+                            lambda self, logits, drawn=None: fail() if faulty(self.request.params) and self.tokens
+                            else choose(self, logits, drawn))
     elif where == "forward":  # the batched decode step as a whole, whenever a faulty request takes part
         decode = Engine._decode_step
         monkeypatch.setattr(Engine, "_decode_step",

@@ -32,8 +32,11 @@ class Detokenizer:
     SETTLE = 64
     CONTEXT = 4
 
-    def __init__(self, tokenizer, stops: list[str]):
+    def __init__(self, tokenizer, stops: list[str], lazy: bool = False):
+        """``lazy``: nobody reads the text before the end and there are no stop strings to find: ``add`` only
+        keeps the ids (``text`` stays empty) and ``finish`` decodes them once, handing out the whole text."""
         self.tokenizer = tokenizer
+        self.lazy = lazy and not any(stops)
         self.stops = [s for s in stops if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.ids: list[int] = []
@@ -49,6 +52,8 @@ class Detokenizer:
     def add(self, token: int) -> tuple[str, bool]:
         """(new text, whether a stop string was reached; the text then ends before it)."""
         self.ids.append(token)
+        if self.lazy:
+            return "", False
         self.text = self._decode()
         if self._token_name is not None and _BYTE_TOKEN.fullmatch(self._token_name(token) or ""):
             return "", False  # the run of byte tokens is still open: nothing new is decided
@@ -72,6 +77,8 @@ class Detokenizer:
         """Everything still held back (the sequence ended): text is then exactly what decode gives."""
         if self.stopped:
             return ""
+        if self.lazy:
+            self.text = self.tokenizer.decode(self.ids)
         return self._advance(self.text, len(self.text))[0]
 
     def _advance(self, decided: str, safe: int) -> tuple[str, bool]:

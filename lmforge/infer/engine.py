@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.detokenize import Detokenizer
-from lmforge.infer.sampling import SamplingParams, draw, filter_logits, fit_prompt, process_logits, sample
+from lmforge.infer.sampling import SamplingParams, filter_logits, fit_prompt, process_logits, sample
 from lmforge.model.encoder_decoder import select_rows
 from lmforge.model.gpt import GPT, KVCache, use_matvec
 
@@ -65,7 +65,7 @@ class Event:
 
 
 class Sequence:
-    def __init__(self, request: Request, index: int, tokenizer, stop_ids: set[int]):
+    def __init__(self, request: Request, index: int, tokenizer, stop_ids: set[int], text_as_it_comes: bool = True):
         p = request.params
         self.request, self.index = request, index
         self.tokens: list[int] = []
@@ -75,7 +75,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_token: int | None = None  # the stop token that ended it (not part of ``tokens``)
         self.stop_ids = stop_ids
-        self.text_stream = Detokenizer(tokenizer, p.stop)
+        self.text_stream = Detokenizer(tokenizer, p.stop, lazy=not text_as_it_comes)
         self.generator = None
         if p.seed is not None and p.temperature > 0:
             self.generator = torch.Generator().manual_seed(p.seed + index)
@@ -93,11 +93,11 @@ class Sequence:
     def text(self) -> str:
         return self.text_stream.text
 
-    def choose(self, logits: torch.Tensor, cdf: torch.Tensor | None = None) -> tuple[int, float | None, list | None]:
+    def choose(self, logits: torch.Tensor, drawn: int | None = None) -> tuple[int, float | None, list | None]:
         """Pick the next token from raw ``logits`` (vocab,); returns (token, its logprob, top alternatives).
-        ``cdf``: the processed probabilities' cumulative sums, computed with other rows (plain sampling)."""
-        if cdf is not None:
-            return draw(cdf, self.generator), None, None
+        ``drawn``: the token already drawn for this row together with other rows (plain sampling)."""
+        if drawn is not None:
+            return drawn, None, None
         p = self.request.params
         raw = logits.float()
         if p.frequency_penalty or p.presence_penalty:
@@ -197,7 +197,7 @@ class Engine:
     """Continuous batching over a static KV cache of ``max_batch`` rows × ``max_len`` positions."""
 
     def __init__(self, model: GPT, tokenizer, max_batch: int = 8, max_len: int | None = None, compile: bool = False,
-                 isolate_failures: bool = False):
+                 isolate_failures: bool = False, text_as_it_comes: bool = True):
         from lmforge.model.encoder_decoder import EncoderDecoder
 
         self.seq2seq = isinstance(model, EncoderDecoder)
@@ -228,6 +228,9 @@ class Engine:
         self.static = compile
         # A server sets this: an exception in one request's share of a step ends that request alone.
         self.isolate_failures = isolate_failures
+        # False: the caller reads each sequence's text once it has finished (not from the events as they come), so a
+        # sequence without stop strings decodes its tokens once, at its end (RL rollouts, generate's lists).
+        self.text_as_it_comes = text_as_it_comes
         self._decode = torch.compile(self._decode_forward, dynamic=False) if compile else self._decode_forward
 
     # -- requests ---------------------------------------------------------------------------------
@@ -250,7 +253,7 @@ class Engine:
         request = Request(prompt_ids, params)
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else [self.tokenizer.eos_id])
         stops.discard(None)
-        request.sequences = [Sequence(request, i, self.tokenizer, stops) for i in range(params.n)]
+        request.sequences = [Sequence(request, i, self.tokenizer, stops, self.text_as_it_comes) for i in range(params.n)]
         if self.seq2seq:  # repetition penalties look at the decoder's tokens, which start at the start token
             for seq in request.sequences:
                 seq.history = torch.tensor([self.model.config.decoder_start_token_id])
@@ -390,12 +393,12 @@ class Engine:
 
     def _choose_all(self, seqs: list[Sequence], logits: torch.Tensor, chosen: dict[int, int]) -> list[Event]:
         """Each row's next token from its ``logits`` row (``chosen``: rows already decided)."""
-        cdfs = self._batched_cdfs(seqs, logits)
+        drawn = self._batched_draws(seqs, logits)
         events = []
         for i, s in enumerate(seqs):
             s.pos += 1
             if not s.finished:  # (a row of a request that failed earlier in this step)
-                events += self._isolated(s.request, self._advance, s, logits[i], chosen.get(i), cdfs.get(i))
+                events += self._isolated(s.request, self._advance, s, logits[i], chosen.get(i), drawn.get(i))
         return events
 
     # -- encoder-decoder waves --------------------------------------------------------------------
@@ -480,22 +483,25 @@ class Engine:
         select_rows(self.wave["cache"], rows)
 
     @staticmethod
-    def _batched_cdfs(seqs: list[Sequence], logits: torch.Tensor) -> dict[int, torch.Tensor]:
+    def _batched_draws(seqs: list[Sequence], logits: torch.Tensor) -> dict[int, int]:
         """Rows that sample with the same plain settings have their logits filtered, normalised and summed
-        together; each row then draws with its own generator (``Sequence.choose``), the token it gets alone."""
+        together, and draw together: one uniform number from each row's own generator, in row order, and one
+        batched binary search (``sampling.draw``'s arithmetic, row by row): the token each row gets alone."""
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(seqs):
             if s.plain_sampling is not None and not s.finished:
                 groups.setdefault(s.plain_sampling, []).append(i)
-        cdfs = {}
+        chosen = {}
         for rows in groups.values():
             if len(rows) > 1:
-                probs = filter_logits(logits[rows].float(), seqs[rows[0]].request.params).softmax(-1)
-                cdfs.update(zip(rows, probs.cumsum(-1)))
-        return cdfs
+                cdfs = filter_logits(logits[rows].float(), seqs[rows[0]].request.params).softmax(-1).cumsum(-1)
+                u = torch.stack([torch.rand((), generator=seqs[i].generator) for i in rows]) * cdfs[:, -1]
+                drawn = torch.searchsorted(cdfs, u[:, None], right=True).clamp_(max=cdfs.size(1) - 1)
+                chosen.update(zip(rows, drawn[:, 0].tolist()))
+        return chosen
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor, token: int | None, cdf: torch.Tensor | None = None) -> list[Event]:
-        choice = (token, None, None) if token is not None else seq.choose(logits, cdf)
+    def _advance(self, seq: Sequence, logits: torch.Tensor, token: int | None, drawn: int | None = None) -> list[Event]:
+        choice = (token, None, None) if token is not None else seq.choose(logits, drawn)
         return [seq.accept(*choice, self.limit)]
 
     def _isolated(self, request: Request, work, *args) -> list[Event]:
@@ -534,7 +540,7 @@ class Engine:
 
 def generate_batch(model: GPT, tokenizer, prompts: list[str], params: SamplingParams, max_batch: int = 16) -> list[list[Sequence]]:
     """Generate for several prompts at once; returns each prompt's ``n`` sequences."""
-    engine = Engine(model, tokenizer, max_batch=max(max_batch, params.n))
+    engine = Engine(model, tokenizer, max_batch=max(max_batch, params.n), text_as_it_comes=False)
     requests = [engine.add(tokenizer.encode(p) if p else [], params) for p in prompts]
     engine.run(requests)
     return [r.sequences for r in requests]

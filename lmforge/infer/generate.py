@@ -129,7 +129,7 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
                                     sampling.early_stopping, tuple(t for t in stops if t is not None))
             out.append(_beam_generation(tokenizer, tokens, stops, sampling.stop, len(ids)))
         return out[0] if isinstance(prompt, str) else out
-    engine = Engine(model, tokenizer, max_batch=max(len(prompts), 1) * sampling.n)
+    engine = Engine(model, tokenizer, max_batch=max(len(prompts), 1) * sampling.n, text_as_it_comes=False)
     requests = [engine.add(tokenizer.encode(p) if p else [], sampling) for p in prompts]
     engine.run(requests)
     results = []

@@ -384,7 +384,7 @@ class RL(Finetune):
         # the cache holds the longest prompt and its completion, not the whole context
         longest = max(len(p["ids"]) for p in prompts) + c.max_new_tokens
         rows = max(n, min(len(prompts) * n, 64))
-        engine = Engine(self.rollout_model(rows), self.tokenizer, max_batch=rows, max_len=longest)
+        engine = Engine(self.rollout_model(rows), self.tokenizer, max_batch=rows, max_len=longest, text_as_it_comes=False)
         requests = []
         for j, p in enumerate(prompts):
             params = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=0.0 if greedy else c.temperature,
