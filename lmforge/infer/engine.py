@@ -1,9 +1,9 @@
 """The inference engine: batched decoding of many sequences at once, with a static KV cache.
 
-Each sequence owns one row of a preallocated cache (as long as the admitted requests need: prompt +
-max_new_tokens, at most the context; it grows when a longer request is admitted). New requests are *prefilled* (their prompts run
-through the model into their rows; the requests admitted in one step together, as one right-padded
-batch), then every active sequence advances together: one forward pass per step, each row at its own
+Each sequence owns one row of the cache, which holds as many positions as the admitted requests need (prompt +
+max_new_tokens, at most the context) and grows when a longer request is admitted. New requests are
+*prefilled* (their prompts run through the model into their rows; the requests admitted in one step
+together, as one right-padded batch), then every active sequence advances together: one forward pass per step, each row at its own
 position, attending only to its own keys (a per-row mask). A sequence's result therefore does not depend
 on what else is in the batch (up to the rounding of matrix products of another size). The server feeds
 the same engine from many clients (continuous batching); `generate` feeds it one prompt or a list.
