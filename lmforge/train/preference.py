@@ -374,7 +374,8 @@ class DPO(PairObjective):
         return None
 
     def precomputed(self) -> dict[str, torch.Tensor]:
-        """Reference log-probs of every pair, computed once, in fp32 as the policy's weights are."""
+        """Reference log-probs of every pair, computed once, outside autocast (in the weights' own precision, as
+        when it runs in setup, even if it runs at the first step of a bf16 run)."""
         if self.checkpoint is None and not getattr(self.model, "lora", None):
             model = self.model  # a fresh run: the policy is still the reference
         else:
