@@ -330,10 +330,13 @@ def inject_failure(monkeypatch, where: str) -> None:
     if where == "add":
         add = Engine.add
         monkeypatch.setattr(Engine, "add", lambda self, ids, p: fail() if faulty(p) else add(self, ids, p))
-    elif where == "prefill":  # the prefill pass, whenever a faulty request takes part (requests admitted together share one)
-        prefill = Engine._prefill_together
-        monkeypatch.setattr(Engine, "_prefill_together", lambda self, requests: fail()
-                            if any(faulty(r.params) for r in requests) else prefill(self, requests))
+    elif where == "prefill":
+        prefill = Engine._prefill
+        monkeypatch.setattr(Engine, "_prefill", lambda self, r: fail() if faulty(r.params) else prefill(self, r))
+    elif where == "prompt pass":  # the forward pass over the prompts, whenever a faulty request takes part in it
+        prompt_pass = Engine._prompt_pass
+        monkeypatch.setattr(Engine, "_prompt_pass", lambda self, requests, first: fail()
+                            if any(faulty(r.params) for r in requests) else prompt_pass(self, requests, first))
     elif where == "sampling":  # one row of a batched decode step, after the request has streamed a token
         choose = Sequence.choose
         monkeypatch.setattr(Sequence, "choose",
@@ -353,7 +356,7 @@ def stream_text(server, body) -> tuple[str, list[dict]]:
     return "".join(e["choices"][0]["text"] for e in events if e.get("choices")), events
 
 
-@pytest.mark.parametrize("where", ["add", "prefill", "sampling", "forward"])
+@pytest.mark.parametrize("where", ["add", "prefill", "prompt pass", "sampling", "forward"])
 def test_a_request_that_fails_inside_the_engine_fails_alone(server, monkeypatch, where):
     from lmforge.infer.engine import Engine
 

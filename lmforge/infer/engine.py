@@ -219,6 +219,7 @@ class Engine:
         # max_len): all of it is zeros written to memory (0.26 s for 16 rows x 1,024 positions of gpt2 in fp32).
         # A compiled step's static shapes take the whole context at once.
         self.cache = None if self.seq2seq else KVCache(model.config, max_batch, 0, self.device, embedding.dtype)
+        self._staged: dict[int, tuple[int, torch.Tensor]] = {}  # request id: (cache row of its prompt, logits)
         self.wave: dict | None = None  # encoder-decoder: the current wave's encoder padding and decoder caches
         # a sequence ends at this position: the context (a decoder's prompt shares it; an encoder-decoder's
         # decoder has it all, counted from its start token)
@@ -302,7 +303,11 @@ class Engine:
                     events += self._isolated(request, _reraise, e)
                 admitted = []
         for group in prefill_groups(admitted, self.PREFILL_TOKENS):
-            events += self._prefill(group)
+            if len(group) > 1:
+                self._stage(group)
+            for request in group:
+                events += self._isolated(request, self._prefill, request)
+        self._staged.clear()  # (the prompts of requests that failed before taking theirs)
         self._drop_finished()
         return events
 
@@ -311,24 +316,24 @@ class Engine:
     # right-padded batch holds at most this many tokens.
     PREFILL_TOKENS = 4096
 
-    def _prefill(self, requests: list[Request]) -> list[Event]:
-        if len(requests) > 1:
-            try:
-                return self._prefill_together(requests)
-            except Exception:
-                if not self.isolate_failures:
-                    raise
-                # (the pass changed no state but cache rows nobody owns yet) one prompt failed it: each alone,
-                # so that it fails alone
-        events = []
-        for request in requests:
-            events += self._isolated(request, self._prefill_together, [request])
-        return events
+    def _stage(self, requests: list[Request]) -> None:
+        """Run the prompts of ``requests`` through the model together, into the last rows of the cache, for each
+        request's ``_prefill`` to take (``_staged``). The last rows are free (the admitted sequences fit), and a
+        request's rows, taken in order, never reach a prompt not yet taken: each request has a sequence or more.
+        If the pass fails, each request prefills alone (so that a prompt that breaks it fails alone)."""
+        first = self.max_batch - len(requests)
+        try:
+            logits = self._prompt_pass(requests, first)
+        except Exception:
+            if not self.isolate_failures:
+                raise
+            return
+        self._staged.update((r.id, (first + i, logits[i])) for i, r in enumerate(requests))
 
-    def _prefill_together(self, requests: list[Request]) -> list[Event]:
-        """Run the prompts of ``requests`` through the model into the next free cache rows, as one right-padded
-        batch, and start their sequences: a request's ``n`` sequences share its prompt's keys and values."""
-        first, k = len(self.active), len(requests)
+    def _prompt_pass(self, requests: list[Request], first: int) -> torch.Tensor:
+        """The prompts of ``requests`` through the model into cache rows ``first, first + 1, ...``, as one
+        right-padded batch; returns each prompt's next-token logits (len(requests), vocab)."""
+        k = len(requests)
         lengths = [len(r.prompt_ids) for r in requests]
         T = max(lengths)
         ids = torch.zeros(k, T, dtype=torch.long)
@@ -336,31 +341,26 @@ class Engine:
             ids[i, : lengths[i]] = torch.tensor(r.prompt_ids)
         ids, cache = ids.to(self.device), self.cache.row(first, k)
         if min(lengths) == T:
-            logits = self.model(ids, kv_cache=cache, start=0, last_only=True)[:, -1]
-        else:
-            # Each row's tokens attend causally to that row's own tokens only, and its logits are read at its last
-            # token. The padding's keys and values land in the cache after the prompt, where the row's own
-            # tokens overwrite them before its mask lets it read them.
-            length = torch.tensor(lengths, device=self.device)
-            position = torch.arange(T, device=self.device)
-            mask = (position[None, :] <= position[:, None])[None] & (position < length[:, None])[:, None, :]
-            logits = self.model(ids, kv_cache=cache, start=0, positions=position.expand(k, T), attn_mask=mask[:, None],
-                                keep=(length - 1)[:, None])[:, 0]
-        # Prompt i is in row first + i; its sequences take the rows from first + (sequences before it) on. Moving
-        # the last request first never overwrites a prompt still to move (each moves to its row or a later one).
-        starts = list(itertools.accumulate((len(r.sequences) for r in requests), initial=first))
-        for i in reversed(range(k)):
-            for row in range(starts[i], starts[i + 1]):
-                if row != first + i:
-                    self.cache.copy_row(first + i, row, lengths[i])
-        events = []
-        for i, request in enumerate(requests):
-            events += self._isolated(request, self._start, request, logits[i])
-        return events
+            return self.model(ids, kv_cache=cache, start=0, last_only=True)[:, -1]
+        # Each row's tokens attend causally to that row's own tokens only, and its logits are read at its last
+        # token. The padding's keys and values land in the cache after the prompt, where the row's own tokens
+        # overwrite them before its mask lets it read them.
+        length = torch.tensor(lengths, device=self.device)
+        position = torch.arange(T, device=self.device)
+        mask = (position[None, :] <= position[:, None])[None] & (position < length[:, None])[:, None, :]
+        return self.model(ids, kv_cache=cache, start=0, positions=position.expand(k, T), attn_mask=mask[:, None],
+                          keep=(length - 1)[:, None])[:, 0]
 
-    def _start(self, request: Request, logits: torch.Tensor) -> list[Event]:
-        """A prefilled request's sequences take their rows and their first tokens from ``logits`` (vocab,)."""
-        self.active += request.sequences  # (all of them first: the rows of later requests are fixed)
+    def _prefill(self, request: Request) -> list[Event]:
+        """Start ``request``'s sequences in the next free rows, from its prompt's pass (staged with others', or its
+        own): its ``n`` sequences share the prompt's keys and values."""
+        first = len(self.active)
+        staged = self._staged.pop(request.id, None)
+        source, logits = staged if staged is not None else (first, self._prompt_pass([request], first)[0])
+        for row in range(first, first + len(request.sequences)):
+            if row != source:
+                self.cache.copy_row(source, row, len(request.prompt_ids))
+        self.active += request.sequences
         return [seq.accept(*seq.choose(logits), self.max_len) for seq in request.sequences]
 
     def _decode_forward(self, tokens, positions, mask):
