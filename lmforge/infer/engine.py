@@ -1,12 +1,13 @@
 """The inference engine: batched decoding of many sequences at once, with a static KV cache.
 
-Each sequence owns one row of the cache, which holds as many positions as the admitted requests need (prompt +
-max_new_tokens, at most the context) and grows when a longer request is admitted. New requests are
-*prefilled* (their prompts run through the model into their rows; the requests admitted in one step
-together, as one right-padded batch), then every active sequence advances together: one forward pass per step, each row at its own
-position, attending only to its own keys (a per-row mask). A sequence's result therefore does not depend
-on what else is in the batch (up to the rounding of matrix products of another size). The server feeds
-the same engine from many clients (continuous batching); `generate` feeds it one prompt or a list.
+Each sequence owns one row of the cache, which holds as many positions as the admitted requests need
+(prompt + max_new_tokens, at most the context) and grows when a longer request is admitted. New requests
+are *prefilled* (their prompts run through the model into their rows; the requests admitted in one step
+together, as one right-padded batch), then every active sequence advances together: one forward pass per
+step, each row at its own position, attending only to its own keys (a per-row mask). A sequence's result
+therefore does not depend on what else is in the batch (up to the rounding of matrix products of another
+size). The server feeds the same engine from many clients (continuous batching); `generate` feeds it one
+prompt or a list.
 
 Rows stay packed: when a sequence finishes, the last active row moves into its place.
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.detokenize import Detokenizer
-from lmforge.infer.sampling import SamplingParams, filter_logits, fit_prompt, process_logits, sample
+from lmforge.infer.sampling import SamplingParams, draw_rows, filter_logits, fit_prompt, process_logits, sample
 from lmforge.model.encoder_decoder import select_rows
 from lmforge.model.gpt import GPT, KVCache, use_matvec
 
@@ -254,7 +255,8 @@ class Engine:
         request = Request(prompt_ids, params)
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else [self.tokenizer.eos_id])
         stops.discard(None)
-        request.sequences = [Sequence(request, i, self.tokenizer, stops, self.text_as_it_comes) for i in range(params.n)]
+        request.sequences = [Sequence(request, i, self.tokenizer, stops, self.text_as_it_comes)
+                             for i in range(params.n)]
         if self.seq2seq:  # repetition penalties look at the decoder's tokens, which start at the start token
             for seq in request.sequences:
                 seq.history = torch.tensor([self.model.config.decoder_start_token_id])
@@ -485,8 +487,7 @@ class Engine:
     @staticmethod
     def _batched_draws(seqs: list[Sequence], logits: torch.Tensor) -> dict[int, int]:
         """Rows that sample with the same plain settings have their logits filtered, normalised and summed
-        together, and draw together: one uniform number from each row's own generator, in row order, and one
-        batched binary search (``sampling.draw``'s arithmetic, row by row): the token each row gets alone."""
+        together, and draw together (``draw_rows``, each with its own generator): the token each row gets alone."""
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(seqs):
             if s.plain_sampling is not None and not s.finished:
@@ -495,9 +496,7 @@ class Engine:
         for rows in groups.values():
             if len(rows) > 1:
                 cdfs = filter_logits(logits[rows].float(), seqs[rows[0]].request.params).softmax(-1).cumsum(-1)
-                u = torch.stack([torch.rand((), generator=seqs[i].generator) for i in rows]) * cdfs[:, -1]
-                drawn = torch.searchsorted(cdfs, u[:, None], right=True).clamp_(max=cdfs.size(1) - 1)
-                chosen.update(zip(rows, drawn[:, 0].tolist()))
+                chosen.update(zip(rows, draw_rows(cdfs, [seqs[i].generator for i in rows])))
         return chosen
 
     def _advance(self, seq: Sequence, logits: torch.Tensor, token: int | None, drawn: int | None = None) -> list[Event]:

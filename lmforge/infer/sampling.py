@@ -115,8 +115,13 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> int
 
 
 def draw(cdf: torch.Tensor, generator: torch.Generator | None = None) -> int:
-    """One draw given the cumulative sums ``cdf`` (vocab,) of the probabilities (a row of a batch's cumsum
-    is the same numbers). Zero-probability tokens are never chosen: ``right=True`` skips the flat
-    stretches of the CDF."""
-    u = torch.rand((), generator=generator) * cdf[-1]
-    return min(int(torch.searchsorted(cdf, u.reshape(1), right=True)), cdf.numel() - 1)
+    """One draw given the cumulative sums ``cdf`` (vocab,) of the probabilities (``draw_rows`` of one row)."""
+    return draw_rows(cdf[None], [generator])[0]
+
+
+def draw_rows(cdfs: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
+    """One draw per row of ``cdfs`` (rows, vocab), the cumulative sums of each row's probabilities: one uniform
+    number from each row's generator, in row order, and one batched binary search, so a row draws what it draws
+    alone. Zero-probability tokens are never chosen: ``right=True`` skips the flat stretches of the CDF."""
+    u = torch.stack([torch.rand((), generator=g) for g in generators]) * cdfs[:, -1]
+    return torch.searchsorted(cdfs, u[:, None], right=True).clamp_(max=cdfs.size(1) - 1)[:, 0].tolist()
