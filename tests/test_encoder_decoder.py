@@ -483,3 +483,28 @@ def test_a_decoding_steps_position_bias_is_a_slice_of_the_full_table(tmp_path):
         full = stack.position_bias(1, position + 1, position, "cpu")
         assert torch.equal(step, full), position
     assert cache["bias_table"].size(-1) == 262
+
+
+@pytest.mark.parametrize("feed_forward", ["gelu", "gated-relu", "silu", "gated-gelu_new", "gated-quick_gelu",
+                                          "gelu_pytorch_tanh", "gated-mish", "leaky_relu", "gated-gelu_accurate", "relu2"])
+def test_every_feed_forward_activation_transformers_reads_converts_with_parity(tmp_path, feed_forward):
+    """feed_forward_proj is ACT or gated-ACT of transformers' activation names; plain "gelu" is the exact GELU,
+    "gated-gelu" the tanh one (test above)."""
+    from transformers import T5ForConditionalGeneration
+
+    folder = make_hf_t5(tmp_path / "hf", "v1.1", feed_forward_proj=feed_forward)
+    ours = load_model(folder).eval()
+    assert ours.config.feed_forward == feed_forward
+    assert_parity_both_ways(ours, T5ForConditionalGeneration.from_pretrained(folder).eval(), tmp_path / "ours")
+
+
+@pytest.mark.parametrize("feed_forward", ["gated-sparkle", "gelu-gated", "gated-gated-relu", "reluish"])
+def test_a_feed_forward_it_does_not_know_is_one_line_naming_what_it_reads(tmp_path, feed_forward):
+    from lmforge.errors import LmforgeError
+
+    folder = make_hf_t5(tmp_path / "hf", "v1.0")
+    config = json.loads((folder / "config.json").read_text())
+    config["feed_forward_proj"] = feed_forward
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LmforgeError, match=r"feed_forward_proj .* is not supported; lmforge reads relu, gelu, .*gated-NAME"):
+        load_model(folder)

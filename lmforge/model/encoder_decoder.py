@@ -23,7 +23,37 @@ import torch.nn.functional as F
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import linear
 
-FEED_FORWARD = ("relu", "gated-gelu", "gated-silu")
+# The feed-forward's activation, by transformers' names: ``feed_forward`` is ``ACT`` or ``gated-ACT`` (T5 v1.1:
+# ``act(wi_0 x) * wi_1 x``). As in transformers, "gated-gelu" means the tanh approximation (gelu_new), plain
+# "gelu" the exact one.
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "gelu_python": F.gelu,
+    "gelu_accurate": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+    "mish": F.mish,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "relu6": F.relu6,
+    "relu2": lambda x: F.relu(x).square(),
+    "leaky_relu": F.leaky_relu,
+    "linear": lambda x: x,
+}
+
+
+def feed_forward_activation(feed_forward: str):
+    """(gated, activation) of a ``feed_forward`` name such as "relu", "gated-gelu" or "gated-silu"."""
+    gated, _, act = str(feed_forward).rpartition("-")
+    if gated not in ("", "gated") or act not in ACTIVATIONS:
+        raise LmforgeError(f"feed_forward {feed_forward!r} is not supported; use one of {', '.join(ACTIVATIONS)}, "
+                           f"or gated-NAME of one of them")
+    return gated == "gated", ACTIVATIONS["gelu_new" if feed_forward == "gated-gelu" else act]
 
 
 @dataclass(frozen=True)
@@ -37,7 +67,7 @@ class Seq2SeqConfig:
     n_head: int = 8
     num_buckets: int = 32
     max_distance: int = 128
-    feed_forward: str = "relu"  # one of FEED_FORWARD
+    feed_forward: str = "relu"  # ACT or gated-ACT, ACT one of ACTIVATIONS
     dropout: float = 0.1
     norm_eps: float = 1e-6
     tied: bool = True  # the output head is the shared embedding matrix
@@ -49,8 +79,7 @@ class Seq2SeqConfig:
     block_size: int = 512  # longest source or target lmforge feeds it (relative positions have no limit)
 
     def __post_init__(self):
-        if self.feed_forward not in FEED_FORWARD:
-            raise LmforgeError(f"feed_forward {self.feed_forward!r} is not supported; use one of {', '.join(FEED_FORWARD)}")
+        feed_forward_activation(self.feed_forward)  # (refuses a name it does not know)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,9 +157,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: Seq2SeqConfig):
         super().__init__()
-        self.gated = config.feed_forward.startswith("gated")
-        self.act = F.silu if config.feed_forward == "gated-silu" else (
-            (lambda x: F.gelu(x, approximate="tanh")) if self.gated else F.relu)
+        self.gated, self.act = feed_forward_activation(config.feed_forward)
         if self.gated:
             self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
             self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
@@ -279,6 +306,7 @@ class EncoderDecoder(nn.Module):
         self.decoder = Stack(config, decoder=True)
         self.lm_head = None if config.tied else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.matvec = False  # one-row products through torch.mv (gpt.use_matvec)
+        self.onednn_head = False  # the head's fp32 products through oneDNN (gpt.use_fast_fp32_kernels)
         self.init_weights()
 
     @torch.no_grad()
@@ -338,7 +366,8 @@ class EncoderDecoder(nn.Module):
             x = x * self.config.d_model ** -0.5
         if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):  # an int8 head (quantize_int8)
             return self.lm_head(x)
-        return linear(x, self.shared.weight if self.lm_head is None else self.lm_head.weight, matvec=self.matvec)
+        return linear(x, self.shared.weight if self.lm_head is None else self.lm_head.weight, matvec=self.matvec,
+                      onednn=self.onednn_head)
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """The decoder's input for ``labels``: the start token, then the labels but the last (-100 as padding)."""

@@ -561,17 +561,18 @@ def bert_state_dict_to_hf(model) -> dict[str, torch.Tensor]:
 # scaling). transformers 5 always ties unless the file holds an lm_head that differs, and reads the
 # scaling from scale_decoder_outputs. lmforge reads the head from the weights and the scaling from
 # scale_decoder_outputs when present, else from tie_word_embeddings, and writes both fields.
-_T5_FEED_FORWARD = {"relu": "relu", "gated-gelu": "gated-gelu", "gated-gelu_new": "gated-gelu",
-                    "gated-gelu_pytorch_tanh": "gated-gelu", "gated-silu": "gated-silu"}
 _T5_IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 
 def t5_config_from_hf(hf: dict, weights: dict[str, torch.Tensor], where: str):
+    from lmforge.model.encoder_decoder import ACTIVATIONS, feed_forward_activation
 
-    feed_forward = _T5_FEED_FORWARD.get(str(hf.get("feed_forward_proj", "relu")))
-    if feed_forward is None:
-        raise LmforgeError(f"{where}: feed_forward_proj {hf.get('feed_forward_proj')!r} is not supported; "
-                           f"lmforge reads {', '.join(sorted(set(_T5_FEED_FORWARD)))}")
+    feed_forward = str(hf.get("feed_forward_proj", "relu"))
+    try:
+        feed_forward_activation(feed_forward)
+    except LmforgeError:
+        raise LmforgeError(f"{where}: feed_forward_proj {feed_forward!r} is not supported; lmforge reads "
+                           f"{', '.join(ACTIVATIONS)}, each also as gated-NAME") from None
     with _reading(where, "t5"):
         return _t5_config(hf, weights, feed_forward)
 
