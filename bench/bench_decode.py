@@ -31,7 +31,7 @@ from bench_gpt import decode_bound_tokens_per_s, hf_model  # noqa: E402
 from lmforge.infer.engine import Engine, perplexity, quantize_int8  # noqa: E402
 from lmforge.infer.generate import SamplingParams  # noqa: E402
 from lmforge.model.config import Config  # noqa: E402
-from lmforge.model.gpt import build_model, store_transposed  # noqa: E402
+from lmforge.model.gpt import build_model, use_fast_fp32_kernels  # noqa: E402
 from lmforge.precision import describe_probe  # noqa: E402
 from lmforge.utils import hardware_description  # noqa: E402
 
@@ -52,11 +52,10 @@ def decode_rates(config: Config, batch: int, repeats: int) -> dict[str, float]:
     int8 = quantize_int8(ours)
     # What `lmforge generate --dtype auto` runs for a checkpoint stored in bf16 (as most published ones are).
     default = copy.deepcopy(ours).to(bf16_checkpoint_default(config))
-    # fp32 weights as `lmforge generate` and `serve` hold them: stored transposed where this machine's products of
-    # 1 to `batch` rows are measured faster so (gpt.store_transposed)
-    transposed = store_transposed(ours, batch)
-    print(f"  {config.n_embd}-wide, batch {batch}: fp32 weights stored {'transposed' if transposed else 'as loaded'}",
-          flush=True)
+    # fp32 weights as `lmforge generate` and `serve` run them: through the kernel (BLAS as stored, BLAS transposed,
+    # oneDNN) this machine's products of 1 to `batch` rows are measured fastest with (gpt.use_fast_fp32_kernels)
+    kernels = use_fast_fp32_kernels(ours, batch)
+    print(f"  {config.n_embd}-wide, batch {batch}: fp32 products: {kernels}", flush=True)
     prompts = torch.randint(0, config.vocab_size, (batch, PROMPT))
     params = SamplingParams(max_new_tokens=NEW, temperature=0, stop_token_ids=[])
 

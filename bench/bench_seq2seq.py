@@ -13,8 +13,9 @@ Both start from one random T5ForConditionalGeneration saved with save_pretrained
     subnormals, and each of the head's two backward products then ran ~25x slower here. transformers runs as its
     Trainer does (no flush), and once more with the flush, so that both comparisons are there.
   * Generation: greedy, 64 new tokens for every row (no end token: transformers is given min_new_tokens, lmforge no
-    stop token), sources of 128 tokens; batch 1 and batch 8; tokens/s counts new tokens; fp32 weights;
-    median of 3 runs after 1.
+    stop token), sources of 128 tokens; batch 1 and batch 8; tokens/s counts new tokens; fp32 weights, lmforge's
+    products through the kernel its probe measures fastest here, as `lmforge generate` runs them; median of 3 runs
+    after 1.
 """
 
 from __future__ import annotations
@@ -96,10 +97,16 @@ def bench_shape(shape: str) -> list[tuple]:
         rows.append((shape, "train tokens/s", name, rate[name], rate[name] / rate["transformers fp32"],
                      rate[name] / rate[same] if name.startswith("lmforge") else None))
 
+    from lmforge.model.gpt import use_fast_fp32_kernels
+
     hf.eval()
     ours.eval()
     for batch in (1, ROWS):
         sources = torch.randint(2, vocab, (batch, GEN_SOURCE), generator=g)
+        # as `lmforge generate` and `serve` run fp32 weights: through the kernel measured fastest here for 1 to
+        # `batch` rows (BLAS as stored, BLAS transposed, oneDNN)
+        generator = copy.deepcopy(ours)
+        print(f"  {shape}, batch {batch}: fp32 products: {use_fast_fp32_kernels(generator, batch)}", flush=True)
 
         def hf_generate():
             with torch.inference_mode():
@@ -107,7 +114,7 @@ def bench_shape(shape: str) -> list[tuple]:
             assert out.shape[1] == NEW + 1
 
         def our_generate():
-            engine = Engine(ours, _Ids(), max_batch=batch)
+            engine = Engine(generator, _Ids(), max_batch=batch)
             requests = [engine.add(s.tolist(), SamplingParams(max_new_tokens=NEW, temperature=0, stop_token_ids=[]))
                         for s in sources]
             engine.run(requests)

@@ -188,29 +188,56 @@ def matvec_speedup(dtype: torch.dtype, k: int, n: int) -> float:
     return float(_cached(f"{machine_key()} | matvec {name} 1x{k}x{n}", speedup, float))
 
 
-def layout_speedup(k: int, n: int, rows: int) -> float:
-    """How much faster fp32 products run when the weights are stored transposed (columns contiguous,
-    ``gpt.store_transposed``) than as ``nn.Linear`` stores them, over the row counts a decoding step of up to
-    ``rows`` rows passes through as sequences finish (1, 2, 4, ... ``rows``): the total time of a ``k`` x ``n``
-    product (the output head's shape, capped at 64M elements) and a ``k`` x ``4k`` one at each count, plain over
-    transposed; cached per machine. The same ``F.linear`` runs either way; BLAS picks another kernel. On a 2-core
-    Xeon the gpt2 head's product ran 2.0x faster transposed at 8 rows, 1.4x at 4 and 16, 0.7x at 2."""
-    n = max(1, min(n, 2**26 // k))
-    counts = sorted({2**i for i in range(rows.bit_length())} | {rows})  # 1, 2, 4, ... and rows itself
+FP32_KERNELS = ("plain", "transposed", "onednn")
 
-    def speedup():
-        g = torch.Generator().manual_seed(0)
-        plain = [torch.randn(n, k, generator=g), torch.randn(4 * k, k, generator=g)]
-        transposed = [w.t().contiguous().t() for w in plain]
-        total = {"plain": 0.0, "transposed": 0.0}
+
+def onednn_linear_available() -> bool:
+    """Whether this torch has oneDNN's fp32 linear kernel (``gpt.linear(..., onednn=True)``)."""
+    try:
+        x = torch.ones(1, 2)
+        with torch.no_grad():
+            return bool(torch.backends.mkldnn.is_available()) and torch.equal(
+                torch.ops.mkldnn._linear_pointwise(x, torch.ones(3, 2), None, "none", [], ""), torch.full((1, 3), 2.0))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def fp32_kernels(k: int, n: int, rows: int) -> dict[str, list]:
+    """The fastest way to run fp32 inference products here, over the row counts a decoding step of up to
+    ``rows`` rows passes through as sequences finish (1, 2, 4, ... ``rows``), for the output head (a ``k`` x
+    ``n`` product) and for the body (distinct ``k`` x ``4k`` products), 32M elements in all, more than a CPU's
+    caches hold, so that each product reads its weights from memory as decoding does: ``{"head": [kernel,
+    speedup], "body": [kernel, speedup]}``, a kernel of ``FP32_KERNELS`` (BLAS on the weights as stored, BLAS on
+    them stored transposed, oneDNN's kernel) and its speed over "plain"; cached per machine. On a 2-core Xeon
+    the gpt2 head's product ran 2.0x faster transposed at 8 rows but 0.7x at 2; on a 2-core EPYC oneDNN ran it
+    2.2x faster at 1 row and 2.4x at 16, and the body 1.6x at 1 row."""
+    n = max(1, min(n, 2**24 // k))
+    body = max(1, (2**25 - n * k) // (4 * k * k))
+    counts = sorted({2**i for i in range(rows.bit_length())} | {rows})  # 1, 2, 4, ... and rows itself
+    kernels = [k_ for k_ in FP32_KERNELS if k_ != "onednn" or onednn_linear_available()]
+
+    def seconds(kernel: str) -> dict[str, float]:
+        groups = {"head": [torch.full((n, k), 0.01)], "body": [torch.full((4 * k, k), 0.01) for _ in range(body)]}
+        if kernel == "transposed":  # (values do not matter for speed)
+            groups = {g: [w.t().contiguous().t() for w in ws] for g, ws in groups.items()}
+        total = dict.fromkeys(groups, 0.0)
         with torch.inference_mode():
             for r in counts:
-                x = torch.randn(r, k, generator=g)
-                for name, weights in (("plain", plain), ("transposed", transposed)):
-                    total[name] += median_seconds(lambda: [torch.nn.functional.linear(x, w) for w in weights])
-        return total["plain"] / total["transposed"]
+                x = torch.full((r, k), 0.01)
+                for group, weights in groups.items():
+                    if kernel == "onednn":
+                        run = lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in weights]  # noqa: E731
+                    else:
+                        run = lambda: [torch.nn.functional.linear(x, w) for w in weights]  # noqa: E731
+                    total[group] += median_seconds(run, repeats=3)
+        return total
 
-    return float(_cached(f"{machine_key()} | layout fp32 rows 1-{rows} x{k}x{n}", speedup, float))
+    def measure_all():
+        times = {kernel: seconds(kernel) for kernel in kernels}
+        best = {group: min(kernels, key=lambda kernel: times[kernel][group]) for group in ("head", "body")}
+        return {group: [kernel, times["plain"][group] / times[kernel][group]] for group, kernel in best.items()}
+
+    return _cached(f"{machine_key()} | fp32 kernels rows 1-{rows} x{k}x{n}", measure_all, dict)
 
 
 def attention_math_speedup(dtype: torch.dtype, heads: int, head_dim: int, length: int) -> float:

@@ -141,56 +141,78 @@ def test_generate_loads_a_bf16_checkpoint_in_the_measured_precision(hf_gpt2, tmp
     assert main(["generate", "def", "--model", str(hf_gpt2), "--int8", "--dtype", "bfloat16"]) == 2
 
 
-def test_inference_stores_fp32_weights_transposed_where_a_few_rows_run_faster_so(monkeypatch, tmp_path, hf_gpt2,
-                                                                                 tokenizer_dir):
-    """``store_transposed`` changes strides, not values: every Linear weight and a tied head's embedding, for a
-    decoder and an encoder-decoder, when the probe (real, cached) says products of 1..rows rows run faster so;
-    logits and greedy tokens stay those of the plain model. One row, bf16 weights or a slow probe: nothing changes.
-    `generate` on a folder applies it; a model object it is given is left alone (it may train on)."""
+def test_inference_runs_fp32_products_through_the_kernel_measured_fastest(monkeypatch, tmp_path, hf_gpt2,
+                                                                          tokenizer_dir):
+    """``use_fast_fp32_kernels`` changes the kernel, not the numbers: for a decoder and an encoder-decoder (tied and
+    untied head), whichever kernel the probe (real, cached) names for the head and for the body -- BLAS on weights
+    stored transposed (strides change, values do not) or oneDNN's (the modules' forward, the tied head flagged) --
+    logits and greedy tokens stay those of the plain model, one row at a time and several; outside no-grad mode the
+    products are F.linear's, so gradients are too. bf16 weights, "plain" or a speedup under the margin: nothing
+    changes. `generate` on a folder applies it; a model object it is given is left alone (it may train on)."""
     import copy
 
     from lmforge import generate
     from lmforge.model.checkpoint import load_model
-    from lmforge.model.gpt import store_transposed
+    from lmforge.model.gpt import use_fast_fp32_kernels
 
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
-    assert precision.layout_speedup(64, 300, 4) > 0  # measured for real, then cached
-    assert "layout fp32 rows 1-4 x64x300" in next(iter(json.loads((tmp_path / "precision.json").read_text())))
+    measured = precision.fp32_kernels(64, 300, 4)  # measured for real, then cached
+    assert set(measured) == {"head", "body"} and all(k in precision.FP32_KERNELS and s > 0 for k, s in measured.values())
+    assert "fp32 kernels rows 1-4 x64x300" in next(iter(json.loads((tmp_path / "precision.json").read_text())))
     from test_encoder_decoder import make_hf_t5
 
     import shutil
 
-    t5 = make_hf_t5(tmp_path / "t5", "v1.0", vocab_size=1024)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, t5 / name)
-    for folder in (hf_gpt2, t5):
+    folders = [hf_gpt2]
+    for shape in ("v1.0", "v1.1"):
+        folders.append(make_hf_t5(tmp_path / shape, shape, vocab_size=1024))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer_dir / name, folders[-1] / name)
+    kernels = ["transposed"] + (["onednn"] if precision.onednn_linear_available() else [])
+    for folder in folders:
         model = load_model(folder).eval()
-        monkeypatch.setattr(precision, "layout_speedup", lambda k, n, rows: 2.0)
-        for rows, dtype in ((1, torch.float32), (8, torch.bfloat16)):
-            other = copy.deepcopy(model).to(dtype)
-            assert not store_transposed(other, rows)
-            assert all(p.is_contiguous() for p in other.parameters())
-        moved = copy.deepcopy(model)
-        assert store_transposed(moved, 8)
-        linears = [m.weight for m in moved.modules() if type(m) is torch.nn.Linear]
-        head = [getattr(moved, "wte", None) or moved.shared][0].weight
-        assert linears and all(w.t().is_contiguous() and not w.is_contiguous() for w in linears + [head])
-        for a, b in zip(model.parameters(), moved.parameters()):
-            assert torch.equal(a, b)
+        seq2seq = not hasattr(model, "wte")
         ids = torch.randint(2, 100, (3, 7))
-        with torch.no_grad():
-            if hasattr(model, "wte"):
-                torch.testing.assert_close(moved(ids)[0], model(ids)[0], atol=1e-5, rtol=1e-5)
-            else:
-                torch.testing.assert_close(moved(ids, labels=ids)[0], model(ids, labels=ids)[0], atol=1e-5, rtol=1e-5)
+        logits = (lambda m: m(ids, labels=ids)[0]) if seq2seq else (lambda m: m(ids)[0])
         greedy = dict(max_new_tokens=6, temperature=0)
-        assert [g.token_ids for g in generate(moved, ["a", "b c"], **greedy)] == \
-            [g.token_ids for g in generate(model, ["a", "b c"], **greedy)]
-        monkeypatch.setattr(precision, "layout_speedup", lambda k, n, rows: 1.0)
-        assert not store_transposed(copy.deepcopy(model), 8)
-    monkeypatch.setattr(precision, "layout_speedup", lambda k, n, rows: 2.0)
+        for head, body in [(h, b) for h in kernels for b in kernels] + [("plain", kernels[-1]), (kernels[-1], "plain")]:
+            monkeypatch.setattr(precision, "fp32_kernels", lambda k, n, rows, h=head, b=body: {"head": [h, 2.0],
+                                                                                               "body": [b, 2.0]})
+            for rows in (1, 8):
+                other = copy.deepcopy(model).to(torch.bfloat16)
+                assert use_fast_fp32_kernels(other, rows) == "as loaded"
+                assert all(p.is_contiguous() for p in other.parameters())
+            fast = copy.deepcopy(model)
+            said = use_fast_fp32_kernels(fast, 8)
+            assert ("head" in said) == (head != "plain") and ("body" in said) == (body != "plain"), said
+            untied = getattr(fast, "lm_head", None)
+            head_weight = untied.weight if untied is not None else (fast.shared if seq2seq else fast.wte).weight
+            body_weights = [m.weight for m in fast.modules() if type(m) is torch.nn.Linear and m is not untied]
+            for kernel, weights in ((head, [head_weight]), (body, body_weights)):
+                assert all(w.is_contiguous() != (kernel == "transposed") for w in weights)
+            assert fast.onednn_head == (head == "onednn")
+            for a, b in zip(model.parameters(), fast.parameters()):
+                assert torch.equal(a, b)
+            with torch.no_grad():
+                torch.testing.assert_close(logits(fast), logits(model), atol=1e-5, rtol=1e-5)
+            for prompts in (["b c"], ["a", "b c"]):
+                assert [g.token_ids for g in generate(fast, prompts, **greedy)] == \
+                    [g.token_ids for g in generate(model, prompts, **greedy)]
+            if head == body == "onednn":  # with gradients: F.linear's products, the same gradients
+                plain, trained = copy.deepcopy(model), copy.deepcopy(fast)  # (eval: no dropout draws)
+                for m in (plain, trained):
+                    (m(ids, labels=ids)[1] if seq2seq else m(ids, ids)[1]).backward()
+                for a, b in zip(plain.parameters(), trained.parameters()):
+                    torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
+        for slow in ([kernels[-1], 1.05], ["plain", 1.0]):
+            monkeypatch.setattr(precision, "fp32_kernels", lambda k, n, rows, s=slow: {"head": s, "body": s})
+            unchanged = copy.deepcopy(model)
+            assert use_fast_fp32_kernels(unchanged, 8) == "as loaded" and not unchanged.onednn_head
+            assert all(p.is_contiguous() for p in unchanged.parameters())
+    monkeypatch.setattr(precision, "fp32_kernels", lambda k, n, rows: {"head": ["transposed", 2.0],
+                                                                        "body": ["transposed", 2.0]})
     calls = []
-    monkeypatch.setattr("lmforge.infer.generate.store_transposed", lambda m, rows: calls.append(rows))
+    monkeypatch.setattr("lmforge.infer.generate.use_fast_fp32_kernels", lambda m, rows: calls.append(rows))
     generate(str(hf_gpt2), ["a", "b"], n=2, max_new_tokens=2, temperature=0.5)
     model = load_model(hf_gpt2)
     generate(model, ["a", "b"], max_new_tokens=2, temperature=0)

@@ -917,9 +917,9 @@ def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bo
 
         model = quantize_int8(model)
     elif model is not None:
-        from lmforge.model.gpt import store_transposed
+        from lmforge.model.gpt import use_fast_fp32_kernels
 
-        store_transposed(model, settings.max_batch)  # fp32 weights on the CPU, when measured faster here
+        use_fast_fp32_kernels(model, settings.max_batch)  # fp32 weights on the CPU, when measured faster here
     if settings.model_name == "lmforge":
         settings.model_name = Path(model_dir).resolve().name
     if model is None:
