@@ -253,3 +253,38 @@ def test_bf16_training_attention_takes_the_math_backend_where_it_is_measured_fas
     assert abs(grads["math"][0] - grads["flash"][0]) < 1e-2
     for a, b in zip(grads["math"][1], grads["flash"][1]):
         torch.testing.assert_close(a, b, atol=2e-2 * float(b.abs().max()) + 1e-6, rtol=0)
+
+
+def test_bf16_decoding_attention_takes_the_math_backend_where_it_is_measured_faster(monkeypatch, tmp_path):
+    """A decoding step's one query a row (no grad, bf16 on the CPU) goes through SDPA's math backend where the probe
+    (real, cached per rows, heads, length) says it is faster than the flash kernel; the step's logits are the flash
+    kernel's within bf16's rounding. Prefill (several queries) and fp32 never ask."""
+    import lmforge.model.gpt as gpt
+    from lmforge.model.config import Config
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    assert precision.decode_attention_math_speedup(torch.bfloat16, 2, 4, 2, 16, 64) > 0  # measured, then cached
+    assert "decode attention bfloat16 2x4/2x64x16" in next(iter(json.loads((tmp_path / "precision.json").read_text())))
+    torch.manual_seed(0)
+    model = gpt.build_model(Config(vocab_size=300, block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                                   dropout=0.0, norm="rmsnorm", pos_embedding="rope", mlp="swiglu", bias=False,
+                                   family="llama")).eval()
+    ids = torch.randint(0, 300, (3, 37))
+    asked = []
+    with torch.no_grad():
+        monkeypatch.setattr(gpt, "_math_decoding_is_faster", lambda *key: asked.append(key) or True)
+        model(ids)  # fp32
+        model.to(torch.bfloat16)
+        model(ids)  # several queries a row
+        assert asked == []
+        steps = {}
+        for name, faster in (("math", True), ("flash", False)):
+            monkeypatch.setattr(gpt, "_math_decoding_is_faster", lambda *key, f=faster: asked.append(key) or f)
+            cache = gpt.KVCache(model.config, 3, 64, ids.device, torch.bfloat16)
+            model(ids, kv_cache=cache, start=0)
+            with torch.profiler.profile() as prof:
+                steps[name] = model(ids[:, :1], kv_cache=cache, start=37).float()
+            kernels = {e.key for e in prof.key_averages() if "flash_attention" in e.key}
+            assert bool(kernels) == (name == "flash"), kernels
+    assert asked and all(key == (torch.bfloat16, 4, 4, 2, 16, 64) for key in asked)  # 3 rows, 38 keys: buckets
+    torch.testing.assert_close(steps["math"], steps["flash"], atol=3e-2 * float(steps["flash"].abs().max()), rtol=0)

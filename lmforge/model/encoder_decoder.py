@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.model.gpt import linear
+from lmforge.model.gpt import attention, linear
 
 # The feed-forward's activation, by transformers' names: ``feed_forward`` is ``ACT`` or ``gated-ACT`` (T5 v1.1:
 # ``act(wi_0 x) * wi_1 x``). As in transformers, "gated-gelu" means the tanh approximation (gelu_new), plain
@@ -149,8 +149,8 @@ class Attention(nn.Module):
         """``x`` (B, T, d_model) attends to ``kv`` (given: a cache) or to ``source``'s (cross-attention) or its own
         keys and values; ``bias`` (B or 1, heads or 1, T, S) is added to the scores (-inf where not allowed)."""
         k, v = kv if kv is not None else self.keys_values(x if source is None else source)
-        y = F.scaled_dot_product_attention(self.heads(self.q(x)), k, v, attn_mask=bias.to(x.dtype), scale=1.0,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(self.heads(self.q(x)), k, v, attn_mask=bias.to(x.dtype), scale=1.0,
+                      dropout_p=self.dropout if self.training else 0.0)
         return self.o(y.transpose(1, 2).reshape(x.size(0), x.size(1), -1))
 
 

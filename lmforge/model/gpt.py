@@ -148,16 +148,25 @@ def attention_mask(start: int, T: int, S: int, window: int | None, device) -> to
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``, except that training in bf16 or fp16 on the CPU takes its math backend
-    where that is measured faster than the flash kernel for this shape (``precision.attention_math_speedup``,
-    lengths rounded up to a power of two): the flash kernel's backward is slow for short sequences (5x slower
-    at 37 tokens on a Xeon). The same attention either way, computed by another kernel."""
-    length = max(16, 1 << (k.size(-2) - 1).bit_length())
-    if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
-            and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and _math_attention_is_faster(q.dtype, q.size(1), q.size(-1), length)):
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    """``F.scaled_dot_product_attention``, except that in bf16 or fp16 on the CPU it takes the math backend
+    where that is measured faster than the flash kernel for this shape (lengths and decoding rows rounded up to
+    a power of two): in training (``precision.attention_math_speedup``: the flash kernel's backward is slow for
+    short sequences, 5x slower at 37 tokens on a Xeon) and for a decoding step's one query a row
+    (``precision.decode_attention_math_speedup``: on a 2-core EPYC the flash kernel took 1.0 ms a layer for one
+    row over 1,024 cached positions, the math backend 0.31 ms). The same attention either way, computed by
+    another kernel."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling():
+        length = max(16, 1 << (k.size(-2) - 1).bit_length())
+        if q.requires_grad and torch.is_grad_enabled():
+            faster = _math_attention_is_faster(q.dtype, q.size(1), q.size(-1), length)
+        elif q.size(-2) == 1:
+            rows = 1 << (q.size(0) - 1).bit_length()
+            faster = _math_decoding_is_faster(q.dtype, rows, q.size(1), k.size(1), q.size(-1), length)
+        else:
+            faster = False
+        if faster:
+            with sdpa_kernel(SDPBackend.MATH):
+                return F.scaled_dot_product_attention(q, k, v, **kwargs)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
@@ -166,6 +175,14 @@ def _math_attention_is_faster(dtype: torch.dtype, heads: int, head_dim: int, len
     from lmforge.precision import MARGIN, attention_math_speedup
 
     return attention_math_speedup(dtype, heads, head_dim, length) >= MARGIN
+
+
+@functools.lru_cache(maxsize=None)
+def _math_decoding_is_faster(dtype: torch.dtype, rows: int, heads: int, kv_heads: int, head_dim: int,
+                             length: int) -> bool:
+    from lmforge.precision import MARGIN, decode_attention_math_speedup
+
+    return decode_attention_math_speedup(dtype, rows, heads, kv_heads, head_dim, length) >= MARGIN
 
 
 # -- blocks ---------------------------------------------------------------------------------------
