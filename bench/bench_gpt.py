@@ -35,24 +35,26 @@ from lmforge.utils import hardware_description  # noqa: E402
 def decode_bound_tokens_per_s(config: Config, repeats: int = 7) -> tuple[float, float]:
     """(tokens/s, GB/s): the memory-bandwidth bound of batch-1 fp32 decoding, measured the way decoding
     reads memory: one matrix-vector product with each of the model's own weight matrices (every layer's,
-    and the output head), median of ``repeats``, with the weights stored as ``nn.Linear`` stores them or
-    transposed (``gpt.use_fast_fp32_kernels``), whichever reads faster here (on a 2-core EPYC the transposed
-    products read 1.4x faster). A large copy swung from 24.5 to 76.9 GB/s between machines and runs; this is
-    what a decode step can at best achieve on its weights."""
+    and the output head), median of ``repeats``, through whichever fp32 kernel reads them fastest here (BLAS
+    on the weights as ``nn.Linear`` stores them or stored transposed, oneDNN's: ``gpt.use_fast_fp32_kernels``'s
+    choices; on a 2-core EPYC BLAS as stored read at 13.4 GB/s, oneDNN at 24). A large copy swung from 24.5 to
+    76.9 GB/s between machines and runs; this is what a decode step can at best achieve on its weights."""
+    from lmforge.precision import onednn_linear_available
+
     n, g = config.n_embd, torch.Generator().manual_seed(0)
     layer = [(3 * n, n), (n, n), (4 * n, n), (n, 4 * n)]
-    weights = [torch.randn(shape, generator=g) for _ in range(config.n_layer) for shape in layer]
-    weights.append(torch.randn(config.vocab_size, n, generator=g))
+    plain = [torch.randn(shape, generator=g) for _ in range(config.n_layer) for shape in layer]
+    plain.append(torch.randn(config.vocab_size, n, generator=g))
     inputs = {k: torch.randn(1, k, generator=g) for k in (n, 4 * n)}
-    def one_token():
-        for w in weights:
-            torch.nn.functional.linear(inputs[w.shape[1]], w)
-
+    kernels = {"plain": (plain, torch.nn.functional.linear),
+               "transposed": ([w.t().contiguous().t() for w in plain], torch.nn.functional.linear)}
+    if onednn_linear_available():
+        kernels["onednn"] = (plain, lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+    seconds = []
     with torch.inference_mode():
-        seconds = median_seconds(one_token, repeats)
-        weights = [w.t().contiguous().t() for w in weights]
-        seconds = min(seconds, median_seconds(one_token, repeats))
-    return 1 / seconds, sum(w.numel() for w in weights) * 4 / seconds / 1e9
+        for weights, product in kernels.values():
+            seconds.append(median_seconds(lambda: [product(inputs[w.shape[1]], w) for w in weights], repeats))
+    return 1 / min(seconds), sum(w.numel() for w in plain) * 4 / min(seconds) / 1e9
 
 
 def hf_model(config: Config):
