@@ -288,3 +288,31 @@ def test_bf16_decoding_attention_takes_the_math_backend_where_it_is_measured_fas
             assert bool(kernels) == (name == "flash"), kernels
     assert asked and all(key == (torch.bfloat16, 4, 4, 2, 16, 64) for key in asked)  # 3 rows, 38 keys: buckets
     torch.testing.assert_close(steps["math"], steps["flash"], atol=3e-2 * float(steps["flash"].abs().max()), rtol=0)
+
+
+def test_a_compiled_engine_decodes_a_model_whose_products_go_through_onednn(monkeypatch):
+    """`serve --compile` on a model whose products were sent to oneDNN: the compiled graph takes F.linear (inductor
+    cannot lower oneDNN's op), the tokens are the plain model's."""
+    import copy
+
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.model.config import Config
+    from lmforge.model.gpt import build_model, use_fast_fp32_kernels
+
+    if not precision.onednn_linear_available():
+        pytest.skip("this torch has no oneDNN linear kernel")
+    monkeypatch.setattr(precision, "fp32_kernels", lambda k, n, rows: {"head": ["onednn", 2.0], "body": ["onednn", 2.0]})
+    torch.manual_seed(0)
+    model = build_model(Config(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.0)).eval()
+    fast = copy.deepcopy(model)
+    assert use_fast_fp32_kernels(fast, 1) == "head through oneDNN, body through oneDNN"
+
+    def tokens(m, compile):
+        engine = Engine(m, type("T", (), {"eos_id": None, "decode": lambda self, ids: ""})(), max_batch=1,
+                        compile=compile)
+        request = engine.add([5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0, stop_token_ids=[]))
+        engine.run([request])
+        return request.sequences[0].tokens
+
+    assert tokens(fast, True) == tokens(model, False)

@@ -418,11 +418,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     matrix-vector kernel that some CPUs run much faster than ``linear``'s in bf16 (the precision probe
     measures it: ``precision.matvec_speedup``); with ``onednn``, fp32 products in no-grad mode go through
     oneDNN's fp32 kernel instead of BLAS's (``precision.fp32_kernels``: on a 2-core EPYC the gpt2 head's
-    product ran 2.2x faster so at 1 row and 2.4x at 16). Same arithmetic, another kernel."""
+    product ran 2.2x faster so at 1 row and 2.4x at 16), except in a graph ``torch.compile`` builds. Same
+    arithmetic, another kernel."""
     if matvec and x.numel() == x.size(-1) and x.dtype == weight.dtype:
         y = torch.mv(weight, x.reshape(-1))
         return (y if bias is None else y + bias).view(*x.shape[:-1], -1)
-    if onednn and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled():
+    if (onednn and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):  # (a compiled graph picks its own kernels)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
