@@ -134,7 +134,8 @@ def cmd_generate(args) -> None:
                             truncate=args.truncate, n=args.n, num_beams=args.num_beams, length_penalty=args.length_penalty)
     from lmforge.model.gpt import use_fast_fp32_kernels
 
-    use_fast_fp32_kernels(model, max(params.n, params.num_beams))  # rows a step (when measured faster here)
+    # (rows a step; silent: a mistake in the request must stay the one line said)
+    use_fast_fp32_kernels(model, max(params.n, params.num_beams))
     if args.echo:
         sys.stdout.write(prompt)
     if params.num_beams > 1 or params.n > 1:
@@ -157,7 +158,7 @@ def cmd_chat(args) -> None:
     params = _sampling_from(args, max_new_tokens=args.max_new_tokens or min(256, model.config.block_size // 2))
     from lmforge.model.gpt import use_fast_fp32_kernels
 
-    use_fast_fp32_kernels(model, 1)  # one answer at a time (when measured faster here)
+    use_fast_fp32_kernels(model, 1)  # one answer at a time
     chat_session(model, tokenizer, params, args.system, retriever=retriever)
 
 
