@@ -237,7 +237,10 @@ def fp32_kernels(k: int, n: int, rows: int) -> dict[str, list]:
         best = {group: min(kernels, key=lambda kernel: times[kernel][group]) for group in ("head", "body")}
         return {group: [kernel, times["plain"][group] / times[kernel][group]] for group, kernel in best.items()}
 
-    return _cached(f"{machine_key()} | fp32 kernels rows 1-{rows} x{k}x{n}", measure_all, dict)
+    chosen = _cached(f"{machine_key()} | fp32 kernels rows 1-{rows} x{k}x{n}", measure_all, dict)
+    valid = all(isinstance(chosen.get(g), list) and len(chosen[g]) == 2 and chosen[g][0] in kernels
+                and isinstance(chosen[g][1], (int, float)) for g in ("head", "body"))
+    return chosen if valid else {"head": ["plain", 1.0], "body": ["plain", 1.0]}  # (a cache file edited by hand)
 
 
 def attention_math_speedup(dtype: torch.dtype, heads: int, head_dim: int, length: int) -> float:

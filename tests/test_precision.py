@@ -159,6 +159,10 @@ def test_inference_runs_fp32_products_through_the_kernel_measured_fastest(monkey
     measured = precision.fp32_kernels(64, 300, 4)  # measured for real, then cached
     assert set(measured) == {"head", "body"} and all(k in precision.FP32_KERNELS and s > 0 for k, s in measured.values())
     assert "fp32 kernels rows 1-4 x64x300" in next(iter(json.loads((tmp_path / "precision.json").read_text())))
+    cache = tmp_path / "precision.json"
+    key = next(iter(json.loads(cache.read_text())))
+    cache.write_text(json.dumps({key: {"head": ["fastest", 9], "body": []}}))  # edited by hand: BLAS as stored
+    assert precision.fp32_kernels(64, 300, 4) == {"head": ["plain", 1.0], "body": ["plain", 1.0]}
     from test_encoder_decoder import make_hf_t5
 
     import shutil
