@@ -274,7 +274,7 @@ def decode_attention_math_speedup(dtype: torch.dtype, rows: int, heads: int, kv_
     """How much faster a decoding step's attention (one query per row over ``length`` cached keys and values,
     a per-row mask as the engine passes it) runs through ``scaled_dot_product_attention``'s math backend than
     through its flash kernel, in ``dtype`` on the CPU; cached per machine. On a 2-core EPYC, for bf16, one row
-    of the gpt2 shape: 0.5x at 64 positions, 1.9x at 544, 3.2x at 1,024; 16 rows: about even up to 544, 0.3x at
+    of the gpt2 shape: 0.6x at 64 positions, 1.9x at 544, 3.2x at 1,024; 16 rows: about even up to 544, 0.3x at
     1,024."""
     name = next(name for name, d in DTYPES.items() if d == dtype)
 
