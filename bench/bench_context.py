@@ -40,7 +40,7 @@ from bench_gpt import hf_model  # noqa: E402
 from lmforge.infer.engine import Engine, quantize_int8  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.model.config import Config  # noqa: E402
-from lmforge.model.gpt import build_model, use_fast_fp32_kernels  # noqa: E402
+from lmforge.model.gpt import build_model, use_fast_kernels  # noqa: E402
 from lmforge.model.hf import state_dict_to_hf  # noqa: E402
 from lmforge.utils import hardware_description  # noqa: E402
 
@@ -137,7 +137,7 @@ def main() -> None:
     ours = build_model(config).eval()
     # fp32 as `lmforge generate` runs it: through the kernel measured fastest here for one row (the values of `ours`)
     fast = copy.deepcopy(ours)
-    print(f"lmforge fp32 products: {use_fast_fp32_kernels(fast, 1)}", flush=True)
+    print(f"lmforge fp32 products: {use_fast_kernels(fast, 1)}", flush=True)
     systems = {"lmforge": lambda prompt: lmforge_times(Engine(fast, _Ids(), max_batch=1), prompt, args.new)}
     if args.compile:
         # one engine for every run: its compiled step (one graph per cache bucket) is built once
@@ -152,6 +152,7 @@ def main() -> None:
         bf16 = build_model(config).eval()
         bf16.load_state_dict(ours.state_dict())
         bf16 = bf16.to(torch.bfloat16)
+        print(f"lmforge bf16 products: {use_fast_kernels(bf16, 1)}", flush=True)
         int8 = quantize_int8(ours)
         systems["lmforge bf16"] = lambda prompt: lmforge_times(Engine(bf16, _Ids(), max_batch=1), prompt, args.new)
         systems["lmforge int8"] = lambda prompt: lmforge_times(Engine(int8, _Ids(), max_batch=1), prompt, args.new)

@@ -31,7 +31,7 @@ from bench_gpt import decode_bound_tokens_per_s, hf_model  # noqa: E402
 from lmforge.infer.engine import Engine, perplexity, quantize_int8  # noqa: E402
 from lmforge.infer.generate import SamplingParams  # noqa: E402
 from lmforge.model.config import Config  # noqa: E402
-from lmforge.model.gpt import build_model, use_fast_fp32_kernels  # noqa: E402
+from lmforge.model.gpt import build_model, use_fast_kernels  # noqa: E402
 from lmforge.precision import describe_probe  # noqa: E402
 from lmforge.utils import hardware_description  # noqa: E402
 
@@ -53,9 +53,11 @@ def decode_rates(config: Config, batch: int, repeats: int) -> dict[str, float]:
     # What `lmforge generate --dtype auto` runs for a checkpoint stored in bf16 (as most published ones are).
     default = copy.deepcopy(ours).to(bf16_checkpoint_default(config))
     # fp32 weights as `lmforge generate` and `serve` run them: through the kernel (BLAS as stored, BLAS transposed,
-    # oneDNN) this machine's products of 1 to `batch` rows are measured fastest with (gpt.use_fast_fp32_kernels)
-    kernels = use_fast_fp32_kernels(ours, batch)
+    # oneDNN) this machine's products of 1 to `batch` rows are measured fastest with (gpt.use_fast_kernels)
+    kernels = use_fast_kernels(ours, batch)
     print(f"  {config.n_embd}-wide, batch {batch}: fp32 products: {kernels}", flush=True)
+    kernels = use_fast_kernels(default, batch)  # bf16: packed for oneDNN where measured faster
+    print(f"  {config.n_embd}-wide, batch {batch}: {next(default.parameters()).dtype} products: {kernels}", flush=True)
     prompts = torch.randint(0, config.vocab_size, (batch, PROMPT))
     params = SamplingParams(max_new_tokens=NEW, temperature=0, stop_token_ids=[])
 

@@ -36,7 +36,7 @@ def decode_bound_tokens_per_s(config: Config, repeats: int = 7) -> tuple[float, 
     """(tokens/s, GB/s): the memory-bandwidth bound of batch-1 fp32 decoding, measured the way decoding
     reads memory: one matrix-vector product with each of the model's own weight matrices (every layer's,
     and the output head), median of ``repeats``, through whichever fp32 kernel reads them fastest here (BLAS
-    on the weights as ``nn.Linear`` stores them or stored transposed, oneDNN's: ``gpt.use_fast_fp32_kernels``'s
+    on the weights as ``nn.Linear`` stores them or stored transposed, oneDNN's: ``gpt.use_fast_kernels``'s
     choices; on a 2-core EPYC BLAS as stored read at 13.4 GB/s, oneDNN at 24). A large copy swung from 24.5 to
     76.9 GB/s between machines and runs; this is what a decode step can at best achieve on its weights."""
     from lmforge.precision import onednn_linear_available

@@ -97,7 +97,7 @@ def bench_shape(shape: str) -> list[tuple]:
         rows.append((shape, "train tokens/s", name, rate[name], rate[name] / rate["transformers fp32"],
                      rate[name] / rate[same] if name.startswith("lmforge") else None))
 
-    from lmforge.model.gpt import use_fast_fp32_kernels
+    from lmforge.model.gpt import use_fast_kernels
 
     hf.eval()
     ours.eval()
@@ -106,7 +106,7 @@ def bench_shape(shape: str) -> list[tuple]:
         # as `lmforge generate` and `serve` run fp32 weights: through the kernel measured fastest here for 1 to
         # `batch` rows (BLAS as stored, BLAS transposed, oneDNN)
         generator = copy.deepcopy(ours)
-        print(f"  {shape}, batch {batch}: fp32 products: {use_fast_fp32_kernels(generator, batch)}", flush=True)
+        print(f"  {shape}, batch {batch}: fp32 products: {use_fast_kernels(generator, batch)}", flush=True)
 
         def hf_generate():
             with torch.inference_mode():

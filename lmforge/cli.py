@@ -132,10 +132,10 @@ def cmd_generate(args) -> None:
         max_new_tokens = max(1, min(128, room))
     params = _sampling_from(args, max_new_tokens=max_new_tokens, stop=stops.stop, stop_token_ids=stops.stop_token_ids,
                             truncate=args.truncate, n=args.n, num_beams=args.num_beams, length_penalty=args.length_penalty)
-    from lmforge.model.gpt import use_fast_fp32_kernels
+    from lmforge.model.gpt import use_fast_kernels
 
     # (rows a step; silent: a mistake in the request must stay the one line said)
-    use_fast_fp32_kernels(model, max(params.n, params.num_beams))
+    use_fast_kernels(model, max(params.n, params.num_beams))
     if args.echo:
         sys.stdout.write(prompt)
     if params.num_beams > 1 or params.n > 1:
@@ -156,9 +156,9 @@ def cmd_chat(args) -> None:
     retriever = _retriever(args)
     model, tokenizer = _load_for_inference(args)
     params = _sampling_from(args, max_new_tokens=args.max_new_tokens or min(256, model.config.block_size // 2))
-    from lmforge.model.gpt import use_fast_fp32_kernels
+    from lmforge.model.gpt import use_fast_kernels
 
-    use_fast_fp32_kernels(model, 1)  # one answer at a time
+    use_fast_kernels(model, 1)  # one answer at a time
     chat_session(model, tokenizer, params, args.system, retriever=retriever)
 
 

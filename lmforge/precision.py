@@ -189,6 +189,7 @@ def matvec_speedup(dtype: torch.dtype, k: int, n: int) -> float:
 
 
 FP32_KERNELS = ("plain", "transposed", "onednn")
+HALF_KERNELS = ("plain", "packed")
 
 
 def onednn_linear_available() -> bool:
@@ -202,30 +203,58 @@ def onednn_linear_available() -> bool:
         return False
 
 
-def fp32_kernels(k: int, n: int, rows: int) -> dict[str, list]:
-    """The fastest way to run fp32 inference products here, over the row counts a decoding step of up to
-    ``rows`` rows passes through as sequences finish (1, 2, 4, ... ``rows``), for the output head (a ``k`` x
-    ``n`` product) and for the body (distinct ``k`` x ``4k`` products), 32M elements in all, more than a CPU's
-    caches hold, so that each product reads its weights from memory as decoding does: ``{"head": [kernel,
-    speedup], "body": [kernel, speedup]}``, a kernel of ``FP32_KERNELS`` (BLAS on the weights as stored, BLAS on
-    them stored transposed, oneDNN's kernel) and its speed over "plain"; cached per machine. On a 2-core Xeon
-    the gpt2 head's product ran 2.0x faster transposed at 8 rows but 0.7x at 2; on a 2-core EPYC oneDNN ran it
-    2.2x faster at 1 row and 2.4x at 16, and the body 1.6x at 1 row."""
+def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """A bf16 or fp16 ``weight`` (out, in) copied into oneDNN's own blocked layout for products of about
+    ``rows`` rows (a tensor of layout ``torch._mkldnn``: the same values, which ``gpt.linear`` multiplies
+    with oneDNN's kernel and ``.to_dense()`` gives back exactly), or None where this torch or CPU cannot
+    (fp16 needs AVX-512 FP16 or AVX-NE-CONVERT)."""
+    try:
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+            x = torch.ones(1, weight.size(1), dtype=weight.dtype)
+            y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")[:, :4].float()
+            # (the kernel that reads it gives F.linear's values, up to the order of a sum's terms)
+            if packed.layout != torch._mkldnn or not torch.allclose(
+                    y, torch.nn.functional.linear(x, weight[:4].detach()).float(), rtol=1e-2, atol=1e-2):
+                return None
+            return packed
+    except Exception:  # noqa: BLE001 (another build of torch or a CPU without the instructions)
+        return None
+
+
+def linear_kernels(dtype: torch.dtype, k: int, n: int, rows: int) -> dict[str, list]:
+    """The fastest way to run inference products of ``dtype`` weights here, over the row counts a decoding
+    step of up to ``rows`` rows passes through as sequences finish (1, 2, 4, ... ``rows``), for the output
+    head (a ``k`` x ``n`` product) and for the body (distinct ``k`` x ``4k`` products), 32M elements in all,
+    more than a CPU's caches hold, so that each product reads its weights from memory as decoding does:
+    ``{"head": [kernel, speedup], "body": [kernel, speedup]}``, with its speed over "plain"; cached per
+    machine. fp32 weights choose among ``FP32_KERNELS``: BLAS on the weights as stored, BLAS on them stored
+    transposed, oneDNN's kernel. On a 2-core Xeon the gpt2 head's product ran 2.0x faster transposed at 8
+    rows but 0.7x at 2; on a 2-core EPYC oneDNN ran it 2.2x faster at 1 row and 2.4x at 16, and the body 1.6x
+    at 1 row. bf16 and fp16 weights choose among ``HALF_KERNELS``: as stored, or packed into oneDNN's blocked
+    layout (``pack_weight``); on the EPYC packed bf16 ran the gpt2 head 1.6x faster at 1 row and the body
+    1.5-1.9x at 1 to 16 rows (24 GB/s read against 12-17)."""
     n = max(1, min(n, 2**24 // k))
     body = max(1, (2**25 - n * k) // (4 * k * k))
     counts = sorted({2**i for i in range(rows.bit_length())} | {rows})  # 1, 2, 4, ... and rows itself
-    kernels = [k_ for k_ in FP32_KERNELS if k_ != "onednn" or onednn_linear_available()]
+    if dtype == torch.float32:
+        kernels = [k_ for k_ in FP32_KERNELS if k_ != "onednn" or onednn_linear_available()]
+    else:
+        kernels = [k_ for k_ in HALF_KERNELS if k_ != "packed" or pack_weight(torch.ones(4, 2, dtype=dtype), 1) is not None]
 
     def seconds(kernel: str) -> dict[str, float]:
-        groups = {"head": [torch.full((n, k), 0.01)], "body": [torch.full((4 * k, k), 0.01) for _ in range(body)]}
+        groups = {"head": [torch.full((n, k), 0.01, dtype=dtype)],
+                  "body": [torch.full((4 * k, k), 0.01, dtype=dtype) for _ in range(body)]}
         if kernel == "transposed":  # (values do not matter for speed)
             groups = {g: [w.t().contiguous().t() for w in ws] for g, ws in groups.items()}
+        elif kernel == "packed":
+            groups = {g: [pack_weight(w, rows) for w in ws] for g, ws in groups.items()}
         total = dict.fromkeys(groups, 0.0)
         with torch.inference_mode():
             for r in counts:
-                x = torch.full((r, k), 0.01)
+                x = torch.full((r, k), 0.01, dtype=dtype)
                 for group, weights in groups.items():
-                    if kernel == "onednn":
+                    if kernel in ("onednn", "packed"):
                         run = lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in weights]  # noqa: E731
                     else:
                         run = lambda: [torch.nn.functional.linear(x, w) for w in weights]  # noqa: E731
@@ -237,7 +266,8 @@ def fp32_kernels(k: int, n: int, rows: int) -> dict[str, list]:
         best = {group: min(kernels, key=lambda kernel: times[kernel][group]) for group in ("head", "body")}
         return {group: [kernel, times["plain"][group] / times[kernel][group]] for group, kernel in best.items()}
 
-    chosen = _cached(f"{machine_key()} | fp32 kernels rows 1-{rows} x{k}x{n}", measure_all, dict)
+    name = SHORT[next(name for name, d in DTYPES.items() if d == dtype)]
+    chosen = _cached(f"{machine_key()} | {name} kernels rows 1-{rows} x{k}x{n}", measure_all, dict)
     valid = all(isinstance(chosen.get(g), list) and len(chosen[g]) == 2 and chosen[g][0] in kernels
                 and isinstance(chosen[g][1], (int, float)) for g in ("head", "body"))
     return chosen if valid else {"head": ["plain", 1.0], "body": ["plain", 1.0]}  # (a cache file edited by hand)

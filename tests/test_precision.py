@@ -141,9 +141,12 @@ def test_generate_loads_a_bf16_checkpoint_in_the_measured_precision(hf_gpt2, tmp
     assert main(["generate", "def", "--model", str(hf_gpt2), "--int8", "--dtype", "bfloat16"]) == 2
 
 
+PLAIN = {"head": ["plain", 1.0], "body": ["plain", 1.0]}
+
+
 def test_inference_runs_fp32_products_through_the_kernel_measured_fastest(monkeypatch, tmp_path, hf_gpt2,
                                                                           tokenizer_dir):
-    """``use_fast_fp32_kernels`` changes the kernel, not the numbers: for a decoder and an encoder-decoder (tied and
+    """``use_fast_kernels`` changes the kernel, not the numbers: for a decoder and an encoder-decoder (tied and
     untied head), whichever kernel the probe (real, cached) names for the head and for the body -- BLAS on weights
     stored transposed (strides change, values do not) or oneDNN's (the modules' forward, the tied head flagged) --
     logits and greedy tokens stay those of the plain model, one row at a time and several; outside no-grad mode the
@@ -153,16 +156,16 @@ def test_inference_runs_fp32_products_through_the_kernel_measured_fastest(monkey
 
     from lmforge import generate
     from lmforge.model.checkpoint import load_model
-    from lmforge.model.gpt import use_fast_fp32_kernels
+    from lmforge.model.gpt import use_fast_kernels
 
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
-    measured = precision.fp32_kernels(64, 300, 4)  # measured for real, then cached
+    measured = precision.linear_kernels(torch.float32, 64, 300, 4)  # measured for real, then cached
     assert set(measured) == {"head", "body"} and all(k in precision.FP32_KERNELS and s > 0 for k, s in measured.values())
     assert "fp32 kernels rows 1-4 x64x300" in next(iter(json.loads((tmp_path / "precision.json").read_text())))
     cache = tmp_path / "precision.json"
     key = next(iter(json.loads(cache.read_text())))
     cache.write_text(json.dumps({key: {"head": ["fastest", 9], "body": []}}))  # edited by hand: BLAS as stored
-    assert precision.fp32_kernels(64, 300, 4) == {"head": ["plain", 1.0], "body": ["plain", 1.0]}
+    assert precision.linear_kernels(torch.float32, 64, 300, 4) == {"head": ["plain", 1.0], "body": ["plain", 1.0]}
     from test_encoder_decoder import make_hf_t5
 
     import shutil
@@ -180,14 +183,14 @@ def test_inference_runs_fp32_products_through_the_kernel_measured_fastest(monkey
         logits = (lambda m: m(ids, labels=ids)[0]) if seq2seq else (lambda m: m(ids)[0])
         greedy = dict(max_new_tokens=6, temperature=0)
         for head, body in [(h, b) for h in kernels for b in kernels] + [("plain", kernels[-1]), (kernels[-1], "plain")]:
-            monkeypatch.setattr(precision, "fp32_kernels", lambda k, n, rows, h=head, b=body: {"head": [h, 2.0],
-                                                                                               "body": [b, 2.0]})
+            monkeypatch.setattr(precision, "linear_kernels", lambda dtype, k, n, rows, h=head, b=body: (
+                {"head": [h, 2.0], "body": [b, 2.0]} if dtype == torch.float32 else PLAIN))
             for rows in (1, 8):
                 other = copy.deepcopy(model).to(torch.bfloat16)
-                assert use_fast_fp32_kernels(other, rows) == "as loaded"
+                assert use_fast_kernels(other, rows) == "as loaded"
                 assert all(p.is_contiguous() for p in other.parameters())
             fast = copy.deepcopy(model)
-            said = use_fast_fp32_kernels(fast, 8)
+            said = use_fast_kernels(fast, 8)
             assert ("head" in said) == (head != "plain") and ("body" in said) == (body != "plain"), said
             untied = getattr(fast, "lm_head", None)
             head_weight = untied.weight if untied is not None else (fast.shared if seq2seq else fast.wte).weight
@@ -209,18 +212,75 @@ def test_inference_runs_fp32_products_through_the_kernel_measured_fastest(monkey
                 for a, b in zip(plain.parameters(), trained.parameters()):
                     torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
         for slow in ([kernels[-1], 1.05], ["plain", 1.0]):
-            monkeypatch.setattr(precision, "fp32_kernels", lambda k, n, rows, s=slow: {"head": s, "body": s})
+            monkeypatch.setattr(precision, "linear_kernels", lambda dtype, k, n, rows, s=slow: {"head": s, "body": s})
             unchanged = copy.deepcopy(model)
-            assert use_fast_fp32_kernels(unchanged, 8) == "as loaded" and not unchanged.onednn_head
+            assert use_fast_kernels(unchanged, 8) == "as loaded" and not unchanged.onednn_head
             assert all(p.is_contiguous() for p in unchanged.parameters())
-    monkeypatch.setattr(precision, "fp32_kernels", lambda k, n, rows: {"head": ["transposed", 2.0],
-                                                                        "body": ["transposed", 2.0]})
+    monkeypatch.setattr(precision, "linear_kernels", lambda dtype, k, n, rows: {"head": ["transposed", 2.0],
+                                                                                "body": ["transposed", 2.0]})
     calls = []
-    monkeypatch.setattr("lmforge.infer.generate.use_fast_fp32_kernels", lambda m, rows: calls.append(rows))
+    monkeypatch.setattr("lmforge.infer.generate.use_fast_kernels", lambda m, rows: calls.append(rows))
     generate(str(hf_gpt2), ["a", "b"], n=2, max_new_tokens=2, temperature=0.5)
     model = load_model(hf_gpt2)
     generate(model, ["a", "b"], max_new_tokens=2, temperature=0)
     assert calls == [4] and all(p.is_contiguous() for p in model.parameters())
+
+
+def test_bf16_inference_packs_weights_for_onednn_where_measured_faster(monkeypatch, tmp_path, hf_gpt2, tokenizer_dir):
+    """bf16 weights packed into oneDNN's layout (``use_fast_kernels``, whichever of head and body the probe names):
+    for a decoder (tied head: a packed copy beside the embedding) and encoder-decoders (tied and untied), logits and
+    greedy tokens stay the plain bf16 model's, one row and several; ``state_dict`` gives back the plain weights
+    exactly; ``pack=False`` (a compiled graph) and fp32's kernels leave bf16 weights alone."""
+    import copy
+    import shutil
+
+    from lmforge import generate
+    from lmforge.model.checkpoint import load_model
+    from lmforge.model.gpt import use_fast_kernels
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    if precision.pack_weight(torch.ones(4, 2, dtype=torch.bfloat16), 1) is None:
+        pytest.skip("this torch or CPU cannot pack bf16 weights for oneDNN")
+    measured = precision.linear_kernels(torch.bfloat16, 64, 300, 4)  # measured for real, then cached
+    assert all(k in precision.HALF_KERNELS and s > 0 for k, s in measured.values())
+    from test_encoder_decoder import make_hf_t5
+
+    folders = [hf_gpt2]
+    for shape in ("v1.0", "v1.1"):
+        folders.append(make_hf_t5(tmp_path / shape, shape, vocab_size=1024))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer_dir / name, folders[-1] / name)
+    for folder in folders:
+        model = load_model(folder, dtype=torch.bfloat16).eval()
+        seq2seq = not hasattr(model, "wte")
+        ids = torch.randint(2, 100, (3, 7))
+        logits = (lambda m: m(ids, labels=ids)[0]) if seq2seq else (lambda m: m(ids)[0])
+        plain_state = {k: v.clone() for k, v in model.state_dict().items()}
+        for head, body in (("packed", "packed"), ("packed", "plain"), ("plain", "packed")):
+            monkeypatch.setattr(precision, "linear_kernels", lambda dtype, k, n, rows, h=head, b=body: (
+                {"head": [h, 2.0], "body": [b, 2.0]} if dtype == torch.bfloat16 else PLAIN))
+            assert use_fast_kernels(copy.deepcopy(model), 8, pack=False) == "as loaded"
+            assert use_fast_kernels(copy.deepcopy(model).float(), 8) == "as loaded"
+            fast = copy.deepcopy(model)
+            said = use_fast_kernels(fast, 8)
+            assert ("head packed" in said) == (head == "packed") and ("body packed" in said) == (body == "packed"), said
+            untied = getattr(fast, "lm_head", None)
+            body_weights = [m.weight for m in fast.modules() if type(m) is torch.nn.Linear and m is not untied]
+            assert all((w.layout == torch._mkldnn) == (body == "packed") for w in body_weights)
+            if untied is not None:
+                assert (untied.weight.layout == torch._mkldnn) == (head == "packed")
+            else:
+                assert (fast.packed_head is not None) == (head == "packed")
+                assert (fast.shared if seq2seq else fast.wte).weight.layout == torch.strided  # the embedding reads it
+            state = fast.state_dict()
+            assert state.keys() == plain_state.keys()
+            assert all(v.layout == torch.strided and torch.equal(v, plain_state[k]) for k, v in state.items())
+            with torch.no_grad():
+                torch.testing.assert_close(logits(fast).float(), logits(model).float(), atol=2e-2, rtol=2e-2)
+            greedy = dict(max_new_tokens=6, temperature=0)
+            for prompts in (["b c"], ["a", "b c"]):
+                assert [g.token_ids for g in generate(fast, prompts, **greedy)] == \
+                    [g.token_ids for g in generate(model, prompts, **greedy)]
 
 
 def test_bf16_training_attention_takes_the_math_backend_where_it_is_measured_faster(monkeypatch, tmp_path):
@@ -302,15 +362,16 @@ def test_a_compiled_engine_decodes_a_model_whose_products_go_through_onednn(monk
     from lmforge.infer.engine import Engine
     from lmforge.infer.sampling import SamplingParams
     from lmforge.model.config import Config
-    from lmforge.model.gpt import build_model, use_fast_fp32_kernels
+    from lmforge.model.gpt import build_model, use_fast_kernels
 
     if not precision.onednn_linear_available():
         pytest.skip("this torch has no oneDNN linear kernel")
-    monkeypatch.setattr(precision, "fp32_kernels", lambda k, n, rows: {"head": ["onednn", 2.0], "body": ["onednn", 2.0]})
+    monkeypatch.setattr(precision, "linear_kernels", lambda dtype, k, n, rows: {"head": ["onednn", 2.0],
+                                                                                "body": ["onednn", 2.0]})
     torch.manual_seed(0)
     model = build_model(Config(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.0)).eval()
     fast = copy.deepcopy(model)
-    assert use_fast_fp32_kernels(fast, 1) == "head through oneDNN, body through oneDNN"
+    assert use_fast_kernels(fast, 1) == "head through oneDNN, body through oneDNN"
 
     def tokens(m, compile):
         engine = Engine(m, type("T", (), {"eos_id": None, "decode": lambda self, ids: ""})(), max_batch=1,

@@ -213,7 +213,10 @@ def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str
     if tasks:
         from lmforge.eval.baselines import transformer_dtype
 
+        from lmforge.model.gpt import use_fast_kernels
+
         model = load_generator(models[0], dtype=transformer_dtype(models[0], dtype))
+        use_fast_kernels(model, batch_size)  # the kernels measured fastest on this CPU (silent: results stay the same)
         scored = [t.name for t in tasks if t.type not in ("generate", "regression")]
         if not isinstance(model, GPT) and scored:
             raise LmforgeError(f"{models[0]} is an encoder-decoder (t5): it is evaluated on generation tasks (bleu, "
@@ -298,6 +301,10 @@ def compare_on_split(model_paths: list[str], data_dir: str, split: str = "val", 
     rows = []
     for path in model_paths:
         model, kind = load_any(path, dtype)
+        if kind.startswith("Transformer"):
+            from lmforge.model.gpt import use_fast_kernels
+
+            use_fast_kernels(model, 16)  # (windows of many rows: the kernels measured fastest for the most rows)
         if getattr(model, "config", None) is not None and getattr(model.config, "vocab_size", 10**9) < data.meta["tokenizer"]["vocab_size"]:
             raise LmforgeError(f"{path} has a smaller vocabulary than the data's tokenizer; evaluate models trained on it")
         started = time.perf_counter()

@@ -48,6 +48,9 @@ class LmforgeLM(LM):
 
             self.model = quantize_int8(self.model)
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        from lmforge.model.gpt import use_fast_kernels
+
+        use_fast_kernels(self.model, self.batch_size)  # (the CPU's fastest kernels; quantised weights stay as they are)
         self.max_gen_toks = int(max_gen_toks)
         self.eot = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0
         self.pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from lmforge.infer.detokenize import Detokenizer
 from lmforge.infer.engine import Engine, beam_search, fit_source
 from lmforge.infer.sampling import SamplingParams, fit_prompt, process_logits
-from lmforge.model.gpt import GPT, use_fast_fp32_kernels
+from lmforge.model.gpt import GPT, use_fast_kernels
 
 __all__ = ["Detokenizer", "Generation", "SamplingParams", "chat_prompt", "fit_prompt", "generate", "generate_ids",
            "process_logits", "stream_generate"]
@@ -115,7 +115,7 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
             rendered.append(text)
         prompts = rendered
     if loaded:  # (a model object is left as it is: it may train on)
-        use_fast_fp32_kernels(model, max(len(prompts) * sampling.n, sampling.num_beams))
+        use_fast_kernels(model, max(len(prompts) * sampling.n, sampling.num_beams))
     if sampling.num_beams > 1:
         out = []
         for p in prompts:

@@ -306,7 +306,8 @@ class EncoderDecoder(nn.Module):
         self.decoder = Stack(config, decoder=True)
         self.lm_head = None if config.tied else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.matvec = False  # one-row products through torch.mv (gpt.use_matvec)
-        self.onednn_head = False  # the head's fp32 products through oneDNN (gpt.use_fast_fp32_kernels)
+        self.onednn_head = False  # the head's fp32 products through oneDNN (gpt.use_fast_kernels)
+        self.packed_head = None  # a tied head's weights packed for oneDNN (gpt.use_fast_kernels)
         self.init_weights()
 
     @torch.no_grad()
@@ -366,8 +367,9 @@ class EncoderDecoder(nn.Module):
             x = x * self.config.d_model ** -0.5
         if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):  # an int8 head (quantize_int8)
             return self.lm_head(x)
-        return linear(x, self.shared.weight if self.lm_head is None else self.lm_head.weight, matvec=self.matvec,
-                      onednn=self.onednn_head)
+        weight = self.lm_head.weight if self.lm_head is not None else (
+            self.packed_head if self.packed_head is not None else self.shared.weight)
+        return linear(x, weight, matvec=self.matvec, onednn=self.onednn_head)
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """The decoder's input for ``labels``: the start token, then the labels but the last (-100 as padding)."""

@@ -291,7 +291,8 @@ class GPT(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.score = None
         self.matvec = False  # one-row products through torch.mv (``use_matvec``)
-        self.onednn_head = False  # a tied head's fp32 products through oneDNN (``use_fast_fp32_kernels``)
+        self.onednn_head = False  # a tied head's fp32 products through oneDNN (``use_fast_kernels``)
+        self.packed_head = None  # a tied head's weights packed for oneDNN (``use_fast_kernels``)
         if config.head == "sequence_classification":
             self.lm_head = None
             self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
@@ -395,8 +396,10 @@ class GPT(nn.Module):
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states (..., n_embd) → next-token logits (..., vocab)."""
         # (a module call, not F.linear with its weight, so that a quantised head works too)
-        return self.lm_head(hidden) if self.lm_head is not None else linear(hidden, self.wte.weight, matvec=self.matvec,
-                                                                          onednn=self.onednn_head)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        weight = self.packed_head if self.packed_head is not None else self.wte.weight
+        return linear(hidden, weight, matvec=self.matvec, onednn=self.onednn_head)
 
     def _classify(self, idx: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor | None):
         """Sequence classification: scores (B, num_labels) read at each row's last non-padding token
@@ -417,9 +420,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear``; with ``matvec``, an input of one row (batch-1 decoding) goes through ``torch.mv``, a
     matrix-vector kernel that some CPUs run much faster than ``linear``'s in bf16 (the precision probe
     measures it: ``precision.matvec_speedup``); with ``onednn``, fp32 products in no-grad mode go through
-    oneDNN's fp32 kernel instead of BLAS's (``precision.fp32_kernels``: on a 2-core EPYC the gpt2 head's
+    oneDNN's fp32 kernel instead of BLAS's (``precision.linear_kernels``: on a 2-core EPYC the gpt2 head's
     product ran 2.2x faster so at 1 row and 2.4x at 16), except in a graph ``torch.compile`` builds. Same
-    arithmetic, another kernel."""
+    arithmetic, another kernel. A weight packed into oneDNN's layout (``precision.pack_weight``) goes through
+    oneDNN's kernel, the one that reads it."""
+    if weight.layout == torch._mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if matvec and x.numel() == x.size(-1) and x.dtype == weight.dtype:
         y = torch.mv(weight, x.reshape(-1))
         return (y if bias is None else y + bias).view(*x.shape[:-1], -1)
@@ -446,18 +452,34 @@ def use_matvec(model: nn.Module) -> None:
     model.matvec = True
 
 
-def use_fast_fp32_kernels(model: nn.Module, rows: int) -> str:
-    """For inference on the CPU with up to ``rows`` rows a step: run ``model``'s fp32 products through the
-    kernel measured fastest on this machine for the row counts a step passes through as sequences finish
-    (``precision.fp32_kernels``), chosen apart for the output head and for the body (every other
-    ``nn.Linear``): BLAS on the weights as ``nn.Linear`` stores them; BLAS on the weights stored transposed
+def _dense_state(module, state: dict, prefix: str, local_metadata) -> None:
+    """A state dict of plain tensors from a model with weights packed for oneDNN (``use_fast_kernels``)."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.layout == torch._mkldnn:
+            state[key] = value.to_dense()
+
+
+def use_fast_kernels(model: nn.Module, rows: int, pack: bool = True) -> str:
+    """For inference on the CPU with up to ``rows`` rows a step: run ``model``'s products through the kernel
+    measured fastest on this machine for its weights' precision and the row counts a step passes through as
+    sequences finish (``precision.linear_kernels``), chosen apart for the output head and for the body (every
+    other ``nn.Linear``). Returns what it chose, in words.
+
+    fp32 weights: BLAS on the weights as ``nn.Linear`` stores them; BLAS on the weights stored transposed
     (columns contiguous: the same values and ``F.linear`` calls, only the strides change); or oneDNN's fp32
     kernel (the modules' forward bound to it; the tied head flagged), in no-grad mode only. BLAS's kernel for a
     few rows is much slower than it can be on some CPUs: on a 2-core EPYC, oneDNN ran the gpt2 head 2.2x
-    faster at 1 row and its body 1.6x; on a 2-core Xeon the transposed head ran 2.0x faster at 8 rows. Returns
-    what it chose, in words. Not for a model that will train on (its optimizer state and DDP's buckets expect
-    the layout they were made with)."""
-    from lmforge.precision import MARGIN, fp32_kernels
+    faster at 1 row and its body 1.6x; on a 2-core Xeon the transposed head ran 2.0x faster at 8 rows.
+
+    bf16 and fp16 weights: as stored, or (with ``pack``) packed into oneDNN's blocked layout, which its kernel
+    reads at 24 GB/s on the EPYC where PyTorch's bf16 products read 12-17 (the same values: the packed weight
+    replaces the module's, and ``state_dict`` gives them back plain). A tied head's packed weights are a copy
+    (the embedding reads the plain ones): the vocabulary's matrix twice in memory. Leave ``pack`` off for a
+    graph ``torch.compile`` builds, which cannot take them.
+
+    For inference only: not for a model that will train on (its optimizer state and DDP's buckets expect the
+    layout they were made with; packed weights have no gradient)."""
+    from lmforge.precision import MARGIN, linear_kernels, pack_weight
 
     tied = next((m for m in (getattr(model, "wte", None), getattr(model, "shared", None)) if m is not None), None)
     untied = getattr(model, "lm_head", None)
@@ -465,15 +487,31 @@ def use_fast_fp32_kernels(model: nn.Module, rows: int) -> str:
     head = head_module.weight if head_module is not None else (tied.weight if untied is None and tied else None)
     body = [m for m in model.modules() if type(m) is nn.Linear and m is not head_module]
     weights = [m.weight for m in body] + ([head] if head is not None else [])
+    dtype = head.dtype if head is not None else None
     if (rows < 1 or not body or head is None or getattr(model, "quantized", None)
-            or any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights)):
+            or any(w.device.type != "cpu" or w.dtype != dtype or w.layout != torch.strided for w in weights)
+            or (dtype != torch.float32 and not pack)):
         return "as loaded"
-    chosen = fp32_kernels(head.size(1), head.size(0), min(rows, 16))
+    chosen = linear_kernels(dtype, head.size(1), head.size(0), min(rows, 16))
     said = []
     for group, modules, matrices in (("head", [head_module] if head_module else [], [head]),
                                      ("body", body, [m.weight for m in body])):
         kernel, speedup = chosen[group]
         if kernel == "plain" or speedup < MARGIN:
+            continue
+        if kernel == "packed":
+            packed = [pack_weight(w, min(rows, 16)) for w in matrices]
+            if any(p is None for p in packed):
+                continue
+            for module, weight in zip(modules, packed):
+                module.weight = nn.Parameter(weight, requires_grad=False)
+                module.forward = types.MethodType(_onednn_forward, module)
+            if group == "head" and not modules:
+                model.packed_head = packed[0]
+            said.append(f"{group} packed for oneDNN" + (" (a copy of the tied embedding)" if group == "head" and not modules
+                                                        else ""))
+            if not getattr(model, "_dense_state_hook", None):
+                model._dense_state_hook = model._register_state_dict_hook(_dense_state)
             continue
         said.append(f"{group} {'stored transposed' if kernel == 'transposed' else 'through oneDNN'}")
         if kernel == "transposed":

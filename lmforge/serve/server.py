@@ -917,11 +917,11 @@ def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bo
 
         model = quantize_int8(model)
     elif model is not None:
-        from lmforge.model.gpt import use_fast_fp32_kernels
+        from lmforge.model.gpt import use_fast_kernels
 
-        chosen = use_fast_fp32_kernels(model, settings.max_batch)  # fp32 weights on the CPU
+        chosen = use_fast_kernels(model, settings.max_batch, pack=not compile)  # weights on the CPU
         if chosen != "as loaded":
-            print(f"fp32 products: {chosen} (measured fastest on this CPU)", flush=True)
+            print(f"products: {chosen} (measured fastest on this CPU)", flush=True)
     if settings.model_name == "lmforge":
         settings.model_name = Path(model_dir).resolve().name
     if model is None:
