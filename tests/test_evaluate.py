@@ -179,6 +179,27 @@ def test_results_json_and_the_command(hf_gpt2, tmp_path, capsys):
     assert "nothing to evaluate" in capsys.readouterr().err
 
 
+def test_eval_runs_the_products_through_the_kernels_measured_fastest(hf_gpt2, tmp_path, monkeypatch, capsys):
+    """`lmforge eval` (tasks, as `generate` does) applies the kernel choice for its batch size; the kernel changes,
+    the scores do not."""
+    from lmforge import precision
+    from lmforge.model import gpt
+
+    real, said = gpt.use_fast_kernels, []
+    monkeypatch.setattr(gpt, "use_fast_kernels", lambda model, rows, **kw: said.append((rows, real(model, rows, **kw))))
+    scores = []
+    kernel = "onednn" if precision.onednn_linear_available() else "transposed"
+    for chosen in ("plain", kernel):
+        monkeypatch.setattr(precision, "linear_kernels", lambda dtype, k, n, rows, c=chosen: {"head": [c, 2.0],
+                                                                                              "body": [c, 2.0]})
+        out = tmp_path / f"{chosen}.json"
+        assert main(["eval", "--model", str(hf_gpt2), "--tasks", "brackets,copy", "--limit", "6", "--quiet",
+                     "--batch-size", "4", "--out", str(out)]) == 0
+        scores.append({name: r["metrics"] for name, r in json.loads(out.read_text())["tasks"].items()})
+    assert [rows for rows, _ in said] == [4, 4] and said[0][1] == "as loaded" and said[1][1] != "as loaded", said
+    assert scores[0] == scores[1]
+
+
 def test_a_stop_sequence_inside_the_answers_is_flagged_and_builtins_have_none(hf_gpt2, capsys):
     model = load_model(hf_gpt2)
     tok = load_tokenizer_for(model)
