@@ -731,24 +731,34 @@ def test_in_bf16_training_rollouts_sample_from_a_bf16_copy_of_the_current_weight
     from lmforge.infer.engine import Engine
 
     monkeypatch.setattr(precision, "measure", lambda *a, **k: {"float32": 1.0, "bfloat16": bf16_speed})
+    # the copy's weights packed for oneDNN where this CPU can (re-packed from the policy's at each rollout)
+    packs = precision.pack_weight(torch.ones(4, 2, dtype=torch.bfloat16), 1) is not None
+    monkeypatch.setattr(precision, "linear_kernels", lambda dtype, *a: {g: ["packed" if packs and dtype == torch.bfloat16
+                                                                            else "plain", 2.0] for g in ("head", "body")})
     spy, seen = Spy(monkeypatch), []
     init = Engine.__init__
+    dense = lambda t: t.to_dense() if t.layout == torch._mkldnn else t  # noqa: E731
 
     def record(engine, model, *args, **kwargs):
         policy = spy.objective.policy
         seen.append((model is policy, next(model.parameters()).dtype,
-                     max((a.float() - b.to(torch.bfloat16).float()).abs().max().item()
-                         for a, b in zip(model.parameters(), policy.parameters())),
-                     {k: v.detach().clone() for k, v in policy.state_dict().items()}))
+                     max((dense(a).float() - b.to(torch.bfloat16).float()).abs().max().item()
+                         for a, b in zip([*model.parameters(), *([model.packed_head] if model.packed_head is not None
+                                                                 else [])],
+                                         [*policy.parameters(), *([policy.wte.weight] if model.packed_head is not None
+                                                                  else [])])),
+                     {k: v.detach().clone() for k, v in policy.state_dict().items()},
+                     sum(p.layout == torch._mkldnn for p in model.parameters())))
         init(engine, model, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "__init__", record)
     run_rl(base, prompts, tmp_path / "run", algo="grpo", max_steps=2, lr=1e-2, dtype="bfloat16")
     assert len(seen) == 2
     if bf16_speed > 1:
-        assert all(not is_policy and dtype == torch.bfloat16 and gap == 0 for is_policy, dtype, gap, _ in seen)
+        assert all(not is_policy and dtype == torch.bfloat16 and gap == 0 for is_policy, dtype, gap, *_ in seen)
+        assert all((packed > 0) == packs for *_, packed in seen)
     else:
-        assert all(is_policy and dtype == torch.float32 for is_policy, dtype, _, _ in seen)
+        assert all(is_policy and dtype == torch.float32 for is_policy, dtype, *_ in seen)
     first, second = seen[0][3], seen[1][3]
     assert max((first[k] - second[k]).abs().max().item() for k in first) > 1e-4  # the copy follows a moving policy
 

@@ -409,24 +409,39 @@ class RL(Finetune):
         - whole on every rank, under FSDP: each rank samples completions of lengths of its own, and a sharded
           model's every forward pass is a collective that all ranks would have to make together. The weights
           are gathered once a rollout (every rank calls this at the same points), at the cost of one whole
-          copy of the policy per rank while training runs (in bf16 where the rule above says so)."""
+          copy of the policy per rank while training runs (in bf16 where the rule above says so).
+
+        A copy's products run through the kernels measured fastest here (``gpt.use_fast_kernels``): in bf16 on
+        the CPU, its weights packed into oneDNN's layout, packed again from the policy's at each rollout."""
         sharded = any(hasattr(p, "full_tensor") for p in self.policy.parameters())
         dtype = torch.bfloat16 if self.bf16_rollouts(rows) else None
         if not sharded and dtype is None:
             return self.policy
         copy = self._rollout_copies.get(dtype)  # (one per precision: the choice may differ by the rollout's rows)
-        if copy is None:
+        made = copy is None
+        if made:
             import copy as copying
 
             copy = copying.deepcopy(self._policy_twin).to_empty(device=self.device)
             copy = (copy.to(dtype) if dtype is not None else copy).requires_grad_(False).eval()
             self._rollout_copies[dtype] = copy
+        from lmforge.model.gpt import use_fast_kernels
+        from lmforge.precision import pack_weight
         from lmforge.train.distributed import full_value
 
         with torch.no_grad():
-            for mine, theirs in zip([*copy.parameters(), *copy.buffers()],
-                                    [*self.policy.parameters(), *self.policy.buffers()], strict=True):
-                mine.copy_(full_value(theirs.detach()))
+            for (name, mine), theirs in zip([*copy.named_parameters(), *copy.named_buffers()],
+                                            [*self.policy.parameters(), *self.policy.buffers()], strict=True):
+                value = full_value(theirs.detach())
+                if mine.layout == torch._mkldnn:  # packed for oneDNN (below): packed again from the new values
+                    module = copy.get_submodule(name.rpartition(".")[0])
+                    module.weight = torch.nn.Parameter(pack_weight(value.to(mine.dtype), rows), requires_grad=False)
+                else:
+                    mine.copy_(value)
+            if copy.packed_head is not None:  # (a tied head's packed copy of the embedding)
+                copy.packed_head = pack_weight(copy.wte.weight, rows)
+        if made:  # the kernels measured fastest here for the copy's precision (bf16: its weights packed)
+            use_fast_kernels(copy, rows)
         return copy
 
     def bf16_rollouts(self, rows: int) -> bool:
