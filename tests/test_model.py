@@ -57,6 +57,31 @@ def test_a_70b_model_is_inspected_in_under_a_second_without_memory():
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 100_000
 
 
+def test_building_a_model_does_not_import_torch_dynamo():
+    """Every command that builds a model builds it on the meta device first; there ``normal_`` imports
+    ``torch._dynamo`` (1.4-2.1 s of every `generate`'s start on a 2-core CPU), so nothing is drawn there. Fresh
+    process: the three model files; a model made directly on the CPU is still drawn by its ``init_weights``."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, torch
+from lmforge.model.config import Config
+from lmforge.model.gpt import GPT, build_model
+from lmforge.model.encoder import EncoderConfig, build_encoder
+from lmforge.model.encoder_decoder import Seq2SeqConfig, build_encoder_decoder
+build_model(Config(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+direct = GPT(Config(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=64))  # (init_weights: std 0.02)
+assert abs(direct.wte.weight.std().item() - 0.02) < 0.002 and abs(direct.wpe.weight.std().item() - 0.02) < 0.004
+build_encoder(EncoderConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, mlp_hidden=32))
+build_encoder_decoder(Seq2SeqConfig(vocab_size=64, d_model=16, d_kv=8, d_ff=32, n_layer=1, n_decoder_layer=1, n_head=2))
+print("dynamo" if "torch._dynamo" in sys.modules else "no dynamo")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "no dynamo"
+
+
 def test_init_is_gpt2_style_and_seeded():
     config = Config(vocab_size=64, block_size=16, n_layer=4, n_head=2, n_embd=64)
     torch.manual_seed(0)

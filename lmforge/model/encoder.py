@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
+from lmforge.model.gpt import embedding
 
 # "pretraining" is BERT's pair of pretraining heads: masked LM and next-sentence prediction (on the pooler)
 HEADS = (None, "masked_lm", "pretraining", "sequence_classification", "token_classification", "question_answering")
@@ -148,9 +149,9 @@ class Encoder(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.wtt = nn.Embedding(config.type_vocab_size, config.n_embd)
+        self.wte = embedding(config.vocab_size, config.n_embd)
+        self.wpe = embedding(config.block_size, config.n_embd)
+        self.wtt = embedding(config.type_vocab_size, config.n_embd)
         self.ln_emb = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_layer))
@@ -161,7 +162,8 @@ class Encoder(nn.Module):
         if config.head in ("sequence_classification", "token_classification"):
             self.classifier = nn.Linear(config.n_embd, config.num_labels)
         self.qa_outputs = nn.Linear(config.n_embd, 2) if config.head == "question_answering" else None
-        self.init_weights()
+        if not self.wte.weight.is_meta:  # (nothing to draw on the meta device: build_on_meta draws once allocated)
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.model.gpt import attention, linear
+from lmforge.model.gpt import attention, embedding, linear
 
 # The feed-forward's activation, by transformers' names: ``feed_forward`` is ``ACT`` or ``gated-ACT`` (T5 v1.1:
 # ``act(wi_0 x) * wi_1 x``). As in transformers, "gated-gelu" means the tanh approximation (gelu_new), plain
@@ -252,7 +252,7 @@ class Stack(nn.Module):
         self.decoder = decoder
         n = config.n_decoder_layer if decoder else config.n_layer
         self.blocks = nn.ModuleList((DecoderBlock if decoder else EncoderBlock)(config) for _ in range(n))
-        self.relative_bias = nn.Embedding(config.num_buckets, config.n_head)
+        self.relative_bias = embedding(config.num_buckets, config.n_head)
         self.ln_f = RMSNorm(config.d_model, config.norm_eps)
         self.drop = nn.Dropout(config.dropout)
         self.config = config
@@ -301,14 +301,15 @@ class EncoderDecoder(nn.Module):
     def __init__(self, config: Seq2SeqConfig):
         super().__init__()
         self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared = embedding(config.vocab_size, config.d_model)
         self.encoder = Stack(config, decoder=False)
         self.decoder = Stack(config, decoder=True)
         self.lm_head = None if config.tied else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.matvec = False  # one-row products through torch.mv (gpt.use_matvec)
         self.onednn_head = False  # the head's fp32 products through oneDNN (gpt.use_fast_kernels)
         self.packed_head = None  # a tied head's weights packed for oneDNN (gpt.use_fast_kernels)
-        self.init_weights()
+        if not self.shared.weight.is_meta:  # (nothing to draw on the meta device: build_on_meta draws once allocated)
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -282,8 +282,8 @@ class GPT(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_embedding == "learned" else None
+        self.wte = embedding(config.vocab_size, config.n_embd)
+        self.wpe = embedding(config.block_size, config.n_embd) if config.pos_embedding == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config)
@@ -296,7 +296,8 @@ class GPT(nn.Module):
         if config.head == "sequence_classification":
             self.lm_head = None
             self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
-        self.init_weights()
+        if not self.wte.weight.is_meta:  # (nothing to draw on the meta device: build_on_meta draws once allocated)
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -565,6 +566,14 @@ def new_weights_device(model: nn.Module) -> torch.device:
     drawn as one process draws them, and ``materialize`` keeps them when the rest gets its memory."""
     first = next(model.parameters())
     return torch.device("cpu") if first.is_meta and hasattr(model, "pending_weights") else first.device
+
+
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(num, dim)``, except that on the meta device (``build_on_meta``) it does not draw its weights:
+    the model's ``init_weights`` draws them, and ``normal_`` on a meta tensor imports ``torch._dynamo`` (1.4-2.1 s on
+    a 2-core CPU, torch 2.13), which every command that builds a model, and every rank, would pay at start."""
+    weight = torch.empty(num, dim)
+    return nn.Embedding(num, dim, _weight=weight) if weight.is_meta else nn.Embedding(num, dim)
 
 
 def build_on_meta(cls, config, device, init: bool):
