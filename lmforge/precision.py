@@ -235,7 +235,9 @@ def linear_kernels(dtype: torch.dtype, k: int, n: int, rows: int) -> dict[str, l
     layout (``pack_weight``); on the EPYC packed bf16 ran the gpt2 head 1.6x faster at 1 row and the body
     1.5-1.9x at 1 to 16 rows (24 GB/s read against 12-17)."""
     n = max(1, min(n, 2**24 // k))
-    body = max(1, (2**25 - n * k) // (4 * k * k))
+    # (at most 64 body matrices: a small model's, which fit in the caches as the model does, are not timed by the
+    # thousand -- 2-8 s a probe for a 32-wide test model before)
+    body = max(1, min(64, (2**25 - n * k) // (4 * k * k)))
     counts = sorted({2**i for i in range(rows.bit_length())} | {rows})  # 1, 2, 4, ... and rows itself
     if dtype == torch.float32:
         kernels = [k_ for k_ in FP32_KERNELS if k_ != "onednn" or onednn_linear_available()]
@@ -258,7 +260,7 @@ def linear_kernels(dtype: torch.dtype, k: int, n: int, rows: int) -> dict[str, l
                         run = lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in weights]  # noqa: E731
                     else:
                         run = lambda: [torch.nn.functional.linear(x, w) for w in weights]  # noqa: E731
-                    total[group] += median_seconds(run, repeats=3)
+                    total[group] += median_seconds(run, repeats=5)
         return total
 
     def measure_all():
