@@ -301,35 +301,51 @@ def attention_math_speedup(dtype: torch.dtype, heads: int, head_dim: int, length
     return float(_cached(f"{machine_key()} | attention {name} 4x{heads}x{length}x{head_dim}", speedup, float))
 
 
-def decode_attention_math_speedup(dtype: torch.dtype, rows: int, heads: int, kv_heads: int, head_dim: int,
-                                  length: int) -> float:
-    """How much faster a decoding step's attention (one query per row over ``length`` cached keys and values,
-    a per-row mask as the engine passes it) runs through ``scaled_dot_product_attention``'s math backend than
-    through its flash kernel, in ``dtype`` on the CPU; cached per machine. On a 2-core EPYC, for bf16, one row
-    of the gpt2 shape: 0.6x at 64 positions, 1.9x at 544, 3.2x at 1,024; 16 rows: about even up to 544, 0.3x at
-    1,024."""
+DECODE_ATTENTION = ("flash", "math", "matmul")
+
+
+def decode_attention_kernel(dtype: torch.dtype, rows: int, heads: int, kv_heads: int, head_dim: int,
+                            length: int) -> list:
+    """The fastest way to run a decoding step's attention here (one query per row over ``length`` cached keys and
+    values, a per-row mask as the engine passes it) in ``dtype`` on the CPU: ``[kernel, speedup over flash]``, a
+    kernel of ``DECODE_ATTENTION`` -- ``scaled_dot_product_attention``'s flash kernel, its math backend, or two
+    matrix products with a softmax between (``gpt.matmul_attention``) -- chosen only when ``MARGIN`` faster than
+    the flash kernel; cached per machine. On a 2-core EPYC, bf16, the gpt2 shape's keys and values as views of a
+    longer cache, one row over 544 positions: flash 668 us a layer, math 246, matmul 251; over 1,000: 926, 478,
+    380; 16 rows over 544: 9.7 ms, 10.9, 4.2; one row over 64: 95, 74, 138 us."""
     name = next(name for name, d in DTYPES.items() if d == dtype)
 
-    def speedup():
+    def measure_all():
         from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        from lmforge.model.gpt import matmul_attention
 
         g = torch.Generator().manual_seed(0)
         q = torch.randn(rows, heads, 1, head_dim, generator=g).to(dtype)
-        k, v = (torch.randn(rows, kv_heads, length, head_dim, generator=g).to(dtype) for _ in range(2))
+        # (views of a cache twice as long, as the engine's keys and values are: a kernel may copy such a view)
+        k, v = (torch.randn(rows, kv_heads, 2 * length, head_dim, generator=g).to(dtype)[:, :, :length] for _ in range(2))
         mask = torch.ones(rows, 1, 1, length, dtype=torch.bool)
+        gqa = kv_heads != heads
 
-        def step(backend):
+        def sdpa(backend):
             def run():
                 with sdpa_kernel(backend):
-                    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                                     enable_gqa=kv_heads != heads)
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
             return run
 
+        runs = {"flash": sdpa(SDPBackend.FLASH_ATTENTION), "math": sdpa(SDPBackend.MATH),
+                "matmul": lambda: matmul_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)}
         with torch.inference_mode():
-            return median_seconds(step(SDPBackend.FLASH_ATTENTION)) / median_seconds(step(SDPBackend.MATH))
+            times = {kernel: median_seconds(run) for kernel, run in runs.items()}
+        best = min(times, key=times.get)
+        speedup = times["flash"] / times[best]
+        return [best, speedup] if speedup >= MARGIN else ["flash", 1.0]
 
-    key = f"{machine_key()} | decode attention {name} {rows}x{heads}/{kv_heads}x{length}x{head_dim}"
-    return float(_cached(key, speedup, float))
+    key = f"{machine_key()} | decode attention kernel {name} {rows}x{heads}/{kv_heads}x{length}x{head_dim} (views)"
+    chosen = _cached(key, measure_all, list)
+    valid = (isinstance(chosen, list) and len(chosen) == 2 and chosen[0] in DECODE_ATTENTION
+             and isinstance(chosen[1], (int, float)))
+    return chosen if valid else ["flash", 1.0]  # (a cache file edited by hand)
 
 
 @dataclass

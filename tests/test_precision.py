@@ -319,16 +319,29 @@ def test_bf16_training_attention_takes_the_math_backend_where_it_is_measured_fas
         torch.testing.assert_close(a, b, atol=2e-2 * float(b.abs().max()) + 1e-6, rtol=0)
 
 
-def test_bf16_decoding_attention_takes_the_math_backend_where_it_is_measured_faster(monkeypatch, tmp_path):
-    """A decoding step's one query a row (no grad, bf16 on the CPU) goes through SDPA's math backend where the probe
-    (real, cached per rows, heads, length) says it is faster than the flash kernel; the step's logits are the flash
-    kernel's within bf16's rounding. Prefill (several queries) and fp32 never ask."""
+def test_bf16_decoding_attention_takes_the_kernel_measured_fastest(monkeypatch, tmp_path):
+    """A decoding step's one query a row (no grad, bf16 on the CPU) goes through SDPA's flash kernel, its math
+    backend or ``matmul_attention``, whichever the probe (real, cached per rows, heads, length) says; the step's
+    logits are the flash kernel's within bf16's rounding, grouped query heads included. Prefill (several queries)
+    and fp32 never ask. ``matmul_attention`` itself equals SDPA in fp32 (bool mask, float bias, groups)."""
+    import torch.nn.functional as F
+
     import lmforge.model.gpt as gpt
     from lmforge.model.config import Config
 
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
-    assert precision.decode_attention_math_speedup(torch.bfloat16, 2, 4, 2, 16, 64) > 0  # measured, then cached
-    assert "decode attention bfloat16 2x4/2x64x16" in next(iter(json.loads((tmp_path / "precision.json").read_text())))
+    kernel, speedup = precision.decode_attention_kernel(torch.bfloat16, 2, 4, 2, 16, 64)  # measured, then cached
+    assert kernel in precision.DECODE_ATTENTION and speedup >= (1.0 if kernel == "flash" else precision.MARGIN)
+    assert "decode attention kernel bfloat16 2x4/2x64x16" in next(iter(json.loads((tmp_path / "precision.json").read_text())))
+    g = torch.Generator().manual_seed(0)
+    for heads, kv_heads in ((4, 2), (4, 4), (8, 1)):
+        q, k, v = torch.randn(3, heads, 1, 8, generator=g), *torch.randn(2, 3, kv_heads, 11, 8, generator=g)
+        mask = torch.rand(3, 1, 1, 11, generator=g) > 0.4
+        mask[..., 0] = True
+        bias = torch.randn(1, heads, 1, 11, generator=g)
+        for kw in (dict(attn_mask=mask), dict(attn_mask=bias, scale=1.0), {}):
+            torch.testing.assert_close(gpt.matmul_attention(q, k, v, enable_gqa=kv_heads != heads, **kw),
+                                       F.scaled_dot_product_attention(q, k, v, enable_gqa=kv_heads != heads, **kw))
     torch.manual_seed(0)
     model = gpt.build_model(Config(vocab_size=300, block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                                    dropout=0.0, norm="rmsnorm", pos_embedding="rope", mlp="swiglu", bias=False,
@@ -336,22 +349,24 @@ def test_bf16_decoding_attention_takes_the_math_backend_where_it_is_measured_fas
     ids = torch.randint(0, 300, (3, 37))
     asked = []
     with torch.no_grad():
-        monkeypatch.setattr(gpt, "_math_decoding_is_faster", lambda *key: asked.append(key) or True)
+        monkeypatch.setattr(gpt, "_decoding_attention", lambda *key: asked.append(key) or "math")
         model(ids)  # fp32
         model.to(torch.bfloat16)
         model(ids)  # several queries a row
         assert asked == []
         steps = {}
-        for name, faster in (("math", True), ("flash", False)):
-            monkeypatch.setattr(gpt, "_math_decoding_is_faster", lambda *key, f=faster: asked.append(key) or f)
+        for name in ("math", "matmul", "flash"):
+            monkeypatch.setattr(gpt, "_decoding_attention", lambda *key, n=name: asked.append(key) or n)
             cache = gpt.KVCache(model.config, 3, 64, ids.device, torch.bfloat16)
             model(ids, kv_cache=cache, start=0)
             with torch.profiler.profile() as prof:
                 steps[name] = model(ids[:, :1], kv_cache=cache, start=37).float()
-            kernels = {e.key for e in prof.key_averages() if "flash_attention" in e.key}
-            assert bool(kernels) == (name == "flash"), kernels
+            kernels = {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+            assert any("flash" in k for k in kernels) == (name == "flash"), kernels
+            assert any("math" in k for k in kernels) == (name == "math"), kernels
     assert asked and all(key == (torch.bfloat16, 4, 4, 2, 16, 64) for key in asked)  # 3 rows, 38 keys: buckets
-    torch.testing.assert_close(steps["math"], steps["flash"], atol=3e-2 * float(steps["flash"].abs().max()), rtol=0)
+    for name in ("math", "matmul"):
+        torch.testing.assert_close(steps[name], steps["flash"], atol=3e-2 * float(steps["flash"].abs().max()), rtol=0)
 
 
 def test_a_compiled_engine_decodes_a_model_whose_products_go_through_onednn(monkeypatch):
