@@ -212,7 +212,6 @@ def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str
     results["tasks"] = {}
     if tasks:
         from lmforge.eval.baselines import transformer_dtype
-
         from lmforge.model.gpt import use_fast_kernels
 
         model = load_generator(models[0], dtype=transformer_dtype(models[0], dtype))

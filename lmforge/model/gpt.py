@@ -181,6 +181,8 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     (``enable_gqa``) without copying the cache. A row with every key masked gets the mean of the values
     (SDPA gives 0 or NaN; the engine never reads such a row)."""
     B, H, T, D = q.shape
+    if (is_causal and T > 1) or dropout_p:
+        raise ValueError("matmul_attention is for decoding steps: one query a row, no causal mask, no dropout")
     kv_heads, L = k.size(1), k.size(2)
     group = H // kv_heads  # (query heads h*group ... read key/value head h, as SDPA's enable_gqa)
     # (k·qᵀ, not q·kᵀ: the cache's keys are a view of a longer cache, and the bf16 product of q with that view's
