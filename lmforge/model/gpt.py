@@ -512,37 +512,39 @@ def use_fast_kernels(model: nn.Module, rows: int, pack: bool = True) -> str:
     head_module = untied if type(untied) is nn.Linear else None
     head = head_module.weight if head_module is not None else (tied.weight if untied is None and tied else None)
     body = [m for m in model.modules() if type(m) is nn.Linear and m is not head_module]
-    weights = [m.weight for m in body] + ([head] if head is not None else [])
     dtype = head.dtype if head is not None else None
     if (rows < 1 or not body or head is None or getattr(model, "quantized", None)
-            or any(w.device.type != "cpu" or w.dtype != dtype or w.layout != torch.strided for w in weights)
+            or any(w.device.type != "cpu" or w.dtype != dtype or w.layout != torch.strided
+                   for w in [head, *(m.weight for m in body)])
             or (dtype != torch.float32 and not pack)):
         return "as loaded"
     chosen = linear_kernels(dtype, head.size(1), head.size(0), min(rows, 16))
     said = []
-    for group, modules, matrices in (("head", [head_module] if head_module else [], [head]),
-                                     ("body", body, [m.weight for m in body])):
+    for group, modules in (("head", [head_module] if head_module else []), ("body", body)):
         kernel, speedup = chosen[group]
         if kernel == "plain" or speedup < MARGIN:
             continue
         if kernel == "packed":
-            packed = [pack_weight(w, min(rows, 16)) for w in matrices]
-            if any(p is None for p in packed):
-                continue
-            for module, weight in zip(modules, packed):
-                module.weight = nn.Parameter(weight, requires_grad=False)
-                module.forward = types.MethodType(_onednn_forward, module)
             if group == "head" and not modules:
-                model.packed_head = packed[0]
-            said.append(f"{group} packed for oneDNN" + (" (a copy of the tied embedding)" if group == "head" and not modules
-                                                        else ""))
-            if not getattr(model, "_dense_state_hook", None):
-                model._dense_state_hook = model._register_state_dict_hook(_dense_state)
+                model.packed_head = pack_weight(head, min(rows, 16))
+                packed = model.packed_head is not None
+            else:  # one matrix at a time, each replacing the module's own: never the body twice in memory
+                packed = False
+                for module in modules:
+                    weight = pack_weight(module.weight, min(rows, 16))
+                    if weight is not None:
+                        module.weight = nn.Parameter(weight, requires_grad=False)
+                        module.forward = types.MethodType(_onednn_forward, module)
+                        packed = True
+            if packed:
+                said.append(f"{group} packed for oneDNN" + ("" if modules else " (a copy of the tied embedding)"))
+                if not getattr(model, "_dense_state_hook", None):
+                    model._dense_state_hook = model._register_state_dict_hook(_dense_state)
             continue
         said.append(f"{group} {'stored transposed' if kernel == 'transposed' else 'through oneDNN'}")
         if kernel == "transposed":
             with torch.no_grad():
-                for w in matrices:
+                for w in [head] if group == "head" else [m.weight for m in modules]:
                     if w.is_contiguous():
                         w.data = w.data.t().contiguous().t()
         else:
