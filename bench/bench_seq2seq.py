@@ -14,8 +14,8 @@ Both start from one random T5ForConditionalGeneration saved with save_pretrained
     Trainer does (no flush), and once more with the flush, so that both comparisons are there.
   * Generation: greedy, 64 new tokens for every row (no end token: transformers is given min_new_tokens, lmforge no
     stop token), sources of 128 tokens; batch 1 and batch 8; tokens/s counts new tokens; fp32 weights, lmforge's
-    products through the kernel its probe measures fastest here, as `lmforge generate` runs them; median of 3 runs
-    after 1.
+    products through the kernel its probe measures fastest here, as `lmforge generate` runs them; the two
+    libraries take turns run by run, median of 5 runs after 1 each.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.precision import flushing_subnormals, median_seconds  # noqa: E402
+from lmforge.precision import flushing_subnormals  # noqa: E402
 from lmforge.utils import hardware_description  # noqa: E402
 
 SHAPES = {
@@ -42,7 +42,7 @@ SHAPES = {
                      feed_forward_proj="relu", tie_word_embeddings=True),
 }
 ROWS, SOURCE, TARGET = 8, 256, 64
-GEN_SOURCE, NEW = 128, 64
+GEN_SOURCE, NEW, REPEATS = 128, 64, 5
 
 
 def bench_shape(shape: str) -> list[tuple]:
@@ -54,14 +54,21 @@ def bench_shape(shape: str) -> list[tuple]:
 
     torch.manual_seed(0)
     config = T5Config(**SHAPES[shape], dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    vocab = SHAPES[shape]["vocab_size"]
     with tempfile.TemporaryDirectory() as tmp:
-        T5ForConditionalGeneration(config).save_pretrained(tmp)
+        model = T5ForConditionalGeneration(config)
+        if not SHAPES[shape]["tie_word_embeddings"]:  # (transformers 5's T5Config ties the head whatever it is told)
+            with torch.no_grad():
+                model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab, config.d_model) * config.d_model ** -0.5)
+            model.config.tie_word_embeddings = False
+        model.save_pretrained(tmp)
         hf = T5ForConditionalGeneration.from_pretrained(tmp, attn_implementation="sdpa")
         ours = load_model(tmp)
     params = sum(p.numel() for p in ours.parameters())
-    print(f"{shape}: {params / 1e6:.1f}M parameters", flush=True)
+    hf_tied = hf.lm_head.weight.data_ptr() == hf.shared.weight.data_ptr()
+    assert ours.config.tied == hf_tied == SHAPES[shape]["tie_word_embeddings"]
+    print(f"{shape}: {params / 1e6:.1f}M parameters, {'tied' if ours.config.tied else 'own'} head", flush=True)
     g = torch.Generator().manual_seed(0)
-    vocab = SHAPES[shape]["vocab_size"]
     source = torch.randint(2, vocab, (ROWS, SOURCE), generator=g)
     labels = torch.randint(2, vocab, (ROWS, TARGET), generator=g)
     rows = []
@@ -120,8 +127,14 @@ def bench_shape(shape: str) -> list[tuple]:
             engine.run(requests)
             assert all(len(r.sequences[0].tokens) == NEW for r in requests)
 
-        hf_rate = batch * NEW / median_seconds(hf_generate, repeats=3, warmup=1)
-        our_rate = batch * NEW / median_seconds(our_generate, repeats=3, warmup=1)
+        # (the two take turns, run by run: on a shared VM a slow spell then hits both)
+        times = {hf_generate: [], our_generate: []}
+        for _ in range(REPEATS + 1):
+            for run, seconds in times.items():
+                start = time.perf_counter()
+                run()
+                seconds.append(time.perf_counter() - start)
+        hf_rate, our_rate = (batch * NEW / statistics.median(times[run][1:]) for run in (hf_generate, our_generate))
         rows.append((shape, f"generate tokens/s (batch {batch})", "transformers fp32", hf_rate, 1.0, None))
         rows.append((shape, f"generate tokens/s (batch {batch})", "lmforge fp32", our_rate, our_rate / hf_rate,
                      our_rate / hf_rate))

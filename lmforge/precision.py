@@ -188,7 +188,7 @@ def matvec_speedup(dtype: torch.dtype, k: int, n: int) -> float:
     return float(_cached(f"{machine_key()} | matvec {name} 1x{k}x{n}", speedup, float))
 
 
-FP32_KERNELS = ("plain", "transposed", "onednn")
+FP32_KERNELS = ("plain", "transposed", "onednn", "packed")
 HALF_KERNELS = ("plain", "packed")
 
 
@@ -204,8 +204,8 @@ def onednn_linear_available() -> bool:
 
 
 def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
-    """A bf16 or fp16 ``weight`` (out, in) copied into oneDNN's own blocked layout for products of about
-    ``rows`` rows (a tensor of layout ``torch._mkldnn``: the same values, which ``gpt.linear`` multiplies
+    """An fp32, bf16 or fp16 ``weight`` (out, in) copied into oneDNN's own blocked layout for products of
+    about ``rows`` rows (a tensor of layout ``torch._mkldnn``: the same values, which ``gpt.linear`` multiplies
     with oneDNN's kernel and ``.to_dense()`` gives back exactly), or None where this torch or CPU cannot
     (fp16 needs AVX-512 FP16 or AVX-NE-CONVERT)."""
     try:
@@ -229,20 +229,20 @@ def linear_kernels(dtype: torch.dtype, k: int, n: int, rows: int) -> dict[str, l
     more than a CPU's caches hold, so that each product reads its weights from memory as decoding does:
     ``{"head": [kernel, speedup], "body": [kernel, speedup]}``, with its speed over "plain"; cached per
     machine. fp32 weights choose among ``FP32_KERNELS``: BLAS on the weights as stored, BLAS on them stored
-    transposed, oneDNN's kernel. On a 2-core Xeon the gpt2 head's product ran 2.0x faster transposed at 8
-    rows but 0.7x at 2; on a 2-core EPYC oneDNN ran it 2.2x faster at 1 row and 2.4x at 16, and the body 1.6x
-    at 1 row. bf16 and fp16 weights choose among ``HALF_KERNELS``: as stored, or packed into oneDNN's blocked
-    layout (``pack_weight``); on the EPYC packed bf16 ran the gpt2 head 1.6x faster at 1 row and the body
-    1.5-1.9x at 1 to 16 rows (24 GB/s read against 12-17)."""
+    transposed, oneDNN's kernel on them as stored or packed into its blocked layout (``pack_weight``). On a
+    2-core Xeon the gpt2 head's product ran 2.0x faster transposed at 8 rows but 0.7x at 2; on a 2-core EPYC
+    oneDNN ran it 2.2x faster at 1 row and 2.4x at 16, and the body 1.6x at 1 row; at 8 rows packed fp32 ran
+    the T5-small decoder's products in 146 us each against 176 for oneDNN on plain weights and 240 for BLAS.
+    bf16 and fp16 weights choose among ``HALF_KERNELS``: as stored, or packed; on the EPYC packed bf16 ran the
+    gpt2 head 1.6x faster at 1 row and the body 1.5-1.9x at 1 to 16 rows (24 GB/s read against 12-17)."""
     n = max(1, min(n, 2**24 // k))
     # (at most 64 body matrices: a small model's, which fit in the caches as the model does, are not timed by the
     # thousand -- 2-8 s a probe for a 32-wide test model before)
     body = max(1, min(64, (2**25 - n * k) // (4 * k * k)))
     counts = sorted({2**i for i in range(rows.bit_length())} | {rows})  # 1, 2, 4, ... and rows itself
-    if dtype == torch.float32:
-        kernels = [k_ for k_ in FP32_KERNELS if k_ != "onednn" or onednn_linear_available()]
-    else:
-        kernels = [k_ for k_ in HALF_KERNELS if k_ != "packed" or pack_weight(torch.ones(4, 2, dtype=dtype), 1) is not None]
+    packs = pack_weight(torch.ones(4, 2, dtype=dtype), 1) is not None
+    kernels = [k_ for k_ in (FP32_KERNELS if dtype == torch.float32 else HALF_KERNELS)
+               if (k_ != "onednn" or onednn_linear_available()) and (k_ != "packed" or packs)]
 
     def seconds(kernel: str) -> dict[str, float]:
         groups = {"head": [torch.full((n, k), 0.01, dtype=dtype)],
@@ -269,7 +269,8 @@ def linear_kernels(dtype: torch.dtype, k: int, n: int, rows: int) -> dict[str, l
         return {group: [kernel, times["plain"][group] / times[kernel][group]] for group, kernel in best.items()}
 
     name = SHORT[next(name for name, d in DTYPES.items() if d == dtype)]
-    chosen = _cached(f"{machine_key()} | {name} kernels rows 1-{rows} x{k}x{n}", measure_all, dict)
+    # (the kernels in the key: a choice cached before one joined them is measured again)
+    chosen = _cached(f"{machine_key()} | {name} kernels {'/'.join(kernels)} rows 1-{rows} x{k}x{n}", measure_all, dict)
     valid = all(isinstance(chosen.get(g), list) and len(chosen[g]) == 2 and chosen[g][0] in kernels
                 and isinstance(chosen[g][1], (int, float)) for g in ("head", "body"))
     return chosen if valid else {"head": ["plain", 1.0], "body": ["plain", 1.0]}  # (a cache file edited by hand)

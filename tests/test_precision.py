@@ -161,7 +161,8 @@ def test_inference_runs_fp32_products_through_the_kernel_measured_fastest(monkey
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
     measured = precision.linear_kernels(torch.float32, 64, 300, 4)  # measured for real, then cached
     assert set(measured) == {"head", "body"} and all(k in precision.FP32_KERNELS and s > 0 for k, s in measured.values())
-    assert "fp32 kernels rows 1-4 x64x300" in next(iter(json.loads((tmp_path / "precision.json").read_text())))
+    key = next(iter(json.loads((tmp_path / "precision.json").read_text())))
+    assert "fp32 kernels plain/transposed/" in key and "rows 1-4 x64x300" in key
     cache = tmp_path / "precision.json"
     key = next(iter(json.loads(cache.read_text())))
     cache.write_text(json.dumps({key: {"head": ["fastest", 9], "body": []}}))  # edited by hand: BLAS as stored
@@ -175,7 +176,8 @@ def test_inference_runs_fp32_products_through_the_kernel_measured_fastest(monkey
         folders.append(make_hf_t5(tmp_path / shape, shape, vocab_size=1024))
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(tokenizer_dir / name, folders[-1] / name)
-    kernels = ["transposed"] + (["onednn"] if precision.onednn_linear_available() else [])
+    kernels = ["transposed"] + (["onednn"] if precision.onednn_linear_available() else []) + (
+        ["packed"] if precision.pack_weight(torch.ones(4, 2), 1) is not None else [])
     for folder in folders:
         model = load_model(folder).eval()
         seq2seq = not hasattr(model, "wte")
@@ -195,11 +197,22 @@ def test_inference_runs_fp32_products_through_the_kernel_measured_fastest(monkey
             untied = getattr(fast, "lm_head", None)
             head_weight = untied.weight if untied is not None else (fast.shared if seq2seq else fast.wte).weight
             body_weights = [m.weight for m in fast.modules() if type(m) is torch.nn.Linear and m is not untied]
-            for kernel, weights in ((head, [head_weight]), (body, body_weights)):
-                assert all(w.is_contiguous() != (kernel == "transposed") for w in weights)
+            for group, kernel, weights in (("head", head, [head_weight]), ("body", body, body_weights)):
+                if kernel == "packed" and group == "head" and untied is None:  # a packed copy; the embedding reads
+                    assert fast.packed_head.layout == torch._mkldnn and head_weight.layout == torch.strided
+                elif kernel == "packed":
+                    assert all(w.layout == torch._mkldnn for w in weights)
+                else:
+                    assert all(w.layout == torch.strided and w.is_contiguous() != (kernel == "transposed") for w in weights)
             assert fast.onednn_head == (head == "onednn")
-            for a, b in zip(model.parameters(), fast.parameters()):
-                assert torch.equal(a, b)
+            assert fast.state_dict().keys() == model.state_dict().keys()
+            for (name, a), b in zip(model.state_dict().items(), fast.state_dict().values()):  # (packed: given back plain)
+                assert b.layout == torch.strided and torch.equal(a, b), name
+            if "packed" in (head, body):  # a compiled graph cannot take packed weights: oneDNN's kernel on plain ones
+                unpacked = copy.deepcopy(model)
+                said = use_fast_kernels(unpacked, 8, pack=False)
+                assert "packed" not in said and all(p.layout == torch.strided for p in unpacked.parameters())
+                assert unpacked.onednn_head == (head in ("onednn", "packed"))
             with torch.no_grad():
                 torch.testing.assert_close(logits(fast), logits(model), atol=1e-5, rtol=1e-5)
             for prompts in (["b c"], ["a", "b c"]):
