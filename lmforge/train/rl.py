@@ -411,8 +411,9 @@ class RL(Finetune):
           are gathered once a rollout (every rank calls this at the same points), at the cost of one whole
           copy of the policy per rank while training runs (in bf16 where the rule above says so).
 
-        A copy's products run through the kernels measured fastest here (``gpt.use_fast_kernels``): in bf16 on
-        the CPU, its weights packed into oneDNN's layout, packed again from the policy's at each rollout."""
+        A copy's products run through the kernels measured fastest here (``gpt.use_fast_kernels``): on the CPU,
+        weights packed into oneDNN's layout where that is measured fastest, packed again from the policy's at
+        each rollout."""
         sharded = any(hasattr(p, "full_tensor") for p in self.policy.parameters())
         dtype = torch.bfloat16 if self.bf16_rollouts(rows) else None
         if not sharded and dtype is None:
@@ -429,17 +430,18 @@ class RL(Finetune):
         from lmforge.precision import pack_weight
         from lmforge.train.distributed import full_value
 
+        hint = min(rows, 16)  # (oneDNN's layout hint, as ``use_fast_kernels`` gives it)
         with torch.no_grad():
             for (name, mine), theirs in zip([*copy.named_parameters(), *copy.named_buffers()],
                                             [*self.policy.parameters(), *self.policy.buffers()], strict=True):
                 value = full_value(theirs.detach())
                 if mine.layout == torch._mkldnn:  # packed for oneDNN (below): packed again from the new values
                     module = copy.get_submodule(name.rpartition(".")[0])
-                    module.weight = torch.nn.Parameter(pack_weight(value.to(mine.dtype), rows), requires_grad=False)
+                    module.weight = torch.nn.Parameter(pack_weight(value.to(mine.dtype), hint), requires_grad=False)
                 else:
                     mine.copy_(value)
             if copy.packed_head is not None:  # (a tied head's packed copy of the embedding)
-                copy.packed_head = pack_weight(copy.wte.weight, rows)
+                copy.packed_head = pack_weight(copy.wte.weight, hint)
         if made:  # the kernels measured fastest here for the copy's precision (bf16: its weights packed)
             use_fast_kernels(copy, rows)
         return copy
