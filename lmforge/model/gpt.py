@@ -496,15 +496,15 @@ def use_fast_kernels(model: nn.Module, rows: int, pack: bool = True) -> str:
     kernel (the modules' forward bound to it; the tied head flagged), in no-grad mode only; or (with ``pack``)
     oneDNN's kernel on the weights packed into its blocked layout, as below. BLAS's kernel for a few rows is
     much slower than it can be on some CPUs: on a 2-core EPYC, oneDNN ran the gpt2 head 2.2x faster at 1 row
-    and its body 1.6x, and packed fp32 weights took T5 generation at 8 rows from 1.4x to 2.0x transformers'
-    speed (tiny shape); on a 2-core Xeon the transposed head ran 2.0x faster at 8 rows.
+    and its body 1.6x, and packed fp32 weights took T5 generation at 8 rows from 1.4x to 1.7-2.0x
+    transformers' speed (tiny shape); on a 2-core Xeon the transposed head ran 2.0x faster at 8 rows.
 
     bf16 and fp16 weights: as stored, or (with ``pack``) packed into oneDNN's blocked layout, which its kernel
     reads at 24 GB/s on the EPYC where PyTorch's bf16 products read 12-17 (the same values: the packed weight
     replaces the module's, and ``state_dict`` gives them back plain). A tied head's packed weights are a copy
     (the embedding reads the plain ones): the vocabulary's matrix twice in memory. Leave ``pack`` off for a
-    graph ``torch.compile`` builds, which cannot take them (fp32 then takes oneDNN's kernel on plain weights
-    where packed ones were measured fastest, and the compiled graph its own).
+    graph ``torch.compile`` builds, which cannot take them (where packed fp32 was measured fastest, the weights
+    then stay plain and go through oneDNN's kernel outside a compiled graph).
 
     For inference only: not for a model that will train on (its optimizer state and DDP's buckets expect the
     layout they were made with; packed weights have no gradient)."""
