@@ -161,10 +161,9 @@ def test_inference_runs_fp32_products_through_the_kernel_measured_fastest(monkey
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
     measured = precision.linear_kernels(torch.float32, 64, 300, 4)  # measured for real, then cached
     assert set(measured) == {"head", "body"} and all(k in precision.FP32_KERNELS and s > 0 for k, s in measured.values())
-    key = next(iter(json.loads((tmp_path / "precision.json").read_text())))
-    assert "fp32 kernels plain/transposed/" in key and "rows 1-4 x64x300" in key
     cache = tmp_path / "precision.json"
     key = next(iter(json.loads(cache.read_text())))
+    assert "fp32 kernels plain/transposed/" in key and "rows 1-4 x64x300" in key
     cache.write_text(json.dumps({key: {"head": ["fastest", 9], "body": []}}))  # edited by hand: BLAS as stored
     assert precision.linear_kernels(torch.float32, 64, 300, 4) == {"head": ["plain", 1.0], "body": ["plain", 1.0]}
     from test_encoder_decoder import make_hf_t5
