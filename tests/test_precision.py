@@ -164,6 +164,7 @@ def test_inference_runs_fp32_products_through_the_kernel_measured_fastest(monkey
     cache = tmp_path / "precision.json"
     key = next(iter(json.loads(cache.read_text())))
     assert "fp32 kernels plain/transposed/" in key and "rows 1-4 x64x300" in key
+    assert ("/packed " in key) == (precision.pack_weight(torch.ones(4, 2), 1) is not None)  # fp32 may be packed too
     cache.write_text(json.dumps({key: {"head": ["fastest", 9], "body": []}}))  # edited by hand: BLAS as stored
     assert precision.linear_kernels(torch.float32, 64, 300, 4) == {"head": ["plain", 1.0], "body": ["plain", 1.0]}
     from test_encoder_decoder import make_hf_t5
