@@ -196,6 +196,50 @@ def test_seeded_samples_of_a_wave_are_each_requests_own_and_n_samples_differ(tmp
     assert got == alone and got[0] != got[1]
 
 
+def test_requests_that_arrive_while_a_wave_runs_join_it_and_get_what_they_get_alone(tmp_path):
+    """Continuous batching for an encoder-decoder: requests added while a wave decodes join it at the next step
+    (the wave is not drained first), over sources longer and shorter than the wave's; each request's tokens and
+    per-token log-probabilities are those it gets alone (greedy, and sampled with its seed), and once the rows that
+    started first are gone the cache holds only the columns the rows left use."""
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+
+    model = load_model(make_hf_t5(tmp_path / "hf", "v1.1")).eval()
+    greedy = SamplingParams(max_new_tokens=6, temperature=0, stop_token_ids=[], logprobs=0)
+    sampled = SamplingParams(max_new_tokens=9, temperature=1.0, top_k=20, stop_token_ids=[], logprobs=0, seed=5)
+    plan = [(SOURCES[1], greedy), (SOURCES[2], replace_n(sampled, 2, seed=5)), (SOURCES[0], greedy),
+            ([7, 7, 21], replace_n(sampled, 1, seed=9)), (SOURCES[2][:5], greedy)]
+
+    def alone(src, params):
+        engine = Engine(model, IdTokenizer(), max_batch=4)
+        r = engine.add(src, params)
+        engine.run([r])
+        return [(s.tokens, s.logprobs) for s in r.sequences]
+
+    engine = Engine(model, IdTokenizer(), max_batch=4)
+    requests, joined, lengths = [], [], []
+    for step in range(40):
+        if step in (0, 2, 3, 5, 11) and len(requests) < len(plan):  # (a wave of 1 row, then newcomers as it runs)
+            requests.append(engine.add(*plan[len(requests)]))
+        running = len(engine.active)
+        engine.step()
+        if running and any(s in engine.active for s in requests[-1].sequences) and requests[-1] not in joined \
+                and all(s.pos <= 1 for s in requests[-1].sequences):
+            joined.append(requests[-1])
+        if engine.wave is not None:
+            lengths.append((engine.wave["cache"][0]["self"][0].size(2), max(s.pos for s in engine.active)))
+        if not engine.has_work and len(requests) == len(plan):
+            break
+    assert len(joined) >= 3  # (joined a running wave; the 4-row limit held the last one back until rows freed)
+    for (src, params), request in zip(plan, requests):
+        got = [(s.tokens, s.logprobs) for s in request.sequences]
+        want = alone(src, params)
+        assert [t for t, _ in got] == [t for t, _ in want]
+        for (_, a), (_, b) in zip(got, want):
+            assert a == pytest.approx(b, abs=1e-4)
+    assert all(columns <= longest + 1 for columns, longest in lengths[-3:])  # (the first rows' columns dropped)
+
+
 def replace_n(params, n, seed):
     from dataclasses import replace
 

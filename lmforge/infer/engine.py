@@ -11,10 +11,12 @@ prompt or a list.
 
 Rows stay packed: when a sequence finishes, the last active row moves into its place.
 
-An encoder-decoder (T5) runs in waves: the waiting requests that fit are admitted together, their
-sources encoded once as one padded batch (each row's cross-attention keys and values cached once),
-and their decoders start together and advance in step, finished rows dropping out; the next wave
-starts when this one is done. Sampling, stop rules and events are the same code as the decoder's.
+An encoder-decoder (T5) runs in one wave at a time, with continuous batching too: the waiting requests
+that fit are admitted together, their sources encoded once as one padded batch (each row's
+cross-attention keys and values cached once), and their decoders start together; every row then
+advances in step, finished rows dropping out, and requests that arrive later join at the next step
+(their rows masked over the columns before their start: ``encoder_decoder.join_rows``). Sampling, stop
+rules and events are the same code as the decoder's.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from lmforge.errors import LmforgeError
 from lmforge.infer.detokenize import Detokenizer
 from lmforge.infer.sampling import SamplingParams, draw_rows, filter_logits, fit_prompt, process_logits, sample
-from lmforge.model.encoder_decoder import select_rows
+from lmforge.model.encoder_decoder import join_rows, select_rows
 from lmforge.model.gpt import GPT, KVCache, use_matvec
 
 _ids = itertools.count()
@@ -406,34 +408,11 @@ class Engine:
     # -- encoder-decoder waves --------------------------------------------------------------------
 
     def _wave_step(self) -> list[Event]:
-        """Start a wave (encode the admitted sources, decode the first token) or advance the current one."""
+        """Advance the current wave one token, then let the waiting requests that fit join it (encode their
+        sources, decode their first token); with no wave, they start one."""
         events: list[Event] = []
         self._drop_finished_rows()  # (aborted ones too)
-        if not self.active:
-            requests, rows = [], 0
-            while self.waiting and rows + len(self.waiting[0].sequences) <= self.max_batch:
-                request = self.waiting.popleft()
-                if not request.aborted:
-                    requests.append(request)
-                    rows += len(request.sequences)
-            if not requests:
-                return events
-            try:
-                events += self._start_wave(requests)
-            except Exception as e:
-                self.active, self.wave = [], None
-                if not self.isolate_failures:
-                    raise
-                # The newest request is the likeliest cause (the longest source, the one that did not fit): it
-                # fails alone, the others wait for the next wave.
-                newest = requests.pop()
-                self.waiting.extendleft(reversed(requests))
-                newest.error = e
-                for s in newest.sequences:
-                    if not s.finished:
-                        s._finish("error")
-                        events.append(Event(s, None, "", True))
-        else:
+        if self.active:
             seqs, cache = self.active, self.wave["cache"]
             tokens = torch.tensor([[s.next_input] for s in seqs], device=self.device)
             past = cache[0]["self"][0].size(2)
@@ -446,10 +425,42 @@ class Engine:
                     layer["self"] = tuple(t[:, :, :past] for t in layer["self"])
                 raise
             events += self._choose_all(seqs, logits, self._greedy(seqs, logits))
+            self._drop_finished_rows()
+        requests, rows = [], len(self.active)
+        while self.waiting and rows + len(self.waiting[0].sequences) <= self.max_batch:
+            request = self.waiting.popleft()
+            if not request.aborted:
+                requests.append(request)
+                rows += len(request.sequences)
+        if not requests:
+            return events
+        try:
+            seqs, mask, cache, logits = self._first_tokens(requests)
+        except Exception as e:
+            if not self.isolate_failures:
+                raise
+            # The newest request is the likeliest cause (the longest source, the one that did not fit): it fails
+            # alone, the others wait for the next step.
+            newest = requests.pop()
+            self.waiting.extendleft(reversed(requests))
+            newest.error = e
+            for s in newest.sequences:
+                if not s.finished:
+                    s._finish("error")
+                    events.append(Event(s, None, "", True))
+            return events
+        if self.active:  # continuous batching: the newcomers' rows join the running wave's
+            self.wave["mask"] = join_rows(self.wave["cache"], self.wave["mask"], cache, mask)
+            self.active += seqs
+        else:
+            self.wave, self.active = {"mask": mask, "cache": cache}, seqs
+        events += self._choose_all(seqs, logits, self._greedy(seqs, logits))
         self._drop_finished_rows()
         return events
 
-    def _start_wave(self, requests: list[Request]) -> list[Event]:
+    def _first_tokens(self, requests: list[Request]) -> tuple[list[Sequence], torch.Tensor, list[dict], torch.Tensor]:
+        """Encode ``requests``' sources as one padded batch and decode their start token: (their sequences, the
+        sources' mask a row, the decoder's cache, the logits of each row's first token)."""
         sources = [r.prompt_ids for r in requests]
         width = max(map(len, sources))
         pad = self.model.config.pad_token_id
@@ -457,15 +468,13 @@ class Engine:
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources], device=self.device)
         rows = torch.tensor([i for i, r in enumerate(requests) for _ in r.sequences], device=self.device)
         memory = self.model.encode(ids, mask)[rows]
-        self.wave = {"mask": mask[rows], "cache": [{} for _ in self.model.decoder.blocks]}
-        self.active = [s for r in requests for s in r.sequences]
-        start = torch.full((len(self.active), 1), self.model.config.decoder_start_token_id, device=self.device)
-        logits = self.model.decode(start, memory, self.wave["mask"], self.wave["cache"])[:, -1]
-        events = []
-        for s in self.active:
+        cache = [{} for _ in self.model.decoder.blocks]
+        seqs = [s for r in requests for s in r.sequences]
+        start = torch.full((len(seqs), 1), self.model.config.decoder_start_token_id, device=self.device)
+        logits = self.model.decode(start, memory, mask[rows], cache)[:, -1]
+        for s in seqs:
             s.pos = 0
-        events += self._choose_all(self.active, logits, self._greedy(self.active, logits))
-        return events
+        return seqs, mask[rows], cache, logits
 
     def _greedy(self, seqs: list[Sequence], logits: torch.Tensor) -> dict[int, int]:
         greedy = [i for i, s in enumerate(seqs) if s.plain_greedy]

@@ -234,7 +234,8 @@ def _extend(cache: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor
 
 def select_rows(cache: list[dict], rows: torch.Tensor) -> None:
     """Keep (or reorder, or repeat) the rows ``rows`` of a decoding cache, in place: the self-attention keys and
-    values (their buffer) and the cross-attention's. The position-bias table is the same for every row."""
+    values (their buffer) and the cross-attention's. The position-bias table is the same for every row. Columns
+    that only rows gone were using (before every kept row's start, ``join_rows``) are dropped."""
     for layer in cache:
         if "cross" in layer:
             layer["cross"] = tuple(t[rows] for t in layer["cross"])
@@ -242,6 +243,44 @@ def select_rows(cache: list[dict], rows: torch.Tensor) -> None:
             length = layer["self"][0].size(2)
             layer["buffer"] = tuple(t[rows] for t in layer["buffer"])
             layer["self"] = tuple(t[:, :, :length] for t in layer["buffer"])
+    if "starts" in cache[0]:
+        starts = cache[0]["starts"][rows]
+        first = int(starts.min()) if starts.numel() else 0
+        if first > 0:  # (views: a column's distance to the next query, all the position bias reads, stays the same)
+            for layer in cache:
+                layer["buffer"] = tuple(t[:, :, first:] for t in layer["buffer"])
+                layer["self"] = tuple(t[:, :, first:] for t in layer["self"])
+            starts = starts - first
+        if starts.any():
+            cache[0]["starts"] = starts
+        else:  # every row from the first column again: no per-row mask
+            del cache[0]["starts"]
+
+
+def join_rows(cache: list[dict], mask: torch.Tensor, new_cache: list[dict], new_mask: torch.Tensor) -> torch.Tensor:
+    """Add the rows of ``new_cache`` -- sequences that have decoded only their start token, over sources with
+    the padding ``new_mask`` -- to a running decoding ``cache`` (sources ``mask``), in place; returns the joined
+    rows' source mask. Continuous batching for an encoder-decoder: every row writes its next keys and values at
+    the same column, so the newcomers' start token goes in the column the others wrote last, and
+    ``cache[0]["starts"]`` keeps each row's first column: the columns before it are masked in its self-attention
+    (their keys are zeros). The position bias depends only on a key's distance to the query, the same in columns
+    as in each row's own positions. The sources are padded to the longer of the two (masked, zeros)."""
+    length = cache[0]["self"][0].size(2)
+    width = max(mask.size(1), new_mask.size(1))
+    starts = cache[0].get("starts", torch.zeros(mask.size(0), dtype=torch.long, device=mask.device))
+    for layer, new in zip(cache, new_cache, strict=True):
+        joined = []
+        for old, fresh in zip(layer["buffer"], new["self"]):
+            rows = old.new_zeros(fresh.size(0), old.size(1), old.size(2), old.size(3))
+            rows[:, :, length - 1] = fresh[:, :, 0]
+            joined.append(torch.cat([old, rows]))
+        layer["buffer"] = tuple(joined)
+        layer["self"] = tuple(t[:, :, :length] for t in joined)
+        layer["cross"] = tuple(torch.cat([F.pad(a, (0, 0, 0, width - a.size(2))), F.pad(b, (0, 0, 0, width - b.size(2)))])
+                               for a, b in zip(layer["cross"], new["cross"]))
+    cache[0]["starts"] = torch.cat([starts, torch.full((new_mask.size(0),), length - 1, dtype=torch.long,
+                                                       device=starts.device)])
+    return torch.cat([F.pad(mask, (0, width - mask.size(1))), F.pad(new_mask, (0, width - new_mask.size(1)))])
 
 
 class Stack(nn.Module):
@@ -354,6 +393,9 @@ class EncoderDecoder(nn.Module):
         x = _drop(stack.drop, self.shared(decoder_input_ids))
         if cache is not None and T == 1 and not torch.is_grad_enabled():  # a decoding step: biases kept with the cache
             self_bias = stack.step_bias(cache[0], past, x.dtype)
+            if "starts" in cache[0]:  # rows that joined later (join_rows): the columns before their start are not theirs
+                late = torch.arange(past + 1, device=x.device)[None, :] < cache[0]["starts"][:, None]
+                self_bias = self_bias.masked_fill(late[:, None, None, :], torch.finfo(x.dtype).min)
             cross_bias = _cached_padding_bias(cache[0], attention_mask, x.dtype)
         else:
             causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
