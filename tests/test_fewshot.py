@@ -68,3 +68,28 @@ def test_classify_picks_the_most_likely_label_and_reports_accuracy(hf_gpt2, tmp_
     assert "12 examples, 2-shot: accuracy" in capsys.readouterr().out
     assert main(["classify", str(data), "--model", str(hf_gpt2), "--labels", "yes,maybe"]) == 2
     assert "labels no that --labels does not list" in capsys.readouterr().err
+
+
+
+def test_classify_runs_the_products_through_the_kernels_measured_fastest(hf_gpt2, tmp_path, monkeypatch, capsys):
+    """`lmforge classify` applies the kernel choice (as `eval` does, for its 8 rows a batch): the kernel changes,
+    the predictions do not."""
+    from lmforge import precision
+    from lmforge.model import gpt
+
+    rows = [{"text": f"sample {i}", "label": "yes" if i % 3 else "no"} for i in range(10)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    real, said = gpt.use_fast_kernels, []
+    monkeypatch.setattr(gpt, "use_fast_kernels", lambda model, rows, **kw: said.append((rows, real(model, rows, **kw))))
+    printed = []
+    kernels = ["transposed"] + (["onednn"] if precision.onednn_linear_available() else []) + (
+        ["packed"] if precision.pack_weight(torch.ones(4, 2), 1) is not None else [])
+    for chosen in ["plain", *kernels]:
+        monkeypatch.setattr(precision, "linear_kernels", lambda dtype, k, n, rows, c=chosen: {"head": [c, 2.0],
+                                                                                              "body": [c, 2.0]})
+        assert main(["classify", str(data), "--model", str(hf_gpt2), "--labels", "yes,no", "--shots", "2"]) == 0
+        printed.append(capsys.readouterr().out)
+    assert [rows for rows, _ in said] == [8] * len(printed) and said[0][1] == "as loaded"
+    assert all(kernel != "as loaded" for _, kernel in said[1:]), said
+    assert all(out == printed[0] for out in printed) and "10 examples, 2-shot: accuracy" in printed[0]
