@@ -244,29 +244,34 @@ def linear_kernels(dtype: torch.dtype, k: int, n: int, rows: int) -> dict[str, l
     kernels = [k_ for k_ in (FP32_KERNELS if dtype == torch.float32 else HALF_KERNELS)
                if (k_ != "onednn" or onednn_linear_available()) and (k_ != "packed" or packs)]
 
-    def seconds(kernel: str) -> dict[str, float]:
-        groups = {"head": [torch.full((n, k), 0.01, dtype=dtype)],
-                  "body": [torch.full((4 * k, k), 0.01, dtype=dtype) for _ in range(body)]}
-        if kernel == "transposed":  # (values do not matter for speed)
-            groups = {g: [w.t().contiguous().t() for w in ws] for g, ws in groups.items()}
-        elif kernel == "packed":
-            groups = {g: [pack_weight(w, rows) for w in ws] for g, ws in groups.items()}
-        total = dict.fromkeys(groups, 0.0)
-        with torch.inference_mode():
-            for r in counts:
-                x = torch.full((r, k), 0.01, dtype=dtype)
-                for group, weights in groups.items():
-                    if kernel in ("onednn", "packed"):
-                        run = lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in weights]  # noqa: E731
-                    else:
-                        run = lambda: [torch.nn.functional.linear(x, w) for w in weights]  # noqa: E731
-                    total[group] += median_seconds(run, repeats=5)
-        return total
-
     def measure_all():
-        times = {kernel: seconds(kernel) for kernel in kernels}
-        best = {group: min(kernels, key=lambda kernel: times[kernel][group]) for group in ("head", "body")}
-        return {group: [kernel, times["plain"][group] / times[kernel][group]] for group, kernel in best.items()}
+        plain = {"head": [torch.full((n, k), 0.01, dtype=dtype)],  # (values do not matter for speed)
+                 "body": [torch.full((4 * k, k), 0.01, dtype=dtype) for _ in range(body)]}
+        weights = {"plain": plain, "onednn": plain}  # (oneDNN's kernel on the weights as stored)
+        if "transposed" in kernels:
+            weights["transposed"] = {g: [w.t().contiguous().t() for w in ws] for g, ws in plain.items()}
+        if "packed" in kernels:
+            weights["packed"] = {g: [pack_weight(w, rows) for w in ws] for g, ws in plain.items()}
+        inputs = {r: torch.full((r, k), 0.01, dtype=dtype) for r in counts}
+        samples = {(kernel, group, r): [] for kernel in kernels for group in plain for r in counts}
+        with torch.inference_mode():
+            # The kernels take turns, one timing each a round (the first round warms up): a slow spell on a shared
+            # machine then falls on all of them alike instead of on whichever was being timed.
+            for _ in range(6):
+                for (kernel, group, r), times in samples.items():
+                    x, ws = inputs[r], weights[kernel][group]
+                    start = time.perf_counter()
+                    if kernel in ("onednn", "packed"):
+                        for w in ws:
+                            torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+                    else:
+                        for w in ws:
+                            torch.nn.functional.linear(x, w)
+                    times.append(time.perf_counter() - start)
+        total = {(kernel, group): sum(statistics.median(samples[kernel, group, r][1:]) for r in counts)
+                 for kernel in kernels for group in plain}
+        best = {group: min(kernels, key=lambda kernel: total[kernel, group]) for group in plain}
+        return {group: [kernel, total["plain", group] / total[kernel, group]] for group, kernel in best.items()}
 
     name = SHORT[next(name for name, d in DTYPES.items() if d == dtype)]
     # (the kernels in the key: a choice cached before one joined them is measured again)
