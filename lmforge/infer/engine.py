@@ -278,6 +278,16 @@ class Engine:
 
     # -- stepping ---------------------------------------------------------------------------------
 
+    def _admit(self) -> list[Request]:
+        """The waiting requests that fit beside the active rows, in order (aborted ones dropped)."""
+        admitted, rows = [], len(self.active)
+        while self.waiting and rows + len(self.waiting[0].sequences) <= self.max_batch:
+            request = self.waiting.popleft()
+            if not request.aborted:
+                admitted.append(request)
+                rows += len(request.sequences)
+        return admitted
+
     @torch.inference_mode()
     def step(self) -> list[Event]:
         """Advance every active sequence by one token and admit waiting requests that fit."""
@@ -288,12 +298,7 @@ class Engine:
         pending = list(self.active)  # sequences that already hold a sampled token
         if pending:
             events += self._decode_step(pending)
-        admitted, rows = [], len(self.active)
-        while self.waiting and rows + len(self.waiting[0].sequences) <= self.max_batch:
-            request = self.waiting.popleft()
-            if not request.aborted:
-                admitted.append(request)
-                rows += len(request.sequences)
+        admitted = self._admit()
         need = max((min(len(r.prompt_ids) + r.params.max_new_tokens, self.max_len) for r in admitted), default=0)
         need = self.max_len if self.static and admitted else need
         if need > self.cache.max_len:  # (doubling: a server's longer requests grow it a few times at most)
@@ -426,12 +431,7 @@ class Engine:
                 raise
             events += self._choose_all(seqs, logits, self._greedy(seqs, logits))
             self._drop_finished_rows()
-        requests, rows = [], len(self.active)
-        while self.waiting and rows + len(self.waiting[0].sequences) <= self.max_batch:
-            request = self.waiting.popleft()
-            if not request.aborted:
-                requests.append(request)
-                rows += len(request.sequences)
+        requests = self._admit()
         if not requests:
             return events
         try:
