@@ -279,9 +279,8 @@ def cmd_merge(args) -> None:
 def cmd_classify(args) -> None:
     from lmforge.eval.fewshot import DEFAULT_TEMPLATE, classify
     from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
-    from lmforge.utils import pick_device
-
     from lmforge.model.gpt import use_fast_kernels
+    from lmforge.utils import pick_device
 
     model = load_decoder(args.model, pick_device(args.device))
     use_fast_kernels(model, 8)  # (scored 8 rows at a time: the kernels measured fastest on this CPU; silent)

@@ -467,14 +467,14 @@ class Engine:
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in sources], device=self.device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources], device=self.device)
         rows = torch.tensor([i for i, r in enumerate(requests) for _ in r.sequences], device=self.device)
-        memory = self.model.encode(ids, mask)[rows]
+        memory, mask = self.model.encode(ids, mask)[rows], mask[rows]
         cache = [{} for _ in self.model.decoder.blocks]
         seqs = [s for r in requests for s in r.sequences]
         start = torch.full((len(seqs), 1), self.model.config.decoder_start_token_id, device=self.device)
-        logits = self.model.decode(start, memory, mask[rows], cache)[:, -1]
+        logits = self.model.decode(start, memory, mask, cache)[:, -1]
         for s in seqs:
             s.pos = 0
-        return seqs, mask[rows], cache, logits
+        return seqs, mask, cache, logits
 
     def _greedy(self, seqs: list[Sequence], logits: torch.Tensor) -> dict[int, int]:
         greedy = [i for i, s in enumerate(seqs) if s.plain_greedy]
