@@ -76,6 +76,20 @@ def test_completions_with_the_openai_client(client, model_dir):
     assert len(out.choices[0].logprobs.token_logprobs) == 5 and all(len(t) == 2 for t in out.choices[0].logprobs.top_logprobs)
 
 
+def test_a_stream_of_several_choices_gives_each_all_its_text_and_its_finish(client):
+    """n choices of one request end at the same step: each gets that step's text and its finish_reason."""
+    kw = dict(model="tiny", prompt="def f(x):", max_tokens=3, temperature=1.0, seed=2, n=3)
+    whole = client.completions.create(**kw)
+    texts, finishes = {}, {}
+    for chunk in client.completions.create(**kw, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert finishes == {c.index: "length" for c in whole.choices}
+
+
 def test_chat_with_the_openai_client(client, model_dir):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, n=2)
@@ -120,6 +134,11 @@ def post(server, path, body, **kw):
     ({"prompt": "x", "max_tokens": 301}, 400, "max_tokens", "above this server's limit of 300"),
     ({"prompt": "word " * 300, "max_tokens": 100}, 400, "prompt", "maximum context length is 512 tokens. However, you requested"),
     ({"max_tokens": 5}, 400, "prompt", "Field required"),
+    ({"prompt": "x", "max_tokens": "5"}, 400, "max_tokens", "valid integer"),  # no guessing at what a string means
+    ({"prompt": "x", "n": True}, 400, "n", "valid integer"),
+    ({"prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias", "logit_bias is not supported by this server"),
+    ({"prompt": "x", "n": 1, "best_of": 3}, 400, "best_of", "best_of is not supported"),
+    ({"prompt": "x", "suffix": "}"}, 400, "suffix", "suffix is not supported"),
 ])
 def test_bad_completion_requests_get_openai_errors(server, body, status, param, needle):
     response = post(server, "/v1/completions", body)
@@ -127,6 +146,41 @@ def test_bad_completion_requests_get_openai_errors(server, body, status, param, 
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["param"] == param and needle in error["message"]
+
+
+def test_what_the_server_does_not_implement_is_refused_and_its_no_op_values_pass(server):
+    """An answer that ignored a field asking for something else would be silently wrong: a 400 instead; the
+    values that ask for nothing (which some clients send) are accepted."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for extra, param in [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                         ({"tool_choice": "required"}, "tool_choice"),
+                         ({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"logit_bias": {"1": -100}}, "logit_bias")]:
+        response = post(server, "/v1/chat/completions", {**chat, **extra})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, extra
+        assert response.json()["error"]["code"] == "unsupported_parameter"
+    no_ops = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {}, "user": "me"}
+    assert post(server, "/v1/chat/completions", {**chat, **no_ops}).status_code == 200
+    assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, "n": 2, "best_of": 2, "suffix": None,
+                                            "logit_bias": None}).status_code == 200
+
+
+def test_completion_logprobs_give_each_tokens_offset_and_a_stream_can_end_with_usage(server, client):
+    out = client.completions.create(model="tiny", prompt="import", max_tokens=5, temperature=0, logprobs=1, echo=True)
+    choice = out.choices[0]
+    tokens, offsets = choice.logprobs.tokens, choice.logprobs.text_offset
+    assert len(offsets) == len(tokens) == 5
+    assert [choice.text[o : o + len(t)] for o, t in zip(offsets, tokens)] == tokens and offsets[0] == len("import")
+    chunks = list(client.completions.create(model="tiny", prompt="import", max_tokens=5, temperature=0, logprobs=1,
+                                            stream=True, stream_options={"include_usage": True}))
+    streamed = [o for c in chunks for ch in c.choices if ch.logprobs for o in ch.logprobs.text_offset]
+    assert streamed == [o - len("import") for o in offsets]  # (no echo: the completion's own offsets)
+    # each chunk carries its own token's log-probability, however far the engine has run ahead of the stream
+    assert [t for c in chunks for ch in c.choices if ch.logprobs for t in ch.logprobs.tokens] == tokens
+    assert [v for c in chunks for ch in c.choices if ch.logprobs for v in ch.logprobs.token_logprobs] == \
+        pytest.approx(choice.logprobs.token_logprobs, abs=1e-5)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert all(c.usage is None for c in chunks[:-1])
 
 
 def test_context_error_names_both_token_counts(server, model_dir):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -113,7 +114,9 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # strict: "5" is no number and true no count (a 400 saying so, not a guess); fields OpenAI does not define
+    # are ignored, as OpenAI-compatible servers do
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     model: Text | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -131,12 +134,17 @@ class _Sampling(BaseModel):
     min_p: float = Field(default=0.0, ge=0.0, lt=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     stream_options: StreamOptions | None = None
+    # OpenAI fields that change the answer and that this server does not implement: refused (400) when set to
+    # anything but their no-op (see OpenAIService.refuse_unsupported), never silently dropped
+    logit_bias: dict | None = None
 
 
 class CompletionBody(_Sampling):
     prompt: Text | list[Text]
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
+    best_of: int | None = None
+    suffix: Text | None = None
 
 
 class ContentPart(BaseModel):
@@ -158,6 +166,11 @@ class ChatBody(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
 
 
 # -- the engine thread ----------------------------------------------------------------------------
@@ -265,6 +278,7 @@ class EngineWorker:
             self.handles[handle.request.id] = handle
 
     def _deliver(self, events) -> None:
+        finished = {}
         for event in events:
             request = event.sequence.request
             handle = self.handles.get(request.id)
@@ -277,8 +291,12 @@ class EngineWorker:
             if handle.stream:
                 handle.put(event)
             if request.finished:
-                handle.put(None)  # end of the request
-                del self.handles[request.id]
+                finished[request.id] = handle
+        # (after the step's every event: a request of n sequences finishes with the last of them, and the others
+        # may have an event of this step after the first of its events)
+        for request_id, handle in finished.items():
+            handle.put(None)  # end of the request
+            self.handles.pop(request_id, None)
 
     def _fail(self, request: Request, error: APIError) -> None:
         self.engine.abort(request)
@@ -343,6 +361,25 @@ class OpenAIService:
         raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.settings.model_name}' "
                             "(see /v1/models)", param="model", code="model_not_found")
 
+    @staticmethod
+    def refuse_unsupported(body: _Sampling) -> None:
+        """A 400 for an OpenAI field this server does not implement, set to change the answer (its no-op values,
+        which some clients send, pass): answering as if it were not there would be a silently wrong answer."""
+        unsupported = [
+            ("logit_bias", bool(body.logit_bias)),
+            ("best_of", getattr(body, "best_of", None) not in (None, body.n)),
+            ("suffix", bool(getattr(body, "suffix", None))),
+            ("tools", bool(getattr(body, "tools", None))),
+            ("tool_choice", getattr(body, "tool_choice", None) not in (None, "none", "auto")),
+            ("functions", bool(getattr(body, "functions", None))),
+            ("function_call", getattr(body, "function_call", None) not in (None, "none", "auto")),
+            ("response_format", (getattr(body, "response_format", None) or {}).get("type", "text") != "text"),
+        ]
+        for name, used in unsupported:
+            if used:
+                raise APIError(400, f"{name} is not supported by this server; leave it out", param=name,
+                               code="unsupported_parameter")
+
     def default_max_tokens(self, prompt_tokens: int, at_most: int | None = None) -> int:
         """Without a limit in the request, the answer may fill what the context leaves (as vLLM), within
         this server's limit."""
@@ -352,6 +389,7 @@ class OpenAIService:
     def sampling(self, body: _Sampling, max_tokens: int, prompt_tokens: int, logprobs: int | None) -> SamplingParams:
         """The engine's settings for ``body``, refused (400) where they exceed this server or this model."""
         limits = self.settings
+        self.refuse_unsupported(body)
         if max_tokens > limits.max_tokens:
             raise APIError(400, f"max_tokens {max_tokens} is above this server's limit of {limits.max_tokens}",
                            param="max_tokens", code="max_tokens_too_large")
@@ -362,9 +400,11 @@ class OpenAIService:
             param = "top_logprobs" if isinstance(body, ChatBody) else "logprobs"
             raise APIError(400, f"{param} {logprobs} is above the model's vocabulary of {self.vocab_size}", param=param)
         if self.seq2seq and max(prompt_tokens, max_tokens) > self.context:
-            raise APIError(400, f"This model reads up to {self.context} tokens and writes up to {self.context}; you "
-                                f"sent {prompt_tokens} and asked for {max_tokens}. Please reduce the prompt or the "
-                                f"completion length.", param="prompt", code="context_length_exceeded")
+            # (the encoder reads the prompt with an end token after it, as the engine gives it: fit_source)
+            raise APIError(400, f"This model reads up to {self.context} tokens (the prompt and its end token) and writes "
+                                f"up to {self.context}; the prompt is {prompt_tokens} with its end token and you asked "
+                                f"for {max_tokens}. Please reduce the prompt or the completion length.", param="prompt",
+                           code="context_length_exceeded")
         if not self.seq2seq and prompt_tokens + max_tokens > self.context:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, you requested "
                                 f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
@@ -446,18 +486,32 @@ class OpenAIService:
         prompt = prompts[0]
         prompt_ids = self.tokenizer.encode(prompt) if prompt else []
         max_tokens = body.max_tokens or self.default_max_tokens(max(len(prompt_ids), 1), 16)  # OpenAI's default: 16
-        params = self.sampling(body, max_tokens, max(len(prompt_ids), 1), body.logprobs)
+        # (an encoder-decoder reads the prompt and an end token: the engine's fit_source)
+        if self.seq2seq:
+            eos = self.tokenizer.eos_id
+            read = len(prompt_ids) + (eos is not None and (not prompt_ids or prompt_ids[-1] != eos))
+        else:
+            read = max(len(prompt_ids), 1)
+        params = self.sampling(body, max_tokens, read, body.logprobs)
         rid, model_name = f"cmpl-{uuid.uuid4().hex[:24]}", self.settings.model_name
         prefix = prompt if body.echo else ""
 
-        def legacy_logprobs(seq, start: int = 0) -> dict | None:
+        token_texts: dict[int, list[str]] = {}
+
+        def legacy_logprobs(seq, start: int = 0, end: int | None = None) -> dict | None:
             if body.logprobs is None:
                 return None
-            tokens = seq.tokens[start:]
-            return {"tokens": [self.token_text(t) for t in tokens], "token_logprobs": seq.logprobs[start:],
+            end = len(seq.tokens) if end is None else end
+            # each token's character offset in the text returned (the echoed prompt, then the completion); the
+            # token texts of a sequence are kept, so that a stream's chunks do not decode its tokens again
+            texts = token_texts.setdefault(seq.index, [])
+            texts += [self.token_text(t) for t in seq.tokens[len(texts):end]]
+            offsets = list(itertools.accumulate((len(t) for t in texts[start : end - 1]), initial=len(prefix)
+                                                + sum(len(t) for t in texts[:start])))
+            return {"tokens": texts[start:end], "token_logprobs": seq.logprobs[start:end],
                     "top_logprobs": [{self.token_text(t): v for t, v in alts} if alts else None
-                                     for alts in seq.top_logprobs[start:]],
-                    "text_offset": []}
+                                     for alts in seq.top_logprobs[start:end]],
+                    "text_offset": offsets[: end - start]}
 
         def chunk(choice: dict) -> dict:
             return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
@@ -467,12 +521,20 @@ class OpenAIService:
             if prefix:
                 for i in range(body.n):
                     yield chunk({"text": prefix, "index": i, "logprobs": None, "finish_reason": None})
+            request, written = None, [0] * body.n  # tokens of each sequence sent so far
             async for ev in events:
                 seq = ev.sequence
-                lp = legacy_logprobs(seq, len(seq.tokens) - 1) if body.logprobs is not None and ev.appended else None
+                request = seq.request
+                lp = None
+                if ev.appended:  # (the event's own token: the engine may have run ahead of this stream)
+                    i = written[seq.index]
+                    written[seq.index] += 1
+                    lp = legacy_logprobs(seq, i, i + 1)
                 if ev.text or ev.finished or lp:
                     yield chunk({"text": ev.text, "index": seq.index, "logprobs": lp,
                                  "finish_reason": _reason(seq) if ev.finished else None})
+            if body.stream_options and body.stream_options.include_usage and request is not None:
+                yield {**chunk({}), "choices": [], "usage": self.usage(request)}
 
         def final(request: Request):
             return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
@@ -504,11 +566,11 @@ class OpenAIService:
         params.stop = params.stop + [s for s in with_stops.stop if s not in params.stop]
         rid, model_name = f"chatcmpl-{uuid.uuid4().hex[:24]}", self.settings.model_name
 
-        def chat_logprobs(seq, start: int = 0) -> dict | None:
+        def chat_logprobs(seq, start: int = 0, end: int | None = None) -> dict | None:
             if not body.logprobs:
                 return None
             content = []
-            for t, v, alts in zip(seq.tokens[start:], seq.logprobs[start:], seq.top_logprobs[start:]):
+            for t, v, alts in zip(seq.tokens[start:end], seq.logprobs[start:end], seq.top_logprobs[start:end]):
                 content.append({**self._token_entry(t, v),
                                 "top_logprobs": [self._token_entry(a, w) for a, w in (alts or [])]})
             return {"content": content}
@@ -521,11 +583,15 @@ class OpenAIService:
             for i in range(body.n):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
-            last_request = None
+            last_request, written = None, [0] * body.n  # tokens of each sequence sent so far
             async for ev in events:
                 seq = ev.sequence
                 last_request = seq.request
-                lp = chat_logprobs(seq, len(seq.tokens) - 1) if body.logprobs and ev.appended else None
+                lp = None
+                if ev.appended:  # (the event's own token: the engine may have run ahead of this stream)
+                    i = written[seq.index]
+                    written[seq.index] += 1
+                    lp = chat_logprobs(seq, i, i + 1)
                 if ev.text or lp:
                     yield chunk([{"index": seq.index, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}])
                 if ev.finished:
