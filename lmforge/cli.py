@@ -141,7 +141,8 @@ def cmd_generate(args) -> None:
     if params.num_beams > 1 or params.n > 1:
         results = generate(model, text, tokenizer, chat=False, **vars(params))
         for i, g in enumerate(results if isinstance(results, list) else [results]):
-            sys.stdout.write((f"--- sample {i + 1} ---\n" if params.n > 1 else "") + g.text + "\n")
+            kind = "beam" if params.num_beams > 1 else "sample"
+            sys.stdout.write((f"--- {kind} {i + 1} ---\n" if params.n > 1 else "") + g.text + "\n")
         return
     # The engine checks the prompt against the context (and truncates it, warning once, with --truncate).
     for piece in stream_generate(model, tokenizer, text, params):

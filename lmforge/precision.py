@@ -395,7 +395,10 @@ def choose_weights(device: torch.device, requested: str, stored: str | None, k: 
         return Choice(stored, f"{SHORT[stored]} weights (the checkpoint's precision)", news=stored != "float32")
     # (linear's speed, not torch.mv's: on the tiny shape bf16 mv measured 1.6x linear, yet a whole bf16
     # decode step ran 0.8x fp32's; the one-row kernel is chosen after the precision, in the engine)
-    speed = measure("gemv", k, n).get(stored, 0.0)
+    speed = measure("gemv", k, n).get(stored)
+    if speed is None:  # (not a precision this CPU computes in natively: not measured)
+        return Choice("float32", f"fp32 weights: the checkpoint is {SHORT[stored]}, which this CPU has no native "
+                                 f"arithmetic for (--dtype {stored} to keep it)")
     if speed >= 1.0 / MARGIN:
         return Choice(stored, f"{SHORT[stored]} weights (the checkpoint's precision; decoding in it is "
                               f"{speed:.1f}x fp32's speed on this CPU)")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.errors import LmforgeError
 from lmforge.model.checkpoint import load_model, save_model
 from lmforge.model.encoder_decoder import EncoderDecoder, relative_position_bucket
 
@@ -372,11 +373,23 @@ def test_serve_answers_completions_from_an_encoder_decoder_and_refuses_chat_with
         long = httpx.post(live.url + "/v1/completions", json={"model": "t5", "prompt": "x " * 700, "max_tokens": 2},
                           timeout=30)
         assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+        # the encoder reads the prompt and its end token: a prompt of exactly block_size tokens does not fit, streamed
+        # or not (a 400 before any stream starts), and one token fewer does
+        tok, context = load_tokenizer_for(model), model.config.block_size
+        ids = tok.encode("x = 1\n" * context)[:context]
+        full, fits = tok.decode(ids), tok.decode(ids[:-1])
+        assert len(tok.encode(full)) == context and len(tok.encode(fits)) == context - 1
+        for stream in (False, True):
+            refused = httpx.post(live.url + "/v1/completions", json={"model": "t5", "prompt": full, "max_tokens": 2,
+                                                                     "stream": stream}, timeout=30)
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+            assert f"the prompt is {context + 1} with its end token" in refused.json()["error"]["message"]
+        assert client.completions.create(model="t5", prompt=fits, max_tokens=2).usage.prompt_tokens == context
     finally:
         live.stop()
 
 
-def test_a_wave_survives_a_failed_step_and_sources_end_with_the_end_token(tmp_path):
+def test_a_wave_survives_a_failed_step_and_sources_end_with_the_end_token(tmp_path, capsys):
     """A decode step that fails in its second block leaves the caches as they were: the step runs again and gives
     the tokens of a run that never failed. The engine ends each source with the end-of-text token (once), and a
     decoder asked for block_size tokens writes block_size."""
@@ -410,6 +423,13 @@ def test_a_wave_survives_a_failed_step_and_sources_end_with_the_end_token(tmp_pa
     engine.run(requests)
     assert [r.sequences[0].tokens for r in requests] == [r.sequences[0].tokens for r in expected]
     assert requests[0].prompt_ids == SOURCES[0] + [1] and fit_source([3, 1], 4, 10, False, 1) == [3, 1]
+    # a source that fits only without its end token: refused, saying so; with truncate, cut with a warning
+    with pytest.raises(LmforgeError, match=r"the source \(3 tokens \+ its end token\) exceeds the model's 3 input "
+                                           r"positions; shorten it or pass --truncate to keep its last 2 tokens"):
+        fit_source([3, 4, 5], 2, 3, False, 1)
+    assert fit_source([3, 4, 5], 2, 3, True, 1) == [4, 5, 1]
+    assert "warning: the source (3 tokens + its end token) left-truncated to its last 3" in capsys.readouterr().err
+    assert fit_source([3, 4, 5], 2, 3, True, 1, say=False) == [4, 5, 1] and not capsys.readouterr().err
     model = load_model(make_hf_t5(tmp_path / "short", "v1.0", n_positions=8, num_decoder_layers=2)).eval()
     assert model.config.block_size == 8
     short = Engine(model, IdTokenizer(), max_batch=1)
@@ -421,7 +441,6 @@ def test_a_wave_survives_a_failed_step_and_sources_end_with_the_end_token(tmp_pa
 def test_t5_folders_where_they_do_not_fit_give_one_line(tmp_path, tokenizer_dir):
     import shutil
 
-    from lmforge.errors import LmforgeError
     from lmforge.train.finetune import finetune
 
     folder = make_hf_t5(tmp_path / "hf", "v1.0", vocab_size=1024)
@@ -544,7 +563,6 @@ def test_every_feed_forward_activation_transformers_reads_converts_with_parity(t
 
 @pytest.mark.parametrize("feed_forward", ["gated-sparkle", "gelu-gated", "gated-gated-relu", "reluish"])
 def test_a_feed_forward_it_does_not_know_is_one_line_naming_what_it_reads(tmp_path, feed_forward):
-    from lmforge.errors import LmforgeError
 
     folder = make_hf_t5(tmp_path / "hf", "v1.0")
     config = json.loads((folder / "config.json").read_text())

@@ -291,6 +291,14 @@ def test_beam_search_is_token_identical_to_transformers(tmp_path):
         # transformers pads a sequence that finished before the longest beam with the end token
         assert expected[: len(got)] == got and all(t == eos for t in expected[len(got):]), (seed, beams, penalty, early, eos)
         ended += bool(got) and got[-1] == eos
+        # the n best beams, best first, as num_return_sequences gives them
+        expected = hf.generate(prompt, num_beams=beams, num_return_sequences=beams, do_sample=False, max_new_tokens=12,
+                               length_penalty=penalty, early_stopping=early, eos_token_id=eos, pad_token_id=0,
+                               attention_mask=torch.ones_like(prompt))[:, 6:].tolist()
+        best = beam_search(ours, prompt[0].tolist(), beams, 12, penalty, early, (eos,) if eos is not None else (), n=beams)
+        assert best[0][0] == got and [score for _, score in best] == sorted((score for _, score in best), reverse=True)
+        for want, (tokens, _) in zip(expected, best, strict=True):
+            assert want[: len(tokens)] == tokens and all(t in (eos, 0) for t in want[len(tokens):])
     assert ended >= 12  # the end-of-sequence logic was exercised
 
 
@@ -303,6 +311,32 @@ def test_generate_api_batches_beams_and_n(hf_gpt2):
     assert beams.token_ids == beam_search(model, tok.encode("def"), 3, 6, eos_ids=(tok.eos_id,))[0]
     samples = generate(model, "def", max_new_tokens=5, n=2, seed=1)
     assert len(samples) == 2 and samples[0].token_ids != samples[1].token_ids
+    # n with beams: the n best beams; more than num_beams, or what beams do not apply, is refused
+    two = generate(model, "def", max_new_tokens=6, num_beams=3, n=2)
+    assert [g.token_ids for g in two] == [t for t, _ in beam_search(model, tok.encode("def"), 3, 6, eos_ids=(tok.eos_id,), n=2)]
+    assert two[0].token_ids == beams.token_ids
+    for bad, message in [(dict(n=4), "n \\(4\\) must not exceed num_beams \\(3\\)"),
+                         (dict(repetition_penalty=1.2), "beam search takes no repetition"),
+                         (dict(logprobs=1), "gives no logprobs")]:
+        with pytest.raises(LmforgeError, match=message):
+            generate(model, "def", max_new_tokens=6, num_beams=3, **bad)
+
+
+def test_generation_ends_at_the_models_end_token_as_well_as_the_tokenizers(hf_gpt2):
+    """transformers' generate stops at the config's eos_token_id; the engine stops there and at the tokenizer's."""
+    import dataclasses
+
+    model = load_model(hf_gpt2)
+    free = Engine(model, IdTokenizer(), max_batch=1)
+    r = free.add([5, 6, 7], SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[]))
+    free.run([r])
+    tokens = r.sequences[0].tokens
+    end = next(t for t in tokens if t not in tokens[:1])  # (a token after the first that the model really writes)
+    model.config = dataclasses.replace(model.config, eos_token_id=end)
+    engine = Engine(model, IdTokenizer(), max_batch=1)
+    r = engine.add([5, 6, 7], SamplingParams(max_new_tokens=8, temperature=0))
+    engine.run([r])
+    assert r.sequences[0].tokens == tokens[: tokens.index(end)] and r.sequences[0].finish_reason == "stop"
 
 
 def test_context_limit_errors_and_truncation(hf_gpt2):

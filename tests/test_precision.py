@@ -108,6 +108,9 @@ def test_inference_keeps_the_checkpoints_precision_unless_it_is_slow_here(tmp_pa
     choice = choose_weights(cpu, "auto", "bfloat16", 768, 50257)
     assert choice.dtype == "float32" and "decodes at 0.30x fp32's speed" in choice.reason and choice.news
     assert choose_weights(cpu, "bfloat16", "bfloat16", 768, 50257).dtype == "bfloat16"
+    # a precision the probe does not time here (fp16 on a CPU without fp16 arithmetic) is said so, not "0.00x"
+    choice = choose_weights(cpu, "auto", "float16", 768, 50257)
+    assert choice.dtype == "float32" and "fp16, which this CPU has no native arithmetic for" in choice.reason
 
 
 def test_pretrain_says_which_precision_it_chose_and_records_it(data_dir, tmp_path, monkeypatch, capsys):

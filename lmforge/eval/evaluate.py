@@ -147,11 +147,17 @@ def _generation_task(model, tokenizer, task: Task, batch_size: int, progress: bo
     contexts = [task.context(i) for i in range(len(task.docs))]
     # Longest prompts first: similar lengths decode side by side.
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
-    requests = {}
+    requests, truncated = {}, 0
     for i in order:
         ids = tokenizer.encode(contexts[i]) or [tokenizer.eos_id]
-        ids = fit(ids, params.max_new_tokens, model.config.block_size, True, *([] if fit is fit_prompt else [tokenizer.eos_id]))
-        requests[i] = engine.add(ids, params)
+        fitted = fit(ids, params.max_new_tokens, model.config.block_size, True,
+                     **({"say": False} if fit is fit_prompt else {"eos": tokenizer.eos_id, "say": False}))
+        appended = fit is fit_source and tokenizer.eos_id is not None and ids[-1] != tokenizer.eos_id
+        truncated += len(fitted) < len(ids) + appended
+        requests[i] = engine.add(fitted, params)
+    if truncated:
+        warn(f"task {task.name}: {truncated} of its {len(contexts)} prompts did not fit the model's context with "
+             f"{params.max_new_tokens} new tokens and were left-truncated (their beginning dropped)")
     bar = tqdm(total=len(requests), desc=task.name, unit="ex", disable=not progress)
     done = 0
     while engine.has_work:

@@ -34,6 +34,7 @@ from lmforge.infer.detokenize import Detokenizer
 from lmforge.infer.sampling import SamplingParams, draw_rows, filter_logits, fit_prompt, process_logits, sample
 from lmforge.model.encoder_decoder import join_rows, select_rows
 from lmforge.model.gpt import GPT, KVCache, use_matvec
+from lmforge.utils import warn
 
 _ids = itertools.count()
 
@@ -148,20 +149,32 @@ class Sequence:
         self.finished, self.finish_reason = True, reason
 
 
+def end_tokens(model, tokenizer) -> list[int]:
+    """The tokens that end a generation by default: the tokenizer's end-of-text token and the model's
+    ``eos_token_id`` (transformers' ``generate`` stops at the latter), where they differ (Qwen2.5's chat models:
+    ``<|im_end|>`` and ``<|endoftext|>``)."""
+    ids = [tokenizer.eos_id, getattr(model.config, "eos_token_id", None)]
+    return sorted({i for i in ids if i is not None and 0 <= i < model.config.vocab_size})
+
+
 def fit_source(source_ids: list[int], max_new_tokens: int, context: int, truncate: bool,
-               eos: int | None = None) -> list[int]:
+               eos: int | None = None, say: bool = True) -> list[int]:
     """An encoder-decoder's source, ending with ``eos`` as its training inputs did (T5's inputs end with the
     end-of-text token), checked against the longest input it takes (left-truncated when asked, the end token
-    kept); the decoder's ``max_new_tokens`` has a room of its own."""
+    kept, with a warning unless ``say`` is off); the decoder's ``max_new_tokens`` has a room of its own."""
     if max_new_tokens > context:
         raise LmforgeError(f"max_new_tokens {max_new_tokens} exceeds the model's {context} decoder positions")
+    given = len(source_ids)
     if eos is not None and (not source_ids or source_ids[-1] != eos):
         source_ids = source_ids + [eos]
     if len(source_ids) <= context:
         return source_ids
+    what = f"the source ({given} tokens" + (" + its end token)" if len(source_ids) > given else ")")
     if not truncate:
-        raise LmforgeError(f"the source of {len(source_ids)} tokens exceeds the model's {context}; shorten it or pass "
-                           f"--truncate to keep its last {context} tokens")
+        raise LmforgeError(f"{what} exceeds the model's {context} input positions; shorten it or pass --truncate to "
+                           f"keep its last {context - len(source_ids) + given} tokens")
+    if say:
+        warn(f"{what} left-truncated to its last {context} tokens to fit the model's {context} input positions")
     return source_ids[-context:]
 
 
@@ -255,7 +268,7 @@ class Engine:
         else:
             prompt_ids = fit_prompt(list(prompt_ids), params.max_new_tokens, self.max_len, params.truncate)
         request = Request(prompt_ids, params)
-        stops = set(params.stop_token_ids if params.stop_token_ids is not None else [self.tokenizer.eos_id])
+        stops = set(params.stop_token_ids if params.stop_token_ids is not None else end_tokens(self.model, self.tokenizer))
         stops.discard(None)
         request.sequences = [Sequence(request, i, self.tokenizer, stops, self.text_as_it_comes)
                              for i in range(params.n)]
@@ -559,8 +572,10 @@ def generate_batch(model: GPT, tokenizer, prompts: list[str], params: SamplingPa
 
 @torch.inference_mode()
 def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
-                early_stopping: bool | str = False, eos_ids: tuple[int, ...] = ()) -> tuple[list[int], float]:
-    """The best beam's new tokens (ending with its end-of-sequence token, if it chose one) and its score.
+                early_stopping: bool | str = False, eos_ids: tuple[int, ...] = (), n: int | None = None):
+    """The best beam's new tokens (ending with its end-of-sequence token, if it chose one) and its score; with
+    ``n``, a list of the ``n`` best (at most ``num_beams``), best first, as transformers'
+    ``num_return_sequences``.
 
     Follows transformers' beam search step for step (its ``_beam_search``): 2·num_beams candidates (more
     with several end tokens) ranked by summed log-probabilities; a candidate that ends (end token or
@@ -572,6 +587,8 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
 
     if num_beams < 1:
         raise LmforgeError("num_beams must be at least 1")
+    if n is not None and not 1 <= n <= num_beams:
+        raise LmforgeError(f"n {n} must be from 1 to num_beams ({num_beams}): beam search returns its n best beams")
     c = model.config
     seq2seq = isinstance(model, EncoderDecoder)
     # an encoder-decoder reads the prompt in its encoder; its decoder's prefix is the start token
@@ -657,8 +674,11 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
         if not (improvable and open_beams and not bool(ends.all())):
             break
         logits = step(running[:, cur - 1 : cur], cur - 1)
-    length = int((finished_parents[0] + 1).bool().sum())
-    return finished_seqs[0, P : P + length].tolist(), float(finished_scores[0])
+    best = []
+    for i in range(n or 1):  # (the finished beams are in order of score)
+        length = int((finished_parents[i] + 1).bool().sum())
+        best.append((finished_seqs[i, P : P + length].tolist(), float(finished_scores[i])))
+    return best if n is not None else best[0]
 
 
 def quantize_int8(model):

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from lmforge.infer.detokenize import Detokenizer
-from lmforge.infer.engine import Engine, beam_search, fit_source
+from lmforge.infer.engine import Engine, beam_search, end_tokens, fit_source
 from lmforge.infer.sampling import SamplingParams, fit_prompt, process_logits
 from lmforge.model.gpt import GPT, use_fast_kernels
 
@@ -124,10 +124,11 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
                 ids = fit_source(ids, sampling.max_new_tokens, model.config.block_size, sampling.truncate, tokenizer.eos_id)
             else:
                 ids = fit_prompt(ids, sampling.max_new_tokens, model.config.block_size, sampling.truncate)
-            stops = tuple(sampling.stop_token_ids if sampling.stop_token_ids is not None else [tokenizer.eos_id])
-            tokens, _ = beam_search(model, ids, sampling.num_beams, sampling.max_new_tokens, sampling.length_penalty,
-                                    sampling.early_stopping, tuple(t for t in stops if t is not None))
-            out.append(_beam_generation(tokenizer, tokens, stops, sampling.stop, len(ids)))
+            stops = tuple(sampling.stop_token_ids if sampling.stop_token_ids is not None else end_tokens(model, tokenizer))
+            beams = beam_search(model, ids, sampling.num_beams, sampling.max_new_tokens, sampling.length_penalty,
+                                sampling.early_stopping, tuple(t for t in stops if t is not None), n=sampling.n)
+            gens = [_beam_generation(tokenizer, tokens, stops, sampling.stop, len(ids)) for tokens, _ in beams]
+            out.append(gens[0] if sampling.n == 1 else gens)
         return out[0] if isinstance(prompt, str) else out
     engine = Engine(model, tokenizer, max_batch=max(len(prompts), 1) * sampling.n, text_as_it_comes=False)
     requests = [engine.add(tokenizer.encode(p) if p else [], sampling) for p in prompts]

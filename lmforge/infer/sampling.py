@@ -32,7 +32,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: also the k most likely alternatives
     truncate: bool = False  # keep the end of a prompt that does not fit, instead of an error
-    num_beams: int = 1  # > 1: beam search (greedy over beams; n, sampling and penalties do not apply)
+    num_beams: int = 1  # > 1: beam search (greedy over beams: no sampling, penalties or logprobs; n: the n best beams)
     length_penalty: float = 1.0
     early_stopping: bool | str = False
 
@@ -49,6 +49,12 @@ class SamplingParams:
             (self.n >= 1, "n must be at least 1"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
             (self.num_beams >= 1, "num_beams must be at least 1"),
+            (self.num_beams == 1 or self.n <= self.num_beams,
+             f"n ({self.n}) must not exceed num_beams ({self.num_beams}): beam search returns its n best beams"),
+            (self.num_beams == 1 or (self.repetition_penalty == 1 and not self.frequency_penalty
+                                     and not self.presence_penalty and self.logprobs is None),
+             "beam search takes no repetition, frequency or presence penalty and gives no logprobs; drop them or "
+             "num_beams"),
             # sample i of n draws from a torch.Generator seeded with seed + i, which takes 64 bits
             (self.seed is None or -(2**63) <= self.seed <= 2**64 - self.n, "seed must be from -2**63 to 2**64 - n"),
             (self.early_stopping in (True, False, "never"), "early_stopping must be true, false or never"),
@@ -92,8 +98,9 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def fit_prompt(prompt_ids: list[int], max_new_tokens: int, context: int, truncate: bool) -> list[int]:
-    """The prompt, checked against the context length (or left-truncated when asked)."""
+def fit_prompt(prompt_ids: list[int], max_new_tokens: int, context: int, truncate: bool, say: bool = True) -> list[int]:
+    """The prompt, checked against the context length (or left-truncated when asked, with a warning unless
+    ``say`` is off)."""
     if max_new_tokens >= context:
         raise LmforgeError(f"max_new_tokens {max_new_tokens} must be below the model's context length {context}")
     if len(prompt_ids) + max_new_tokens <= context:
@@ -104,7 +111,8 @@ def fit_prompt(prompt_ids: list[int], max_new_tokens: int, context: int, truncat
             f"prompt of {len(prompt_ids)} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
             f"{context}; shorten the prompt, lower --max-new-tokens, or pass --truncate to keep its last {keep} tokens"
         )
-    warn(f"prompt of {len(prompt_ids)} tokens left-truncated to its last {keep} to fit the context of {context}")
+    if say:
+        warn(f"prompt of {len(prompt_ids)} tokens left-truncated to its last {keep} to fit the context of {context}")
     return prompt_ids[-keep:]
 
 
