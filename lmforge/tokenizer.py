@@ -247,9 +247,10 @@ def train_tokenizer(
         )
     if min_frequency < 0:
         raise LmforgeError(f"--min-frequency {min_frequency} must be 0 or more")
-    from lmforge.utils import check_output_dir
+    from lmforge.utils import check_output_dir, refuse_overwriting_sources
 
     check_output_dir(out, overwrite)  # a tokenizer that data was prepared with is not replaced by accident
+    refuse_overwriting_sources(out, *(i for i in inputs or [] if str(i) != "-"))  # ("-": stdin)
     hf = new_byte_level_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - sentinels,

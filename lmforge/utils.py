@@ -135,6 +135,20 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
+def refuse_overwriting_sources(out: str | os.PathLike, *sources: str | os.PathLike | None) -> None:
+    """Writing ``out`` replaces it whole: refuse when it is, or holds, a file or folder the result is read from
+    (an adapter's base, a run's model or data included), before anything is written."""
+    from lmforge.errors import LmforgeError
+
+    target = Path(out).resolve()
+    for source in sources:
+        if source is None or str(source) == "":
+            continue
+        source = Path(source).expanduser().resolve()
+        if source == target or target in source.parents:
+            raise LmforgeError(f"--out {out} would replace {source}, which this reads from; choose another --out")
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

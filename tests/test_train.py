@@ -319,6 +319,42 @@ def test_overwrite_removes_the_old_run_only_once_the_new_one_passed_its_checks(d
     assert run_files(lstm) == before
 
 
+def test_overwrite_never_deletes_what_the_run_reads(data_dir, tmp_path, corpus_dir, tokenizer_dir):
+    """--overwrite empties the run folder: a model, data or prompts inside it are refused, nothing deleted; a run
+    that stopped before its first checkpoint is pointed at --overwrite, not at --resume. The other commands that
+    replace a folder (prepare, tokenizer train, the n-gram baseline) refuse the same."""
+    import shutil
+
+    from lmforge.data.prepare import prepare
+    from lmforge.eval.baselines import train_ngram
+    from lmforge.tokenizer import train_tokenizer
+
+    run = tmp_path / "run"
+    pretrain(train_config(data_dir, run, max_steps=2), progress=False)
+    model = checkpoint_dirs(run)[-1] / "model"
+    shutil.copytree(data_dir, run / "data")
+    before = run_files(run)
+    for config in (train_config(data_dir, run, max_steps=2, model=str(model), n_layer=None, n_head=None, n_embd=None,
+                                block_size=None),
+                   train_config(run / "data", run, max_steps=2)):
+        with pytest.raises(LmforgeError, match=f"--out {run} would replace .*, which this reads from; choose another"):
+            pretrain(config, overwrite=True, progress=False)
+        assert run_files(run) == before
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "config.yaml").write_text("max_steps: 2\n")
+    with pytest.raises(LmforgeError, match="holds no checkpoint to resume; pass --overwrite to start over"):
+        pretrain(train_config(data_dir, stopped, max_steps=2), progress=False)
+
+    with pytest.raises(LmforgeError, match="which this reads from"):
+        prepare([str(run / "data")], tokenizer_dir, run / "data", overwrite=True, progress=False)
+    with pytest.raises(LmforgeError, match="which this reads from"):
+        train_tokenizer([str(run / "data")], run, vocab_size=300, overwrite=True, progress=False)
+    with pytest.raises(LmforgeError, match="which this reads from"):
+        train_ngram(run / "data", run, overwrite=True)
+    assert run_files(run) == before
+
+
 def test_finetune_resume_refuses_another_method_and_leaves_the_run_as_it_was(hf_gpt2, tmp_path):
     from lmforge.train.finetune import finetune
 

@@ -26,7 +26,7 @@ import numpy as np
 from lmforge.data.corpus import CorpusStats, Document, read_clean_documents
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
-from lmforge.utils import atomic_dir, atomic_write_json, check_output_dir
+from lmforge.utils import atomic_dir, atomic_write_json, check_output_dir, refuse_overwriting_sources
 
 META_FORMAT = "lmforge-tokens-v1"
 SPLITS = ("train", "val")
@@ -216,6 +216,7 @@ def prepare(
     if shard_tokens < 1 or (workers is not None and workers < 0) or min_chars < 0:
         raise LmforgeError("--shard-tokens must be at least 1, and --workers and --min-chars 0 or more")
     out = check_output_dir(out, overwrite)
+    refuse_overwriting_sources(out, tokenizer, *(i for i in inputs or [] if str(i) != "-"))  # ("-": stdin)
     tok = Tokenizer.load(tokenizer)
     if tok.eos_id is None:
         raise LmforgeError(f"tokenizer {tok.path} has no end-of-text token to separate documents; add <|endoftext|>")

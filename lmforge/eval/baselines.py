@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.utils import atomic_dir, atomic_write_json, check_output_dir, read_json
+from lmforge.utils import atomic_dir, atomic_write_json, check_output_dir, read_json, refuse_overwriting_sources
 
 # -- interpolated Kneser–Ney ------------------------------------------------------------------------
 
@@ -171,6 +171,7 @@ def train_ngram(data_dir: str | os.PathLike, out: str | os.PathLike, order: int 
     from lmforge.tokenizer import Tokenizer
 
     check_output_dir(out, overwrite)
+    refuse_overwriting_sources(out, data_dir)
 
     split = TokenSplit(data_dir, "train")
     tokens = np.concatenate([np.asarray(s) for s in split.shards]).astype(np.int64)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.utils import atomic_dir, atomic_write_json, read_json, sha256_file
+from lmforge.utils import atomic_dir, atomic_write_json, read_json, refuse_overwriting_sources, sha256_file
 
 FORMAT = "lmforge-index-v1"
 SUFFIXES = (".txt", ".md", ".jsonl")
@@ -219,6 +219,7 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
         previous = read_json(manifest, "index manifest") if out.is_dir() and manifest.exists() else {}
         if previous.get("format") != FORMAT:
             raise LmforgeError(f"--out {out} exists and is not an lmforge index; choose another --out")
+        refuse_overwriting_sources(out, model, *files)  # (the index is replaced whole)
     encoder, tokenizer = load_encoder(model)
     precision = embedding_precision(encoder, dtype)
     fingerprint = encoder_fingerprint(model)

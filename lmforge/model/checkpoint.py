@@ -37,7 +37,8 @@ from lmforge.model.hf import (
     t5_state_dict_to_hf,
     weight_files,
 )
-from lmforge.utils import atomic_dir, atomic_write_json, check_output_dir, first_line, read_json
+from lmforge.utils import (atomic_dir, atomic_write_json, check_output_dir, first_line, read_json,
+                           refuse_overwriting_sources)
 
 MAX_SHARD_BYTES = 5 * 2**30
 
@@ -296,16 +297,6 @@ def parse_size(text: str) -> int:
     if size < 1:
         raise LmforgeError(f"size {text!r} must be at least one byte")
     return size
-
-
-def refuse_overwriting_sources(out: Path, *sources: str | os.PathLike) -> None:
-    """Writing ``out`` replaces it whole: refuse when it is, or holds, a folder the result is read from (an
-    adapter's base included), before anything is written."""
-    target = Path(out).resolve()
-    for source in sources:
-        source = Path(source).resolve()
-        if source == target or target in source.parents:
-            raise LmforgeError(f"--out {out} would replace {source}, which this reads from; choose another --out")
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,

@@ -197,12 +197,40 @@ def _check_run_dir(out: Path, config: TrainConfig, resume: bool, overwrite: bool
     if out.exists() and any(out.iterdir()):
         is_run = (out / "config.yaml").exists() or (out / "checkpoints").exists()
         if not overwrite:
-            hint = "pass --resume to continue it or --overwrite to start over" if is_run else "choose another --out"
+            if not is_run:
+                hint = "choose another --out"
+            elif checkpoint_dirs(out):
+                hint = "pass --resume to continue it or --overwrite to start over"
+            else:  # (a run that stopped before its first checkpoint: nothing to resume)
+                hint = "it holds no checkpoint to resume; pass --overwrite to start over"
             raise LmforgeError(f"run folder {out} is not empty; {hint}")
         if not is_run:
             raise LmforgeError(f"--overwrite refused: {out} is not an lmforge run folder; choose another --out")
+        _refuse_inputs_inside(out, config)
         return None, [], True
     return None, [], False
+
+
+def _refuse_inputs_inside(out: Path, config) -> None:
+    """--overwrite empties ``out``: refuse when a file or folder the run reads (its model, data, prompts, a reward
+    model: an option's value, or the path after ``model:`` in a list of rewards) lies inside it."""
+    import dataclasses
+
+    from lmforge.utils import refuse_overwriting_sources
+
+    def exists(text: str) -> bool:
+        try:
+            return bool(text) and Path(text).expanduser().exists()
+        except (OSError, ValueError):  # (a value that is no path: too long, a NUL byte)
+            return False
+
+    paths = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name != "out" and isinstance(value, str):
+            for part in value.split(";"):
+                paths += [text for text in {part.strip(), part.strip().split(":", 1)[-1]} if exists(text)]
+    refuse_overwriting_sources(out, *paths)
 
 
 # -- objectives -----------------------------------------------------------------------------------
