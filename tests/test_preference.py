@@ -356,14 +356,24 @@ def reward_run(base, tmp_path_factory):
     (["dpo", "--model", "{base}", "--loss", "cdpo", "--label-smoothing", "0.5"], "label_smoothing must be in [0, 0.5)"),
     (["dpo", "--model", "{base}", "--reference", "adapter"], "bad config: reference adapter needs --method lora"),
     (["reward", "--model", "{base}", "--center-rewards", "-1"], "center_rewards must be 0 or more"),
+    (["dpo", "--model", "{base}", "--val-fraction", "0.99"], "--val-fraction 0.99 of 8 example(s) leaves none to train on"),
+    (["reward", "--model", "{base}", "--train", "{long}", "--max-length", "8", "--truncation", "drop"],
+     "no training pair fits max_length 8 tokens; raise --max-length (the model reads up to 64)"),
+    (["dpo", "--model", "{base}", "--train", "{long}", "--max-length", "5000", "--truncation", "drop"],
+     "no training pair fits max_length 64 tokens; the model reads at most 64 tokens (--max-length 5000 is more than it "
+     "reads): shorten the examples or use a model with a longer context"),
 ], ids=["dpo-on-reward-model", "score-a-plain-lm", "prompt-without-answer", "unknown-loss", "smoothing-with-sigmoid",
-        "smoothing-too-large", "adapter-without-lora", "negative-centring"])
+        "smoothing-too-large", "adapter-without-lora", "negative-centring", "nothing-left-to-train", "pairs-too-long",
+        "pairs-longer-than-the-model"])
 def test_command_mistakes_exit_2_with_one_line_and_write_nothing(base, reward_run, tmp_path, capsys, argv, message):
     out = tmp_path / "run"
-    fill = {"rm": str(reward_run), "base": str(base)}
+    long = [{"prompt": "the word again " * 30, "chosen": "yes", "rejected": "no"}] * 4
+    fill = {"rm": str(reward_run), "base": str(base), "long": jsonl(tmp_path / "long.jsonl", long)}
     argv = [a.format(**fill) for a in argv]
     if argv[0] != "reward-score":
-        argv += ["--train", jsonl(tmp_path / "p.jsonl", string_pairs(8)), "--out", str(out), "--quiet"]
+        if "--train" not in argv:
+            argv += ["--train", jsonl(tmp_path / "p.jsonl", string_pairs(8))]
+        argv += ["--out", str(out), "--quiet"]
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -645,7 +645,7 @@ def test_validation_rewards_are_those_of_greedy_completions_of_the_policy_at_tha
         greedy.append(texts)
         totals, parts, _ = score(rewards, [r["prompt"] for r in rows], texts, rows, "stop", -1.0)
         assert record["val_reward"] == pytest.approx(sum(totals) / len(rows), abs=1e-6)
-        assert record["val_reward_aiou"] == pytest.approx(sum(parts["regex:[aiou]"]) / len(rows), abs=1e-6)
+        assert record["val_reward_aiou"] == pytest.approx(sum(parts["aiou"]) / len(rows), abs=1e-6)
     assert greedy[0] != greedy[1]  # the policy moved between the two evaluations
 
 
@@ -980,13 +980,18 @@ def test_the_built_in_rewards_by_hand():
     assert arithmetic("add them", " 12", a=5, b=7) == 1.0 and arithmetic("add them", "12", answer=12) == 1.0
     with pytest.raises(LmforgeError, match="arithmetic reward needs"):
         arithmetic("add them", "12")
+    assert arithmetic([{"role": "system", "content": "add"}, {"role": "user", "content": "3 + 4 ="}], " 7") == 1.0
     rewards = parse_rewards("exact;arithmetic;regex:^\\s*\\d+$", "1;0.5;2")
     assert [(r.name, r.weight) for r in rewards] == [("exact", 1.0), ("arithmetic", 0.5), ("regex:^\\s*\\d+$", 2.0)]
     rows = [{"prompt": "3 + 4 =", "answer": "7"}, {"prompt": "3 + 4 =", "answer": "7"}, {"prompt": "1 + 1 =", "answer": "2"}]
     completions = [" 7", " 7 or 8", " two"]
     totals, parts, errors = score(rewards, [r["prompt"] for r in rows], completions, rows, "stop", -1.0)
-    assert parts == {"exact": [1.0, 0.0, 0.0], "arithmetic": [1.0, 1.0, 0.0], "regex:^\\s*\\d+$": [1.0, 0.0, 0.0]}
+    assert parts == {"exact": [1.0, 0.0, 0.0], "arithmetic": [1.0, 1.0, 0.0], "s__d": [1.0, 0.0, 0.0]}
     assert totals == [1 + 0.5 + 2, 0.5, 0.0] and errors == 0
+    # rewards whose names read alike as metrics keep a metric each
+    alike = parse_rewards("regex:[aiou];regex:[aiou]$;regex:^$")
+    assert [r.key for r in alike] == ["aiou", "aiou_2", "reward"]
+    assert score(alike, ["p"], ["ix"], [{}], "stop", 0.0)[1] == {"aiou": [1.0], "aiou_2": [0.0], "reward": [0.0]}
 
 
 def test_a_regex_reward_keeps_its_white_space():
@@ -1004,6 +1009,14 @@ def test_a_regex_reward_keeps_its_white_space():
     ("regex:(", "", "reward regex:(: not a valid regular expression"),
     ("bogus", "", "unknown reward 'bogus'"),
     ("no_such_module_for_rl:score", "", "reward no_such_module_for_rl:score: cannot import no_such_module_for_rl"),
+    ("exact", "nan", "--reward-weights must be finite numbers, not 'nan'"),
+    ("exact;arithmetic", "1;inf", "--reward-weights must be finite numbers"),
+    ("regex:", "", "reward regex: needs a pattern"),
+    ("./my_rewards.py:score", "", "names a Python module as you would import it, not a file (for a function score in "
+                                  "my_rewards.py: my_rewards:score"),
+    (".my_rewards:score", "", "names a Python module as you would import it"),
+    (":score", "", "names a Python module as you would import it"),
+    ("my_rewards:", "", "names a Python module as you would import it"),
 ])
 def test_reward_specs_that_cannot_work_are_refused(spec, weights, message):
     with pytest.raises(LmforgeError, match=re.escape(message)):
@@ -1032,6 +1045,15 @@ def user_rewards(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))  # the module's folder is added to sys.path for this test only
     yield tmp_path
     sys.modules.pop("rl_user_rewards", None)
+
+
+def test_a_reward_module_that_fails_to_import_is_one_line_naming_where(user_rewards):
+    (user_rewards / "rl_broken_rewards.py").write_text("def score(prompt, completion):\n    return (\n")
+    with pytest.raises(LmforgeError, match=r"importing rl_broken_rewards failed \(rl_broken_rewards.py:2\): SyntaxError"):
+        parse_rewards("rl_broken_rewards:score")
+    (user_rewards / "rl_raising_rewards.py").write_text("raise RuntimeError('needs a GPU')\n")
+    with pytest.raises(LmforgeError, match="importing rl_raising_rewards failed: RuntimeError: needs a GPU"):
+        parse_rewards("rl_raising_rewards:score")
 
 
 def test_a_user_function_gets_the_rows_fields_and_rewards_add_up_with_their_weights(base, user_rewards):
@@ -1070,7 +1092,8 @@ def test_a_reward_that_fails_stops_the_run_with_one_line_naming_the_prompt(base,
     assert not (user_rewards / "run" / "checkpoints").exists()
 
 
-def test_with_reward_errors_penalty_a_failing_reward_is_counted_and_scored_the_penalty(base, prompts, user_rewards):
+def test_with_reward_errors_penalty_a_failing_reward_is_counted_and_scored_the_penalty(base, prompts, user_rewards,
+                                                                                          capsys):
     steps, _ = run_rl(base, prompts, user_rewards / "run", reward="rl_user_rewards:picky", reward_errors="penalty",
                       error_penalty=-3.0, max_steps=2, max_new_tokens=4)
     written = samples(user_rewards / "run")
@@ -1078,6 +1101,9 @@ def test_with_reward_errors_penalty_a_failing_reward_is_counted_and_scored_the_p
     assert [s["reward"] for s in written] == [-3.0 if bad else 1.0 for bad in failed]
     assert 0 < sum(failed) < len(failed)
     assert [r["reward_errors"] for r in steps] == [sum(failed[:8]), sum(failed[8:])]
+    # said once, with the first failure, not once a completion
+    err = capsys.readouterr().err
+    assert err.count("warning: reward rl_user_rewards:picky ") == 1 and "scored -3.0 (--reward-errors penalty)" in err
 
 
 def test_missing_eos_penalty_is_subtracted_from_truncated_completions_only(base, prompts, tmp_path):
@@ -1256,13 +1282,25 @@ def test_the_rl_command_trains_a_policy_that_generate_loads_and_writes_its_sampl
     (["--reward", "exact;arithmetic", "--reward-weights", "1"], "--reward-weights has 1 value(s) for 2 reward(s)"),
     (["--reward", "exact", "--temperature", "0"], "temperature must be positive"),
     (["--reward", "exact", "--epochs", "1"], "--epochs does nothing here"),
+    (["--reward", "exact", "--num-generations", "0"], "bad config: num_generations must be at least 1"),
+    (["--reward", "exact", "--temperature", "inf"], "bad config: temperature must be a finite number, not inf"),
+    (["--reward", "exact", "--train", "{late}"], "{late}:3: the exact reward needs an \"answer\" field"),
+    (["--reward", "arithmetic", "--train", "{late}"], "{late}:3: the arithmetic reward needs"),
+    (["--reward", "exact", "--train", "{folder}"], "prompts file {folder} is a folder: give the .jsonl, .csv or .parquet"),
+    (["--reward", "exact", "--gamma", "0.5"], "bad config: gamma applies to --algo ppo only, not grpo; leave it out"),
+    (["--reward", "exact", "--algo", "ppo", "--loss-norm", "dapo"], "loss_norm applies to --algo grpo only, not ppo"),
 ], ids=["no-reward", "unknown-reward", "grpo-one-generation", "rloo-one-generation", "partial-group",
         "reward-model-as-policy", "policy-as-reward-model", "unimportable-function", "bad-prompt-line", "empty-prompt",
-        "no-room-for-the-prompt", "weights-count", "zero-temperature", "ignored-key"])
+        "no-room-for-the-prompt", "weights-count", "zero-temperature", "ignored-key", "no-generations",
+        "infinite-temperature", "a-late-row-without-answer", "a-late-row-without-operands", "a-folder",
+        "a-ppo-setting-for-grpo", "a-grpo-setting-for-ppo"])
 def test_command_mistakes_exit_2_with_one_line_and_write_no_run_folder(base, prompts, tmp_path, tokenizer_dir, capsys,
                                                                        argv, message):
     fill = {"base": str(base), "bad": jsonl(tmp_path / "bad.jsonl", [{"prompt": "1 + 1 ="}, {"text": "2 + 2 ="}]),
-            "empty": jsonl(tmp_path / "empty.jsonl", [{"prompt": "  "}])}
+            "empty": jsonl(tmp_path / "empty.jsonl", [{"prompt": "  "}]),
+            "folder": str(tmp_path), "late": jsonl(tmp_path / "late.jsonl", [{"prompt": "1 + 1 =", "answer": "2"},
+                                                    {"prompt": [{"role": "user", "content": "2 + 2 ="}], "answer": "4"},
+                                                    {"prompt": "add nine and nine", "answr": "18"}])}
     if "{rm}" in "".join(argv):
         fill["rm"] = str(make_reward_model(tmp_path / "rm", tokenizer_dir))
     out = tmp_path / "run"

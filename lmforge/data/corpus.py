@@ -86,7 +86,9 @@ codecs.register_error("lmforge-count-replace", _count_and_replace)
 
 
 def decode_utf8(data: bytes) -> tuple[str, int]:
-    """(UTF-8 text of ``data``, number of undecodable bytes, each replaced by U+FFFD)."""
+    """(UTF-8 text of ``data``, number of undecodable bytes, each replaced by U+FFFD). A byte-order mark at the
+    start (Windows editors write one) is dropped: it is no text, and a JSON line that starts with it is refused."""
+    data = data.removeprefix(b"\xef\xbb\xbf")
     try:
         return data.decode("utf-8"), 0
     except UnicodeDecodeError:

@@ -163,7 +163,8 @@ def read_examples(path: str | os.PathLike, task: str = "auto", skip_bad_lines: b
     """Read and check every example; ``task`` "auto" takes the format of the first valid record."""
     path = Path(path)
     if not path.is_file():
-        raise LmforgeError(f"examples file {path} does not exist")
+        raise LmforgeError(f"examples file {path} " + ("is a folder: give the .jsonl, .csv or .parquet file in it"
+                                                      if path.is_dir() else "does not exist"))
     where = "row" if path.suffix.lower() == ".parquet" else "line"
     out = Examples(task, [], str(path))
     for number, row in _raw_rows(path):

@@ -37,6 +37,7 @@ class Pairs:
     task: str = "preference"
     skipped: int = 0
     skipped_lines: list[int] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)  # each kept row's line (or row) number in the file, where known
 
 
 def _messages_problem(value, name: str) -> str | None:
@@ -110,7 +111,8 @@ def read_pairs(path: str | os.PathLike, skip_bad_lines: bool = False) -> Pairs:
     """Read and check every preference pair; a bad one stops with file:line, or is counted and skipped."""
     path = Path(path)
     if not path.is_file():
-        raise LmforgeError(f"preference file {path} does not exist")
+        raise LmforgeError(f"preference file {path} " + ("is a folder: give the .jsonl, .csv or .parquet file in it"
+                                                      if path.is_dir() else "does not exist"))
     where = "line" if path.suffix.lower() != ".parquet" else "row"
     out = Pairs([], str(path))
     for number, row in _raw_rows(path):

@@ -121,9 +121,9 @@ class TrainConfig:
             (all(v is None or v >= 1 for v in (self.block_size, self.n_layer, self.n_head, self.n_embd, self.n_kv_head)),
              "block_size, n_layer, n_head, n_embd and n_kv_head must be at least 1"),
         ]
-        # NaN passes every comparison's negation: refuse it by name.
-        checks += [(not (isinstance(getattr(self, f.name), float) and math.isnan(getattr(self, f.name))),
-                    f"{f.name} must be a number, not nan") for f in fields(self)]
+        # NaN passes every comparison's negation, and no setting means anything at infinity: refuse both by name.
+        checks += [(not (isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))),
+                    f"{f.name} must be a finite number, not {getattr(self, f.name)}") for f in fields(self)]
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -367,7 +367,7 @@ class RLConfig(FinetuneConfig):
             (self.num_generations >= 1, "num_generations must be at least 1"),
             (self.algo not in ("grpo", "rloo") or self.num_generations >= 2,
              f"{self.algo} compares completions of a prompt: num_generations must be at least 2"),
-            (rows % self.num_generations == 0,
+            (self.num_generations < 1 or rows % self.num_generations == 0,  # (below 1: said by the check above)
              f"a rollout of {rows} completions (micro_batch_size x grad_accum_steps x minibatches) must hold whole "
              f"groups of num_generations {self.num_generations}"),
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
@@ -384,6 +384,17 @@ class RLConfig(FinetuneConfig):
         for ok, message in checks:
             if not ok:
                 raise LmforgeError(f"bad config: {message}")
+        # a setting of another algorithm, changed from its default, would be silently ignored: refuse it
+        for f in fields(self):
+            algos = self.ALGORITHM_ONLY.get(f.name)
+            if algos and self.algo not in algos and getattr(self, f.name) != f.default:
+                raise LmforgeError(f"bad config: {f.name} applies to --algo {' or '.join(algos)} only, not "
+                                   f"{self.algo}; leave it out")
+
+    # settings that only one algorithm reads
+    ALGORITHM_ONLY = {"gamma": ("ppo",), "lam": ("ppo",), "vf_coef": ("ppo",), "value_clip": ("ppo",),
+                      "whiten_advantages": ("ppo",), "critic": ("ppo",), "loss_norm": ("grpo",),
+                      "scale_rewards": ("grpo",), "baseline_decay": ("reinforce",)}
 
     @property
     def epochs_per_rollout(self) -> int:

@@ -47,6 +47,9 @@ def split_examples(rows: list, val_fraction: float, seed: int) -> tuple[list, li
     n_val = int(round(len(rows) * val_fraction))
     if val_fraction > 0 and n_val == 0 and len(rows) > 1:
         n_val = 1
+    if n_val >= len(rows):
+        raise LmforgeError(f"--val-fraction {val_fraction:g} of {len(rows)} example(s) leaves none to train on; lower "
+                           f"it (0 holds none out) or give held-out examples with --val")
     return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
 
 
@@ -191,6 +194,15 @@ class Finetune(Objective):
     def read_val(self, path: str, task: str) -> list:
         return read_examples(path, task, self.config.skip_bad_lines).rows
 
+    def longer_hint(self) -> str:
+        """What to do when examples do not fit ``max_length``: raise it, unless it is already the model's context."""
+        if self.max_length < self.block_size:
+            return f"raise --max-length (the model reads up to {self.block_size})"
+        asked = f" (--max-length {self.config.max_length} is more than it reads)" \
+            if (self.config.max_length or 0) > self.block_size else ""
+        return f"the model reads at most {self.block_size} tokens{asked}: shorten the examples or use a model with a " \
+               f"longer context"
+
     # the model ------------------------------------------------------------------------------------
 
     def load(self, checkpoint: Path | None):
@@ -292,7 +304,8 @@ class SFT(Finetune):
         self.train_features = self.featurize(train_rows)
         self.val_features = self.featurize(val_rows)
         if not self.train_features:
-            raise LmforgeError("no training example has a token to learn from after truncation; raise max_length")
+            raise LmforgeError(f"no training example has a token to learn from within {self.max_length} tokens; "
+                               f"{self.longer_hint()}")
         self.n_train, self.n_val = len(self.train_features), len(self.val_features)
         self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (self.tokenizer.eos_id or 0)
 
@@ -744,8 +757,21 @@ class Seq2Seq(Finetune):
         tok = self.tokenizer
         end = [tok.eos_id] if tok.eos_id is not None else []
         source_key, target_key = ("source", "target") if rows and "source" in rows[0] else ("prompt", "completion")
-        return [((tok.encode(r[source_key]) + end)[-self.max_length:], (tok.encode(r[target_key]) + end)[: self.max_length])
-                for r in rows]
+        out, long_sources, long_targets = [], 0, 0
+        for r in rows:
+            source, target = tok.encode(r[source_key]), tok.encode(r[target_key])
+            long_sources += len(source) + len(end) > self.max_length
+            long_targets += len(target) + len(end) > self.max_length
+            # a source keeps its end (as generation's --truncate keeps it), a target its beginning; both their end
+            # token, as a tokenizer's truncation does (a target cut without it would teach the model never to stop)
+            keep = self.max_length - len(end)
+            out.append((source[-keep:] + end if keep > 0 else end[-self.max_length:], target[:keep] + end))
+        for count, what in ((long_sources, "source(s) left-truncated to their last"), (long_targets,
+                                                                                       "target(s) cut to their first")):
+            if count:
+                warn(f"{count} of {len(rows)} example(s): {what} {self.max_length} tokens with the end token "
+                     f"(the model reads and writes at most that many; --max-length)")
+        return out
 
     def collate(self, indices: list[int], features=None) -> dict:
         features = features or self.train_features

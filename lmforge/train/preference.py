@@ -61,7 +61,7 @@ class PairObjective(Finetune):
         self.train_pairs = self.featurize(train_rows, "training")
         self.val_pairs = self.featurize(val_rows, "validation")
         if not self.train_pairs:
-            raise LmforgeError(f"no training pair fits max_length {self.max_length} tokens; raise --max-length")
+            raise LmforgeError(f"no training pair fits max_length {self.max_length} tokens; {self.longer_hint()}")
         self.n_train, self.n_val = len(self.train_pairs), len(self.val_pairs)
 
     def featurize(self, rows: list, split: str) -> list:

@@ -37,7 +37,7 @@ def _final_answer(text: str) -> str:
 
 def exact_answer(prompt: str, completion: str, answer=None, **_) -> float:
     if answer is None:
-        raise LmforgeError("the exact reward needs an \"answer\" field in every prompt row")
+        raise LmforgeError(EXACT_NEEDS)
     expected = str(answer).strip().replace(",", "")
     got = _final_answer(completion)
     try:
@@ -46,17 +46,45 @@ def exact_answer(prompt: str, completion: str, answer=None, **_) -> float:
         return float(got == expected)
 
 
+def _prompt_text(prompt) -> str:
+    """A prompt's text: itself, or the last message's content of a conversation."""
+    if isinstance(prompt, list):
+        return next((m.get("content", "") for m in reversed(prompt) if isinstance(m, dict)), "")
+    return prompt if isinstance(prompt, str) else ""
+
+
+def _operands(prompt) -> tuple[str, str] | None:
+    match = re.search(r"(-?\d+)\s*\+\s*(-?\d+)\s*=?\s*$", _prompt_text(prompt))
+    return match.groups() if match else None
+
+
 def arithmetic(prompt: str, completion: str, a=None, b=None, answer=None, **_) -> float:
     if answer is None:
         if a is None or b is None:
-            match = re.search(r"(-?\d+)\s*\+\s*(-?\d+)\s*=?\s*$", prompt if isinstance(prompt, str) else "")
-            if not match:
-                raise LmforgeError("the arithmetic reward needs \"a\" and \"b\" (or \"answer\") fields, or a prompt "
-                                   "ending \"A + B =\"")
-            a, b = match.groups()
+            operands = _operands(prompt)
+            if operands is None:
+                raise LmforgeError(ARITHMETIC_NEEDS)
+            a, b = operands
         answer = int(a) + int(b)
     first = _NUMBER.search(completion)
     return float(first is not None and first.group() == str(answer))
+
+
+EXACT_NEEDS = "the exact reward needs an \"answer\" field in every prompt row"
+ARITHMETIC_NEEDS = ("the arithmetic reward needs \"a\" and \"b\" (or \"answer\") fields, or a prompt ending "
+                    "\"A + B =\"")
+
+
+def row_problem(spec: str, row: dict) -> str | None:
+    """What a prompt row lacks for the built-in rewards named in ``spec`` (checked before a run starts, so that a
+    row deep in the file stops nothing half-way), or None."""
+    names = {n.strip() for n in spec.split(";")}
+    if "exact" in names and row.get("answer") is None:
+        return EXACT_NEEDS
+    if ("arithmetic" in names and row.get("answer") is None and (row.get("a") is None or row.get("b") is None)
+            and _operands(row.get("prompt")) is None):
+        return ARITHMETIC_NEEDS
+    return None
 
 
 class Reward:
@@ -64,6 +92,8 @@ class Reward:
 
     def __init__(self, name: str, weight: float, fn=None, batch_fn=None):
         self.name, self.weight, self.fn, self.batch_fn = name, weight, fn, batch_fn
+        self.key = slug(name)  # its metrics' name (reward_KEY), made unique among a run's rewards by parse_rewards
+        self.warned = False  # (a failure scored as a penalty is said once)
 
     def __call__(self, prompts: list, completions: list[str], rows: list[dict]) -> list:
         """Each value a float, or the exception it raised (the caller decides what an error costs)."""
@@ -104,13 +134,23 @@ def _reward_model(path: str, device):
 
 def _user_function(spec: str):
     module_name, _, function = spec.rpartition(":")
+    dotted = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
+    if not re.fullmatch(dotted, module_name) or not re.fullmatch(r"[A-Za-z_]\w*", function):
+        stem = Path(module_name).stem.lstrip(".") or "mymodule"
+        raise LmforgeError(f"reward {spec}: MODULE:FUNCTION names a Python module as you would import it, not a "
+                           f"file (for a function {function or 'score'} in {stem}.py: {stem}:{function or 'score'}, "
+                           f"run from the folder that holds {stem}.py)")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise LmforgeError(f"reward {spec}: cannot import {module_name} ({e}); run from the folder that holds "
-                           f"{module_name}.py or add it to PYTHONPATH") from None
+                           f"{module_name.replace('.', '/')}.py or add it to PYTHONPATH") from None
+    except Exception as e:  # noqa: BLE001 (your module failed as it was imported: a syntax error, a raise)
+        where = f" ({Path(e.filename).name}:{e.lineno})" if isinstance(e, SyntaxError) and e.filename else ""
+        raise LmforgeError(f"reward {spec}: importing {module_name} failed{where}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
     fn = getattr(module, function, None)
     if not callable(fn):
         raise LmforgeError(f"reward {spec}: {module_name} has no function {function}")
@@ -131,6 +171,8 @@ def parse_rewards(spec: str, weights: str = "", device="cpu") -> list[Reward]:
         values = [float(v) for v in values]
     except ValueError:
         raise LmforgeError(f"--reward-weights must be numbers joined with ;, not {weights!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise LmforgeError(f"--reward-weights must be finite numbers, not {weights!r}")
     rewards = []
     for name, weight in zip(names, values):
         if name == "exact":
@@ -138,6 +180,8 @@ def parse_rewards(spec: str, weights: str = "", device="cpu") -> list[Reward]:
         elif name == "arithmetic":
             rewards.append(Reward(name, weight, arithmetic))
         elif name.startswith("regex:"):
+            if not name[len("regex:"):]:
+                raise LmforgeError("reward regex: needs a pattern (regex:PATTERN); an empty one matches every completion")
             try:
                 pattern = re.compile(name[len("regex:"):])
             except re.error as e:
@@ -150,7 +194,20 @@ def parse_rewards(spec: str, weights: str = "", device="cpu") -> list[Reward]:
         else:
             raise LmforgeError(f"unknown reward {name!r}: use exact, arithmetic, regex:PATTERN, model:DIR or "
                                f"MODULE:FUNCTION")
+    seen: set[str] = set()
+    for reward in rewards:  # two rewards whose names read alike ("regex:a+", "regex:a*") keep their own metrics
+        key, i = reward.key, 2
+        while key in seen:
+            key, i = f"{reward.key}_{i}", i + 1
+        reward.key = key
+        seen.add(key)
     return rewards
+
+
+def slug(name: str) -> str:
+    """A reward's name as a metric's: letters, digits and _ ("regex:^\\d+$" → "d")."""
+    text = "".join(ch if ch.isalnum() else "_" for ch in name.removeprefix("model:").removeprefix("regex:"))
+    return text[:40].strip("_") or "reward"
 
 
 def score(rewards: list[Reward], prompts: list, completions: list[str], rows: list[dict], on_error: str,
@@ -171,13 +228,19 @@ def score(rewards: list[Reward], prompts: list, completions: list[str], rows: li
                 except (TypeError, ValueError):
                     bad = True
             if bad:
+                what = f"raised {type(value).__name__}: {value}" if isinstance(value, Exception) else f"returned {value!r}"
                 if on_error != "penalty":
-                    what = f"raised {type(value).__name__}: {value}" if isinstance(value, Exception) else f"returned {value!r}"
                     raise LmforgeError(f"reward {reward.name} {what} for the prompt {str(prompts[i])[:80]!r}; fix it, or "
                                        f"pass --reward-errors penalty to score such completions {penalty}")
+                if not reward.warned:  # (once: the rest are counted in the metrics' reward_errors)
+                    from lmforge.utils import warn
+
+                    warn(f"reward {reward.name} {what} for the prompt {str(prompts[i])[:80]!r}; scored {penalty} "
+                         f"(--reward-errors penalty), as every such completion will be: see reward_errors in the metrics")
+                    reward.warned = True
                 errors += 1
                 value = penalty
             clean.append(value)
             totals[i] += reward.weight * value
-        parts[reward.name] = clean
+        parts[reward.key] = clean
     return totals, parts, errors

@@ -51,7 +51,7 @@ from lmforge.model.lora import adapters_off, save_adapter
 from lmforge.train.config import RLConfig
 from lmforge.train.finetune import FIXED_ON_RESUME, Finetune, _pad
 from lmforge.train.loop import Distributed, resolve_config, train
-from lmforge.train.rewards import parse_rewards, score
+from lmforge.train.rewards import parse_rewards, row_problem, score
 from lmforge.utils import warn
 
 # -- prompts ------------------------------------------------------------------------------------
@@ -75,7 +75,8 @@ def read_prompts(path: str | os.PathLike, skip_bad_lines: bool = False) -> Pairs
     """Prompt rows ``{"prompt": text or messages, ...}``; the other fields go to the reward."""
     path = Path(path)
     if not path.is_file():
-        raise LmforgeError(f"prompts file {path} does not exist")
+        raise LmforgeError(f"prompts file {path} " + ("is a folder: give the .jsonl, .csv or .parquet file in it"
+                                                      if path.is_dir() else "does not exist"))
     out = Pairs([], str(path), task="prompts")
     for number, row in _raw_rows(path):
         if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].startswith("[{"):
@@ -86,6 +87,7 @@ def read_prompts(path: str | os.PathLike, skip_bad_lines: bool = False) -> Pairs
         problem = row if isinstance(row, str) else check_prompt(row)
         if problem is None:
             out.rows.append(row)
+            out.lines.append(number)
             continue
         if not skip_bad_lines:
             raise LmforgeError(f"{path}:{number}: {problem}; expected {{\"prompt\": \"...\"}} (or pass --skip-bad-lines)")
@@ -505,7 +507,7 @@ class RL(Finetune):
         values = [len(rewards), rewards.sum(), (rewards ** 2).sum(), buffer["cmask"].sum(),
                   sum(x["truncated"] for x in completions), errors]
         if len(parts) > 1:
-            names += [f"reward_{_slug(name)}" for name in parts]
+            names += [f"reward_{key}" for key in parts]
             values += [sum(v) for v in parts.values()]
         for key in ("kl", "explained_variance_sums"):
             if key in buffer:
@@ -757,7 +759,7 @@ class RL(Finetune):
         record = {"val_reward": rewards.mean().item(),
                   "val_completion_length": float(np.mean([len(x["tokens"]) for x in completions]))}
         if len(parts) > 1:
-            record.update({f"val_reward_{_slug(name)}": float(np.mean(v)) for name, v in parts.items()})
+            record.update({f"val_reward_{key}": float(np.mean(v)) for key, v in parts.items()})
         return record
 
     def format_train(self, loss: float) -> str:
@@ -821,10 +823,6 @@ def _scatter(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in name.removeprefix("model:").removeprefix("regex:"))[:40].strip("_")
-
-
 def rl(config: RLConfig | dict | str | os.PathLike | None = None, *, resume: bool = False, overwrite: bool = False,
        progress: bool = True, **overrides) -> dict:
     """Improve a causal LM against a reward with PPO, GRPO, RLOO or REINFORCE; returns the loop's summary."""
@@ -833,6 +831,13 @@ def rl(config: RLConfig | dict | str | os.PathLike | None = None, *, resume: boo
     if prompts.skipped:
         warn(f"skipped {prompts.skipped} malformed prompt(s) of {config.train} (lines {prompts.skipped_lines[:5]}"
              f"{' ...' if prompts.skipped > 5 else ''})")
+    # the fields the built-in rewards read, in every row, before the run starts (not at the rollout that meets one)
+    files = [(config.train, prompts)] + ([(config.val, read_prompts(config.val, config.skip_bad_lines))] if config.val else [])
+    for path, rows in files:
+        for row, line in zip(rows.rows, rows.lines):
+            problem = row_problem(config.reward, row)
+            if problem is not None:
+                raise LmforgeError(f"{path}:{line}: {problem}")
     fixed = FIXED_ON_RESUME + ("algo", "num_generations", "critic", "minibatches", "ppo_epochs", "micro_batch_size",
                                "grad_accum_steps")
     return train(config, lambda c, device, ckpt: RL(c, device, ckpt, prompts), resume=resume, overwrite=overwrite,
