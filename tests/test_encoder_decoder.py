@@ -268,6 +268,37 @@ def test_the_generate_api_and_command_run_an_encoder_decoder(tmp_path, tokenizer
 # -- seq2seq fine-tuning ----------------------------------------------------------------------------
 
 
+def test_seq2seq_examples_longer_than_max_length_are_cut_keeping_their_end_token_and_said(tmp_path, tokenizer_dir,
+                                                                                          capsys, monkeypatch):
+    """A source keeps its end, a target its beginning, and both their end token (a target cut without it would
+    teach the model never to stop), with a warning counting each."""
+    import shutil
+
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.finetune import Seq2Seq, finetune
+
+    folder = make_hf_t5(tmp_path / "hf", "v1.1", vocab_size=1024, num_decoder_layers=1, num_layers=1)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    rows = [{"source": "one two three four five six seven eight nine ten", "target": "short"},
+            {"source": "short", "target": "one two three four five six seven eight nine ten"},
+            {"source": "short", "target": "short"}]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    featurize, features = Seq2Seq.featurize, []
+    monkeypatch.setattr(Seq2Seq, "featurize", lambda self, rows: features.append(featurize(self, rows)) or features[-1])
+    finetune(model=str(folder), train=str(train), out=str(tmp_path / "run"), max_steps=1, max_length=6,
+             micro_batch_size=3, val_fraction=0.0, threads=1, tensorboard=False, dtype="float32", progress=False)
+    err = capsys.readouterr().err
+    assert "1 of 3 example(s): source(s) left-truncated to their last 6 tokens" in err
+    assert "1 of 3 example(s): target(s) cut to their first 6 tokens" in err
+    tok = Tokenizer.load(folder)
+    (long_source, _), (_, long_target), short = features[0]
+    assert long_source == tok.encode(rows[0]["source"])[-5:] + [tok.eos_id]
+    assert long_target == tok.encode(rows[1]["target"])[:5] + [tok.eos_id]
+    assert short == (tok.encode("short") + [tok.eos_id],) * 2
+
+
 def test_seq2seq_fine_tuning_learns_a_mapping_and_its_loss_is_transformers(tmp_path, tokenizer_dir):
     """{"source", "target"} pairs (reverse a list of words) train the encoder-decoder: the loss falls, a step's loss
     equals T5ForConditionalGeneration's on the same batch, generate then writes the learnt target, and

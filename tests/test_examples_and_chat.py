@@ -42,6 +42,14 @@ def test_csv_and_parquet_with_nested_fields(tmp_path):
     assert read_examples(tmp_path / "x.parquet").rows[1] == {"text": "b", "label": 1}
 
 
+def test_a_file_a_windows_editor_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
+    rows = [{"text": "a", "label": 0}, {"text": "b", "label": 1}]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    assert read_examples(tmp_path / "bom.jsonl").rows == rows
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbftext,label\na,0\n")
+    assert read_examples(tmp_path / "bom.csv").rows == [{"text": "a", "label": 0}]  # (the first column is "text")
+
+
 def test_malformed_lines_name_the_line_and_the_format_or_are_skipped(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"text": "ok", "label": "a"}, "{not json", {"text": "ok", "label": True},
                                               {"text": "fine", "label": "b"}])
