@@ -121,7 +121,9 @@ def cmd_generate(args) -> None:
 
     model, tokenizer = _load_for_inference(args, seq2seq=True)
     seq2seq = not isinstance(model, GPT)  # the prompt is the encoder's source
-    text, stops = prompt, SamplingParams(stop=args.stop or [])
+    from lmforge.utils import stop_strings
+
+    text, stops = prompt, SamplingParams(stop=[s for given in args.stop or [] for s in stop_strings(given)])
     if tokenizer.chat_template is not None and not args.raw and not seq2seq:
         # A chat model: the prompt is the user's message, answered through the model's template.
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
@@ -568,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--max-new-tokens", type=int, default=None,
                     help="default: 128, or what the context leaves after the prompt")
     sampling_options(ge, temperature=1.0, top_p=1.0)
-    ge.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+    ge.add_argument("--stop", action="append", metavar="TEXT",
+                    help="stop before this text (repeatable; \\n, \\t: a newline, a tab; \\\\: a backslash)")
     ge.add_argument("-n", "--n", type=int, default=1, help="number of samples")
     ge.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
     ge.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length ** this")

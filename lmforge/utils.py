@@ -149,6 +149,29 @@ def refuse_overwriting_sources(out: str | os.PathLike, *sources: str | os.PathLi
             raise LmforgeError(f"--out {out} would replace {source}, which this reads from; choose another --out")
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", ";": ";"}
+
+
+def stop_strings(text: str, several: bool = False) -> list[str]:
+    """Stop strings as typed on a command line, where a newline cannot be: ``\\n``, ``\\t`` and ``\\r`` are the
+    characters, ``\\\\`` a backslash; with ``several``, the strings are joined with ``;`` (``\\;`` is one)."""
+    out, piece, i = [], [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            piece.append(_ESCAPES[text[i + 1]])
+            i += 2
+            continue
+        if ch == ";" and several:
+            out.append("".join(piece))
+            piece = []
+        else:
+            piece.append(ch)
+        i += 1
+    out.append("".join(piece))
+    return [s for s in out if s]
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

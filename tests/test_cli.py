@@ -122,6 +122,22 @@ def test_generate_streams_the_continuation_without_echo(hf_gpt2):
     assert result.stdout == "def main" + expected + "\n"
 
 
+def test_stop_strings_typed_on_a_command_line_take_escapes(hf_gpt2, capsys):
+    from lmforge.utils import stop_strings
+
+    assert stop_strings(r"\n") == ["\n"] and stop_strings(r"\t\r") == ["\t\r"] and stop_strings(r"a\\n") == ["a\\n"]
+    assert stop_strings(r"\q") == [r"\q"] and stop_strings("é;x") == ["é;x"]  # (one string unless several)
+    assert stop_strings(r"a\;b;\n;;Ü", several=True) == ["a;b", "\n", "Ü"]
+    # `generate --stop '\n'` stops at a newline, as the API given a newline does
+    text = generate(hf_gpt2, "def main", max_new_tokens=40, temperature=0).text
+    stop = next((c for c in text[1:] if c in "\n\t"), text[3:5])  # (a newline or tab the model writes, if it does)
+    typed = stop.replace("\n", r"\n").replace("\t", r"\t")
+    assert main(["generate", "--model", str(hf_gpt2), "--max-new-tokens", "40", "--temperature", "0", "--stop", typed,
+                 "def main"]) == 0
+    assert capsys.readouterr().out == generate(hf_gpt2, "def main", max_new_tokens=40, temperature=0,
+                                               stop=[stop]).text + "\n"
+
+
 def test_the_whole_pipeline_from_the_command_line(corpus_dir, tmp_path):
     tok, data, run = tmp_path / "tok", tmp_path / "data", tmp_path / "run"
     assert main(["tokenizer", "train", str(corpus_dir), "--vocab-size", "600", "--out", str(tok), "--quiet"]) == 0

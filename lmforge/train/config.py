@@ -325,7 +325,8 @@ class RLConfig(FinetuneConfig):
     temperature: float = setting(1.0, "sampling temperature of the rollouts")
     top_k: int = setting(0, "rollouts sample from the k most likely tokens (0: all)")
     top_p: float = setting(1.0, "rollouts' nucleus sampling")
-    stop: str = setting("", "stop strings joined with ; (the end-of-turn / end-of-text token always stops)")
+    stop: str = setting("", "stop strings joined with ; (\\; is one; \\n a newline, \\t a tab); the end-of-turn / "
+                            "end-of-text token always stops")
     minibatches: int = setting(1, "optimizer steps per pass over a rollout")
     ppo_epochs: int = setting(0, "passes over each rollout (0: 4 for ppo, 1 otherwise)")
     kl_coef: float = setting(-1.0, "beta of the KL penalty to the reference (-1: 0.05 for ppo and rloo, 0 for grpo "

@@ -52,7 +52,7 @@ from lmforge.train.config import RLConfig
 from lmforge.train.finetune import FIXED_ON_RESUME, Finetune, _pad
 from lmforge.train.loop import Distributed, resolve_config, train
 from lmforge.train.rewards import parse_rewards, row_problem, score
-from lmforge.utils import warn
+from lmforge.utils import stop_strings, warn
 
 # -- prompts ------------------------------------------------------------------------------------
 
@@ -382,7 +382,7 @@ class RL(Finetune):
 
         c = self.config
         n = 1 if greedy else c.num_generations
-        stops = [s for s in c.stop.split(";") if s] if c.stop else []
+        stops = stop_strings(c.stop, several=True)
         # the cache holds the longest prompt and its completion, not the whole context
         longest = max(len(p["ids"]) for p in prompts) + c.max_new_tokens
         rows = max(n, min(len(prompts) * n, 64))
