@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from lmforge.data.examples import ROLES, _raw_rows
 from lmforge.data.preference import Pairs, encode_prompt
 from lmforge.errors import LmforgeError
+from lmforge.infer.engine import Engine, end_tokens
 from lmforge.model.checkpoint import load_model, save_model
 from lmforge.model.gpt import GPT
 from lmforge.model.heads import attach_head
@@ -303,11 +304,12 @@ class RL(Finetune):
             raise LmforgeError(f"max_new_tokens {self.config.max_new_tokens} leaves no room for a prompt in the "
                                f"model's context of {self.block_size}")
         out, cut = [], 0
+        ends = end_tokens(self.policy, self.tokenizer)  # (where generation ends too: the tokenizer's and the model's)
         for row in rows:
             _, ids, end = encode_prompt(self.tokenizer, row["prompt"])
             if len(ids) > keep:
                 ids, cut = ids[-keep:], cut + 1
-            stops = sorted({t for t in (end, self.tokenizer.eos_id) if t is not None})
+            stops = sorted({t for t in (end, *ends) if t is not None})
             out.append({"ids": ids, "row": row, "stops": stops})
         if cut:
             print(f"{split} prompts: {cut} cut from the left to leave {self.config.max_new_tokens} new tokens in the "
@@ -377,7 +379,6 @@ class RL(Finetune):
 
     def generate(self, prompts: list[dict], first: int, greedy: bool = False) -> list[dict]:
         """Completions (``num_generations`` per prompt, or one greedy) from the current weights."""
-        from lmforge.infer.engine import Engine
         from lmforge.infer.sampling import SamplingParams
 
         c = self.config
