@@ -290,7 +290,7 @@ def cmd_classify(args) -> None:
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     result = classify(model, load_tokenizer_for(model), args.data, labels, args.shots, args.selection, args.seed,
                       args.template or DEFAULT_TEMPLATE, args.description, args.demos)
-    print(f"{result['examples']} examples, {args.shots}-shot: accuracy {result['accuracy']:.4f}, "
+    print(f"{result['examples']} examples, {result['shots']}-shot: accuracy {result['accuracy']:.4f}, "
           f"macro-F1 {result['macro_f1']:.4f}, MCC {result['mcc']:.4f}")
     print(format_confusion(result["confusion"]))
     predicted = set(result["predictions"])

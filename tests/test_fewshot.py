@@ -23,6 +23,9 @@ def test_prompt_builder_layout_and_label_gap():
     assert (prompt, gap) == ("Review: x\nSentiment:", "")
     with pytest.raises(LmforgeError, match="label} must come last"):
         build_prompt([], "x", template="{label}: {text}")
+    with pytest.raises(LmforgeError, match=r"takes \{text\} and \{label\} only, not \{foo\}"):
+        build_prompt([], "x", template="{foo} {text} {label}")
+    assert build_prompt([], "x", template="{{json}} {text}:{label}")[0] == "{json} x:"  # doubled braces are braces
 
 
 def test_demonstration_selection():
@@ -34,6 +37,11 @@ def test_demonstration_selection():
     balanced = [d["label"] for d in choose_demonstrations(POOL, 4, "balanced", 0)]
     assert balanced == ["neg", "pos", "neg", "pos"]
     assert choose_demonstrations(POOL, 0, "random", 0) == []
+    # a separate pool of demonstrations (nothing to exclude) is drawn from too
+    b = choose_demonstrations(POOL, 3, "random", seed=5)
+    assert len(b) == 3 and b == choose_demonstrations(POOL, 3, "random", seed=5)
+    with pytest.raises(LmforgeError, match="--seed -1 must be 0 or more"):
+        choose_demonstrations(POOL, 3, "random", seed=-1)
 
 
 def test_loglikelihood_equals_the_sum_from_the_model_logits(hf_gpt2):
@@ -68,6 +76,20 @@ def test_classify_picks_the_most_likely_label_and_reports_accuracy(hf_gpt2, tmp_
     assert "12 examples, 2-shot: accuracy" in capsys.readouterr().out
     assert main(["classify", str(data), "--model", str(hf_gpt2), "--labels", "yes,maybe"]) == 2
     assert "labels no that --labels does not list" in capsys.readouterr().err
+    # demonstrations from another file, drawn at random (the default)
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"text": f"demo {i}", "label": ["yes", "no"][i % 2]}) + "\n" for i in range(4)))
+    assert main(["classify", str(data), "--model", str(hf_gpt2), "--labels", "yes,no", "--demos", str(demos),
+                 "--shots", "2"]) == 0
+    assert "12 examples, 2-shot" in capsys.readouterr().out
+    assert main(["classify", str(data), "--model", str(hf_gpt2), "--labels", "yes,no", "--demos", str(demos),
+                 "--shots", "9"]) == 0  # more than there are: all 4, said
+    captured = capsys.readouterr()
+    assert "only 4 demonstration(s) to choose from" in captured.err and "12 examples, 4-shot" in captured.out
+    for argv, message in [(["--labels", "yes,no,yes"], "--labels lists 'yes' more than once"),
+                          (["--labels", "yes,no", "--shots", "-2"], "--shots -2 must be 0 or more")]:
+        assert main(["classify", str(data), "--model", str(hf_gpt2), *argv]) == 2
+        assert message in capsys.readouterr().err
 
 
 

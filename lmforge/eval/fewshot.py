@@ -32,7 +32,9 @@ def choose_demonstrations(pool: list[dict], k: int, selection: str, seed: int, e
     if selection == "first":
         picked = candidates[:k]
     elif selection == "random":
-        rng = np.random.default_rng([seed, -1 if exclude is None else exclude])
+        if seed < 0:
+            raise LmforgeError(f"--seed {seed} must be 0 or more")
+        rng = np.random.default_rng([seed] if exclude is None else [seed, exclude])
         picked = [candidates[i] for i in rng.permutation(len(candidates))[:k]]
     else:
         by_label: dict = defaultdict(list)
@@ -50,8 +52,18 @@ def choose_demonstrations(pool: list[dict], k: int, selection: str, seed: int, e
 def build_prompt(demonstrations: list[dict], query_text: str, template: str = DEFAULT_TEMPLATE,
                  description: str = "", separator: str = "\n\n") -> tuple[str, str]:
     """(prompt up to the label, what goes between it and the label). The label slot is ``{label}``."""
+    import string
+
     if "{text}" not in template or "{label}" not in template:
         raise LmforgeError("a few-shot template needs both {text} and {label}")
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise LmforgeError(f"the few-shot template is not a format string ({e}); write {{{{ and }}}} for braces") from None
+    if fields - {"text", "label"}:
+        raise LmforgeError(f"a few-shot template takes {{text}} and {{label}} only, not "
+                           f"{', '.join('{' + f + '}' for f in sorted(fields - {'text', 'label'}))}; write {{{{ and }}}} "
+                           f"for braces")
     before, after = template.split("{label}", 1)
     if after.strip():
         raise LmforgeError("in a few-shot template, {label} must come last")
@@ -69,8 +81,19 @@ def classify(model, tokenizer, data: str | os.PathLike, labels: list[str], shots
     """Score every example of ``data`` (classification JSONL/CSV/Parquet) by label log-likelihood."""
     if len(labels) < 2:
         raise LmforgeError("pass at least two labels, e.g. --labels positive,negative")
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise LmforgeError(f"--labels lists {', '.join(map(repr, twice))} more than once; list each label once")
+    if shots < 0:
+        raise LmforgeError(f"--shots {shots} must be 0 or more")
     rows = read_examples(data, "classification").rows
     pool = read_examples(demos, "classification").rows if demos else rows
+    available = len(pool) - (pool is rows)  # (an example is never its own demonstration)
+    if shots > available:
+        from lmforge.utils import warn
+
+        warn(f"--shots {shots}, but only {available} demonstration(s) to choose from: each prompt shows {available}")
+        shots = available
     unknown = sorted({str(r["label"]) for r in rows} - set(labels))
     if unknown:
         raise LmforgeError(f"the data has labels {', '.join(unknown)} that --labels does not list")
