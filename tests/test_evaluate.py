@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -147,6 +148,34 @@ def test_task_files_and_their_errors(tmp_path):
         load_task_file(tmp_path / "metric.yaml")
     with pytest.raises(LmforgeError, match="unknown task 'hellaswag'"):
         resolve_tasks(["hellaswag"])
+    # values of the wrong kind are one line naming the key, not a crash deep in rendering
+    generate = "type: generate\ndata: d.jsonl\nprompt: '{{ q }}'\ntarget: '{{ a }}'\n"
+    for extra, message in [("fewshot: three", "`fewshot` must be a whole number of 0 or more, not 'three'"),
+                           ("fewshot: -2", "`fewshot` must be a whole number of 0 or more, not -2"),
+                           ("seed: abc", "`seed` must be a whole number"),
+                           ("until: 5", "`until` must be text or a list of texts, not 5"),
+                           ("target_delimiter: 3", "`target_delimiter` must be text, not 3"),
+                           ("fewshot_separator:", "`fewshot_separator` must be text, not None"),
+                           ("max_new_tokens: 0", "`max_new_tokens` must be a whole number of 1 or more")]:
+        (tmp_path / "typed.yaml").write_text(generate.replace("prompt: '{{ q }}'\n", "") + extra + "\n"
+                                             if extra.startswith("prompt") else generate + extra + "\n")
+        with pytest.raises(LmforgeError, match=re.escape(message)):
+            load_task_file(tmp_path / "typed.yaml")
+    (tmp_path / "string_metric.yaml").write_text(generate + "metrics: bleu\n")
+    assert load_task_file(tmp_path / "string_metric.yaml").metrics == ["bleu"]  # one metric as text
+    # a regression target that is no number, and a folder as data, are said before any model work
+    (tmp_path / "r.jsonl").write_text(json.dumps({"q": "how much?", "a": "plenty"}) + "\n")
+    (tmp_path / "reg.yaml").write_text("type: regression\ndata: r.jsonl\nprompt: '{{ q }}'\ntarget: '{{ a }}'\n")
+    with pytest.raises(LmforgeError, match="a regression target must be a number, not 'plenty'"):
+        load_task_file(tmp_path / "reg.yaml").check()
+    (tmp_path / "dir.yaml").write_text("type: generate\ndata: .\n")
+    with pytest.raises(LmforgeError, match="task dir: data file .* is a folder; give the JSONL file in it"):
+        load_task_file(tmp_path / "dir.yaml")
+    # two tasks of one name would overwrite each other's results; more shots than examples are said and cut
+    (tmp_path / "t2.yaml").write_text((tmp_path / "t.yaml").read_text())
+    with pytest.raises(LmforgeError, match="two tasks are named 'mine'"):
+        resolve_tasks([str(tmp_path / "t.yaml"), str(tmp_path / "t2.yaml")])
+    assert resolve_tasks([str(tmp_path / "t.yaml")], limit=2, fewshot=5)[0].fewshot == 1
 
 
 def test_builtin_tasks_are_generated_deterministically_and_correctly():

@@ -218,6 +218,10 @@ def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str
     results["tasks"] = {}
     if tasks:
         from lmforge.eval.baselines import transformer_dtype
+        from lmforge.utils import warn
+
+        if len(models) > 1:
+            warn(f"the tasks run on the first --model only ({models[0]}); the others are compared on --data")
         from lmforge.model.gpt import use_fast_kernels
 
         model = load_generator(models[0], dtype=transformer_dtype(models[0], dtype))
@@ -275,7 +279,8 @@ def format_results(results: dict) -> str:
         p = results["perplexity"]
         parts.append(f"Perplexity on {p['data']} ({p['split']} split):\n\n" + format_comparison(p["models"]))
     if results["tasks"]:
-        lines = ["| task | version | shots | examples | metric | value |", "|---|---|---:|---:|---|---:|"]
+        lines = [f"Tasks, {results['model']}:", "", "| task | version | shots | examples | metric | value |",
+                 "|---|---|---:|---:|---|---:|"]
         for name, r in results["tasks"].items():
             for metric, value in r["metrics"].items():
                 if isinstance(value, (int, float)):
@@ -303,6 +308,7 @@ def compare_on_split(model_paths: list[str], data_dir: str, split: str = "val", 
         raise LmforgeError(f"the {split} split of {data_dir} has {len(tokens)} tokens: nothing to score; "
                            f"prepare it with a larger --val-fraction or evaluate another --split")
     n_bytes = int(round(len(tokens) * data.bytes_per_token))
+    check_tokenizers(model_paths, data_dir, data.meta["tokenizer"].get("sha256"))
     rows = []
     for path in model_paths:
         model, kind = load_any(path, dtype)
@@ -324,6 +330,22 @@ def compare_on_split(model_paths: list[str], data_dir: str, split: str = "val", 
         rows.append({"model": str(path), "kind": kind, "context": context, **result,
                      "seconds": round(time.perf_counter() - started, 2)})
     return rows
+
+
+def check_tokenizers(model_paths: list[str], data_dir, data_sha256: str | None) -> None:
+    """Refuse, before any model work, a model whose tokenizer is not the one the data was prepared with: its
+    perplexity would be over other tokens (or its ids would mean other text), a number that compares with nothing."""
+    from lmforge.model.checkpoint import resolve_model_dir
+    from lmforge.tokenizer import Tokenizer
+
+    for path in model_paths:
+        folder = resolve_model_dir(path)
+        if data_sha256 is None or not (folder / "tokenizer.json").exists():
+            continue
+        if Tokenizer.load(folder).sha256 != data_sha256:
+            raise LmforgeError(f"{path} has another tokenizer than the one {data_dir} was prepared with, so its "
+                               f"perplexity there would be over other tokens; prepare the data with its tokenizer "
+                               f"(lmforge prepare --tokenizer {folder})")
 
 
 def format_comparison(rows: list[dict]) -> str:

@@ -33,6 +33,7 @@ import yaml
 
 from lmforge.data.corpus import jsonl_objects, read_text_file
 from lmforge.errors import LmforgeError
+from lmforge.utils import warn
 
 TYPES = ("multiple_choice", "classification", "generate", "regression", "perplexity")
 DEFAULT_METRICS = {
@@ -125,14 +126,24 @@ class Task:
         if not self.docs:
             raise LmforgeError(f"task {self.name} ({self.source}) has no examples; no score is computed over none")
         for doc in self.docs:
+            if self.type == "perplexity":
+                if self.text_field not in doc:
+                    raise LmforgeError(f"task {self.name}: an example has no {self.text_field!r} field (set text_field)")
+                continue  # (scored on its text alone: no prompt)
             self.render(self.prompt, doc)
             if self.type in ("multiple_choice", "classification"):
                 self.target_index(doc)
-            elif self.type == "perplexity":
-                if self.text_field not in doc:
-                    raise LmforgeError(f"task {self.name}: an example has no {self.text_field!r} field (set text_field)")
             else:
-                self.render(self.target, doc)
+                target = self.render(self.target, doc)
+                if self.type == "regression":
+                    try:
+                        float(target)
+                    except ValueError:
+                        raise LmforgeError(f"task {self.name}: a regression target must be a number, not "
+                                           f"{target!r}") from None
+        if self.fewshot > 0:  # the demonstrations' files are rendered now too (their fields may differ)
+            for doc in self.fewshot_docs if self.fewshot_docs is not None else []:
+                self.demonstration(doc)
 
     def demonstration(self, doc: dict) -> str:
         """A solved example: the prompt followed by the right answer."""
@@ -194,8 +205,9 @@ def _render(template: str, doc: dict, task: str) -> str:
 
 
 def read_jsonl(path: Path, task: str) -> list[dict]:
-    if not path.exists():
-        raise LmforgeError(f"task {task}: data file {path} does not exist")
+    if not path.is_file():
+        raise LmforgeError(f"task {task}: data file {path} " + ("is a folder; give the JSONL file in it"
+                                                                if path.is_dir() else "does not exist"))
     return [doc for _, doc in jsonl_objects(path)]
 
 
@@ -215,26 +227,48 @@ def load_task_file(path: str | os.PathLike) -> Task:
         if key not in spec:
             raise LmforgeError(f"task file {path} needs `{key}`")
     name = str(spec.get("task", path.stem))
-    until = spec.get("until", ["\n"])
+
+    def value(key: str, default, kind: str):
+        """``spec[key]`` checked against what the key takes: text, a whole number (0 or more; max_new_tokens 1 or
+        more), text or a list of texts, or text or a list (choices)."""
+        v = spec.get(key, default)
+        if kind == "text" and isinstance(v, (int, float)) and not isinstance(v, bool) and key in ("target", "task"):
+            v = str(v)  # (a target may be an index: `target: 0`)
+        ok = {"text": isinstance(v, str),
+              "count": isinstance(v, int) and not isinstance(v, bool) and v >= (1 if key == "max_new_tokens" else 0),
+              "texts": isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+              "choices": v is None or isinstance(v, str) or (isinstance(v, list) and bool(v))}[kind]
+        if not ok:
+            wanted = {"text": "text", "count": "a whole number" + (" of 1 or more" if key == "max_new_tokens" else
+                                                                    " of 0 or more"),
+                      "texts": "text or a list of texts", "choices": "a list or a template"}[kind]
+            raise LmforgeError(f"task file {path}: `{key}` must be {wanted}, not {v!r}")
+        return [v] if kind == "texts" and isinstance(v, str) else v
+
+    value("type", None, "text")
+    value("data", None, "text")
+    fewshot_data = value("fewshot_data", "", "text")
     kwargs = dict(
         name=name,
         type=spec["type"],
         docs=read_jsonl(path.parent / spec["data"], name),
-        prompt=spec.get("prompt", "{{ text }}"),
-        choices=spec.get("choices"),
-        target=str(spec.get("target", "{{ target }}")),
-        target_delimiter=spec.get("target_delimiter", " "),
-        fewshot=int(spec.get("fewshot", 0)),
-        fewshot_docs=read_jsonl(path.parent / spec["fewshot_data"], name) if spec.get("fewshot_data") else None,
-        fewshot_separator=spec.get("fewshot_separator", "\n\n"),
-        seed=int(spec.get("seed", 0)),
-        until=[until] if isinstance(until, str) else list(until),
-        max_new_tokens=int(spec.get("max_new_tokens", 32)),
-        metrics=spec.get("metrics") or [],
+        prompt=value("prompt", "{{ text }}", "text"),
+        choices=value("choices", None, "choices"),
+        target=value("target", "{{ target }}", "text"),
+        target_delimiter=value("target_delimiter", " ", "text"),
+        fewshot=value("fewshot", 0, "count"),
+        fewshot_docs=read_jsonl(path.parent / fewshot_data, name) if fewshot_data else None,
+        fewshot_separator=value("fewshot_separator", "\n\n", "text"),
+        seed=value("seed", 0, "count"),
+        until=value("until", ["\n"], "texts"),
+        max_new_tokens=value("max_new_tokens", 32, "count"),
+        metrics=value("metrics", [], "texts"),
         version=spec.get("version", 1),
-        text_field=spec.get("text_field", "text"),
+        text_field=value("text_field", "text", "text"),
         source=str(path),
     )
+    if kwargs["fewshot_docs"] is not None and not kwargs["fewshot_docs"]:
+        raise LmforgeError(f"task {name}: its fewshot_data file {fewshot_data} holds no examples")
     return Task(**kwargs)
 
 
@@ -334,5 +368,14 @@ def resolve_tasks(names: list[str], limit: int | None = None, seed: int | None =
             task.fewshot = fewshot
         if seed is not None:
             task.seed = seed
+        available = len(task.fewshot_docs) if task.fewshot_docs is not None else len(task.docs) - 1
+        if task.fewshot > available:  # (an example is never its own demonstration)
+            warn(f"task {task.name}: {task.fewshot} shots, but only {available} demonstration(s) to choose from "
+                 f"(--limit shrinks the pool too): each prompt shows {max(available, 0)}")
+            task.fewshot = max(available, 0)
+        same = next((t for t in tasks if t.name == task.name), None)
+        if same is not None:
+            raise LmforgeError(f"two tasks are named {task.name!r} ({same.source} and {task.source}); their results "
+                               f"would overwrite each other: give one another `task:` name")
         tasks.append(task)
     return tasks
