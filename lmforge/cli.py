@@ -268,7 +268,7 @@ def cmd_merge(args) -> None:
                                           resolve_model_dir, save_model)
     from lmforge.utils import check_output_dir
 
-    out = check_output_dir(args.out, args.overwrite)
+    out = check_output_dir(args.out, args.overwrite, ("a model folder", "config.json"))
     adapter = resolve_model_dir(args.adapter)
     if not (adapter / "adapter_config.json").exists():
         raise LmforgeError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")

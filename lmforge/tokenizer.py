@@ -249,7 +249,8 @@ def train_tokenizer(
         raise LmforgeError(f"--min-frequency {min_frequency} must be 0 or more")
     from lmforge.utils import check_output_dir, refuse_overwriting_sources
 
-    check_output_dir(out, overwrite)  # a tokenizer that data was prepared with is not replaced by accident
+    # (a tokenizer that data was prepared with is not replaced by accident; nor a folder of something else)
+    out = check_output_dir(out, overwrite, ("a tokenizer folder", "tokenizer.json"))
     refuse_overwriting_sources(out, *(i for i in inputs or [] if str(i) != "-"))  # ("-": stdin)
     hf = new_byte_level_bpe()
     trainer = trainers.BpeTrainer(

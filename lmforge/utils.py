@@ -123,16 +123,22 @@ def atomic_dir(folder: str | os.PathLike):
         raise
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """``out`` as a Path, after refusing a file there or a non-empty folder unless ``overwrite``."""
+def check_output_dir(out: str | os.PathLike, overwrite: bool, made_by: tuple[str, str] | None = None) -> Path:
+    """``out`` as a Path, after refusing a file there or a non-empty folder unless ``overwrite``; with
+    ``made_by`` (what the command writes, and a file every such folder holds), ``overwrite`` replaces only
+    such a folder: never a folder of something else that happened to be named."""
     from lmforge.errors import LmforgeError
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LmforgeError(f"--out {out} is a file; give a folder path")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LmforgeError(f"output folder {out} is not empty; pass --overwrite to replace it or choose another --out")
-    return out
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise LmforgeError(f"output folder {out} is not empty; pass --overwrite to replace it or choose another --out")
+        if made_by is not None and not (out / made_by[1]).exists():
+            raise LmforgeError(f"--overwrite refused: {out} is not {made_by[0]} (it has no {made_by[1]}), and "
+                               f"--overwrite replaces only that; choose another --out")
+    return out.resolve() if out.name in ("", ".", "..") else out  # (a folder written through a sibling needs a name)
 
 
 def refuse_overwriting_sources(out: str | os.PathLike, *sources: str | os.PathLike | None) -> None:

@@ -258,11 +258,12 @@ def test_merge_or_convert_onto_the_adapters_own_base_is_refused_before_any_write
     run, step10, adapter = lora_on_run
     before = {p.name: p.read_bytes() for p in step10.iterdir() if p.is_file()}
     capsys.readouterr()
-    for argv in (["convert", str(adapter), str(step10), "--overwrite"],
-                 ["merge", str(adapter), "--out", str(step10), "--overwrite"],
-                 ["merge", str(adapter), "--out", str(run), "--overwrite"]):  # the base is inside --out
+    for argv, message in ((["convert", str(adapter), str(step10), "--overwrite"], "which this reads from"),
+                          (["merge", str(adapter), "--out", str(step10), "--overwrite"], "which this reads from"),
+                          # the base is inside --out, a run folder: no model folder --overwrite may replace
+                          (["merge", str(adapter), "--out", str(run), "--overwrite"], "is not a model folder")):
         assert main(argv) == 2
-        assert "which this reads from" in capsys.readouterr().err
+        assert message in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in step10.iterdir() if p.is_file()} == before
 
 

@@ -382,6 +382,21 @@ def test_command_mistakes_exit_2_with_one_line_and_write_nothing(base, reward_ru
     assert not out.exists()
 
 
+def test_a_reward_model_is_no_language_model_to_the_commands_that_need_one(reward_run, tmp_path, capsys, data_dir):
+    """generate, classify, eval and pretrain refuse a model with a score head in one line (it predicts no token)."""
+    model = str(latest_checkpoint(reward_run) / "model")
+    for argv in (["generate", "--model", model, "def"],
+                 ["classify", jsonl(tmp_path / "c.jsonl", [{"text": "a", "label": "x"}]), "--model", model,
+                  "--labels", "x,y"],
+                 ["eval", "--model", model, "--tasks", "arithmetic", "--limit", "2"],
+                 ["pretrain", "--model", model, "--data", str(data_dir), "--out", str(tmp_path / "run"), "--quiet"]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is a classifier or reward model (a score head, no language-model head)" in err
+    assert not (tmp_path / "run").exists()
+
+
 # -- 6. metrics -----------------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -257,6 +258,11 @@ def test_resume_on_data_of_another_tokenizer_is_refused_and_leaves_the_run_as_it
     assert run_files(run) == before
     # so a plain --resume still works
     assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "6", "--quiet"]) == 0
+    # continuing the run's model (--model) on that data is refused the same way, before any run folder is made
+    assert main(["pretrain", "--model", str(run), "--data", str(other_data), "--out", str(tmp_path / "more"),
+                 "--max-steps", "2", "--quiet"]) == 2
+    assert f"{other_data} was prepared with another tokenizer than {run}'s" in capsys.readouterr().err
+    assert not (tmp_path / "more").exists()
     assert [r["step"] for r in read_log(run)[0]] == list(range(1, 7))
 
 
@@ -348,11 +354,23 @@ def test_overwrite_never_deletes_what_the_run_reads(data_dir, tmp_path, corpus_d
 
     with pytest.raises(LmforgeError, match="which this reads from"):
         prepare([str(run / "data")], tokenizer_dir, run / "data", overwrite=True, progress=False)
+    (run / "tokenizer.json").write_text("{}")  # (as if it held a tokenizer: the reading is what is refused)
     with pytest.raises(LmforgeError, match="which this reads from"):
         train_tokenizer([str(run / "data")], run, vocab_size=300, overwrite=True, progress=False)
-    with pytest.raises(LmforgeError, match="which this reads from"):
-        train_ngram(run / "data", run, overwrite=True)
+    (run / "tokenizer.json").unlink()
     assert run_files(run) == before
+    # and a folder of something else is never replaced, whatever it holds
+    other = tmp_path / "my-notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    for make, what in [(lambda: prepare([str(corpus_dir)], tokenizer_dir, other, overwrite=True, progress=False),
+                        "a prepared-data folder (it has no meta.json)"),
+                       (lambda: train_tokenizer([str(corpus_dir)], other, vocab_size=300, overwrite=True,
+                                                progress=False), "a tokenizer folder (it has no tokenizer.json)"),
+                       (lambda: train_ngram(data_dir, other, overwrite=True), "an n-gram baseline folder")]:
+        with pytest.raises(LmforgeError, match=re.escape(f"--overwrite refused: {other} is not {what}")):
+            make()
+    assert (other / "notes.txt").read_text() == "keep me" and len(list(other.iterdir())) == 1
 
 
 def test_finetune_resume_refuses_another_method_and_leaves_the_run_as_it_was(hf_gpt2, tmp_path):

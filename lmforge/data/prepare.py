@@ -215,7 +215,7 @@ def prepare(
         raise LmforgeError(f"--val-fraction {val_fraction} must be in [0, 1)")
     if shard_tokens < 1 or (workers is not None and workers < 0) or min_chars < 0:
         raise LmforgeError("--shard-tokens must be at least 1, and --workers and --min-chars 0 or more")
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, ("a prepared-data folder", "meta.json"))
     refuse_overwriting_sources(out, tokenizer, *(i for i in inputs or [] if str(i) != "-"))  # ("-": stdin)
     tok = Tokenizer.load(tokenizer)
     if tok.eos_id is None:

@@ -170,7 +170,7 @@ def train_ngram(data_dir: str | os.PathLike, out: str | os.PathLike, order: int 
     from lmforge.data.loader import TokenSplit
     from lmforge.tokenizer import Tokenizer
 
-    check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, ("an n-gram baseline folder", "ngram.npz"))
     refuse_overwriting_sources(out, data_dir)
 
     split = TokenSplit(data_dir, "train")

@@ -252,6 +252,16 @@ def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu", dt
             raise LmforgeError(f"{model.source} is an encoder (bert): it cannot generate text; use `lmforge embed` with it")
         raise LmforgeError(f"{model.source} is an encoder-decoder (t5); this command runs decoders (gpt2, llama, "
                            f"qwen2, mistral) only so far")
+    return _language_model(model)
+
+
+def _language_model(model):
+    """``model``, refused when it is a decoder with a classification (or reward) head in place of the language
+    model's: it scores whole texts and predicts no token."""
+    if isinstance(model, GPT) and model.score is not None:
+        raise LmforgeError(f"{model.source} is a classifier or reward model (a score head, no language-model head): "
+                           f"it predicts no next token; use a language model here (`lmforge reward-score` scores "
+                           f"with a reward model)")
     return model
 
 
@@ -262,7 +272,7 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu", 
     model = load_model(path, device, dtype)
     if not isinstance(model, (GPT, EncoderDecoder)):
         raise LmforgeError(f"{model.source} is an encoder (bert): it cannot generate text; use `lmforge embed` with it")
-    return model
+    return _language_model(model)
 
 
 def load_tokenizer_for(model: GPT, path: str | os.PathLike | None = None):
@@ -312,7 +322,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
     if dtype is not None and dtype not in dtypes:
         raise LmforgeError(f"--dtype {dtype} is not supported; use {', '.join(dtypes)}")
     limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, ("a model folder", "config.json"))
     folder = resolve_model_dir(src)
     refuse_overwriting_sources(out, folder)
     adapter = is_adapter_folder(folder)

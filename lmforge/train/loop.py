@@ -308,6 +308,15 @@ class CausalLM(Objective):
         made_with = self.train_split.meta["tokenizer"]
         if self.tokenizer.sha256 != made_with["sha256"]:
             raise LmforgeError(f"{config.data}/tokenizer.json does not match the one the data was made with; run prepare again")
+        if checkpoint is None and config.model and Path(config.model).exists():  # (not a preset's name)
+            # continuing a model: on tokens of its own tokenizer
+            from lmforge.model.checkpoint import resolve_model_dir
+
+            folder = resolve_model_dir(config.model)
+            if (folder / "tokenizer.json").exists() and Tokenizer.load(folder).sha256 != made_with["sha256"]:
+                raise LmforgeError(f"{config.data} was prepared with another tokenizer than {config.model}'s; its "
+                                   f"token ids would mean other text to the model: prepare the data with the model's "
+                                   f"tokenizer (lmforge prepare --tokenizer {folder})")
         if checkpoint is not None and (checkpoint / "model" / "tokenizer.json").exists():
             if Tokenizer.load(checkpoint / "model").sha256 != made_with["sha256"]:
                 raise LmforgeError(
