@@ -797,6 +797,34 @@ def _clean_text_arguments(args) -> None:
             setattr(args, name, [text_from_os(v, option) for v in value])
 
 
+class _ReaderMayLeave:
+    """stdout for a training command: when the reader of a pipe goes away (``lmforge pretrain ... | head``), the
+    run goes on writing its progress nowhere, rather than stopping before its next checkpoint."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def _guarded(self, method, *args):
+        try:
+            return getattr(self.stream, method)(*args)
+        except BrokenPipeError:
+            import os
+
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())  # (and so for the interpreter's own flush at exit)
+            os.close(devnull)
+            return len(args[0]) if args else None
+
+    def write(self, text: str):
+        return self._guarded("write", text)
+
+    def flush(self):
+        return self._guarded("flush")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -807,7 +835,11 @@ def main(argv: list[str] | None = None) -> int:
     takes_keys = (cmd_pretrain, cmd_finetune, cmd_reward, cmd_dpo, cmd_rl, cmd_baseline, cmd_lm_eval)
     if extra and args.func not in takes_keys:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    trains = (cmd_pretrain, cmd_finetune, cmd_reward, cmd_dpo, cmd_rl, cmd_baseline)
+    stdout = sys.stdout
     try:
+        if args.func in trains:  # a run outlives a reader of its output that goes away (`| head`)
+            sys.stdout = _ReaderMayLeave(stdout)
         if args.func in takes_keys:
             args.func(args, extra)
         else:
@@ -828,4 +860,6 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"lmforge: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
+    finally:
+        sys.stdout = stdout
     return 0

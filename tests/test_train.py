@@ -325,6 +325,18 @@ def test_overwrite_removes_the_old_run_only_once_the_new_one_passed_its_checks(d
     assert run_files(lstm) == before
 
 
+def test_a_run_goes_on_when_the_reader_of_its_output_goes_away(data_dir, tmp_path):
+    """`lmforge pretrain ... | head -1`: the run trains to its end and saves, writing its progress nowhere."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(train_config(data_dir, tmp_path / "run", max_steps=8, eval_interval=2)))
+    process = subprocess.Popen([sys.executable, "-m", "lmforge", "pretrain", "--config", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    process.stdout.readline()
+    process.stdout.close()  # the reader has gone
+    assert process.wait(timeout=120) == 0
+    assert [d.name for d in checkpoint_dirs(tmp_path / "run")][-1] == "step_0000008"
+
+
 def test_overwrite_never_deletes_what_the_run_reads(data_dir, tmp_path, corpus_dir, tokenizer_dir):
     """--overwrite empties the run folder: a model, data or prompts inside it are refused, nothing deleted; a run
     that stopped before its first checkpoint is pointed at --overwrite, not at --resume. The other commands that
