@@ -236,6 +236,26 @@ def test_qa_on_an_encoder_trains_and_transformers_loads_it(tmp_path):
     torch.testing.assert_close(b.end_logits, a.end_logits, atol=1e-4, rtol=0)
 
 
+def test_classifier_labels_one_class_integers_with_gaps_and_a_resume_with_other_labels(hf_gpt2, tmp_path, capsys):
+    """One label is refused; integer labels are the head's indices (an index no example has is said); a resumed
+    run refuses examples of other labels (they would be mapped onto the trained ones by their order)."""
+    rows = sentiment_rows(40)
+    with pytest.raises(LmforgeError, match="the training examples all have the label 'pos'"):
+        finetune(model=str(hf_gpt2), train=jsonl(tmp_path / "one.jsonl", [{**r, "label": "pos"} for r in rows]),
+                 progress=False, **settings(tmp_path, max_steps=2))
+    numbered = [{**r, "label": 1 if r["label"] == "pos" else 2} for r in rows]
+    finetune(model=str(hf_gpt2), train=jsonl(tmp_path / "n.jsonl", numbered), progress=False,
+             **settings(tmp_path, out=str(tmp_path / "n"), max_steps=2))
+    assert "1 of its 3 outputs (0 to 2) have no example" in capsys.readouterr().err
+    finetune(model=str(hf_gpt2), train=jsonl(tmp_path / "p.jsonl", rows), progress=False,
+             **settings(tmp_path, out=str(tmp_path / "pos-neg"), max_steps=2))
+    other = [{**r, "label": "good" if r["label"] == "pos" else "bad"} for r in rows]
+    with pytest.raises(LmforgeError, match=r"the labels of .* \(bad, good\) are not the ones the run was trained with "
+                                           r"\(neg, pos\)"):
+        finetune(model=str(hf_gpt2), train=jsonl(tmp_path / "o.jsonl", other), resume=True, progress=False,
+                 **settings(tmp_path, out=str(tmp_path / "pos-neg"), max_steps=6))
+
+
 def test_qa_needs_an_encoder(hf_gpt2, tmp_path):
     with pytest.raises(LmforgeError, match="question answering needs an encoder"):
         finetune(model=str(hf_gpt2), train=jsonl(tmp_path / "qa.jsonl", qa_rows(10, 0)), progress=False, **settings(tmp_path))

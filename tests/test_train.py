@@ -204,8 +204,10 @@ def test_continue_training_from_a_model_folder(data_dir, tmp_path):
     pretrain(cfg, progress=False)
     a_val, b_val = read_log(tmp_path / "a")[1], read_log(tmp_path / "b")[1]
     assert b_val[0]["val_loss"] == pytest.approx(a_val[-1]["val_loss"], abs=1e-6)
-    with pytest.raises(LmforgeError, match="cannot change when continuing"):
+    with pytest.raises(LmforgeError, match=r"n_layer 3 \(the model's: 2\) cannot change when continuing"):
         pretrain({**cfg, "n_layer": 3, "out": str(tmp_path / "c")}, progress=False)
+    # the model's own values, given again, are no change
+    pretrain({**cfg, "n_layer": 2, "block_size": 32, "max_steps": 1, "out": str(tmp_path / "d")}, progress=False)
 
 
 def test_a_llama_layout_model_trains_and_saves_a_llama_folder(data_dir, tmp_path):
@@ -245,7 +247,7 @@ def other_data(corpus_dir, tmp_path_factory) -> Path:
 
 
 def test_resume_on_data_of_another_tokenizer_is_refused_and_leaves_the_run_as_it_was(data_dir, other_data, tmp_path,
-                                                                                    capsys):
+                                                                                    capsys, corpus_dir):
 
     run = tmp_path / "run"
     pretrain(train_config(data_dir, run, max_steps=4), progress=False)
@@ -258,10 +260,17 @@ def test_resume_on_data_of_another_tokenizer_is_refused_and_leaves_the_run_as_it
     assert run_files(run) == before
     # so a plain --resume still works
     assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "6", "--quiet"]) == 0
-    # continuing the run's model (--model) on that data is refused the same way, before any run folder is made
-    assert main(["pretrain", "--model", str(run), "--data", str(other_data), "--out", str(tmp_path / "more"),
+    # continuing the run's model (--model) on data of another tokenizer (of no more tokens) is refused too, before
+    # any run folder is made
+    from lmforge.data.prepare import prepare
+    from lmforge.tokenizer import train_tokenizer
+
+    some = [str(p) for p in sorted(Path(corpus_dir).rglob("*.py"))[:3]]
+    train_tokenizer(some, tmp_path / "tok", vocab_size=600, progress=False)
+    prepare(some, tmp_path / "tok", tmp_path / "small", val_fraction=0.3, min_chars=0, workers=0, progress=False)
+    assert main(["pretrain", "--model", str(run), "--data", str(tmp_path / "small"), "--out", str(tmp_path / "more"),
                  "--max-steps", "2", "--quiet"]) == 2
-    assert f"{other_data} was prepared with another tokenizer than {run}'s" in capsys.readouterr().err
+    assert f"{tmp_path / 'small'} was prepared with another tokenizer than {run}'s" in capsys.readouterr().err
     assert not (tmp_path / "more").exists()
     assert [r["step"] for r in read_log(run)[0]] == list(range(1, 7))
 

@@ -15,6 +15,7 @@ features are computed once and cached), ``lora`` (adapters, PEFT format); ``free
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -393,12 +394,28 @@ class Classification(Finetune):
 
     def __init__(self, config, device, checkpoint, examples):
         names = [x.strip() for x in config.labels.split(",") if x.strip()] if config.labels else None
+        seen = {r["label"] for r in examples.rows}
+        if len({str(v) for v in seen}) < 2 and checkpoint is None:
+            raise LmforgeError(f"the training examples all have the label {next(iter(seen))!r}: a classifier learns to "
+                               f"tell two or more apart; add examples of the other label(s)")
         if names is None:
-            seen = {r["label"] for r in examples.rows}
             if all(isinstance(v, int) for v in seen):
-                names = [str(i) for i in range(max(seen) + 1)]
+                names = [str(i) for i in range(max(seen) + 1)]  # integer labels are the head's indices
+                unused = len(names) - len(seen)
+                if unused:
+                    warn(f"the labels are integers, the head's output indices: {unused} of its {len(names)} outputs "
+                         f"(0 to {max(seen)}) have no example; give the labels as text, or --labels, to name only "
+                         f"those there are")
             else:
                 names = sorted(str(v) for v in seen)
+        saved = checkpoint / "model" / "config.json" if checkpoint is not None else None
+        if saved is not None and saved.exists():  # a resumed head keeps its labels: data with others is refused
+            id2label = json.loads(saved.read_text(encoding="utf-8")).get("id2label") or {}
+            trained = [str(id2label.get(str(i), id2label.get(i, ""))) for i in range(len(id2label))]
+            if trained and trained != names:
+                raise LmforgeError(f"the labels of {config.train} ({', '.join(names)}) are not the ones the run was "
+                                   f"trained with ({', '.join(trained)}); resume with examples of those labels, or start "
+                                   f"a new run (--out)")
         self.label_names = names
         self.label_index = {name: i for i, name in enumerate(names)}
         super().__init__(config, device, checkpoint, examples)
@@ -518,7 +535,8 @@ class Classification(Finetune):
         with autocast:
             logits, labels = self.predict(self.val_features)
         predictions = logits.argmax(-1).tolist()
-        metrics = classification_metrics(predictions, labels.tolist(), list(range(len(self.label_names))))
+        # (macro-F1 over the labels that occur, as scikit-learn's: a head output no example has is no class)
+        metrics = classification_metrics(predictions, labels.tolist(), sorted(set(predictions) | set(labels.tolist())))
         return {"val_loss": F.cross_entropy(logits, labels).item(), **{f"val_{k}": v for k, v in metrics.items()}}
 
     def format_eval(self, record: dict) -> str:

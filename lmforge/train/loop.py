@@ -308,15 +308,6 @@ class CausalLM(Objective):
         made_with = self.train_split.meta["tokenizer"]
         if self.tokenizer.sha256 != made_with["sha256"]:
             raise LmforgeError(f"{config.data}/tokenizer.json does not match the one the data was made with; run prepare again")
-        if checkpoint is None and config.model and Path(config.model).exists():  # (not a preset's name)
-            # continuing a model: on tokens of its own tokenizer
-            from lmforge.model.checkpoint import resolve_model_dir
-
-            folder = resolve_model_dir(config.model)
-            if (folder / "tokenizer.json").exists() and Tokenizer.load(folder).sha256 != made_with["sha256"]:
-                raise LmforgeError(f"{config.data} was prepared with another tokenizer than {config.model}'s; its "
-                                   f"token ids would mean other text to the model: prepare the data with the model's "
-                                   f"tokenizer (lmforge prepare --tokenizer {folder})")
         if checkpoint is not None and (checkpoint / "model" / "tokenizer.json").exists():
             if Tokenizer.load(checkpoint / "model").sha256 != made_with["sha256"]:
                 raise LmforgeError(
@@ -332,6 +323,15 @@ class CausalLM(Objective):
                 f"{config.data} has token ids up to {made_with['vocab_size'] - 1} but the model of {source} has only "
                 f"{self.model.config.vocab_size} embeddings; prepare the data with that model's tokenizer"
             )
+        if checkpoint is None and config.model and Path(config.model).exists():  # (not a preset's name)
+            # continuing a model: on tokens of its own tokenizer
+            from lmforge.model.checkpoint import resolve_model_dir
+
+            folder = resolve_model_dir(config.model)
+            if (folder / "tokenizer.json").exists() and Tokenizer.load(folder).sha256 != made_with["sha256"]:
+                raise LmforgeError(f"{config.data} was prepared with another tokenizer than {config.model}'s; its "
+                                   f"token ids would mean other text to the model: prepare the data with that model's "
+                                   f"tokenizer (lmforge prepare --tokenizer {folder})")
         self.block_size = self.model.config.block_size
         self.windows = eval_windows(self.val_split, self.block_size, config.eval_windows) if self.val_split else []
 
@@ -414,10 +414,20 @@ def _build_model(config: TrainConfig, tokenizer: Tokenizer, device: torch.device
         return build_model(model_config, device)
     if not Path(config.model).exists():
         raise LmforgeError(f"model {config.model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
-    given = [k for k, v in shape.items() if v is not None]
-    if given:
-        raise LmforgeError(f"{', '.join(given)} cannot change when continuing from the model folder {config.model}")
-    return load_decoder(config.model, device).train()
+    model = load_decoder(config.model, device)
+    refuse_other_shape(model, shape, config.model)
+    return model.train()
+
+
+def refuse_other_shape(model, shape: dict, folder) -> None:
+    """A model continued from a folder keeps its shape: a ``shape`` value (block_size, n_layer, ...) given and
+    other than the model's is refused (its own value, given again, is fine)."""
+    def own(key):
+        return getattr(model.config, "kv_heads" if key == "n_kv_head" else key, None)
+
+    other = [f"{k} {v} (the model's: {own(k)})" for k, v in shape.items() if v is not None and v != own(k)]
+    if other:
+        raise LmforgeError(f"{', '.join(other)} cannot change when continuing from the model folder {folder}")
 
 
 def pretrain(config: TrainConfig | dict | str | os.PathLike | None = None, *, resume: bool = False,

@@ -48,7 +48,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.config import PRESETS, Config
 from lmforge.model.encoder import Encoder, EncoderConfig, MaskedLMHead, build_encoder
 from lmforge.train.config import TrainConfig
-from lmforge.train.loop import CausalLM, Distributed, may_defer
+from lmforge.train.loop import CausalLM, Distributed, may_defer, refuse_other_shape
 from lmforge.utils import human_count
 
 
@@ -561,12 +561,11 @@ def load_or_build(c: TrainConfig, device, checkpoint: Path | None, kind: type, r
             return build()
     if not Path(c.model).exists():
         raise LmforgeError(f"model {c.model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
-    given = [k for k in ("block_size", "n_layer", "n_head", "n_embd", "n_kv_head") if getattr(c, k) is not None]
-    if given:
-        raise LmforgeError(f"{', '.join(given)} cannot change when continuing from the model folder {c.model}")
     model = load_model(c.model, device)
     if not isinstance(model, kind):
         raise LmforgeError(refusal(model))
+    refuse_other_shape(model, {k: getattr(c, k) for k in ("block_size", "n_layer", "n_head", "n_embd", "n_kv_head")},
+                       c.model)
     return model.train()
 
 
