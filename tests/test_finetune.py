@@ -335,3 +335,24 @@ def test_ctrl_c_stops_the_answer_not_the_chat(hf_gpt2, tmp_path, monkeypatch):
     assert "partial [stopped]" in out.getvalue()
     assert messages == [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "partial"}]
     assert json.loads((tmp_path / "c.json").read_text()) == {"messages": messages}
+    # /save never overwrites a file
+    events = iter(["/save " + str(tmp_path / "c.json"), "/exit"])
+    out = io.StringIO()
+    chat.chat_session(model, Tokenizer.load(hf_gpt2), SamplingParams(max_new_tokens=8), read=read, out=out)
+    assert "already exists; give a new file name" in out.getvalue()
+    assert json.loads((tmp_path / "c.json").read_text()) == {"messages": messages}
+
+
+def test_a_long_conversation_drops_whole_turns_so_it_still_begins_with_the_user(hf_gpt2):
+    from lmforge.infer.chat import fit_conversation
+    from lmforge.infer.generate import SamplingParams
+
+    tok = Tokenizer.load(hf_gpt2)
+    turns = [{"role": "system", "content": "be brief"}]
+    for i in range(12):
+        turns += [{"role": "user", "content": f"question {i} " * 8}, {"role": "assistant", "content": f"answer {i} " * 8},
+                  {"role": "assistant", "content": "and more"}]
+    turns.append({"role": "user", "content": "last"})
+    kept, dropped = fit_conversation(tok, turns, SamplingParams(max_new_tokens=16), 256)
+    assert 0 < dropped < len(turns) - 2 and kept[0]["role"] == "system" and kept[1]["role"] == "user"
+    assert kept == turns[:1] + turns[1 + dropped:]

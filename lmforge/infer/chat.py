@@ -19,7 +19,9 @@ HELP = ("commands: /reset (forget the conversation), /show (print it), /save FIL
 
 def fit_conversation(tokenizer, messages: list[dict], params: SamplingParams, context: int) -> tuple[list[dict], int]:
     """Drop the oldest turns (never the system prompt or the last message) until the prompt and the
-    answer fit the context; returns (messages, number of messages dropped)."""
+    answer fit the context; returns (messages, number of messages dropped). A turn goes whole, the user's message
+    with the answers after it, so the conversation still begins with a user's message (templates such as
+    Llama 2's and Mistral's refuse one that does not)."""
     dropped = 0
     messages = list(messages)
     while True:
@@ -32,6 +34,9 @@ def fit_conversation(tokenizer, messages: list[dict], params: SamplingParams, co
                                f"(with {params.max_new_tokens} for the answer); shorten it or lower --max-new-tokens")
         del messages[first]
         dropped += 1
+        while len(messages) - first > 1 and messages[first]["role"] != "user":
+            del messages[first]
+            dropped += 1
 
 
 def chat_session(model, tokenizer, params: SamplingParams, system: str | None = None, read=input, out=sys.stdout,
@@ -66,10 +71,12 @@ def chat_session(model, tokenizer, params: SamplingParams, system: str | None = 
                 if not argument:
                     out.write("usage: /save FILE\n")
                     continue
-                try:
-                    with open(argument.strip(), "w", encoding="utf-8") as f:
+                try:  # ("x": a file already there is kept, never overwritten)
+                    with open(argument.strip(), "x", encoding="utf-8") as f:
                         f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
                     out.write(f"(saved {len(messages)} messages to {argument.strip()})\n")
+                except FileExistsError:
+                    out.write(f"cannot save: {argument.strip()} already exists; give a new file name\n")
                 except OSError as e:
                     out.write(f"cannot save: {e.strerror or e}\n")
             elif command == "/system":
