@@ -318,13 +318,19 @@ def cmd_embed(args) -> None:
 
     from lmforge.model.checkpoint import load_model, load_tokenizer_for
     from lmforge.model.encoder import Encoder, declared_max_length, embed
-    from lmforge.utils import pick_device
+    from lmforge.utils import pick_device, warn
 
     from lmforge.data.corpus import read_stdin_text
 
-    texts = [t for t in (read_stdin_text().splitlines() if args.texts == ["-"] else args.texts) if t.strip()]
+    given = read_stdin_text().splitlines() if args.texts == ["-"] else args.texts
+    texts = [t for t in given if t.strip()]
     if not texts:
         raise LmforgeError("no text to embed; pass one or more texts, or - to read one per line from stdin")
+    if len(texts) < len(given):  # (the rows of the output are the texts kept, in order)
+        warn(f"skipped {len(given) - len(texts)} blank text(s): the output has a row for each of the other "
+             f"{len(texts)}")
+    if args.max_length is not None and args.max_length < 2:
+        raise LmforgeError(f"--max-length {args.max_length} leaves no room for text; give 2 or more")
     model = load_model(args.model, pick_device(args.device))
     if not isinstance(model, Encoder):
         kind = "a decoder" if hasattr(model, "wte") else "an encoder-decoder (t5)"

@@ -50,6 +50,11 @@ def test_real_minilm_embeddings_match_sentence_transformers(minilm):
     reference = torch.tensor(st.SentenceTransformer(str(minilm), device="cpu").encode(SENTENCES))
     ours = embed(load_model(minilm), Tokenizer.load(minilm), SENTENCES, max_length=256)
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
+    # a text longer than the encoder reads is cut keeping its [SEP], as sentence-transformers cuts it
+    long = ["a sentence about eating pasta in the kitchen " * 60]
+    torch.testing.assert_close(embed(load_model(minilm), Tokenizer.load(minilm), long, max_length=256),
+                               torch.tensor(st.SentenceTransformer(str(minilm), device="cpu").encode(long)),
+                               atol=1e-4, rtol=0)
     # and the semantics are real: the two eating sentences are the closest pair
     sims = ours @ ours.T
     assert sims[0, 1] > 0.7 and sims[0, 1] == sims[0, 1:].max()
@@ -126,6 +131,11 @@ def test_embed_command_prints_a_similarity_matrix_or_json(minilm, capsys):
     assert main(["embed", "--model", str(minilm), "--format", "json", "hello world"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data[0]["text"] == "hello world" and len(data[0]["embedding"]) == 384
+    for bad in ("0", "-5"):
+        assert main(["embed", "--model", str(minilm), "--max-length", bad, "hello"]) == 2
+        assert "leaves no room for text; give 2 or more" in capsys.readouterr().err
+    assert main(["embed", "--model", str(minilm), "a", "", "b"]) == 0
+    assert "skipped 1 blank text(s): the output has a row for each of the other 2" in capsys.readouterr().err
 
 
 def test_embed_and_generate_refuse_the_wrong_kind_of_model(minilm, tmp_path, capsys, tokenizer_dir):

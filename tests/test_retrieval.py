@@ -121,6 +121,11 @@ def test_bad_documents_and_indexes_are_one_line_errors(docs, tmp_path, capsys):
     build_index([docs], MINILM, tmp_path / "i", progress=False)
     assert main(["search", str(tmp_path / "i"), "   "]) == 2
     assert "the query is empty" in capsys.readouterr().err
+    # passages longer than the encoder reads (MiniLM: 256 tokens) would be searched by their first 254 only
+    assert main(["index", str(docs), "--model", str(MINILM), "--out", str(tmp_path / "long"), "--passage-tokens",
+                 "2000", "--quiet"]) == 2
+    assert "--passage-tokens 2000 is more than the encoder reads (254 tokens of text)" in capsys.readouterr().err
+    assert not (tmp_path / "long").exists()
 
 
 # -- /v1/embeddings --------------------------------------------------------------------------------------

@@ -280,9 +280,13 @@ def embed(model: Encoder, tokenizer, texts: list[str], max_length: int | None = 
     about its own length rather than to the longest text's; the rows come back in the texts' order."""
     from tqdm.auto import tqdm
 
+    if max_length is not None and max_length < 2:
+        raise LmforgeError(f"max_length {max_length} leaves no room for text between [CLS] and [SEP]; give 2 or more")
     max_length = min(max_length or model.config.block_size, model.config.block_size)
     device = model.wte.weight.device
-    encoded = [tokenizer.encode(t, add_special_tokens=True)[:max_length] for t in texts]
+    # a text longer than max_length keeps its end token ([SEP]), as sentence-transformers' truncation does
+    encoded = [ids if len(ids) <= max_length else ids[: max_length - 1] + ids[-1:]
+               for ids in (tokenizer.encode(t, add_special_tokens=True) for t in texts)]
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     pad = model.config.pad_token_id
     out = torch.zeros(len(texts), model.config.n_embd, device=device)
