@@ -70,6 +70,8 @@ def test_baselines_from_the_command_line_and_the_comparison_table(data_dir, tmp_
     assert main(lstm) == 2 and "pass --resume to continue it" in capsys.readouterr().err
     assert main(lstm + ["--resume", "--max-steps", "32", "--eval-interval", "100"]) == 0
     assert "resuming from step 30" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "lstm")]) == 0  # its run folder reports as any run's
+    assert "LSTM baseline: 1 layers, embeddings 16, hidden 24" in (tmp_path / "lstm" / "report.md").read_text()
     assert main(["pretrain", "--data", str(data_dir), "--out", str(tmp_path / "gpt"), "--n-layer", "1", "--n-embd", "32",
                  "--n-head", "2", "--block-size", "32", "--max-steps", "30", "--micro-batch-size", "4", "--quiet",
                  "--threads", "1", "--tensorboard", "false"]) == 0

@@ -248,9 +248,12 @@ def _model_line(config: dict, shape: dict) -> str:
     if "n_decoder_layer" in shape:
         layers = f"{shape['n_layer']} encoder + {shape['n_decoder_layer']} decoder layers"
     kind = _OBJECTIVES.get(config.get("objective"))
-    return (f"{config.get('model', '?')}{f' ({kind})' if kind else ''}: {layers}, {shape['n_head']} heads, "
-            f"width {shape.get('n_embd') or shape.get('d_model')}, context {shape['block_size']}, "
-            f"vocabulary {shape['vocab_size']}")
+    if "n_head" not in shape and "hidden" in shape:  # the LSTM baseline (`lmforge baseline --kind lstm`)
+        return (f"LSTM baseline: {layers}, embeddings {shape.get('n_embd')}, hidden {shape['hidden']}, trained on "
+                f"windows of {shape.get('block_size')}, vocabulary {shape.get('vocab_size')}")
+    return (f"{config.get('model', '?')}{f' ({kind})' if kind else ''}: {layers}, {shape.get('n_head', '?')} heads, "
+            f"width {shape.get('n_embd') or shape.get('d_model')}, context {shape.get('block_size', '?')}, "
+            f"vocabulary {shape.get('vocab_size', '?')}")
 
 
 def _duration(seconds: float) -> str:
