@@ -4,6 +4,7 @@ and the encoder trained by the one loop (layouts, resume, export to BertForMaske
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +261,13 @@ def test_mlm_mistakes_are_one_line_errors(data_dir, encoder_data, tmp_path, hf_g
                             n_head=None, n_layer=None), progress=False)
     with pytest.raises(LmforgeError, match="mlm_probability"):
         pretrain(mlm_config(encoder_data, tmp_path / "c", mlm_probability=1.5), progress=False)
+    # another objective's setting would be silently ignored
+    for objective, key, value, applies in [("clm", "whole_word_mask", True, "mlm or mlm+nsp"),
+                                           ("mlm", "noise_density", 0.3, "span"), ("span", "plm_probability", 0.2, "plm")]:
+        with pytest.raises(LmforgeError, match=rf"{key} applies to --objective {re.escape(applies)} only, not "
+                                               rf"{re.escape(objective)}"):
+            pretrain(mlm_config(encoder_data, tmp_path / "g", objective=objective, **{key: value}), progress=False)
+    assert not (tmp_path / "g").exists()
     result = run_cli("pretrain", "--data", str(encoder_data), "--out", str(tmp_path / "d"), "--objective", "plm-typo")
     assert result.returncode == 2 and "objective must be one of" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "d").exists()
@@ -571,6 +579,8 @@ def test_span_pretraining_learns_and_saves_a_folder_t5_loads(corpus_dir, tmp_pat
     data = tmp_path / "data"
     with pytest.raises(LmforgeError, match="needs .* sentinel tokens"):
         pretrain(mlm_config(data, tmp_path / "few", objective="span", block_size=512, n_layer=1), progress=False)
+    with pytest.raises(LmforgeError, match="cannot make inputs of exactly block_size 2 tokens .* raise --block-size"):
+        pretrain(mlm_config(data, tmp_path / "tiny", objective="span", block_size=2, n_layer=1), progress=False)
     kw = dict(objective="span", block_size=32, eval_interval=4, checkpoint_interval=4, max_steps=8)
     assert_layouts_and_resume(data, tmp_path, kw)
     out = tmp_path / "learn"

@@ -131,6 +131,12 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise LmforgeError(f"bad config: {message}")
+        # a setting of another objective, changed from its default, would be silently ignored: refuse it
+        for f in fields(self):
+            objectives = OBJECTIVE_ONLY.get(f.name)
+            if objectives and self.objective not in objectives and getattr(self, f.name) != f.default:
+                raise LmforgeError(f"bad config: {f.name} applies to --objective {' or '.join(objectives)} only, not "
+                                   f"{self.objective}; leave it out")
 
     @property
     def final_lr(self) -> float:
@@ -404,6 +410,13 @@ class RLConfig(FinetuneConfig):
     @property
     def beta(self) -> float:
         return self.kl_coef if self.kl_coef >= 0 else (0.05 if self.algo in ("ppo", "rloo") else 0.0)
+
+
+# settings that only some pretraining objectives read
+OBJECTIVE_ONLY = {**{key: ("mlm", "mlm+nsp") for key in ("mlm_probability", "mask_replace_prob", "random_replace_prob",
+                                                        "whole_word_mask")},
+                  "plm_probability": ("plm",), "max_span_length": ("plm",), "noise_density": ("span",),
+                  "mean_span_length": ("span",)}
 
 
 def config_keys(cls=TrainConfig) -> list:

@@ -437,7 +437,10 @@ class SpanCorruption(CausalLM):
         super().__init__(config, device, checkpoint)
         c, tok = config, self.tokenizer
         self.raw = span_raw_length(self.block_size, c.noise_density, c.mean_span_length)
-        self.target_length = span_input_lengths(self.raw, c.noise_density, c.mean_span_length)[1]
+        inputs, self.target_length = span_input_lengths(self.raw, c.noise_density, c.mean_span_length)
+        if inputs != self.block_size:  # (a row too short for a span, its sentinel and the end token)
+            raise LmforgeError(f"--objective span cannot make inputs of exactly block_size {self.block_size} tokens "
+                               f"(rows of {self.raw} give {inputs}); raise --block-size")
         spans = span_lengths(self.raw, c.noise_density, c.mean_span_length)[1]
         if tok.sentinels < spans:
             raise LmforgeError(f"span corruption of rows of {self.raw} tokens needs {spans} sentinel tokens "
