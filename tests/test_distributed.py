@@ -458,5 +458,13 @@ def test_plan_measured_sets_the_plan_beside_a_run(data_dir, tmp_path, capsys):
     assert "| model FLOPs utilisation | " in report and "| parallelism | one process, activation checkpointing |" in report
     assert main(["plan", "--measured", str(data_dir)]) == 2
     assert "has no throughput.json" in capsys.readouterr().err
+    # an encoder's run (its config has fields a decoder's has not): one line, not the config's internals
+    encoder = tmp_path / "encoder-run"
+    encoder.mkdir()
+    (encoder / "throughput.json").write_text((tmp_path / "run" / "throughput.json").read_text())
+    (encoder / "run.json").write_text(json.dumps({"model": {"vocab_size": 50, "n_embd": 8, "n_layer": 1, "n_head": 2,
+                                                            "block_size": 16, "type_vocab_size": 2, "pooler": True}}))
+    assert main(["plan", "--measured", str(encoder)]) == 2
+    assert "did not train a decoder" in capsys.readouterr().err
     assert main(["plan"]) == 2
     assert "plan needs --model" in capsys.readouterr().err

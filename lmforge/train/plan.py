@@ -245,9 +245,12 @@ def compare_measured(run_dir: str | os.PathLike) -> str:
         raise LmforgeError(f"{run_dir} has no throughput.json; --measured takes a run folder that reached an evaluation")
     run = read_json(run_dir / "run.json", "run description")
     speed = read_json(run_dir / "throughput.json", "throughput record")
-    if not isinstance(run.get("model"), dict) or "n_embd" not in run["model"]:
+    try:  # (an encoder's, an encoder-decoder's or the LSTM baseline's config is no decoder's)
+        c = Config.from_dict(run["model"]) if isinstance(run.get("model"), dict) else None
+    except LmforgeError:
+        c = None
+    if c is None:
         raise LmforgeError(f"{run_dir} did not train a decoder; the plan's memory model is a decoder's")
-    c = Config.from_dict(run["model"])
     config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
     world, parallel = int(run.get("world_size", 1)), speed.get("parallel", "none")
     micro, seq = int(config.get("micro_batch_size", 1)), c.block_size
