@@ -102,6 +102,14 @@ def test_reindexing_embeds_only_what_changed(docs, tmp_path, capsys):
     assert Index(out).search("delivery to Oslo", k=1, mode="dense")[0].passage.source == "faq.jsonl:5"
     assert main(["index", str(docs), "--model", str(MINILM), "--out", str(out), "--quiet"]) == 0
     assert "(0 embedded, 6 unchanged)" in capsys.readouterr().out
+    # one file given where two were: the other leaves the index, and that is said
+    assert main(["index", str(docs / "faq.jsonl"), "--model", str(MINILM), "--out", str(out), "--quiet"]) == 0
+    assert "1 file(s) of the earlier index at" in capsys.readouterr().err
+    # an index kept among its documents is not one of them, and is built again
+    inside = docs / "the-index"
+    assert main(["index", str(docs), "--model", str(MINILM), "--out", str(inside), "--quiet"]) == 0
+    assert main(["index", str(docs), "--model", str(MINILM), "--out", str(inside), "--quiet"]) == 0
+    assert "(0 embedded, 6 unchanged)" in capsys.readouterr().out
 
 
 def test_bad_documents_and_indexes_are_one_line_errors(docs, tmp_path, capsys):

@@ -53,16 +53,19 @@ class Hit:
 # -- reading documents --------------------------------------------------------------------------------
 
 
-def document_files(paths: list[str | os.PathLike]) -> list[Path]:
-    """The files to index: the files named, and the .txt/.md/.jsonl files under the folders named (sorted)."""
+def document_files(paths: list[str | os.PathLike], skip: Path | None = None) -> list[Path]:
+    """The files to index: the files named, and the .txt/.md/.jsonl files under the folders named (sorted), but
+    none under ``skip`` (the index itself, when it is kept among its documents)."""
     files: list[Path] = []
+    skip = skip.resolve() if skip is not None else None
     for given in paths:
         path = Path(given)
         if not path.exists():
             raise LmforgeError(f"{path} does not exist; give files or folders of .txt, .md or .jsonl documents")
         if path.is_dir():
             files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
-                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                            and not (skip is not None and skip in p.resolve().parents))
         elif path.suffix.lower() in SUFFIXES:
             files.append(path)
         else:
@@ -212,7 +215,7 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
     if passage_tokens < 8 or not 0 <= overlap < passage_tokens:
         raise LmforgeError("--passage-tokens must be at least 8 and --overlap in [0, passage-tokens)")
     out = Path(out)
-    files = document_files(paths)
+    files = document_files(paths, skip=out)
     previous = {}  # an index already there is built again, keeping what did not change; anything else is refused
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         manifest = out / "manifest.json"
@@ -261,6 +264,12 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
                    precision.dtype)
     for i, vector in zip(to_embed, fresh):
         vectors[i] = vector
+    gone = sorted(set(previous.get("files") or {}) - set(entries))
+    if gone:  # (the index holds what it was given this time: files not given again leave it)
+        from lmforge.utils import warn
+
+        warn(f"{len(gone)} file(s) of the earlier index at {out} are not among the documents given now, and leave it: "
+             f"{', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''} (give them too to keep them)")
     matrix = torch.stack(vectors).contiguous()
     with atomic_dir(out) as tmp:
         save_file({"vectors": matrix}, tmp / "vectors.safetensors")
