@@ -169,22 +169,30 @@ def _retriever(args):
     """The index that answers come from (--index), opened before the model loads: a wrong path fails at once."""
     from lmforge.infer.retrieval import Index, Retriever, Router
 
+    given = [f"--{name.replace('_', '-')}" for name in ("retrieve_k", "min_score", "retrieve_mode")
+             if getattr(args, name, None) is not None]
+    k = 3 if getattr(args, "retrieve_k", None) is None else args.retrieve_k
+    min_score = 0.3 if getattr(args, "min_score", None) is None else args.min_score
+    mode = getattr(args, "retrieve_mode", None) or "dense"
     if getattr(args, "route", None):
         if args.index:
             raise LmforgeError("give --index or --route, not both (a routes file names an index per intent)")
-        return Router(args.route, min_score=args.min_score, mode=args.retrieve_mode, k=args.retrieve_k)
+        return Router(args.route, min_score=min_score, mode=mode, k=k)
     if not getattr(args, "index", None):
+        if given:  # (they would change nothing)
+            raise LmforgeError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to answers from an "
+                               f"index: add --index (or --route)")
         return None
-    return Retriever(Index(args.index), k=args.retrieve_k, min_score=args.min_score, mode=args.retrieve_mode)
+    return Retriever(Index(args.index), k=k, min_score=min_score, mode=mode)
 
 
 def _index_options(parser) -> None:
     parser.add_argument("--index", default=None, help="answer from this index (`lmforge index`): each turn retrieves "
                         "passages, and the answer lists its sources")
-    parser.add_argument("--retrieve-k", type=int, default=3, help="passages put before each question (default 3)")
-    parser.add_argument("--min-score", type=float, default=0.3, help="below this cosine similarity of the closest "
+    parser.add_argument("--retrieve-k", type=int, default=None, help="passages put before each question (default 3)")
+    parser.add_argument("--min-score", type=float, default=None, help="below this cosine similarity of the closest "
                         "passage, the answer is \"I don't know\" (default 0.3)")
-    parser.add_argument("--retrieve-mode", choices=["dense", "bm25", "hybrid"], default="dense",
+    parser.add_argument("--retrieve-mode", choices=["dense", "bm25", "hybrid"], default=None,
                         help="how passages are ranked (see `lmforge search --mode`; default dense)")
     parser.add_argument("--route", default=None, metavar="ROUTES.yaml",
                         help="intent routing: a classifier picks, for each turn, the index that answers it or a fixed "

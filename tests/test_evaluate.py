@@ -97,6 +97,13 @@ def test_generation_metrics_match_sacrebleu_and_rouge_score():
         assert ours[key] == pytest.approx(100 * sum(s[key].fmeasure for s in direct) / 4)
 
 
+def test_rouge_says_when_it_cannot_read_a_reference(capsys):
+    assert rouge(["Привет мир", "hello"], ["Привет мир", "hello"])["rouge1"] == 50.0  # as rouge-score: 0 and 100
+    assert "1 of 2 reference(s) have no ASCII letter or digit" in capsys.readouterr().err
+    rouge(["hello"], ["hello"])
+    assert capsys.readouterr().err == ""
+
+
 def test_pearson_and_spearman_match_scipy():
     stats = pytest.importorskip("scipy.stats")
     x = [1.0, 2.5, 2.5, 4.0, 3.0, 7.0, 6.5]

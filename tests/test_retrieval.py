@@ -129,6 +129,9 @@ def test_bad_documents_and_indexes_are_one_line_errors(docs, tmp_path, capsys):
     build_index([docs], MINILM, tmp_path / "i", progress=False)
     assert main(["search", str(tmp_path / "i"), "   "]) == 2
     assert "the query is empty" in capsys.readouterr().err
+    # retrieval settings without an index would change nothing: said, not ignored
+    assert main(["chat", "--model", str(tmp_path / "no-model"), "--retrieve-k", "5", "--min-score", "0.5"]) == 2
+    assert "--retrieve-k, --min-score apply to answers from an index: add --index" in capsys.readouterr().err
     # passages longer than the encoder reads (MiniLM: 256 tokens) would be searched by their first 254 only
     assert main(["index", str(docs), "--model", str(MINILM), "--out", str(tmp_path / "long"), "--passage-tokens",
                  "2000", "--quiet"]) == 2

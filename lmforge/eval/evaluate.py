@@ -171,6 +171,9 @@ def _generation_task(model, tokenizer, task: Task, batch_size: int, progress: bo
     if task.type == "regression":
         guesses = [float(m.group()) if (m := _NUMBER.search(p)) else 0.0 for p in predictions]
         truth = [float(r) for r in references]
+        unread = sum(_NUMBER.search(p) is None for p in predictions)
+        if unread:
+            warn(f"task {task.name}: {unread} of its {len(predictions)} answers hold no number and count as 0.0")
         if "pearson" in task.metrics:
             out["pearson"] = pearson(guesses, truth)
         if "spearman" in task.metrics:

@@ -118,6 +118,12 @@ def rouge(predictions: list[str], references: list[str]) -> dict:
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
     scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
     n = _require_items(scores)
+    unread = sum(not re.search(r"[a-z0-9]", r.lower()) and bool(r.strip()) for r in references)
+    if unread:  # rouge-score's tokenizer keeps ASCII letters and digits only
+        from lmforge.utils import warn
+
+        warn(f"{unread} of {n} reference(s) have no ASCII letter or digit, which is all rouge-score reads: ROUGE "
+             f"scores them 0 whatever the answer (BLEU reads them)")
     return {k: 100 * sum(s[k].fmeasure for s in scores) / n for k in ("rouge1", "rouge2", "rougeL")}
 
 
