@@ -286,7 +286,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     RL run: reward, KL to the reference, completion length, the share cut at max_new_tokens)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise LmforgeError(f"run folder {run_dir} does not exist")
+        raise LmforgeError(f"run folder {run_dir} " + ("is a file; give the run's folder" if run_dir.exists()
+                                                       else "does not exist"))
     train, val = read_metrics(run_dir)
     if not train:
         raise LmforgeError(f"{run_dir}/metrics.jsonl has no training steps yet; train first")

@@ -339,7 +339,8 @@ def text_task(path: str | os.PathLike) -> Task:
     """Perplexity and bits per byte of one text file."""
     path = Path(path)
     if not path.is_file():
-        raise LmforgeError(f"text file {path} does not exist")
+        raise LmforgeError(f"text file {path} " + ("is a folder; give one text file" if path.is_dir()
+                                                   else "does not exist"))
     text = read_text_file(path)
     if not text.strip():
         raise LmforgeError(f"text file {path} is empty; perplexity needs text to score")
