@@ -142,6 +142,14 @@ def test_whole_word_masking_chooses_every_piece_of_a_word_and_nothing_else(encod
         assert ["".join(w).replace("Ġ", " ") for w in words] == [
             "[CLS]", "unbelievably", " longwinded", " identifiers", " like", " parse", "_", "json", "_", "document",
             " and", " HTTPServerRequestHandler", " appear", "[SEP]"]
+        # a word of letters outside ASCII is one word, however its bytes fall into tokens
+        other = torch.tensor([tok.encode("un éléphant très 日本語 naïve")])
+        pieces = [tok.hf.id_to_token(i) for i in other[0].tolist()]
+        found = []
+        for name, start in zip(pieces, WordStarts(tok)(other)[0].tolist()):
+            found.append([name]) if start else found[-1].append(name)
+        assert [tok.decode([tok.hf.token_to_id(p) for p in w]) for w in found] == \
+            ["un", " éléphant", " très", " 日本語", " naïve"]
     special = torch.tensor([[i in (tok.cls_id, tok.sep_id) for i in ids[0].tolist()]] * 300)
     _, labels = mask_tokens(ids, special, tok.mask_id, 100, torch.Generator().manual_seed(0), 0.2, 0.8, 0.1, starts)
     chosen = labels != -100

@@ -53,6 +53,19 @@ def spread_to_words(first_chosen: torch.Tensor, word_starts: torch.Tensor) -> to
     return chosen_words.gather(1, word)
 
 
+def _high_byte_chars() -> set[str]:
+    """The characters byte-level BPE (GPT-2's) writes for the bytes 0x80-0xFF, those of multi-byte UTF-8
+    characters: printable Latin-1 bytes stand for themselves, the others for code points from 256 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b], extra = chr(256 + extra), extra + 1
+    return {chars[b] for b in range(0x80, 0x100)}
+
+
 class WordStarts:
     """Where words begin in token ids, from the vocabulary's token strings. WordPiece (BERT) marks a
     word's later pieces with "##". Byte-level BPE marks a space before a token with "Ġ" (a newline or
@@ -66,9 +79,16 @@ class WordStarts:
         self.wordpiece = type(tokenizer.hf.model).__name__ == "WordPiece"
         self.continues = torch.tensor([n.startswith("##") for n in names])
         marked = torch.tensor([n[:1] in ("Ġ", "Ċ", "ĉ") or n in special or not n for n in names])
-        self.opens = marked | ~torch.tensor([n[:1].isalnum() for n in names])  # cannot continue a word
-        # nothing continues a special token, or a token that ends in anything but a letter or digit
-        self.closes = torch.tensor([n in special or not n[-1:].isalnum() for n in names])
+        # (a character that stands for a byte of a multi-byte UTF-8 character, "Ã" and "©" of "é", is part of a
+        # word: a letter outside ASCII is split across such bytes, and tokens may cut it between them)
+        high = _high_byte_chars()
+
+        def wordy(c: str) -> bool:
+            return c.isalnum() or c in high
+
+        self.opens = marked | ~torch.tensor([wordy(n[:1]) for n in names])  # cannot continue a word
+        # nothing continues a special token, or a token that ends in anything but a letter, digit or such a byte
+        self.closes = torch.tensor([n in special or not wordy(n[-1:]) for n in names])
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids → (B, T) bool, True at the first token of each word."""
