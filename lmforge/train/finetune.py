@@ -663,9 +663,12 @@ class QA(Finetune):
         """One window per example: the question, then as much of the context as fits."""
         hf = self.tokenizer.hf
         hf.enable_truncation(self.max_length, strategy="only_second")
-        out, outside = [], 0
+        out, outside, empty = [], 0, 0
         try:
             for row in rows:
+                if training and not (row["answers"]["text"] or [""])[0].strip():
+                    empty += 1  # (an unanswerable question, SQuAD 2's: no span to learn)
+                    continue
                 enc = hf.encode(row["question"], row["context"], add_special_tokens=True)
                 context_tokens = [i for i, s in enumerate(enc.sequence_ids) if s == 1]
                 start_char = row["answers"]["answer_start"][0]
@@ -682,6 +685,9 @@ class QA(Finetune):
             hf.no_truncation()
         if outside:
             warn(f"{outside} training example(s) had the answer beyond {self.max_length} tokens and were dropped")
+        if empty:
+            warn(f"{empty} training example(s) have an empty answer and were dropped (extractive QA here learns "
+                 f"answer spans; unanswerable questions are not supported)")
         return out
 
     def setup(self, train_rows: list, val_rows: list) -> None:
