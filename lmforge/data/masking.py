@@ -55,15 +55,12 @@ def spread_to_words(first_chosen: torch.Tensor, word_starts: torch.Tensor) -> to
 
 def _high_byte_chars() -> set[str]:
     """The characters byte-level BPE (GPT-2's) writes for the bytes 0x80-0xFF, those of multi-byte UTF-8
-    characters: printable Latin-1 bytes stand for themselves, the others for code points from 256 on."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b], extra = chr(256 + extra), extra + 1
-    return {chars[b] for b in range(0x80, 0x100)}
+    characters: its 256-character alphabet less the characters of the ASCII bytes."""
+    from tokenizers import pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    ascii_chars = {c for b in range(128) for piece, _ in byte_level.pre_tokenize_str(chr(b)) for c in piece}
+    return set(pre_tokenizers.ByteLevel.alphabet()) - ascii_chars
 
 
 class WordStarts:

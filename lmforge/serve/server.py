@@ -525,11 +525,8 @@ class OpenAIService:
             async for ev in events:
                 seq = ev.sequence
                 request = seq.request
-                lp = None
-                if ev.appended:  # (the event's own token: the engine may have run ahead of this stream)
-                    i = written[seq.index]
-                    written[seq.index] += 1
-                    lp = legacy_logprobs(seq, i, i + 1)
+                i = _appended_index(ev, written)
+                lp = legacy_logprobs(seq, i, i + 1) if i is not None else None
                 if ev.text or ev.finished or lp:
                     yield chunk({"text": ev.text, "index": seq.index, "logprobs": lp,
                                  "finish_reason": _reason(seq) if ev.finished else None})
@@ -587,11 +584,8 @@ class OpenAIService:
             async for ev in events:
                 seq = ev.sequence
                 last_request = seq.request
-                lp = None
-                if ev.appended:  # (the event's own token: the engine may have run ahead of this stream)
-                    i = written[seq.index]
-                    written[seq.index] += 1
-                    lp = chat_logprobs(seq, i, i + 1)
+                i = _appended_index(ev, written)
+                lp = chat_logprobs(seq, i, i + 1) if i is not None else None
                 if ev.text or lp:
                     yield chunk([{"index": seq.index, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}])
                 if ev.finished:
@@ -635,6 +629,17 @@ class OpenAIService:
 
 def _reason(seq) -> str:
     return "length" if seq.finish_reason == "length" else "stop"
+
+
+def _appended_index(event, written: list[int]) -> int | None:
+    """The position of the token ``event`` appended to its sequence (None: it appended none), counted by the
+    stream itself in ``written``: the engine may have run ahead of the stream, so the sequence's last token need
+    not be this event's."""
+    if not event.appended:
+        return None
+    index = written[event.sequence.index]
+    written[event.sequence.index] += 1
+    return index
 
 
 def _text_of(content: str | list[ContentPart] | None) -> str:
