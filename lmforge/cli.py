@@ -872,7 +872,9 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         where = f": {e.filename}" if e.filename else ""
-        print(f"lmforge: error: {e.strerror or e}{where}", file=sys.stderr)
+        # (a path through a file, "afile/sub": say which part is in the way)
+        hint = "; a part of this path is a file, not a folder" if isinstance(e, NotADirectoryError) else ""
+        print(f"lmforge: error: {e.strerror or e}{where}{hint}", file=sys.stderr)
         return 2
     finally:
         sys.stdout = stdout

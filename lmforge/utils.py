@@ -123,6 +123,17 @@ def atomic_dir(folder: str | os.PathLike):
         raise
 
 
+def refuse_file_on_path(out: Path) -> None:
+    """``--out`` must be a folder, or a path a folder can be made at: not a file, nor under one."""
+    from lmforge.errors import LmforgeError
+
+    if out.exists() and not out.is_dir():
+        raise LmforgeError(f"--out {out} is a file; give a folder path")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise LmforgeError(f"--out {out} lies under {blocking}, which is a file; give a folder path")
+
+
 def check_output_dir(out: str | os.PathLike, overwrite: bool, made_by: tuple[str, str] | None = None) -> Path:
     """``out`` as a Path, after refusing a file there or a non-empty folder unless ``overwrite``; with
     ``made_by`` (what the command writes, and a file every such folder holds), ``overwrite`` replaces only
@@ -130,8 +141,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, made_by: tuple[str
     from lmforge.errors import LmforgeError
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise LmforgeError(f"--out {out} is a file; give a folder path")
+    refuse_file_on_path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise LmforgeError(f"output folder {out} is not empty; pass --overwrite to replace it or choose another --out")

@@ -165,6 +165,17 @@ def test_config_errors_name_the_valid_keys(tmp_path):
     path.write_text("lr: [1\n")
     with pytest.raises(LmforgeError, match="not valid YAML at line"):
         load_config(path)
+    # a file where a folder is wanted, or in the way of one
+    (tmp_path / "afile").write_text("x")
+    for config, message in [(dict(data=str(tmp_path / "afile")), "is a file; give the folder `lmforge prepare` wrote"),
+                            (dict(out=str(tmp_path / "afile" / "sub")), "lies under .*afile, which is a file")]:
+        with pytest.raises(LmforgeError, match=message):
+            pretrain({**train_config(tmp_path, tmp_path / "r", max_steps=1), **config}, progress=False)
+    path.write_text("lr: 0.1\nmax_steps: 4\nlr: 0.2\n")  # (YAML would keep the last one silently)
+    with pytest.raises(LmforgeError, match=r"sets 'lr' twice \(lines 1 and 3\); keep one"):
+        load_config(path)
+    with pytest.raises(LmforgeError, match="is a folder; give the YAML file"):
+        load_config(tmp_path)
     with pytest.raises(LmforgeError, match="micro_batch_size must be at least 1"):
         load_config(None, {"micro_batch_size": 0})
 

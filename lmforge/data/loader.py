@@ -23,6 +23,8 @@ from lmforge.utils import read_json
 def read_meta(data_dir: str | os.PathLike) -> dict:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
+        if data_dir.exists():
+            raise LmforgeError(f"--data {data_dir} is a file; give the folder `lmforge prepare` wrote")
         raise LmforgeError(f"data folder {data_dir} does not exist; create it with `lmforge prepare --out {data_dir}`")
     meta = read_json(data_dir / "meta.json", "prepared-data metadata")
     if meta.get("format") != META_FORMAT:

@@ -494,11 +494,34 @@ def parse_overrides(tokens: list[str], cls=TrainConfig) -> dict:
     return out
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1, seen[key])
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
 def read_config_file(path: str | os.PathLike, what: str = "config file") -> dict:
-    """A YAML file of ``key: value`` lines (``what`` names it in errors)."""
+    """A YAML file of ``key: value`` lines (``what`` names it in errors); a key written twice is refused."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as e:
+        raise LmforgeError(f"{what} {path} sets {e.key!r} twice (lines {e.first} and {e.line}); keep one") from None
+    except IsADirectoryError:
+        raise LmforgeError(f"{what} {path} is a folder; give the YAML file") from None
     except FileNotFoundError:
         raise LmforgeError(f"{what} {path} not found") from None
     except UnicodeDecodeError as e:

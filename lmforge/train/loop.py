@@ -175,8 +175,9 @@ def _check_run_dir(out: Path, config: TrainConfig, resume: bool, overwrite: bool
                    fixed_on_resume: tuple[str, ...]) -> tuple[Path | None, list[Path], bool]:
     """Check the run folder, writing nothing: the checkpoint to resume from (None to start fresh), the
     damaged checkpoints newer than it, and whether the folder is to be emptied first (``overwrite``)."""
-    if out.exists() and not out.is_dir():
-        raise LmforgeError(f"--out {out} is a file; give a folder path")
+    from lmforge.utils import refuse_file_on_path
+
+    refuse_file_on_path(out)
     if resume == "auto":  # continue when there is something to continue (torchrun --max-restarts), else start
         if checkpoint_dirs(out):
             resume = True
