@@ -249,10 +249,19 @@ def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu", dt
         from lmforge.model.encoder import Encoder
 
         if isinstance(model, Encoder):
-            raise LmforgeError(f"{model.source} is an encoder (bert): it cannot generate text; use `lmforge embed` with it")
+            raise LmforgeError(_encoder_refusal(model))
         raise LmforgeError(f"{model.source} is an encoder-decoder (t5); this command runs decoders (gpt2, llama, "
                            f"qwen2, mistral) only so far")
     return _language_model(model)
+
+
+def _encoder_refusal(model) -> str:
+    """Why an encoder cannot serve a command that generates, with what it can do instead (by its head)."""
+    use = {"sequence_classification": "it is a classifier (its head scores labels)",
+           "question_answering": "it is an extractive QA model (its head points at answers in a context)",
+           "token_classification": "it is a tagger (its head labels tokens)"}.get(
+        getattr(model.config, "head", None), "use `lmforge embed` (or `index`) with it")
+    return f"{model.source} is an encoder (bert): it cannot generate text; {use}"
 
 
 def _language_model(model):
@@ -271,7 +280,7 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
     model = load_model(path, device, dtype)
     if not isinstance(model, (GPT, EncoderDecoder)):
-        raise LmforgeError(f"{model.source} is an encoder (bert): it cannot generate text; use `lmforge embed` with it")
+        raise LmforgeError(_encoder_refusal(model))
     return _language_model(model)
 
 
