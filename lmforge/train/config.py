@@ -177,9 +177,9 @@ class FinetuneConfig(TrainConfig):
     train: str = setting("", "JSONL/CSV/Parquet examples (required); the task comes from their fields")
     val: str = setting("", "held-out examples; empty: val_fraction of train, split by seed")
     val_fraction: float = setting(0.1, "share of train held out when --val is not given, in [0, 1)")
-    task: str = setting("auto", "auto (from the examples' fields), chat, instruction, classification, qa, seq2seq or "
-                                "retrieval", choices=("auto", "chat", "instruction", "classification", "qa", "seq2seq",
-                                                      "retrieval"))
+    task: str = setting("auto", "auto (from the examples' fields), chat, instruction, classification, tagging, qa, "
+                                "seq2seq or retrieval", choices=("auto", "chat", "instruction", "classification",
+                                                                 "tagging", "qa", "seq2seq", "retrieval"))
     method: str = setting("full", "full (every weight), linear-probe (the head only) or lora (low-rank adapters)",
                       choices=("full", "linear-probe", "lora"))
     freeze_layers: int = setting(0, "keep the embeddings and the first N blocks frozen")

@@ -394,7 +394,7 @@ class Classification(Finetune):
 
     def __init__(self, config, device, checkpoint, examples):
         names = [x.strip() for x in config.labels.split(",") if x.strip()] if config.labels else None
-        seen = {r["label"] for r in examples.rows}
+        seen = {label for r in examples.rows for label in self.row_labels(r)}
         if len({str(v) for v in seen}) < 2 and checkpoint is None:
             raise LmforgeError(f"the training examples all have the label {next(iter(seen))!r}: a classifier learns to "
                                f"tell two or more apart; add examples of the other label(s)")
@@ -419,6 +419,11 @@ class Classification(Finetune):
         self.label_names = names
         self.label_index = {name: i for i, name in enumerate(names)}
         super().__init__(config, device, checkpoint, examples)
+
+    @staticmethod
+    def row_labels(row: dict) -> list:
+        """The labels an example holds: one for a text, one a word for a tagged sentence."""
+        return [row["label"]]
 
     def attach(self, model) -> None:
         pad = None
@@ -542,6 +547,79 @@ class Classification(Finetune):
     def format_eval(self, record: dict) -> str:
         return (f"val loss {record['val_loss']:.4f}, accuracy {record['val_accuracy']:.4f}, "
                 f"macro-F1 {record['val_macro_f1']:.4f}, MCC {record['val_mcc']:.4f}")
+
+
+# -- tagging --------------------------------------------------------------------------------------
+
+
+class Tagging(Classification):
+    """Token classification (named entities, parts of speech) with an encoder, from ``{"tokens": [words],
+    "tags": [one per word]}`` (the datasets library's ``ner_tags`` too). As transformers' token-classification
+    recipe: each word's tag is learned at its first sub-token, the other sub-tokens and the special tokens are
+    not scored (-100), and the loss is the mean over the scored tokens of the step. Validation reports accuracy,
+    macro-F1 (over the tags that occur) and MCC over the words, not over entity spans."""
+
+    task = "tagging"
+    head = "token_classification"
+
+    @staticmethod
+    def row_labels(row: dict) -> list:
+        return row["tags"]
+
+    def attach(self, model) -> None:
+        if not isinstance(model, Encoder):
+            raise LmforgeError("tagging (token classification) needs an encoder model (bert)")
+        attach_head(model, self.head, len(self.label_names), self.label_names)
+
+    def featurize(self, rows: list) -> list[tuple[list[int], list[int], list[int]]]:
+        out, cut = [], 0
+        for row in rows:
+            enc = self.tokenizer.hf.encode(row["tokens"], is_pretokenized=True, add_special_tokens=True)
+            labels, previous = [], None
+            for word in enc.word_ids:
+                labels.append(-100 if word is None or word == previous else self.label_of(row["tags"][word]))
+                previous = word
+            ids, types = enc.ids, enc.type_ids
+            if len(ids) > self.max_length:  # keep [SEP] at the end; the words after the cut are not learned
+                ids, types = ids[: self.max_length - 1] + ids[-1:], types[: self.max_length - 1] + types[-1:]
+                labels, cut = labels[: self.max_length - 1] + [-100], cut + 1
+            out.append((ids, types, labels))
+        if cut:
+            warn(f"{cut} of {len(rows)} sentence(s) are longer than {self.max_length} tokens: their later words are "
+                 f"not learned or scored (--max-length)")
+        return out
+
+    def setup(self, train_rows: list, val_rows: list) -> None:
+        self.train_features, self.val_features = self.featurize(train_rows), self.featurize(val_rows)
+        self.n_train, self.n_val = len(self.train_features), len(self.val_features)
+        self.cached = None  # (a linear probe trains the head on the frozen backbone's tokens, as they come)
+
+    def tokens_batch(self, features, indices: list[int]) -> dict:
+        batch = super().tokens_batch([(f[0], f[1], 0) for f in (features[i] for i in indices)],
+                                     list(range(len(indices))))
+        batch["labels"] = _pad([features[i][2] for i in indices], -100)
+        return batch
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return F.cross_entropy(self.logits(model, batch).float().flatten(0, 1), batch["labels"].flatten(),
+                               ignore_index=-100)
+
+    def loss_weight(self, batch) -> float:
+        return int((batch["labels"] != -100).sum())
+
+    @torch.no_grad()
+    def predict(self, features) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, tags) of every scored word of ``features``, in order."""
+        self.model.eval()
+        logits, labels = [], []
+        for i in range(0, len(features), self.config.micro_batch_size):
+            b = _to(self.tokens_batch(features, list(range(i, min(i + self.config.micro_batch_size, len(features))))),
+                    self.device)
+            scored = b["labels"] != -100
+            logits.append(self.logits(self.model, b).float()[scored])
+            labels.append(b["labels"][scored])
+        self.model.train()
+        return torch.cat(logits), torch.cat(labels)
 
 
 # -- a retriever's encoder ------------------------------------------------------------------------
@@ -835,7 +913,8 @@ class Seq2Seq(Finetune):
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
 
-OBJECTIVES = {"chat": SFT, "instruction": SFT, "classification": Classification, "qa": QA, "seq2seq": Seq2Seq,
+OBJECTIVES = {"chat": SFT, "instruction": SFT, "classification": Classification, "tagging": Tagging, "qa": QA,
+              "seq2seq": Seq2Seq,
               "retrieval": Contrastive}
 # What the checkpoint's model (or adapter) and optimizer state were built for: --resume refuses to change them.
 FIXED_ON_RESUME = ("model", "task", "method", "labels", "pooling", "freeze_layers", "train_layers",
