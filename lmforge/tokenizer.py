@@ -203,6 +203,21 @@ class Tokenizer:
         """Hash of the canonical JSON, to check a dataset and a model use the same tokenizer."""
         return hashlib.sha256(self.hf.to_str().encode("utf-8")).hexdigest()
 
+    def tokenizes_as(self, other: Tokenizer) -> bool:
+        """Whether ``other`` turns text into the same ids: the same file, or the same vocabulary, merges,
+        normalisation, pre-tokenisation and added tokens (a copy transformers saved again may differ in padding,
+        truncation or key order, which change no id)."""
+        if self.sha256 == other.sha256:
+            return True
+
+        def essentials(tok: Tokenizer) -> str:
+            spec = json.loads(tok.hf.to_str())
+            added = sorted((t.get("id"), t.get("content")) for t in spec.get("added_tokens") or [])
+            return json.dumps([spec.get("model"), spec.get("normalizer"), spec.get("pre_tokenizer"), added],
+                              sort_keys=True)
+
+        return essentials(self) == essentials(other)
+
 
 def new_byte_level_bpe() -> HFTokenizer:
     """An untrained GPT-2 style byte-level BPE: every byte is a symbol, so nothing is unknown."""

