@@ -331,6 +331,26 @@ def test_tagging_mistakes_are_one_line(tmp_path, hf_gpt2):
                  **settings(tmp_path, max_steps=1))
 
 
+def test_a_resume_refuses_examples_of_another_task_and_another_seed(hf_gpt2, tmp_path, capsys):
+    """The run's records stay as they were, so a plain --resume still works."""
+    from lmforge.cli import main
+
+    chat = jsonl(tmp_path / "chat.jsonl", chat_rows(16))
+    common = ["finetune", "--model", str(hf_gpt2), "--out", str(tmp_path / "run"), "--quiet", "--threads", "1",
+              "--micro-batch-size", "4", "--dtype", "float32"]
+    assert main(common + ["--train", chat, "--max-steps", "2"]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    capsys.readouterr()
+    for extra, message in [(["--train", jsonl(tmp_path / "cls.jsonl", sentiment_rows(16))],
+                            "holds classification examples, but"),
+                           (["--train", chat, "--seed", "5"], "--seed cannot change when resuming"),
+                           (["--train", chat, "--val-fraction", "0.3"], "--val-fraction cannot change when resuming")]:
+        assert main(common + ["--resume", "--max-steps", "4", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    assert main(common + ["--train", chat, "--resume", "--max-steps", "4"]) == 0
+
+
 def test_qa_needs_an_encoder(hf_gpt2, tmp_path):
     with pytest.raises(LmforgeError, match="question answering needs an encoder"):
         finetune(model=str(hf_gpt2), train=jsonl(tmp_path / "qa.jsonl", qa_rows(10, 0)), progress=False, **settings(tmp_path))

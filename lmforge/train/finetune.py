@@ -37,6 +37,7 @@ from lmforge.model.heads import attach_head
 from lmforge.model.hf import ENCODER_DECODER_TYPES
 from lmforge.model.lora import LoRALinear, add_lora, count_trainable, save_adapter
 from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
+from lmforge.train.checkpointing import checkpoint_dirs
 from lmforge.train.config import FinetuneConfig
 from lmforge.train.loop import Distributed, Objective, may_defer, resolve_config, train
 from lmforge.utils import human_count, warn
@@ -918,7 +919,8 @@ OBJECTIVES = {"chat": SFT, "instruction": SFT, "classification": Classification,
               "retrieval": Contrastive}
 # What the checkpoint's model (or adapter) and optimizer state were built for: --resume refuses to change them.
 FIXED_ON_RESUME = ("model", "task", "method", "labels", "pooling", "freeze_layers", "train_layers",
-                   "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+                   "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+                   "val_fraction")  # (with the seed, the held-out split: another would hold out trained examples)
 
 
 def finetune(config: FinetuneConfig | dict | str | os.PathLike | None = None, *, resume: bool = False,
@@ -937,6 +939,14 @@ def finetune(config: FinetuneConfig | dict | str | os.PathLike | None = None, *,
         objective = Seq2Seq  # prompt → completion is source → target for an encoder-decoder
     if config.packing and objective is not SFT:
         raise LmforgeError("packing applies to chat and instruction fine-tuning only")
+    run_info = Path(config.out) / "run.json"
+    if resume and run_info.is_file() and checkpoint_dirs(config.out):  # a resumed run's head and loss stay its own
+        from lmforge.utils import read_json
+
+        trained = read_json(run_info, "run description").get("task")
+        if trained and trained != objective.task:
+            raise LmforgeError(f"{config.train} holds {objective.task} examples, but {config.out} was trained for "
+                               f"{trained}; resume with examples of that task, or start a new run (--out)")
     return train(config, lambda c, device, ckpt: objective(c, device, ckpt, examples), resume=resume,
                  overwrite=overwrite, progress=progress, fixed_on_resume=FIXED_ON_RESUME)
 

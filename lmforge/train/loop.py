@@ -187,7 +187,7 @@ def _check_run_dir(out: Path, config: TrainConfig, resume: bool, overwrite: bool
             resume = False
     if resume:
         saved = read_config_file(out / "config.yaml") if (out / "config.yaml").exists() else {}
-        for key in fixed_on_resume:
+        for key in (*fixed_on_resume, "seed"):  # (the seed: the data order, and a fine-tuning run's held-out split)
             if key in saved and saved[key] != getattr(config, key, saved[key]):
                 raise LmforgeError(
                     f"--{key.replace('_', '-')} cannot change when resuming ({out} was trained with {saved[key]!r}, "
