@@ -272,8 +272,8 @@ def cmd_reward_score(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from lmforge.model.checkpoint import (load_adapted, load_tokenizer_for, refuse_overwriting_sources,
-                                          resolve_model_dir, save_model)
+    from lmforge.model.checkpoint import (keep_generation_config, load_adapted, load_tokenizer_for,
+                                          refuse_overwriting_sources, resolve_model_dir, save_model, stored_precision)
     from lmforge.utils import check_output_dir
 
     out = check_output_dir(args.out, args.overwrite, ("a model folder", "config.json"))
@@ -283,7 +283,9 @@ def cmd_merge(args) -> None:
     refuse_overwriting_sources(out, adapter)
     model = load_adapted(adapter, merge=True, base=args.base, force=args.force)
     refuse_overwriting_sources(out, model.base_source)
+    model.to(stored_precision(model.base_source))  # (as `convert` of the adapter writes it: in the base's precision)
     save_model(model, out, load_tokenizer_for(model))
+    keep_generation_config(model.base_source, out)
     print(f"merged {adapter} into {model.base_source}; wrote {out}")
 
 

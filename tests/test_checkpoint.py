@@ -75,6 +75,28 @@ def test_pytorch_model_bin_sharded_and_unprefixed_weights(tmp_path):
     torch.testing.assert_close(hf_logits(tmp_path / "ours-sharded", idx), expected, atol=1e-4, rtol=0)
 
 
+def test_convert_keeps_a_bf16_folders_precision_and_never_writes_into_its_source(tmp_path):
+    """transformers 5 writes the precision as "dtype" (4 wrote "torch_dtype"): convert keeps it either way; and a
+    folder made inside the one it copies from is refused (it would copy itself)."""
+    from lmforge.model.checkpoint import convert
+
+    folder = make_hf_gpt2(tmp_path / "hf", vocab_size=101)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "bf16")
+    spec = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    spec.pop("torch_dtype", None)
+    spec["dtype"] = "bfloat16"
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps(spec))
+    convert(tmp_path / "bf16", tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(tmp_path / "out" / "model.safetensors").values()} == {torch.bfloat16}
+    with pytest.raises(LmforgeError, match="lies inside the model folder .* it is made from"):
+        convert(tmp_path / "bf16", tmp_path / "bf16" / "sub")
+    assert not (tmp_path / "bf16" / "sub").exists()
+
+
 def test_loading_never_runs_code_from_a_pickle(tmp_path):
     folder = make_hf_gpt2(tmp_path / "hf", vocab_size=101)
     (folder / "model.safetensors").unlink()

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import warnings
 
@@ -121,6 +122,34 @@ def test_bad_lora_settings(hf_gpt2):
     add_lora(model, "q")
     with pytest.raises(LmforgeError, match="already has LoRA adapters"):
         add_lora(model, "v")
+
+
+def test_peft_settings_lmforge_does_not_apply_are_refused_not_ignored(tmp_path, hf_gpt2):
+    """alpha_pattern, rank_pattern, bias, layers_to_transform, a regular expression as targets and
+    modules_to_save beyond a task head change PEFT's model: an adapter using them is refused in one line; so is a
+    config whose r, lora_alpha or lora_dropout cannot be used. LoRA settings of a run are checked the same way."""
+    from test_finetune import jsonl, sentiment_rows
+
+    from lmforge.model.lora import load_adapter
+    from lmforge.train.finetune import finetune
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(hf_gpt2))
+    peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=["c_attn"])).save_pretrained(tmp_path / "plain")
+    good = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    for change, name in [({"alpha_pattern": {"c_attn": 8}}, "alpha_pattern"), ({"rank_pattern": {"c_attn": 4}}, "rank_pattern"),
+                         ({"bias": "all"}, "bias"), ({"layers_to_transform": [0]}, "layers_to_transform"),
+                         ({"modules_to_save": ["lm_head"]}, "modules_to_save other than a task head"),
+                         ({"target_modules": ".*c_attn"}, "target_modules (a regular expression)"),
+                         ({"r": 0}, "r must be a whole number of 1 or more"), ({"lora_alpha": None}, "lora_alpha a number"),
+                         ({"lora_dropout": 2.0}, "lora_dropout in [0, 1)")]:
+        (tmp_path / "plain" / "adapter_config.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(LmforgeError, match=re.escape(name)):
+            load_adapter(load_model(hf_gpt2), tmp_path / "plain")
+    for key, value, message in [("lora_dropout", 1.0, "lora_dropout must be in [0, 1)"),
+                                ("lora_alpha", 0.0, "lora_alpha must be positive")]:
+        with pytest.raises(LmforgeError, match=re.escape(message)):
+            finetune(model=str(hf_gpt2), train=jsonl(tmp_path / "c.jsonl", sentiment_rows(8)), method="lora",
+                     out=str(tmp_path / "r"), max_steps=1, progress=False, **{key: value})
 
 
 # -- the exact base: recorded, checked, PEFT-clean -------------------------------------------------

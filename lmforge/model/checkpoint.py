@@ -334,6 +334,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
     out = check_output_dir(out, overwrite, ("a model folder", "config.json"))
     folder = resolve_model_dir(src)
     refuse_overwriting_sources(out, folder)
+    if folder.resolve() in out.resolve().parents:  # (its files are copied: the new folder would copy itself)
+        raise LmforgeError(f"--out {out} lies inside the model folder {folder} it is made from; choose a folder "
+                           f"outside it")
     adapter = is_adapter_folder(folder)
     if adapter:
         model = load_adapted(folder, dtype=dtypes[dtype] if dtype else None, merge=True, force=force)
@@ -343,8 +346,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
         model = load_model(folder, dtype=dtypes[dtype] if dtype else None)
     weights_from = model.base_source if adapter else folder
     if dtype is None:  # keep the source's precision
-        source = read_json(weights_from / "config.json", "model config").get("torch_dtype") or "float32"
-        model.to(dtypes.get(source, torch.float32))
+        model.to(stored_precision(weights_from))
     save_model(model, out, max_shard_bytes=limit)
     from lmforge.model.lora import ADAPTER_META
 
@@ -353,6 +355,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
     for source_folder in [weights_from, folder] if adapter else [folder]:
         for item in source_folder.iterdir():
             skip = item.name in ("config.json", "generation_config.json") or item.name.startswith(_WEIGHT_FILES)
+            skip = skip or item.name.startswith("pytorch_model-") and item.suffix == ".bin"  # (sharded .bin weights)
             skip = skip or item.name.startswith("model-") and item.suffix == ".safetensors"
             if skip or item.name.startswith(".") or item.name in adapter_files:
                 continue
@@ -360,6 +363,20 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
                 shutil.copytree(item, out / item.name, dirs_exist_ok=True)
             else:
                 shutil.copy2(item, out / item.name)
-    if (weights_from / "generation_config.json").exists():  # the source's generation defaults win
-        shutil.copy2(weights_from / "generation_config.json", out / "generation_config.json")
+    keep_generation_config(weights_from, out)
     return out
+
+
+def stored_precision(folder: Path) -> torch.dtype:
+    """The precision a model folder's weights are stored in (its config's ``torch_dtype``, or transformers 5's
+    ``dtype``); fp32 when it says none."""
+    stored = read_json(Path(folder) / "config.json", "model config")
+    name = stored.get("torch_dtype") or stored.get("dtype") or "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+def keep_generation_config(source: Path, out: Path) -> None:
+    """The source's generation defaults (its end tokens, sampling settings) win over the ones written anew."""
+    source = Path(source)
+    if (source / "generation_config.json").exists():
+        shutil.copy2(source / "generation_config.json", Path(out) / "generation_config.json")

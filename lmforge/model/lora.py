@@ -403,6 +403,23 @@ def read_adapter_config(folder: Path) -> dict:
     for flag in ("use_dora", "use_rslora"):
         if config.get(flag):
             raise LmforgeError(f"{folder}: {flag}=true is not supported")
+    # PEFT settings that change the adapted model and that lmforge does not apply: refused, never ignored
+    unsupported = [("alpha_pattern", bool(config.get("alpha_pattern"))), ("rank_pattern", bool(config.get("rank_pattern"))),
+                   ("modules_to_save other than a task head",  # (a head lmforge trains in full is loaded whole)
+                    bool(set(config.get("modules_to_save") or []) - {"score", "classifier", "qa_outputs"})),
+                   ("bias", config.get("bias", "none") not in (None, "none")),
+                   ("layers_to_transform", config.get("layers_to_transform") is not None),
+                   ("target_modules (a regular expression)", isinstance(config.get("target_modules"), str))]
+    for name, used in unsupported:
+        if used:
+            raise LmforgeError(f"{folder}: the adapter sets {name}, which lmforge does not apply (its outputs would "
+                               f"differ from PEFT's); merge it with PEFT (merge_and_unload) and load the merged folder")
+    r, alpha, dropout = config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0)
+    number = (int, float)
+    if (not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, number) or isinstance(alpha, bool)
+            or not isinstance(dropout or 0.0, number) or not 0 <= (dropout or 0.0) < 1):
+        raise LmforgeError(f"{folder}/adapter_config.json: r must be a whole number of 1 or more, lora_alpha a number and "
+                           f"lora_dropout in [0, 1) (it has r {r!r}, lora_alpha {alpha!r}, lora_dropout {dropout!r})")
     return config
 
 

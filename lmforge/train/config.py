@@ -218,6 +218,8 @@ class FinetuneConfig(TrainConfig):
             (bool(self.model), "model (the folder to fine-tune) is required"),
             (bool(self.train), "train (a JSONL, CSV or Parquet file of examples) is required"),
             (self.lora_r >= 1, "lora_r must be at least 1"),
+            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+            (self.lora_alpha > 0, "lora_alpha must be positive (the update is scaled by alpha / r: 0 trains nothing)"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.freeze_layers >= 0 and self.train_layers >= 0, "freeze_layers and train_layers must be 0 or more"),
         ]
