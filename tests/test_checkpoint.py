@@ -95,6 +95,14 @@ def test_convert_keeps_a_bf16_folders_precision_and_never_writes_into_its_source
     with pytest.raises(LmforgeError, match="lies inside the model folder .* it is made from"):
         convert(tmp_path / "bf16", tmp_path / "bf16" / "sub")
     assert not (tmp_path / "bf16" / "sub").exists()
+    # weights fp16 cannot hold are refused, not written as inf
+    with torch.no_grad():
+        hf.lm_head.weight[0, 0] = 70000.0
+    hf.save_pretrained(tmp_path / "big")
+    with pytest.raises(LmforgeError, match=r"beyond fp16's range \(±65504\): as float16 they would be inf"):
+        convert(tmp_path / "big", tmp_path / "big16", dtype="float16")
+    assert not (tmp_path / "big16").exists()
+    convert(tmp_path / "big", tmp_path / "big-bf16", dtype="bfloat16")
 
 
 def test_loading_never_runs_code_from_a_pickle(tmp_path):

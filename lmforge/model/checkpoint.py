@@ -345,6 +345,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
     else:
         model = load_model(folder, dtype=dtypes[dtype] if dtype else None)
     weights_from = model.base_source if adapter else folder
+    if dtype == "float16" and not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
+                                      if t.is_floating_point()):
+        raise LmforgeError(f"{folder} has weights beyond fp16's range (±65504): as float16 they would be inf; "
+                           f"convert to bfloat16 instead")
     if dtype is None:  # keep the source's precision
         model.to(stored_precision(weights_from))
     save_model(model, out, max_shard_bytes=limit)
