@@ -170,10 +170,11 @@ def embedding_precision(encoder, requested: str):
     return choose_autocast(encoder.wte.weight.device, requested, c.n_embd, c.mlp_hidden, 32 * 128)
 
 
-def _max_length(model) -> int | None:
+def _max_length(model) -> int:
+    """The tokens the encoder reads: its declared max_seq_length (sentence-transformers'), within its positions."""
     from lmforge.model.encoder import declared_max_length
 
-    return declared_max_length(model.source)
+    return min(declared_max_length(model.source) or model.config.block_size, model.config.block_size)
 
 
 ANN_NEIGHBOURS = 32  # HNSW's M: links per vector (FAISS's default for IndexHNSWFlat is 32 too)
@@ -224,7 +225,7 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
             raise LmforgeError(f"--out {out} exists and is not an lmforge index; choose another --out")
         refuse_overwriting_sources(out, model, *files)  # (the index is replaced whole)
     encoder, tokenizer = load_encoder(model)
-    reads = min(_max_length(encoder) or encoder.config.block_size, encoder.config.block_size) - 2  # ([CLS], [SEP])
+    reads = _max_length(encoder) - 2  # (less [CLS] and [SEP])
     if passage_tokens > reads:
         raise LmforgeError(f"--passage-tokens {passage_tokens} is more than the encoder reads ({reads} tokens of text): "
                            f"dense search would never see the rest of each passage; pass --passage-tokens {reads} or "
@@ -351,7 +352,7 @@ class Index:
 
     def embed_queries(self, queries: list[str]) -> torch.Tensor:
         model, tokenizer = self.encoder()
-        reads = min(_max_length(model) or model.config.block_size, model.config.block_size)
+        reads = _max_length(model)
         longest = max((len(tokenizer.encode(q, add_special_tokens=True)) for q in queries), default=0)
         if longest > reads:
             from lmforge.utils import warn
