@@ -100,6 +100,20 @@ def test_fsdp_and_ddp_match_one_process_and_the_checkpoint_is_a_transformers_fol
         torch.testing.assert_close(ours(idx).logits, single(idx).logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["fsdp", "ddp"])
+def test_torchrun_with_one_process_runs_the_named_layout(data_dir, tmp_path, layout):
+    """One GPU: `torchrun --nproc-per-node 1 ... --parallel fsdp` runs FSDP (one shard, its sharded checkpoint)
+    to try a multi-GPU command before taking it to several; the steps equal a plain single-process run's."""
+    kw = dict(max_steps=3, eval_interval=3, checkpoint_interval=3)
+    pretrain(train_config(data_dir, tmp_path / "one", micro_batch_size=2, **kw), progress=False)
+    result = torchrun("pretrain", train_config(data_dir, tmp_path / layout, micro_batch_size=2, parallel=layout, **kw),
+                      tmp_path, nproc=1)
+    assert "nothing to share out" not in result.stderr
+    assert_same_steps(tmp_path / "one", tmp_path / layout)
+    assert json.loads((tmp_path / layout / "throughput.json").read_text())["parallel"] == layout
+    assert (checkpoint_dirs(tmp_path / layout)[-1] / "shards").exists() == (layout == "fsdp")
+
+
 @pytest.mark.slow
 def test_a_llama_folder_trains_under_fsdp_as_in_one_process(data_dir, tmp_path):
     base = make_hf_llama(tmp_path / "llama")

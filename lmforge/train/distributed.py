@@ -46,6 +46,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     parallel: str = "none"  # none (one process), ddp or fsdp: set by the loop once the model is known
+    joined: bool = False  # in a process group: several processes, or one that torchrun started for a layout
 
     @property
     def is_main(self) -> bool:
@@ -53,7 +54,7 @@ class Distributed:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.joined
 
     @property
     def sharded(self) -> bool:
@@ -102,11 +103,14 @@ class Distributed:
         return mine + [None] * (rounds - len(mine))
 
 
-def setup_distributed(device_name: str, timeout_s: float = 600.0) -> Distributed:
+def setup_distributed(device_name: str, timeout_s: float = 600.0, layout: str = "auto") -> Distributed:
     """Join the process group when started by ``torchrun`` with more than one process (gloo on CPU, NCCL on
-    GPU). A collective that waits ``timeout_s`` for a rank that died ends the run instead of hanging."""
+    GPU), or with one process and ``layout`` ddp or fsdp named: that runs the layout on one device (DDP's
+    wrapper, FSDP's sharding into one shard, its checkpoints), to try a multi-GPU command before taking it to
+    several. A collective that waits ``timeout_s`` for a rank that died ends the run instead of hanging."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size <= 1:
+    by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ and "MASTER_ADDR" in os.environ
+    if world_size <= 1 and not (by_torchrun and layout in ("ddp", "fsdp")):
         return Distributed()
     if not dist.is_initialized():
         use_nccl = torch.cuda.is_available() and device_name != "cpu"
@@ -127,7 +131,7 @@ def setup_distributed(device_name: str, timeout_s: float = 600.0) -> Distributed
                                     world_size=world_size, timeout=timeout)
         else:
             dist.init_process_group(backend, timeout=timeout)
-    return Distributed(dist.get_rank(), dist.get_world_size())
+    return Distributed(dist.get_rank(), dist.get_world_size(), joined=True)
 
 
 def check_fsdp_torch(device: torch.device) -> None:
@@ -140,15 +144,17 @@ def check_fsdp_torch(device: torch.device) -> None:
                            f"{torch.__version__} ({why}); upgrade torch or use --parallel ddp")
 
 
-def choose_parallel(requested: str, model: torch.nn.Module, world_size: int, device: torch.device) -> tuple[str, str]:
+def choose_parallel(requested: str, model: torch.nn.Module, world_size: int, device: torch.device,
+                    joined: bool = False) -> tuple[str, str]:
     """(none|ddp|fsdp, why). ``auto``: DDP unless the model with its gradients and AdamW's two moments
-    (16 bytes a parameter in fp32) would take more than 80% of one device's memory."""
-    if world_size <= 1:
+    (16 bytes a parameter in fp32) would take more than 80% of one device's memory. ``joined``: one process
+    in a process group of its own (torchrun with one process and a named layout) runs that layout."""
+    if world_size <= 1 and not (joined and requested in ("ddp", "fsdp")):
         return "none", "one process"
     if requested in ("ddp", "fsdp"):
         if requested == "fsdp":
             check_fsdp_torch(device)
-        return requested, "as configured"
+        return requested, "as configured" if world_size > 1 else "as configured, on one process"
     need = 16 * sum(p.numel() for p in model.parameters() if p.requires_grad)
     need += 4 * sum(p.numel() for p in model.parameters() if not p.requires_grad)
     have = device_memory(device, world_size)

@@ -461,7 +461,7 @@ def train(config: TrainConfig, make_objective, *, resume: bool = False, overwrit
     """
     from tqdm.auto import tqdm
 
-    dist_ = setup_distributed(config.device, config.dist_timeout)
+    dist_ = setup_distributed(config.device, config.dist_timeout, config.parallel)
     # Subnormal floats (AdamW's moments of unused embedding rows, the softmax gradient of a peaked head) are
     # computed on ~20x slower: an untied embedding made a T5 step 3x slower by step 500. Training flushes them.
     try:
@@ -621,7 +621,8 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
     use_bf16 = precision.dtype == "bfloat16"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     objective.autocast = autocast  # objectives that run the model outside the loop's steps (RL rollouts) use it too
-    dist_.parallel, parallel_reason = choose_parallel(config.parallel, model, dist_.world_size, device)
+    dist_.parallel, parallel_reason = choose_parallel(config.parallel, model, dist_.world_size, device,
+                                                                dist_.joined)
     if config.activation_checkpointing:
         checkpoint_activations(model)
     if dist_.sharded:
