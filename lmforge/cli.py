@@ -366,7 +366,7 @@ def cmd_index(args) -> None:
     from lmforge.infer.retrieval import build_index
 
     result = build_index(args.docs, args.model, args.out, passage_tokens=args.passage_tokens, overlap=args.overlap,
-                         ann=args.ann, progress=not args.quiet, dtype=args.dtype)
+                         ann=args.ann, progress=not args.quiet, dtype=args.dtype, device=args.device)
     print(f"indexed {result['passages']:,} passages of {result['files']} file(s) into {result['out']} "
           f"({result['embedded']:,} embedded, {result['reused']:,} unchanged)")
     print(f"precision: {result['precision']}")
@@ -379,7 +379,9 @@ def cmd_search(args) -> None:
     from lmforge.infer.retrieval import Index
 
     query = read_stdin_text() if args.query == "-" else args.query
-    hits = Index(args.index, exact=args.exact).search(query, args.k, args.mode)
+    from lmforge.utils import pick_device
+
+    hits = Index(args.index, pick_device(args.device), exact=args.exact).search(query, args.k, args.mode)
     if not hits:
         print("no passage matches")
     for hit in hits:
@@ -443,7 +445,7 @@ def cmd_eval(args) -> None:
     if out is None and models and (Path(models[0]) / "metrics.jsonl").exists():
         out = str(Path(models[0]) / "eval.json")  # a training run keeps its evaluation (`lmforge report` shows it)
     results = evaluate(models, tasks, args.data, args.split, args.batch_size, args.stride, args.max_tokens,
-                       progress=not args.quiet, out=out, dtype=args.dtype)
+                       progress=not args.quiet, out=out, dtype=args.dtype, device=args.device)
     print(format_results(results))
     if results.get("kept_from_earlier"):
         print(f"kept the earlier results in {out} for: {', '.join(results['kept_from_earlier'])}")
@@ -694,6 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="precision of the encoder's matrix products: auto (default) takes bf16 autocast where this "
                     "machine runs it measurably faster (vectors within 1e-4 cosine of fp32's); queries are embedded in fp32")
+    ix.add_argument("--device", default="auto", help="where the encoder runs: auto (CUDA when present), cpu, cuda "
+                    "or cuda:N")
     ix.add_argument("--quiet", action="store_true", help="no progress bar")
     ix.set_defaults(func=cmd_index)
 
@@ -706,6 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "hybrid: both, fused by reciprocal rank")
     se.add_argument("--exact", action="store_true", help="search every vector even when the index has an --ann graph")
     se.add_argument("--json", action="store_true", help="one JSON object per passage")
+    se.add_argument("--device", default="auto", help="where the query is embedded: auto (CUDA when present), cpu, "
+                    "cuda or cuda:N")
     se.set_defaults(func=cmd_search)
 
     cv = sub.add_parser("convert", help="read a model folder and write it as a Hugging Face folder")
@@ -771,6 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     ev.add_argument("--out", help="save the results as JSON here (default for a run folder: RUN/eval.json)")
     dtype_option(ev)
+    ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)
 

@@ -4,6 +4,7 @@
 import json
 
 import pytest
+import torch
 from conftest import make_hf_gpt2
 
 from lmforge.cli import main
@@ -253,3 +254,18 @@ def test_tokenizer_train_does_not_replace_a_tokenizer_by_accident(corpus_dir, tm
     one_error_line(capsys, argv[:-5] + [str(corpus_dir / "string.py")] + argv[-5:], "pass --overwrite")
     assert (out / "tokenizer.json").read_bytes() == before
     assert main(argv + ["--overwrite"]) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_every_command_that_runs_a_model_takes_device(hf_gpt2, tmp_path, capsys):
+    """`--device` on each command that runs a model (eval and index took none: they ran on the CPU even on a
+    GPU machine); asking for a GPU that is not there is one line, before any work."""
+    text = tmp_path / "t.txt"
+    text.write_text("def main():\n    return 1\n")
+    for argv in (["eval", "--model", str(hf_gpt2), "--text", str(text)],
+                 ["generate", "--model", str(hf_gpt2), "hi"],
+                 ["index", str(text), "--model", str(hf_gpt2), "--out", str(tmp_path / "ix")],
+                 ["search", str(tmp_path / "ix"), "hi"]):
+        one_error_line(capsys, [*argv, "--device", "cuda"], "no CUDA GPU is visible")
+    assert main(["eval", "--model", str(hf_gpt2), "--text", str(text), "--device", "cpu", "--quiet"]) in (0, None)
+    assert "| perplexity |" in capsys.readouterr().out

@@ -333,9 +333,9 @@ def train_lstm(data_dir: str, out: str, progress: bool = True, config: str | Non
 # -- any model folder ----------------------------------------------------------------------------------
 
 
-def load_any(path: str | os.PathLike, dtype: str = "auto"):
-    """(model, kind) for a Transformer folder or run (its weights in ``dtype``), or an n-gram / LSTM baseline
-    folder."""
+def load_any(path: str | os.PathLike, dtype: str = "auto", device: str | torch.device = "cpu"):
+    """(model, kind) for a Transformer folder or run (its weights in ``dtype``) or an LSTM baseline folder, on
+    ``device``; or an n-gram baseline folder (counts, on the CPU)."""
     from lmforge.model.checkpoint import load_decoder, resolve_model_dir
 
     folder = resolve_model_dir(path)
@@ -343,18 +343,18 @@ def load_any(path: str | os.PathLike, dtype: str = "auto"):
     if kind == "lmforge-ngram":
         return KneserNey.load(folder), "n-gram (Kneser-Ney)"
     if kind == "lmforge-lstm":
-        return load_lstm(folder), "LSTM"
-    model = load_decoder(folder, dtype=transformer_dtype(folder, dtype))
+        return load_lstm(folder).to(device), "LSTM"
+    model = load_decoder(folder, device, dtype=transformer_dtype(folder, dtype, device))
     return model, f"Transformer ({model.config.family})"
 
 
-def transformer_dtype(path, requested: str = "auto"):
-    """The torch dtype to evaluate a Transformer folder in (CPU), said in one line on stderr."""
+def transformer_dtype(path, requested: str = "auto", device: str | torch.device = "cpu"):
+    """The torch dtype to evaluate a Transformer folder in on ``device``, said in one line on stderr."""
     import sys
 
     from lmforge.model.checkpoint import weights_precision
 
-    choice = weights_precision(path, torch.device("cpu"), requested)
+    choice = weights_precision(path, torch.device(device), requested)
     if choice.news:
         print(f"precision of {path}: {choice.reason}", file=sys.stderr, flush=True)
     return choice.torch_dtype

@@ -193,12 +193,15 @@ def _generation_task(model, tokenizer, task: Task, batch_size: int, progress: bo
 
 def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str | os.PathLike | None = None,
              split: str = "val", batch_size: int = 16, stride: int | None = None, max_tokens: int | None = None,
-             progress: bool = True, out: str | os.PathLike | None = None, dtype: str = "auto") -> dict:
+             progress: bool = True, out: str | os.PathLike | None = None, dtype: str = "auto",
+             device: str = "auto") -> dict:
     """With ``data`` (a prepared-data folder), the perplexity of every model in ``models`` on its ``split``
     (Transformers beside n-gram and LSTM baselines, on the same tokens); ``tasks`` on the first model.
-    Returns (and with ``out`` saves) the results."""
+    Models run on ``device`` (auto: CUDA when present; n-gram baselines on the CPU). Returns (and with
+    ``out`` saves) the results."""
     from lmforge import __version__
     from lmforge.model.checkpoint import load_generator, load_tokenizer_for, resolve_model_dir
+    from lmforge.utils import pick_device
 
     models = [models] if isinstance(models, (str, os.PathLike)) else list(models)
     if not models:
@@ -211,12 +214,13 @@ def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str
         raise LmforgeError("--batch-size and --stride must be at least 1")
     for task in tasks:
         task.check()
+    device = pick_device(device)
     earlier = read_earlier_results(out) if out else None
     # Absolute: results accumulate per model, whatever folder the command was run from.
     results = {"model": str(resolve_model_dir(models[0]).resolve()), "lmforge_version": __version__,
                "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if data is not None:
-        rows = compare_on_split(models, data, split, stride, max_tokens, progress, dtype)
+        rows = compare_on_split(models, data, split, stride, max_tokens, progress, dtype, device)
         results["perplexity"] = {"data": str(data), "split": split, "models": rows}
     results["tasks"] = {}
     if tasks:
@@ -227,7 +231,7 @@ def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str
             warn(f"the tasks run on the first --model only ({models[0]}); the others are compared on --data")
         from lmforge.model.gpt import use_fast_kernels
 
-        model = load_generator(models[0], dtype=transformer_dtype(models[0], dtype))
+        model = load_generator(models[0], device, dtype=transformer_dtype(models[0], dtype, device))
         use_fast_kernels(model, batch_size)  # the kernels measured fastest on this CPU (silent: results stay the same)
         scored = [t.name for t in tasks if t.type not in ("generate", "regression")]
         if not isinstance(model, GPT) and scored:
@@ -296,7 +300,8 @@ def format_results(results: dict) -> str:
 
 
 def compare_on_split(model_paths: list[str], data_dir: str, split: str = "val", stride: int | None = None,
-                     max_tokens: int | None = None, progress: bool = False, dtype: str = "auto") -> list[dict]:
+                     max_tokens: int | None = None, progress: bool = False, dtype: str = "auto",
+                     device: str | torch.device = "cpu") -> list[dict]:
     """Perplexity and bits per byte of each model (Transformers and n-gram / LSTM baselines) on the same tokens."""
     from lmforge.data.loader import TokenSplit
     from lmforge.eval.baselines import load_any
@@ -314,7 +319,7 @@ def compare_on_split(model_paths: list[str], data_dir: str, split: str = "val", 
     check_tokenizers(model_paths, data_dir)
     rows = []
     for path in model_paths:
-        model, kind = load_any(path, dtype)
+        model, kind = load_any(path, dtype, device)
         if kind.startswith("Transformer"):
             from lmforge.model.gpt import use_fast_kernels
 

@@ -713,7 +713,7 @@ def perplexity(model: GPT, token_ids: list[int], window: int | None = None) -> f
     total, count = 0.0, 0
     with torch.inference_mode():
         for i in range(0, len(token_ids) - 1, window):
-            chunk = torch.tensor(token_ids[i : i + window + 1])
+            chunk = torch.tensor(token_ids[i : i + window + 1], device=model.wte.weight.device)
             if len(chunk) < 2:
                 break
             _, loss = model(chunk[None, :-1], chunk[None, 1:])

@@ -200,13 +200,14 @@ def build_ann(vectors: torch.Tensor, path: Path) -> None:
 
 def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: str | os.PathLike, *,
                 passage_tokens: int = 200, overlap: int = 40, ann: bool = False, progress: bool = True,
-                dtype: str = "auto") -> dict:
+                dtype: str = "auto", device: str = "cpu") -> dict:
     """Index the documents under ``paths`` with the encoder folder ``model`` into the folder ``out``.
 
     When ``out`` is an index made with the same encoder, passage settings and precision, the passages of
     files whose contents did not change keep their vectors; only new and changed files are embedded.
     ``dtype``: the precision of the passages' matrix products ("auto": bf16 autocast where measured faster
-    here; queries are embedded in fp32). Returns counts and the precision's one-line reason.
+    here; queries are embedded in fp32). The encoder runs on ``device`` ("auto": CUDA when present). Returns
+    counts and the precision's one-line reason.
     """
     import bm25s
     from safetensors.torch import load_file, save_file
@@ -224,7 +225,9 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
         if previous.get("format") != FORMAT:
             raise LmforgeError(f"--out {out} exists and is not an lmforge index; choose another --out")
         refuse_overwriting_sources(out, model, *files)  # (the index is replaced whole)
-    encoder, tokenizer = load_encoder(model)
+    from lmforge.utils import pick_device
+
+    encoder, tokenizer = load_encoder(model, pick_device(device))
     reads = _max_length(encoder) - 2  # (less [CLS] and [SEP])
     if passage_tokens > reads:
         raise LmforgeError(f"--passage-tokens {passage_tokens} is more than the encoder reads ({reads} tokens of text): "

@@ -69,6 +69,7 @@ def process_logits(logits: torch.Tensor, history: torch.Tensor, p: SamplingParam
     """Apply penalties and filters to next-token ``logits`` (vocab,). ``history`` (n,) is the prompt and
     output so far (repetition penalty); ``counts`` (vocab,) how often each token was generated."""
     if p.repetition_penalty != 1.0 and history.numel():
+        history = history.to(logits.device)
         seen = logits.gather(0, history)
         logits = logits.scatter(0, history, torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty))
     if counts is not None and (p.frequency_penalty or p.presence_penalty):
@@ -131,5 +132,6 @@ def draw_rows(cdfs: torch.Tensor, generators: list[torch.Generator | None]) -> l
     """One draw per row of ``cdfs`` (rows, vocab), the cumulative sums of each row's probabilities: one uniform
     number from each row's generator, in row order, and one batched binary search, so a row draws what it draws
     alone. Zero-probability tokens are never chosen: ``right=True`` skips the flat stretches of the CDF."""
-    u = torch.stack([torch.rand((), generator=g) for g in generators]) * cdfs[:, -1]
+    # (the generators are CPU ones, so a seed draws the same numbers on any device)
+    u = torch.stack([torch.rand((), generator=g) for g in generators]).to(cdfs.device) * cdfs[:, -1]
     return torch.searchsorted(cdfs, u[:, None], right=True).clamp_(max=cdfs.size(1) - 1)[:, 0].tolist()
