@@ -233,6 +233,41 @@ def test_two_nodes_over_loopback_match_one_process(data_dir, tmp_path):
     assert json.loads((tmp_path / "nodes" / "run.json").read_text())["world_size"] == 2
 
 
+def two_nodes(args: list[str], cwds: list[Path], timeout: float = 240) -> list[tuple[int, str]]:
+    """Two torchrun launchers of one process each, meeting over loopback; each runs in its own folder."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "lmforge-test", "-m", "lmforge", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd) for rank, cwd in enumerate(cwds)]
+    try:
+        outputs = [node.communicate(timeout=timeout) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    return [(node.returncode, err) for node, (_, err) in zip(nodes, outputs)]
+
+
+def test_machines_that_do_not_share_the_run_folder_are_refused(data_dir, tmp_path):
+    """Each "machine" runs in a folder of its own and --out is relative: each would write a run folder of its own,
+    whose checkpoints (under FSDP each rank's shards) could never be resumed. Refused on both, fresh and resumed."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**train_config(data_dir, "run", micro_batch_size=2, max_steps=2,
+                                                     eval_interval=2, checkpoint_interval=2), "out": "run"}))
+    for returncode, err in two_nodes(["pretrain", "--config", str(config), "--quiet"], [a, b]):
+        assert returncode != 0 and "process(es) 1 of 2 cannot see run/run.json of this start" in err, err[-2000:]
+        assert "Put --out on a file system all the machines share" in err
+    assert not (b / "run" / "checkpoints").exists() and not (a / "run" / "checkpoints").exists()
+    # a run that machine a trained alone, resumed by both: b does not see its checkpoint
+    pretrain({**train_config(data_dir, a / "run", micro_batch_size=4, max_steps=2, eval_interval=2,
+                             checkpoint_interval=2)}, overwrite=True, progress=False)
+    for returncode, err in two_nodes(["pretrain", "--out", "run", "--resume", "--max-steps", "4", "--quiet"], [a, b]):
+        assert returncode != 0 and "cannot see the checkpoint" in err, err[-2000:]
+
+
 @pytest.mark.slow
 def test_a_rank_that_dies_ends_the_run_and_max_restarts_resumes_it(data_dir, tmp_path):
     """Rank 1 dies right after the step-3 checkpoint on the first attempt: rank 0 stops with a one-line error
