@@ -66,15 +66,16 @@ def _load_for_inference(args, seq2seq: bool = False):
     from lmforge.model.checkpoint import load_decoder, load_generator, load_tokenizer_for
     from lmforge.utils import pick_device
 
-    device = pick_device(args.device)
+    int8 = getattr(args, "int8", False)
+    device = pick_device("cpu" if int8 and args.device == "auto" else args.device)  # (int8 is a CPU kernel)
+    if int8 and device.type != "cpu":
+        raise LmforgeError(f"--int8 is for CPU inference, not --device {args.device}; drop one of them")
     dtype = _inference_dtype(args, device)
     model = (load_generator if seq2seq else load_decoder)(args.model, device, dtype)
     tokenizer = load_tokenizer_for(model, getattr(args, "tokenizer", None))
-    if getattr(args, "int8", False):
+    if int8:
         from lmforge.infer.engine import quantize_int8
 
-        if next(model.parameters()).device.type != "cpu":
-            raise LmforgeError("--int8 is for CPU inference; use --device cpu")
         source = model.source
         model = quantize_int8(model)
         model.source = source
@@ -168,6 +169,7 @@ def cmd_chat(args) -> None:
 def _retriever(args):
     """The index that answers come from (--index), opened before the model loads: a wrong path fails at once."""
     from lmforge.infer.retrieval import Index, Retriever, Router
+    from lmforge.utils import pick_device
 
     given = [f"--{name.replace('_', '-')}" for name in ("retrieve_k", "min_score", "retrieve_mode")
              if getattr(args, name, None) is not None]
@@ -177,13 +179,13 @@ def _retriever(args):
     if getattr(args, "route", None):
         if args.index:
             raise LmforgeError("give --index or --route, not both (a routes file names an index per intent)")
-        return Router(args.route, min_score=min_score, mode=mode, k=k)
+        return Router(args.route, min_score=min_score, mode=mode, k=k, device=pick_device(args.device))
     if not getattr(args, "index", None):
         if given:  # (they would change nothing)
             raise LmforgeError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to answers from an "
                                f"index: add --index (or --route)")
         return None
-    return Retriever(Index(args.index), k=k, min_score=min_score, mode=mode)
+    return Retriever(Index(args.index, pick_device(args.device)), k=k, min_score=min_score, mode=mode)
 
 
 def _index_options(parser) -> None:

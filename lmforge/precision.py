@@ -365,14 +365,22 @@ class Choice:
         return DTYPES[self.dtype]
 
 
+def gpu_has_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes in bf16 (NVIDIA from Ampere on). ``torch.cuda.is_bf16_supported()`` also says
+    yes for GPUs that only emulate it (a T4, a V100), where bf16 runs far slower than fp16 or fp32."""
+    if torch.version.hip:  # AMD: the ROCm builds say it straight
+        return torch.cuda.is_bf16_supported()
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def choose_autocast(device: torch.device, requested: str, k: int, n: int, rows: int) -> Choice:
     """Training's ``dtype``: "float32", "bfloat16" (autocast, fp32 master weights) or "auto" (measured)."""
     if requested != "auto":
         return Choice(requested, f"{SHORT[requested]}{' autocast' if requested != 'float32' else ''} (as configured)")
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return Choice("bfloat16", "bf16 autocast (this GPU supports it)")
-        return Choice("float32", "fp32 (this GPU has no bf16)")
+        if gpu_has_bf16(device):
+            return Choice("bfloat16", "bf16 autocast (this GPU computes in it)")
+        return Choice("float32", "fp32 (this GPU has no bf16 units: it would only emulate them)")
     if device.type != "cpu":
         return Choice("float32", f"fp32 ({device.type} is not probed)")
     speed = measure("matmul", k, n, rows).get("bfloat16", 0.0)
@@ -390,7 +398,7 @@ def choose_weights(device: torch.device, requested: str, stored: str | None, k: 
         return Choice(requested, f"{SHORT[requested]} weights (as asked)", news=False)
     stored = stored if stored in DTYPES else "float32"
     if stored == "float32" or device.type != "cpu":
-        if device.type == "cuda" and stored == "bfloat16" and not torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and stored == "bfloat16" and not gpu_has_bf16(device):
             return Choice("float32", "fp32 weights (the checkpoint is bf16; this GPU has no bf16)")
         return Choice(stored, f"{SHORT[stored]} weights (the checkpoint's precision)", news=stored != "float32")
     # (linear's speed, not torch.mv's: on the tiny shape bf16 mv measured 1.6x linear, yet a whole bf16

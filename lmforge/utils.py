@@ -214,7 +214,8 @@ def read_json(path: str | os.PathLike, what: str = "file"):
 
 
 def pick_device(name: str = "auto"):
-    """``auto`` picks CUDA when present (the local rank's GPU under torchrun), else the CPU."""
+    """``auto`` picks CUDA when present, else the CPU; ``auto`` and ``cuda`` under torchrun mean the local rank's
+    GPU."""
     import torch
 
     if name == "auto":
@@ -227,6 +228,11 @@ def pick_device(name: str = "auto"):
         raise LmforgeError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LmforgeError(f"device {name!r} asked for but no CUDA GPU is visible; use --device cpu")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # (under torchrun: this process's GPU)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise LmforgeError(f"device {name!r} asked for but this machine has {torch.cuda.device_count()} GPU(s), "
+                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

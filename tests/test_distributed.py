@@ -517,3 +517,13 @@ def test_plan_measured_sets_the_plan_beside_a_run(data_dir, tmp_path, capsys):
     assert "did not train a decoder" in capsys.readouterr().err
     assert main(["plan"]) == 2
     assert "plan needs --model" in capsys.readouterr().err
+
+
+def test_torchrun_refuses_a_gpu_other_than_the_local_ranks(monkeypatch):
+    """Every rank would train on the one GPU named while NCCL binds each to its own: refused before joining."""
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "TORCHELASTIC_RUN_ID": "x",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(LmforgeError, match=r"--device cuda:0 under torchrun: each process trains on the GPU of its "
+                                           r"local rank \(this one cuda:1\); pass --device cuda or auto"):
+        distributed.setup_distributed("cuda:0")

@@ -420,6 +420,36 @@ def test_serve_answers_completions_from_an_encoder_decoder_and_refuses_chat_with
         live.stop()
 
 
+def test_a_wave_step_that_fails_after_the_decoder_pass_leaves_no_key_twice(tmp_path):
+    """The step fails after the decoder wrote its keys (the rows' joint draw raised: a GPU out of memory, say):
+    the cache is cut back as when the decoder itself fails, so the retried step sees each key once and the
+    samples equal a run that never failed."""
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+
+    model = load_model(make_hf_t5(tmp_path / "hf", "v1.1", num_decoder_layers=2)).eval()
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3, stop_token_ids=[])
+    clean = Engine(model, IdTokenizer(), max_batch=4)
+    expected = [clean.add(src, params) for src in SOURCES]
+    clean.run(expected)
+    engine = Engine(model, IdTokenizer(), max_batch=4)
+    requests = [engine.add(src, params) for src in SOURCES]
+    engine.step()
+    engine.step()
+    past = engine.wave["cache"][0]["self"][0].size(2)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    engine._batched_draws = fail
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    del engine._batched_draws
+    assert engine.wave["cache"][0]["self"][0].size(2) == past
+    engine.run(requests)
+    assert [r.sequences[0].tokens for r in requests] == [r.sequences[0].tokens for r in expected]
+
+
 def test_a_wave_survives_a_failed_step_and_sources_end_with_the_end_token(tmp_path, capsys):
     """A decode step that fails in its second block leaves the caches as they were: the step runs again and gives
     the tokens of a run that never failed. The engine ends each source with the end-of-text token (once), and a

@@ -412,3 +412,16 @@ def test_a_compiled_engine_decodes_a_model_whose_products_go_through_onednn(monk
         return request.sequences[0].tokens
 
     assert tokens(fast, True) == tokens(model, False)
+
+
+def test_a_gpu_that_only_emulates_bf16_trains_and_decodes_in_fp32(monkeypatch):
+    """torch.cuda.is_bf16_supported() says yes for a T4 or V100 (emulation, far slower): capability decides."""
+    from lmforge.precision import choose_autocast, choose_weights
+
+    gpu = torch.device("cuda", 0)
+    for capability, train, weights in (((7, 5), "float32", "float32"), ((8, 0), "bfloat16", "bfloat16"),
+                                       ((9, 0), "bfloat16", "bfloat16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        assert choose_autocast(gpu, "auto", 64, 256, 128).dtype == train
+        assert choose_weights(gpu, "auto", "bfloat16", 64, 256).dtype == weights

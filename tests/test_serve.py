@@ -283,6 +283,30 @@ def test_metrics_are_prometheus_text(server, client):
         assert f"# TYPE {name.removesuffix('_bucket').removesuffix('_total')}" in text and name in text
 
 
+def test_a_gpu_error_that_lasts_makes_health_unhealthy(model_dir, monkeypatch):
+    """A device-side assert leaves CUDA failing every later call in the process: the request that met it gets a
+    500, and /health answers 503 from then on so that a supervisor restarts the server (an out-of-memory error,
+    which the next step survives, does not)."""
+    from lmforge.infer.engine import Engine
+
+    model = load_model(model_dir)
+    live = LiveServer(build_server_app(model, load_tokenizer_for(model), ServerSettings(max_batch=2)))
+    try:
+        errors = iter([RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                       RuntimeError("CUDA error: device-side assert triggered")])
+        decode = Engine._decode_step
+        monkeypatch.setattr(Engine, "_decode_step", lambda self, seqs: (_ for _ in ()).throw(next(errors)))
+        body = {"prompt": "def f(x):", "max_tokens": 4}
+        assert post(live, "/v1/completions", body).status_code == 500
+        assert httpx.get(live.url + "/health", timeout=TIMEOUT).status_code == 200  # out of memory: passes
+        assert post(live, "/v1/completions", body).status_code == 500
+        health = httpx.get(live.url + "/health", timeout=TIMEOUT)
+        assert health.status_code == 503 and "device-side assert" in health.json()["error"], health.text
+        monkeypatch.setattr(Engine, "_decode_step", decode)
+    finally:
+        live.stop()
+
+
 def test_api_key_is_required_on_v1_when_set(model_dir):
     model = load_model(model_dir)
     live = LiveServer(build_server_app(model, load_tokenizer_for(model), ServerSettings(api_key="s3cret", max_batch=2)))

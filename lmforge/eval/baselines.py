@@ -235,7 +235,7 @@ class LSTMLM(nn.Module):
     def sequence_nll(self, tokens: np.ndarray, chunk: int = 1024) -> tuple[float, int]:
         """Score every token but the first, carrying the LSTM state through the whole sequence."""
         self.eval()
-        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=self.wte.weight.device)
         total, state = 0.0, None
         for start in range(0, len(ids) - 1, chunk):
             x = ids[start : start + chunk][None]
@@ -304,7 +304,7 @@ def train_lstm(data_dir: str, out: str, progress: bool = True, config: str | Non
     class LSTMObjective(CausalLM):
         def load(self, checkpoint):
             if checkpoint is not None:
-                return load_lstm(checkpoint / "model").train()
+                return load_lstm(checkpoint / "model").to(self.device).train()
             block = self.config.block_size or 256
             return LSTMLM(LSTMConfig(vocab_size=self.tokenizer.vocab_size, block_size=block, dropout=self.config.dropout,
                                      **shape)).to(self.device).train()

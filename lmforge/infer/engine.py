@@ -413,9 +413,11 @@ class Engine:
         chosen = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
         return self._choose_all(seqs, logits, chosen)
 
-    def _choose_all(self, seqs: list[Sequence], logits: torch.Tensor, chosen: dict[int, int]) -> list[Event]:
-        """Each row's next token from its ``logits`` row (``chosen``: rows already decided)."""
-        drawn = self._batched_draws(seqs, logits)
+    def _choose_all(self, seqs: list[Sequence], logits: torch.Tensor, chosen: dict[int, int],
+                    drawn: dict[int, int] | None = None) -> list[Event]:
+        """Each row's next token from its ``logits`` row (``chosen``: rows already decided; ``drawn``: rows
+        already sampled together, by default now)."""
+        drawn = self._batched_draws(seqs, logits) if drawn is None else drawn
         events = []
         for i, s in enumerate(seqs):
             s.pos += 1
@@ -436,13 +438,15 @@ class Engine:
             past = cache[0]["self"][0].size(2)
             try:
                 logits = self.model.decode(tokens, None, self.wave["mask"], cache)[:, -1]
+                chosen, drawn = self._greedy(seqs, logits), self._batched_draws(seqs, logits)
             except Exception:
-                # Blocks before the failing one already hold this step's keys: cut them back, so that the
-                # step can run again (with fewer rows, when a server fails the newest request and retries).
+                # The cache (its blocks before a failing one, or all of them) already holds this step's keys: cut
+                # it back, so that the step can run again (with fewer rows, when a server fails the newest
+                # request and retries) without a key twice.
                 for layer in cache:
                     layer["self"] = tuple(t[:, :, :past] for t in layer["self"])
                 raise
-            events += self._choose_all(seqs, logits, self._greedy(seqs, logits))
+            events += self._choose_all(seqs, logits, chosen, drawn)
             self._drop_finished_rows()
         requests = self._admit()
         if not requests:

@@ -89,8 +89,10 @@ def chat_prompt(tokenizer, messages: list[dict], params: SamplingParams) -> tupl
 
 
 def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", tokenizer=None, chat: bool | None = None,
-             system: str | None = None, **params) -> Generation | list[Generation]:
+             system: str | None = None, device: str = "auto", **params) -> Generation | list[Generation]:
     """Generate from a model object or a model/run folder: ``generate("runs/demo", "def ", max_new_tokens=50)``.
+    A folder is loaded on ``device`` (auto: CUDA when present, as the commands do); a model object runs where
+    it is.
 
     A list of prompts is decoded as one batch and returns a list (``n`` > 1: a list per prompt).
     ``chat`` (default: when the model has a chat template) sends each prompt as a user message through
@@ -101,7 +103,9 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
 
     loaded = not isinstance(model, (GPT, EncoderDecoder))
     if loaded:
-        model = load_generator(model)
+        from lmforge.utils import pick_device
+
+        model = load_generator(model, pick_device(device))
     seq2seq = isinstance(model, EncoderDecoder)
     tokenizer = tokenizer or load_tokenizer_for(model)
     sampling = SamplingParams(**params)

@@ -532,7 +532,7 @@ class Router:
         default: {answer: "I can help with billing and shipping."}   # a label with no route (optional)
     """
 
-    def __init__(self, path: str | os.PathLike, min_score: float = 0.3, mode: str = "dense", k: int = 3):
+    def __init__(self, path: str | os.PathLike, min_score: float = 0.3, mode: str = "dense", k: int = 3, device="cpu"):
         import yaml
 
         path = Path(path)
@@ -544,20 +544,23 @@ class Router:
             raise LmforgeError(f"--route {path} needs 'classifier: FOLDER' and 'routes: {{label: {{index: INDEX}} or "
                                f"{{answer: TEXT}}}}'")
         here = path.parent
-        self.classifier = IntentClassifier(here / spec["classifier"])
+        self.classifier = IntentClassifier(here / spec["classifier"], device)
         unknown = sorted(set(spec["routes"]) - set(self.classifier.labels))
         if unknown:
             raise LmforgeError(f"--route {path}: {', '.join(unknown)} not among the classifier's labels "
                                f"({', '.join(self.classifier.labels)})")
-        self.routes = {label: self._route(here, label, route, min_score, mode, k) for label, route in spec["routes"].items()}
-        self.default = self._route(here, "default", spec["default"], min_score, mode, k) if spec.get("default") else None
+        self.routes = {label: self._route(here, label, route, min_score, mode, k, device)
+                       for label, route in spec["routes"].items()}
+        self.default = self._route(here, "default", spec["default"], min_score, mode, k, device) \
+            if spec.get("default") else None
 
     @staticmethod
-    def _route(here: Path, label: str, route, min_score: float, mode: str, k: int):
+    def _route(here: Path, label: str, route, min_score: float, mode: str, k: int, device="cpu"):
         if isinstance(route, dict) and isinstance(route.get("answer"), str):
             return route["answer"]
         if isinstance(route, dict) and isinstance(route.get("index"), str):
-            return Retriever(Index(here / route["index"]), k=int(route.get("k", k)), min_score=min_score, mode=mode)
+            return Retriever(Index(here / route["index"], device), k=int(route.get("k", k)), min_score=min_score,
+                             mode=mode)
         raise LmforgeError(f"route {label!r} must be {{index: INDEX}} or {{answer: TEXT}}, not {route!r}")
 
     def ground(self, messages: list[dict]) -> Grounding:

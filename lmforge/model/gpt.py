@@ -593,11 +593,22 @@ def deferring() -> bool:
 
 
 def new_weights_device(model: nn.Module) -> torch.device:
-    """Where weights added to ``model`` (a task head, LoRA adapters) are made: beside its own, or on the CPU
-    while it is a folder opened for sharding (on the meta device, with ``pending_weights``): there they are
-    drawn as one process draws them, and ``materialize`` keeps them when the rest gets its memory."""
+    """Where weights added to ``model`` (a task head, LoRA adapters) go: beside its own, or on the CPU while it
+    is a folder opened for sharding (on the meta device, with ``pending_weights``), where ``materialize``
+    keeps them when the rest gets its memory. Their random values are drawn on the CPU whatever the device
+    (``drawn_on_cpu``), so a seed gives the same new weights on one GPU as under FSDP or on the CPU."""
     first = next(model.parameters())
     return torch.device("cpu") if first.is_meta and hasattr(model, "pending_weights") else first.device
+
+
+def drawn_on_cpu(tensor: torch.Tensor, init, device: torch.device) -> torch.Tensor:
+    """``init(tensor)`` drawn from the CPU's random numbers, then put on ``device`` (on the meta device
+    nothing is drawn: the weights get their values later)."""
+    if torch.device(device).type == "meta":
+        return tensor.to(device)
+    with torch.no_grad():
+        init(tensor)
+    return tensor.to(device)
 
 
 def embedding(num: int, dim: int) -> nn.Embedding:

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from lmforge.errors import LmforgeError
 from lmforge.model.encoder import Encoder
-from lmforge.model.gpt import GPT, new_weights_device
+from lmforge.model.gpt import GPT, drawn_on_cpu, new_weights_device
 
 
 def attach_head(model, head: str, num_labels: int = 2, labels=None, pad_token_id: int | None = None,
@@ -19,14 +19,17 @@ def attach_head(model, head: str, num_labels: int = 2, labels=None, pad_token_id
     labels = tuple(labels) if labels else None
     num_labels = len(labels) if labels else num_labels
     device, dtype = new_weights_device(model), next(model.parameters()).dtype
+    made_on = device if device.type == "meta" else None  # (elsewhere made on the CPU: see drawn_on_cpu)
     if isinstance(model, GPT):
         if head != "sequence_classification":
             raise LmforgeError(f"a decoder model takes the sequence_classification head, not {head}; "
                                f"question answering needs an encoder (bert)")
         model.config = replace(model.config, head=head, num_labels=num_labels, labels=labels, pad_token_id=pad_token_id)
         model.lm_head = None
-        model.score = nn.Linear(model.config.n_embd, num_labels, bias=False, device=device, dtype=dtype)
-        nn.init.normal_(model.score.weight, std=model.config.init_std)
+        score = nn.Linear(model.config.n_embd, num_labels, bias=False, device=made_on, dtype=dtype)
+        score.weight = nn.Parameter(drawn_on_cpu(score.weight.detach(),
+                                                 lambda w: nn.init.normal_(w, std=model.config.init_std), device))
+        model.score = score
         return model
     if not isinstance(model, Encoder):
         raise LmforgeError(f"cannot attach a head to {type(model).__name__}")
@@ -38,14 +41,12 @@ def attach_head(model, head: str, num_labels: int = 2, labels=None, pad_token_id
     if not config.pooler:
         model.pooler = None
     if head in ("sequence_classification", "token_classification"):
-        model.classifier = nn.Linear(config.n_embd, num_labels, device=device, dtype=dtype)
-        new = model.classifier
+        new = model.classifier = nn.Linear(config.n_embd, num_labels, device=made_on, dtype=dtype)
     elif head == "question_answering":
-        model.qa_outputs = nn.Linear(config.n_embd, 2, device=device, dtype=dtype)
-        new = model.qa_outputs
+        new = model.qa_outputs = nn.Linear(config.n_embd, 2, device=made_on, dtype=dtype)
     else:
         raise LmforgeError(f"unknown head {head!r}")
-    with torch.no_grad():
-        nn.init.normal_(new.weight, std=config.init_std)
-        nn.init.zeros_(new.bias)
+    new.weight = nn.Parameter(drawn_on_cpu(new.weight.detach(), lambda w: nn.init.normal_(w, std=config.init_std),
+                                           device))
+    new.bias = nn.Parameter(torch.zeros_like(new.bias, device=device))
     return model

@@ -46,11 +46,14 @@ class LoRALinear(nn.Module):
         self.base = base
         self.slices = slices
         self.r, self.alpha, self.scale = r, alpha, alpha / r
+        from lmforge.model.gpt import drawn_on_cpu
+
         device, dtype = device or base.weight.device, base.weight.dtype
-        self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype)) for n in slices})
+        # A drawn as PEFT and the LoRA paper's code draw it, from the CPU's random numbers on any device
+        init = lambda a_matrix: nn.init.kaiming_uniform_(a_matrix, a=math.sqrt(5))  # noqa: E731
+        self.lora_A = nn.ParameterDict({n: nn.Parameter(drawn_on_cpu(torch.empty(r, base.in_features, dtype=dtype),
+                                                                     init, device)) for n in slices})
         self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(b - a, r, device=device, dtype=dtype)) for n, (a, b) in slices.items()})
-        for a_matrix in self.lora_A.values():
-            nn.init.kaiming_uniform_(a_matrix, a=math.sqrt(5))  # as PEFT and the LoRA paper's code
         self.drop = nn.Dropout(dropout)
 
     enabled = True  # False: the frozen base alone (see adapters_off)

@@ -1,7 +1,7 @@
 """`lmforge serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batching engine.
 
     GET  /                      a chat page (static HTML/JS shipped in the package)
-    GET  /health                {"status": "ok"}
+    GET  /health                {"status": "ok"} (503 once the GPU is in an error state: restart the server)
     GET  /metrics               Prometheus text: requests, tokens in/out, latency histogram, queue depth
     GET  /v1/models
     POST /v1/completions        (stream: true → server-sent events ending with "data: [DONE]")
@@ -85,6 +85,14 @@ class APIError(Exception):
 
 def server_error(e: BaseException) -> APIError:
     return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+
+def poisons_the_device(e: BaseException) -> bool:
+    """Whether ``e`` leaves the GPU unusable for this process (a device-side assert, an illegal memory access):
+    CUDA then fails every later call, so the server says it is unhealthy rather than fail each request. Running
+    out of memory is not such an error: the step is retried with fewer rows."""
+    text = str(e)
+    return type(e).__name__ == "AcceleratorError" or "CUDA error" in text or "device-side assert" in text
 
 
 # -- request bodies -------------------------------------------------------------------------------
@@ -209,6 +217,7 @@ class EngineWorker:
         self.wake = threading.Event()
         self.running = True
         self.thread = None
+        self.broken: str | None = None  # the error that left the device unusable (then /health answers 503)
         if thread:
             self.thread = threading.Thread(target=self.run, name="lmforge-engine", daemon=True)
             self.thread.start()
@@ -285,6 +294,7 @@ class EngineWorker:
             if handle is None:
                 continue
             if request.error is not None:
+                self._note_broken(request.error)
                 log.error("a request failed while generating", exc_info=request.error)
                 self._fail(request, server_error(request.error))
                 continue
@@ -304,10 +314,17 @@ class EngineWorker:
         if handle is not None:
             handle.put(error)
 
+    def _note_broken(self, e: BaseException) -> None:
+        if self.broken is None and poisons_the_device(e):
+            self.broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.error("the GPU is in an error state that lasts as long as this process: /health answers 503; "
+                      "restart the server")
+
     def _fail_newest(self, e: Exception) -> None:
         """The batched forward pass raised. The rows that stepped together before the newest request
         joined make it the likeliest cause (it also sheds load, if the step failed for lack of memory):
         fail it alone; the others retry at the next step, and if that fails too, the next newest goes."""
+        self._note_broken(e)
         active = {s.request.id: s.request for s in self.engine.active if not s.finished}
         if not active:
             log.error("an engine step failed", exc_info=e)
@@ -317,6 +334,7 @@ class EngineWorker:
         self._fail(active[max(active)], server_error(e))  # (request ids increase)
 
     def _fail_all(self, e: Exception) -> None:
+        self._note_broken(e)
         for handle in self.handles.values():
             handle.put(server_error(e))
         self.handles.clear()
@@ -699,6 +717,10 @@ def create_app(model, tokenizer, settings: ServerSettings | None = None, compile
 
     @app.get("/health")
     async def health():
+        worker = app.state.worker
+        if worker is not None and worker.broken:  # (a supervisor restarts the server on this)
+            return JSONResponse({"status": "error", "error": f"the GPU failed ({worker.broken}); restart the server"},
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -966,7 +988,9 @@ def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bo
     from lmforge.serve.embeddings import Embedder
 
     settings.api_key = settings.api_key or os.environ.get(API_KEY_ENV) or None
-    device = pick_device(device)
+    device = pick_device("cpu" if int8 and device == "auto" else device)  # (int8 is a CPU kernel)
+    if int8 and device.type != "cpu":
+        raise LmforgeError(f"--int8 is for CPU inference, not --device {device}; drop one of them")
     model = tokenizer = embedder = None
     if _is_encoder_folder(model_dir):  # an encoder serves embeddings only
         if embedding_model is not None:

@@ -61,9 +61,16 @@ class Distributed:
         return self.parallel == "fsdp"
 
     def all_sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            value = value.clone()
-            dist.all_reduce(value)
+        """The sum over ranks of ``value``, on its device. NCCL reduces GPU tensors only: a CPU one (rewards,
+        rollout statistics) goes through this rank's GPU and comes back."""
+        if not self.enabled:
+            return value
+        if value.device.type == "cpu" and dist.get_backend() == "nccl":
+            on_gpu = value.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu)
+            return on_gpu.to(value.device)
+        value = value.clone()
+        dist.all_reduce(value)
         return value
 
     def barrier(self) -> None:
@@ -112,10 +119,15 @@ def setup_distributed(device_name: str, timeout_s: float = 600.0, layout: str = 
     by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ and "MASTER_ADDR" in os.environ
     if world_size <= 1 and not (by_torchrun and layout in ("ddp", "fsdp")):
         return Distributed()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_name.startswith("cuda:") and device_name != f"cuda:{local_rank}":
+        raise LmforgeError(f"--device {device_name} under torchrun: each process trains on the GPU of its local "
+                           f"rank (this one cuda:{local_rank}); pass --device cuda or auto, and choose the GPUs "
+                           f"with CUDA_VISIBLE_DEVICES")
     if not dist.is_initialized():
         use_nccl = torch.cuda.is_available() and device_name != "cpu"
         if use_nccl:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(local_rank)
         timeout = datetime.timedelta(seconds=timeout_s)
         backend = "nccl" if use_nccl else "gloo"
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))

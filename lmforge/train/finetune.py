@@ -803,7 +803,8 @@ class QA(Finetune):
         e = end_logits[ctx[0] : ctx[-1] + 1]
         scores = s[:, None] + e[None, :]
         n = len(ctx)
-        allowed = torch.ones(n, n, dtype=torch.bool).triu() & ~torch.ones(n, n, dtype=torch.bool).triu(self.max_answer_tokens)
+        ones = torch.ones(n, n, dtype=torch.bool, device=scores.device)
+        allowed = ones.triu() & ~ones.triu(self.max_answer_tokens)
         scores = scores.masked_fill(~allowed, float("-inf"))
         i, j = divmod(int(scores.argmax()), n)
         a, b = feature["offsets"][ctx[0] + i][0], feature["offsets"][ctx[0] + j][1]
