@@ -58,11 +58,48 @@ def test_gpt2_adapters_cover_the_fused_c_attn_as_peft_does(tmp_path, hf_gpt2):
     save_adapter(model, tmp_path / "adapter", hf_gpt2)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is True and sorted(config["target_modules"]) == ["c_attn", "c_fc"]
+    other = load_model(hf_gpt2)
+    add_lora(other, "o", r=2, alpha=4)
+    save_adapter(other, tmp_path / "o", hf_gpt2)  # attention's c_proj, not the MLP's
+    assert json.loads((tmp_path / "o" / "adapter_config.json").read_text())["target_modules"] == ["attn.c_proj"]
     hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(str(hf_gpt2)),
                                         str(tmp_path / "adapter")).eval()
     idx = torch.randint(0, 1024, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(idx), hf(idx).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("targets", [["c_attn", "c_proj"], ["attn.c_proj", "c_fc"], ["mlp.c_proj"]])
+def test_peft_gpt2_adapters_are_read_with_peft_s_names(tmp_path, hf_gpt2, targets):
+    """PEFT adapts every module whose path ends with a target name: GPT-2's "c_proj" is attention's output and
+    the MLP's, "attn.c_proj" attention's alone. lmforge reads such an adapter with PEFT's logits."""
+    from lmforge.model.lora import load_adapter
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(hf_gpt2))
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = load_model(hf_gpt2)
+    load_adapter(model, tmp_path / "adapter")
+    idx = torch.randint(0, 1024, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(idx), peft_model.eval()(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_a_peft_target_that_names_a_module_outside_the_blocks_is_refused(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=37, max_position_embeddings=40, num_labels=2)
+    base = transformers.BertForSequenceClassification(config)
+    base.save_pretrained(tmp_path / "base")
+    peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["dense"])).save_pretrained(tmp_path / "adapter")
+    from lmforge.model.lora import load_adapter
+
+    with pytest.raises(LmforgeError, match="adapter target 'dense' also names pooler.dense, outside the Transformer blocks"):
+        load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter")
 
 
 def test_encoder_classifier_adapter_with_its_head(tmp_path):
@@ -76,9 +113,16 @@ def test_encoder_classifier_adapter_with_its_head(tmp_path):
     assert trainable == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or n.startswith("classifier"))
     randomize_adapters(model)
     save_adapter(model, tmp_path / "adapter", tmp_path / "base")
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
-    hf = peft.PeftModel.from_pretrained(transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "base")),
-                                        str(tmp_path / "adapter")).eval()
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    # names PEFT matches to exactly the adapted products ("dense" would also reach attention's output, the MLP's
+    # output and the pooler, which PEFT would then adapt too, and warn of their missing weights)
+    assert saved["modules_to_save"] == ["classifier"] and saved["target_modules"] == ["intermediate.dense", "query", "value"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf = peft.PeftModel.from_pretrained(
+            transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "base")),
+            str(tmp_path / "adapter")).eval()
+    assert not [w for w in caught if "missing adapter keys" in str(w.message)]
     ids = torch.randint(1, 99, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)

@@ -257,7 +257,7 @@ def save_adapter(model, folder: str | os.PathLike, base_model: str | os.PathLike
         for slice_name, peft_name in entry["peft"].items():
             tensors[f"base_model.model.{peft_name}.lora_A.weight"] = module.lora_A[slice_name]
             tensors[f"base_model.model.{peft_name}.lora_B.weight"] = module.lora_B[slice_name]
-            peft_targets.add(peft_name.rsplit(".", 1)[-1] if "." in peft_name else peft_name)
+            peft_targets.add(peft_name)
     heads = _head_modules(model)
     for name in heads:
         for pname, p in getattr(model, name).named_parameters():
@@ -270,7 +270,7 @@ def save_adapter(model, folder: str | os.PathLike, base_model: str | os.PathLike
         "r": settings["r"],
         "lora_alpha": settings["alpha"],
         "lora_dropout": settings["dropout"],
-        "target_modules": sorted(peft_targets),
+        "target_modules": _peft_names(model, peft_targets),
         "fan_in_fan_out": getattr(model.config, "family", None) == "gpt2",  # GPT-2's Conv1D stores (in, out)
         "bias": "none",
         "modules_to_save": heads or None,
@@ -392,13 +392,6 @@ def adapter_base(adapter: Path, config: dict, meta: dict, base: str | os.PathLik
     return folder
 
 
-_PEFT_TO_TARGET = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "fc", "up_proj": "fc",
-                   "down_proj": "proj", "c_attn": "q", "c_proj": None, "c_fc": "fc", "query": "q", "key": "k",
-                   "value": "v", "dense": None,
-                   # T5
-                   "q": "q", "k": "k", "v": "v", "o": "o", "wi": "fc", "wi_0": "fc", "wi_1": "fc", "wo": "proj"}
-
-
 def read_adapter_config(folder: Path) -> dict:
     config = read_json(folder / "adapter_config.json", "adapter config")
     if config.get("peft_type") != "LORA":
@@ -462,18 +455,61 @@ def load_adapter(model, folder: str | os.PathLike) -> None:
 
 
 def _targets_from_peft(model, config: dict) -> list[str]:
+    """lmforge's targets for a PEFT adapter's ``target_modules``, matched as PEFT matches them: a name adapts
+    every module whose path is that name or ends with "." + it (GPT-2's ``c_proj`` is attention's and the MLP's
+    output; ``attn.c_proj`` attention's alone). A name that would also adapt a module outside the blocks (BERT's
+    pooler or masked-LM transform under ``dense``) is refused: lmforge adapts the blocks' products only."""
+    paths = _peft_paths(model)
     targets = set()
     for name in config.get("target_modules") or []:
-        short = name.rsplit(".", 1)[-1]
-        target = _PEFT_TO_TARGET.get(short, "unknown")
-        if target is None:  # c_proj and dense are both attention-out and MLP-out in their families
-            raise LmforgeError(f"adapter target {name!r} is ambiguous; re-save the adapter with lmforge")
-        if target == "unknown":
-            raise LmforgeError(f"adapter target {name!r} is not supported; lmforge adapts {', '.join(_PEFT_TO_TARGET)}")
-        targets.add(target)
+        def named(path: str) -> bool:
+            return path == name or path.endswith("." + name)
+
+        hit = {target for target, where in paths.items() if any(named(path) for path in where)}
+        beyond = [m for m in _OUTSIDE if named(m)]
+        if beyond:
+            raise LmforgeError(f"adapter target {name!r} also names {beyond[0]}, outside the Transformer blocks, which "
+                               f"lmforge does not adapt; merge the adapter with PEFT (merge_and_unload) and load the "
+                               f"merged folder")
+        if not hit:
+            names = sorted({path.rsplit(".", 1)[-1] for where in paths.values() for path in where})
+            raise LmforgeError(f"adapter target {name!r} names none of this model's adaptable products "
+                               f"({', '.join(names)})")
+        targets |= hit
     if not targets:
         raise LmforgeError("the adapter names no target_modules")
     return sorted(targets)
+
+
+def _peft_paths(model) -> dict[str, list[str]]:
+    """lmforge target -> the PEFT module paths (from the model's root) it adapts, in every block."""
+    paths: dict[str, list[str]] = {}
+    for blocks, layer, block in _blocks(model):
+        for target in ("q", "k", "v", "o", "fc", "proj"):
+            for _, theirs, _ in _slices(model, block, target):
+                paths.setdefault(target, []).append(_peft_block_prefix(model, blocks, layer) + theirs)
+    return paths
+
+
+# Modules outside the blocks whose names end like a block's products (BERT's pooler and masked-LM transform):
+# a target name must not reach them.
+_OUTSIDE = ("pooler.dense", "cls.predictions.transform.dense", "lm_head", "score", "classifier", "qa_outputs")
+
+
+def _peft_names(model, adapted: set[str]) -> list[str]:
+    """``target_modules`` that make PEFT adapt exactly the modules at the paths ``adapted``: for each, the
+    shortest ending of its path ("c_attn", "attn.c_proj", "intermediate.dense", "0.output.dense") that names
+    no other module (PEFT adapts every module whose path ends with "." + a target name)."""
+    every = [path for paths in _peft_paths(model).values() for path in paths] + list(_OUTSIDE)
+    names = set()
+    for path in adapted:
+        parts = path.split(".")
+        for n in range(1, len(parts) + 1):
+            name = ".".join(parts[-n:])
+            if all(other in adapted for other in every if other == name or other.endswith("." + name)):
+                names.add(name)
+                break
+    return sorted(names)
 
 
 def count_trainable(model) -> tuple[int, int]:
