@@ -485,6 +485,26 @@ def test_resume_auto_starts_a_run_then_continues_it(data_dir, tmp_path, capsys):
     assert "invalid choice: 'maybe'" in capsys.readouterr().err
 
 
+def test_plan_measured_counts_a_lora_run_s_frozen_base_as_weights_alone(tmp_path, tokenizer_dir, capsys):
+    """A LoRA run trains its adapters only: the frozen base holds its fp32 weights (4 bytes a parameter), not
+    weights, gradients and AdamW's moments (16); the plan counts the run's trained parameters that way."""
+    from test_finetune import chat_rows, jsonl, settings
+
+    from lmforge.cli import main
+    from lmforge.train.finetune import finetune
+
+    base = make_hf_gpt2(tmp_path / "base", tokenizer_dir=tokenizer_dir)
+    finetune(model=str(base), train=jsonl(tmp_path / "c.jsonl", chat_rows(24)), method="lora", progress=False,
+             **settings(tmp_path, max_steps=2, eval_interval=2, checkpoint_interval=2))
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["trainable_parameters"] < run["parameters"] / 10
+    capsys.readouterr()
+    assert main(["plan", "--measured", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    states = next(line for line in out.splitlines() if line.startswith("states"))
+    assert f"({run['trainable_parameters']:,} trained)" in out and "(plan error +0%)" in states, out
+
+
 def test_plan_measured_sets_the_plan_beside_a_run(data_dir, tmp_path, capsys):
     from lmforge.cli import main
 

@@ -215,12 +215,15 @@ def format_plan(p: Plan) -> str:
 
 
 def run_memory(c: Config, micro_batch: int, seq_len: int, world: int, parallel: str, checkpointing: bool,
-               bytes_per_activation: int) -> tuple[float, float]:
+               bytes_per_activation: int, trainable: int | None = None, total: int | None = None) -> tuple[float, float]:
     """(model states, activations) in bytes per process that the plan's conventions predict for a run:
-    fp32 master weights, gradients and AdamW's moments are 16 bytes a parameter in fp32 and in bf16 autocast
-    alike; activations are kept in the training precision."""
+    fp32 master weights, gradients and AdamW's moments are 16 bytes a trained parameter in fp32 and in bf16
+    autocast alike, and a frozen one (LoRA's base, a linear probe's body) is its fp32 weight alone, 4 bytes;
+    activations are kept in the training precision. ``trainable``: the parameters trained (default: all);
+    ``total``: all the run's parameters, LoRA's adapters included (default: the model's)."""
     n = c.num_params()
-    states = BYTES_PER_PARAM_STATES * n
+    trained = n if trainable is None else trainable
+    states = BYTES_PER_PARAM_STATES * trained + 4 * max((total or n) - trained, 0)
     if parallel == "fsdp":
         layer = (n - c.vocab_size * c.n_embd * (1 if c.tie_embeddings else 2)) / c.n_layer
         states = states / world + 2 * 4 * layer  # two fp32 layers gathered at once
@@ -255,8 +258,13 @@ def compare_measured(run_dir: str | os.PathLike) -> str:
     world, parallel = int(run.get("world_size", 1)), speed.get("parallel", "none")
     micro, seq = int(config.get("micro_batch_size", 1)), c.block_size
     checkpointing = bool(speed.get("activation_checkpointing"))
+    def count(key):
+        value = run.get(key)
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    trainable, total = count("trainable_parameters"), count("parameters")
     states, activations = run_memory(c, micro, seq, world, parallel, checkpointing,
-                                     2 if "bfloat16" in run.get("dtype", "") else 4)
+                                     2 if "bfloat16" in run.get("dtype", "") else 4, trainable, total)
     baseline = float(speed.get("baseline_memory_mb", 0.0)) * 2**20
     measured = max(speed["peak_memory_mb"]) * 2**20 - baseline
     predicted = states + activations
@@ -269,7 +277,9 @@ def compare_measured(run_dir: str | os.PathLike) -> str:
                  f"\nactivations      plan {activations / mb:,.1f} MB; autograd kept {kept / mb:,.1f} MB for the backward pass "
                  f"(plan error {(activations - kept) / kept:+.0%})" if kept > 0 and held > 0 else "")
     lines = [
-        f"run              {run_dir}: {c.num_params():,} parameters on {world} process(es) ({parallel}), "
+        f"run              {run_dir}: {c.num_params():,} parameters"
+        f"{f' ({trainable:,} trained)' if trainable is not None and trainable != c.num_params() else ''} on {world} "
+        f"process(es) ({parallel}), "
         f"{run.get('dtype')}, micro-batch {micro} x {seq} tokens, activation checkpointing {'on' if checkpointing else 'off'}",
         f"memory/process   plan {predicted / mb:,.1f} MB (states {states / mb:,.1f} + activations {activations / mb:,.1f}); "
         f"measured {measured / mb:,.1f} MB above the {baseline / mb:,.0f} MB the process held before the model "
