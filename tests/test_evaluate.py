@@ -112,7 +112,7 @@ def test_pearson_and_spearman_match_scipy():
     assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
 
 
-def test_generation_task_stops_at_its_stop_sequence_and_scores(hf_gpt2):
+def test_generation_task_stops_at_its_stop_sequence_and_scores(hf_gpt2, capsys):
     from lmforge.infer.generate import generate
 
     model = load_model(hf_gpt2)
@@ -127,7 +127,13 @@ def test_generation_task_stops_at_its_stop_sequence_and_scores(hf_gpt2):
     assert set(result) >= {"exact_match", "f1", "bleu", "rouge1", "rouge2", "rougeL"}
     regression = Task("reg", "regression", [{"x": "1", "y": "2"}, {"x": "2", "y": "3"}, {"x": "3", "y": "5"}],
                       prompt="{{ x }} ->", target="{{ y }}", max_new_tokens=3)
-    assert set(run_task(model, tok, regression, progress=False)["metrics"]) == {"pearson", "spearman"}
+    capsys.readouterr()
+    scores = run_task(model, tok, regression, progress=False)["metrics"]
+    assert set(scores) == {"pearson", "spearman"}
+    # the random model writes no number: every answer counts as 0.0, a constant, with which nothing correlates
+    err = capsys.readouterr().err
+    assert "answers hold no number" in err and "the model's answers are all 0: a correlation with a constant is " \
+        "undefined (SciPy gives NaN); reported as 0.0" in err and scores["pearson"] == 0.0, err
 
 
 def test_classification_tasks_report_glue_metrics(hf_gpt2):

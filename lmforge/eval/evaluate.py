@@ -174,6 +174,11 @@ def _generation_task(model, tokenizer, task: Task, batch_size: int, progress: bo
         unread = sum(_NUMBER.search(p) is None for p in predictions)
         if unread:
             warn(f"task {task.name}: {unread} of its {len(predictions)} answers hold no number and count as 0.0")
+        flat = [f"{name} are all {values[0]:g}" for name, values in (("the model's answers", guesses),
+                                                                       ("the references", truth)) if len(set(values)) == 1]
+        if flat and set(task.metrics) & {"pearson", "spearman"}:
+            warn(f"task {task.name}: {' and '.join(flat)}: a correlation with a constant is undefined (SciPy gives "
+                 f"NaN); reported as 0.0")
         if "pearson" in task.metrics:
             out["pearson"] = pearson(guesses, truth)
         if "spearman" in task.metrics:
