@@ -282,3 +282,26 @@ def test_seed_on_the_command_line_overrides_a_task_file(tmp_path):
     (overridden,) = resolve_tasks([str(tmp_path / "t.yaml")], seed=6)
     assert (from_file.seed, overridden.seed) == (5, 6) and from_file.context(0) != overridden.context(0)
     assert resolve_tasks(["copy"])[0].docs == resolve_tasks(["copy"], seed=0)[0].docs != resolve_tasks(["copy"], seed=1)[0].docs
+
+
+def test_a_task_file_s_integer_target_is_an_index_even_among_number_choices(tmp_path):
+    """`"answer": 2` with choices "2", "4", "6", "8" is the third choice (as in lm-evaluation-harness), not the
+    choice that reads "2"; a target text that is a choice stays that choice. Empty stop sequences and odd
+    versions are refused, and a fewshot_data file is named as such."""
+    from lmforge.eval.tasks import load_task_file
+
+    (tmp_path / "t.jsonl").write_text(json.dumps({"q": "2+4=", "choices": ["2", "4", "6", "8"], "answer": 2}) + "\n"
+                                      + json.dumps({"q": "1+1=", "choices": ["2", "4", "6", "8"], "answer": "2"}) + "\n")
+    spec = "type: multiple_choice\ndata: t.jsonl\nprompt: '{{ q }}'\nchoices: '{{ choices }}'\ntarget: '{{ answer }}'\n"
+    (tmp_path / "t.yaml").write_text(spec)
+    task = load_task_file(tmp_path / "t.yaml")
+    assert [task.target_index(d) for d in task.docs] == [2, 0]
+    (tmp_path / "t.jsonl").write_text(json.dumps({"q": "x", "choices": ["a", "b"], "answer": 7}) + "\n")
+    with pytest.raises(LmforgeError, match="target index 7 is out of range for 2 choices"):
+        load_task_file(tmp_path / "t.yaml").target_index({"q": "x", "choices": ["a", "b"], "answer": 7})
+    for extra, message in [("until: ['']\n", "`until` holds an empty stop sequence"),
+                           ("version: [1]\n", "`version` must be a number or text"),
+                           ("fewshot_data: nothere.jsonl\n", "fewshot_data file")]:
+        (tmp_path / "bad.yaml").write_text(spec + extra)
+        with pytest.raises(LmforgeError, match=re.escape(message)):
+            load_task_file(tmp_path / "bad.yaml")

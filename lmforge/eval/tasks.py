@@ -106,8 +106,17 @@ class Task:
         return [str(c) for c in parsed]
 
     def target_index(self, doc: dict) -> int:
-        """The right choice's index: the target is an index, or the text of one of the choices."""
+        """The right choice's index: the target is an index, or the text of one of the choices. A target that is
+        one field holding a JSON integer (``target: "{{ answer }}"`` with ``"answer": 2``) is an index, as in
+        lm-evaluation-harness, even where a choice's text is that number written out."""
         choices = self.choices_of(doc)
+        field = re.fullmatch(r"\s*\{\{\s*(\w+)\s*\}\}\s*", self.target or "")
+        value = doc.get(field.group(1)) if field else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value < len(choices):
+                raise LmforgeError(f"task {self.name}: target index {value} is out of range for "
+                                   f"{len(choices)} choices ({', '.join(map(repr, choices))})")
+            return value
         written = self.render(self.target, doc)
         if written in choices:  # as written: a choice may begin with a space
             return choices.index(written)
@@ -115,8 +124,11 @@ class Task:
         stripped = [c.strip() for c in choices]
         if target in stripped:
             return stripped.index(target)
-        if target.lstrip("-").isdigit() and 0 <= int(target) < len(choices):
-            return int(target)
+        if target.lstrip("-").isdigit():
+            if 0 <= int(target) < len(choices):
+                return int(target)
+            raise LmforgeError(f"task {self.name}: target {target!r} is no choice, and as an index it is out of range "
+                               f"for {len(choices)} choices ({', '.join(map(repr, choices))})")
         raise LmforgeError(f"task {self.name}: target {target!r} is neither a choice ({', '.join(map(repr, choices))}) "
                            f"nor an index")
 
@@ -204,10 +216,10 @@ def _render(template: str, doc: dict, task: str) -> str:
 # -- loading ----------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path, task: str) -> list[dict]:
+def read_jsonl(path: Path, task: str, what: str = "data file") -> list[dict]:
     if not path.is_file():
-        raise LmforgeError(f"task {task}: data file {path} " + ("is a folder; give the JSONL file in it"
-                                                                if path.is_dir() else "does not exist"))
+        raise LmforgeError(f"task {task}: {what} {path} " + ("is a folder; give the JSONL file in it"
+                                                              if path.is_dir() else "does not exist"))
     return [doc for _, doc in jsonl_objects(path)]
 
 
@@ -247,6 +259,12 @@ def load_task_file(path: str | os.PathLike) -> Task:
 
     value("type", None, "text")
     value("data", None, "text")
+    version = spec.get("version", 1)
+    if not isinstance(version, (int, float, str)) or isinstance(version, bool):
+        raise LmforgeError(f"task file {path}: `version` must be a number or text, not {version!r}")
+    if "" in value("until", ["\n"], "texts"):
+        raise LmforgeError(f"task file {path}: `until` holds an empty stop sequence, which would stop every answer "
+                           f"before its first character; remove it")
     fewshot_data = value("fewshot_data", "", "text")
     kwargs = dict(
         name=name,
@@ -257,13 +275,13 @@ def load_task_file(path: str | os.PathLike) -> Task:
         target=value("target", "{{ target }}", "text"),
         target_delimiter=value("target_delimiter", " ", "text"),
         fewshot=value("fewshot", 0, "count"),
-        fewshot_docs=read_jsonl(path.parent / fewshot_data, name) if fewshot_data else None,
+        fewshot_docs=read_jsonl(path.parent / fewshot_data, name, "fewshot_data file") if fewshot_data else None,
         fewshot_separator=value("fewshot_separator", "\n\n", "text"),
         seed=value("seed", 0, "count"),
         until=value("until", ["\n"], "texts"),
         max_new_tokens=value("max_new_tokens", 32, "count"),
         metrics=value("metrics", [], "texts"),
-        version=spec.get("version", 1),
+        version=version,
         text_field=value("text_field", "text", "text"),
         source=str(path),
     )
