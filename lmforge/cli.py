@@ -301,7 +301,7 @@ def cmd_classify(args) -> None:
     use_fast_kernels(model, 8)  # (scored 8 rows at a time: the kernels measured fastest on this CPU; silent)
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     result = classify(model, load_tokenizer_for(model), args.data, labels, args.shots, args.selection, args.seed,
-                      args.template or DEFAULT_TEMPLATE, args.description, args.demos)
+                      args.template or DEFAULT_TEMPLATE, args.description, args.demos, args.skip_bad_lines)
     print(f"{result['examples']} examples, {result['shots']}-shot: accuracy {result['accuracy']:.4f}, "
           f"macro-F1 {result['macro_f1']:.4f}, MCC {result['mcc']:.4f}")
     print(format_confusion(result["confusion"]))
@@ -672,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--template", default=None, help="one example's template, with {text} and {label} (label last)")
     cl.add_argument("--description", default="", help="a task description put first in every prompt")
     cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--skip-bad-lines", action="store_true", help="skip malformed examples (counted and said) "
+                    "instead of stopping")
     cl.add_argument("--device", default="auto")
     cl.set_defaults(func=cmd_classify)
 

@@ -115,3 +115,30 @@ def test_classify_runs_the_products_through_the_kernels_measured_fastest(hf_gpt2
     assert [rows for rows, _ in said] == [8] * len(printed) and said[0][1] == "as loaded"
     assert all(kernel != "as loaded" for _, kernel in said[1:]), said
     assert all(out == printed[0] for out in printed) and "10 examples, 2-shot: accuracy" in printed[0]
+
+
+def test_classify_never_shows_a_query_as_its_own_demonstration_and_checks_what_it_is_given(hf_gpt2, tmp_path, capsys):
+    """--demos naming the data file itself (or holding its texts) would show each query's own answer in its
+    prompt; demonstrations with labels outside --labels, a template whose {text} is written out ({{text}}), a
+    listed label no example has (it lowered macro-F1) and malformed lines (--skip-bad-lines) are each said."""
+    rows = [{"text": f"sample {i}", "label": "yes" if i % 2 else "no"} for i in range(6)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = load_model(hf_gpt2)
+    tok = load_tokenizer_for(model)
+    result = classify(model, tok, data, ["yes", "no"], shots=9, selection="first", demos=str(data))
+    assert result["shots"] == 5 and result["first_prompt"].count("sample 0") == 1
+    plain = classify(model, tok, data, ["yes", "no"])
+    assert classify(model, tok, data, ["yes", "no", "maybe"])["macro_f1"] == plain["macro_f1"]
+    assert "--labels maybe: in none of the examples" in capsys.readouterr().err
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text(json.dumps({"text": "x", "label": "neutral"}) + "\n")
+    with pytest.raises(LmforgeError, match=r"the demonstrations \(.*demos.jsonl\) has labels neutral"):
+        classify(model, tok, data, ["yes", "no"], shots=1, demos=str(demos))
+    with pytest.raises(LmforgeError, match="needs both {text} and {label}"):
+        classify(model, tok, data, ["yes", "no"], template="{{text}} {label}")
+    data.write_text(data.read_text() + "not json\n")
+    assert main(["classify", str(data), "--model", str(hf_gpt2), "--labels", "yes,no"]) == 2
+    assert "--skip-bad-lines" in capsys.readouterr().err
+    assert main(["classify", str(data), "--model", str(hf_gpt2), "--labels", "yes,no", "--skip-bad-lines"]) == 0
+    assert "skipped 1 malformed line(s)" in capsys.readouterr().err

@@ -21,12 +21,13 @@ DEFAULT_TEMPLATE = "Input: {text}\nOutput: {label}"
 SELECTIONS = ("random", "first", "balanced")
 
 
-def choose_demonstrations(pool: list[dict], k: int, selection: str, seed: int, exclude: int | None = None) -> list[dict]:
-    """k examples from ``pool`` (never the one at ``exclude``): random with a seed, the first k, or
-    balanced (labels take turns, in order of first appearance)."""
+def choose_demonstrations(pool: list[dict], k: int, selection: str, seed: int, exclude: int | None = None,
+                          also: frozenset = frozenset()) -> list[dict]:
+    """k examples from ``pool`` (never the one at ``exclude``, nor those at ``also``): random with a seed, the
+    first k, or balanced (labels take turns, in order of first appearance)."""
     if selection not in SELECTIONS:
         raise LmforgeError(f"unknown demonstration selection {selection!r}; use {', '.join(SELECTIONS)}")
-    candidates = [i for i in range(len(pool)) if i != exclude]
+    candidates = [i for i in range(len(pool)) if i != exclude and i not in also]
     if k <= 0:
         return []
     if selection == "first":
@@ -54,12 +55,13 @@ def build_prompt(demonstrations: list[dict], query_text: str, template: str = DE
     """(prompt up to the label, what goes between it and the label). The label slot is ``{label}``."""
     import string
 
-    if "{text}" not in template or "{label}" not in template:
-        raise LmforgeError("a few-shot template needs both {text} and {label}")
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as e:
         raise LmforgeError(f"the few-shot template is not a format string ({e}); write {{{{ and }}}} for braces") from None
+    if not {"text", "label"} <= fields:  # ("{{text}}" is the text "{text}" written out, not the slot)
+        raise LmforgeError("a few-shot template needs both {text} and {label} (single braces: {{text}} is written "
+                           "out as it is)")
     if fields - {"text", "label"}:
         raise LmforgeError(f"a few-shot template takes {{text}} and {{label}} only, not "
                            f"{', '.join('{' + f + '}' for f in sorted(fields - {'text', 'label'}))}; write {{{{ and }}}} "
@@ -77,8 +79,12 @@ def build_prompt(demonstrations: list[dict], query_text: str, template: str = DE
 
 
 def classify(model, tokenizer, data: str | os.PathLike, labels: list[str], shots: int = 0, selection: str = "random",
-             seed: int = 0, template: str = DEFAULT_TEMPLATE, description: str = "", demos: str | None = None) -> dict:
-    """Score every example of ``data`` (classification JSONL/CSV/Parquet) by label log-likelihood."""
+             seed: int = 0, template: str = DEFAULT_TEMPLATE, description: str = "", demos: str | None = None,
+             skip_bad_lines: bool = False) -> dict:
+    """Score every example of ``data`` (classification JSONL/CSV/Parquet) by label log-likelihood. An example
+    is never shown as a demonstration to itself (from ``demos``: no demonstration with the query's text)."""
+    from lmforge.utils import warn
+
     if len(labels) < 2:
         raise LmforgeError("pass at least two labels, e.g. --labels positive,negative")
     twice = sorted({label for label in labels if labels.count(label) > 1})
@@ -86,20 +92,37 @@ def classify(model, tokenizer, data: str | os.PathLike, labels: list[str], shots
         raise LmforgeError(f"--labels lists {', '.join(map(repr, twice))} more than once; list each label once")
     if shots < 0:
         raise LmforgeError(f"--shots {shots} must be 0 or more")
-    rows = read_examples(data, "classification").rows
-    pool = read_examples(demos, "classification").rows if demos else rows
+    files = [(data, read_examples(data, "classification", skip_bad_lines))]
+    if demos:
+        files.append((demos, read_examples(demos, "classification", skip_bad_lines)))
+    for n, (path, examples) in enumerate(files):
+        if examples.skipped:
+            warn(f"skipped {examples.skipped} malformed line(s) of {path} (lines {examples.skipped_lines[:5]}"
+                 f"{' ...' if examples.skipped > 5 else ''})")
+        unknown = sorted({str(r["label"]) for r in examples.rows} - set(labels))
+        if unknown:
+            what = "the data" if n == 0 else f"the demonstrations ({path})"
+            raise LmforgeError(f"{what} has labels {', '.join(unknown)} that --labels does not list")
+    rows = files[0][1].rows
+    pool = files[1][1].rows if demos else rows
+    by_text: dict = defaultdict(set)  # a demonstrations file may hold the queries themselves
+    if demos:
+        for j, d in enumerate(pool):
+            by_text[d["text"]].add(j)
     available = len(pool) - (pool is rows)  # (an example is never its own demonstration)
+    if demos:
+        available = min((len(pool) - len(by_text.get(r["text"], ())) for r in rows), default=len(pool))
     if shots > available:
-        from lmforge.utils import warn
-
         warn(f"--shots {shots}, but only {available} demonstration(s) to choose from: each prompt shows {available}")
         shots = available
-    unknown = sorted({str(r["label"]) for r in rows} - set(labels))
-    if unknown:
-        raise LmforgeError(f"the data has labels {', '.join(unknown)} that --labels does not list")
+    unused = [label for label in labels if all(str(r["label"]) != label for r in rows)]
+    if unused:
+        warn(f"--labels {', '.join(unused)}: in none of the examples; macro-F1 averages over the labels in the "
+             f"examples or the answers")
     requests, prompts = [], []
     for i, row in enumerate(rows):
-        shown = choose_demonstrations(pool, shots, selection, seed, exclude=i if pool is rows else None)
+        shown = choose_demonstrations(pool, shots, selection, seed, exclude=i if pool is rows else None,
+                                      also=frozenset(by_text.get(row["text"], ())))
         prompt, gap = build_prompt(shown, row["text"], template, description)
         prompts.append(prompt)
         requests += [(prompt, gap + label) for label in labels]
@@ -109,7 +132,7 @@ def classify(model, tokenizer, data: str | os.PathLike, labels: list[str], shots
     return {
         "shots": shots,
         "examples": len(rows),
-        **classification_metrics(predictions, references, labels),
+        **classification_metrics(predictions, references),
         # confusion[true][predicted]: a model that answers one label for everything shows as one full column
         "confusion": {t: {p: sum(r == t and q == p for r, q in zip(references, predictions)) for p in labels}
                       for t in labels},
