@@ -196,8 +196,9 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def read_json(path: str | os.PathLike, what: str = "file"):
-    """Read a JSON file, turning a missing or corrupt file into a clear error."""
+def read_json(path: str | os.PathLike, what: str = "file") -> dict:
+    """Read a JSON file that holds an object (every JSON file lmforge reads does), turning a missing or corrupt
+    file into a clear error."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -206,11 +207,15 @@ def read_json(path: str | os.PathLike, what: str = "file"):
     except UnicodeDecodeError:
         raise LmforgeError(f"{path} is not UTF-8 text; the {what} is corrupt, restore or re-create it") from None
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise LmforgeError(
             f"{path} is not valid JSON ({e.msg} at line {e.lineno}); the {what} is corrupt, restore or re-create it"
         ) from None
+    if not isinstance(value, dict):
+        raise LmforgeError(f"{path} holds a JSON {type(value).__name__}, not an object; the {what} is corrupt, restore "
+                           f"or re-create it")
+    return value
 
 
 def pick_device(name: str = "auto"):

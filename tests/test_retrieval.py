@@ -2,6 +2,7 @@
 
 import base64
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -429,3 +430,37 @@ def test_intent_routing_sends_each_turn_to_its_index_or_fixed_answer(docs, tmp_p
     routes.write_text("classifier: intent\nroutes:\n  billing: billing.index\n")
     with pytest.raises(LmforgeError, match=r"route 'billing' must be \{index: INDEX\} or \{answer: TEXT\}"):
         Router(routes)
+    # settings a routes file cannot hold are said, not ignored (the answer used to win over the index)
+    for text, message in [("routes:\n  billing: {index: billing.index, k: two}\n", "route 'billing': k must be a whole"),
+                          ("routes:\n  billing: {index: billing.index, answer: hi}\n", "has both index and answer"),
+                          ("routes:\n  billing: {index: billing.index, min_score: 0.5}\n", "unknown key(s) min_score"),
+                          ("routes: {}\n", "names no route"), ("extra: 1\nroutes:\n  billing: {answer: hi}\n",
+                                                                 "unknown key(s) extra")]:
+        routes.write_text("classifier: intent\n" + text)
+        with pytest.raises(LmforgeError, match=re.escape(message)):
+            Router(routes)
+    # an index whose files were damaged is refused when opened, not at the first question
+    import shutil
+
+    shutil.copytree(tmp_path / "billing.index", tmp_path / "broken.index")
+    shutil.rmtree(tmp_path / "broken.index" / "bm25")
+    with pytest.raises(LmforgeError, match="broken.index is damaged"):
+        Index(tmp_path / "broken.index")
+    shutil.rmtree(tmp_path / "broken.index")
+    shutil.copytree(tmp_path / "billing.index", tmp_path / "broken.index")
+    with open(tmp_path / "broken.index" / "vectors.safetensors", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(LmforgeError, match="broken.index is damaged"):
+        Index(tmp_path / "broken.index")
+
+
+def test_an_index_among_the_documents_is_no_document(docs, tmp_path, capsys):
+    """An index kept in the documents' folder is left out when the folder is indexed (its passages.jsonl read as
+    a document gave every passage twice), said; the documents' own folder as --out is refused in one line."""
+    alone = build_index([docs], MINILM, tmp_path / "alone", progress=False)["passages"]
+    build_index([docs], MINILM, docs / "kb.index", progress=False)  # (its own folder is skipped)
+    capsys.readouterr()
+    assert build_index([docs], MINILM, tmp_path / "again", progress=False)["passages"] == alone
+    assert "left out 1 other index folder(s) among the documents" in capsys.readouterr().err
+    with pytest.raises(LmforgeError, match="is the documents' own folder"):
+        build_index([docs], MINILM, docs, progress=False)

@@ -58,22 +58,40 @@ def document_files(paths: list[str | os.PathLike], skip: Path | None = None) -> 
     none under ``skip`` (the index itself, when it is kept among its documents)."""
     files: list[Path] = []
     skip = skip.resolve() if skip is not None else None
+    others: set[Path] = set()  # other indexes kept among the documents: their passages.jsonl is no document
     for given in paths:
         path = Path(given)
         if not path.exists():
             raise LmforgeError(f"{path} does not exist; give files or folders of .txt, .md or .jsonl documents")
+        if path.is_dir() and skip is not None and path.resolve() == skip:
+            raise LmforgeError(f"--out {path} is the documents' own folder: an index is a folder of its own; give "
+                               f"another --out (it may lie inside the documents' folder)")
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
-                            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                            and not (skip is not None and skip in p.resolve().parents))
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                           and not (skip is not None and skip in p.resolve().parents))
+            indexes = {m.parent.resolve() for m in path.rglob("manifest.json") if _is_index(m)}
+            others |= {i for i in indexes if i != skip}
+            files += [p for p in found if not any(i in p.resolve().parents for i in indexes)]
         elif path.suffix.lower() in SUFFIXES:
             files.append(path)
         else:
             raise LmforgeError(f"{path}: documents are .txt, .md or .jsonl files (FAQ rows {{\"question\", \"answer\"}} "
                                f"or {{\"text\"}})")
+    if others:
+        from lmforge.utils import warn
+
+        warn(f"left out {len(others)} other index folder(s) among the documents: {', '.join(sorted(map(str, others))[:3])}")
     if not files:
         raise LmforgeError(f"no .txt, .md or .jsonl documents in {', '.join(map(str, paths))}")
     return list(dict.fromkeys(files))
+
+
+def _is_index(manifest: Path) -> bool:
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def split_passages(text: str, tokenizer, size: int, overlap: int, source: str, first_line: int | None = 1) -> list[Passage]:
@@ -322,11 +340,16 @@ class Index:
         self.manifest = read_json(self.folder / "manifest.json", "index manifest")
         if self.manifest.get("format") != FORMAT:
             raise LmforgeError(f"{self.folder}/manifest.json is not an lmforge index")
+        from safetensors import SafetensorError
+
         try:
             self.passages = _stored_passages(self.folder)
             self.vectors = load_file(self.folder / "vectors.safetensors")["vectors"].to(device)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            raise LmforgeError(f"{self.folder} is damaged ({e}); build it again with `lmforge index`") from None
+            if not (self.folder / "bm25" / "params.index.json").is_file():  # (keyword search's, read at a query)
+                raise FileNotFoundError(f"{self.folder / 'bm25'} is missing its files")
+        except (OSError, ValueError, TypeError, KeyError, SafetensorError) as e:
+            raise LmforgeError(f"{self.folder} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                               f"build it again with `lmforge index`") from None
         if len(self.passages) != self.vectors.size(0):
             raise LmforgeError(f"{self.folder} is damaged ({len(self.passages)} passages, {self.vectors.size(0)} "
                                f"vectors); build it again with `lmforge index`")
@@ -494,9 +517,10 @@ class IntentClassifier:
         from lmforge.model.checkpoint import load_model, load_tokenizer_for
 
         self.model = load_model(folder, device)
-        if getattr(self.model.config, "head", None) != "sequence_classification":
-            raise LmforgeError(f"{folder} is not a classifier; train one with `lmforge finetune` on "
-                               f'{{"text", "label"}} rows')
+        if getattr(self.model.config, "head", None) != "sequence_classification" \
+                or (getattr(self.model.config, "num_labels", 2) or 2) < 2:
+            raise LmforgeError(f"{folder} is not a classifier (a reward model scores, it does not label); train one "
+                               f'with `lmforge finetune` on {{"text", "label"}} rows')
         self.tokenizer = load_tokenizer_for(self.model)
         labels = self.model.config.labels
         self.labels = list(labels) if labels else [str(i) for i in range(self.model.config.num_labels)]
@@ -543,6 +567,13 @@ class Router:
         if not isinstance(spec, dict) or "classifier" not in spec or not isinstance(spec.get("routes"), dict):
             raise LmforgeError(f"--route {path} needs 'classifier: FOLDER' and 'routes: {{label: {{index: INDEX}} or "
                                f"{{answer: TEXT}}}}'")
+        extra = sorted(map(str, set(spec) - {"classifier", "routes", "default"}))
+        if extra:
+            raise LmforgeError(f"--route {path}: unknown key(s) {', '.join(extra)}; it takes classifier, routes and "
+                               f"default (min_score and k apply to every route from the command line)")
+        if not spec["routes"]:
+            raise LmforgeError(f"--route {path} names no route: give routes: {{label: {{index: INDEX}} or "
+                               f"{{answer: TEXT}}}}")
         here = path.parent
         self.classifier = IntentClassifier(here / spec["classifier"], device)
         unknown = sorted(set(spec["routes"]) - set(self.classifier.labels))
@@ -556,11 +587,18 @@ class Router:
 
     @staticmethod
     def _route(here: Path, label: str, route, min_score: float, mode: str, k: int, device="cpu"):
+        if isinstance(route, dict) and set(route) - {"index", "answer", "k"}:
+            raise LmforgeError(f"route {label!r}: unknown key(s) {', '.join(sorted(map(str, set(route) - {'index', 'answer', 'k'})))}"
+                               f"; a route is {{index: INDEX, k: N}} or {{answer: TEXT}}")
+        if isinstance(route, dict) and "index" in route and "answer" in route:
+            raise LmforgeError(f"route {label!r} has both index and answer; give one")
         if isinstance(route, dict) and isinstance(route.get("answer"), str):
             return route["answer"]
         if isinstance(route, dict) and isinstance(route.get("index"), str):
-            return Retriever(Index(here / route["index"], device), k=int(route.get("k", k)), min_score=min_score,
-                             mode=mode)
+            k = route.get("k", k)
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise LmforgeError(f"route {label!r}: k must be a whole number of 1 or more, not {k!r}")
+            return Retriever(Index(here / route["index"], device), k=k, min_score=min_score, mode=mode)
         raise LmforgeError(f"route {label!r} must be {{index: INDEX}} or {{answer: TEXT}}, not {route!r}")
 
     def ground(self, messages: list[dict]) -> Grounding:
