@@ -524,7 +524,7 @@ def test_plan_measured_sets_the_plan_beside_a_run(data_dir, tmp_path, capsys):
     from lmforge.eval.report import write_report
 
     report = write_report(tmp_path / "run").read_text()
-    assert "| model FLOPs utilisation | " in report and "| parallelism | one process, activation checkpointing |" in report
+    assert "| model FLOPs utilisation (the steps from the evaluation before step 4 to it) | " in report and "| parallelism | one process, activation checkpointing |" in report
     assert main(["plan", "--measured", str(data_dir)]) == 2
     assert "has no throughput.json" in capsys.readouterr().err
     # an encoder's run (its config has fields a decoder's has not): one line, not the config's internals

@@ -29,6 +29,30 @@ def test_report_numbers_equal_the_metrics_log(data_dir, tmp_path):
     assert "![loss](loss.png)" in report and "At step 0:" in report and "At step 20:" in report
 
 
+def test_a_report_of_damaged_run_files_is_one_line_and_skipped_updates_are_shown(data_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    pretrain(train_config(data_dir, run, max_steps=4, eval_interval=2), progress=False)
+    records = (run / "metrics.jsonl").read_text()
+    steps = [json.loads(line) for line in records.splitlines() if '"loss"' in line]
+    (run / "metrics.jsonl").write_text(records + json.dumps({**steps[-1], "step": 5, "loss": float("nan"),
+                                                             "skipped": True}) + "\n")
+    assert "| skipped updates (loss or gradients not finite) | 1 of 5 steps |" in write_report(run).read_text()
+    for name, text, message in [("metrics.jsonl", records + "[1, 2]\n", "is no JSON object"),
+                                ("metrics.jsonl", records + '{"step": "x", "loss": "abc"}\n', "needs the number\\(s\\) step"),
+                                ("config.yaml", ": : bad\n", "is not valid YAML"),
+                                ("config.yaml", "- a\n", "holds no mapping of settings"),
+                                ("eval.json", '{"model": 5, "tasks": []}', "is not lmforge evaluation results")]:
+        broken = tmp_path / "broken"
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.copytree(run, broken)
+        (broken / "metrics.jsonl").write_text(records)
+        (broken / name).write_text(text)
+        with pytest.raises(LmforgeError, match=message):
+            write_report(broken)
+
+
 def test_report_on_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(LmforgeError, match="no metrics.jsonl"):
         write_report(tmp_path)

@@ -29,9 +29,35 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             raise LmforgeError(f"{path}:{lineno} is not valid JSON; the metrics log is corrupt") from None
+        if not isinstance(record, dict):
+            raise LmforgeError(f"{path}:{lineno} is no JSON object; the metrics log is corrupt")
         # an evaluation logs only val_ keys (val_loss, or val_reward for `lmforge rl`); a training step logs its loss
-        (val if any(k.startswith("val_") for k in record) else train).append(record)
+        evaluation = any(k.startswith("val_") for k in record)
+        needed = ("step", "tokens") if evaluation else _TRAIN_KEYS
+        bad = [k for k in needed if not isinstance(record.get(k), (int, float)) or isinstance(record.get(k), bool)]
+        if bad:
+            raise LmforgeError(f"{path}:{lineno}: {'an evaluation' if evaluation else 'a training step'} needs the "
+                               f"number(s) {', '.join(bad)}; the metrics log is corrupt")
+        (val if evaluation else train).append(record)
     return train, val
+
+
+_TRAIN_KEYS = ("step", "tokens", "loss", "lr", "tokens_per_second", "elapsed")
+
+
+def _read_yaml(path: Path) -> dict:
+    """The run's config.yaml ({} when there is none)."""
+    if not path.exists():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); the run's config is corrupt") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise LmforgeError(f"{path} holds no mapping of settings; the run's config is corrupt")
+    return config
 
 
 def _plot(path: Path, series: list[tuple[str, list, list]], xlabel: str, ylabel: str, title: str, logy: bool = False) -> None:
@@ -273,8 +299,9 @@ def _speed_rows(run_dir: Path) -> list[str]:
         rows = [f"| parallelism | {layout}{', activation checkpointing' if speed.get('activation_checkpointing') else ''} |",
                 f"| peak memory per process | {', '.join(f'{m:,.0f}' for m in speed['peak_memory_mb'])} MB |"]
         if speed.get("mfu"):
-            rows.insert(0, f"| model FLOPs utilisation | {speed['mfu']:.1%} of {speed['peak_flops_per_device'] / 1e12:.3g} "
-                           f"TFLOP/s per device ({speed['peak_source']}) |")
+            rows.insert(0, f"| model FLOPs utilisation (the steps from the evaluation before step {speed.get('step', '?')} to it) | "
+                           f"{speed['mfu']:.1%} of {speed['peak_flops_per_device'] / 1e12:.3g} TFLOP/s per device "
+                           f"({speed['peak_source']}), at {speed['tokens_per_second']:,.0f} tokens/s |")
         return rows
     except (ValueError, KeyError, TypeError):
         return []  # a report never fails on this optional file
@@ -292,7 +319,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     if not train:
         raise LmforgeError(f"{run_dir}/metrics.jsonl has no training steps yet; train first")
     run = read_json(run_dir / "run.json", "run description")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if (run_dir / "config.yaml").exists() else {}
+    config = _read_yaml(run_dir / "config.yaml")
 
     window = max(1, len(train) // 50)
     _plot(
@@ -313,6 +340,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     last = train[-1]
     n_recent = max(1, len(train) // 10)
     recent_loss = sum(r["loss"] for r in train[-n_recent:]) / n_recent
+    skipped = sum(bool(r.get("skipped")) for r in train)
     lines = [
         f"# Training report: `{run_dir.name}`",
         "",
@@ -328,9 +356,10 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         f"| steps | {last['step']:,} |",
         f"| tokens seen | {last['tokens']:,} ({human_count(last['tokens'])}) |",
         f"| wall-clock training time | {_duration(last['elapsed'])} |",
-        f"| mean throughput | {last['tokens'] / max(last['elapsed'], 1e-9):,.0f} tokens/s |",
+        f"| mean throughput (whole run) | {last['tokens'] / max(last['elapsed'], 1e-9):,.0f} tokens/s |",
         *_speed_rows(run_dir),
         f"| final train loss (mean of last {n_recent} steps) | {recent_loss:.4f} |",
+        *([f"| skipped updates (loss or gradients not finite) | {skipped:,} of {len(train):,} steps |"] if skipped else []),
         "",
         "## Validation",
         "",
@@ -353,11 +382,22 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         from lmforge.eval.evaluate import format_results
 
         results = read_json(run_dir / "eval.json", "evaluation results")
-        lines += ["## Evaluation", "", f"`lmforge eval` of `{results['model']}` on {results['date']}:", "",
-                  format_results(results), ""]
+        try:
+            lines += ["## Evaluation", "", f"`lmforge eval` of `{results['model']}` on {results['date']}:", "",
+                      format_results(results), ""]
+        except (KeyError, TypeError, AttributeError, ValueError):
+            raise LmforgeError(f"{run_dir / 'eval.json'} is not lmforge evaluation results; move it away or run "
+                               f"`lmforge eval --model {run_dir}` again") from None
     samples_path = run_dir / "samples.jsonl"
     if samples_path.exists():
-        samples = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        samples = []
+        for line in samples_path.read_text(encoding="utf-8").splitlines():
+            try:
+                sample = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                sample = None
+            if isinstance(sample, dict) and "step" in sample:  # (a damaged line is no sample to show)
+                samples.append(sample)
         if samples:
             lines += ["## Samples", ""]
             for s in (samples[0], samples[-1]) if len(samples) > 1 else samples:
