@@ -1,6 +1,7 @@
 """lm-evaluation-harness: lmforge's model class, run by the harness itself on a local task."""
 
 import json
+import re
 
 import pytest
 
@@ -111,3 +112,17 @@ def test_lmforge_lm_eval_runs_the_harness_command_line(hf_gpt2, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "lmforge_local_mc" in done.stdout and "acc" in done.stdout
     assert list(out.rglob("results_*.json"))
+
+
+def test_the_harness_model_refuses_what_it_cannot_run_in_one_line(hf_gpt2):
+    """`--batch_size 0` ran into range() and a missing pretrained= was a TypeError: each is one line now."""
+    from lmforge.errors import LmforgeError
+    from lmforge.eval.harness import LmforgeLM
+
+    for kwargs, message in [({}, "needs a folder: --model_args pretrained="),
+                            ({"pretrained": str(hf_gpt2), "batch_size": 0}, "--batch_size 0 must be a whole number"),
+                            ({"pretrained": str(hf_gpt2), "batch_size": "x"}, "--batch_size 'x' must be"),
+                            ({"pretrained": str(hf_gpt2), "max_gen_toks": "0"}, "max_gen_toks '0' must be")]:
+        with pytest.raises(LmforgeError, match=re.escape(message)):
+            LmforgeLM(**kwargs)
+    assert LmforgeLM(pretrained=str(hf_gpt2), batch_size="auto:4").batch_size == 8

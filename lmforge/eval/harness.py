@@ -26,8 +26,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @register_model("lmforge")
 class LmforgeLM(LM):
-    def __init__(self, pretrained: str, batch_size: int | str = 8, device: str | None = None, dtype: str | None = None,
-                 max_gen_toks: int = 256, int8: bool = False, **kwargs):
+    def __init__(self, pretrained: str | None = None, batch_size: int | str = 8, device: str | None = None,
+                 dtype: str | None = None, max_gen_toks: int = 256, int8: bool = False, **kwargs):
         super().__init__()
         import torch
 
@@ -35,6 +35,13 @@ class LmforgeLM(LM):
         from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
         from lmforge.utils import pick_device, warn
 
+        if not pretrained:
+            raise LmforgeError("the lmforge model needs a folder: --model_args pretrained=MODEL_OR_RUN_FOLDER")
+        auto = str(batch_size).startswith("auto")
+        if not auto and not (str(batch_size).isdigit() and int(batch_size) >= 1):
+            raise LmforgeError(f"--batch_size {batch_size!r} must be a whole number of 1 or more, or auto")
+        if not str(max_gen_toks).isdigit() or int(max_gen_toks) < 1:
+            raise LmforgeError(f"max_gen_toks {max_gen_toks!r} must be a whole number of 1 or more")
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             warn(f"device {device!r} asked for but no CUDA GPU is visible; running on the CPU")
             device = "cpu"
@@ -47,7 +54,7 @@ class LmforgeLM(LM):
             from lmforge.infer.engine import quantize_int8
 
             self.model = quantize_int8(self.model)
-        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        self.batch_size = 8 if auto else int(batch_size)
         from lmforge.model.gpt import use_fast_kernels
 
         use_fast_kernels(self.model, self.batch_size)  # (the CPU's fastest kernels; quantised weights stay as they are)
