@@ -159,7 +159,12 @@ def cmd_chat(args) -> None:
 
     retriever = _retriever(args)
     model, tokenizer = _load_for_inference(args)
-    params = _sampling_from(args, max_new_tokens=args.max_new_tokens or min(256, model.config.block_size // 2))
+    context = model.config.block_size
+    params = _sampling_from(args, max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None
+                            else min(256, context // 2))
+    if params.max_new_tokens >= context:  # (said now, not as "too long" at every message)
+        raise LmforgeError(f"--max-new-tokens {params.max_new_tokens} leaves no room for a message in the model's "
+                           f"context of {context} tokens; pass fewer (default: {min(256, context // 2)})")
     from lmforge.model.gpt import use_fast_kernels
 
     use_fast_kernels(model, 1)  # one answer at a time

@@ -269,3 +269,16 @@ def test_every_command_that_runs_a_model_takes_device(hf_gpt2, tmp_path, capsys)
         one_error_line(capsys, [*argv, "--device", "cuda"], "no CUDA GPU is visible")
     assert main(["eval", "--model", str(hf_gpt2), "--text", str(text), "--device", "cpu", "--quiet"]) in (0, None)
     assert "| perplexity |" in capsys.readouterr().out
+
+
+def test_chat_checks_its_options_at_start(hf_gpt2, capsys, monkeypatch):
+    """--max-new-tokens 0 was replaced by the default, --temperature inf sampled noise, and a --max-new-tokens that
+    fills the context was only said as "too long" at every message: each is one line before the first turn."""
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    for argv, message in [(["--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+                          (["--temperature", "inf"], "temperature must be a finite number"),
+                          (["--top-p", "nan"], "top_p must be a finite number"),
+                          (["--max-new-tokens", "5000"], "--max-new-tokens 5000 leaves no room for a message")]:
+        one_error_line(capsys, ["chat", "--model", str(hf_gpt2), *argv], message)

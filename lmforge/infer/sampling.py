@@ -8,6 +8,7 @@ touches no global random state.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,10 @@ class SamplingParams:
             (self.seed is None or -(2**63) <= self.seed <= 2**64 - self.n, "seed must be from -2**63 to 2**64 - n"),
             (self.early_stopping in (True, False, "never"), "early_stopping must be true, false or never"),
         ]
+        numbers = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                   "length_penalty")
+        checks = [(math.isfinite(getattr(self, name)), f"{name} must be a finite number, not {getattr(self, name)}")
+                  for name in numbers] + checks  # (inf passes `>= 0`, and NaN fails every test silently)
         for ok, message in checks:
             if not ok:
                 raise LmforgeError(f"bad sampling option: {message}")
