@@ -413,6 +413,12 @@ def cmd_plan(args) -> None:
     if args.measured:
         from lmforge.train.plan import compare_measured
 
+        given = [f"--{name.replace('_', '-')}" for name, default in (
+            ("model", None), ("gpus", 8), ("gpu", "h100"), ("tokens", None), ("mfu", 0.4), ("seq_len", None),
+            ("micro_batch", 1), ("price", None)) if getattr(args, name) != default]
+        if given:  # (they would change nothing: the run's own model and layout are compared)
+            raise LmforgeError(f"--measured compares the run's own model and layout with the plan: drop "
+                               f"{', '.join(given)} (or plan without --measured)")
         print(compare_measured(args.measured))
         return
     if not args.model:

@@ -73,3 +73,18 @@ def test_plan_reads_a_model_folder_and_refuses_an_encoder(tmp_path):
 
     with pytest.raises(LmforgeError, match="bert is an encoder"):
         plan(str(Path(gt.__file__).parent / "model"))
+
+
+def test_plan_refuses_what_it_would_ignore_or_cannot_compute(capsys, tmp_path):
+    from lmforge.cli import main
+
+    for argv, message in [(["--model", "gpt2", "--tokens", "inf"], "--tokens and --seq-len must be positive (and finite)"),
+                          (["--model", "gpt2", "--price", "inf"], "--price a finite 0 or more"),
+                          (["--model", "gpt2", "--seq-len", "4096"], "gpt2's learned positions stop at 1024"),
+                          (["--measured", str(tmp_path), "--model", "llama-7b", "--gpus", "4"],
+                           "--measured compares the run's own model and layout with the plan: drop --model, --gpus")]:
+        assert main(["plan", *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["plan", "--model", "gpt2", "--price", "3"]) == 0
+    cost = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("cost"))
+    assert "$3.00 per GPU-hour" in cost and "assumed" not in cost

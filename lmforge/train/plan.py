@@ -21,6 +21,7 @@ Conventions (all printed with the plan):
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,7 @@ class Plan:
     micro_batch: int
     price: float
     memory: list[MemoryRow]
+    price_assumed: bool = True  # the GPU table's price, not one given with --price
 
     @property
     def flops(self) -> float:
@@ -146,12 +148,16 @@ def plan(model: str | os.PathLike, gpus: int = 8, gpu: str = "h100", tokens: flo
         raise LmforgeError(f"--gpu {gpu!r} is not in the table; choose one of: {', '.join(GPUS)}")
     if gpus < 1 or micro_batch < 1:
         raise LmforgeError("--gpus and --micro-batch must be at least 1")
-    if (tokens is not None and not tokens > 0) or (seq_len is not None and seq_len < 1) or (price is not None and not price >= 0):
-        raise LmforgeError("--tokens and --seq-len must be positive and --price 0 or more")
+    if (tokens is not None and not 0 < tokens < math.inf) or (seq_len is not None and seq_len < 1) \
+            or (price is not None and not 0 <= price < math.inf):
+        raise LmforgeError("--tokens and --seq-len must be positive (and finite) and --price a finite 0 or more")
     if not 0 < mfu <= 1:
         raise LmforgeError(f"--mfu {mfu} must be in (0, 1]; 0.4 (40%) is typical for well-tuned dense training")
     name, config = resolve_config(str(model))
     spec = GPUS[gpu.lower()]
+    if seq_len and config.pos_embedding == "learned" and seq_len > config.block_size:
+        raise LmforgeError(f"--seq-len {seq_len}: {name}'s learned positions stop at {config.block_size}; plan "
+                           f"{config.block_size} or fewer")
     seq_len = seq_len or min(config.block_size, 4096)
     n = config.num_params()
     chinchilla = 20.0 * n
@@ -161,7 +167,7 @@ def plan(model: str | os.PathLike, gpus: int = 8, gpu: str = "h100", tokens: flo
         name=name, config=config, params=n, tokens=tokens, chinchilla_tokens=chinchilla,
         flops_6nd=6.0 * n * tokens, flops_attention=attention_per_token * tokens,
         gpu=spec, gpus=gpus, mfu=mfu, seq_len=seq_len, micro_batch=micro_batch,
-        price=spec.price_per_hour if price is None else price,
+        price=spec.price_per_hour if price is None else price, price_assumed=price is None,
         memory=memory_rows(config, spec, gpus, seq_len, micro_batch),
     )
 
@@ -199,7 +205,8 @@ def format_plan(p: Plan) -> str:
         f"hardware         {p.gpus} × {p.gpu.name}: {p.gpu.bf16_flops / 1e12:,.0f} TFLOP/s bf16 dense, "
         f"{p.gpu.bandwidth_tbs} TB/s each",
         f"time             {_duration(p.seconds)} at {p.mfu:.0%} MFU",
-        f"cost             {_dollars(p.cost)} at ${p.price:.2f} per GPU-hour (assumed; set --price)",
+        f"cost             {_dollars(p.cost)} at ${p.price:.2f} per GPU-hour" + (" (assumed; set --price)"
+                                                                             if p.price_assumed else ""),
         "",
         f"memory per GPU ({unit}; 16 bytes/parameter of model states: bf16 weights and grads, fp32 master weights "
         f"and AdamW m, v; micro-batch {p.micro_batch} × {p.seq_len:,} tokens)",
