@@ -262,18 +262,22 @@ def cmd_reward_score(args) -> None:
 
         path = Path(args.input)
         if not path.is_file():
-            raise LmforgeError(f"--input {path} does not exist")
+            raise LmforgeError(f"--input {path} " + ("is a folder; give the JSONL file in it" if path.is_dir()
+                                                     else "does not exist"))
         rows = []
         for number, row in _raw_rows(path):
             if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
                 problem = row if isinstance(row, str) else "expected {\"prompt\": ..., \"answer\": ...}"
                 raise LmforgeError(f"{path}:{number}: {problem}")
             rows.append(row)
+        if not rows:
+            raise LmforgeError(f"--input {path} holds no rows to score")
     else:
         if args.prompt is None or args.answer is None:
             raise LmforgeError("--prompt and --answer go together")
         rows = [{"prompt": args.prompt, "answer": args.answer}]
-    scores = reward_scores(args.model, rows, batch_size=args.batch_size, device=pick_device(args.device))
+    scores = reward_scores(args.model, rows, batch_size=args.batch_size, device=pick_device(args.device),
+                           source=args.input or "", say_cut=True)
     for row, score in zip(rows, scores):
         print(json.dumps({**row, "reward": score}, ensure_ascii=False) if args.input else f"{score:.6f}")
 
@@ -339,6 +343,8 @@ def cmd_embed(args) -> None:
 
     from lmforge.data.corpus import read_stdin_text
 
+    if "-" in args.texts and len(args.texts) > 1:
+        raise LmforgeError("- reads the texts from stdin: give it alone, or give the texts themselves")
     given = read_stdin_text().splitlines() if args.texts == ["-"] else args.texts
     texts = [t for t in given if t.strip()]
     if not texts:
@@ -472,15 +478,21 @@ def cmd_baseline(args, extra: list[str]) -> None:
     from lmforge.eval.baselines import train_lstm, train_ngram
 
     if args.kind == "ngram":
-        if extra or args.config or args.resume:
-            given = " ".join(extra + (["--config"] if args.config else []) + (["--resume"] if args.resume else []))
-            raise LmforgeError(f"the n-gram baseline takes --order and --discount, not {given}")
-        info = train_ngram(args.data, args.out, args.order, args.discount, args.overwrite)
+        lstm_only = [f"--{name.replace('_', '-')}" for name in ("n_embd", "hidden", "n_layer", "config")
+                     if getattr(args, name) is not None] + (["--resume"] if args.resume else [])
+        if extra or lstm_only:
+            raise LmforgeError(f"the n-gram baseline takes --order and --discount, not {' '.join(extra + lstm_only)}")
+        info = train_ngram(args.data, args.out, 3 if args.order is None else args.order,
+                           0.75 if args.discount is None else args.discount, args.overwrite)
         print(f"counted {info['train_tokens']:,} tokens: " + ", ".join(f"{n:,} {k}-grams" for k, n in info["ngrams"].items()))
         print(f"wrote {args.out}")
         return
     from lmforge.train.config import parse_overrides
 
+    ngram_only = [flag for flag, value in (("--order", args.order), ("--discount", args.discount)) if value is not None]
+    if ngram_only:
+        raise LmforgeError(f"{' and '.join(ngram_only)} set the n-gram baseline; the LSTM takes --n-embd, --hidden, "
+                           f"--n-layer and training settings")
     overrides = parse_overrides(extra)
     shape = {k: v for k, v in (("n_embd", args.n_embd), ("hidden", args.hidden), ("n_layer", args.n_layer)) if v is not None}
     if any(v < 1 for v in shape.values()):
@@ -802,8 +814,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--kind", choices=["ngram", "lstm"], required=True)
     bl.add_argument("--data", required=True, help="a prepared-data folder (its train split)")
     bl.add_argument("--out", required=True)
-    bl.add_argument("--order", type=int, default=3, help="n-gram order")
-    bl.add_argument("--discount", type=float, default=0.75, help="Kneser-Ney discount")
+    bl.add_argument("--order", type=int, default=None, help="n-gram order (default 3)")
+    bl.add_argument("--discount", type=float, default=None, help="Kneser-Ney discount (default 0.75)")
     bl.add_argument("--n-embd", type=int, default=None, help="LSTM embedding width (default 256)")
     bl.add_argument("--hidden", type=int, default=None, help="LSTM hidden width (default 512)")
     bl.add_argument("--n-layer", type=int, default=None, help="LSTM layers (default 2)")

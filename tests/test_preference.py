@@ -337,6 +337,17 @@ def test_reward_and_dpo_commands_train_and_save_and_reward_score_prints_the_mode
     assert main(["reward-score", "--model", str(rm), "--input", jsonl(tmp_path / "rows.jsonl", rows)]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert printed == [{**row, "reward": score} for row, score in zip(rows, scores)]
+    # an empty file, a folder, a prompt cut to fit and a bad row in a file are each said (naming the file)
+    (tmp_path / "empty.jsonl").write_text("")
+    for argv, message in [(["--input", str(tmp_path / "empty.jsonl")], "holds no rows to score"),
+                          (["--input", str(tmp_path)], "is a folder; give the JSONL file in it")]:
+        assert main(["reward-score", "--model", str(rm), *argv]) == 2
+        assert message in capsys.readouterr().err
+    long = [{"prompt": "add 2 3 = " * 200, "answer": " 5"}]
+    assert main(["reward-score", "--model", str(rm), "--input", jsonl(tmp_path / "long.jsonl", long)]) == 0
+    assert "1 of 1 prompt(s) with their answer exceed the reward model's" in capsys.readouterr().err
+    with pytest.raises(LmforgeError, match=r"rows.jsonl row 1: the answer alone is longer"):
+        reward_scores(rm, [{"prompt": "p", "answer": " 5" * 2000}], source="rows.jsonl")
 
 
 @pytest.fixture(scope="module")

@@ -282,3 +282,13 @@ def test_chat_checks_its_options_at_start(hf_gpt2, capsys, monkeypatch):
                           (["--top-p", "nan"], "top_p must be a finite number"),
                           (["--max-new-tokens", "5000"], "--max-new-tokens 5000 leaves no room for a message")]:
         one_error_line(capsys, ["chat", "--model", str(hf_gpt2), *argv], message)
+
+
+def test_options_of_another_kind_or_reading_stdin_beside_texts_are_refused(data_dir, tmp_path, capsys):
+    for argv, message in [(["baseline", "--kind", "ngram", "--data", str(data_dir), "--out", str(tmp_path / "n"),
+                            "--n-embd", "32"], "the n-gram baseline takes --order and --discount, not --n-embd"),
+                          (["baseline", "--kind", "lstm", "--data", str(data_dir), "--out", str(tmp_path / "l"),
+                            "--order", "5"], "--order set the n-gram baseline"),
+                          (["embed", "--model", str(tmp_path), "-", "more text"], "- reads the texts from stdin")]:
+        one_error_line(capsys, argv, message)
+    assert not (tmp_path / "n").exists() and not (tmp_path / "l").exists()

@@ -471,9 +471,10 @@ def dpo(config: DPOConfig | dict | str | os.PathLike | None = None, *, resume: b
 
 @torch.no_grad()
 def reward_scores(model, rows: list[dict], tokenizer: Tokenizer | None = None, batch_size: int = 16,
-                  max_length: int | None = None, device=None) -> list[float]:
+                  max_length: int | None = None, device=None, source: str = "", say_cut: bool = False) -> list[float]:
     """Rewards of ``rows`` ``{"prompt", "answer"}`` (strings or message lists) from a reward model: a folder
-    (a model, an adapter or a run) or a loaded model; batched. A prompt too long is cut from the left."""
+    (a model, an adapter or a run) or a loaded model; batched. A prompt too long is cut from the left (with
+    ``say_cut``, said in a warning). ``source``: the rows' file, named in errors."""
     from lmforge.model.checkpoint import load_tokenizer_for
 
     if not isinstance(model, torch.nn.Module):
@@ -488,25 +489,34 @@ def reward_scores(model, rows: list[dict], tokenizer: Tokenizer | None = None, b
     limit = min(max_length or c.block_size, c.block_size)
     stats = TokenizeStats()
     inputs = []
+    cut = 0
+    at = f"{source} " if source else ""
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
-            raise LmforgeError(f"row {i + 1}: expected {{\"prompt\": ..., \"answer\": ...}}")
+            raise LmforgeError(f"{at}row {i + 1}: expected {{\"prompt\": ..., \"answer\": ...}}")
         row = _scoring_row(row, i)
         if isinstance(model, Encoder):
             ids, types, prompt_len = encoder_input(tokenizer, row["prompt"], row["answer"])
             excess = len(ids) - limit
             if excess > 0:
                 if excess >= prompt_len:
-                    raise LmforgeError(f"row {i + 1}: the answer alone is longer than {limit} tokens")
+                    raise LmforgeError(f"{at}row {i + 1}: the answer alone is longer than {limit} tokens")
                 ids, types = ids[:1] + ids[1 + excess:], types[:1] + types[1 + excess:]
+                cut += 1
             inputs.append((ids, types))
             continue
         text, prompt_ids, end = encode_prompt(tokenizer, row["prompt"])
         answer = encode_answer(tokenizer, row["prompt"], text, prompt_ids, row["answer"], end, stats)
         excess = len(prompt_ids) + len(answer) - limit
         if excess >= len(prompt_ids):
-            raise LmforgeError(f"row {i + 1}: the answer alone is longer than {limit} tokens")
+            raise LmforgeError(f"{at}row {i + 1}: the answer alone is longer than {limit} tokens")
+        cut += excess > 0
         inputs.append((prompt_ids[max(excess, 0):] + answer, None))
+    if cut and say_cut:
+        from lmforge.utils import warn
+
+        warn(f"{cut} of {len(rows)} prompt(s) with their answer exceed the reward model's {limit} tokens: their "
+             f"prompts were cut from the left (their start dropped)")
     scores = []
     pad = c.pad_token_id if c.pad_token_id is not None else 0
     for i in range(0, len(inputs), batch_size):
