@@ -360,6 +360,10 @@ def cmd_embed(args) -> None:
         raise LmforgeError(f"{model.source} is {kind}; `lmforge embed` needs an encoder (bert) model folder")
     tokenizer = load_tokenizer_for(model)
     max_length = args.max_length or declared_max_length(model.source)
+    reads = min(max_length or model.config.block_size, model.config.block_size)
+    long = sum(len(tokenizer.encode(t, add_special_tokens=True)) > reads for t in texts)
+    if long:
+        warn(f"{long} text(s) longer than the {reads} tokens the encoder reads: each embedding is of its start only")
     vectors = embed(model, tokenizer, texts, max_length=max_length, normalize=not args.no_normalize)
     fmt = args.format or ("matrix" if len(texts) > 1 else "json")
     if fmt == "json":

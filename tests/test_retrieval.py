@@ -464,3 +464,16 @@ def test_an_index_among_the_documents_is_no_document(docs, tmp_path, capsys):
     assert "left out 1 other index folder(s) among the documents" in capsys.readouterr().err
     with pytest.raises(LmforgeError, match="is the documents' own folder"):
         build_index([docs], MINILM, docs, progress=False)
+
+
+def test_text_longer_than_the_encoder_reads_is_said_when_indexed_or_embedded(tmp_path, capsys):
+    """An FAQ row is one passage whatever its length: one longer than the encoder reads was embedded from its
+    start alone without a word (its answer, at the end, never seen by dense search); `embed` cut texts silently."""
+    faq = tmp_path / "faq.jsonl"
+    faq.write_text(json.dumps({"question": "What is in the long answer?", "answer": "word " * 400 + "the end"}) + "\n"
+                   + json.dumps({"question": "Short?", "answer": "Yes."}) + "\n")
+    capsys.readouterr()
+    build_index([faq], MINILM, tmp_path / "ix", progress=False)
+    assert "1 passage(s) longer than the" in capsys.readouterr().err
+    assert main(["embed", "--model", str(MINILM), "word " * 400, "short"]) == 0
+    assert "1 text(s) longer than the" in capsys.readouterr().err

@@ -282,6 +282,12 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
         entries[name] = {"sha256": digest, "first": start, "count": len(passages) - start}
     if not passages:
         raise LmforgeError(f"the documents in {', '.join(map(str, paths))} hold no text to index")
+    long = [passages[i].source for i in to_embed if len(tokenizer.encode(passages[i].text)) > reads]
+    if long:  # (an FAQ row is one passage whatever its length)
+        from lmforge.utils import warn
+
+        warn(f"{len(long)} passage(s) longer than the {reads} tokens of text the encoder reads ({', '.join(long[:3])}"
+             f"{' ...' if len(long) > 3 else ''}): dense search sees their start only (keyword search reads them all)")
     fresh = _embed(encoder, tokenizer, [passages[i].text for i in to_embed], _max_length(encoder), progress,
                    precision.dtype)
     for i, vector in zip(to_embed, fresh):
