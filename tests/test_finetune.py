@@ -133,13 +133,16 @@ def test_generate_and_chat_use_the_template_after_sft(hf_gpt2, tmp_path):
     assert gen.finish_reason == "stop"  # it learned to end its turn
     raw = generate(run, "add 2 3", max_new_tokens=5, temperature=0, chat=False)
     assert raw.prompt_tokens == len(tok.encode("add 2 3"))
-    inputs = iter(["add 4 4", "/show", "/exit"])
+    # a line beginning with an unknown /word is not dropped in silence: said, and //text sends "/text"
+    inputs = iter(["add 4 4", "/usr/bin is a path", "//usr/bin is a path", "/show", "/save nodir/x.json", "/exit"])
     import io
 
     out = io.StringIO()
     messages = chat_session(load_model(run), tok, SamplingParams(max_new_tokens=8, temperature=0), read=lambda _: next(inputs), out=out)
-    assert [m["role"] for m in messages] == ["user", "assistant"]
-    assert "user: add 4 4" in out.getvalue()
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[2]["content"] == "/usr/bin is a path"
+    assert "user: add 4 4" in out.getvalue() and "unknown command /usr/bin; to send a message that begins with /" \
+        in out.getvalue() and "cannot save to nodir/x.json: No such file or directory" in out.getvalue()
 
 
 # -- classification and QA ------------------------------------------------------------------------

@@ -14,7 +14,9 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.generate import SamplingParams, chat_prompt, stream_generate
 
 HELP = ("commands: /reset (forget the conversation), /show (print it), /save FILE (write it as JSON), "
-        "/system TEXT (set the system prompt), /exit; Ctrl-C stops an answer, Ctrl-D quits")
+        "/system TEXT (set the system prompt), /exit; //TEXT sends TEXT beginning with /; Ctrl-C stops an answer, "
+        "Ctrl-D quits")
+COMMANDS = ("/exit", "/quit", "/reset", "/show", "/save", "/system", "/help", "/?")
 
 
 def fit_conversation(tokenizer, messages: list[dict], params: SamplingParams, context: int) -> tuple[list[dict], int]:
@@ -57,8 +59,13 @@ def chat_session(model, tokenizer, params: SamplingParams, system: str | None = 
         text = line.strip()
         if not text:
             continue
-        if text.startswith("/"):
-            command, _, argument = text.partition(" ")
+        command, _, argument = text.partition(" ")
+        if text.startswith("//"):  # a message that begins with "/", written "//..."
+            text = text[1:]
+        elif text.startswith("/") and command not in COMMANDS:
+            out.write(f"unknown command {command}; to send a message that begins with /, begin it with //\n{HELP}\n")
+            continue
+        elif text.startswith("/"):
             if command in ("/exit", "/quit"):
                 return messages
             if command == "/reset":
@@ -78,13 +85,13 @@ def chat_session(model, tokenizer, params: SamplingParams, system: str | None = 
                 except FileExistsError:
                     out.write(f"cannot save: {argument.strip()} already exists; give a new file name\n")
                 except OSError as e:
-                    out.write(f"cannot save: {e.strerror or e}\n")
+                    out.write(f"cannot save to {argument.strip()}: {e.strerror or e}\n")
             elif command == "/system":
                 messages = [m for m in messages if m["role"] != "system"]
                 if argument:
                     messages.insert(0, {"role": "system", "content": argument})
                 out.write("(system prompt set)\n" if argument else "(system prompt removed)\n")
-            else:
+            else:  # /help
                 out.write(HELP + "\n")
             continue
         messages.append({"role": "user", "content": text})
