@@ -112,7 +112,11 @@ def chat_session(model, tokenizer, params: SamplingParams, system: str | None = 
             try:  # the passages go into this turn's prompt only; the conversation keeps the question as asked
                 prompt_messages, _ = fit_conversation(tokenizer, grounding.messages, params, model.config.block_size)
             except LmforgeError:
-                out.write("error: the retrieved passages do not fit the model's context; lower --retrieve-k\n")
+                hits = len(grounding.hits)
+                fix = ("lower --retrieve-k" if hits > 1 else "index with a smaller --passage-tokens, or use a model "
+                       "with a longer context")
+                out.write(f"error: the {hits} retrieved passage(s) do not fit the model's context of "
+                          f"{model.config.block_size} tokens; {fix}\n")
                 messages.pop()
                 continue
         else:
