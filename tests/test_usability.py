@@ -292,3 +292,10 @@ def test_options_of_another_kind_or_reading_stdin_beside_texts_are_refused(data_
                           (["embed", "--model", str(tmp_path), "-", "more text"], "- reads the texts from stdin")]:
         one_error_line(capsys, argv, message)
     assert not (tmp_path / "n").exists() and not (tmp_path / "l").exists()
+
+
+def test_eval_of_an_encoder_on_prepared_data_says_what_it_is(data_dir, capsys):
+    from test_retrieval import MINILM
+
+    one_error_line(capsys, ["eval", "--model", str(MINILM), "--data", str(data_dir)],
+                   "is an encoder (bert): perplexity on --data is a decoder's")

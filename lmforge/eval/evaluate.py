@@ -351,9 +351,16 @@ def check_tokenizers(model_paths: list[str], data_dir) -> None:
     from lmforge.model.checkpoint import resolve_model_dir
     from lmforge.tokenizer import Tokenizer
 
+    from lmforge.utils import read_json
+
     data_tokenizer = Tokenizer.load(data_dir)
     for path in model_paths:
         folder = resolve_model_dir(path)
+        kind = read_json(folder / "config.json", "model config").get("model_type") \
+            if (folder / "config.json").exists() else None
+        if kind in ("bert", "t5"):  # (said first: no data would give it a perplexity here)
+            raise LmforgeError(f"{path} is {'an encoder (bert)' if kind == 'bert' else 'an encoder-decoder (t5)'}: "
+                               f"perplexity on --data is a decoder's (or a baseline's); evaluate it on --tasks")
         if not (folder / "tokenizer.json").exists():
             continue
         if not Tokenizer.load(folder).tokenizes_as(data_tokenizer):
