@@ -137,6 +137,8 @@ def resolve_config(model: str) -> tuple[str, Config]:
             if not (folder / "config.json").exists():
                 raise LmforgeError(f"{folder} is a LoRA adapter; plan its base model (named in adapter_config.json)")
             return path.name, config_from_hf(read_json(folder / "config.json", "model config"), str(folder))
+        if path.suffix.lower() != ".json":
+            raise LmforgeError(f"--model {model} is a file; give a preset, a model folder or its config.json")
         return path.name, config_from_hf(read_json(path, "model config"), str(path))
     raise LmforgeError(f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
 
@@ -251,6 +253,9 @@ def compare_measured(run_dir: str | os.PathLike) -> str:
     from lmforge.utils import read_json
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise LmforgeError(f"--measured {run_dir} " + ("is a file; give a run folder" if run_dir.exists()
+                                                      else "does not exist; give a run folder"))
     if not (run_dir / "throughput.json").exists():
         raise LmforgeError(f"{run_dir} has no throughput.json; --measured takes a run folder that reached an evaluation")
     run = read_json(run_dir / "run.json", "run description")
