@@ -139,14 +139,15 @@ def read_passages(path: Path, tokenizer, size: int, overlap: int, name: str) -> 
 # -- building an index -----------------------------------------------------------------------------------
 
 
-def load_encoder(model_dir: str | os.PathLike, device="cpu"):
+def load_encoder(model_dir: str | os.PathLike, device="cpu", what: str = "an index embeds"):
+    """An encoder and its tokenizer, for ``what`` (said when the folder holds another kind of model)."""
     from lmforge.model.checkpoint import load_model, load_tokenizer_for
     from lmforge.model.encoder import Encoder
 
     model = load_model(model_dir, device)
     if not isinstance(model, Encoder):
-        raise LmforgeError(f"{model_dir} is not an encoder; an index embeds with an encoder (bert) model folder "
-                           f"such as all-MiniLM-L6-v2")
+        raise LmforgeError(f"{model_dir} is not an encoder; {what} with an encoder (bert) model folder such as "
+                           f"all-MiniLM-L6-v2")
     return model, load_tokenizer_for(model)
 
 

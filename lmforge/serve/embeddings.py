@@ -33,7 +33,7 @@ class Embedder:
         from lmforge.infer.retrieval import load_encoder
         from lmforge.model.encoder import declared_max_length
 
-        self.model, self.tokenizer = load_encoder(folder, device)
+        self.model, self.tokenizer = load_encoder(folder, device, "/v1/embeddings embeds")
         self.name = Path(folder).resolve().name
         self.max_length = min(declared_max_length(self.model.source) or self.model.config.block_size,
                               self.model.config.block_size)
