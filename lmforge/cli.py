@@ -178,19 +178,21 @@ def _retriever(args):
 
     given = [f"--{name.replace('_', '-')}" for name in ("retrieve_k", "min_score", "retrieve_mode")
              if getattr(args, name, None) is not None]
+    # (beside an --int8 model, which runs on the CPU, retrieval does too unless a device is named)
+    device = pick_device("cpu" if getattr(args, "int8", False) and args.device == "auto" else args.device)
     k = 3 if getattr(args, "retrieve_k", None) is None else args.retrieve_k
     min_score = 0.3 if getattr(args, "min_score", None) is None else args.min_score
     mode = getattr(args, "retrieve_mode", None) or "dense"
     if getattr(args, "route", None):
         if args.index:
             raise LmforgeError("give --index or --route, not both (a routes file names an index per intent)")
-        return Router(args.route, min_score=min_score, mode=mode, k=k, device=pick_device(args.device))
+        return Router(args.route, min_score=min_score, mode=mode, k=k, device=device)
     if not getattr(args, "index", None):
         if given:  # (they would change nothing)
             raise LmforgeError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to answers from an "
                                f"index: add --index (or --route)")
         return None
-    return Retriever(Index(args.index, pick_device(args.device)), k=k, min_score=min_score, mode=mode)
+    return Retriever(Index(args.index, device), k=k, min_score=min_score, mode=mode)
 
 
 def _index_options(parser) -> None:

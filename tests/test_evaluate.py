@@ -285,17 +285,23 @@ def test_seed_on_the_command_line_overrides_a_task_file(tmp_path):
 
 
 def test_a_task_file_s_integer_target_is_an_index_even_among_number_choices(tmp_path):
-    """`"answer": 2` with choices "2", "4", "6", "8" is the third choice (as in lm-evaluation-harness), not the
-    choice that reads "2"; a target text that is a choice stays that choice. Empty stop sequences and odd
-    versions are refused, and a fewshot_data file is named as such."""
+    """An integer target is an index (as in lm-evaluation-harness): `"answer": 1` among "2", "4", "6", "8" is "4"
+    (it was scored against no choice, or the wrong one). Where it is also another choice's text (`2` there: "6",
+    or "2"?) it is refused as ambiguous; a JSON string is the text; past the last index (5 stars among "1".."5")
+    it is the choice that reads it. Empty stop sequences and odd versions are refused, and a fewshot_data file
+    is named as such."""
     from lmforge.eval.tasks import load_task_file
 
-    (tmp_path / "t.jsonl").write_text(json.dumps({"q": "2+4=", "choices": ["2", "4", "6", "8"], "answer": 2}) + "\n"
-                                      + json.dumps({"q": "1+1=", "choices": ["2", "4", "6", "8"], "answer": "2"}) + "\n")
+    rows = [{"q": "2+2=", "choices": ["2", "4", "6", "8"], "answer": 1},
+            {"q": "1+1=", "choices": ["2", "4", "6", "8"], "answer": "2"},
+            {"q": "best?", "choices": ["1", "2", "3", "4", "5"], "answer": 5}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = "type: multiple_choice\ndata: t.jsonl\nprompt: '{{ q }}'\nchoices: '{{ choices }}'\ntarget: '{{ answer }}'\n"
     (tmp_path / "t.yaml").write_text(spec)
     task = load_task_file(tmp_path / "t.yaml")
-    assert [task.target_index(d) for d in task.docs] == [2, 0]
+    assert [task.target_index(d) for d in task.docs] == [1, 0, 4]
+    with pytest.raises(LmforgeError, match="target 2 is both the index of choice '6' and the text of choice '2'"):
+        task.target_index({"q": "x", "choices": ["2", "4", "6", "8"], "answer": 2})
     (tmp_path / "t.jsonl").write_text(json.dumps({"q": "x", "choices": ["a", "b"], "answer": 7}) + "\n")
     with pytest.raises(LmforgeError, match="target index 7 is out of range for 2 choices"):
         load_task_file(tmp_path / "t.yaml").target_index({"q": "x", "choices": ["a", "b"], "answer": 7})

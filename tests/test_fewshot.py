@@ -128,6 +128,10 @@ def test_classify_never_shows_a_query_as_its_own_demonstration_and_checks_what_i
     tok = load_tokenizer_for(model)
     result = classify(model, tok, data, ["yes", "no"], shots=9, selection="first", demos=str(data))
     assert result["shots"] == 5 and result["first_prompt"].count("sample 0") == 1
+    twice = tmp_path / "twice.jsonl"  # the same text twice in the data: neither is shown to the other
+    twice.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], *rows]))
+    result = classify(model, tok, twice, ["yes", "no"], shots=9, selection="first")
+    assert result["shots"] == 5 and result["first_prompt"].count("sample 0") == 1
     plain = classify(model, tok, data, ["yes", "no"])
     assert classify(model, tok, data, ["yes", "no", "maybe"])["macro_f1"] == plain["macro_f1"]
     assert "--labels maybe: in none of the examples" in capsys.readouterr().err

@@ -105,13 +105,12 @@ def classify(model, tokenizer, data: str | os.PathLike, labels: list[str], shots
             raise LmforgeError(f"{what} has labels {', '.join(unknown)} that --labels does not list")
     rows = files[0][1].rows
     pool = files[1][1].rows if demos else rows
-    by_text: dict = defaultdict(set)  # a demonstrations file may hold the queries themselves
-    if demos:
-        for j, d in enumerate(pool):
-            by_text[d["text"]].add(j)
-    available = len(pool) - (pool is rows)  # (an example is never its own demonstration)
-    if demos:
-        available = min((len(pool) - len(by_text.get(r["text"], ())) for r in rows), default=len(pool))
+    by_text: dict = defaultdict(set)  # (a demonstrations file, or the data, may hold a query's text again)
+    for j, d in enumerate(pool):
+        by_text[d["text"]].add(j)
+    # an example is never its own demonstration, nor one with its text
+    available = min((len(pool) - len(by_text[r["text"]] | ({i} if pool is rows else set())) for i, r in enumerate(rows)),
+                    default=len(pool))
     if shots > available:
         warn(f"--shots {shots}, but only {available} demonstration(s) to choose from: each prompt shows {available}")
         shots = available

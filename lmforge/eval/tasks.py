@@ -108,15 +108,24 @@ class Task:
     def target_index(self, doc: dict) -> int:
         """The right choice's index: the target is an index, or the text of one of the choices. A target that is
         one field holding a JSON integer (``target: "{{ answer }}"`` with ``"answer": 2``) is an index, as in
-        lm-evaluation-harness, even where a choice's text is that number written out."""
+        lm-evaluation-harness; where another choice's text is that number it could mean either, and is refused
+        (a JSON string means the text); past the last index, it is the choice that reads it."""
         choices = self.choices_of(doc)
         field = re.fullmatch(r"\s*\{\{\s*(\w+)\s*\}\}\s*", self.target or "")
         value = doc.get(field.group(1)) if field else None
         if isinstance(value, int) and not isinstance(value, bool):
-            if not 0 <= value < len(choices):
-                raise LmforgeError(f"task {self.name}: target index {value} is out of range for "
-                                   f"{len(choices)} choices ({', '.join(map(repr, choices))})")
-            return value
+            as_text = [i for i, c in enumerate(choices) if c.strip() == str(value)]
+            if 0 <= value < len(choices):
+                if as_text and as_text[0] != value:  # ("stars": 3 among "1".."5": the 4th choice, or "3"?)
+                    raise LmforgeError(
+                        f"task {self.name}: target {value} is both the index of choice {choices[value]!r} and the "
+                        f"text of choice {choices[as_text[0]]!r}; write it as the JSON string \"{value}\" for the "
+                        f"choice that reads {value} (a number is read as an index, as lm-evaluation-harness reads it)")
+                return value
+            if as_text:
+                return as_text[0]
+            raise LmforgeError(f"task {self.name}: target index {value} is out of range for "
+                               f"{len(choices)} choices ({', '.join(map(repr, choices))})")
         written = self.render(self.target, doc)
         if written in choices:  # as written: a choice may begin with a space
             return choices.index(written)

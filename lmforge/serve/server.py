@@ -92,6 +92,8 @@ def poisons_the_device(e: BaseException) -> bool:
     CUDA then fails every later call, so the server says it is unhealthy rather than fail each request. Running
     out of memory is not such an error: the step is retried with fewer rows."""
     text = str(e)
+    if "out of memory" in text or "ALLOC_FAILED" in text:  # (cuBLAS and the allocator run out: the next step may not)
+        return False
     return type(e).__name__ == "AcceleratorError" or "CUDA error" in text or "device-side assert" in text
 
 

@@ -120,7 +120,8 @@ def setup_distributed(device_name: str, timeout_s: float = 600.0, layout: str = 
     if world_size <= 1 and not (by_torchrun and layout in ("ddp", "fsdp")):
         return Distributed()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device_name.startswith("cuda:") and device_name != f"cuda:{local_rank}":
+    # (the same answer on every rank: one rank passing would wait for the others in init_process_group)
+    if device_name.startswith("cuda:") and (world_size > 1 or device_name != f"cuda:{local_rank}"):
         raise LmforgeError(f"--device {device_name} under torchrun: each process trains on the GPU of its local "
                            f"rank (this one cuda:{local_rank}); pass --device cuda or auto, and choose the GPUs "
                            f"with CUDA_VISIBLE_DEVICES")

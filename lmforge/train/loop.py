@@ -559,13 +559,14 @@ def _keep_global_batch(config: TrainConfig, state: dict, dist_: Distributed) -> 
               f"{config.grad_accum_steps} keeps the {saved} rows of a step", flush=True)
 
 
-def _every_rank_sees(seen: bool, out: Path, dist_: Distributed, what: str) -> None:
+def _every_rank_sees(seen: bool, out: Path, dist_: Distributed, what: str, blind: list[int] | None = None) -> None:
     """Refuse, on every rank alike, a run folder that some processes do not see as process 0 does: on several
     machines without a shared file system each would read and write a folder of its own, and their
-    checkpoints could never be resumed."""
+    checkpoints could never be resumed. ``blind``: the ranks that do not, when already gathered."""
     if not dist_.enabled:
         return
-    blind = [rank for rank, ok in enumerate(dist_.gather(bool(seen))) if not ok]
+    if blind is None:
+        blind = [rank for rank, ok in enumerate(dist_.gather(bool(seen))) if not ok]
     if blind:
         raise LmforgeError(
             f"process(es) {', '.join(map(str, blind))} of {dist_.world_size} cannot see {what}, which process 0 "
@@ -573,17 +574,34 @@ def _every_rank_sees(seen: bool, out: Path, dist_: Distributed, what: str) -> No
             f"its shards there. Put --out on a file system all the machines share (the same path on each)")
 
 
-def _launched_as(run_json: Path, launch: str) -> bool:
+def _check_shared_folder(out: Path, dist_: Distributed) -> None:
+    """Several processes: each must see the run folder process 0 writes (a machine without the shared file system
+    would write a folder of its own). Process 0 writes a probe file with a token naming this start; every process
+    reads it back; the probe (and the folder, if it made it for the probe) is removed before an error, so a refused
+    start leaves things as they were."""
+    token = dist_.broadcast(secrets.token_hex(8))
+    probe = out / f".lmforge-probe-{token}"
+    made = False
+    if dist_.is_main:
+        made = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token, encoding="utf-8")
+    dist_.barrier()
     try:
-        return json.loads(run_json.read_text(encoding="utf-8")).get("launch") == launch
-    except (OSError, ValueError, AttributeError):
-        return False
+        seen = probe.read_text(encoding="utf-8") == token
+    except OSError:
+        seen = False
+    blind = [rank for rank, ok in enumerate(dist_.gather(seen)) if not ok]  # (all have read it by now)
+    if dist_.is_main:
+        probe.unlink(missing_ok=True)
+        if blind and made:
+            shutil.rmtree(out, ignore_errors=True)
+    if blind:
+        _every_rank_sees(False, out, dist_, "the files process 0 writes there", blind)
 
 
-def _write_run_info(out: Path, config: TrainConfig, objective, device, use_bf16: bool, world_size: int,
-                    launch: str = "") -> str:
-    """The run folder's config.yaml and run.json (what the model is, where it trains, and ``launch``: a token
-    naming this start of the run, by which every process checks that it sees the same folder); returns the
+def _write_run_info(out: Path, config: TrainConfig, objective, device, use_bf16: bool, world_size: int) -> str:
+    """The run folder's config.yaml and run.json (what the model is, and where it trains); returns the
     objective's one-line summary of the model."""
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
@@ -597,7 +615,6 @@ def _write_run_info(out: Path, config: TrainConfig, objective, device, use_bf16:
         "dtype": "bfloat16 autocast" if use_bf16 else "float32",
         "world_size": world_size,
         "hardware": hardware_description(device),
-        "launch": launch,
     })
     return summary
 
@@ -673,13 +690,14 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
     peak, peak_source = peak_flops(device, use_bf16) if flops_per_token else (0.0, "")
 
     log = None
-    launch = dist_.broadcast(secrets.token_hex(8))  # names this start of the run in run.json (see below)
+    if dist_.enabled:  # (before process 0 writes anything in the run folder)
+        _check_shared_folder(out, dist_)
     if dist_.is_main:  # the checks passed: from here on the run folder is written
         if start_over:
             shutil.rmtree(out)
         for bad in damaged:
             warn(f"damaged checkpoint {bad.name} kept as {set_aside(bad).name}, out of the run's way")
-        summary = _write_run_info(out, config, objective, device, use_bf16, dist_.world_size, launch)
+        summary = _write_run_info(out, config, objective, device, use_bf16, dist_.world_size)
         log = MetricsLog(out, step if checkpoint is not None else None, config.tensorboard)
         if checkpoint is not None:
             print(f"resuming from step {step} of {out}", flush=True)
@@ -692,9 +710,6 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
                  f"torchrun --nproc-per-node N -m lmforge ...")
         if peak:
             print(f"MFU is against {peak / 1e12:.2f} TFLOP/s ({peak_source})", flush=True)
-    if dist_.enabled:  # every process reads the checkpoints (and under FSDP writes its shards) in the run folder
-        dist_.barrier()
-        _every_rank_sees(_launched_as(out / "run.json", launch), out, dist_, f"{out / 'run.json'} of this start")
 
     def holding_casts(enabled: bool = True):
         """In bf16 autocast, the bf16 copies autocast makes of the weights are kept (autocast's cache) until the

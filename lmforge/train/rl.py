@@ -659,8 +659,15 @@ class RL(Finetune):
         from lmforge.utils import atomic_write_text
 
         step = int(self.checkpoint.name.rsplit("_", 1)[-1])
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) < step]
+
+        def before(line: str) -> bool:  # (a line cut short by a killed run is no sample: dropped too)
+            try:
+                sample = json.loads(line)
+            except json.JSONDecodeError:
+                return False
+            return isinstance(sample, dict) and isinstance(sample.get("step", 0), int) and sample.get("step", 0) < step
+
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and before(line)]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write_samples(self, index: int, completions: list[dict], rewards: torch.Tensor) -> None:
