@@ -420,15 +420,10 @@ def test_serve_answers_completions_from_an_encoder_decoder_and_refuses_chat_with
         live.stop()
 
 
-def test_a_wave_step_that_fails_after_the_decoder_pass_leaves_no_key_twice(tmp_path):
-    """The step fails after the decoder wrote its keys (the rows' joint draw raised: a GPU out of memory, say):
-    the cache is cut back as when the decoder itself fails, so the retried step sees each key once and the
-    samples equal a run that never failed."""
+def clean_run_and_a_wave_two_steps_in(model, params):
+    """(SOURCES decoded in one go; an engine two steps into the same wave; its requests)."""
     from lmforge.infer.engine import Engine
-    from lmforge.infer.sampling import SamplingParams
 
-    model = load_model(make_hf_t5(tmp_path / "hf", "v1.1", num_decoder_layers=2)).eval()
-    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3, stop_token_ids=[])
     clean = Engine(model, IdTokenizer(), max_batch=4)
     expected = [clean.add(src, params) for src in SOURCES]
     clean.run(expected)
@@ -436,6 +431,18 @@ def test_a_wave_step_that_fails_after_the_decoder_pass_leaves_no_key_twice(tmp_p
     requests = [engine.add(src, params) for src in SOURCES]
     engine.step()
     engine.step()
+    return expected, engine, requests
+
+
+def test_a_wave_step_that_fails_after_the_decoder_pass_leaves_no_key_twice(tmp_path):
+    """The step fails after the decoder wrote its keys (the rows' joint draw raised: a GPU out of memory, say):
+    the cache is cut back as when the decoder itself fails, so the retried step sees each key once and the
+    samples equal a run that never failed."""
+    from lmforge.infer.sampling import SamplingParams
+
+    model = load_model(make_hf_t5(tmp_path / "hf", "v1.1", num_decoder_layers=2)).eval()
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3, stop_token_ids=[])
+    expected, engine, requests = clean_run_and_a_wave_two_steps_in(model, params)
     past = engine.wave["cache"][0]["self"][0].size(2)
 
     def fail(*args, **kwargs):
@@ -460,13 +467,7 @@ def test_a_wave_survives_a_failed_step_and_sources_end_with_the_end_token(tmp_pa
 
     model = load_model(make_hf_t5(tmp_path / "hf", "v1.1", num_decoder_layers=2)).eval()
     params = SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[])
-    clean = Engine(model, IdTokenizer(), max_batch=4)
-    expected = [clean.add(src, params) for src in SOURCES]
-    clean.run(expected)
-    engine = Engine(model, IdTokenizer(), max_batch=4)
-    requests = [engine.add(src, params) for src in SOURCES]
-    engine.step()
-    engine.step()
+    expected, engine, requests = clean_run_and_a_wave_two_steps_in(model, params)
     calls, forward = [0], DecoderBlock.forward
 
     def fail_once(self, *args, **kwargs):

@@ -42,7 +42,7 @@ def test_a_report_of_damaged_run_files_is_one_line_and_skipped_updates_are_shown
     for name, text, message in [("metrics.jsonl", records + "[1, 2]\n", "is no JSON object"),
                                 ("metrics.jsonl", records + '{"step": "x", "loss": "abc"}\n', "needs the number\\(s\\) step"),
                                 ("config.yaml", ": : bad\n", "is not valid YAML"),
-                                ("config.yaml", "- a\n", "holds no mapping of settings"),
+                                ("config.yaml", "- a\n", "must be a mapping of key: value lines"),
                                 ("eval.json", '{"model": 5, "tasks": []}', "is not lmforge evaluation results")]:
         broken = tmp_path / "broken"
         shutil.rmtree(broken, ignore_errors=True)

@@ -47,17 +47,9 @@ _TRAIN_KEYS = ("step", "tokens", "loss", "lr", "tokens_per_second", "elapsed")
 
 def _read_yaml(path: Path) -> dict:
     """The run's config.yaml ({} when there is none)."""
-    if not path.exists():
-        return {}
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise LmforgeError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); the run's config is corrupt") from None
-    if config is None:
-        return {}
-    if not isinstance(config, dict):
-        raise LmforgeError(f"{path} holds no mapping of settings; the run's config is corrupt")
-    return config
+    from lmforge.train.config import read_config_file
+
+    return read_config_file(path, "the run's config") if path.exists() else {}
 
 
 def _plot(path: Path, series: list[tuple[str, list, list]], xlabel: str, ylabel: str, title: str, logy: bool = False) -> None:
