@@ -664,8 +664,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
     use_bf16 = precision.dtype == "bfloat16"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     objective.autocast = autocast  # objectives that run the model outside the loop's steps (RL rollouts) use it too
-    dist_.parallel, parallel_reason = choose_parallel(config.parallel, model, dist_.world_size, device,
-                                                                dist_.joined)
+    dist_.parallel, parallel_reason = choose_parallel(config.parallel, model, dist_.world_size, device, dist_.joined)
     if config.activation_checkpointing:
         checkpoint_activations(model)
     if dist_.sharded:
