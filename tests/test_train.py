@@ -199,6 +199,8 @@ def test_resume_with_only_the_out_folder_reuses_the_saved_config(data_dir, tmp_p
     run = tmp_path / "run"
     pretrain(train_config(data_dir, run, max_steps=10), progress=False)
     capsys.readouterr()
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:  # a line a killed run left cut short
+        f.write('{"step": 11, "tokens": 99, "lo')
     summary = pretrain(out=str(run), max_steps=14, resume=True, progress=False)
     assert capsys.readouterr().out.startswith(f"resuming from step 10 of {run}\n")
     assert summary["steps"] == 14

@@ -119,8 +119,16 @@ class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            # Lines after the checkpoint belong to steps that will run again.
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            # Lines after the checkpoint belong to steps that will run again; a line a killed run left cut short
+            # is no record.
+            def before(line: str) -> bool:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resume_step
+
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line and before(line)]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", encoding="utf-8")
         self.tb = None
