@@ -165,6 +165,18 @@ def cmd_chat(args) -> None:
     if params.max_new_tokens >= context:  # (said now, not as "too long" at every message)
         raise LmforgeError(f"--max-new-tokens {params.max_new_tokens} leaves no room for a message in the model's "
                            f"context of {context} tokens; pass fewer (default: {min(256, context // 2)})")
+    if args.system:  # the system prompt stays in every turn: one that leaves no room is said now, too
+        from lmforge.infer.chat import fit_conversation
+
+        try:
+            fit_conversation(tokenizer, [{"role": "system", "content": args.system}, {"role": "user", "content": "hi"}],
+                             params, context)
+        except LmforgeError as e:
+            if "too long" not in str(e):  # (another trouble with the template is said as it is)
+                raise
+            raise LmforgeError(f"--system leaves no room for a message and the answer ({params.max_new_tokens} "
+                               f"tokens) in the model's context of {context} tokens; shorten it or lower "
+                               f"--max-new-tokens") from None
     from lmforge.model.gpt import use_fast_kernels
 
     use_fast_kernels(model, 1)  # one answer at a time

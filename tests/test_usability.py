@@ -280,7 +280,8 @@ def test_chat_checks_its_options_at_start(hf_gpt2, capsys, monkeypatch):
     for argv, message in [(["--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
                           (["--temperature", "inf"], "temperature must be a finite number"),
                           (["--top-p", "nan"], "top_p must be a finite number"),
-                          (["--max-new-tokens", "5000"], "--max-new-tokens 5000 leaves no room for a message")]:
+                          (["--max-new-tokens", "5000"], "--max-new-tokens 5000 leaves no room for a message"),
+                          (["--system", "be brief " * 400], "--system leaves no room for a message and the answer")]:
         one_error_line(capsys, ["chat", "--model", str(hf_gpt2), *argv], message)
 
 
