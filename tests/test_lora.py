@@ -355,3 +355,17 @@ def test_the_base_check_reads_the_weight_files_loading_reads(lora_on_run):
     # an unused copy in the other format does not make the base "another model"
     torch.save({}, step10 / "pytorch_model.bin")
     assert load_model(adapter) is not None
+
+
+def test_a_folder_with_both_a_model_and_an_adapter_says_the_adapter_is_not_applied(tmp_path, hf_gpt2, capsys):
+    model = load_model(hf_gpt2)
+    add_lora(model, "q,v", r=2, alpha=4)
+    save_adapter(model, tmp_path / "adapter", hf_gpt2)
+    both = tmp_path / "both"
+    shutil.copytree(hf_gpt2, both)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(tmp_path / "adapter" / name, both / name)
+    capsys.readouterr()
+    load_model(both)
+    assert "holds a model (config.json) and a LoRA adapter (adapter_config.json): loading the model alone" \
+        in capsys.readouterr().err

@@ -149,6 +149,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     folder = resolve_model_dir(path)
     if is_adapter_folder(folder):
         return load_adapted(folder, device, dtype, merge=True)
+    if (folder / "adapter_config.json").exists() and (folder / "adapter_model.safetensors").exists():
+        from lmforge.utils import warn
+
+        warn(f"{folder} holds a model (config.json) and a LoRA adapter (adapter_config.json): loading the model "
+             f"alone, without the adapter; to use the adapter, keep it in a folder of its own and give that folder")
     where = str(folder / "config.json")
     hf = read_json(folder / "config.json", "model config")
     raw = read_hf_weights(folder) if hf.get("model_type") in SUPPORTED_MODEL_TYPES else {}
