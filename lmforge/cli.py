@@ -17,7 +17,7 @@ def cmd_tokenizer_train(args) -> None:
     from lmforge.data.corpus import warn_non_utf8
     from lmforge.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(args.inputs, args.out, args.vocab_size, args.min_frequency, args.text_field,
+    tok = train_tokenizer(args.inputs or None, args.out, args.vocab_size, args.min_frequency, args.text_field,
                           progress=not args.quiet, overwrite=args.overwrite, encoder=args.encoder,
                           sentinels=args.sentinels)
     print(f"cleaning: {tok.train_stats.summary()}")
@@ -30,7 +30,7 @@ def cmd_prepare(args) -> None:
     from lmforge.data.prepare import prepare
 
     meta = prepare(
-        args.inputs, args.tokenizer, args.out, args.val_fraction, args.seed, args.min_chars, args.workers,
+        args.inputs or None, args.tokenizer, args.out, args.val_fraction, args.seed, args.min_chars, args.workers,
         args.text_field, args.shard_tokens, args.overwrite, progress=not args.quiet,
     )
     stats = meta["cleaning"]
@@ -125,6 +125,9 @@ def cmd_generate(args) -> None:
     from lmforge.utils import stop_strings
 
     text, stops = prompt, SamplingParams(stop=[s for given in args.stop or [] for s in stop_strings(given)])
+    if args.system and (tokenizer.chat_template is None or args.raw or seq2seq):  # (it would be dropped)
+        raise LmforgeError("--system goes into the chat template, and this generation uses none (" + (
+            "--raw" if args.raw else "the model has no chat template") + "): put the instruction in the prompt")
     if tokenizer.chat_template is not None and not args.raw and not seq2seq:
         # A chat model: the prompt is the user's message, answered through the model's template.
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]

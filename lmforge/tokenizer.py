@@ -249,8 +249,9 @@ def train_tokenizer(
     ``sentinels`` adds T5's ``<extra_id_0>`` ... at the end of the vocabulary (``<extra_id_0>`` last, the others
     counting down), for span corruption; ``vocab_size`` counts them.
     """
-    from lmforge.data.corpus import CorpusStats, read_clean_documents
+    from lmforge.data.corpus import CorpusStats, corpus_inputs, read_clean_documents
 
+    inputs = corpus_inputs(inputs)
     n_byte_symbols = 256
     special_tokens = SPECIAL_TOKENS + (ENCODER_TOKENS if encoder else [])
     if sentinels < 0:

@@ -2,12 +2,14 @@
 (issue 10: metrics over zero items, one reader of text, help that lists every key, results that are kept)."""
 
 import json
+import re
 
 import pytest
 import torch
 from conftest import make_hf_gpt2
 
 from lmforge.cli import main
+from lmforge.errors import LmforgeError
 from lmforge.eval.metrics import accuracy, macro_f1, pearson, rouge, squad_metrics
 from lmforge.train.config import FinetuneConfig, TrainConfig, config_keys, load_config
 
@@ -300,3 +302,44 @@ def test_eval_of_an_encoder_on_prepared_data_says_what_it_is(data_dir, capsys):
 
     one_error_line(capsys, ["eval", "--model", str(MINILM), "--data", str(data_dir)],
                    "is an encoder (bert): perplexity on --data is a decoder's")
+
+
+def test_the_python_api_takes_what_users_pass_and_says_what_it_cannot(hf_gpt2, tmp_path, data_dir):
+    """Silent wrong answers and raw Python errors of the Python API, each now right or one LmforgeError."""
+    from lmforge import generate
+    from lmforge.data.prepare import prepare
+    from lmforge.eval.evaluate import evaluate
+    from lmforge.model.checkpoint import load_model
+    from lmforge.model.encoder import embed
+    from lmforge.tokenizer import Tokenizer, train_tokenizer
+    from lmforge.train.finetune import finetune
+    from test_retrieval import MINILM
+
+    # a string is one text (it was embedded letter by letter)
+    encoder, tok = load_model(MINILM), Tokenizer.load(MINILM)
+    assert torch.equal(embed(encoder, tok, "hello there"), embed(encoder, tok, ["hello there"]))
+    # an empty list of inputs is an error (it meant the whole standard library); one path is a list of one
+    with pytest.raises(LmforgeError, match="no inputs given"):
+        train_tokenizer([], tmp_path / "tok", vocab_size=300, progress=False)
+    with pytest.raises(LmforgeError, match="no inputs given"):
+        prepare([], hf_gpt2, tmp_path / "data", progress=False)
+    text = tmp_path / "t.txt"
+    text.write_text("def main():\n    return 1\n" * 50)
+    assert train_tokenizer(str(text), tmp_path / "tok", vocab_size=300, progress=False).vocab_size > 256
+    # prompts, tokenizers as folders, options: checked, named
+    assert generate(hf_gpt2, "hi", max_new_tokens=3, temperature=0, tokenizer=str(hf_gpt2)).text == \
+        generate(hf_gpt2, "hi", max_new_tokens=3, temperature=0).text
+    for call, message in [(lambda: generate(hf_gpt2, ["a", None], max_new_tokens=2), "a list holding NoneType, str"),
+                          (lambda: generate(hf_gpt2, "a", temprature=0.1), "unknown generation option 'temprature' "
+                                                                          "(did you mean 'temperature'?)"),
+                          (lambda: generate(hf_gpt2, "a", max_new_tokens="5"), "max_new_tokens must be a whole number"),
+                          (lambda: generate(hf_gpt2, "a", stop=5), "stop must be a list of strings"),
+                          (lambda: generate(hf_gpt2, "a", system="be brief", chat=False), "system= goes into the chat"),
+                          (lambda: evaluate(load_model(hf_gpt2), data=str(data_dir)), "evaluate takes model, run or"),
+                          (lambda: finetune(model=load_model(hf_gpt2), train=str(text)), "pass the model's folder"),
+                          (lambda: load_model(None), "load_model takes a model, adapter or run folder")]:
+        with pytest.raises(LmforgeError, match=re.escape(message)):
+            call()
+    assert next(load_model(hf_gpt2, dtype="bfloat16").parameters()).dtype == torch.bfloat16
+    scores = evaluate(str(hf_gpt2), tasks=["copy"], progress=False)["tasks"]
+    assert "copy" in scores

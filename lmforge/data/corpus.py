@@ -189,6 +189,24 @@ def _suffix_list() -> str:
     return ", ".join(sorted(SUFFIXES))
 
 
+def corpus_inputs(inputs) -> list[str | os.PathLike] | None:
+    """The inputs of ``prepare`` and ``train_tokenizer``, as a list: one file or folder alone is a list of one;
+    None means the standard library; an empty list (a pattern that matched nothing) is an error, never the
+    standard library by default."""
+    if inputs is None:
+        return None
+    if isinstance(inputs, (str, os.PathLike)):
+        return [inputs]
+    inputs = list(inputs)
+    if not inputs:
+        raise LmforgeError("no inputs given (an empty list): give files or folders of text, or leave the inputs out "
+                           "for the Python standard library")
+    bad = [i for i in inputs if not isinstance(i, (str, os.PathLike))]
+    if bad:
+        raise LmforgeError(f"inputs are file or folder paths, not {type(bad[0]).__name__} {bad[0]!r}")
+    return inputs
+
+
 def read_documents(
     inputs: Sequence[str | os.PathLike] | None, text_field: str = "text", stats: CorpusStats | None = None
 ) -> Iterator[Document]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.corpus import CorpusStats, Document, read_clean_documents
+from lmforge.data.corpus import CorpusStats, Document, corpus_inputs, read_clean_documents
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils import atomic_dir, atomic_write_json, check_output_dir, refuse_overwriting_sources
@@ -211,6 +211,7 @@ def prepare(
     """Clean, split and tokenise ``inputs`` (default: the Python stdlib) into ``out``; returns the metadata."""
     from tqdm.auto import tqdm
 
+    inputs = corpus_inputs(inputs)
     if not 0 <= val_fraction < 1:
         raise LmforgeError(f"--val-fraction {val_fraction} must be in [0, 1)")
     if shard_tokens < 1 or (workers is not None and workers < 0) or min_chars < 0:

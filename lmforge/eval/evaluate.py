@@ -208,7 +208,17 @@ def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str
     from lmforge.model.checkpoint import load_generator, load_tokenizer_for, resolve_model_dir
     from lmforge.utils import pick_device
 
+    if not isinstance(models, (str, os.PathLike, list, tuple)) or \
+            not all(isinstance(m, (str, os.PathLike)) for m in ([models] if isinstance(models, (str, os.PathLike)) else models)):
+        raise LmforgeError(f"evaluate takes model, run or baseline folders (paths), not {type(models).__name__}")
     models = [models] if isinstance(models, (str, os.PathLike)) else list(models)
+    if isinstance(tasks, str) or any(isinstance(t, str) for t in tasks):  # names and task files, as --tasks takes
+        from lmforge.eval.tasks import resolve_tasks
+
+        names = [t for t in tasks.split(",") if t] if isinstance(tasks, str) else [t for t in tasks if isinstance(t, str)]
+        tasks = [t for t in ([] if isinstance(tasks, str) else tasks) if not isinstance(t, str)] + resolve_tasks(names)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool):
+        raise LmforgeError(f"batch_size must be a whole number, not {batch_size!r}")
     if not models:
         raise LmforgeError("pass --model (a model folder, a run folder, or an n-gram/LSTM baseline folder)")
     if not tasks and data is None:

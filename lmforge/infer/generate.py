@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+from lmforge.errors import LmforgeError
 from lmforge.infer.detokenize import Detokenizer
 from lmforge.infer.engine import Engine, beam_search, end_tokens, fit_source
 from lmforge.infer.sampling import SamplingParams, fit_prompt, process_logits
@@ -88,6 +89,27 @@ def chat_prompt(tokenizer, messages: list[dict], params: SamplingParams) -> tupl
     return prompt, replace(params, stop_token_ids=[s for s in stops if s is not None], stop=list(params.stop) + extra)
 
 
+def _kind(value) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (list, tuple)) else \
+        f"a list holding {', '.join(sorted({type(v).__name__ for v in value}))}"
+
+
+def sampling_params(params: dict) -> SamplingParams:
+    """``SamplingParams(**params)``, checked: an unknown name says which it may have meant."""
+    import difflib
+    from dataclasses import fields
+
+    known = [f.name for f in fields(SamplingParams)]
+    for name in params:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            raise LmforgeError(f"unknown generation option {name!r}" + (f" (did you mean {close[0]!r}?)" if close else
+                                                                       f"; the options are {', '.join(known)}"))
+    sampling = SamplingParams(**params)
+    sampling.validate()
+    return sampling
+
+
 def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", tokenizer=None, chat: bool | None = None,
              system: str | None = None, device: str = "auto", **params) -> Generation | list[Generation]:
     """Generate from a model object or a model/run folder: ``generate("runs/demo", "def ", max_new_tokens=50)``.
@@ -107,11 +129,23 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
 
         model = load_generator(model, pick_device(device))
     seq2seq = isinstance(model, EncoderDecoder)
+    if isinstance(tokenizer, (str, os.PathLike)):  # (a tokenizer.json or its folder)
+        from lmforge.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(tokenizer)
     tokenizer = tokenizer or load_tokenizer_for(model)
-    sampling = SamplingParams(**params)
-    sampling.validate()
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if chat if chat is not None else (tokenizer.chat_template is not None and not seq2seq):
+    sampling = sampling_params(params)
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise LmforgeError(f"the prompt must be a string or a list of strings, not {_kind(prompt)}")
+    templated = chat if chat is not None else (tokenizer.chat_template is not None and not seq2seq)
+    if system and not templated:
+        raise LmforgeError("system= goes into the chat template, and this generation uses none (the model has no "
+                           "chat template, or chat=False): put the instruction in the prompt")
+    if templated:
         rendered = []
         for p in prompts:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]

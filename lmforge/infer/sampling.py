@@ -9,6 +9,7 @@ touches no global random state.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,27 @@ class SamplingParams:
     early_stopping: bool | str = False
 
     def validate(self) -> None:
+        def whole(v) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        def number(v) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+        reals = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                 "length_penalty")
+        kinds = [(name, whole) for name in ("max_new_tokens", "top_k", "n", "num_beams")]
+        kinds += [(name, number) for name in reals]
+        kinds += [("seed", lambda v: v is None or whole(v)), ("logprobs", lambda v: v is None or whole(v)),
+                  ("stop", lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)),
+                  ("stop_token_ids", lambda v: v is None or (isinstance(v, (list, tuple)) and all(whole(x) for x in v)))]
+        for name, ok in kinds:  # (checked first: the comparisons below assume the types)
+            if not ok(getattr(self, name)):
+                wanted = {whole: "a whole number", number: "a number"}.get(ok, {
+                    "seed": "a whole number or None", "logprobs": "a whole number or None",
+                    "stop": "a list of strings", "stop_token_ids": "a list of token ids (whole numbers) or None"}.get(name))
+                raise LmforgeError(f"bad sampling option: {name} must be {wanted}, not {getattr(self, name)!r}")
+        if "" in self.stop:
+            raise LmforgeError("bad sampling option: an empty stop string would stop before the first character")
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
             (self.temperature >= 0, "temperature must be 0 (greedy) or more"),
@@ -60,10 +82,8 @@ class SamplingParams:
             (self.seed is None or -(2**63) <= self.seed <= 2**64 - self.n, "seed must be from -2**63 to 2**64 - n"),
             (self.early_stopping in (True, False, "never"), "early_stopping must be true, false or never"),
         ]
-        numbers = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty",
-                   "length_penalty")
         checks = [(math.isfinite(getattr(self, name)), f"{name} must be a finite number, not {getattr(self, name)}")
-                  for name in numbers] + checks  # (inf passes `>= 0`, and NaN fails every test silently)
+                  for name in reals] + checks  # (inf passes `>= 0`, and NaN fails every test silently)
         for ok, message in checks:
             if not ok:
                 raise LmforgeError(f"bad sampling option: {message}")

@@ -146,6 +146,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     an ``Encoder`` for ``bert``, an ``EncoderDecoder`` for ``t5``."""
     from lmforge.model.encoder import build_encoder
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise LmforgeError(f"load_model takes a model, adapter or run folder (a path), not {type(path).__name__}")
+    if isinstance(dtype, str):  # ("bfloat16", as the commands' --dtype takes it)
+        from lmforge.precision import DTYPES
+
+        if dtype not in DTYPES:
+            raise LmforgeError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     folder = resolve_model_dir(path)
     if is_adapter_folder(folder):
         return load_adapted(folder, device, dtype, merge=True)

@@ -280,13 +280,27 @@ def embed(model: Encoder, tokenizer, texts: list[str], max_length: int | None = 
     about its own length rather than to the longest text's; the rows come back in the texts' order."""
     from tqdm.auto import tqdm
 
-    if max_length is not None and max_length < 2:
-        raise LmforgeError(f"max_length {max_length} leaves no room for text between [CLS] and [SEP]; give 2 or more")
+    if not isinstance(model, Encoder):
+        raise LmforgeError(f"embed takes a loaded encoder (load_model(folder) of a bert folder), not "
+                           f"{type(model).__name__}")
+    if isinstance(texts, str):  # one text, not its characters
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise LmforgeError(f"embed takes a list of strings, not {type(texts).__name__}")
+    if not hasattr(tokenizer, "hf"):
+        raise LmforgeError(f"embed takes the model's Tokenizer (load_tokenizer_for(model)), not {type(tokenizer).__name__}")
+    if (max_length is not None and not (isinstance(max_length, int) and max_length >= 2)) \
+            or not (isinstance(batch_size, int) and batch_size >= 1):
+        raise LmforgeError(f"max_length must be a whole number of 2 or more (room for text between [CLS] and [SEP]), "
+                           f"and batch_size of 1 or more (they are {max_length!r} and {batch_size!r})")
     max_length = min(max_length or model.config.block_size, model.config.block_size)
     device = model.wte.weight.device
     # a text longer than max_length keeps its end token ([SEP]), as sentence-transformers' truncation does
     encoded = [ids if len(ids) <= max_length else ids[: max_length - 1] + ids[-1:]
                for ids in (tokenizer.encode(t, add_special_tokens=True) for t in texts)]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:  # (a tokenizer without BERT's [CLS] ... [SEP] template, and an empty text)
+        raise LmforgeError(f"text {empty[0]} ({texts[empty[0]]!r}) gives no tokens to embed; give it some text")
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     pad = model.config.pad_token_id
     out = torch.zeros(len(texts), model.config.n_embd, device=device)

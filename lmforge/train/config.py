@@ -456,9 +456,15 @@ def _coerce(key: str, value, cls=TrainConfig):
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
         if base is float:
             return float(value)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
+            return (";" if key in ("reward", "reward_weights") else ",").join(map(str, value))  # (a list's items)
+        if not isinstance(value, (str, os.PathLike, int, float)) or isinstance(value, bool):
+            raise TypeError
         return str(value)
     except (TypeError, ValueError):
-        raise LmforgeError(f"config key {key!r} expects {base.__name__}, got {value!r}") from None
+        shown = repr(value) if isinstance(value, (str, int, float, bool, list, tuple)) else f"a {type(value).__name__}"
+        raise LmforgeError(f"config key {key!r} expects {'text (a name or a path)' if base is str else base.__name__}, "
+                           f"got {shown}" + (" (pass the model's folder)" if key == "model" else "")) from None
 
 
 def _check_key(key: str, cls=TrainConfig) -> str:
