@@ -147,15 +147,20 @@ def test_a_prompt_that_fails_the_shared_prefill_fails_alone(hf_gpt2):
     outside the vocabulary) fails alone: the others are prefilled again, each alone, and answer as usual."""
     model = load_model(hf_gpt2)
     params = SamplingParams(max_new_tokens=6, temperature=0)
-    prompts = [[5, 6, 7], [1, model.config.vocab_size + 5], [4]]
+    prompts = [[5, 6, 7], [1, 2], [4]]
+
+    def add_all(engine):  # (add() refuses an id outside the vocabulary: the bad one is put in behind its back)
+        requests = [engine.add(p, params) for p in prompts]
+        requests[1].prompt_ids[-1] = model.config.vocab_size + 5
+        return requests
+
     engine = Engine(model, IdTokenizer(), max_batch=3, isolate_failures=True)
-    good, bad, other = [engine.add(p, params) for p in prompts]
+    good, bad, other = add_all(engine)
     engine.run([good, bad, other])
     assert isinstance(bad.error, IndexError) and bad.sequences[0].finish_reason == "error"
     assert [good.sequences[0].tokens, other.sequences[0].tokens] == one_by_one(model, [prompts[0], prompts[2]], params)
     strict = Engine(model, IdTokenizer(), max_batch=3)  # without it, the error reaches the caller
-    for p in prompts:
-        strict.add(p, params)
+    add_all(strict)
     with pytest.raises(IndexError):
         strict.step()
 
@@ -392,3 +397,29 @@ def test_compiled_static_decode_gives_the_same_tokens():
         return [r.sequences[0].tokens for r in requests]
 
     assert run(True) == run(False)
+
+
+def test_the_engine_refuses_prompts_that_are_no_token_ids_of_its_model(tmp_path):
+    """An id outside the vocabulary was an IndexError deep in the embedding; a string was read as ids."""
+    import pytest
+
+    from lmforge.errors import LmforgeError
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.model.config import Config
+    from lmforge.model.gpt import build_model
+
+    model = build_model(Config(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+
+    class Ids:
+        eos_id = 0
+
+        def decode(self, ids):
+            return ""
+
+    engine = Engine(model, Ids(), max_batch=2)
+    params = SamplingParams(max_new_tokens=2, temperature=0)
+    for ids, message in [([3, 64], r"prompt token id 64 is outside the model's vocabulary \(0 to 63\)"),
+                         ([-1], "prompt token id -1 is outside"), ("text", "takes the prompt's token ids")]:
+        with pytest.raises(LmforgeError, match=message):
+            engine.add(ids, params)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -259,6 +260,13 @@ class Engine:
             raise LmforgeError(f"n={params.n} samples exceed the engine's {self.max_batch} rows")
         if params.num_beams > 1:
             raise LmforgeError("beam search runs through beam_search(), not the batching engine")
+        if isinstance(prompt_ids, str) or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                  for t in prompt_ids):
+            raise LmforgeError("Engine.add takes the prompt's token ids (tokenizer.encode(text)), a list of whole numbers")
+        vocab = self.model.config.vocab_size
+        outside = [t for t in prompt_ids if not 0 <= t < vocab]
+        if outside:
+            raise LmforgeError(f"prompt token id {outside[0]} is outside the model's vocabulary (0 to {vocab - 1})")
         prompt_ids = prompt_ids or ([self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else [])
         if not prompt_ids:
             raise LmforgeError("the prompt is empty and the tokenizer has no end-of-text token to start from")
