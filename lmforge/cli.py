@@ -67,9 +67,7 @@ def _load_for_inference(args, seq2seq: bool = False):
     from lmforge.utils import pick_device
 
     int8 = getattr(args, "int8", False)
-    device = pick_device("cpu" if int8 and args.device == "auto" else args.device)  # (int8 is a CPU kernel)
-    if int8 and device.type != "cpu":
-        raise LmforgeError(f"--int8 is for CPU inference, not --device {args.device}; drop one of them")
+    device = pick_device(args.device, int8)
     dtype = _inference_dtype(args, device)
     model = (load_generator if seq2seq else load_decoder)(args.model, device, dtype)
     tokenizer = load_tokenizer_for(model, getattr(args, "tokenizer", None))
@@ -193,8 +191,7 @@ def _retriever(args):
 
     given = [f"--{name.replace('_', '-')}" for name in ("retrieve_k", "min_score", "retrieve_mode")
              if getattr(args, name, None) is not None]
-    # (beside an --int8 model, which runs on the CPU, retrieval does too unless a device is named)
-    device = pick_device("cpu" if getattr(args, "int8", False) and args.device == "auto" else args.device)
+    device = pick_device(args.device, getattr(args, "int8", False))  # (beside an --int8 model: the CPU)
     k = 3 if getattr(args, "retrieve_k", None) is None else args.retrieve_k
     min_score = 0.3 if getattr(args, "min_score", None) is None else args.min_score
     mode = getattr(args, "retrieve_mode", None) or "dense"

@@ -218,11 +218,15 @@ def read_json(path: str | os.PathLike, what: str = "file") -> dict:
     return value
 
 
-def pick_device(name: str = "auto"):
+def pick_device(name: str = "auto", int8: bool = False):
     """``auto`` picks CUDA when present, else the CPU; ``auto`` and ``cuda`` under torchrun mean the local rank's
-    GPU."""
+    GPU. ``int8`` (int8 weights: a CPU kernel): ``auto`` is the CPU, and another device is refused."""
     import torch
 
+    if int8:
+        if name not in ("auto", "cpu"):
+            raise LmforgeError(f"--int8 is for CPU inference, not --device {name}; drop one of them")
+        name = "cpu"
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -343,3 +343,11 @@ def test_the_python_api_takes_what_users_pass_and_says_what_it_cannot(hf_gpt2, t
     assert next(load_model(hf_gpt2, dtype="bfloat16").parameters()).dtype == torch.bfloat16
     scores = evaluate(str(hf_gpt2), tasks=["copy"], progress=False)["tasks"]
     assert "copy" in scores
+
+
+def test_int8_runs_on_the_cpu_and_refuses_another_device(hf_gpt2, capsys):
+    from lmforge.utils import pick_device
+
+    assert pick_device("auto", int8=True).type == "cpu"  # (on a GPU machine too: int8 is a CPU kernel)
+    one_error_line(capsys, ["generate", "--model", str(hf_gpt2), "--int8", "--device", "cuda", "hi"],
+                   "--int8 is for CPU inference, not --device cuda; drop one of them")

@@ -990,9 +990,7 @@ def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bo
     from lmforge.serve.embeddings import Embedder
 
     settings.api_key = settings.api_key or os.environ.get(API_KEY_ENV) or None
-    device = pick_device("cpu" if int8 and device == "auto" else device)  # (int8 is a CPU kernel)
-    if int8 and device.type != "cpu":
-        raise LmforgeError(f"--int8 is for CPU inference, not --device {device}; drop one of them")
+    device = pick_device(device, int8)
     model = tokenizer = embedder = None
     if _is_encoder_folder(model_dir):  # an encoder serves embeddings only
         if embedding_model is not None:
