@@ -129,7 +129,7 @@ def cmd_generate(args) -> None:
     if tokenizer.chat_template is not None and not args.raw and not seq2seq:
         # A chat model: the prompt is the user's message, answered through the model's template.
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
-        text, stops = chat_prompt(tokenizer, messages, stops)
+        text, stops = chat_prompt(tokenizer, messages, stops, model)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:  # up to 128, but never more than the context leaves after the (rendered) prompt
         room = model.config.block_size - (0 if seq2seq else max(len(tokenizer.encode(text)), 1))
@@ -310,7 +310,7 @@ def cmd_merge(args) -> None:
     refuse_overwriting_sources(out, model.base_source)
     model.to(stored_precision(model.base_source))  # (as `convert` of the adapter writes it: in the base's precision)
     save_model(model, out, load_tokenizer_for(model))
-    keep_generation_config(model.base_source, out)
+    keep_generation_config(model.base_source, out, model)
     print(f"merged {adapter} into {model.base_source}; wrote {out}")
 
 

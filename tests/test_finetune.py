@@ -133,6 +133,13 @@ def test_generate_and_chat_use_the_template_after_sft(hf_gpt2, tmp_path):
     assert gen.finish_reason == "stop"  # it learned to end its turn
     raw = generate(run, "add 2 3", max_new_tokens=5, temperature=0, chat=False)
     assert raw.prompt_tokens == len(tok.encode("add 2 3"))
+    # the end of a turn is an end of the model's generation (generation_config.json lists it, as chat models'
+    # do), so a plain completion of a rendered conversation stops there too, here and in transformers
+    folder = latest_checkpoint(run) / "model"
+    assert tok.end_of_turn_id in json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+    assert tok.end_of_turn_id in transformers.GenerationConfig.from_pretrained(str(folder)).eos_token_id
+    completion = generate(run, rendered, max_new_tokens=10, temperature=0, chat=False)
+    assert completion.finish_reason == "stop" and "<|im_end|>" not in completion.text
     # a line beginning with an unknown /word is not dropped in silence: said, and //text sends "/text"
     inputs = iter(["add 4 4", "/usr/bin is a path", "//usr/bin is a path", "/show", "/save nodir/x.json", "/exit"])
     import io

@@ -70,6 +70,22 @@ def test_end_of_text_stops_generation(hf_gpt2):
     assert gen.text == tok.decode(ids[:k])
 
 
+def test_every_end_id_of_generation_config_stops_as_in_transformers(hf_gpt2):
+    """Chat models list several end ids (Qwen2.5: <|im_end|> and <|endoftext|>; Llama 3: three); transformers'
+    generate stops at any of them, and so does lmforge (it kept only the first)."""
+    import json
+
+    ids = generate(load_model(hf_gpt2), "x", max_new_tokens=20, temperature=0, stop_token_ids=[]).token_ids
+    k = max(i for i in range(len(ids)) if ids[i] not in ids[:i] and ids[i] != 0)  # the last new token
+    (hf_gpt2 / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [0, ids[k]]}))
+    gen = generate(load_model(hf_gpt2), "x", max_new_tokens=20, temperature=0)
+    assert gen.token_ids == ids[:k] and gen.finish_reason == "stop"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_gpt2)).eval()
+    prompt = torch.tensor([load_tokenizer_for(load_model(hf_gpt2)).encode("x") or [0]])
+    expected = hf.generate(prompt, do_sample=False, max_new_tokens=20, pad_token_id=0)
+    assert expected[0, prompt.shape[1]:].tolist() == ids[: k + 1]  # (transformers keeps the end token)
+
+
 def test_prompt_longer_than_the_context(hf_gpt2):
     model = load_model(hf_gpt2)  # context 64
     prompt = "word " * 200

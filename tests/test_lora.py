@@ -15,7 +15,7 @@ from test_families import make
 
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
-from lmforge.model.checkpoint import load_adapted, load_model
+from lmforge.model.checkpoint import load_adapted, load_model, load_tokenizer_for
 from lmforge.model.lora import add_lora, count_trainable, merge_lora, save_adapter
 
 transformers = pytest.importorskip("transformers")
@@ -157,6 +157,11 @@ def test_lora_finetune_trains_only_adapters_and_merge_command(hf_gpt2, tmp_path,
     with torch.no_grad():
         torch.testing.assert_close(merged(idx), adapted.eval()(idx), atol=1e-5, rtol=0)
     assert json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text())["chat_template"]
+    # the chat-tuned adapter ends a turn at <|im_end|>: the merged model's generation config says so too
+    turn_end = load_tokenizer_for(merged).end_of_turn_id
+    assert json.loads((adapter / "lmforge_adapter.json").read_text())["end_token_ids"][-1] == turn_end
+    assert turn_end in json.loads((tmp_path / "merged" / "generation_config.json").read_text())["eos_token_id"]
+    assert turn_end in merged.end_token_ids
 
 
 def test_bad_lora_settings(hf_gpt2):

@@ -121,7 +121,7 @@ def chat_session(model, tokenizer, params: SamplingParams, system: str | None = 
                 continue
         else:
             prompt_messages = messages
-        prompt, sampling = chat_prompt(tokenizer, prompt_messages, params)
+        prompt, sampling = chat_prompt(tokenizer, prompt_messages, params, model)
         out.write("assistant> ")
         out.flush()
         answer = []

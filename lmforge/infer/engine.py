@@ -153,8 +153,8 @@ class Sequence:
 def end_tokens(model, tokenizer) -> list[int]:
     """The tokens that end a generation by default: the tokenizer's end-of-text token and the model's
     ``eos_token_id`` (transformers' ``generate`` stops at the latter), where they differ (Qwen2.5's chat models:
-    ``<|im_end|>`` and ``<|endoftext|>``)."""
-    ids = [tokenizer.eos_id, getattr(model.config, "eos_token_id", None)]
+    ``<|im_end|>`` and ``<|endoftext|>``), and every id its folder's generation_config.json lists."""
+    ids = [tokenizer.eos_id, getattr(model.config, "eos_token_id", None), *getattr(model, "end_token_ids", ())]
     return sorted({i for i in ids if i is not None and 0 <= i < model.config.vocab_size})
 
 

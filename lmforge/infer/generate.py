@@ -78,11 +78,12 @@ def _beam_generation(tokenizer, tokens: list[int], stop_ids, stops: list[str], p
     return Generation(text.text, tokens, prompt_tokens, reason)
 
 
-def chat_prompt(tokenizer, messages: list[dict], params: SamplingParams) -> tuple[str, SamplingParams]:
+def chat_prompt(tokenizer, messages: list[dict], params: SamplingParams, model=None) -> tuple[str, SamplingParams]:
     """The conversation rendered with the model's chat template, ready for the assistant's turn, and
-    sampling settings that also stop at the end-of-turn token."""
+    sampling settings that also stop at the end-of-turn token (and at every end the ``model`` names)."""
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    stops = list(params.stop_token_ids) if params.stop_token_ids is not None else [tokenizer.eos_id]
+    stops = list(params.stop_token_ids) if params.stop_token_ids is not None else \
+        end_tokens(model, tokenizer) if model is not None else [tokenizer.eos_id]
     if tokenizer.end_of_turn_id is not None:
         stops.append(tokenizer.end_of_turn_id)
     extra = [] if tokenizer.end_of_turn_id is not None else ["<|im_end|>"]  # the marker as text, when not a token

@@ -118,6 +118,9 @@ def save_model(model, folder: str | os.PathLike, tokenizer=None, max_shard_bytes
                 hf_config["torch_dtype"] = dtype
             atomic_write_json(tmp / "config.json", hf_config)
             generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id") if getattr(config, k) is not None}
+            more = [i for i in getattr(model, "end_token_ids", ()) if i != config.eos_token_id]
+            if more:  # a chat-tuned model also stops at the end of a turn: transformers' generate reads the list
+                generation["eos_token_id"] = [i for i in [config.eos_token_id] if i is not None] + more
             atomic_write_json(tmp / "generation_config.json", generation)
             tensors = state_dict_to_hf(model)
         _write_weights(tensors, tmp, max_shard_bytes)
@@ -179,6 +182,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         config = config_from_hf(hf, where)
         model = build_model(config, "meta")
         weights = state_dict_from_hf(config, raw, str(folder))
+        model.end_token_ids = end_token_ids(folder, hf, config.vocab_size)
     if deferring():  # sharded training: each rank copies its shard of each tensor later (train/distributed.py)
         _check_names(model, weights, folder)
         model.pending_weights = weights
@@ -193,6 +197,21 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     model.to(device=device, dtype=dtype or torch.float32)
     model.source = folder
     return model.eval()
+
+
+def end_token_ids(folder: Path, hf: dict, vocab_size: int) -> list[int]:
+    """Every end-of-sequence id a folder names: config.json's and generation_config.json's ``eos_token_id``,
+    each one id or a list (Qwen2.5's and Llama 3's chat models list the end of a turn beside the end of text);
+    transformers' ``generate`` stops at any of them, and so does lmforge."""
+    values = [hf.get("eos_token_id")]
+    if (folder / "generation_config.json").exists():
+        values.append(read_json(folder / "generation_config.json", "generation config").get("eos_token_id"))
+    ids = []
+    for value in values:
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size and i not in ids:
+                ids.append(i)
+    return ids
 
 
 def _check_names(model, weights: dict[str, torch.Tensor], folder: Path) -> None:
@@ -225,6 +244,7 @@ def load_adapted(adapter: str | os.PathLike, device="cpu", dtype=None, merge: bo
     if head:
         attach_head(model, head["head"], head["num_labels"], head.get("labels"), head.get("pad_token_id"), head.get("pooling"))
     load_adapter(model, adapter)
+    model.end_token_ids = list(dict.fromkeys([*getattr(model, "end_token_ids", []), *meta.get("end_token_ids", [])]))
     if merge:
         merge_lora(model)
     model.source = adapter
@@ -380,7 +400,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
                 shutil.copytree(item, out / item.name, dirs_exist_ok=True)
             else:
                 shutil.copy2(item, out / item.name)
-    keep_generation_config(weights_from, out)
+    keep_generation_config(weights_from, out, model)
     return out
 
 
@@ -392,8 +412,16 @@ def stored_precision(folder: Path) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
-def keep_generation_config(source: Path, out: Path) -> None:
-    """The source's generation defaults (its end tokens, sampling settings) win over the ones written anew."""
+def keep_generation_config(source: Path, out: Path, model=None) -> None:
+    """The source's generation defaults (its end tokens, sampling settings) win over the ones written anew; the
+    end ids the ``model`` adds (a chat-tuned adapter's end of a turn) join its end tokens."""
     source = Path(source)
-    if (source / "generation_config.json").exists():
-        shutil.copy2(source / "generation_config.json", Path(out) / "generation_config.json")
+    if not (source / "generation_config.json").exists():
+        return
+    config = read_json(source / "generation_config.json", "generation config")
+    given = config.get("eos_token_id")
+    ids = given if isinstance(given, list) else [given] if given is not None else []
+    more = [i for i in getattr(model, "end_token_ids", ()) if i not in ids]
+    if more:
+        config["eos_token_id"] = ids + more
+    atomic_write_json(Path(out) / "generation_config.json", config)

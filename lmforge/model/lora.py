@@ -285,6 +285,8 @@ def save_adapter(model, folder: str | os.PathLike, base_model: str | os.PathLike
     }
     meta = {"targets": settings["targets"],
             "base_model": {"folder": str(base), "named": str(base_model), "weights": weights_record(base)}}
+    if getattr(model, "end_token_ids", None):  # a chat-tuned adapter also stops at the end of a turn
+        meta["end_token_ids"] = list(model.end_token_ids)
     if head is not None:  # what lmforge needs to rebuild the head on the base model
         c = model.config
         meta["head"] = {"head": head, "num_labels": c.num_labels, "labels": list(c.labels) if c.labels else None,

@@ -369,7 +369,8 @@ class OpenAIService:
     """What /v1/completions and /v1/chat/completions do: check a request, submit it, answer."""
 
     def __init__(self, model, tokenizer, settings: ServerSettings, metrics: Metrics, retriever=None):
-        self.tokenizer, self.settings, self.metrics, self.retriever = tokenizer, settings, metrics, retriever
+        self.model, self.tokenizer, self.settings, self.metrics = model, tokenizer, settings, metrics
+        self.retriever = retriever
         self.context, self.vocab_size = model.config.block_size, model.config.vocab_size
         # an encoder-decoder reads the prompt in its encoder: prompt and completion each have the whole context
         self.seq2seq = hasattr(model, "encoder") and hasattr(model, "decoder")
@@ -575,7 +576,7 @@ class OpenAIService:
             if grounding.refusal:
                 return self.canned(body, grounding.refusal, routed)
             messages, extra = grounding.messages, {"sources": grounding.sources(), **routed}
-        prompt, with_stops = chat_prompt(self.tokenizer, messages, SamplingParams())
+        prompt, with_stops = chat_prompt(self.tokenizer, messages, SamplingParams(), self.model)
         prompt_ids = self.tokenizer.encode(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or self.default_max_tokens(len(prompt_ids))
         params = self.sampling(body, max_tokens, len(prompt_ids), (body.top_logprobs or 0) if body.logprobs else None)

@@ -303,6 +303,10 @@ class SFT(Finetune):
         if not isinstance(self.model, GPT):
             raise LmforgeError("chat and instruction fine-tuning need a decoder model (gpt2, llama, qwen2, mistral)")
         self.chat = "messages" in train_rows[0]
+        turn_end = self.tokenizer.end_of_turn_id
+        if self.chat and turn_end is not None:  # saved in generation_config.json: the model stops at a turn's end
+            ends = [*getattr(self.model, "end_token_ids", []), self.tokenizer.eos_id, turn_end]
+            self.model.end_token_ids = [i for i in dict.fromkeys(ends) if i is not None]
         self.train_features = self.featurize(train_rows)
         self.val_features = self.featurize(val_rows)
         if not self.train_features:
