@@ -194,6 +194,8 @@ def test_embedding_requests_that_are_wrong_get_openai_errors(embedding_server):
         ({"input": "x", "dimensions": 128}, 400, "makes vectors of 384"),
         ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
         ({}, 400, "input"),
+        # longer than MiniLM reads (256 tokens): refused as OpenAI refuses it, not embedded from its start alone
+        ({"input": ["fine", "word " * 300]}, 400, "input[1] is 302 tokens; minilm reads at most 256"),
     ]:
         response = httpx.post(url, json=body, timeout=30)
         assert response.status_code == status, (body, response.text)

@@ -40,18 +40,21 @@ class Embedder:
         self.dim = self.model.config.n_embd
         self.lock = threading.Lock()
 
-    def embed(self, texts: list[str]) -> tuple[torch.Tensor, int]:
-        """(vectors (len(texts), dim), tokens read: each text's tokens with [CLS]/[SEP], cut to max_length)."""
+    def lengths(self, texts: list[str]) -> list[int]:
+        """Each text's tokens with [CLS]/[SEP]."""
+        return [len(self.tokenizer.encode(t, add_special_tokens=True)) for t in texts]
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """The vectors (len(texts), dim) of texts that fit ``max_length``."""
         from lmforge.model.encoder import embed
 
-        tokens = sum(min(len(self.tokenizer.encode(t, add_special_tokens=True)), self.max_length) for t in texts)
         with self.lock, torch.inference_mode():
-            return embed(self.model, self.tokenizer, texts, max_length=self.max_length).float().cpu(), tokens
+            return embed(self.model, self.tokenizer, texts, max_length=self.max_length).float().cpu()
 
 
 async def embeddings(body: EmbeddingBody, embedder: Embedder, check_model, error) -> dict:
     """The response to one request; ``check_model(name)`` refuses another model's name, ``error(message,
-    param)`` makes the 400 of a client's mistake."""
+    param[, code])`` makes the 400 of a client's mistake."""
     check_model(body.model)
     texts = [body.input] if isinstance(body.input, str) else body.input
     for i, text in enumerate(texts):
@@ -63,7 +66,12 @@ async def embeddings(body: EmbeddingBody, embedder: Embedder, check_model, error
             raise error(f"input[{i}] is not valid text (a NUL or a lone surrogate)", "input")
     if body.dimensions is not None and body.dimensions != embedder.dim:
         raise error(f"dimensions: {embedder.name} makes vectors of {embedder.dim}; it cannot shorten them", "dimensions")
-    vectors, tokens = await asyncio.to_thread(embedder.embed, texts)
+    lengths = await asyncio.to_thread(embedder.lengths, texts)
+    for i, n in enumerate(lengths):  # (as OpenAI's API answers: an error, not a vector of the text's start alone)
+        if n > embedder.max_length:
+            raise error(f"input[{i}] is {n} tokens; {embedder.name} reads at most {embedder.max_length} (with its "
+                        f"special tokens): shorten or split it", "input", "context_length_exceeded")
+    vectors, tokens = await asyncio.to_thread(embedder.embed, texts), sum(lengths)
     data = []
     for i, vector in enumerate(vectors):
         if body.encoding_format == "base64":

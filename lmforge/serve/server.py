@@ -763,7 +763,7 @@ def create_app(model, tokenizer, settings: ServerSettings | None = None, compile
             raise APIError(400, "this server has no embedding model; start it with --embedding-model ENCODER "
                                 "(or serve an encoder folder as --model)", code="no_embedding_model")
         return await embeddings(body, embedder, check_embedding_model,
-                                lambda message, param: APIError(400, message, param=param, code="invalid_value"))
+                                lambda message, param, code="invalid_value": APIError(400, message, param=param, code=code))
 
     return app
 
