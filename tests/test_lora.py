@@ -296,6 +296,29 @@ def test_a_base_that_is_gone_or_was_rewritten_is_refused_everywhere(lora_on_run,
         load_model(adapter)
 
 
+def test_an_adapter_trained_on_an_adapter_checks_that_adapter(lora_on_run, tmp_path):
+    """A second LoRA fine-tune of a first adapter records the first's file; a rewritten first adapter is refused
+    (it recorded nothing, so any adapter under that name was taken)."""
+    from test_finetune import chat_rows, jsonl, settings
+
+    from lmforge.train.finetune import finetune
+
+    run, step10, first = lora_on_run
+    finetune(model=str(first), train=jsonl(tmp_path / "chat2.jsonl", chat_rows(16, seed=1)), method="lora", lora_r=4,
+             progress=False, **settings(tmp_path, out=str(tmp_path / "second"), lr=1e-2, max_steps=2, eval_interval=2,
+                                        checkpoint_interval=2))
+    second = sorted((tmp_path / "second" / "checkpoints").iterdir())[-1] / "model"
+    meta = json.loads((second / "lmforge_adapter.json").read_text())
+    assert set(meta["base_model"]["weights"]) == {"adapter_model.safetensors"}
+    load_model(second)  # the first adapter as it was: fine
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(first / "adapter_model.safetensors")
+    save_file({k: v + 0.5 for k, v in tensors.items()}, first / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LmforgeError, match="is not that model: its adapter_model.safetensors has SHA-256"):
+        load_model(second)
+
+
 def test_adapters_saved_before_lmforge_adapter_json_still_load(lora_on_run, tmp_path, tokenizer_dir, capsys):
     run, step10, adapter = lora_on_run
     old = tmp_path / "old-adapter"

@@ -326,10 +326,20 @@ def _sha256(path: Path, stat: os.stat_result) -> str:
     return _hashes[key]
 
 
+def base_files(folder: Path) -> list[Path]:
+    """The files that hold a base model's weights: a model folder's, or, for an adapter trained on another
+    adapter, that adapter's own (it checks its own base when it is loaded)."""
+    from lmforge.model.checkpoint import is_adapter_folder
+
+    if is_adapter_folder(folder):
+        return [p for p in (folder / "adapter_model.safetensors", folder / "adapter_model.bin") if p.exists()]
+    return weight_files(folder)
+
+
 def weights_record(folder: str | os.PathLike) -> dict[str, dict]:
     """Size, modification time and SHA-256 of each weight file of a model folder."""
     record = {}
-    for path in weight_files(Path(folder)):
+    for path in base_files(Path(folder)):
         stat = path.stat()
         record[path.name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(path, stat)}
     return record
@@ -340,7 +350,7 @@ def weights_difference(folder: str | os.PathLike, record: dict[str, dict]) -> st
 
     A file with the recorded size and modification time is taken as recorded, so that loading an
     adapter does not re-read gigabytes of base weights each time; any other file is hashed."""
-    files = {p.name: p for p in weight_files(Path(folder))}
+    files = {p.name: p for p in base_files(Path(folder))}
     if sorted(files) != sorted(record):
         return f"its weight files are {', '.join(sorted(files)) or 'none'}, not {', '.join(sorted(record))}"
     for name, want in record.items():
