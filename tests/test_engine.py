@@ -322,7 +322,9 @@ def test_generate_api_batches_beams_and_n(hf_gpt2):
     assert two[0].token_ids == beams.token_ids
     for bad, message in [(dict(n=4), "n \\(4\\) must not exceed num_beams \\(3\\)"),
                          (dict(repetition_penalty=1.2), "beam search takes no repetition"),
-                         (dict(logprobs=1), "gives no logprobs")]:
+                         (dict(logprobs=1), "gives no logprobs"),
+                         (dict(temperature=0.7), "draws nothing: temperature, top_k"),
+                         (dict(seed=3), "would be ignored"), (dict(top_p=0.9), "would be ignored")]:
         with pytest.raises(LmforgeError, match=message):
             generate(model, "def", max_new_tokens=6, num_beams=3, **bad)
 

@@ -78,6 +78,10 @@ class SamplingParams:
                                      and not self.presence_penalty and self.logprobs is None),
              "beam search takes no repetition, frequency or presence penalty and gives no logprobs; drop them or "
              "num_beams"),
+            (self.num_beams == 1 or (self.temperature in (0, 1) and self.top_k == 0 and self.top_p == 1
+                                     and self.min_p == 0 and self.seed is None),
+             "beam search keeps the likeliest beams and draws nothing: temperature, top_k, top_p, min_p and seed "
+             "would be ignored; drop them or num_beams"),
             # sample i of n draws from a torch.Generator seeded with seed + i, which takes 64 bits
             (self.seed is None or -(2**63) <= self.seed <= 2**64 - self.n, "seed must be from -2**63 to 2**64 - n"),
             (self.early_stopping in (True, False, "never"), "early_stopping must be true, false or never"),
