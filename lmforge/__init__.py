@@ -47,7 +47,40 @@ _API = {
 __all__ = list(_API) + ["__version__"]
 
 
+_SWITCHES = ("overwrite", "resume", "truncate", "skip-bad-lines", "force")  # flags that are keyword=True here
+
+
 def __getattr__(name: str):
-    if name in _API:
-        return getattr(import_module(_API[name]), name)
-    raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
+    if name not in _API:
+        raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
+    value = getattr(import_module(_API[name]), name)
+    if isinstance(value, type) or not callable(value):
+        return value
+    return _speaking_python(value)
+
+
+def _speaking_python(function):
+    """``function`` whose errors name its keyword arguments (``overwrite=True``), not the command line's flags
+    (``--overwrite``); a command line quoted in backticks is left as written."""
+    import functools
+    import re
+
+    from lmforge.errors import LmforgeError
+
+    def keyword(match) -> str:
+        flag = match.group(1)
+        return flag.replace("-", "_") + ("=True" if flag in _SWITCHES else "")
+
+    @functools.wraps(function)
+    def api(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except LmforgeError as e:
+            parts = str(e).split("`")  # (odd parts are quoted commands)
+            said = "`".join(re.sub(r"(?<![\w`-])--([a-z][a-z0-9-]*)", keyword, part) if i % 2 == 0 else part
+                            for i, part in enumerate(parts))
+            if said == str(e):
+                raise
+            raise type(e)(said).with_traceback(e.__traceback__) from None
+
+    return api

@@ -343,6 +343,19 @@ def test_the_python_api_takes_what_users_pass_and_says_what_it_cannot(hf_gpt2, t
     assert next(load_model(hf_gpt2, dtype="bfloat16").parameters()).dtype == torch.bfloat16
     scores = evaluate(str(hf_gpt2), tasks=["copy"], progress=False)["tasks"]
     assert "copy" in scores
+    # errors of `lmforge.X` name its keyword arguments, not the command line's flags
+    import lmforge
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(LmforgeError, match=r"pass overwrite=True to replace it or choose another out$"):
+        lmforge.convert(hf_gpt2, tmp_path / "taken")
+    with pytest.raises(LmforgeError, match=r"lower max_new_tokens, or pass truncate=True to keep its last"):
+        lmforge.generate(hf_gpt2, "word " * 100, max_new_tokens=10)
+    from lmforge.infer.generate import generate as the_modules_own
+
+    with pytest.raises(LmforgeError, match=r"pass --truncate"):  # (what the command line calls)
+        the_modules_own(hf_gpt2, "word " * 100, max_new_tokens=10)
 
 
 def test_int8_runs_on_the_cpu_and_refuses_another_device(hf_gpt2, capsys):
