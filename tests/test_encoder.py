@@ -121,6 +121,28 @@ def test_heads_match_transformers_and_export_back(arch, tmp_path):
                                    expected[keep], atol=1e-4, rtol=0)
 
 
+def test_bert_variants_lmforge_would_compute_otherwise_are_refused(tmp_path):
+    """A BERT decoder (causal attention) and an MLM head of its own (untied) were loaded and run as the plain
+    encoder with the word embeddings as its head: logits 0.04 and 0.5 off transformers'."""
+    small = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+                 max_position_embeddings=40)
+    transformers.BertModel(transformers.BertConfig(**small, is_decoder=True)).save_pretrained(tmp_path / "decoder")
+    with pytest.raises(LmforgeError, match="a BERT decoder .* is not supported"):
+        load_model(tmp_path / "decoder")
+    torch.manual_seed(0)
+    untied = transformers.BertForMaskedLM(transformers.BertConfig(**small, tie_word_embeddings=False))
+    untied.save_pretrained(tmp_path / "untied")
+    with pytest.raises(LmforgeError, match="the masked-LM head has weights of its own"):
+        load_model(tmp_path / "untied")
+    # untied in name only (the head is a copy of the embeddings): the same logits, so it loads
+    with torch.no_grad():
+        untied.cls.predictions.decoder.weight.copy_(untied.bert.embeddings.word_embeddings.weight)
+    untied.save_pretrained(tmp_path / "copy")
+    ids = torch.randint(1, 99, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "copy")(ids).logits, untied.eval()(ids).logits, atol=1e-4, rtol=0)
+
+
 def test_embed_command_prints_a_similarity_matrix_or_json(minilm, capsys):
     assert main(["embed", "--model", str(minilm), *SENTENCES[:3]]) == 0
     lines = capsys.readouterr().out.splitlines()

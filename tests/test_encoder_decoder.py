@@ -177,6 +177,36 @@ def test_greedy_and_beam_search_are_token_identical_to_transformers_generate(tmp
         assert tokens == [t for t in beams if t != 0]  # (transformers pads a beam that ended early)
 
 
+def test_every_end_id_a_t5_folder_lists_stops_generation_and_is_written_back(tmp_path):
+    """``eos_token_id: [1, X]``: transformers stops at X too; lmforge kept the first id only, and wrote it alone."""
+    from transformers import T5ForConditionalGeneration
+
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+
+    folder = make_hf_t5(tmp_path / "hf", "v1.1", num_decoder_layers=2)
+    src = SOURCES[0]
+    with torch.no_grad():
+        free = T5ForConditionalGeneration.from_pretrained(folder).generate(
+            torch.tensor([src + [1]]), max_new_tokens=12, do_sample=False)[0, 1:].tolist()
+    stop = next(t for t in free[1:] if t not in (0, 1))
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**config, "eos_token_id": [1, stop]}))
+    with torch.no_grad():
+        expected = T5ForConditionalGeneration.from_pretrained(folder).generate(
+            torch.tensor([src + [1]]), max_new_tokens=12, do_sample=False)[0, 1:].tolist()
+    assert expected[-1] == stop and len(expected) < 12
+    ours = load_model(folder)
+    engine = Engine(ours, IdTokenizer(), max_batch=1)
+    request = engine.add(src, SamplingParams(max_new_tokens=12, temperature=0))
+    engine.run([request])
+    seq = request.sequences[0]
+    assert seq.tokens + [seq.stop_token] == expected
+    save_model(ours, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [1, stop]
+
+
 def test_seeded_samples_of_a_wave_are_each_requests_own_and_n_samples_differ(tmp_path):
     from lmforge.infer.engine import Engine
     from lmforge.infer.sampling import SamplingParams

@@ -25,6 +25,12 @@ CASES = {
     "qwen2-biases-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen2-untied": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=False)),
     "mistral-sliding-window": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=6)),
+    # Qwen2's window applies from layer max_window_layers on: here every layer, then none (swish is silu)
+    "qwen2-sliding-every-layer": ("Qwen2Config", "Qwen2ForCausalLM",
+                                  dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=5, max_window_layers=0)),
+    "qwen2-window-on-no-layer-swish": ("Qwen2Config", "Qwen2ForCausalLM",
+                                       dict(num_key_value_heads=4, use_sliding_window=True, sliding_window=5, max_window_layers=2,
+                                            hidden_act="swish")),
 }
 
 
@@ -105,6 +111,29 @@ def test_unsupported_variants_are_named(tmp_path):
         (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(LmforgeError, match=message):
             load_model(tmp_path / "hf")
+
+
+def test_a_config_without_window_or_positions_reads_as_transformers_reads_it(tmp_path):
+    """transformers' defaults for absent keys: Mistral's window is 4096 (lmforge read none) and its positions
+    131072; Qwen2's positions 32768 (lmforge assumed 2048 and refused longer inputs)."""
+    from lmforge.errors import LmforgeError
+
+    make(tmp_path / "mistral", "mistral-sliding-window")
+    make(tmp_path / "qwen2", "qwen2-untied")
+    for name, window, positions in [("mistral", 4096, 131072), ("qwen2", None, 32768)]:
+        path = tmp_path / name / "config.json"
+        config = json.loads(path.read_text())
+        config.pop("sliding_window", None)
+        config.pop("max_position_embeddings")
+        path.write_text(json.dumps(config))
+        hf = transformers.AutoConfig.from_pretrained(tmp_path / name)
+        assert (hf.sliding_window if name == "mistral" else None) == window and hf.max_position_embeddings == positions
+        ours = load_model(tmp_path / name).config
+        assert (ours.sliding_window, ours.block_size) == (window, positions)
+    # an input past the positions a model has: one LmforgeError (it was a ValueError)
+    make(tmp_path / "llama", "llama-gqa-untied-theta")
+    with pytest.raises(LmforgeError, match="positions up to 70 exceed the model's context of 64 tokens"):
+        load_model(tmp_path / "llama")(torch.zeros(1, 70, dtype=torch.long))
 
 
 def test_an_lmforge_only_configuration_round_trips(tmp_path):

@@ -106,7 +106,7 @@ def save_model(model, folder: str | os.PathLike, tokenizer=None, max_shard_bytes
             c = model.config
             atomic_write_json(tmp / "config.json", {**t5_config_to_hf(c), "torch_dtype": dtype})
             atomic_write_json(tmp / "generation_config.json", {"decoder_start_token_id": c.decoder_start_token_id,
-                                                               "eos_token_id": c.eos_token_id,
+                                                               "eos_token_id": _end_ids(model, c.eos_token_id),
                                                                "pad_token_id": c.pad_token_id})
             tensors = t5_state_dict_to_hf(model)
         else:
@@ -118,15 +118,21 @@ def save_model(model, folder: str | os.PathLike, tokenizer=None, max_shard_bytes
                 hf_config["torch_dtype"] = dtype
             atomic_write_json(tmp / "config.json", hf_config)
             generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id") if getattr(config, k) is not None}
-            more = [i for i in getattr(model, "end_token_ids", ()) if i != config.eos_token_id]
-            if more:  # a chat-tuned model also stops at the end of a turn: transformers' generate reads the list
-                generation["eos_token_id"] = [i for i in [config.eos_token_id] if i is not None] + more
+            if config.eos_token_id is not None or getattr(model, "end_token_ids", None):
+                generation["eos_token_id"] = _end_ids(model, config.eos_token_id)
             atomic_write_json(tmp / "generation_config.json", generation)
             tensors = state_dict_to_hf(model)
         _write_weights(tensors, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
     return Path(folder)
+
+
+def _end_ids(model, eos: int | None) -> int | list[int]:
+    """generation_config.json's ``eos_token_id``: the config's, or a list of it and the other ends the model stops
+    at (a chat-tuned model's end of a turn; a folder's list, as read), which transformers' ``generate`` reads."""
+    ids = [i for i in dict.fromkeys([eos, *getattr(model, "end_token_ids", ())]) if i is not None]
+    return ids[0] if len(ids) == 1 else ids
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
@@ -171,13 +177,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     if hf.get("model_type") == "bert":
         config = bert_config_from_hf(hf, raw.keys(), where)
         model = build_encoder(config, "meta")
-        weights = bert_state_dict_from_hf(config, raw, str(folder))
+        weights = bert_state_dict_from_hf(config, raw, str(folder), tied=hf.get("tie_word_embeddings", True) is not False)
     elif hf.get("model_type") in ENCODER_DECODER_TYPES:
         from lmforge.model.encoder_decoder import build_encoder_decoder
 
         config = t5_config_from_hf(hf, raw, where)
         model = build_encoder_decoder(config, "meta")
         weights = t5_state_dict_from_hf(config, raw, str(folder))
+        model.end_token_ids = end_token_ids(folder, hf, config.vocab_size)
     else:
         config = config_from_hf(hf, where)
         model = build_model(config, "meta")

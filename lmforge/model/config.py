@@ -95,7 +95,7 @@ class Config:
         else:
             wanted = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
                       "has_qkv_bias": self.family == "qwen2"}
-            if self.family != "mistral":
+            if self.family == "llama":
                 wanted["sliding_window"] = None
         wrong = [f"{k}={v!r}" for k, v in wanted.items() if getattr(self, k) != v]
         return ", ".join(wrong) if wrong else None

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lmforge.errors import LmforgeError
 from lmforge.model.config import Config
 
 
@@ -354,7 +355,8 @@ class GPT(nn.Module):
         c = self.config
         if positions is None:
             if start + T > c.block_size:
-                raise ValueError(f"positions up to {start + T} exceed the context length {c.block_size}")
+                raise LmforgeError(f"positions up to {start + T} exceed the model's context of {c.block_size} tokens "
+                                   f"(its max_position_embeddings); give it at most {c.block_size} at a time")
             pos = torch.arange(start, start + T, device=idx.device)
             mask = attention_mask(start, T, start + T, c.sliding_window, idx.device)
         else:

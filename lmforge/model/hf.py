@@ -130,15 +130,21 @@ def _llama_config_to_hf(c: Config) -> dict:
     if c.family == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
     elif c.family == "qwen2":
-        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.n_layer)
+        slides = c.sliding_window is not None  # (on every layer: from layer 0 on)
+        hf.update(use_sliding_window=slides, sliding_window=c.sliding_window, max_window_layers=0 if slides else c.n_layer,
+                  layer_types=["sliding_attention" if slides else "full_attention"] * c.n_layer)
     else:
         hf.update(sliding_window=c.sliding_window)
     return hf
 
 
+# transformers' defaults where config.json has no max_position_embeddings
+_DEFAULT_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
+
+
 def _llama_config_from_hf(hf: dict, where: str) -> dict:
     family = hf["model_type"]
-    if hf.get("hidden_act", "silu") != "silu":
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # (transformers' one function under two names)
         raise LmforgeError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported for {family}; lmforge's SwiGLU uses silu")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise LmforgeError(f"{where}: attention_bias/mlp_bias=true is not supported by lmforge's {family}")
@@ -156,16 +162,19 @@ def _llama_config_from_hf(hf: dict, where: str) -> dict:
             raise LmforgeError(f"{where}: rope scaling {kind!r} is not supported; lmforge supports default and llama3")
     window = None
     if family == "mistral":
-        window = hf.get("sliding_window")
-    elif family == "qwen2" and hf.get("use_sliding_window"):
-        kinds = set(hf.get("layer_types") or [])
-        if kinds != {"sliding_attention"}:
+        window = hf.get("sliding_window", 4096)  # (transformers' MistralConfig when the key is absent)
+    elif family == "qwen2" and hf.get("use_sliding_window") and hf.get("sliding_window"):
+        # transformers: the layers from max_window_layers on slide (layer_types says so when written)
+        layers, first = int(hf["num_hidden_layers"]), int(hf.get("max_window_layers", 28))
+        kinds = set(hf.get("layer_types") or ["full_attention"] * min(first, layers) + ["sliding_attention"] * (layers - first))
+        if kinds == {"sliding_attention"}:
+            window = hf.get("sliding_window")
+        elif kinds != {"full_attention"}:
             raise LmforgeError(f"{where}: sliding-window attention on only some layers is not supported")
-        window = hf.get("sliding_window")
     n_head = int(hf["num_attention_heads"])
     return dict(
         vocab_size=int(hf["vocab_size"]),
-        block_size=int(hf.get("max_position_embeddings", 2048)),
+        block_size=int(hf.get("max_position_embeddings", _DEFAULT_POSITIONS[family])),
         n_layer=int(hf["num_hidden_layers"]),
         n_head=n_head,
         n_kv_head=int(hf.get("num_key_value_heads") or n_head),
@@ -411,6 +420,9 @@ _BERT_IGNORED = ("embeddings.position_ids", "cls.predictions.decoder.weight", "c
 
 def bert_config_from_hf(hf: dict, weight_names, where: str):
 
+    if hf.get("is_decoder") or hf.get("add_cross_attention"):
+        raise LmforgeError(f"{where}: a BERT decoder (is_decoder/add_cross_attention true: causal attention) is not "
+                           f"supported; lmforge's encoder attends both ways")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise LmforgeError(f"{where}: position_embedding_type {hf['position_embedding_type']!r} is not supported")
     act = hf.get("hidden_act", "gelu")
@@ -528,7 +540,15 @@ def _bert_fused(c) -> list[tuple[str, list[str]]]:
             for i in range(c.n_layer) for part in ("weight", "bias")]
 
 
-def bert_state_dict_from_hf(c, hf_sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+def bert_state_dict_from_hf(c, hf_sd: dict[str, torch.Tensor], where: str, tied: bool = True) -> dict[str, torch.Tensor]:
+    """lmforge's tensors of a BERT folder; ``tied`` is config.json's tie_word_embeddings (an MLM head of its own,
+    which lmforge's encoder does not have, is refused rather than replaced by the word embeddings)."""
+    own = next((v for k, v in hf_sd.items() if k.endswith("cls.predictions.decoder.weight")), None)
+    words = next((v for k, v in hf_sd.items() if k.endswith("embeddings.word_embeddings.weight")), None)
+    if (not tied and c.head in ("masked_lm", "pretraining") and own is not None and words is not None
+            and not (own.shape == words.shape and torch.equal(own, words))):
+        raise LmforgeError(f"{where}: the masked-LM head has weights of its own (tie_word_embeddings false), which "
+                           f"lmforge's encoder does not support: it predicts with the word embeddings")
     hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith(_BERT_IGNORED)}
     if c.head is None:  # a bare backbone saved from a head model keeps its "bert." prefix
         hf_sd = {k.removeprefix("bert."): v for k, v in hf_sd.items()}
