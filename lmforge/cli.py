@@ -96,14 +96,23 @@ def _inference_dtype(args, device):
     return choice.torch_dtype
 
 
-def _sampling_from(args, **overrides):
+def _sampling_from(args, model, **overrides):
+    """The sampling flags given; for those not given, what the model's folder recommends (its
+    generation_config.json; not for beam search, which samples nothing), else the command's defaults."""
     from lmforge.infer.generate import SamplingParams
+    from lmforge.infer.sampling import describe_sampling, recommended_sampling
 
-    values = dict(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-        presence_penalty=args.presence_penalty, seed=args.seed,
-    )
+    own = {"temperature": args.own_temperature, "top_p": args.own_top_p, "top_k": 0, "min_p": 0.0,
+           "repetition_penalty": 1.0}
+    given = {name: getattr(args, name) for name in own if getattr(args, name) is not None}
+    recommended = {} if overrides.get("num_beams", 1) > 1 else recommended_sampling(model)
+    taken = {k: v for k, v in recommended.items() if k not in given}
+    if taken:
+        folder = getattr(model, "base_source", None) or model.source
+        print(f"sampling: {describe_sampling(taken)}, as {folder}/generation_config.json recommends (flags override)",
+              file=sys.stderr, flush=True)
+    values = dict(own, **recommended, **given, frequency_penalty=args.frequency_penalty,
+                  presence_penalty=args.presence_penalty, seed=args.seed)
     values.update(overrides)
     params = SamplingParams(**values)
     params.validate()
@@ -134,7 +143,7 @@ def cmd_generate(args) -> None:
     if max_new_tokens is None:  # up to 128, but never more than the context leaves after the (rendered) prompt
         room = model.config.block_size - (0 if seq2seq else max(len(tokenizer.encode(text)), 1))
         max_new_tokens = max(1, min(128, room))
-    params = _sampling_from(args, max_new_tokens=max_new_tokens, stop=stops.stop, stop_token_ids=stops.stop_token_ids,
+    params = _sampling_from(args, model, max_new_tokens=max_new_tokens, stop=stops.stop, stop_token_ids=stops.stop_token_ids,
                             truncate=args.truncate, n=args.n, num_beams=args.num_beams, length_penalty=args.length_penalty)
     from lmforge.model.gpt import use_fast_kernels
 
@@ -161,7 +170,7 @@ def cmd_chat(args) -> None:
     retriever = _retriever(args)
     model, tokenizer = _load_for_inference(args)
     context = model.config.block_size
-    params = _sampling_from(args, max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None
+    params = _sampling_from(args, model, max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None
                             else min(256, context // 2))
     if params.max_new_tokens >= context:  # (said now, not as "too long" at every message)
         raise LmforgeError(f"--max-new-tokens {params.max_new_tokens} leaves no room for a message in the model's "
@@ -554,11 +563,14 @@ def dtype_option(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_options(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
-    p.add_argument("--temperature", type=float, default=temperature, help=f"0 means greedy (default: {temperature})")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
-    p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling (default: {top_p})")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the top probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    # (None: not given; then what the model's generation_config.json recommends, else the default said here)
+    p.set_defaults(own_temperature=temperature, own_top_p=top_p)
+    recommends = "; unless the model's generation_config.json recommends another"
+    p.add_argument("--temperature", type=float, help=f"0 means greedy (default: {temperature}{recommends})")
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens (default: 0, off)")
+    p.add_argument("--top-p", type=float, help=f"nucleus sampling (default: {top_p})")
+    p.add_argument("--min-p", type=float, help="drop tokens below this fraction of the top probability (default: 0)")
+    p.add_argument("--repetition-penalty", type=float, help="(default: 1, off)")
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")

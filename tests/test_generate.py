@@ -86,6 +86,43 @@ def test_every_end_id_of_generation_config_stops_as_in_transformers(hf_gpt2):
     assert expected[0, prompt.shape[1]:].tolist() == ids[: k + 1]  # (transformers keeps the end token)
 
 
+def test_the_sampling_a_folders_generation_config_recommends_is_the_default(hf_gpt2, tmp_path, capsys):
+    """do_sample true with temperature/top_k/... (Qwen2.5-, Llama-3-Instruct): transformers samples with them
+    (and top_k 50 where unsaid); so do generate, chat and serve where the user sets none; a setting given wins,
+    and beam search, which samples nothing, is not refused for them."""
+    import json
+    import shutil
+
+    from lmforge.cli import main
+    from lmforge.infer.sampling import recommended_sampling
+    from lmforge.serve.server import CompletionBody, Metrics, OpenAIService, ServerSettings
+
+    plain = tmp_path / "plain"
+    shutil.copytree(hf_gpt2, plain)
+    config = json.loads((hf_gpt2 / "generation_config.json").read_text())
+    (hf_gpt2 / "generation_config.json").write_text(json.dumps(
+        {**config, "do_sample": True, "temperature": 0.5, "top_p": 0.9, "repetition_penalty": 1.3}))
+    model = load_model(hf_gpt2)
+    wanted = dict(temperature=0.5, top_p=0.9, top_k=50, min_p=0.0, repetition_penalty=1.3)
+    assert recommended_sampling(model) == wanted
+    assert recommended_sampling(load_model(plain)) == {}
+    run = lambda folder, **kw: generate(folder, "def f", max_new_tokens=24, seed=3, chat=False, **kw).token_ids  # noqa: E731
+    assert run(hf_gpt2) == run(plain, **wanted) != run(plain)
+    assert run(hf_gpt2, temperature=0) == run(plain, temperature=0, repetition_penalty=1.3)  # (given wins)
+    assert generate(hf_gpt2, "def f", max_new_tokens=4, num_beams=2, chat=False).finish_reason
+    capsys.readouterr()
+    assert main(["generate", "def f", "--model", str(hf_gpt2), "--max-new-tokens", "24", "--seed", "3", "--raw",
+                 "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "sampling: temperature 0.5, top_p 0.9, top_k 50, repetition_penalty 1.3, as" in err
+    assert out.rstrip("\n") == generate(plain, "def f", max_new_tokens=24, seed=3, chat=False, **wanted).text
+    service = OpenAIService(model, load_tokenizer_for(model), ServerSettings(), Metrics())
+    unset = service.sampling(CompletionBody(prompt="x"), 4, 1, None)
+    told = service.sampling(CompletionBody(prompt="x", temperature=1.0, top_k=-1), 4, 1, None)
+    assert (unset.temperature, unset.top_p, unset.top_k, unset.repetition_penalty) == (0.5, 0.9, 50, 1.3)
+    assert (told.temperature, told.top_p, told.top_k) == (1.0, 0.9, 0)
+
+
 def test_prompt_longer_than_the_context(hf_gpt2):
     model = load_model(hf_gpt2)  # context 64
     prompt = "word " * 200

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from lmforge.errors import LmforgeError
 from lmforge.infer.detokenize import Detokenizer
 from lmforge.infer.engine import Engine, beam_search, end_tokens, fit_source
-from lmforge.infer.sampling import SamplingParams, fit_prompt, process_logits
+from lmforge.infer.sampling import SamplingParams, fit_prompt, process_logits, recommended_sampling
 from lmforge.model.gpt import GPT, use_fast_kernels
 
 __all__ = ["Detokenizer", "Generation", "SamplingParams", "chat_prompt", "fit_prompt", "generate", "generate_ids",
@@ -119,7 +119,9 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
 
     A list of prompts is decoded as one batch and returns a list (``n`` > 1: a list per prompt).
     ``chat`` (default: when the model has a chat template) sends each prompt as a user message through
-    the template and stops at the end of the assistant's turn. ``num_beams`` > 1 runs beam search.
+    the template and stops at the end of the assistant's turn. ``num_beams`` > 1 runs beam search. Sampling
+    settings not given are the ones the model's generation_config.json recommends (``recommended_sampling``),
+    else ``SamplingParams``' defaults.
     """
     from lmforge.model.checkpoint import load_generator, load_tokenizer_for
     from lmforge.model.encoder_decoder import EncoderDecoder
@@ -135,7 +137,9 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
 
         tokenizer = Tokenizer.load(tokenizer)
     tokenizer = tokenizer or load_tokenizer_for(model)
-    sampling = sampling_params(params)
+    beams = params.get("num_beams", 1)  # (beam search samples nothing: no recommended sampling)
+    recommended = {} if isinstance(beams, int) and beams > 1 else recommended_sampling(model)
+    sampling = sampling_params({**{k: v for k, v in recommended.items() if k not in params}, **params})
     if isinstance(prompt, str):
         prompts = [prompt]
     elif isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
@@ -150,7 +154,7 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
         rendered = []
         for p in prompts:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-            text, sampling = chat_prompt(tokenizer, messages, sampling)
+            text, sampling = chat_prompt(tokenizer, messages, sampling, model)
             rendered.append(text)
         prompts = rendered
     if loaded:  # (a model object is left as it is: it may train on)

@@ -93,6 +93,49 @@ class SamplingParams:
                 raise LmforgeError(f"bad sampling option: {message}")
 
 
+# transformers' GenerationConfig defaults for what a generation_config.json with do_sample true leaves out
+_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def recommended_sampling(model) -> dict:
+    """The sampling a model's folder recommends: where its generation_config.json says ``do_sample: true``
+    (Qwen2.5's and Llama 3's instruct models: temperature 0.7 / top_p 0.8 / top_k 20 / repetition_penalty 1.05,
+    temperature 0.6 / top_p 0.9), the settings transformers' ``generate`` samples with: the file's, and
+    transformers' defaults for the rest (top_k 50). generate, chat and serve use them where not told otherwise.
+    {} when the folder recommends none. Read once per model."""
+    if not hasattr(model, "_recommended_sampling"):
+        model._recommended_sampling = _read_recommended(getattr(model, "base_source", None) or getattr(model, "source", None))
+    return dict(model._recommended_sampling)
+
+
+def _read_recommended(folder) -> dict:
+    import json
+    from pathlib import Path
+
+    if folder is None or not (Path(folder) / "generation_config.json").is_file():
+        return {}
+    path = Path(folder) / "generation_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # (loading the model reads this file too, and says what is wrong with it)
+    if not isinstance(config, dict) or config.get("do_sample") is not True:
+        return {}
+    values = {name: config.get(name) if config.get(name) is not None else default
+              for name, default in _SAMPLING_DEFAULTS.items()}
+    try:
+        SamplingParams(**values).validate()
+    except (LmforgeError, TypeError) as e:
+        warn(f"{path}: its sampling settings are not used ({e})")
+        return {}
+    return values
+
+
+def describe_sampling(values: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in values.items() if v != {"top_p": 1.0, "min_p": 0.0,
+                                                                     "repetition_penalty": 1.0}.get(k))
+
+
 def process_logits(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
                    counts: torch.Tensor | None = None) -> torch.Tensor:
     """Apply penalties and filters to next-token ``logits`` (vocab,). ``history`` (n,) is the prompt and

@@ -46,6 +46,7 @@ from starlette.exceptions import HTTPException
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Engine, Request
 from lmforge.infer.generate import SamplingParams, chat_prompt
+from lmforge.infer.sampling import recommended_sampling
 from lmforge.serve.embeddings import EmbeddingBody, embeddings
 
 API_KEY_ENV = "LMFORGE_API_KEY"
@@ -432,8 +433,13 @@ class OpenAIService:
                                 f"completion). Please reduce the prompt or the completion length.",
                            param="messages" if isinstance(body, ChatBody) else "prompt", code="context_length_exceeded")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              top_k=max(body.top_k, 0), min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+        # what the request leaves out: what the model's generation_config.json recommends (as vLLM does), else
+        # OpenAI's defaults
+        chosen = {**recommended_sampling(self.model), **{k: getattr(body, k) for k in body.model_fields_set}}
+        chosen = {k: chosen.get(k, getattr(body, k)) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+        return SamplingParams(max_new_tokens=max_tokens, temperature=chosen["temperature"], top_p=chosen["top_p"],
+                              top_k=max(chosen["top_k"], 0), min_p=chosen["min_p"],
+                              repetition_penalty=chosen["repetition_penalty"],
                               frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
                               n=body.n, stop=[s for s in stop if s], seed=body.seed, logprobs=logprobs)
 
@@ -1006,6 +1012,11 @@ def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bo
             print(f"precision: {precision.reason}", flush=True)
         model = load_generator(model_dir, device, precision.torch_dtype)
         tokenizer = load_tokenizer_for(model)
+        if recommended_sampling(model):
+            from lmforge.infer.sampling import describe_sampling
+
+            print(f"sampling: {describe_sampling(recommended_sampling(model))} where a request sets none, as "
+                  f"{getattr(model, 'base_source', None) or model.source}/generation_config.json recommends", flush=True)
     if embedding_model is not None:
         embedder = Embedder(embedding_model, device)
     if int8:
