@@ -69,7 +69,8 @@ def test_gpt2_adapters_cover_the_fused_c_attn_as_peft_does(tmp_path, hf_gpt2):
         torch.testing.assert_close(model.eval()(idx), hf(idx).logits, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("targets", [["c_attn", "c_proj"], ["attn.c_proj", "c_fc"], ["mlp.c_proj"]])
+@pytest.mark.parametrize("targets", [["c_attn", "c_proj"], ["attn.c_proj", "c_fc"], ["mlp.c_proj"], r".*\.(c_attn|c_fc)",
+                                     "all-linear"])
 def test_peft_gpt2_adapters_are_read_with_peft_s_names(tmp_path, hf_gpt2, targets):
     """PEFT adapts every module whose path ends with a target name: GPT-2's "c_proj" is attention's output and
     the MLP's, "attn.c_proj" attention's alone. lmforge reads such an adapter with PEFT's logits."""
@@ -174,7 +175,7 @@ def test_bad_lora_settings(hf_gpt2):
 
 
 def test_peft_settings_lmforge_does_not_apply_are_refused_not_ignored(tmp_path, hf_gpt2):
-    """alpha_pattern, rank_pattern, bias, layers_to_transform, a regular expression as targets and
+    """alpha_pattern, rank_pattern, bias, layers_to_transform, a regular expression matching some blocks only and
     modules_to_save beyond a task head change PEFT's model: an adapter using them is refused in one line; so is a
     config whose r, lora_alpha or lora_dropout cannot be used. LoRA settings of a run are checked the same way."""
     from test_finetune import jsonl, sentiment_rows
@@ -188,7 +189,8 @@ def test_peft_settings_lmforge_does_not_apply_are_refused_not_ignored(tmp_path, 
     for change, name in [({"alpha_pattern": {"c_attn": 8}}, "alpha_pattern"), ({"rank_pattern": {"c_attn": 4}}, "rank_pattern"),
                          ({"bias": "all"}, "bias"), ({"layers_to_transform": [0]}, "layers_to_transform"),
                          ({"modules_to_save": ["lm_head"]}, "modules_to_save other than a task head"),
-                         ({"target_modules": ".*c_attn"}, "target_modules (a regular expression)"),
+                         ({"target_modules": r"transformer\.h\.0\..*c_attn"}, "adapts a product in every block or in none"),
+                         ({"target_modules": r".*"}, "outside the Transformer blocks"),
                          ({"r": 0}, "r must be a whole number of 1 or more"), ({"lora_alpha": None}, "lora_alpha a number"),
                          ({"lora_dropout": 2.0}, "lora_dropout in [0, 1)")]:
         (tmp_path / "plain" / "adapter_config.json").write_text(json.dumps({**good, **change}))

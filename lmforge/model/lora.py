@@ -416,8 +416,7 @@ def read_adapter_config(folder: Path) -> dict:
                    ("modules_to_save other than a task head",  # (a head lmforge trains in full is loaded whole)
                     bool(set(config.get("modules_to_save") or []) - {"score", "classifier", "qa_outputs"})),
                    ("bias", config.get("bias", "none") not in (None, "none")),
-                   ("layers_to_transform", config.get("layers_to_transform") is not None),
-                   ("target_modules (a regular expression)", isinstance(config.get("target_modules"), str))]
+                   ("layers_to_transform", config.get("layers_to_transform") is not None)]
     for name, used in unsupported:
         if used:
             raise LmforgeError(f"{folder}: the adapter sets {name}, which lmforge does not apply (its outputs would "
@@ -473,6 +472,8 @@ def _targets_from_peft(model, config: dict) -> list[str]:
     pooler or masked-LM transform under ``dense``) is refused: lmforge adapts the blocks' products only."""
     paths = _peft_paths(model)
     targets = set()
+    if isinstance(config.get("target_modules"), str):  # a regular expression PEFT matches whole module paths with
+        return _targets_from_pattern(config["target_modules"], paths)
     for name in config.get("target_modules") or []:
         def named(path: str) -> bool:
             return path == name or path.endswith("." + name)
@@ -491,6 +492,37 @@ def _targets_from_peft(model, config: dict) -> list[str]:
     if not targets:
         raise LmforgeError("the adapter names no target_modules")
     return sorted(targets)
+
+
+def _targets_from_pattern(pattern: str, paths: dict[str, list[str]]) -> list[str]:
+    """lmforge's targets for a ``target_modules`` regular expression, which PEFT matches against each module's
+    whole path (``re.fullmatch``): a target all of whose paths match. One that matches in some blocks only, or a
+    module outside the blocks, is refused (lmforge adapts a product in every block or in none)."""
+    import re
+
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise LmforgeError(f"adapter target_modules {pattern!r} is not a regular expression ({e})") from None
+    targets = []
+    for target, where in sorted(paths.items()):
+        matched = [p for p in where if regex.fullmatch(p)]
+        if matched and len(matched) < len(where):
+            missed = next(p for p in where if p not in matched)
+            raise LmforgeError(f"adapter target_modules {pattern!r} adapts {matched[0]} but not {missed}: lmforge "
+                               f"adapts a product in every block or in none; merge the adapter with PEFT "
+                               f"(merge_and_unload) and load the merged folder")
+        if matched:
+            targets.append(target)
+    beyond = [m for m in _OUTSIDE if regex.fullmatch(m)]
+    if beyond:
+        raise LmforgeError(f"adapter target_modules {pattern!r} also matches {beyond[0]}, outside the Transformer "
+                           f"blocks, which lmforge does not adapt; merge the adapter with PEFT (merge_and_unload) and "
+                           f"load the merged folder")
+    if not targets:
+        raise LmforgeError(f"adapter target_modules {pattern!r} matches none of this model's adaptable products "
+                           f"(such as {next(iter(paths.values()))[0]})")
+    return targets
 
 
 def _peft_paths(model) -> dict[str, list[str]]:
