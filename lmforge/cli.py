@@ -120,7 +120,7 @@ def _sampling_from(args, model, **overrides):
 
 
 def cmd_generate(args) -> None:
-    from lmforge.infer.generate import SamplingParams, chat_prompt, generate, stream_generate
+    from lmforge.infer.generate import SamplingParams, chat_prompt, generate, prompt_ids, stream_generate
 
     from lmforge.data.corpus import read_stdin_text
 
@@ -132,6 +132,7 @@ def cmd_generate(args) -> None:
     from lmforge.utils import stop_strings
 
     text, stops = prompt, SamplingParams(stop=[s for given in args.stop or [] for s in stop_strings(given)])
+    rendered = False
     if args.system and (tokenizer.chat_template is None or args.raw or seq2seq):  # (it would be dropped)
         raise LmforgeError("--system goes into the chat template, and this generation uses none (" + (
             "--raw" if args.raw else "the model has no chat template") + "): put the instruction in the prompt")
@@ -139,9 +140,10 @@ def cmd_generate(args) -> None:
         # A chat model: the prompt is the user's message, answered through the model's template.
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
         text, stops = chat_prompt(tokenizer, messages, stops, model)
+        rendered = True
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:  # up to 128, but never more than the context leaves after the (rendered) prompt
-        room = model.config.block_size - (0 if seq2seq else max(len(tokenizer.encode(text)), 1))
+        room = model.config.block_size - (0 if seq2seq else max(len(prompt_ids(model, tokenizer, text, rendered)), 1))
         max_new_tokens = max(1, min(128, room))
     params = _sampling_from(args, model, max_new_tokens=max_new_tokens, stop=stops.stop, stop_token_ids=stops.stop_token_ids,
                             truncate=args.truncate, n=args.n, num_beams=args.num_beams, length_penalty=args.length_penalty)
@@ -158,7 +160,7 @@ def cmd_generate(args) -> None:
             sys.stdout.write((f"--- {kind} {i + 1} ---\n" if params.n > 1 else "") + g.text + "\n")
         return
     # The engine checks the prompt against the context (and truncates it, warning once, with --truncate).
-    for piece in stream_generate(model, tokenizer, text, params):
+    for piece in stream_generate(model, tokenizer, text, params, rendered=rendered):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

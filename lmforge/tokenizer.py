@@ -7,7 +7,9 @@ a WordPiece BERT's) works the same way.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from datetime import datetime
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -42,6 +44,41 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+# The special tokens a transformers tokenizer class has by default (where tokenizer_config.json and
+# special_tokens_map.json name none): transformers fills them in, and chat templates read them.
+_CLASS_TOKENS = {
+    "LlamaTokenizer": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "CodeLlamaTokenizer": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "GPT2Tokenizer": {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT},
+    "Qwen2Tokenizer": {"eos_token": END_OF_TEXT, "pad_token": END_OF_TEXT, "unk_token": END_OF_TEXT},
+    "T5Tokenizer": {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"},
+    "BertTokenizer": {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                      "mask_token": "[MASK]"},
+    "GemmaTokenizer": {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"},
+}
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _read_config(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LmforgeError(f"{path} is not valid JSON; fix or delete it") from None
+    if not isinstance(config, dict):
+        raise LmforgeError(f"{path} must hold a JSON object; fix or delete it")
+    return config
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' ``clean_up_tokenization``: no space before punctuation and English contractions."""
+    for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(spaced, joined)
+    return text
+
+
 class Tokenizer:
     """A ``tokenizers.Tokenizer`` plus the facts lmforge needs: end-of-text id, hash, save/load."""
 
@@ -52,6 +89,11 @@ class Tokenizer:
         hf.no_truncation()
         self.hf = hf
         self.config = dict(config or {})
+        # transformers cleans decoded text up where tokenizer_config.json asks, except after a BPE (where it would
+        # take spaces the text has), unless told to all the same
+        self.cleans_up = bool(self.config.get("clean_up_tokenization_spaces")) and (
+            type(hf.model).__name__ != "BPE"
+            or bool(self.config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")))
         self.eos_id = self._find_special(self.config.get("eos_token"), _EOS_CANDIDATES)
         self.pad_id = self._find_special(self.config.get("pad_token"), _PAD_CANDIDATES)
         self.cls_id, self.sep_id, self.mask_id = (self._find_special(self.config.get(key), names)
@@ -85,13 +127,21 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(file))
         except Exception as e:  # the Rust library raises a bare Exception on a bad file
             raise LmforgeError(f"{file} is not a valid tokenizer.json ({first_line(e)}); re-create it") from None
-        config = {}
-        config_file = file.parent / "tokenizer_config.json"
-        if config_file.exists():
+        config = _read_config(file.parent / "tokenizer_config.json")
+        # What transformers also reads: the chat template in a file of its own (how transformers >= 4.50 saves
+        # it; it wins over tokenizer_config.json's), the special tokens of special_tokens_map.json (older
+        # folders), and the tokenizer class's defaults (LlamaTokenizer's <s>, </s>, <unk>) where neither says.
+        jinja = file.parent / "chat_template.jinja"
+        if jinja.is_file():
             try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise LmforgeError(f"{config_file} is not valid JSON; fix or delete it") from None
+                config["chat_template"] = jinja.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise LmforgeError(f"{jinja} is not UTF-8 text; fix or delete it") from None
+        for key, value in _read_config(file.parent / "special_tokens_map.json").items():
+            config.setdefault(key, value)
+        for key, value in _CLASS_TOKENS.get(str(config.get("tokenizer_class", "")).removesuffix("Fast"), {}).items():
+            if key not in config and hf.token_to_id(value) is not None:
+                config[key] = value
         tok = cls(hf, config)
         tok.path = file
         return tok
@@ -140,10 +190,17 @@ class Tokenizer:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = _tojson
         try:
             template = env.from_string(self.chat_template or DEFAULT_CHAT_TEMPLATE)
-            special = {k: self._token_text(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+            # as transformers renders: the special tokens the tokenizer has (one it lacks is undefined), no tools
+            special = {k: self._token_text(k) for k in _SPECIAL_KEYS if self._token_text(k)}
+            extra = self.config.get("additional_special_tokens")
+            if isinstance(extra, list):
+                special["additional_special_tokens"] = [t.get("content") if isinstance(t, dict) else t for t in extra]
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                   documents=None, **special)
         except TemplateError as e:
             raise LmforgeError(f"the chat template failed: {e}") from None
 
@@ -188,12 +245,31 @@ class Tokenizer:
         """
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
+    @functools.cached_property
+    def prefix_ids(self) -> list[int]:
+        """The special tokens the tokenizer's own template puts before a text (Llama's and Mistral's <s>, Llama 3's
+        <|begin_of_text|>, Gemma's <bos>; none for GPT-2's, Qwen's or lmforge's own)."""
+        plain = self.hf.encode("a", add_special_tokens=False).ids
+        full = self.hf.encode("a", add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return full[:start]
+        return []
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt written as plain text, as transformers' ``tokenizer(text)`` gives them to a
+        decoder: the tokenizer's leading special tokens (``prefix_ids``), then the text's. (Nothing is put after
+        a prompt: it is continued.) A rendered chat template writes its own special tokens: ``encode`` it."""
+        return self.prefix_ids + self.encode(text)
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``, special tokens included, so encode → decode is lossless."""
-        return self.hf.decode(list(ids), skip_special_tokens=False)
+        """Text of ``ids``, special tokens included, as transformers' ``decode`` gives it (cleaned up where the
+        tokenizer asks: ``cleans_up``)."""
+        text = self.hf.decode(list(ids), skip_special_tokens=False)
+        return clean_up_tokenization(text) if self.cleans_up else text
 
     def token_to_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
@@ -217,6 +293,12 @@ class Tokenizer:
                               sort_keys=True)
 
         return essentials(self) == essentials(other)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' ``tojson`` filter for chat templates: plain ``json.dumps`` (Jinja's own escapes HTML
+    characters and sorts keys)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def new_byte_level_bpe() -> HFTokenizer:

@@ -98,3 +98,107 @@ def test_errors(tmp_path, corpus_dir):
     bad.write_text("{not json")
     with pytest.raises(LmforgeError, match="not a valid tokenizer.json"):
         Tokenizer.load(bad)
+
+
+# -- what transformers' AutoTokenizer does with folders of other models --------------------------------
+
+
+def llama2_style_folder(folder, config: dict, files: dict | None = None):
+    """A SentencePiece-style BPE as Llama 2 and Mistral ship it: byte fallback, Metaspace, and a post-processor that
+    puts <s> before a text; a few words of vocabulary."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["▁", "H", "e", "l", "o", "w", "r", "d", "▁H", "▁w", "ll", "llo", "▁He", "▁Hello", "or", "ld", "▁wor",
+                  "▁world", ",", "'", "s", "▁'"]:
+        vocab.setdefault(piece, len(vocab))
+    merges = [("▁", "H"), ("▁", "w"), ("l", "l"), ("ll", "o"), ("▁H", "e"), ("▁He", "llo"), ("o", "r"), ("l", "d"),
+              ("▁w", "or"), ("▁wor", "ld"), ("▁", "'")]
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    hf.add_special_tokens([AddedToken(t, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    folder.mkdir(parents=True, exist_ok=True)
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    for name, text in (files or {}).items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_a_plain_prompt_gets_the_tokenizers_leading_special_tokens_as_in_transformers(tmp_path):
+    """Llama's <s>: transformers' tokenizer(prompt) puts it first, and generate continues from it; lmforge left
+    it out of generate, serve's completions and fine-tuning prompts. A chat template writes its own."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lmforge.infer.generate import generate
+
+    folder = llama2_style_folder(tmp_path / "llama", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                                                      "tokenizer_class": "PreTrainedTokenizerFast"})
+    ours, theirs = Tokenizer.load(folder), AutoTokenizer.from_pretrained(str(folder))
+    assert ours.prefix_ids == [1] and ours.encode_prompt("Hello world") == theirs("Hello world")["input_ids"] == [1, 272, 276]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=ours.vocab_size, hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                                         bos_token_id=1, eos_token_id=2)).eval()
+    model.save_pretrained(folder)
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([[1, 272, 276]]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, 3:].tolist()
+    got = generate(folder, "Hello world", max_new_tokens=8, temperature=0, stop_token_ids=[], device="cpu")
+    assert got.prompt_tokens == 3 and got.token_ids == expected
+    # a template that writes bos_token itself: rendered ids as transformers' apply_chat_template(tokenize=True)
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    chat = generate(folder, "Hello world", max_new_tokens=2, temperature=0, device="cpu")
+    ids = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template([{"role": "user", "content": "Hello world"}],
+                                                                          tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert chat.prompt_tokens == len(ids) and ids.count(1) == 1  # one <s>, not two
+
+
+def test_chat_templates_render_as_transformers_renders_them(tmp_path):
+    """chat_template.jinja (how transformers >= 4.50 saves a template), strftime_now, transformers' tojson,
+    tools/documents as None, the special tokens of special_tokens_map.json and the tokenizer class's defaults."""
+    from transformers import AutoTokenizer
+
+    template = ("{{ bos_token }}{% if tools is not none %}TOOLS{% endif %}{{ strftime_now('%Y') }}"
+                "{% for m in messages %}{{ m['content'] | tojson }}{{ eos_token }}{% endfor %}")
+    folder = llama2_style_folder(tmp_path / "tok", {"tokenizer_class": "LlamaTokenizerFast", "legacy": True},
+                                 {"chat_template.jinja": template,
+                                  "special_tokens_map.json": json.dumps({"unk_token": "<unk>"})})
+    messages = [{"role": "user", "content": "<b>Zürich</b> & 'x'"}]
+    expected = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(messages, tokenize=False)
+    ours = Tokenizer.load(folder)
+    assert ours.apply_chat_template(messages) == expected
+    assert expected.startswith("<s>20") and '"<b>Zürich</b> & \'x\'"</s>' in expected
+    # a special token the tokenizer lacks is undefined, as there: an error, not an empty string
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] + cls_token }}{% endfor %}")
+    with pytest.raises(LmforgeError, match="the chat template failed: 'cls_token' is undefined"):
+        Tokenizer.load(folder).apply_chat_template(messages)
+
+
+def test_decoded_text_is_cleaned_up_where_the_tokenizer_asks_and_streams_the_same(tmp_path):
+    """clean_up_tokenization_spaces (WordPiece, Unigram): transformers joins "i ' m" into "i'm"; the streamed
+    pieces still add up to the whole."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lmforge.infer.detokenize import Detokenizer
+    from test_retrieval import MINILM
+
+    shutil.copytree(MINILM, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    config = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+    ours, theirs = Tokenizer.load(tmp_path / "m"), AutoTokenizer.from_pretrained(str(tmp_path / "m"))
+    ids = theirs("hello, world. i'm fine, don't worry! it's 're x ' y")["input_ids"]
+    assert ours.decode(ids) == theirs.decode(ids) and "i'm fine, don't worry!" in ours.decode(ids)
+    stream = Detokenizer(ours, [])
+    pieces = [stream.add(i)[0] for i in ids] + [stream.finish()]
+    assert "".join(pieces) == ours.decode(ids)

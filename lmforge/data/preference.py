@@ -178,8 +178,9 @@ class TokenizeStats:
         return "; ".join(parts) or None
 
 
-def _answer_ids(tokenizer, prompt_text: str, prompt_ids: list[int], answer_text: str, stats: TokenizeStats) -> list[int]:
-    full = tokenizer.encode(prompt_text + answer_text)
+def _answer_ids(tokenizer, prompt_text: str, prompt_ids: list[int], answer_text: str, stats: TokenizeStats,
+                chat: bool) -> list[int]:
+    full = (tokenizer.encode if chat else tokenizer.encode_prompt)(prompt_text + answer_text)
     if full[: len(prompt_ids)] == prompt_ids:
         return full[len(prompt_ids):]
     stats.boundary += 1
@@ -200,9 +201,10 @@ def encode_prompt(tokenizer, prompt) -> tuple[str, list[int], int | None]:
     if isinstance(prompt, list):
         text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
         end = tokenizer.end_of_turn_id if tokenizer.end_of_turn_id is not None else tokenizer.eos_id
-    else:
+        ids = tokenizer.encode(text)
+    else:  # (as generate encodes a plain prompt: with the tokenizer's leading special tokens, Llama's <s>)
         text, end = prompt, tokenizer.eos_id
-    ids = tokenizer.encode(text)
+        ids = tokenizer.encode_prompt(text)
     if not ids and tokenizer.eos_id is not None:
         ids = [tokenizer.eos_id]  # an empty prompt: the answer is predicted from <|endoftext|>, as generate does
     return text, ids, end
@@ -213,7 +215,7 @@ def encode_answer(tokenizer, prompt, prompt_text: str, prompt_ids: list[int], an
     """The answer's token ids after ``prompt_ids``, ending with ``end`` (end-of-turn or end-of-text)."""
     chat = isinstance(prompt, list)
     text = _chat_answer_text(tokenizer, prompt, prompt_text, answer) if chat else answer
-    ids = _answer_ids(tokenizer, prompt_text, prompt_ids, text, stats)
+    ids = _answer_ids(tokenizer, prompt_text, prompt_ids, text, stats, chat)
     if chat and ids and ids[-1] in special_ids(tokenizer):
         return ids  # the template ended the turn with its own special token (<|im_end|>, <|eot_id|>, </s>)
     return ids if end is None or (ids and ids[-1] == end) else ids + [end]

@@ -126,7 +126,7 @@ def chat_session(model, tokenizer, params: SamplingParams, system: str | None = 
         out.flush()
         answer = []
         try:
-            for piece in stream_generate(model, tokenizer, prompt, sampling):
+            for piece in stream_generate(model, tokenizer, prompt, sampling, rendered=True):
                 answer.append(piece)
                 out.write(piece)
                 out.flush()

@@ -571,14 +571,6 @@ class Engine:
             self.step()
 
 
-def generate_batch(model: GPT, tokenizer, prompts: list[str], params: SamplingParams, max_batch: int = 16) -> list[list[Sequence]]:
-    """Generate for several prompts at once; returns each prompt's ``n`` sequences."""
-    engine = Engine(model, tokenizer, max_batch=max(max_batch, params.n), text_as_it_comes=False)
-    requests = [engine.add(tokenizer.encode(p) if p else [], params) for p in prompts]
-    engine.run(requests)
-    return [r.sequences for r in requests]
-
-
 # -- beam search ----------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from lmforge.infer.detokenize import Detokenizer
 from lmforge.infer.engine import Engine, beam_search, end_tokens, fit_source
 from lmforge.infer.sampling import SamplingParams, fit_prompt, process_logits, recommended_sampling
 from lmforge.model.gpt import GPT, use_fast_kernels
+from lmforge.model.encoder_decoder import EncoderDecoder
 
 __all__ = ["Detokenizer", "Generation", "SamplingParams", "chat_prompt", "fit_prompt", "generate", "generate_ids",
            "process_logits", "stream_generate"]
@@ -49,13 +50,15 @@ class _NoText:
         return ""
 
 
-def stream_generate(model: GPT, tokenizer, prompt: str, params: SamplingParams, result: dict | None = None) -> Iterator[str]:
+def stream_generate(model: GPT, tokenizer, prompt: str, params: SamplingParams, result: dict | None = None,
+                    rendered: bool = False) -> Iterator[str]:
     """Yield the continuation of ``prompt`` as text pieces, as soon as they are safe to show.
 
-    ``result`` (if given) receives the final ``Generation``.
+    ``result`` (if given) receives the final ``Generation``. ``rendered``: the prompt is a chat template's
+    rendering, which holds its own special tokens (see ``prompt_ids``).
     """
     engine = Engine(model, tokenizer, max_batch=1)
-    request = engine.add(tokenizer.encode(prompt) if prompt else [], replace(params, n=1))
+    request = engine.add(prompt_ids(model, tokenizer, prompt, rendered), replace(params, n=1))
     while not request.finished:
         for event in engine.step():
             if event.text:
@@ -64,6 +67,15 @@ def stream_generate(model: GPT, tokenizer, prompt: str, params: SamplingParams, 
     if result is not None:
         result["generation"] = Generation(seq.text, seq.tokens, len(request.prompt_ids), seq.finish_reason,
                                           seq.logprobs or None, seq.top_logprobs or None)
+
+
+def prompt_ids(model, tokenizer, prompt: str, rendered: bool = False) -> list[int]:
+    """A prompt's token ids: plain text as transformers' ``tokenizer(prompt)`` gives it to a decoder (with the
+    tokenizer's leading special tokens: Llama's <s>); a chat template's rendering as written; an encoder-decoder's
+    source as is (its end token is the engine's)."""
+    if rendered or isinstance(model, EncoderDecoder):
+        return tokenizer.encode(prompt) if prompt else []
+    return tokenizer.encode_prompt(prompt)
 
 
 def _beam_generation(tokenizer, tokens: list[int], stop_ids, stops: list[str], prompt_tokens: int) -> Generation:
@@ -124,7 +136,6 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
     else ``SamplingParams``' defaults.
     """
     from lmforge.model.checkpoint import load_generator, load_tokenizer_for
-    from lmforge.model.encoder_decoder import EncoderDecoder
 
     loaded = not isinstance(model, (GPT, EncoderDecoder))
     if loaded:
@@ -162,7 +173,7 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
     if sampling.num_beams > 1:
         out = []
         for p in prompts:
-            ids = tokenizer.encode(p) or [tokenizer.eos_id]
+            ids = prompt_ids(model, tokenizer, p, templated) or [tokenizer.eos_id]
             if seq2seq:
                 ids = fit_source(ids, sampling.max_new_tokens, model.config.block_size, sampling.truncate, tokenizer.eos_id)
             else:
@@ -174,7 +185,7 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
             out.append(gens[0] if sampling.n == 1 else gens)
         return out[0] if isinstance(prompt, str) else out
     engine = Engine(model, tokenizer, max_batch=max(len(prompts), 1) * sampling.n, text_as_it_comes=False)
-    requests = [engine.add(tokenizer.encode(p) if p else [], sampling) for p in prompts]
+    requests = [engine.add(prompt_ids(model, tokenizer, p, templated), sampling) for p in prompts]
     engine.run(requests)
     results = []
     for r in requests:

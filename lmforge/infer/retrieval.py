@@ -544,10 +544,9 @@ class IntentClassifier:
             ids = ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:]
             logits = model(torch.tensor([ids], device=device), torch.ones(1, len(ids), dtype=torch.long, device=device)).logits
         else:
-            ids = tok.encode(text)
-            if tok.eos_id is not None and model.config.pad_token_id != tok.eos_id:
-                ids = ids + [tok.eos_id]  # as fine-tuning read it: a fixed last token for the score
-            logits = model(torch.tensor([ids[-limit:]], device=device))
+            from lmforge.model.heads import decoder_classifier_ids
+
+            logits = model(torch.tensor([decoder_classifier_ids(tok, text, model)], device=device))
         return self.labels[int(logits[0].argmax())]
 
 

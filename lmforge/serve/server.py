@@ -511,7 +511,8 @@ class OpenAIService:
         if len(prompts) != 1:
             raise APIError(400, "send one prompt per request (a list of prompts is not supported)", param="prompt")
         prompt = prompts[0]
-        prompt_ids = self.tokenizer.encode(prompt) if prompt else []
+        # plain text, as vLLM and transformers encode it (the tokenizer's leading special tokens: Llama's <s>)
+        prompt_ids = self.tokenizer.encode(prompt) if self.seq2seq else self.tokenizer.encode_prompt(prompt)
         max_tokens = body.max_tokens or self.default_max_tokens(max(len(prompt_ids), 1), 16)  # OpenAI's default: 16
         # (an encoder-decoder reads the prompt and an end token: the engine's fit_source)
         if self.seq2seq:

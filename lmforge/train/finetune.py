@@ -33,7 +33,7 @@ from lmforge.eval.metrics import classification_metrics, squad_metrics
 from lmforge.model.checkpoint import load_adapted, load_model, load_tokenizer_for, save_model
 from lmforge.model.encoder import Encoder
 from lmforge.model.gpt import GPT
-from lmforge.model.heads import attach_head
+from lmforge.model.heads import attach_head, decoder_classifier_ids
 from lmforge.model.hf import ENCODER_DECODER_TYPES
 from lmforge.model.lora import LoRALinear, add_lora, count_trainable, save_adapter
 from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
@@ -321,7 +321,8 @@ class SFT(Finetune):
             if self.chat:
                 ids, mask = tok.encode_chat(row["messages"])
             else:
-                prompt, completion = tok.encode(row["prompt"]), tok.encode(row["completion"])
+                # (the prompt as generate encodes it: with the tokenizer's leading special tokens, Llama's <s>)
+                prompt, completion = tok.encode_prompt(row["prompt"]), tok.encode(row["completion"])
                 end = [tok.eos_id] if tok.eos_id is not None else []
                 ids, mask = prompt + completion + end, [0] * len(prompt) + [1] * (len(completion) + len(end))
             ids, mask = ids[: self.max_length], mask[: self.max_length]
@@ -457,10 +458,8 @@ class Classification(Finetune):
                 if len(ids) > self.max_length:  # keep [SEP] at the end
                     ids, types = ids[: self.max_length - 1] + ids[-1:], types[: self.max_length - 1] + types[-1:]
             else:
-                ids = tok.encode(row["text"] + ("\n" + row["text_pair"] if row.get("text_pair") else ""))
-                if self.model.config.pad_token_id != tok.eos_id and tok.eos_id is not None:
-                    ids = ids + [tok.eos_id]  # a fixed last token for the score to read
-                ids = ids[-self.max_length:]
+                text = row["text"] + ("\n" + row["text_pair"] if row.get("text_pair") else "")
+                ids = decoder_classifier_ids(tok, text, self.model)[-self.max_length:]
                 types = [0] * len(ids)
             out.append((ids, types, self.label_of(row["label"])))
         return out
