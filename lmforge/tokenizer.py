@@ -210,8 +210,24 @@ class Tokenizer:
 
     @property
     def end_of_turn_id(self) -> int | None:
-        """The token that ends a chat turn (ChatML's <|im_end|>), when the vocabulary has it."""
-        return self.hf.token_to_id(END_OF_TURN)
+        """The special token the chat template ends an assistant's turn with (ChatML's <|im_end|>, Llama 3's
+        <|eot_id|>, Gemma's <end_of_turn>, Phi-3's <|end|>, Llama 2's </s>), found by rendering a short
+        conversation; with no template, ChatML's (lmforge's default), when the vocabulary has it."""
+        template = self.chat_template
+        if not hasattr(self, "_end_of_turn") or self._end_of_turn[0] != template:
+            self._end_of_turn = (template, self._find_end_of_turn() if template else self.hf.token_to_id(END_OF_TURN))
+        return self._end_of_turn[1]
+
+    def _find_end_of_turn(self) -> int | None:
+        answer = "\u2603 yes"  # (a snowman: text no template writes of its own)
+        try:
+            text = self.apply_chat_template([{"role": "user", "content": "\u2603 question"},
+                                             {"role": "assistant", "content": answer}])
+        except LmforgeError:  # a template that refuses this conversation: ChatML's marker, if any
+            return self.hf.token_to_id(END_OF_TURN)
+        after = text[text.rfind(answer) + len(answer):] if answer in text else ""
+        special = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        return next((i for i in self.encode(after) if i in special), None)
 
     def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """Token ids of a conversation and its loss mask: 1 on what each assistant turn adds after

@@ -202,3 +202,32 @@ def test_decoded_text_is_cleaned_up_where_the_tokenizer_asks_and_streams_the_sam
     stream = Detokenizer(ours, [])
     pieces = [stream.add(i)[0] for i in ids] + [stream.finish()]
     assert "".join(pieces) == ours.decode(ids)
+
+
+@pytest.mark.parametrize("template, end", [
+    ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
+     "m['content'] | trim + '<|eot_id|>' }}{% endfor %}", "<|eot_id|>"),  # Llama 3
+    ("{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + "
+     "m['content'] + '<end_of_turn>\\n' }}{% endfor %}", "<end_of_turn>"),  # Gemma
+    ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}"
+     "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}", "</s>"),  # Llama 2, Mistral
+    (None, "<|im_end|>"),  # lmforge's ChatML
+])
+def test_the_end_of_a_turn_is_the_special_token_the_template_ends_an_answer_with(tmp_path, template, end):
+    """chat, serve and SFT stop at (and teach) the end of the assistant's turn: Llama 3's <|eot_id|>, not only
+    ChatML's <|im_end|>."""
+    from tokenizers import AddedToken, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.train_from_iterator(["a question and its answer"] * 5, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    specials = ["<s>", "</s>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                "<start_of_turn>", "<end_of_turn>"]
+    hf.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", **({"chat_template": template} if template else {})}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.load(tmp_path)
+    assert tok.end_of_turn_id == tok.token_to_id(end)
