@@ -461,3 +461,35 @@ def test_a_long_conversation_drops_whole_turns_so_it_still_begins_with_the_user(
     kept, dropped = fit_conversation(tok, turns, SamplingParams(max_new_tokens=16), 256)
     assert 0 < dropped < len(turns) - 2 and kept[0]["role"] == "system" and kept[1]["role"] == "user"
     assert kept == turns[:1] + turns[1 + dropped:]
+
+
+def test_common_dataset_layouts_are_read_as_chat_or_instruction(hf_gpt2, tmp_path):
+    """ShareGPT, Alpaca, TRL's conversational prompt/completion and TRL's plain {"text"}: what people's data
+    looks like; each read as the format it means (they were "match no format")."""
+    from lmforge.data.examples import read_examples
+
+    user, answer = {"role": "user", "content": "add 2 3"}, {"role": "assistant", "content": "5"}
+    layouts = {
+        "sharegpt": ({"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "add 2 3"},
+                                        {"from": "gpt", "value": "5"}]},
+                     "chat", {"messages": [{"role": "system", "content": "be brief"}, user, answer]}),
+        "alpaca": ({"instruction": "add", "input": "2 3", "output": "5"}, "chat",
+                   {"messages": [{"role": "user", "content": "add\n\n2 3"}, answer]}),
+        "alpaca-no-input": ({"instruction": "add 2 3", "input": "", "output": "5"}, "chat", {"messages": [user, answer]}),
+        "trl-conversational": ({"prompt": [user], "completion": [answer]}, "chat", {"messages": [user, answer]}),
+        "trl-text": ({"text": "def f(x):\n    return x\n"}, "instruction",
+                     {"prompt": "", "completion": "def f(x):\n    return x\n"}),
+    }
+    for name, (row, task, expected) in layouts.items():
+        path = jsonl(tmp_path / f"{name}.jsonl", [row] * 3)
+        examples = read_examples(path)
+        assert (examples.task, examples.rows[0]) == (task, expected), name
+    # a text-only row among classification rows is still a row without its label, said as such
+    with pytest.raises(LmforgeError, match="missing field 'label'"):
+        read_examples(jsonl(tmp_path / "mixed.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad"}]))
+    # plain text fine-tunes every token of it
+    texts = [{"text": f"def f{i}(x):\n    return x + {i}\n"} for i in range(40)]
+    finetune(model=str(hf_gpt2), train=jsonl(tmp_path / "text.jsonl", texts), progress=False,
+             **settings(tmp_path, max_steps=20, eval_interval=10))
+    _, evals = logs(tmp_path / "run")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]

@@ -7,6 +7,12 @@
     qa              {"question": ..., "context": ..., "answers": {"text": [...], "answer_start": [...]}}
     retrieval       {"query": ..., "positive": ...}   (a sentence encoder for search, in-batch negatives)
 
+Other common layouts are read as one of these: ShareGPT's ``{"conversations": [{"from": "human"|"gpt"|"system",
+"value": ...}]}`` and Alpaca's ``{"instruction", "input", "output"}`` as chat (the instruction, then the input
+after a blank line, as the user's message), TRL's conversational ``{"prompt": [messages], "completion":
+[messages]}`` as chat, and TRL's language-modelling ``{"text": ...}`` (no label) as an instruction with an
+empty prompt: every token of the text is learned.
+
 A malformed example is an error naming its line (or row) and what was expected; with
 ``skip_bad_lines`` it is counted and skipped instead. In CSV files, the nested fields
 (``messages``, ``answers``) are JSON strings.
@@ -125,9 +131,36 @@ def _check(task: str, row: dict) -> str | None:
     return None
 
 
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                   "system": "system"}
+
+
+def _common_layout(row, task: str) -> dict:
+    """``row`` in one of FORMATS' layouts, when it is in another common one (see the module docstring)."""
+    if not isinstance(row, dict) or any(k in row for k in ("messages", "label")):
+        return row
+    turns = row.get("conversations")
+    if isinstance(turns, list) and all(isinstance(t, dict) and "from" in t and "value" in t for t in turns):
+        rest = {k: v for k, v in row.items() if k != "conversations"}
+        return {**rest, "messages": [{"role": _SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t["value"]}
+                                     for t in turns]}
+    if isinstance(row.get("instruction"), str) and "output" in row and "prompt" not in row:
+        extra = row.get("input")
+        user = row["instruction"] + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else "")
+        rest = {k: v for k, v in row.items() if k not in ("instruction", "input", "output")}
+        return {**rest, "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]}
+    if isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
+        rest = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
+        return {**rest, "messages": row["prompt"] + row["completion"]}
+    if task in ("auto", "instruction") and "text" in row and not any(k in row for k in ("text_pair", "prompt", "completion")):
+        rest = {k: v for k, v in row.items() if k != "text"}
+        return {**rest, "prompt": "", "completion": row["text"]}
+    return row
+
+
 def _parse_nested(row: dict) -> dict:
     """CSV cells are strings: the nested fields arrive as JSON text."""
-    for key in ("messages", "answers", "tokens", "tags", "ner_tags"):
+    for key in ("messages", "answers", "tokens", "tags", "ner_tags", "conversations"):
         value = row.get(key)
         if isinstance(value, str) and value[:1] in "[{":
             try:
@@ -181,6 +214,7 @@ def read_examples(path: str | os.PathLike, task: str = "auto", skip_bad_lines: b
         problem = row if isinstance(row, str) else None
         if isinstance(row, dict) and "ner_tags" in row and "tokens" in row and "tags" not in row:
             row["tags"] = row.pop("ner_tags")  # (the datasets library's CoNLL layout)
+        row = _common_layout(row, out.task)
         if problem is None and out.task == "auto":
             out.task = detect_task(row) if isinstance(row, dict) else None
             if out.task is None:
