@@ -56,7 +56,10 @@ def __getattr__(name: str):
     value = getattr(import_module(_API[name]), name)
     if isinstance(value, type) or not callable(value):
         return value
-    return _speaking_python(value)
+    api = _speaking_python(value)
+    api.__module__, api.__qualname__ = __name__, name
+    globals()[name] = api  # one object, which pickle finds again as lmforge.<name> (spawned processes take it)
+    return api
 
 
 def _speaking_python(function):

@@ -154,7 +154,8 @@ def cmd_generate(args) -> None:
     if args.echo:
         sys.stdout.write(prompt)
     if params.num_beams > 1 or params.n > 1:
-        results = generate(model, text, tokenizer, chat=False, **vars(params))
+        # (the prompt as given: generate renders the template itself, or reads plain text as plain text)
+        results = generate(model, prompt, tokenizer, chat=rendered, system=args.system, **vars(params))
         for i, g in enumerate(results if isinstance(results, list) else [results]):
             kind = "beam" if params.num_beams > 1 else "sample"
             sys.stdout.write((f"--- {kind} {i + 1} ---\n" if params.n > 1 else "") + g.text + "\n")

@@ -201,7 +201,8 @@ class Tokenizer:
                 special["additional_special_tokens"] = [t.get("content") if isinstance(t, dict) else t for t in extra]
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                                    documents=None, **special)
-        except TemplateError as e:
+        except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+            # (a template is code from the model's folder: what it raises is said in one line)
             raise LmforgeError(f"the chat template failed: {e}") from None
 
     def _token_text(self, key: str) -> str:

@@ -320,6 +320,9 @@ def test_reward_and_dpo_commands_train_and_save_and_reward_score_prints_the_mode
     prompt_ids = tokenize_pair(saved, single, TokenizeStats()).prompt
     assert len(prompt_ids) > len(tok.encode("add 1 2")) + 4  # the template's markers around the message
     assert generate(policy, "add 1 2", max_new_tokens=1, temperature=0).prompt_tokens == len(prompt_ids)
+    # and the end of a turn is an end of its generation (generation_config.json), as after SFT on chats
+    ends = json.loads((latest_checkpoint(policy) / "model" / "generation_config.json").read_text())["eos_token_id"]
+    assert saved.end_of_turn_id in ends
 
     prompt, answer = "add 2 3 =", " 5"
     expected = reward_scores(rm, [{"prompt": prompt, "answer": answer}])[0]

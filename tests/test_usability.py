@@ -352,6 +352,9 @@ def test_the_python_api_takes_what_users_pass_and_says_what_it_cannot(hf_gpt2, t
         lmforge.convert(hf_gpt2, tmp_path / "taken")
     with pytest.raises(LmforgeError, match=r"lower max_new_tokens, or pass truncate=True to keep its last"):
         lmforge.generate(hf_gpt2, "word " * 100, max_new_tokens=10)
+    import pickle
+
+    assert lmforge.generate is lmforge.generate and pickle.loads(pickle.dumps(lmforge.pretrain)) is lmforge.pretrain
     from lmforge.infer.generate import generate as the_modules_own
 
     with pytest.raises(LmforgeError, match=r"pass --truncate"):  # (what the command line calls)

@@ -376,7 +376,7 @@ def check_tokenizers(model_paths: list[str], data_dir) -> None:
         if not Tokenizer.load(folder).tokenizes_as(data_tokenizer):
             raise LmforgeError(f"{path} has another tokenizer than the one {data_dir} was prepared with, so its "
                                f"perplexity there would be over other tokens; prepare the data with its tokenizer "
-                               f"(lmforge prepare --tokenizer {folder})")
+                               f"(`lmforge prepare --tokenizer {folder}`)")
 
 
 def format_comparison(rows: list[dict]) -> str:

@@ -20,7 +20,7 @@ class Detokenizer:
     Three things are held back. A tail of U+FFFD: the last tokens end inside a multi-byte character
     (byte-level BPE) that the next token may complete. An open run of byte-fallback tokens (Llama's
     ``<0xE4>``), decoded as a whole once it ends. And the last ``len(longest stop) - 1`` characters,
-    which could still begin a stop string (at least 3 where the tokenizer cleans decoded text up: " n"
+    which could still begin a stop string (at least 5 where the tokenizer cleans decoded text up: " n '"
     may yet become "n't"). ``finish()`` releases everything, an unfinished character as
     the U+FFFD that ``decode`` writes for it.
     """
@@ -40,8 +40,8 @@ class Detokenizer:
         self.lazy = lazy and not any(stops)
         self.stops = [s for s in stops if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
-        if getattr(tokenizer, "cleans_up", False):  # " n" may yet become "n't": up to 3 characters may change
-            self.hold = max(self.hold, 3)
+        if getattr(tokenizer, "cleans_up", False):  # "do n '" may yet become "don't": 5 characters may change
+            self.hold = max(self.hold, 5)
         self.ids: list[int] = []
         self.text = ""  # decode(ids), cut before a stop string once one is reached
         self.emitted = 0  # characters of text handed out so far

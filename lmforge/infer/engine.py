@@ -158,6 +158,16 @@ def end_tokens(model, tokenizer) -> list[int]:
     return sorted({i for i in ids if i is not None and 0 <= i < model.config.vocab_size})
 
 
+def record_end_of_turn(model, tokenizer) -> None:
+    """A model trained on conversations ends its turns with the template's end-of-turn token: list it among the
+    model's end ids, which go into the generation_config.json it is saved with (transformers' ``generate`` stops
+    there too) and which ``end_tokens`` reads."""
+    turn_end = tokenizer.end_of_turn_id
+    if turn_end is not None:
+        ends = [*getattr(model, "end_token_ids", []), tokenizer.eos_id, turn_end]
+        model.end_token_ids = [i for i in dict.fromkeys(ends) if i is not None]
+
+
 def fit_source(source_ids: list[int], max_new_tokens: int, context: int, truncate: bool,
                eos: int | None = None, say: bool = True) -> list[int]:
     """An encoder-decoder's source, ending with ``eos`` as its training inputs did (T5's inputs end with the

@@ -99,7 +99,8 @@ def chat_prompt(tokenizer, messages: list[dict], params: SamplingParams, model=N
     if tokenizer.end_of_turn_id is not None:
         stops.append(tokenizer.end_of_turn_id)
     extra = [] if tokenizer.end_of_turn_id is not None else ["<|im_end|>"]  # the marker as text, when not a token
-    return prompt, replace(params, stop_token_ids=[s for s in stops if s is not None], stop=list(params.stop) + extra)
+    return prompt, replace(params, stop_token_ids=[s for s in dict.fromkeys(stops) if s is not None],
+                           stop=list(dict.fromkeys([*params.stop, *extra])))
 
 
 def _kind(value) -> str:

@@ -255,7 +255,9 @@ def load_adapted(adapter: str | os.PathLike, device="cpu", dtype=None, merge: bo
     if merge:
         merge_lora(model)
     model.source = adapter
-    model.base_source = base_folder
+    # the model folder it all stands on (an adapter trained on an adapter: that one's base), whose precision and
+    # generation settings merging keeps
+    model.base_source = model.base_source if is_adapter_folder(base_folder) else base_folder
     return model.eval()
 
 

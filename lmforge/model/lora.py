@@ -457,6 +457,12 @@ def load_adapter(model, folder: str | os.PathLike) -> None:
     if [k for k in missing if ".lora_" in k]:
         raise LmforgeError(f"{folder}: adapter weights missing for {missing[0]} (and {len(missing) - 1} more); "
                            f"is it an adapter of this model?")
+    unused = [k for k in tensors if ".lora_" in k and k not in expected]
+    if unused:  # (PEFT would adapt that module: loading without it would give other outputs than PEFT's)
+        module = unused[0].removeprefix("base_model.model.").split(".lora_")[0]
+        raise LmforgeError(f"{folder}: the adapter adapts {module}, which lmforge does not adapt (it adapts the "
+                           f"Transformer blocks' products); merge the adapter with PEFT (merge_and_unload) and load "
+                           f"the merged folder")
     with torch.no_grad():
         for key, param in expected.items():
             if key in tensors:
@@ -514,7 +520,7 @@ def _targets_from_pattern(pattern: str, paths: dict[str, list[str]]) -> list[str
                                f"(merge_and_unload) and load the merged folder")
         if matched:
             targets.append(target)
-    beyond = [m for m in _OUTSIDE if regex.fullmatch(m)]
+    beyond = [m for m in _OUTSIDE if regex.fullmatch(m) or regex.fullmatch("bert." + m)]  # (BERT heads' prefix)
     if beyond:
         raise LmforgeError(f"adapter target_modules {pattern!r} also matches {beyond[0]}, outside the Transformer "
                            f"blocks, which lmforge does not adapt; merge the adapter with PEFT (merge_and_unload) and "

@@ -30,6 +30,7 @@ from lmforge.data.examples import Examples, read_examples
 from lmforge.data.loader import StepPosition
 from lmforge.errors import LmforgeError
 from lmforge.eval.metrics import classification_metrics, squad_metrics
+from lmforge.infer.engine import record_end_of_turn
 from lmforge.model.checkpoint import load_adapted, load_model, load_tokenizer_for, save_model
 from lmforge.model.encoder import Encoder
 from lmforge.model.gpt import GPT
@@ -303,10 +304,8 @@ class SFT(Finetune):
         if not isinstance(self.model, GPT):
             raise LmforgeError("chat and instruction fine-tuning need a decoder model (gpt2, llama, qwen2, mistral)")
         self.chat = "messages" in train_rows[0]
-        turn_end = self.tokenizer.end_of_turn_id
-        if self.chat and turn_end is not None:  # saved in generation_config.json: the model stops at a turn's end
-            ends = [*getattr(self.model, "end_token_ids", []), self.tokenizer.eos_id, turn_end]
-            self.model.end_token_ids = [i for i in dict.fromkeys(ends) if i is not None]
+        if self.chat:
+            record_end_of_turn(self.model, self.tokenizer)
         self.train_features = self.featurize(train_rows)
         self.val_features = self.featurize(val_rows)
         if not self.train_features:

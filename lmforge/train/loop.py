@@ -341,7 +341,7 @@ class CausalLM(Objective):
             if (folder / "tokenizer.json").exists() and not Tokenizer.load(folder).tokenizes_as(self.tokenizer):
                 raise LmforgeError(f"{config.data} was prepared with another tokenizer than {config.model}'s; its "
                                    f"token ids would mean other text to the model: prepare the data with that model's "
-                                   f"tokenizer (lmforge prepare --tokenizer {folder})")
+                                   f"tokenizer (`lmforge prepare --tokenizer {folder}`)")
         self.block_size = self.model.config.block_size
         self.windows = eval_windows(self.val_split, self.block_size, config.eval_windows) if self.val_split else []
 
@@ -484,7 +484,7 @@ def train(config: TrainConfig, make_objective, *, resume: bool = False, overwrit
         raise LmforgeError(
             f"process {dist_.rank}: another process of the run stopped or did not answer within dist_timeout "
             f"({config.dist_timeout:g} s): {first_line(e)}. The last checkpoint is {last or 'none'}; fix the cause "
-            f"and continue with --resume (under torchrun --max-restarts N, --resume auto continues by itself)"
+            f"and continue with --resume (under `torchrun --max-restarts N`, `--resume auto` continues by itself)"
         ) from None
     finally:
         if dist_.enabled and dist.is_initialized():
@@ -714,7 +714,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
             print(f"parallel: {dist_.parallel} ({parallel_reason})", flush=True)
         elif config.parallel != "auto":
             warn(f"--parallel {config.parallel} has nothing to share out in one process; start several with "
-                 f"torchrun --nproc-per-node N -m lmforge ...")
+                 f"`torchrun --nproc-per-node N -m lmforge ...`")
         if peak:
             print(f"MFU is against {peak / 1e12:.2f} TFLOP/s ({peak_source})", flush=True)
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from lmforge.data.preference import TokenizedPair, TokenizeStats, encode_answer, encode_prompt, read_pairs, tokenize_pairs
 from lmforge.errors import LmforgeError
+from lmforge.infer.engine import record_end_of_turn
 from lmforge.model.checkpoint import load_model
 from lmforge.model.encoder import Encoder
 from lmforge.model.gpt import GPT, last_tokens
@@ -335,6 +336,8 @@ class DPO(PairObjective):
 
     def setup(self, train_rows: list, val_rows: list) -> None:
         super().setup(train_rows, val_rows)
+        if self.chat:  # (the policy answers in turns: its saved generation config ends them)
+            record_end_of_turn(self.model, self.tokenizer)
         c = self.config
         self.reference = c.reference if c.reference != "auto" else ("adapter" if c.method == "lora" else "copy")
         self.ref_model = None

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from lmforge.data.examples import ROLES, _raw_rows
 from lmforge.data.preference import Pairs, encode_prompt
 from lmforge.errors import LmforgeError
-from lmforge.infer.engine import Engine, end_tokens
+from lmforge.infer.engine import Engine, end_tokens, record_end_of_turn
 from lmforge.model.checkpoint import load_model, save_model
 from lmforge.model.gpt import GPT
 from lmforge.model.heads import attach_head
@@ -279,6 +279,8 @@ class RL(Finetune):
         c = self.config
         self.policy = self.model
         self.chat = isinstance(train_rows[0]["prompt"], list)
+        if self.chat:
+            record_end_of_turn(self.policy, self.tokenizer)
         self.prompts = self.encode(train_rows, "training")
         self.val_prompts = self.encode(val_rows, "validation")
         self.n_train, self.n_val = len(self.prompts), len(self.val_prompts)
