@@ -262,6 +262,12 @@ class Tokenizer:
         """
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
+    @property
+    def bos_id(self) -> int | None:
+        """The beginning-of-sequence token tokenizer_config.json (or the files read with it) names, if any."""
+        token = self._token_text("bos_token")
+        return self.hf.token_to_id(token) if token else None
+
     @functools.cached_property
     def prefix_ids(self) -> list[int]:
         """The special tokens the tokenizer's own template puts before a text (Llama's and Mistral's <s>, Llama 3's

@@ -52,18 +52,39 @@ def test_the_harness_scores_an_lmforge_model_like_lmforge_does(hf_gpt2, tmp_path
     assert harness_acc == pytest.approx(lmforge_acc)
 
 
-def test_every_request_type_equals_the_harness_hf_model_on_the_same_folder(hf_gpt2):
+@pytest.fixture(params=["gpt2", "llama-with-bos"])
+def harness_folder(request, hf_gpt2, tmp_path):
+    """GPT-2's folder, or a Llama folder whose tokenizer puts <s> before a text (the harness adds it by default)."""
+    if request.param == "gpt2":
+        return hf_gpt2
+    import torch
+    from test_tokenizer import llama2_style_folder
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = llama2_style_folder(tmp_path / "llama", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                                                      "tokenizer_class": "PreTrainedTokenizerFast"})
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=282, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=64, bos_token_id=1,
+                                 eos_token_id=2)).save_pretrained(folder)
+    return folder
+
+
+def test_every_request_type_equals_the_harness_hf_model_on_the_same_folder(harness_folder):
     """The harness's own transformers backend and lmforge's, on one Hugging Face folder, request by request."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
     from lmforge.eval.harness import LmforgeLM
 
+    hf_gpt2 = harness_folder
+
     ours = LmforgeLM(pretrained=str(hf_gpt2), batch_size=3)
     theirs = HFLM(pretrained=str(hf_gpt2), batch_size=3, device="cpu", dtype="float32")
     contexts = ["import os\nimport", "def main():\n    return", "class A:\n    pass\n\n\nclass"]
     choices = [" sys", " json", " 0", "(", " B", " B(A):"]
-    requests = [Instance("loglikelihood", {}, (c, k), i) for i, (c, k) in enumerate((c, k) for c in contexts for k in choices)]
+    requests = [Instance("loglikelihood", {}, (c, k), i)
+                for i, (c, k) in enumerate((c, k) for c in [*contexts, ""] for k in choices)]  # ("": from <s>)
     for (score, greedy), (score_ref, greedy_ref) in zip(ours.loglikelihood(requests, True), theirs.loglikelihood(requests, True)):
         assert score == pytest.approx(score_ref, abs=1e-4) and greedy == greedy_ref
     text = open(__file__).read()[:1500]  # several 64-token windows

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.errors import LmforgeError
-from lmforge.eval.loglikelihood import loglikelihoods, score_tokens
+from lmforge.eval.loglikelihood import harness_encode, loglikelihoods, score_tokens
 from lmforge.eval.metrics import bleu, classification_metrics, pearson, rouge, spearman, squad_f1
 from lmforge.eval.tasks import Task
 from lmforge.model.gpt import GPT
@@ -149,7 +149,9 @@ def _generation_task(model, tokenizer, task: Task, batch_size: int, progress: bo
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
     requests, truncated = {}, 0
     for i in order:
-        ids = tokenizer.encode(contexts[i]) or [tokenizer.eos_id]
+        # (a decoder's prompt as lm-evaluation-harness encodes it; an encoder-decoder's source as it is)
+        ids = (harness_encode(tokenizer, contexts[i]) if fit is fit_prompt else tokenizer.encode(contexts[i])) \
+            or [tokenizer.eos_id]
         fitted = fit(ids, params.max_new_tokens, model.config.block_size, True,
                      **({"say": False} if fit is fit_prompt else {"eos": tokenizer.eos_id, "say": False}))
         appended = fit is fit_source and tokenizer.eos_id is not None and ids[-1] != tokenizer.eos_id

@@ -10,7 +10,10 @@ and importing this module registers it too, so any of these runs it:
 
 Model arguments: ``pretrained`` (a model or run folder), ``batch_size``, ``device`` (the harness
 asks for CUDA by default; without a GPU this falls back to the CPU, as its ``hf`` model does),
-``dtype`` (float32, bfloat16, float16), ``max_gen_toks``, ``int8``.
+``dtype`` (float32, bfloat16, float16), ``max_gen_toks``, ``int8``, ``add_bos_token``. Text is encoded as
+the harness's ``hf`` model encodes it (``harness_encode``: by default with the tokenizer's leading special
+tokens, Llama's <s>; ``add_bos_token`` true or false decides), and an empty context and each rolling window
+start from the beginning-of-sequence token where the tokenizer names one, else from the end-of-text token.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from lmforge.eval.loglikelihood import score_tokens, split_context
+from lmforge.eval.loglikelihood import empty_context, harness_encode, score_tokens, split_context
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -27,7 +30,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 @register_model("lmforge")
 class LmforgeLM(LM):
     def __init__(self, pretrained: str | None = None, batch_size: int | str = 8, device: str | None = None,
-                 dtype: str | None = None, max_gen_toks: int = 256, int8: bool = False, **kwargs):
+                 dtype: str | None = None, max_gen_toks: int = 256, int8: bool = False, add_bos_token=None,
+                 **kwargs):
         super().__init__()
         import torch
 
@@ -60,16 +64,23 @@ class LmforgeLM(LM):
         use_fast_kernels(self.model, self.batch_size)  # (the CPU's fastest kernels; quantised weights stay as they are)
         self.max_gen_toks = int(max_gen_toks)
         self.eot = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0
+        self.prefix = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.eot  # (the hf model's)
         self.pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        add_bos = None if add_bos_token in (None, "None") else str(add_bos_token).lower() in ("1", "true")
+        self.encode = lambda text: harness_encode(self.tokenizer, text, add_bos)
+        unused = sorted(set(kwargs) - {"max_batch_size"})  # (what the harness itself passes every model)
+        if unused:
+            warn(f"model_args {', '.join(unused)} are not read by the lmforge model (it reads pretrained, batch_size, "
+                 f"device, dtype, max_gen_toks, int8, add_bos_token)")
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = []
         for request in requests:
             context, continuation = request.args
             if context == "":  # the harness's convention: condition on end-of-text
-                pairs.append(([self.eot], self.tokenizer.encode(continuation)))
+                pairs.append(empty_context(self.tokenizer, self.tokenizer.encode(continuation)))
             else:
-                pairs.append(split_context(self.tokenizer, context, continuation))
+                pairs.append(split_context(self.tokenizer, context, continuation, self.encode))
         return score_tokens(self.model, pairs, self.batch_size, self.pad, progress=not disable_tqdm, desc="loglikelihood")
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -77,7 +88,7 @@ class LmforgeLM(LM):
         windows, owner = [], []
         for i, request in enumerate(requests):
             (text,) = request.args
-            for window in get_rolling_token_windows(self.tokenizer.encode(text), prefix_token=self.eot,
+            for window in get_rolling_token_windows(self.encode(text), prefix_token=self.prefix,
                                                     max_seq_len=self.model.config.block_size, context_len=1):
                 windows.append(make_disjoint_window(window))
                 owner.append(i)
@@ -102,7 +113,7 @@ class LmforgeLM(LM):
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
             params = SamplingParams(max_new_tokens=int(kwargs.get("max_gen_toks", self.max_gen_toks)), temperature=temperature,
                                     stop=until, seed=kwargs.get("seed"))
-            ids = fit_prompt(self.tokenizer.encode(context) or [self.eot], params.max_new_tokens,
+            ids = fit_prompt(self.encode(context) or [self.prefix], params.max_new_tokens,
                              self.model.config.block_size, truncate=True)
             handles.append(engine.add(ids, params))
         with tqdm(total=len(handles), desc="generate_until", disable=disable_tqdm) as bar:

@@ -20,18 +20,41 @@ from lmforge.errors import LmforgeError
 from lmforge.utils import warn
 
 
-def split_context(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def harness_encode(tokenizer, text: str, add_bos: bool | None = None) -> list[int]:
+    """Token ids of ``text`` as lm-evaluation-harness's ``hf`` model encodes it for a decoder: as the tokenizer
+    does by default, with its leading special tokens (Llama's <s>), unless the text already begins with the
+    beginning-of-sequence token's text; ``add_bos`` (the harness's add_bos_token) True or False decides instead."""
+    bos = tokenizer.config.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    if add_bos is False or (add_bos is None and bos and text.startswith(bos)):
+        return tokenizer.encode(text)
+    return tokenizer.encode_prompt(text)
+
+
+def empty_context(tokenizer, continuation: list[int]) -> tuple[list[int], list[int]]:
+    """(context, continuation) for an empty context, as the harness makes it: the beginning-of-sequence token
+    where the tokenizer names one, else the end-of-text token (the continuation's own first token when it is
+    that token)."""
+    prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    if prefix is None:
+        return [], continuation
+    return (continuation[:1], continuation[1:]) if continuation[:1] == [prefix] else ([prefix], continuation)
+
+
+def split_context(tokenizer, context: str, continuation: str, encode=None) -> tuple[list[int], list[int]]:
     """Token ids of (context, continuation), as the model would see the whole text.
 
     Trailing whitespace of the context moves to the continuation (in BPE a space belongs to the word
     after it; lm-evaluation-harness does the same). The two are tokenised together when the context's
-    tokens are a prefix of the whole (the usual case), else separately.
+    tokens are a prefix of the whole (the usual case), else separately. ``encode``: how text is encoded
+    (default: ``harness_encode``, as the harness does).
     """
+    encode = encode or (lambda text: harness_encode(tokenizer, text))
     stripped = context.rstrip()
     if stripped:  # an all-space context stays as it is
         context, continuation = stripped, context[len(stripped):] + continuation
-    ctx = tokenizer.encode(context)
-    whole = tokenizer.encode(context + continuation)
+    ctx = encode(context)
+    whole = encode(context + continuation)
     if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
         return ctx, whole[len(ctx):]
     return ctx, tokenizer.encode(continuation)
@@ -154,12 +177,12 @@ def score_tokens(model, requests: list[tuple[list[int], list[int]]], batch_size:
 def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 8, progress: bool = False,
                    desc: str = "scoring") -> list[float]:
     """Sum of log P(continuation tokens | context) for each (context, continuation) of text; an empty
-    context is the end-of-text token (as lm-evaluation-harness does)."""
+    context is the beginning-of-sequence token, else the end-of-text token (as lm-evaluation-harness does)."""
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     token_requests = []
     for context, continuation in requests:
-        ctx, cont = split_context(tokenizer, context, continuation)
-        if not ctx and tokenizer.eos_id is not None:
-            ctx = [tokenizer.eos_id]
-        token_requests.append((ctx, cont))
+        if context:
+            token_requests.append(split_context(tokenizer, context, continuation))
+        else:
+            token_requests.append(empty_context(tokenizer, tokenizer.encode(continuation)))
     return [score for score, _ in score_tokens(model, token_requests, batch_size, pad, progress, desc)]
