@@ -136,6 +136,21 @@ def test_a_config_without_window_or_positions_reads_as_transformers_reads_it(tmp
         load_model(tmp_path / "llama")(torch.zeros(1, 70, dtype=torch.long))
 
 
+def test_a_bare_llama_model_folder_loads_with_its_tied_head(tmp_path):
+    """LlamaModel's save_pretrained names tensors without "model."; with tied embeddings it is a whole LM."""
+    from safetensors.torch import load_file, save_file
+
+    hf = make(tmp_path / "hf", "llama-mqa-tied-llama3-rope")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    save_file({k.removeprefix("model."): v for k, v in tensors.items() if k != "lm_head.weight"},
+              tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaModel"]}))
+    idx = torch.randint(3, 97, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "hf")(idx), hf(idx).logits, atol=1e-4, rtol=0)
+
+
 def test_an_lmforge_only_configuration_round_trips(tmp_path):
     from lmforge.model.config import Config
     from lmforge.model.gpt import build_model

@@ -106,6 +106,11 @@ def test_the_sampling_a_folders_generation_config_recommends_is_the_default(hf_g
     wanted = dict(temperature=0.5, top_p=0.9, top_k=50, min_p=0.0, repetition_penalty=1.3)
     assert recommended_sampling(model) == wanted
     assert recommended_sampling(load_model(plain)) == {}
+    # a model saved again (after full fine-tuning, say) keeps its folder's recommendation, as save_pretrained does
+    from lmforge.model.checkpoint import save_model
+
+    save_model(model, tmp_path / "again")
+    assert recommended_sampling(load_model(tmp_path / "again")) == wanted
     run = lambda folder, **kw: generate(folder, "def f", max_new_tokens=24, seed=3, chat=False, **kw).token_ids  # noqa: E731
     assert run(hf_gpt2) == run(plain, **wanted) != run(plain)
     assert run(hf_gpt2, temperature=0) == run(plain, temperature=0, repetition_penalty=1.3)  # (given wins)

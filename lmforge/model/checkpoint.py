@@ -105,7 +105,8 @@ def save_model(model, folder: str | os.PathLike, tokenizer=None, max_shard_bytes
         elif isinstance(model, EncoderDecoder):
             c = model.config
             atomic_write_json(tmp / "config.json", {**t5_config_to_hf(c), "torch_dtype": dtype})
-            atomic_write_json(tmp / "generation_config.json", {"decoder_start_token_id": c.decoder_start_token_id,
+            atomic_write_json(tmp / "generation_config.json", {**_kept_generation(model),
+                                                               "decoder_start_token_id": c.decoder_start_token_id,
                                                                "eos_token_id": _end_ids(model, c.eos_token_id),
                                                                "pad_token_id": c.pad_token_id})
             tensors = t5_state_dict_to_hf(model)
@@ -117,7 +118,8 @@ def save_model(model, folder: str | os.PathLike, tokenizer=None, max_shard_bytes
             if config.family != "lmforge":
                 hf_config["torch_dtype"] = dtype
             atomic_write_json(tmp / "config.json", hf_config)
-            generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id") if getattr(config, k) is not None}
+            generation = {**_kept_generation(model), **{k: getattr(config, k) for k in ("bos_token_id", "eos_token_id")
+                                                        if getattr(config, k) is not None}}
             if config.eos_token_id is not None or getattr(model, "end_token_ids", None):
                 generation["eos_token_id"] = _end_ids(model, config.eos_token_id)
             atomic_write_json(tmp / "generation_config.json", generation)
@@ -126,6 +128,12 @@ def save_model(model, folder: str | os.PathLike, tokenizer=None, max_shard_bytes
         if tokenizer is not None:
             tokenizer.save(tmp)
     return Path(folder)
+
+
+def _kept_generation(model) -> dict:
+    """The generation_config.json of the folder a model was loaded from (its sampling recommendation and the
+    like), which a fine-tuned copy keeps, as transformers' ``save_pretrained`` keeps ``generation_config``."""
+    return dict(getattr(model, "generation_settings", None) or {})
 
 
 def _end_ids(model, eos: int | None) -> int | list[int]:
@@ -185,11 +193,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         model = build_encoder_decoder(config, "meta")
         weights = t5_state_dict_from_hf(config, raw, str(folder))
         model.end_token_ids = end_token_ids(folder, hf, config.vocab_size)
+        model.generation_settings = generation_settings(folder)
     else:
         config = config_from_hf(hf, where)
         model = build_model(config, "meta")
         weights = state_dict_from_hf(config, raw, str(folder))
         model.end_token_ids = end_token_ids(folder, hf, config.vocab_size)
+        model.generation_settings = generation_settings(folder)
     if deferring():  # sharded training: each rank copies its shard of each tensor later (train/distributed.py)
         _check_names(model, weights, folder)
         model.pending_weights = weights
@@ -204,6 +214,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     model.to(device=device, dtype=dtype or torch.float32)
     model.source = folder
     return model.eval()
+
+
+def generation_settings(folder: Path) -> dict:
+    """A folder's generation_config.json ({} when it has none)."""
+    path = Path(folder) / "generation_config.json"
+    return read_json(path, "generation config") if path.exists() else {}
 
 
 def end_token_ids(folder: Path, hf: dict, vocab_size: int) -> list[int]:

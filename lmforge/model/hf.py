@@ -393,6 +393,8 @@ def state_dict_from_hf(config: Config, hf_sd: dict[str, torch.Tensor], where: st
     if config.family == "gpt2":
         out, problems = _gpt2_from_hf(config, hf_sd)
     else:
+        if not any(k.startswith("model.") for k in hf_sd):  # a bare LlamaModel's names (no "model." prefix)
+            hf_sd = {k if k.startswith(("lm_head.", "score.")) else "model." + k: v for k, v in hf_sd.items()}
         out, problems = _llama_from_hf(config, hf_sd)
     if config.head == "sequence_classification":
         if score is None:
