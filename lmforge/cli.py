@@ -7,7 +7,9 @@ A mistake in the input prints one line, ``lmforge: error: ...``, and exits with 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from lmforge import __version__
 from lmforge.errors import LmforgeError
@@ -284,8 +286,6 @@ def cmd_reward_score(args) -> None:
     if bool(args.input) == (args.prompt is not None or args.answer is not None):
         raise LmforgeError("give either --prompt and --answer, or --input FILE of {\"prompt\", \"answer\"} rows")
     if args.input:
-        from pathlib import Path
-
         path = Path(args.input)
         if not path.is_file():
             raise LmforgeError(f"--input {path} " + ("is a folder; give the JSONL file in it" if path.is_dir()
@@ -481,8 +481,6 @@ def cmd_serve(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from pathlib import Path
-
     from lmforge.eval.evaluate import evaluate, format_results
     from lmforge.eval.tasks import resolve_tasks, text_task
 
@@ -891,8 +889,6 @@ class _ReaderMayLeave:
         try:
             return getattr(self.stream, method)(*args)
         except BrokenPipeError:
-            import os
-
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self.stream.fileno())  # (and so for the interpreter's own flush at exit)
             os.close(devnull)
@@ -906,6 +902,28 @@ class _ReaderMayLeave:
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
+
+
+def _say_error(message: str) -> None:
+    """The one error line. Under torchrun the processes of a machine often meet the same mistake (a path, a
+    setting) at once: the first to say it says it for all of them (a marker file per launch and message);
+    a message of one process alone ("process 1: ...") is said by it."""
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        import hashlib
+        import tempfile
+
+        try:  # (the launcher's start time too: its process id alone may come again in a later launch)
+            launch = f"{os.getppid()} {Path(f'/proc/{os.getppid()}/stat').read_text().split()[21]}"
+        except (OSError, IndexError):
+            launch = f"{os.getppid()} {os.environ.get('TORCHELASTIC_RUN_ID')} {os.environ.get('MASTER_PORT')}"
+        key = hashlib.sha256(f"{launch} {message}".encode()).hexdigest()[:32]
+        try:
+            os.close(os.open(Path(tempfile.gettempdir()) / f"lmforge-said-{key}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # another process of this launch said it
+        except OSError:
+            pass  # (no marker possible: say it)
+    print(f"lmforge: error: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -930,7 +948,7 @@ def main(argv: list[str] | None = None) -> int:
     except LmforgeError as e:
         if debug:
             raise
-        print(f"lmforge: error: {e}", file=sys.stderr)
+        _say_error(str(e))
         return 2
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
@@ -943,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if e.filename else ""
         # (a path through a file, "afile/sub": say which part is in the way)
         hint = "; a part of this path is a file, not a folder" if isinstance(e, NotADirectoryError) else ""
-        print(f"lmforge: error: {e.strerror or e}{where}{hint}", file=sys.stderr)
+        _say_error(f"{e.strerror or e}{where}{hint}")
         return 2
     finally:
         sys.stdout = stdout

@@ -547,3 +547,11 @@ def test_torchrun_refuses_a_gpu_other_than_the_local_ranks(monkeypatch):
     with pytest.raises(LmforgeError, match=r"--device cuda:0 under torchrun: each process trains on the GPU of its "
                                            r"local rank \(this one cuda:1\); pass --device cuda or auto"):
         distributed.setup_distributed("cuda:0")
+
+
+def test_a_mistake_every_process_meets_is_said_once(data_dir, tmp_path):
+    """Under torchrun each process of a machine met the same wrong path and printed the same line."""
+    result = torchrun("pretrain", train_config(data_dir, tmp_path / "run", data=str(tmp_path / "missing")), tmp_path,
+                      check=False)
+    assert result.returncode != 0 and result.stderr.count("lmforge: error:") == 1, result.stderr[-2000:]
+    assert "data folder" in result.stderr and "does not exist" in result.stderr
