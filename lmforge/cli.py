@@ -309,7 +309,7 @@ def cmd_reward_score(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from lmforge.model.checkpoint import (keep_generation_config, load_adapted, load_tokenizer_for,
+    from lmforge.model.checkpoint import (load_adapted, load_tokenizer_for,
                                           refuse_overwriting_sources, resolve_model_dir, save_model, stored_precision)
     from lmforge.utils import check_output_dir
 
@@ -322,7 +322,6 @@ def cmd_merge(args) -> None:
     refuse_overwriting_sources(out, model.base_source)
     model.to(stored_precision(model.base_source))  # (as `convert` of the adapter writes it: in the base's precision)
     save_model(model, out, load_tokenizer_for(model))
-    keep_generation_config(model.base_source, out, model)
     print(f"merged {adapter} into {model.base_source}; wrote {out}")
 
 

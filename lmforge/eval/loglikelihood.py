@@ -24,8 +24,7 @@ def harness_encode(tokenizer, text: str, add_bos: bool | None = None) -> list[in
     """Token ids of ``text`` as lm-evaluation-harness's ``hf`` model encodes it for a decoder: as the tokenizer
     does by default, with its leading special tokens (Llama's <s>), unless the text already begins with the
     beginning-of-sequence token's text; ``add_bos`` (the harness's add_bos_token) True or False decides instead."""
-    bos = tokenizer.config.get("bos_token")
-    bos = bos.get("content") if isinstance(bos, dict) else bos
+    bos = tokenizer.hf.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else None
     if add_bos is False or (add_bos is None and bos and text.startswith(bos)):
         return tokenizer.encode(text)
     return tokenizer.encode_prompt(text)

@@ -102,31 +102,24 @@ def recommended_sampling(model) -> dict:
     (Qwen2.5's and Llama 3's instruct models: temperature 0.7 / top_p 0.8 / top_k 20 / repetition_penalty 1.05,
     temperature 0.6 / top_p 0.9), the settings transformers' ``generate`` samples with: the file's, and
     transformers' defaults for the rest (top_k 50). generate, chat and serve use them where not told otherwise.
-    {} when the folder recommends none. Read once per model."""
-    if not hasattr(model, "_recommended_sampling"):
-        model._recommended_sampling = _read_recommended(getattr(model, "base_source", None) or getattr(model, "source", None))
-    return dict(model._recommended_sampling)
+    {} when the folder recommends none (or the model was not loaded from a folder). Worked out (and a bad one
+    said) once per model."""
+    settings = getattr(model, "generation_settings", None) or {}
+    cached = getattr(model, "_recommended_sampling", None)
+    if cached is None or cached[0] is not settings:
+        model._recommended_sampling = cached = (settings, _recommended(settings, getattr(model, "source", None)))
+    return dict(cached[1])
 
 
-def _read_recommended(folder) -> dict:
-    import json
-    from pathlib import Path
-
-    if folder is None or not (Path(folder) / "generation_config.json").is_file():
+def _recommended(settings: dict, folder) -> dict:
+    if settings.get("do_sample") is not True:
         return {}
-    path = Path(folder) / "generation_config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}  # (loading the model reads this file too, and says what is wrong with it)
-    if not isinstance(config, dict) or config.get("do_sample") is not True:
-        return {}
-    values = {name: config.get(name) if config.get(name) is not None else default
+    values = {name: settings.get(name) if settings.get(name) is not None else default
               for name, default in _SAMPLING_DEFAULTS.items()}
     try:
         SamplingParams(**values).validate()
     except (LmforgeError, TypeError) as e:
-        warn(f"{path}: its sampling settings are not used ({e})")
+        warn(f"the sampling settings of {folder}/generation_config.json are not used ({e})")
         return {}
     return values
 

@@ -101,6 +101,8 @@ def save_model(model, folder: str | os.PathLike, tokenizer=None, max_shard_bytes
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         if isinstance(model, Encoder):
             atomic_write_json(tmp / "config.json", {**bert_config_to_hf(model.config), "torch_dtype": dtype})
+            if _kept_generation(model):
+                atomic_write_json(tmp / "generation_config.json", _kept_generation(model))
             tensors = bert_state_dict_to_hf(model)
         elif isinstance(model, EncoderDecoder):
             c = model.config
@@ -192,14 +194,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         config = t5_config_from_hf(hf, raw, where)
         model = build_encoder_decoder(config, "meta")
         weights = t5_state_dict_from_hf(config, raw, str(folder))
-        model.end_token_ids = end_token_ids(folder, hf, config.vocab_size)
-        model.generation_settings = generation_settings(folder)
     else:
         config = config_from_hf(hf, where)
         model = build_model(config, "meta")
         weights = state_dict_from_hf(config, raw, str(folder))
-        model.end_token_ids = end_token_ids(folder, hf, config.vocab_size)
-        model.generation_settings = generation_settings(folder)
+    # (kept when the model is saved again, as save_pretrained keeps generation_config; its end ids stop generation)
+    model.generation_settings = generation_settings(folder)
+    model.end_token_ids = end_token_ids(hf, model.generation_settings, config.vocab_size)
     if deferring():  # sharded training: each rank copies its shard of each tensor later (train/distributed.py)
         _check_names(model, weights, folder)
         model.pending_weights = weights
@@ -222,13 +223,11 @@ def generation_settings(folder: Path) -> dict:
     return read_json(path, "generation config") if path.exists() else {}
 
 
-def end_token_ids(folder: Path, hf: dict, vocab_size: int) -> list[int]:
+def end_token_ids(hf: dict, generation: dict, vocab_size: int) -> list[int]:
     """Every end-of-sequence id a folder names: config.json's and generation_config.json's ``eos_token_id``,
     each one id or a list (Qwen2.5's and Llama 3's chat models list the end of a turn beside the end of text);
     transformers' ``generate`` stops at any of them, and so does lmforge."""
-    values = [hf.get("eos_token_id")]
-    if (folder / "generation_config.json").exists():
-        values.append(read_json(folder / "generation_config.json", "generation config").get("eos_token_id"))
+    values = [hf.get("eos_token_id"), generation.get("eos_token_id")]
     ids = []
     for value in values:
         for i in value if isinstance(value, list) else [value]:
@@ -425,7 +424,6 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
                 shutil.copytree(item, out / item.name, dirs_exist_ok=True)
             else:
                 shutil.copy2(item, out / item.name)
-    keep_generation_config(weights_from, out, model)
     return out
 
 
@@ -435,18 +433,3 @@ def stored_precision(folder: Path) -> torch.dtype:
     stored = read_json(Path(folder) / "config.json", "model config")
     name = stored.get("torch_dtype") or stored.get("dtype") or "float32"
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
-
-
-def keep_generation_config(source: Path, out: Path, model=None) -> None:
-    """The source's generation defaults (its end tokens, sampling settings) win over the ones written anew; the
-    end ids the ``model`` adds (a chat-tuned adapter's end of a turn) join its end tokens."""
-    source = Path(source)
-    if not (source / "generation_config.json").exists():
-        return
-    config = read_json(source / "generation_config.json", "generation config")
-    given = config.get("eos_token_id")
-    ids = given if isinstance(given, list) else [given] if given is not None else []
-    more = [i for i in getattr(model, "end_token_ids", ()) if i not in ids]
-    if more:
-        config["eos_token_id"] = ids + more
-    atomic_write_json(Path(out) / "generation_config.json", config)
