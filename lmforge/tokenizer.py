@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from datetime import datetime
 import json
 import os
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from lmforge.errors import LmforgeError
-from lmforge.utils import atomic_write_json, atomic_write_text, first_line
+from lmforge.utils import atomic_write_json, atomic_write_text, first_line, read_json
 
 END_OF_TEXT = "<|endoftext|>"
 # ChatML turn markers for chat fine-tuning, and a padding token, reserved from the start so a
@@ -60,15 +60,7 @@ _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 
 
 def _read_config(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise LmforgeError(f"{path} is not valid JSON; fix or delete it") from None
-    if not isinstance(config, dict):
-        raise LmforgeError(f"{path} must hold a JSON object; fix or delete it")
-    return config
+    return read_json(path, "tokenizer configuration") if path.exists() else {}
 
 
 def clean_up_tokenization(text: str) -> str:
@@ -227,8 +219,12 @@ class Tokenizer:
         except LmforgeError:  # a template that refuses this conversation: ChatML's marker, if any
             return self.hf.token_to_id(END_OF_TURN)
         after = text[text.rfind(answer) + len(answer):] if answer in text else ""
-        special = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
-        return next((i for i in self.encode(after) if i in special), None)
+        return next((i for i in self.encode(after) if i in self.special_ids), None)
+
+    @property
+    def special_ids(self) -> set[int]:
+        """The ids of the added tokens marked special."""
+        return {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
 
     def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """Token ids of a conversation and its loss mask: 1 on what each assistant turn adds after

@@ -216,13 +216,9 @@ def encode_answer(tokenizer, prompt, prompt_text: str, prompt_ids: list[int], an
     chat = isinstance(prompt, list)
     text = _chat_answer_text(tokenizer, prompt, prompt_text, answer) if chat else answer
     ids = _answer_ids(tokenizer, prompt_text, prompt_ids, text, stats, chat)
-    if chat and ids and ids[-1] in special_ids(tokenizer):
+    if chat and ids and ids[-1] in tokenizer.special_ids:
         return ids  # the template ended the turn with its own special token (<|im_end|>, <|eot_id|>, </s>)
     return ids if end is None or (ids and ids[-1] == end) else ids + [end]
-
-
-def special_ids(tokenizer) -> set[int]:
-    return {i for i, t in tokenizer.hf.get_added_tokens_decoder().items() if t.special}
 
 
 def tokenize_pair(tokenizer, row: dict, stats: TokenizeStats) -> TokenizedPair:
