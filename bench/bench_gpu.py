@@ -89,8 +89,9 @@ def lmforge_run(out: Path, data: Path, shape: str, layout: str, compiled: bool, 
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                    "-m", "lmforge", *args, "--parallel", layout]
     started = time.perf_counter()
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONPATH": path})
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"exit {result.returncode}: {result.stderr[-1500:]}")

@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120, help="seconds per command")
     args = parser.parse_args()
     t = args.out or Path(tempfile.mkdtemp(prefix="gpu_paths_"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     results = []
     for name, line in chain(t, args.device) + [("serve", None)]:
         started = time.perf_counter()

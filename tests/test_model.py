@@ -238,3 +238,49 @@ def test_packed_rows_with_document_masking_equal_separate_documents(kw):
         packed = model(row, positions=positions, attn_mask=mask)[0]
         separate = torch.cat([model(d[None])[0] for d in docs])
     torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)
+
+
+def _losses_and_grads(model, run):
+    model.zero_grad()
+    loss = run(model)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("which", ["tied", "untied", "encoder", "encoder-decoder"])
+def test_an_aligned_head_gives_the_same_loss_and_gradients(which, monkeypatch):
+    """On GPUs the loop pads the head's rows to a multiple of 64 inside its products (``aligned_linear``); the
+    vocabulary here, 100, is not one: losses, logits and every gradient equal the plain product's."""
+    from lmforge.model.encoder import EncoderConfig, build_encoder
+    from lmforge.model.encoder_decoder import Seq2SeqConfig, build_encoder_decoder
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 12))
+    if which in ("tied", "untied"):
+        model = build_model(Config(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                                   tie_embeddings=which == "tied"))
+        run = lambda m: m(ids, ids.roll(1, 1))[1]  # noqa: E731
+        heads = [model]
+    elif which == "encoder":
+        model = build_encoder(EncoderConfig(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                                            mlp_hidden=32, head="masked_lm"))
+        labels = torch.where(torch.rand(ids.shape) < 0.5, ids, -100)
+        run = lambda m: m(ids, labels=labels).loss  # noqa: E731
+        heads = [model.mlm]
+    else:
+        model = build_encoder_decoder(Seq2SeqConfig(vocab_size=100, d_model=16, d_kv=8, d_ff=32, n_layer=1,
+                                                    n_decoder_layer=1, n_head=2))
+        run = lambda m: m(ids, labels=ids.flip(1))[1]  # noqa: E731
+        heads = [model]
+    model.eval()  # (no dropout: the two runs see the same numbers)
+    plain_loss, plain = _losses_and_grads(model, run)
+    for head in heads:
+        head.head_multiple = 64
+    padded, pad = [], torch.nn.functional.pad
+    monkeypatch.setattr(torch.nn.functional, "pad", lambda x, p, *a, **k: padded.append(x.shape) or pad(x, p, *a, **k))
+    aligned_loss, aligned = _losses_and_grads(model, run)
+    assert torch.Size([100, 16]) in padded  # (the padded product did run)
+    assert torch.allclose(plain_loss, aligned_loss, atol=1e-6)
+    assert plain.keys() == aligned.keys() and len(plain) > 3
+    for name in plain:
+        assert torch.allclose(plain[name], aligned[name], atol=1e-6), name

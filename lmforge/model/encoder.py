@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.model.gpt import embedding
+from lmforge.model.gpt import aligned_linear, embedding
 
 # "pretraining" is BERT's pair of pretraining heads: masked LM and next-sentence prediction (on the pooler)
 HEADS = (None, "masked_lm", "pretraining", "sequence_classification", "token_classification", "question_answering")
@@ -139,10 +139,11 @@ class MaskedLMHead(nn.Module):
         self.ln = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+        self.head_multiple = 0  # the products padded to a multiple of this many rows (gpt.aligned_linear)
 
     def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
         h = self.ln(F.gelu(self.dense(hidden), approximate=self.approximate))
-        return F.linear(h, word_embeddings, self.bias)
+        return aligned_linear(h, word_embeddings, self.head_multiple, self.bias)
 
 
 class Encoder(nn.Module):

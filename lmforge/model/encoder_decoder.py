@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.model.gpt import attention, embedding, linear
+from lmforge.model.gpt import aligned_linear, attention, embedding, linear
 
 # The feed-forward's activation, by transformers' names: ``feed_forward`` is ``ACT`` or ``gated-ACT`` (T5 v1.1:
 # ``act(wi_0 x) * wi_1 x``). As in transformers, "gated-gelu" means the tanh approximation (gelu_new), plain
@@ -346,6 +346,7 @@ class EncoderDecoder(nn.Module):
         self.lm_head = None if config.tied else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.matvec = False  # one-row products through torch.mv (gpt.use_matvec)
         self.onednn_head = False  # the head's fp32 products through oneDNN (gpt.use_fast_kernels)
+        self.head_multiple = 0  # the head's products padded to a multiple of this many rows (gpt.aligned_linear)
         self.packed_head = None  # a tied head's weights packed for oneDNN (gpt.use_fast_kernels)
         if not self.shared.weight.is_meta:  # (nothing to draw on the meta device: build_on_meta draws once allocated)
             self.init_weights()
@@ -410,6 +411,9 @@ class EncoderDecoder(nn.Module):
             x = x * self.config.d_model ** -0.5
         if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):  # an int8 head (quantize_int8)
             return self.lm_head(x)
+        if self.head_multiple:
+            return aligned_linear(x, self.lm_head.weight if self.lm_head is not None else self.shared.weight,
+                                  self.head_multiple)
         weight = self.lm_head.weight if self.lm_head is not None else (
             self.packed_head if self.packed_head is not None else self.shared.weight)
         return linear(x, weight, matvec=self.matvec, onednn=self.onednn_head)
