@@ -100,13 +100,13 @@ def test_a_peft_target_that_names_a_module_outside_the_blocks_is_refused(tmp_pat
     peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["dense"])).save_pretrained(tmp_path / "adapter")
     from lmforge.model.lora import load_adapter
 
-    with pytest.raises(LmforgeError, match="adapter target 'dense' also names pooler.dense, outside the Transformer blocks"):
+    with pytest.raises(LmforgeError, match=re.escape("adapter target_modules ['dense'] also adapts pooler.dense, outside the Transformer blocks")):
         load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter")
     # a regular expression on PEFT's whole paths ("bert.pooler.dense"), and weights of a module the config does
     # not name: refused too (they loaded without the pooler's adapter, 0.03 off PEFT's logits)
     base = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "base"))
     peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=r"bert\..*dense")).save_pretrained(tmp_path / "re")
-    with pytest.raises(LmforgeError, match="also matches pooler.dense, outside the Transformer blocks"):
+    with pytest.raises(LmforgeError, match="also adapts pooler.dense, outside the Transformer blocks"):
         load_adapter(load_model(tmp_path / "base"), tmp_path / "re")
     config = json.loads((tmp_path / "re" / "adapter_config.json").read_text())
     (tmp_path / "re" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["intermediate.dense", "output.dense"]}))
@@ -199,7 +199,7 @@ def test_peft_settings_lmforge_does_not_apply_are_refused_not_ignored(tmp_path, 
     good = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
     for change, name in [({"alpha_pattern": {"c_attn": 8}}, "alpha_pattern"), ({"rank_pattern": {"c_attn": 4}}, "rank_pattern"),
                          ({"bias": "all"}, "bias"), ({"layers_to_transform": [0]}, "layers_to_transform"),
-                         ({"modules_to_save": ["lm_head"]}, "modules_to_save other than a task head"),
+                         ({"modules_to_save": ["lm_head"]}, "modules_to_save ['lm_head']"),
                          ({"target_modules": r"transformer\.h\.0\..*c_attn"}, "adapts a product in every block or in none"),
                          ({"target_modules": r".*"}, "outside the Transformer blocks"),
                          ({"r": 0}, "r must be a whole number of 1 or more"), ({"lora_alpha": None}, "lora_alpha a number"),
@@ -414,3 +414,100 @@ def test_a_folder_with_both_a_model_and_an_adapter_says_the_adapter_is_not_appli
     load_model(both)
     assert "holds a model (config.json) and a LoRA adapter (adapter_config.json): loading the model alone" \
         in capsys.readouterr().err
+
+
+# -- PEFT adapters as published: every setting applied or refused -----------------------------------------------
+
+
+def peft_adapter(base, out, config, auto=None):
+    """A PEFT adapter of the Llama folder ``base`` whose trainable weights moved off their initial values."""
+    model = (auto or transformers.AutoModelForCausalLM).from_pretrained(str(base))
+    adapted = peft.get_peft_model(model, config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    adapted.save_pretrained(str(out))
+    return adapted.eval()
+
+
+def test_peft_rslora_and_a_seq_cls_adapter_on_its_causal_lm_load_with_peft_s_outputs(tmp_path):
+    """rsLoRA scales by lora_alpha / √r (before: refused); PEFT's usual classifier flow (a SEQ_CLS adapter trained
+    on the causal LM loaded with AutoModelForSequenceClassification) gets its trained head, reading the last
+    token before the base's pad_token_id (before: the head was dropped and language-model logits came out)."""
+    make(tmp_path / "base", "llama-gqa-untied-theta")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**config, "pad_token_id": 0}))
+    idx = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 0, 0]])
+    peft_model = peft_adapter(tmp_path / "base", tmp_path / "rs", peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True,
+                                                                                target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "rs")(idx), peft_model(idx).logits, atol=1e-5, rtol=0)
+    classifier = transformers.AutoModelForSequenceClassification
+    peft_model = peft_adapter(tmp_path / "base", tmp_path / "cls", peft.LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), auto=classifier)
+    ours = load_model(tmp_path / "cls")
+    assert ours.config.head == "sequence_classification" and ours.config.num_labels == 2
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), peft_model(idx).logits, atol=1e-5, rtol=0)
+    # merged, it is a classifier folder; PEFT's adapter has no tokenizer: the base's is used
+    Tokenizer(__import__("tokenizers").Tokenizer(__import__("tokenizers").models.WordLevel(
+        {f"w{i}": i for i in range(97)}, unk_token="w1"))).save(tmp_path / "base")
+    assert main(["merge", str(tmp_path / "cls"), "--out", str(tmp_path / "merged")]) in (0, None)
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(idx).logits, peft_model(idx).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(trainable_token_indices=[5, 7]), "trainable_token_indices"),
+    (dict(init_lora_weights="pissa"), "init_lora_weights 'pissa'"),
+    (dict(alora_invocation_tokens=[10, 11]), "alora_invocation_tokens"),
+    (dict(lora_bias=True), "lora_bias True"),
+    (dict(use_dora=True), "use_dora True"),
+    (dict(target_modules=["gate_proj"]), "computes gate_proj and up_proj as one product"),
+    (dict(exclude_modules=["model.layers.0.self_attn.q_proj"]), "adapts a product in every block or in none"),
+])
+def test_peft_adapters_using_what_lmforge_does_not_apply_are_refused(tmp_path, change, message):
+    """Each of these loaded before with other logits than PEFT's (0.03 to 0.5 apart), or with a message naming
+    another cause; now each is refused in one line that names what it sets."""
+    make(tmp_path / "base", "llama-gqa-untied-theta")
+    settings = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    settings.update(change)
+    peft_adapter(tmp_path / "base", tmp_path / "adapter", peft.LoraConfig(**settings))
+    with pytest.raises(LmforgeError, match=re.escape(message)):
+        load_model(tmp_path / "adapter")
+
+
+def test_peft_adapter_files_lmforge_cannot_read_exactly_are_refused_in_one_line(tmp_path, capsys):
+    """Embeddings saved in the adapter, a target list of another model's names beside this one's (read as PEFT
+    reads it), a malformed target_modules, a base that is the adapter itself, and pickled weights."""
+    make(tmp_path / "base", "llama-gqa-untied-theta")
+    peft_adapter(tmp_path / "base", tmp_path / "emb", peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "emb" / "adapter_model.safetensors")
+    save_file({**tensors, "base_model.model.model.embed_tokens.weight": torch.zeros(97, 32)},
+              tmp_path / "emb" / "adapter_model.safetensors")
+    with pytest.raises(LmforgeError, match=re.escape("holds model.embed_tokens.weight, weights of its own")):
+        load_model(tmp_path / "emb")
+    peft_model = peft_adapter(tmp_path / "base", tmp_path / "mixed", peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "c_attn"]))
+    idx = torch.randint(3, 97, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "mixed")(idx), peft_model(idx).logits, atol=1e-5, rtol=0)
+    config = json.loads((tmp_path / "mixed" / "adapter_config.json").read_text())
+    for name, change, message in [
+            ("ints", {"target_modules": [5]}, "target_modules must be a regular expression or a list of module names"),
+            ("itself", {"base_model_name_or_path": str(tmp_path / "itself")}, "its base models form a loop")]:
+        shutil.copytree(tmp_path / "mixed", tmp_path / name)
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        assert main(["generate", "--model", str(tmp_path / name), "--tokenizer", str(tmp_path / "base"),
+                     "--max-new-tokens", "1", "w"]) == 2
+        assert message in capsys.readouterr().err
+    shutil.copytree(tmp_path / "mixed", tmp_path / "bin")
+    torch.save(load_file(tmp_path / "bin" / "adapter_model.safetensors"), tmp_path / "bin" / "adapter_model.bin")
+    (tmp_path / "bin" / "adapter_model.safetensors").unlink()
+    with pytest.raises(LmforgeError, match="holds its weights as adapter_model.bin"):
+        load_model(tmp_path / "bin")

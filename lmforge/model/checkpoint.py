@@ -248,6 +248,9 @@ def _check_names(model, weights: dict[str, torch.Tensor], folder: Path) -> None:
         raise LmforgeError(f"{folder}: weights do not fit config.json ({detail})")
 
 
+_adapters_loading: list[Path] = []  # the adapters whose bases are being loaded (an adapter on an adapter)
+
+
 def load_adapted(adapter: str | os.PathLike, device="cpu", dtype=None, merge: bool = True, base: str | None = None,
                  force: bool = False):
     """The base model of a LoRA adapter folder, with the adapter applied (and merged when ``merge``).
@@ -255,14 +258,23 @@ def load_adapted(adapter: str | os.PathLike, device="cpu", dtype=None, merge: bo
     The base is ``base`` or the folder the adapter records; its weights must be the ones the adapter
     was trained on (an error otherwise; with ``force`` a warning)."""
     from lmforge.model.heads import attach_head
-    from lmforge.model.lora import adapter_base, load_adapter, merge_lora, read_adapter_config, read_adapter_meta
+    from lmforge.model.lora import (adapter_base, load_adapter, merge_lora, peft_head, read_adapter_config,
+                                    read_adapter_meta)
 
     adapter = Path(adapter)
     config = read_adapter_config(adapter)
     meta = read_adapter_meta(adapter, config)
     base_folder = adapter_base(adapter, config, meta, base, force)
-    model = load_model(base_folder, device, dtype)
-    head = meta.get("head")
+    if base_folder.resolve() in _adapters_loading or base_folder.resolve() == adapter.resolve():
+        chain = " → ".join(str(p) for p in [*_adapters_loading, adapter.resolve(), base_folder.resolve()])
+        raise LmforgeError(f"{adapter}: its base models form a loop ({chain}); set base_model_name_or_path in "
+                           f"adapter_config.json to the model folder the adapter was trained on")
+    _adapters_loading.append(adapter.resolve())
+    try:
+        model = load_model(base_folder, device, dtype)
+    finally:
+        _adapters_loading.pop()
+    head = meta.get("head") or peft_head(adapter, config, model, base_folder)
     if head:
         attach_head(model, head["head"], head["num_labels"], head.get("labels"), head.get("pad_token_id"), head.get("pooling"))
     load_adapter(model, adapter)

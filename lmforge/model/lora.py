@@ -404,30 +404,93 @@ def adapter_base(adapter: Path, config: dict, meta: dict, base: str | os.PathLik
     return folder
 
 
+# PEFT LoraConfig settings that change nothing lmforge computes from a saved adapter: names and bookkeeping,
+# settings read below (r, alpha, targets, heads, rsLoRA) and how PEFT initialised or runs the adapter's own
+# weights (not the base's). Any other setting, when it is on, changes PEFT's outputs and is refused, so that a
+# setting of a PEFT release lmforge has not seen is never ignored.
+_NEUTRAL_SETTINGS = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save", "use_rslora",
+    "fan_in_fan_out", "layers_pattern", "init_lora_weights", "bias", "ensure_weight_tying", "megatron_config",
+    "megatron_core", "runtime_config", "loftq_config", "eva_config", "corda_config", "qalora_group_size",
+    "lmforge_targets", "lmforge_head"}
+# init_lora_weights values after which PEFT's saved A and B are applied to the base as it is: PiSSA, OLoRA,
+# CorDA and LoftQ take their initial product out of the base weights, which PEFT redoes when it loads them.
+_PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+
+
 def read_adapter_config(folder: Path) -> dict:
     config = read_json(folder / "adapter_config.json", "adapter config")
+    if not isinstance(config, dict):
+        raise LmforgeError(f"{folder}/adapter_config.json is not a JSON object; re-save the adapter")
     if config.get("peft_type") != "LORA":
         raise LmforgeError(f"{folder}: peft_type {config.get('peft_type')!r} is not supported; lmforge reads LORA adapters")
-    for flag in ("use_dora", "use_rslora"):
-        if config.get(flag):
-            raise LmforgeError(f"{folder}: {flag}=true is not supported")
     # PEFT settings that change the adapted model and that lmforge does not apply: refused, never ignored
-    unsupported = [("alpha_pattern", bool(config.get("alpha_pattern"))), ("rank_pattern", bool(config.get("rank_pattern"))),
-                   ("modules_to_save other than a task head",  # (a head lmforge trains in full is loaded whole)
-                    bool(set(config.get("modules_to_save") or []) - {"score", "classifier", "qa_outputs"})),
-                   ("bias", config.get("bias", "none") not in (None, "none")),
-                   ("layers_to_transform", config.get("layers_to_transform") is not None)]
+    heads = {"score", "classifier", "qa_outputs"}  # (a head lmforge trains in full is loaded whole)
+    modules = config.get("modules_to_save") or []
+    unsupported = [(f"modules_to_save {sorted(set(modules) - heads)}", isinstance(modules, list) and bool(set(modules) - heads)),
+                   (f"bias {config.get('bias')!r}", config.get("bias", "none") not in (None, "none")),
+                   (f"init_lora_weights {config.get('init_lora_weights')!r} (its initial product is taken out of the "
+                    f"base weights)", config.get("init_lora_weights", True) not in _PLAIN_INITS)]
+    unsupported += [(f"{key} {value!r}", True) for key, value in config.items()
+                    if key not in _NEUTRAL_SETTINGS and value not in (None, False, "", [], {})]
     for name, used in unsupported:
         if used:
-            raise LmforgeError(f"{folder}: the adapter sets {name}, which lmforge does not apply (its outputs would "
+            raise LmforgeError(f"{folder}: the adapter sets {name[:120]}, which lmforge does not apply (its outputs would "
                                f"differ from PEFT's); merge it with PEFT (merge_and_unload) and load the merged folder")
+    if not isinstance(modules, list):
+        raise LmforgeError(f"{folder}/adapter_config.json: modules_to_save must be a list of module names "
+                           f"(it is {modules!r})")
     r, alpha, dropout = config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0)
     number = (int, float)
     if (not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, number) or isinstance(alpha, bool)
             or not isinstance(dropout or 0.0, number) or not 0 <= (dropout or 0.0) < 1):
         raise LmforgeError(f"{folder}/adapter_config.json: r must be a whole number of 1 or more, lora_alpha a number and "
                            f"lora_dropout in [0, 1) (it has r {r!r}, lora_alpha {alpha!r}, lora_dropout {dropout!r})")
+    for key in ("target_modules", "exclude_modules"):
+        value = config.get(key)
+        if not (value is None or isinstance(value, str) or isinstance(value, list)
+                and all(isinstance(name, str) for name in value)):
+            raise LmforgeError(f"{folder}/adapter_config.json: {key} must be a regular expression or a list of module "
+                               f"names (it is {value!r})")
     return config
+
+
+def peft_head(folder: Path, config: dict, model, base: Path) -> dict | None:
+    """The task head of a PEFT adapter that lmforge did not save (no ``lmforge_adapter.json``), put on a model
+    without one: PEFT's usual flow trains a ``SEQ_CLS`` adapter on a causal LM loaded as a classifier
+    (``AutoModelForSequenceClassification``), and saves the new head whole in the adapter (modules_to_save);
+    the number of labels is its number of rows, and the padding token the classifier reads past is the base's
+    ``pad_token_id`` (as transformers reads it). None for an adapter of the model's own task."""
+    from safetensors import safe_open
+
+    heads = {"SEQ_CLS": "sequence_classification", "TOKEN_CLS": "token_classification",
+             "QUESTION_ANS": "question_answering"}
+    task = config.get("task_type")
+    if task not in heads or any(getattr(model, name, None) is not None for name in ("score", "classifier", "qa_outputs")):
+        return None
+    try:
+        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+            shapes = {key.replace(".modules_to_save.default.", ".").removeprefix("base_model.model."):
+                      f.get_slice(key).get_shape() for key in f.keys()}
+    except Exception as e:  # a missing or corrupt file
+        raise LmforgeError(f"{folder}/adapter_model.safetensors cannot be read ({e})") from None
+    rows = next((shapes[f"{name}.weight"] for name in ("score", "classifier", "qa_outputs") if f"{name}.weight" in shapes),
+                None)
+    if rows is None:
+        raise LmforgeError(f"{folder}: the adapter's task_type is {task} but it holds no task head (score, classifier "
+                           f"or qa_outputs weights), and its base has none; give the base model the head was trained "
+                           f"with, or merge the adapter with PEFT (merge_and_unload) and load the merged folder")
+    hf = read_json(base / "config.json", "model config") if (base / "config.json").exists() else {}
+    pad = hf.get("pad_token_id") if isinstance(hf, dict) else None
+    pad = pad if isinstance(pad, int) else getattr(model.config, "pad_token_id", None)
+    return {"head": heads[task], "num_labels": int(rows[0]), "pad_token_id": pad}
+
+
+def adapter_scale(config: dict) -> float:
+    """The ``alpha`` that gives lmforge's ``alpha / r`` the adapter's scale: rsLoRA's is ``lora_alpha / √r``."""
+    alpha, r = float(config["lora_alpha"]), int(config["r"])
+    return alpha * math.sqrt(r) if config.get("use_rslora") else alpha
 
 
 def load_adapter(model, folder: str | os.PathLike) -> None:
@@ -435,7 +498,11 @@ def load_adapter(model, folder: str | os.PathLike) -> None:
     folder = Path(folder)
     config = read_adapter_config(folder)
     targets = read_adapter_meta(folder, config).get("targets") or _targets_from_peft(model, config)
-    add_lora(model, targets, int(config["r"]), float(config["lora_alpha"]), float(config.get("lora_dropout", 0.0)))
+    if not (folder / "adapter_model.safetensors").exists() and (folder / "adapter_model.bin").exists():
+        raise LmforgeError(f"{folder} holds its weights as adapter_model.bin (a pickle, which lmforge does not read: "
+                           f"loading one can run code); re-save it as safetensors with PEFT "
+                           f"(PeftModel.from_pretrained(...).save_pretrained(folder, safe_serialization=True))")
+    add_lora(model, targets, int(config["r"]), adapter_scale(config), float(config.get("lora_dropout", 0.0)))
     try:
         tensors = load_file(folder / "adapter_model.safetensors")
     except Exception as e:  # a missing or corrupt file
@@ -457,12 +524,23 @@ def load_adapter(model, folder: str | os.PathLike) -> None:
     if [k for k in missing if ".lora_" in k]:
         raise LmforgeError(f"{folder}: adapter weights missing for {missing[0]} (and {len(missing) - 1} more); "
                            f"is it an adapter of this model?")
-    unused = [k for k in tensors if ".lora_" in k and k not in expected]
-    if unused:  # (PEFT would adapt that module: loading without it would give other outputs than PEFT's)
-        module = unused[0].removeprefix("base_model.model.").split(".lora_")[0]
+    # Every tensor of the file is applied, or the adapter is refused: PEFT applies it, so without it the outputs
+    # would differ from PEFT's.
+    unused = [k for k in tensors if k not in expected]
+    lora = [k for k in unused if k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if lora:
+        module = lora[0].removeprefix("base_model.model.").split(".lora_")[0]
         raise LmforgeError(f"{folder}: the adapter adapts {module}, which lmforge does not adapt (it adapts the "
                            f"Transformer blocks' products); merge the adapter with PEFT (merge_and_unload) and load "
                            f"the merged folder")
+    if unused:
+        what = unused[0].removeprefix("base_model.model.")
+        head = [h for h in ("score", "classifier", "qa_outputs") if what.startswith(h + ".")]
+        why = (f"a task head ({head[0]}) on a model loaded without one: its adapter_config.json's task_type "
+               f"{config.get('task_type')!r} needs a classification base, or an adapter saved by lmforge"
+               if head else "weights of its own that lmforge does not apply")
+        raise LmforgeError(f"{folder}: the adapter holds {what}{f' (and {len(unused) - 1} more)' if len(unused) > 1 else ''}, "
+                           f"{why}; merge the adapter with PEFT (merge_and_unload) and load the merged folder")
     with torch.no_grad():
         for key, param in expected.items():
             if key in tensors:
@@ -472,63 +550,69 @@ def load_adapter(model, folder: str | os.PathLike) -> None:
 
 
 def _targets_from_peft(model, config: dict) -> list[str]:
-    """lmforge's targets for a PEFT adapter's ``target_modules``, matched as PEFT matches them: a name adapts
-    every module whose path is that name or ends with "." + it (GPT-2's ``c_proj`` is attention's and the MLP's
-    output; ``attn.c_proj`` attention's alone). A name that would also adapt a module outside the blocks (BERT's
-    pooler or masked-LM transform under ``dense``) is refused: lmforge adapts the blocks' products only."""
-    paths = _peft_paths(model)
-    targets = set()
-    if isinstance(config.get("target_modules"), str):  # a regular expression PEFT matches whole module paths with
-        return _targets_from_pattern(config["target_modules"], paths)
-    for name in config.get("target_modules") or []:
-        def named(path: str) -> bool:
-            return path == name or path.endswith("." + name)
-
-        hit = {target for target, where in paths.items() if any(named(path) for path in where)}
-        beyond = [m for m in _OUTSIDE if named(m)]
-        if beyond:
-            raise LmforgeError(f"adapter target {name!r} also names {beyond[0]}, outside the Transformer blocks, which "
-                               f"lmforge does not adapt; merge the adapter with PEFT (merge_and_unload) and load the "
-                               f"merged folder")
-        if not hit:
-            names = sorted({path.rsplit(".", 1)[-1] for where in paths.values() for path in where})
-            raise LmforgeError(f"adapter target {name!r} names none of this model's adaptable products "
-                               f"({', '.join(names)})")
-        targets |= hit
-    if not targets:
-        raise LmforgeError("the adapter names no target_modules")
-    return sorted(targets)
-
-
-def _targets_from_pattern(pattern: str, paths: dict[str, list[str]]) -> list[str]:
-    """lmforge's targets for a ``target_modules`` regular expression, which PEFT matches against each module's
-    whole path (``re.fullmatch``): a target all of whose paths match. One that matches in some blocks only, or a
-    module outside the blocks, is refused (lmforge adapts a product in every block or in none)."""
+    """lmforge's targets for a PEFT adapter's ``target_modules``, matched as PEFT matches them: a name adapts every
+    module whose path is that name or ends with "." + it (GPT-2's ``c_proj`` is attention's and the MLP's output;
+    ``attn.c_proj`` attention's alone), a string is a regular expression over whole paths, "all-linear" every
+    linear module but the output head; names that match nothing are passed over, as PEFT does, while one module
+    matched is needed; ``exclude_modules`` is matched the same way. Refused, since lmforge adapts each product in
+    every block or in none and nothing outside the blocks: a product adapted in some blocks only or in part
+    (Llama's gate_proj without up_proj, which lmforge computes as one product), and a module outside the blocks
+    (BERT's pooler or masked-LM transform under ``dense``)."""
     import re
 
-    try:
-        regex = re.compile(pattern)
-    except re.error as e:
-        raise LmforgeError(f"adapter target_modules {pattern!r} is not a regular expression ({e})") from None
+    paths = _peft_paths(model)
+    spec, exclude = config.get("target_modules"), config.get("exclude_modules")
+
+    def matcher(names):
+        if isinstance(names, str):
+            try:
+                regex = re.compile(names)
+            except re.error as e:
+                raise LmforgeError(f"adapter {names!r} is not a regular expression ({e})") from None
+            return regex.fullmatch
+        return lambda path: any(path == name or path.endswith("." + name) for name in names or [])
+
+    linear = isinstance(spec, str) and spec.lower() == "all-linear"
+    chosen = (lambda path: True) if linear else matcher(spec)
+    excluded = matcher(exclude) if exclude else (lambda path: False)
+    # Outside the blocks: PEFT paths end with these (BERT's under "bert."); "all-linear" takes a BERT's pooler
+    # and masked-LM transform (PEFT leaves out the output head, and a classifier's head for SEQ_CLS).
+    outside = [m for m in _OUTSIDE if not excluded(m) and (
+        (linear and m in _linear_outside(model)) or not linear and (
+            chosen(m) or chosen("bert." + m) or isinstance(spec, list) and any(name.endswith("." + m) for name in spec)))]
+    if outside:
+        raise LmforgeError(f"adapter target_modules {spec!r} also adapts {outside[0]}, outside the Transformer blocks, "
+                           f"which lmforge does not adapt; merge the adapter with PEFT (merge_and_unload) and load "
+                           f"the merged folder")
     targets = []
     for target, where in sorted(paths.items()):
-        matched = [p for p in where if regex.fullmatch(p)]
+        matched = [p for p in where if chosen(p) and not excluded(p)]
         if matched and len(matched) < len(where):
             missed = next(p for p in where if p not in matched)
-            raise LmforgeError(f"adapter target_modules {pattern!r} adapts {matched[0]} but not {missed}: lmforge "
-                               f"adapts a product in every block or in none; merge the adapter with PEFT "
-                               f"(merge_and_unload) and load the merged folder")
+            names = _names(where)
+            together = f", and computes {' and '.join(names)} as one product" if len(names) > 1 else ""
+            raise LmforgeError(f"the adapter adapts {matched[0]} but not {missed}: lmforge adapts a product in every "
+                               f"block or in none{together}; merge the adapter with PEFT (merge_and_unload) and load "
+                               f"the merged folder")
         if matched:
             targets.append(target)
-    beyond = [m for m in _OUTSIDE if regex.fullmatch(m) or regex.fullmatch("bert." + m)]  # (BERT heads' prefix)
-    if beyond:
-        raise LmforgeError(f"adapter target_modules {pattern!r} also matches {beyond[0]}, outside the Transformer "
-                           f"blocks, which lmforge does not adapt; merge the adapter with PEFT (merge_and_unload) and "
-                           f"load the merged folder")
     if not targets:
-        raise LmforgeError(f"adapter target_modules {pattern!r} matches none of this model's adaptable products "
-                           f"(such as {next(iter(paths.values()))[0]})")
+        names = sorted({path.rsplit(".", 1)[-1] for where in paths.values() for path in where})
+        raise LmforgeError(f"adapter target_modules {spec!r} names none of this model's adaptable products "
+                           f"({', '.join(names)})")
     return targets
+
+
+def _names(paths: list[str]) -> list[str]:
+    """The distinct module names (last parts of the paths) among ``paths``."""
+    return list(dict.fromkeys(path.rsplit(".", 1)[-1] for path in paths))
+
+
+def _linear_outside(model) -> list[str]:
+    """The entries of _OUTSIDE that PEFT's "all-linear" adapts in ``model``: a BERT's pooler and masked-LM
+    transform (a decoder's output head and a classifier's head it leaves out)."""
+    return [name for name, there in (("pooler.dense", getattr(model, "pooler", None)),
+                                     ("cls.predictions.transform.dense", getattr(model, "mlm", None))) if there is not None]
 
 
 def _peft_paths(model) -> dict[str, list[str]]:
