@@ -3,6 +3,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -301,7 +302,8 @@ def test_eval_of_an_encoder_on_prepared_data_says_what_it_is(data_dir, capsys):
     from test_retrieval import MINILM
 
     one_error_line(capsys, ["eval", "--model", str(MINILM), "--data", str(data_dir)],
-                   "is an encoder (bert): perplexity on --data is a decoder's")
+                   "is an encoder (bert): `lmforge eval` scores decoders and encoder-decoders; an encoder's held-out "
+                   "loss and accuracy are in the metrics of the run that trained it")
 
 
 def test_the_python_api_takes_what_users_pass_and_says_what_it_cannot(hf_gpt2, tmp_path, data_dir):
@@ -367,3 +369,102 @@ def test_int8_runs_on_the_cpu_and_refuses_another_device(hf_gpt2, capsys):
     assert pick_device("auto", int8=True).type == "cpu"  # (on a GPU machine too: int8 is a CPU kernel)
     one_error_line(capsys, ["generate", "--model", str(hf_gpt2), "--int8", "--device", "cuda", "hi"],
                    "--int8 is for CPU inference, not --device cuda; drop one of them")
+
+
+# -- a second newcomer's sweep (session 15): each of these crashed, lost a file or trained the wrong thing --------
+
+
+def test_models_of_the_wrong_kind_are_named_for_what_they_are(hf_gpt2, tmp_path, capsys, data_dir):
+    """A T5 folder given to `reward` was a traceback (no pooler), to `dpo` "an encoder", to a classifier "cannot
+    attach a head to EncoderDecoder"; an encoder given to `pretrain` (causal LM) said it cannot generate text."""
+    from test_encoder_decoder import make_hf_t5
+    from test_retrieval import MINILM
+
+    t5 = make_hf_t5(tmp_path / "t5", "v1.0")
+    shutil.copy(hf_gpt2 / "tokenizer.json", t5 / "tokenizer.json")
+    prefs = tmp_path / "p.jsonl"
+    prefs.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    rows = tmp_path / "c.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}) + "\n" for i in range(8)))
+    for argv, match in [(["reward", "--model", str(t5), "--train", str(prefs)], "is an encoder-decoder (t5)"),
+                        (["dpo", "--model", str(t5), "--train", str(prefs)], "is an encoder-decoder (t5)"),
+                        (["finetune", "--model", str(t5), "--train", str(rows)],
+                         "an encoder-decoder (t5) takes no sequence classification head"),
+                        (["pretrain", "--model", str(MINILM), "--data", str(data_dir)],
+                         "--objective clm trains a decoder: pretrain it with --objective mlm")]:
+        out = tmp_path / argv[0]
+        one_error_line(capsys, [*argv, "--out", str(out), "--max-steps", "1", "--quiet"], match)
+        assert not out.exists()
+
+
+def test_a_run_from_a_merged_adapter_trains_every_weight(hf_gpt2, tmp_path, data_dir):
+    """`pretrain --model ADAPTER` crashed after writing its run folder (every weight of the merged model was left
+    frozen as the adapter had them); `finetune --method full` from an adapter trained only the adapted products."""
+    from lmforge.model.checkpoint import load_model
+    from lmforge.model.lora import add_lora, save_adapter
+
+    model = load_model(hf_gpt2)
+    add_lora(model, "q,v", r=2)
+    save_adapter(model, tmp_path / "adapter", hf_gpt2)
+    merged = load_model(tmp_path / "adapter")
+    assert all(p.requires_grad for p in merged.parameters())
+    assert main(["pretrain", "--model", str(tmp_path / "adapter"), "--data", str(data_dir), "--out",
+                 str(tmp_path / "run"), "--max-steps", "2", "--micro-batch-size", "2", "--eval-interval", "2",
+                 "--quiet"]) in (0, None)
+    trained = load_model(tmp_path / "run")
+    changed = [n for (n, p), q in zip(merged.named_parameters(), trained.parameters()) if not torch.equal(p, q)]
+    assert "wte.weight" in changed and len(changed) == len(list(merged.parameters()))
+
+
+def test_overwrite_keeps_the_config_file_and_the_reward_code_the_run_reads(hf_gpt2, tmp_path, capsys, data_dir,
+                                                                        monkeypatch):
+    run = tmp_path / "run"
+    argv = ["--data", str(data_dir), "--out", str(run), "--max-steps", "1", "--micro-batch-size", "2", "--quiet"]
+    assert main(["pretrain", "--model", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", *argv]) in (0, None)
+    (run / "my.yaml").write_text(f"model: tiny\nn_layer: 1\nn_embd: 32\nn_head: 2\ndata: {data_dir}\n")
+    one_error_line(capsys, ["pretrain", "--config", str(run / "my.yaml"), "--out", str(run), "--overwrite", "--quiet"],
+                   f"would replace {run / 'my.yaml'}, which this reads from")
+    (run / "rw").mkdir()
+    (run / "rw" / "myreward.py").write_text("def ok(prompt, completion, **row):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(run / "rw"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a"}) + "\n")
+    one_error_line(capsys, ["rl", "--model", str(hf_gpt2), "--reward", "myreward:ok", "--train", str(prompts),
+                            "--out", str(run), "--overwrite", "--quiet"], "myreward.py, which this reads from")
+    assert (run / "my.yaml").exists() and (run / "rw" / "myreward.py").exists()
+
+
+def test_settings_that_would_train_the_wrong_thing_are_refused(hf_gpt2, tmp_path, capsys, monkeypatch):
+    """Duplicate --labels (a head with a class never trained), a misspelled field (a classifier read as
+    language-model text), a negative --epochs (ran the default steps), --pooling on a decoder (ignored), a TRL-style
+    reward function (every reward a penalty), a chat run whose tokenizer lacks the default template's tokens
+    (the model could never learn to stop), and a CSV quote left open (blamed on the label)."""
+    from test_retrieval import MINILM
+
+    rows = tmp_path / "c.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}) + "\n" for i in range(8)))
+    typo = tmp_path / "typo.jsonl"
+    typo.write_text(rows.read_text().replace('"label"', '"lable"'))
+    csv_file = tmp_path / "c.csv"
+    csv_file.write_text('text,label\n"a b",a\n"c d\n')
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "yo"}]}) + "\n")
+    wordpiece = make_hf_gpt2(tmp_path / "wp", vocab_size=30522, tokenizer_dir=MINILM)
+    (tmp_path / "trl_reward.py").write_text("def f(prompts, completions, **kw):\n    return [0.0] * len(prompts)\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a"}) + "\n")
+    model = ["--model", str(hf_gpt2)]
+    monkeypatch.chdir(tmp_path)  # (a reward module is imported from the working folder)
+    for argv, match in [
+            (["finetune", *model, "--train", str(rows), "--labels", "a,b,a"], "--labels lists 'a' twice"),
+            (["finetune", *model, "--train", str(typo)], "field 'lable' is no format's field; did you mean 'label'?"),
+            (["finetune", *model, "--train", str(rows), "--epochs", "-1"], "epochs must be 0"),
+            (["finetune", *model, "--train", str(rows), "--pooling", "mean"], "--pooling mean applies to encoders"),
+            (["finetune", *model, "--train", str(csv_file)], "c.csv:3: not readable as CSV: unexpected end of data"),
+            (["finetune", "--model", str(wordpiece), "--train", str(chat)], "lacks <|im_start|> and <|im_end|>"),
+            (["rl", *model, "--reward", "trl_reward:f", "--train", str(prompts), "--max-new-tokens", "8"],
+             "lmforge calls it once per completion as f(prompt=..., completion=..., **row_fields)")]:
+        out = tmp_path / "out"
+        one_error_line(capsys, [*argv, "--out", str(out), "--max-steps", "1", "--quiet"], match)
+        assert not out.exists()

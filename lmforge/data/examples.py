@@ -21,6 +21,8 @@ A malformed example is an error naming its line (or row) and what was expected; 
 from __future__ import annotations
 
 import csv
+import difflib
+import functools
 import io
 import json
 import os
@@ -184,11 +186,17 @@ def _raw_rows(path: Path):
             except json.JSONDecodeError as e:
                 yield lineno, f"not valid JSON ({e.msg})"
     elif suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""), strict=True)
+        read = 0  # (lines read by the last whole record: the broken one starts on the next)
         try:
-            for i, row in enumerate(csv.DictReader(io.StringIO(read_text_file(path), newline="")), 2):  # 1: header
+            reader.fieldnames  # noqa: B018 (reads the header line)
+            read = reader.line_num
+            for i, row in enumerate(reader, 2):  # 1: header
+                read = reader.line_num
                 yield i, _parse_nested({k: v for k, v in row.items() if k is not None and v != ""})
         except csv.Error as e:
-            raise LmforgeError(f"{path} is not a readable CSV file ({e})") from None
+            hint = " (a quoted field that is never closed?)" if "end of data" in str(e) else ""
+            raise LmforgeError(f"{path}:{read + 1}: not readable as CSV: {e}{hint}") from None
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -202,6 +210,24 @@ def _raw_rows(path: Path):
         raise LmforgeError(f"cannot read examples from {path}: use a .jsonl, .csv or .parquet file")
 
 
+# Every field name a format above reads (and the common layouts _common_layout rewrites)
+_KNOWN_FIELDS = {name for names in FORMATS.values() for name in names} | {
+    "text_pair", "ner_tags", "conversations", "instruction", "input", "output", "chosen", "rejected", "answer"}
+
+
+@functools.lru_cache(maxsize=256)
+def _misspelled(fields: tuple[str, ...]) -> str | None:
+    """A field that is no format's but close to one's that the row lacks ("lable" for "label"): read as it is, the
+    row would fall into another format (text alone: language-model fine-tuning) without a word."""
+    for name in fields:
+        if name in _KNOWN_FIELDS:
+            continue
+        close = difflib.get_close_matches(name, sorted(_KNOWN_FIELDS - set(fields)), n=1, cutoff=0.8)
+        if close:
+            return f"field {name!r} is no format's field; did you mean {close[0]!r}?"
+    return None
+
+
 def read_examples(path: str | os.PathLike, task: str = "auto", skip_bad_lines: bool = False) -> Examples:
     """Read and check every example; ``task`` "auto" takes the format of the first valid record."""
     path = Path(path)
@@ -211,7 +237,7 @@ def read_examples(path: str | os.PathLike, task: str = "auto", skip_bad_lines: b
     where = "row" if path.suffix.lower() == ".parquet" else "line"
     out = Examples(task, [], str(path))
     for number, row in _raw_rows(path):
-        problem = row if isinstance(row, str) else None
+        problem = row if isinstance(row, str) else _misspelled(tuple(row)) if isinstance(row, dict) else None
         if isinstance(row, dict) and "ner_tags" in row and "tokens" in row and "tags" not in row:
             row["tags"] = row.pop("ner_tags")  # (the datasets library's CoNLL layout)
         row = _common_layout(row, out.task)

@@ -274,7 +274,10 @@ def read_earlier_results(out: str | os.PathLike) -> dict | None:
         return None
     if path.is_dir():
         raise LmforgeError(f"--out {path} is a folder; give a .json file path")
-    earlier = read_json(path, "earlier evaluation results")
+    try:
+        earlier = read_json(path, "earlier evaluation results")
+    except LmforgeError:  # (not JSON at all: some other file)
+        earlier = None
     if not isinstance(earlier, dict) or not isinstance(earlier.get("tasks"), dict) or "model" not in earlier:
         raise LmforgeError(f"{path} exists and is not lmforge evaluation results; choose another --out")
     return earlier
@@ -370,9 +373,13 @@ def check_tokenizers(model_paths: list[str], data_dir) -> None:
         folder = resolve_model_dir(path)
         kind = read_json(folder / "config.json", "model config").get("model_type") \
             if (folder / "config.json").exists() else None
-        if kind in ("bert", "t5"):  # (said first: no data would give it a perplexity here)
-            raise LmforgeError(f"{path} is {'an encoder (bert)' if kind == 'bert' else 'an encoder-decoder (t5)'}: "
-                               f"perplexity on --data is a decoder's (or a baseline's); evaluate it on --tasks")
+        if kind == "t5":  # (said first: no data would give it a perplexity here)
+            raise LmforgeError(f"{path} is an encoder-decoder (t5): perplexity on --data is a decoder's (or a "
+                               f"baseline's); evaluate it on --tasks")
+        if kind == "bert":
+            raise LmforgeError(f"{path} is an encoder (bert): `lmforge eval` scores decoders and encoder-decoders; an "
+                               f"encoder's held-out loss and accuracy are in the metrics of the run that trained it "
+                               f"(`lmforge report RUN`)")
         if not (folder / "tokenizer.json").exists():
             continue
         if not Tokenizer.load(folder).tokenizes_as(data_tokenizer):

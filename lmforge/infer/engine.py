@@ -161,8 +161,19 @@ def end_tokens(model, tokenizer) -> list[int]:
 def record_end_of_turn(model, tokenizer) -> None:
     """A model trained on conversations ends its turns with the template's end-of-turn token: list it among the
     model's end ids, which go into the generation_config.json it is saved with (transformers' ``generate`` stops
-    there too) and which ``end_tokens`` reads."""
+    there too) and which ``end_tokens`` reads. Refused before training: lmforge's default template (ChatML) for a
+    tokenizer without its markers as tokens, which would write each marker in pieces and leave the model no
+    token to end a turn with."""
     turn_end = tokenizer.end_of_turn_id
+    markers = [t for t in ("<|im_start|>", "<|im_end|>") if tokenizer.hf.token_to_id(t) is None]
+    if tokenizer.chat_template is None and markers:
+        raise LmforgeError(f"the tokenizer has no chat template of its own, and lacks {' and '.join(markers)} of "
+                           f"the default one (ChatML): conversations would be written with the markers in pieces, "
+                           f"and no token would end a turn; use a tokenizer that has them (`lmforge tokenizer "
+                           f"train` reserves them) or one with a chat template, or give prompt/completion rows")
+    if turn_end is None:
+        warn("the chat template ends an assistant's turn with no special token: the model learns no single token "
+             "to stop at (generation stops at the end-of-text token or a stop string)")
     if turn_end is not None:
         ends = [*getattr(model, "end_token_ids", []), tokenizer.eos_id, turn_end]
         model.end_token_ids = [i for i in dict.fromkeys(ends) if i is not None]

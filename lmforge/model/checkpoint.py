@@ -321,7 +321,17 @@ def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu", dt
             raise LmforgeError(_encoder_refusal(model))
         raise LmforgeError(f"{model.source} is an encoder-decoder (t5); this command runs decoders (gpt2, llama, "
                            f"qwen2, mistral) only so far")
-    return _language_model(model)
+    return language_model(model)
+
+
+def model_kind(model) -> str:
+    """What a model is, for messages: "a decoder", "an encoder (bert)" or "an encoder-decoder (t5)"."""
+    from lmforge.model.encoder import Encoder
+    from lmforge.model.encoder_decoder import EncoderDecoder
+
+    if isinstance(model, EncoderDecoder):
+        return "an encoder-decoder (t5)"
+    return "an encoder (bert)" if isinstance(model, Encoder) else "a decoder"
 
 
 def _encoder_refusal(model) -> str:
@@ -333,7 +343,7 @@ def _encoder_refusal(model) -> str:
     return f"{model.source} is an encoder (bert): it cannot generate text; {use}"
 
 
-def _language_model(model):
+def language_model(model):
     """``model``, refused when it is a decoder with a classification (or reward) head in place of the language
     model's: it scores whole texts and predicts no token."""
     if isinstance(model, GPT) and model.score is not None:
@@ -350,7 +360,7 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu", 
     model = load_model(path, device, dtype)
     if not isinstance(model, (GPT, EncoderDecoder)):
         raise LmforgeError(_encoder_refusal(model))
-    return _language_model(model)
+    return language_model(model)
 
 
 def load_tokenizer_for(model: GPT, path: str | os.PathLike | None = None):

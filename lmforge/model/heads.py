@@ -32,7 +32,9 @@ def attach_head(model, head: str, num_labels: int = 2, labels=None, pad_token_id
         model.score = score
         return model
     if not isinstance(model, Encoder):
-        raise LmforgeError(f"cannot attach a head to {type(model).__name__}")
+        raise LmforgeError(f"an encoder-decoder (t5) takes no {head.replace('_', ' ')} head: fine-tune it on "
+                           f"source → target rows (a label can be a target text), or use a decoder or an encoder (bert)"
+                           if hasattr(model, "shared") else f"cannot attach a head to {type(model).__name__}")
     config = model.config.with_head(head, num_labels, labels, pooling)
     if pooling == "pooler" and model.pooler is None:
         raise LmforgeError("this encoder has no pooler; use pooling first or mean")

@@ -231,12 +231,14 @@ def adapters_off(model):
 
 
 def merge_lora(model):
-    """Fold every adapter into its base weight; the model becomes a plain model again."""
+    """Fold every adapter into its base weight; the model becomes a plain model again, every weight trainable
+    as a loaded model's are (the base's were frozen under the adapters: a run started from a merged adapter
+    would otherwise train only some of them)."""
     for name, module in lora_layers(model):
         parent_path, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, module.merged())
     model.lora = None
-    return model
+    return model.requires_grad_(True)
 
 
 # -- PEFT format ----------------------------------------------------------------------------------

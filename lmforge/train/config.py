@@ -221,6 +221,7 @@ class FinetuneConfig(TrainConfig):
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
             (self.lora_alpha > 0, "lora_alpha must be positive (the update is scaled by alpha / r: 0 trains nothing)"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
+            (0 <= self.epochs < math.inf, "epochs must be 0 (use max_steps) or a positive number of passes"),
             (self.freeze_layers >= 0 and self.train_layers >= 0, "freeze_layers and train_layers must be 0 or more"),
         ]
         for ok, message in checks:
@@ -321,8 +322,9 @@ class RLConfig(FinetuneConfig):
     method: str = setting("full", "full (every weight) or lora (adapters; the reference is the base)",
                       choices=("full", "lora"))
     algo: str = setting("grpo", "ppo, grpo, rloo or reinforce", choices=("ppo", "grpo", "rloo", "reinforce"))
-    reward: str = setting("", "exact, arithmetic, regex:PATTERN, model:DIR or MODULE:FUNCTION (runs your code); "
-                          "several joined with ;")
+    reward: str = setting("", "exact, arithmetic, regex:PATTERN, model:DIR or MODULE:FUNCTION (runs your code, "
+                          "called as FUNCTION(prompt=..., completion=..., **row_fields) -> float for each "
+                          "completion); several joined with ;")
     reward_weights: str = setting("", "weights of the rewards, joined with ; (default: 1 each)")
     reward_errors: str = setting("stop", "a reward that raises or is NaN/inf: stop, or penalty (scored error_penalty)",
                              choices=("stop", "penalty"))

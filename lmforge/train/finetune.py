@@ -393,12 +393,22 @@ class SFT(Finetune):
 # -- classification -------------------------------------------------------------------------------
 
 
+def refuse_pooling(pooling: str) -> None:
+    """--pooling is an encoder's choice: a decoder's classifier reads the last token (as transformers' does)."""
+    if pooling != "auto":
+        raise LmforgeError(f"--pooling {pooling} applies to encoders (bert); a decoder's classifier reads the last "
+                           f"token of each text, as transformers' does: leave --pooling out")
+
+
 class Classification(Finetune):
     task = "classification"
     head = "sequence_classification"
 
     def __init__(self, config, device, checkpoint, examples):
         names = [x.strip() for x in config.labels.split(",") if x.strip()] if config.labels else None
+        twice = [name for i, name in enumerate(names or []) if name in names[:i]]
+        if twice:
+            raise LmforgeError(f"--labels lists {twice[0]!r} twice; give each label once, in the head's order")
         seen = {label for r in examples.rows for label in self.row_labels(r)}
         if len({str(v) for v in seen}) < 2 and checkpoint is None:
             raise LmforgeError(f"the training examples all have the label {next(iter(seen))!r}: a classifier learns to "
@@ -433,6 +443,7 @@ class Classification(Finetune):
     def attach(self, model) -> None:
         pad = None
         if isinstance(model, GPT):
+            refuse_pooling(self.config.pooling)
             tok = load_tokenizer_for(model)
             pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
         pooling = self.config.pooling

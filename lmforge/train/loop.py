@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from lmforge.data.loader import TokenSplit, TrainBatches, eval_windows, window_batch
 from lmforge.errors import LmforgeError
-from lmforge.model.checkpoint import load_decoder
+from lmforge.model.checkpoint import language_model, load_decoder, load_model, model_kind
 from lmforge.model.config import PRESETS, Config
 from lmforge.model.gpt import GPT, build_model, deferred_init
 from lmforge.precision import flushing_subnormals, keeping_freed_memory
@@ -172,7 +172,9 @@ def resolve_config(config, resume: bool, overrides: dict, cls=TrainConfig) -> Tr
         saved = Path(out or cls.out) / "config.yaml"
         if saved.exists():
             base = read_config_file(saved)
-    return load_config(path, {**values, **overrides}, base=base, cls=cls)
+    config = load_config(path, {**values, **overrides}, base=base, cls=cls)
+    config.source_file = path  # (read by --overwrite's check: the file must not lie in the folder it empties)
+    return config
 
 
 # Keys that shape the model. A resumed run takes its model from the checkpoint, so a new value would be
@@ -234,13 +236,33 @@ def _refuse_inputs_inside(out: Path, config) -> None:
         except (OSError, ValueError):  # (a value that is no path: too long, a NUL byte)
             return False
 
-    paths = []
+    paths = [getattr(config, "source_file", None)]  # (the --config file)
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if field.name != "out" and isinstance(value, str):
             for part in value.split(";"):
                 paths += [text for text in {part.strip(), part.strip().split(":", 1)[-1]} if exists(text)]
-    refuse_overwriting_sources(out, *paths)
+    for spec in str(getattr(config, "reward", "") or "").split(";"):  # a user's reward function: its module's file
+        module, _, function = spec.strip().rpartition(":")
+        if function.isidentifier() and not spec.strip().startswith(("model:", "regex:")):
+            paths.append(_module_file(module))
+    refuse_overwriting_sources(out, *(p for p in paths if p))
+
+
+def _module_file(name: str) -> str | None:
+    """Where the module ``name`` (dotted) would be imported from, found without importing it: its top
+    package's folder or its file, looked up from the working folder first as a reward function is."""
+    import importlib.machinery
+    import sys
+
+    top = name.split(".")[0]
+    if not top.isidentifier():
+        return None
+    spec = importlib.machinery.PathFinder.find_spec(top, [str(Path.cwd()), *sys.path])
+    if spec is None or not spec.origin or spec.origin in ("built-in", "frozen"):
+        return None
+    origin = Path(spec.origin)
+    return str(origin.parent if origin.name == "__init__.py" else origin)
 
 
 # -- objectives -----------------------------------------------------------------------------------
@@ -424,7 +446,12 @@ def _build_model(config: TrainConfig, tokenizer: Tokenizer, device: torch.device
         return build_model(model_config, device)
     if not Path(config.model).exists():
         raise LmforgeError(f"model {config.model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
-    model = load_decoder(config.model, device)
+    model = load_model(config.model, device)
+    if not isinstance(model, GPT):
+        objective = "mlm (or mlm+nsp, plm)" if model_kind(model).startswith("an encoder (") else "span"
+        raise LmforgeError(f"{config.model} is {model_kind(model)}; --objective clm trains a decoder: pretrain it with "
+                           f"--objective {objective}, or start from a decoder preset or folder")
+    language_model(model)
     refuse_other_shape(model, shape, config.model)
     return model.train()
 

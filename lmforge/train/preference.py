@@ -34,14 +34,14 @@ import torch.nn.functional as F
 from lmforge.data.preference import TokenizedPair, TokenizeStats, encode_answer, encode_prompt, read_pairs, tokenize_pairs
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import record_end_of_turn
-from lmforge.model.checkpoint import load_model
+from lmforge.model.checkpoint import load_model, model_kind
 from lmforge.model.encoder import Encoder
 from lmforge.model.gpt import GPT, last_tokens
 from lmforge.model.heads import attach_head
 from lmforge.model.lora import adapters_off
 from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 from lmforge.train.config import DPOConfig, RewardConfig
-from lmforge.train.finetune import FIXED_ON_RESUME, ExampleBatches, Finetune, _pad, _to
+from lmforge.train.finetune import FIXED_ON_RESUME, ExampleBatches, Finetune, _pad, _to, refuse_pooling
 from lmforge.train.loop import Distributed, resolve_config, train
 from lmforge.utils import warn
 
@@ -154,9 +154,13 @@ class RewardModel(PairObjective):
         if getattr(model.config, "head", None) == self.head and model.config.num_labels == 1:
             return  # already a reward model: train it on
         if isinstance(model, GPT):
+            refuse_pooling(self.config.pooling)
             tok = self.tokenizer_of(model)
             pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
             attach_head(model, self.head, 1, ("reward",), pad)
+        elif not isinstance(model, Encoder):
+            raise LmforgeError(f"a reward model is a decoder or an encoder (bert) with a score head; "
+                               f"{self.config.model} is {model_kind(model)}")
         else:
             # transformers' BertForSequenceClassification reads the pooler; without one, the [CLS] token
             pooling = self.config.pooling if self.config.pooling != "auto" else ("pooler" if model.pooler is not None else "first")
@@ -330,7 +334,7 @@ class DPO(PairObjective):
     def load(self, checkpoint):
         model = super().load(checkpoint)
         if not isinstance(model, GPT) or model.score is not None:
-            what = "an encoder" if not isinstance(model, GPT) else "a classifier or reward model (it has a score head)"
+            what = model_kind(model) if not isinstance(model, GPT) else "a classifier or reward model (it has a score head)"
             raise LmforgeError(f"DPO trains a causal language model; {self.config.model} is {what}")
         return model
 

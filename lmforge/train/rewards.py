@@ -154,7 +154,31 @@ def _user_function(spec: str):
     fn = getattr(module, function, None)
     if not callable(fn):
         raise LmforgeError(f"reward {spec}: {module_name} has no function {function}")
+    _check_signature(spec, fn)
     return fn
+
+
+def _check_signature(spec: str, fn) -> None:
+    """Refuse, before any rollout, a function that cannot be called as lmforge calls it: one completion at a time,
+    ``fn(prompt=..., completion=..., **row_fields)`` (TRL's reward functions take lists: prompts, completions)."""
+    import inspect
+
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # (a builtin without a signature: called as it is)
+        return
+    required = [p.name for p in signature.parameters.values() if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    batch = [name for name in required if name in ("prompts", "completions")]
+    try:
+        signature.bind_partial(prompt="", completion="")
+    except TypeError:
+        batch = batch or ["prompt", "completion"]
+    if batch or any(p.kind is p.POSITIONAL_ONLY for p in signature.parameters.values()):
+        raise LmforgeError(f"reward {spec}: lmforge calls it once per completion as {spec.rpartition(':')[2]}(prompt=..., "
+                           f"completion=..., **row_fields) and takes a float back, but it is defined as "
+                           f"{spec.rpartition(':')[2]}{signature}; give it that signature (TRL's batch functions take "
+                           f"lists of prompts and completions)")
 
 
 def parse_rewards(spec: str, weights: str = "", device="cpu") -> list[Reward]:

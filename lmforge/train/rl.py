@@ -45,7 +45,7 @@ from lmforge.data.examples import ROLES, _raw_rows
 from lmforge.data.preference import Pairs, encode_prompt
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Engine, end_tokens, record_end_of_turn
-from lmforge.model.checkpoint import load_model, save_model
+from lmforge.model.checkpoint import load_model, model_kind, save_model
 from lmforge.model.gpt import GPT
 from lmforge.model.heads import attach_head
 from lmforge.model.lora import adapters_off, save_adapter
@@ -269,7 +269,7 @@ class RL(Finetune):
     def load(self, checkpoint):
         model = super().load(checkpoint)
         if not isinstance(model, GPT) or model.score is not None:
-            what = "an encoder" if not isinstance(model, GPT) else "a classifier or reward model (it has a score head)"
+            what = model_kind(model) if not isinstance(model, GPT) else "a classifier or reward model (it has a score head)"
             raise LmforgeError(f"RL trains a causal language model; {self.config.model} is {what}")
         return model
 
