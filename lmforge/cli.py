@@ -144,9 +144,11 @@ def cmd_generate(args) -> None:
         text, stops = chat_prompt(tokenizer, messages, stops, model)
         rendered = True
     max_new_tokens = args.max_new_tokens
-    if max_new_tokens is None:  # up to 128, but never more than the context leaves after the (rendered) prompt
+    if max_new_tokens is None:  # the folder's setting, else up to 128, never more than the context leaves
+        from lmforge.infer.sampling import recommended_length
+
         room = model.config.block_size - (0 if seq2seq else max(len(prompt_ids(model, tokenizer, text, rendered)), 1))
-        max_new_tokens = max(1, min(128, room))
+        max_new_tokens = max(1, min(recommended_length(model) or 128, room))
     params = _sampling_from(args, model, max_new_tokens=max_new_tokens, stop=stops.stop, stop_token_ids=stops.stop_token_ids,
                             truncate=args.truncate, n=args.n, num_beams=args.num_beams, length_penalty=args.length_penalty)
     from lmforge.model.gpt import use_fast_kernels
@@ -175,11 +177,14 @@ def cmd_chat(args) -> None:
     retriever = _retriever(args)
     model, tokenizer = _load_for_inference(args)
     context = model.config.block_size
+    from lmforge.infer.sampling import recommended_length
+
+    default = min(recommended_length(model) or 256, context // 2)  # (the folder's setting, else up to 256)
     params = _sampling_from(args, model, max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None
-                            else min(256, context // 2))
+                            else default)
     if params.max_new_tokens >= context:  # (said now, not as "too long" at every message)
         raise LmforgeError(f"--max-new-tokens {params.max_new_tokens} leaves no room for a message in the model's "
-                           f"context of {context} tokens; pass fewer (default: {min(256, context // 2)})")
+                           f"context of {context} tokens; pass fewer (default: {default})")
     if args.system:  # the system prompt stays in every turn: one that leaves no room is said now, too
         from lmforge.infer.chat import fit_conversation
 

@@ -662,3 +662,32 @@ def test_a_feed_forward_it_does_not_know_is_one_line_naming_what_it_reads(tmp_pa
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(LmforgeError, match=r"feed_forward_proj .* is not supported; lmforge reads relu, gelu, .*gated-NAME"):
         load_model(folder)
+
+
+def test_generation_starts_from_generation_config_s_decoder_start_token(tmp_path):
+    """transformers' generate starts the decoder from generation_config.json's decoder_start_token_id (training from
+    config.json's); lmforge read config.json's alone, and greedy and beam outputs differed from the first token."""
+    from transformers import T5ForConditionalGeneration
+
+    from lmforge.infer.engine import Engine, beam_search
+    from lmforge.infer.sampling import SamplingParams
+
+    folder = make_hf_t5(tmp_path / "hf", "v1.1", num_decoder_layers=2)
+    settings = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**settings, "decoder_start_token_id": 5}))
+    theirs = T5ForConditionalGeneration.from_pretrained(folder).eval()
+    ours = load_model(folder)
+    src = SOURCES[0]
+    with torch.no_grad():
+        expected = theirs.generate(torch.tensor([src + [1]]), max_new_tokens=8, do_sample=False)[0, 1:].tolist()
+        beams = theirs.generate(torch.tensor([src]), max_new_tokens=8, num_beams=3, do_sample=False)[0, 1:].tolist()
+    engine = Engine(ours, IdTokenizer(), max_batch=1)
+    request = engine.add(src, SamplingParams(max_new_tokens=8, temperature=0))
+    engine.run([request])
+    seq = request.sequences[0]
+    assert seq.tokens + ([seq.stop_token] if seq.stop_token is not None else []) == expected
+    assert beam_search(ours, src, 3, 8, eos_ids=(1,))[0] == [t for t in beams if t != 0]
+    with torch.no_grad():  # training's start is still config.json's: the loss is transformers'
+        labels = torch.tensor([[7, 8, 9, 1]])
+        torch.testing.assert_close(ours(torch.tensor([src]), labels=labels)[1],
+                                   theirs(input_ids=torch.tensor([src]), labels=labels).loss, atol=1e-5, rtol=0)

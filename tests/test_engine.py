@@ -330,20 +330,26 @@ def test_generate_api_batches_beams_and_n(hf_gpt2):
 
 
 def test_generation_ends_at_the_models_end_token_as_well_as_the_tokenizers(hf_gpt2):
-    """transformers' generate stops at the config's eos_token_id; the engine stops there and at the tokenizer's."""
-    import dataclasses
+    """transformers' generate stops at the eos_token_id of generation_config.json (where it names one; config.json's
+    otherwise, and not config.json's where the two differ); the engine stops there and at the tokenizer's."""
+    import json
 
     model = load_model(hf_gpt2)
     free = Engine(model, IdTokenizer(), max_batch=1)
     r = free.add([5, 6, 7], SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[]))
     free.run([r])
     tokens = r.sequences[0].tokens
-    end = next(t for t in tokens if t not in tokens[:1])  # (a token after the first that the model really writes)
-    model.config = dataclasses.replace(model.config, eos_token_id=end)
-    engine = Engine(model, IdTokenizer(), max_batch=1)
-    r = engine.add([5, 6, 7], SamplingParams(max_new_tokens=8, temperature=0))
-    engine.run([r])
-    assert r.sequences[0].tokens == tokens[: tokens.index(end)] and r.sequences[0].finish_reason == "stop"
+    end = next(t for t in tokens if t != tokens[0])  # (a token after the first that the model really writes)
+    unused = min(set(range(100)) - set(tokens))
+    config = json.loads((hf_gpt2 / "config.json").read_text())
+    cut = tokens[: tokens.index(end)]
+    for in_config, in_generation, expected in [(end, None, cut), (unused, end, cut), (end, unused, tokens)]:
+        (hf_gpt2 / "config.json").write_text(json.dumps({**config, "eos_token_id": in_config}))
+        (hf_gpt2 / "generation_config.json").write_text(json.dumps({"eos_token_id": in_generation}))
+        engine = Engine(load_model(hf_gpt2), IdTokenizer(), max_batch=1)
+        r = engine.add([5, 6, 7], SamplingParams(max_new_tokens=8, temperature=0))
+        engine.run([r])
+        assert r.sequences[0].tokens == expected, (in_config, in_generation)
 
 
 def test_context_limit_errors_and_truncation(hf_gpt2):

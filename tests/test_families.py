@@ -165,3 +165,47 @@ def test_an_lmforge_only_configuration_round_trips(tmp_path):
     idx = torch.randint(0, 50, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(again(idx), model(idx))
+
+
+def word_tokenizer(folder, vocab=97):
+    """A tokenizer.json of words "w0" ... (ids 0 ...), "w1" its unknown, "w2" its end of text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w2"}))
+
+
+def test_generation_config_settings_apply_as_transformers_applies_them(tmp_path, capsys):
+    """A greedy model's repetition_penalty and max_new_tokens in generation_config.json were dropped (only a
+    do_sample: true file was read); settings lmforge does not apply (num_beams, no_repeat_ngram_size) are said."""
+    from lmforge import generate
+
+    hf = make(tmp_path / "m", "llama-gqa-untied-theta")
+    word_tokenizer(tmp_path / "m")
+    settings = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    prompt = torch.tensor([[9, 10, 11]])
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({**settings, "repetition_penalty": 1.5}))
+    hf.generation_config.repetition_penalty = 1.5
+    expected = hf.generate(prompt, max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(prompt),
+                           eos_token_id=None, pad_token_id=0)[0, 3:].tolist()
+    got = generate(str(tmp_path / "m"), "w9 w10 w11", max_new_tokens=20, temperature=0)
+    assert got.token_ids == expected and len(set(expected)) > 3  # (the penalty changed the greedy answer)
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({**settings, "max_new_tokens": 5,
+                                                                         "num_beams": 3, "no_repeat_ngram_size": 2}))
+    capsys.readouterr()
+    assert len(generate(str(tmp_path / "m"), "w9 w10 w11", temperature=0).token_ids) == 5
+    err = capsys.readouterr().err
+    assert "sets num_beams 3, no_repeat_ngram_size 2, which lmforge does not apply" in err and "--num-beams" in err
+
+
+def test_the_python_api_fits_its_default_length_to_a_small_context(tmp_path):
+    """generate()'s default max_new_tokens (128) failed on a model of 64 positions; it takes what the context
+    leaves, as the command does."""
+    from lmforge import generate
+
+    make(tmp_path / "m", "qwen2-untied")
+    word_tokenizer(tmp_path / "m")
+    out = generate(str(tmp_path / "m"), "w9 w10 w11", temperature=0)
+    assert len(out.token_ids) + 3 <= 64 and out.finish_reason in ("length", "stop")

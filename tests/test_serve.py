@@ -159,7 +159,13 @@ def test_what_the_server_does_not_implement_is_refused_and_its_no_op_values_pass
         response = post(server, "/v1/chat/completions", {**chat, **extra})
         assert response.status_code == 400 and response.json()["error"]["param"] == param, extra
         assert response.json()["error"]["code"] == "unsupported_parameter"
-    no_ops = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {}, "user": "me"}
+    # other servers' extensions that would change the answer (they were dropped, the answer a greedy one)
+    for extra, param in [({"num_beams": 3}, "num_beams"), ({"min_tokens": 4}, "min_tokens"),
+                         ({"ignore_eos": True}, "ignore_eos"), ({"guided_regex": "a+"}, "guided_regex")]:
+        response = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, **extra})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, extra
+    no_ops = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {}, "user": "me",
+              "num_beams": 1, "ignore_eos": False, "skip_special_tokens": True}
     assert post(server, "/v1/chat/completions", {**chat, **no_ops}).status_code == 200
     assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, "n": 2, "best_of": 2, "suffix": None,
                                             "logit_bias": None}).status_code == 200
@@ -524,3 +530,17 @@ def test_metrics_have_one_label_for_unknown_paths_and_count_rejections(server):
     assert endpoints <= {"/", "/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "other"}, endpoints
     assert server.metric('lmforge_requests_total{endpoint="other",status="404"}') >= 20
     assert server.metric('lmforge_requests_total{endpoint="/v1/completions",status="413"}') >= 1
+
+
+def test_stop_token_ids_stop_beside_the_end_tokens(server, model_dir):
+    """vLLM's stop_token_ids (the README's "stop token ids ... and the server alike") were dropped with a 200."""
+    body = {"prompt": "def", "max_tokens": 12, "temperature": 0}
+    free = post(server, "/v1/completions", {**body, "logprobs": 0}).json()["choices"][0]
+    written = free["logprobs"]["tokens"]
+    tok = __import__("lmforge.tokenizer", fromlist=["Tokenizer"]).Tokenizer.load(model_dir)
+    ids = [tok.encode(t)[0] for t in written]  # (each token's id: a token's text encodes to itself here)
+    stop = ids[2]
+    stopped = post(server, "/v1/completions", {**body, "stop_token_ids": [stop], "logprobs": 0}).json()["choices"][0]
+    assert stopped["finish_reason"] == "stop" and stopped["logprobs"]["tokens"] == written[: ids.index(stop)]
+    response = post(server, "/v1/completions", {**body, "stop_token_ids": [10**9]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stop_token_ids"

@@ -151,10 +151,12 @@ class Sequence:
 
 
 def end_tokens(model, tokenizer) -> list[int]:
-    """The tokens that end a generation by default: the tokenizer's end-of-text token and the model's
-    ``eos_token_id`` (transformers' ``generate`` stops at the latter), where they differ (Qwen2.5's chat models:
-    ``<|im_end|>`` and ``<|endoftext|>``), and every id its folder's generation_config.json lists."""
-    ids = [tokenizer.eos_id, getattr(model.config, "eos_token_id", None), *getattr(model, "end_token_ids", ())]
+    """The tokens that end a generation by default: the tokenizer's end-of-text token and the model's end ids
+    (transformers' ``generate`` stops at the latter), where they differ (Qwen2.5's chat models: ``<|im_end|>`` and
+    ``<|endoftext|>``): those its folder names (``checkpoint.end_token_ids``: generation_config.json's, else
+    config.json's), or, for a model made in this process, its config's ``eos_token_id``."""
+    ends = getattr(model, "end_token_ids", None) or [getattr(model.config, "eos_token_id", None)]
+    ids = [tokenizer.eos_id, *ends]
     return sorted({i for i in ids if i is not None and 0 <= i < model.config.vocab_size})
 
 
@@ -303,7 +305,7 @@ class Engine:
                              for i in range(params.n)]
         if self.seq2seq:  # repetition penalties look at the decoder's tokens, which start at the start token
             for seq in request.sequences:
-                seq.history = torch.tensor([self.model.config.decoder_start_token_id])
+                seq.history = torch.tensor([self.model.start_token_id])
         self.waiting.append(request)
         return request
 
@@ -516,7 +518,7 @@ class Engine:
         memory, mask = self.model.encode(ids, mask)[rows], mask[rows]
         cache = [{} for _ in self.model.decoder.blocks]
         seqs = [s for r in requests for s in r.sequences]
-        start = torch.full((len(seqs), 1), self.model.config.decoder_start_token_id, device=self.device)
+        start = torch.full((len(seqs), 1), self.model.start_token_id, device=self.device)
         logits = self.model.decode(start, memory, mask, cache)[:, -1]
         for s in seqs:
             s.pos = 0
@@ -617,7 +619,7 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
     c = model.config
     seq2seq = isinstance(model, EncoderDecoder)
     # an encoder-decoder reads the prompt in its encoder; its decoder's prefix is the start token
-    prefix = [c.decoder_start_token_id] if seq2seq else prompt_ids
+    prefix = [model.start_token_id] if seq2seq else prompt_ids
     if seq2seq:
         fit_source(prompt_ids, max_new_tokens, c.block_size, False)
     P = len(prefix)

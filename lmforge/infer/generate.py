@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 from lmforge.errors import LmforgeError
 from lmforge.infer.detokenize import Detokenizer
 from lmforge.infer.engine import Engine, beam_search, end_tokens, fit_source
-from lmforge.infer.sampling import SamplingParams, fit_prompt, process_logits, recommended_sampling
+from lmforge.infer.sampling import (SamplingParams, fit_prompt, process_logits, recommended_length,
+                                    recommended_sampling)
 from lmforge.model.gpt import GPT, use_fast_kernels
 from lmforge.model.encoder_decoder import EncoderDecoder
 
@@ -169,6 +170,10 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
             text, sampling = chat_prompt(tokenizer, messages, sampling, model)
             rendered.append(text)
         prompts = rendered
+    if "max_new_tokens" not in params:  # as the commands: the folder's setting, else up to 128, within the context
+        longest = 0 if seq2seq else max(max(len(prompt_ids(model, tokenizer, p, templated)), 1) for p in prompts)
+        wanted = recommended_length(model) or 128
+        sampling = replace(sampling, max_new_tokens=max(1, min(wanted, model.config.block_size - longest)))
     if loaded:  # (a model object is left as it is: it may train on)
         use_fast_kernels(model, max(len(prompts) * sampling.n, sampling.num_beams))
     if sampling.num_beams > 1:

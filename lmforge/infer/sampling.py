@@ -101,7 +101,9 @@ def recommended_sampling(model) -> dict:
     """The sampling a model's folder recommends: where its generation_config.json says ``do_sample: true``
     (Qwen2.5's and Llama 3's instruct models: temperature 0.7 / top_p 0.8 / top_k 20 / repetition_penalty 1.05,
     temperature 0.6 / top_p 0.9), the settings transformers' ``generate`` samples with: the file's, and
-    transformers' defaults for the rest (top_k 50). generate, chat and serve use them where not told otherwise.
+    transformers' defaults for the rest (top_k 50); where it does not, its repetition penalty (transformers'
+    greedy search applies it too). generate, chat and serve use them where not told otherwise; the settings
+    transformers applies and lmforge does not (num_beams, no_repeat_ngram_size, ...) are warned about.
     {} when the folder recommends none (or the model was not loaded from a folder). Worked out (and a bad one
     said) once per model."""
     settings = getattr(model, "generation_settings", None) or {}
@@ -111,9 +113,26 @@ def recommended_sampling(model) -> dict:
     return dict(cached[1])
 
 
+# generation_config.json settings that transformers' generate applies and lmforge does not (their no-op values)
+_NOT_APPLIED = {"num_beams": 1, "num_beam_groups": 1, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+                "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "force_words_ids": None,
+                "forced_bos_token_id": None, "forced_eos_token_id": None, "min_length": 0, "min_new_tokens": None,
+                "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "diversity_penalty": 0.0,
+                "sequence_bias": None, "exponential_decay_length_penalty": None, "guidance_scale": None}
+
+
 def _recommended(settings: dict, folder) -> dict:
-    if settings.get("do_sample") is not True:
-        return {}
+    used = [f"{name} {settings[name]!r}" for name, off in _NOT_APPLIED.items()
+            if settings.get(name) not in (None, off, [], {})]
+    if used:
+        warn(f"{folder}/generation_config.json sets {', '.join(used)}, which lmforge does not apply by default "
+             f"(transformers' generate does): its results differ from transformers' there"
+             + ("; pass num_beams (--num-beams) for beam search" if any(u.startswith("num_beams ") for u in used)
+                else ""))
+    if settings.get("do_sample") is not True:  # greedy in transformers; a repetition penalty still applies
+        penalty = settings.get("repetition_penalty")
+        ok = isinstance(penalty, (int, float)) and not isinstance(penalty, bool) and 0 < penalty < math.inf
+        return {"repetition_penalty": float(penalty)} if ok and penalty != 1.0 else {}
     values = {name: settings.get(name) if settings.get(name) is not None else default
               for name, default in _SAMPLING_DEFAULTS.items()}
     try:
@@ -122,6 +141,13 @@ def _recommended(settings: dict, folder) -> dict:
         warn(f"the sampling settings of {folder}/generation_config.json are not used ({e})")
         return {}
     return values
+
+
+def recommended_length(model) -> int | None:
+    """The ``max_new_tokens`` a model's generation_config.json sets (a default where none is asked for, as
+    transformers' generate and vLLM take it), or None."""
+    value = (getattr(model, "generation_settings", None) or {}).get("max_new_tokens")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def describe_sampling(values: dict) -> str:

@@ -108,7 +108,7 @@ def save_model(model, folder: str | os.PathLike, tokenizer=None, max_shard_bytes
             c = model.config
             atomic_write_json(tmp / "config.json", {**t5_config_to_hf(c), "torch_dtype": dtype})
             atomic_write_json(tmp / "generation_config.json", {**_kept_generation(model),
-                                                               "decoder_start_token_id": c.decoder_start_token_id,
+                                                               "decoder_start_token_id": model.start_token_id,
                                                                "eos_token_id": _end_ids(model, c.eos_token_id),
                                                                "pad_token_id": c.pad_token_id})
             tensors = t5_state_dict_to_hf(model)
@@ -224,10 +224,11 @@ def generation_settings(folder: Path) -> dict:
 
 
 def end_token_ids(hf: dict, generation: dict, vocab_size: int) -> list[int]:
-    """Every end-of-sequence id a folder names: config.json's and generation_config.json's ``eos_token_id``,
-    each one id or a list (Qwen2.5's and Llama 3's chat models list the end of a turn beside the end of text);
-    transformers' ``generate`` stops at any of them, and so does lmforge."""
-    values = [hf.get("eos_token_id"), generation.get("eos_token_id")]
+    """The end-of-sequence ids a folder names: generation_config.json's ``eos_token_id`` where it names any, else
+    config.json's, each one id or a list (Qwen2.5's and Llama 3's chat models list the end of a turn beside the
+    end of text); transformers' ``generate`` stops at any of them (and, where generation_config.json names
+    others, not at config.json's), and so does lmforge."""
+    values = [generation.get("eos_token_id")] if generation.get("eos_token_id") is not None else [hf.get("eos_token_id")]
     ids = []
     for value in values:
         for i in value if isinstance(value, list) else [value]:

@@ -418,6 +418,16 @@ class EncoderDecoder(nn.Module):
             self.packed_head if self.packed_head is not None else self.shared.weight)
         return linear(x, weight, matvec=self.matvec, onednn=self.onednn_head)
 
+    @property
+    def start_token_id(self) -> int:
+        """The token generation starts the decoder from: generation_config.json's ``decoder_start_token_id`` where
+        the model's folder names one (transformers' ``generate`` reads it there), else config.json's, which is the
+        one training shifts the labels with (``shift_right``, as transformers' T5 does)."""
+        start = (getattr(self, "generation_settings", None) or {}).get("decoder_start_token_id")
+        if isinstance(start, int) and not isinstance(start, bool) and 0 <= start < self.config.vocab_size:
+            return start
+        return self.config.decoder_start_token_id
+
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """The decoder's input for ``labels``: the start token, then the labels but the last (-100 as padding)."""
         start = torch.full_like(labels[:, :1], self.config.decoder_start_token_id)

@@ -44,9 +44,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.engine import Engine, Request
+from lmforge.infer.engine import Engine, Request, end_tokens
 from lmforge.infer.generate import SamplingParams, chat_prompt
-from lmforge.infer.sampling import recommended_sampling
+from lmforge.infer.sampling import recommended_length, recommended_sampling
 from lmforge.serve.embeddings import EmbeddingBody, embeddings
 
 API_KEY_ENV = "LMFORGE_API_KEY"
@@ -126,8 +126,9 @@ class StreamOptions(BaseModel):
 
 class _Sampling(BaseModel):
     # strict: "5" is no number and true no count (a 400 saying so, not a guess); fields OpenAI does not define
-    # are ignored, as OpenAI-compatible servers do
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+    # are kept aside (model_extra) and ignored, as OpenAI-compatible servers do, but for the extensions of other
+    # servers that would change the answer (refuse_unsupported)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
     model: Text | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -144,10 +145,22 @@ class _Sampling(BaseModel):
     top_k: int = Field(default=0, ge=-1)
     min_p: float = Field(default=0.0, ge=0.0, lt=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOPS)] | None = None  # vLLM's: beside the end tokens
     stream_options: StreamOptions | None = None
     # OpenAI fields that change the answer and that this server does not implement: refused (400) when set to
     # anything but their no-op (see OpenAIService.refuse_unsupported), never silently dropped
     logit_bias: dict | None = None
+
+
+# Request fields of other OpenAI-compatible servers (vLLM's sampling extensions) that change the answer, with
+# their no-op values: this server refuses them (400) rather than answering as if they were not there.
+_OTHER_EXTENSIONS = {"num_beams": 1, "use_beam_search": False, "best_of_beams": 1, "length_penalty": 1.0,
+                     "early_stopping": False, "min_tokens": 0, "ignore_eos": False, "bad_words": [],
+                     "allowed_token_ids": [], "include_stop_str_in_output": False, "skip_special_tokens": True,
+                     "spaces_between_special_tokens": True, "truncate_prompt_tokens": None, "logits_processors": [],
+                     "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
+                     "structured_outputs": None, "no_repeat_ngram_size": 0, "min_new_tokens": 0, "typical_p": 1.0,
+                     "prompt_logprobs": None}
 
 
 class CompletionBody(_Sampling):
@@ -397,6 +410,9 @@ class OpenAIService:
             ("function_call", getattr(body, "function_call", None) not in (None, "none", "auto")),
             ("response_format", (getattr(body, "response_format", None) or {}).get("type", "text") != "text"),
         ]
+        # other servers' extensions (vLLM's) that change the answer, set to anything but their no-op
+        extra = body.model_extra or {}
+        unsupported += [(name, name in extra and extra[name] not in (off, None)) for name, off in _OTHER_EXTENSIONS.items()]
         for name, used in unsupported:
             if used:
                 raise APIError(400, f"{name} is not supported by this server; leave it out", param=name,
@@ -404,9 +420,10 @@ class OpenAIService:
 
     def default_max_tokens(self, prompt_tokens: int, at_most: int | None = None) -> int:
         """Without a limit in the request, the answer may fill what the context leaves (as vLLM), within
-        this server's limit."""
+        this server's limit and the model's generation_config.json ``max_new_tokens`` (vLLM's default too)."""
         room = self.context if self.seq2seq else self.context - prompt_tokens
-        return min(self.settings.max_tokens, max(room, 1), at_most or self.context)
+        return min(self.settings.max_tokens, recommended_length(self.model) or self.context, max(room, 1),
+                   at_most or self.context)
 
     def sampling(self, body: _Sampling, max_tokens: int, prompt_tokens: int, logprobs: int | None) -> SamplingParams:
         """The engine's settings for ``body``, refused (400) where they exceed this server or this model."""
@@ -433,6 +450,13 @@ class OpenAIService:
                                 f"completion). Please reduce the prompt or the completion length.",
                            param="messages" if isinstance(body, ChatBody) else "prompt", code="context_length_exceeded")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stop_ids = None  # (the model's end tokens)
+        if body.stop_token_ids:  # vLLM's meaning: these too, beside the end tokens
+            bad = [i for i in body.stop_token_ids if not 0 <= i < self.vocab_size]
+            if bad:
+                raise APIError(400, f"stop_token_ids: {bad[0]} is no token id of this model (0 to {self.vocab_size - 1})",
+                               param="stop_token_ids")
+            stop_ids = sorted(set(end_tokens(self.model, self.tokenizer)) | set(body.stop_token_ids))
         # what the request leaves out: what the model's generation_config.json recommends (as vLLM does), else
         # OpenAI's defaults
         chosen = {**recommended_sampling(self.model), **{k: getattr(body, k) for k in body.model_fields_set}}
@@ -441,7 +465,8 @@ class OpenAIService:
                               top_k=max(chosen["top_k"], 0), min_p=chosen["min_p"],
                               repetition_penalty=chosen["repetition_penalty"],
                               frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                              n=body.n, stop=[s for s in stop if s], seed=body.seed, logprobs=logprobs)
+                              n=body.n, stop=[s for s in stop if s], stop_token_ids=stop_ids, seed=body.seed,
+                              logprobs=logprobs)
 
     async def run(self, http: HTTPRequest, prompt_ids: list[int], params: SamplingParams, stream_fn, final_fn,
                   endpoint: str):
@@ -587,7 +612,8 @@ class OpenAIService:
         prompt_ids = self.tokenizer.encode(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or self.default_max_tokens(len(prompt_ids))
         params = self.sampling(body, max_tokens, len(prompt_ids), (body.top_logprobs or 0) if body.logprobs else None)
-        params.stop_token_ids = with_stops.stop_token_ids
+        if with_stops.stop_token_ids is not None:  # (the end of a turn too; with the request's own, if any)
+            params.stop_token_ids = sorted(set(with_stops.stop_token_ids) | set(params.stop_token_ids or []))
         params.stop = params.stop + [s for s in with_stops.stop if s not in params.stop]
         rid, model_name = f"chatcmpl-{uuid.uuid4().hex[:24]}", self.settings.model_name
 
