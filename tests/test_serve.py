@@ -165,7 +165,7 @@ def test_what_the_server_does_not_implement_is_refused_and_its_no_op_values_pass
         response = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, **extra})
         assert response.status_code == 400 and response.json()["error"]["param"] == param, extra
     no_ops = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {}, "user": "me",
-              "num_beams": 1, "ignore_eos": False, "skip_special_tokens": True}
+              "num_beams": 1, "ignore_eos": False, "add_generation_prompt": True}
     assert post(server, "/v1/chat/completions", {**chat, **no_ops}).status_code == 200
     assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, "n": 2, "best_of": 2, "suffix": None,
                                             "logit_bias": None}).status_code == 200

@@ -438,15 +438,13 @@ def test_settings_that_would_train_the_wrong_thing_are_refused(hf_gpt2, tmp_path
     """Duplicate --labels (a head with a class never trained), a misspelled field (a classifier read as
     language-model text), a negative --epochs (ran the default steps), --pooling on a decoder (ignored), a TRL-style
     reward function (every reward a penalty), a chat run whose tokenizer lacks the default template's tokens
-    (the model could never learn to stop), and a CSV quote left open (blamed on the label)."""
+    (the model could never learn to stop)."""
     from test_retrieval import MINILM
 
     rows = tmp_path / "c.jsonl"
     rows.write_text("".join(json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}) + "\n" for i in range(8)))
     typo = tmp_path / "typo.jsonl"
     typo.write_text(rows.read_text().replace('"label"', '"lable"'))
-    csv_file = tmp_path / "c.csv"
-    csv_file.write_text('text,label\n"a b",a\n"c d\n')
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                              {"role": "assistant", "content": "yo"}]}) + "\n")
@@ -454,6 +452,12 @@ def test_settings_that_would_train_the_wrong_thing_are_refused(hf_gpt2, tmp_path
     (tmp_path / "trl_reward.py").write_text("def f(prompts, completions, **kw):\n    return [0.0] * len(prompts)\n")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "a"}) + "\n")
+    from lmforge.data.examples import read_examples
+
+    metadata = tmp_path / "meta.jsonl"  # (a column near a field's name, in a row that fits a format: no typo)
+    metadata.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                                    "prompt_id": "x1", "conversation_id": 3}) + "\n")
+    assert read_examples(metadata).task == "chat"
     model = ["--model", str(hf_gpt2)]
     monkeypatch.chdir(tmp_path)  # (a reward module is imported from the working folder)
     for argv, match in [
@@ -461,7 +465,6 @@ def test_settings_that_would_train_the_wrong_thing_are_refused(hf_gpt2, tmp_path
             (["finetune", *model, "--train", str(typo)], "field 'lable' is no format's field; did you mean 'label'?"),
             (["finetune", *model, "--train", str(rows), "--epochs", "-1"], "epochs must be 0"),
             (["finetune", *model, "--train", str(rows), "--pooling", "mean"], "--pooling mean applies to encoders"),
-            (["finetune", *model, "--train", str(csv_file)], "c.csv:3: not readable as CSV: unexpected end of data"),
             (["finetune", "--model", str(wordpiece), "--train", str(chat)], "lacks <|im_start|> and <|im_end|>"),
             (["rl", *model, "--reward", "trl_reward:f", "--train", str(prompts), "--max-new-tokens", "8"],
              "lmforge calls it once per completion as f(prompt=..., completion=..., **row_fields)")]:

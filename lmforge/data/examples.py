@@ -186,7 +186,7 @@ def _raw_rows(path: Path):
             except json.JSONDecodeError as e:
                 yield lineno, f"not valid JSON ({e.msg})"
     elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""), strict=True)
+        reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""))
         read = 0  # (lines read by the last whole record: the broken one starts on the next)
         try:
             reader.fieldnames  # noqa: B018 (reads the header line)
@@ -237,7 +237,9 @@ def read_examples(path: str | os.PathLike, task: str = "auto", skip_bad_lines: b
     where = "row" if path.suffix.lower() == ".parquet" else "line"
     out = Examples(task, [], str(path))
     for number, row in _raw_rows(path):
-        problem = row if isinstance(row, str) else _misspelled(tuple(row)) if isinstance(row, dict) else None
+        problem = row if isinstance(row, str) else None
+        if isinstance(row, dict) and detect_task(row) is None:  # (a row that fits no format as it is)
+            problem = _misspelled(tuple(row))
         if isinstance(row, dict) and "ner_tags" in row and "tokens" in row and "tags" not in row:
             row["tags"] = row.pop("ner_tags")  # (the datasets library's CoNLL layout)
         row = _common_layout(row, out.task)

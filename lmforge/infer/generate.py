@@ -173,7 +173,9 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
     if "max_new_tokens" not in params:  # as the commands: the folder's setting, else up to 128, within the context
         longest = 0 if seq2seq else max(max(len(prompt_ids(model, tokenizer, p, templated)), 1) for p in prompts)
         wanted = recommended_length(model) or 128
-        sampling = replace(sampling, max_new_tokens=max(1, min(wanted, model.config.block_size - longest)))
+        # (with truncate the prompt gives way to the length, not the length to the prompt)
+        room = model.config.block_size - (1 if sampling.truncate and not seq2seq else longest)
+        sampling = replace(sampling, max_new_tokens=max(1, min(wanted, room)))
     if loaded:  # (a model object is left as it is: it may train on)
         use_fast_kernels(model, max(len(prompts) * sampling.n, sampling.num_beams))
     if sampling.num_beams > 1:

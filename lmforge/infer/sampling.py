@@ -127,7 +127,7 @@ def _recommended(settings: dict, folder) -> dict:
     if used:
         warn(f"{folder}/generation_config.json sets {', '.join(used)}, which lmforge does not apply by default "
              f"(transformers' generate does): its results differ from transformers' there"
-             + ("; pass num_beams (--num-beams) for beam search" if any(u.startswith("num_beams ") for u in used)
+             + ("; `lmforge generate --num-beams` (or num_beams= in Python) runs beam search" if any(u.startswith("num_beams ") for u in used)
                 else ""))
     if settings.get("do_sample") is not True:  # greedy in transformers; a repetition penalty still applies
         penalty = settings.get("repetition_penalty")

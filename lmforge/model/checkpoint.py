@@ -141,7 +141,8 @@ def _kept_generation(model) -> dict:
 def _end_ids(model, eos: int | None) -> int | list[int]:
     """generation_config.json's ``eos_token_id``: the config's, or a list of it and the other ends the model stops
     at (a chat-tuned model's end of a turn; a folder's list, as read), which transformers' ``generate`` reads."""
-    ids = [i for i in dict.fromkeys([eos, *getattr(model, "end_token_ids", ())]) if i is not None]
+    # (a folder's own list as read, which may leave config.json's out: saved as it was, not widened by it)
+    ids = [i for i in dict.fromkeys(getattr(model, "end_token_ids", None) or [eos]) if i is not None]
     return ids[0] if len(ids) == 1 else ids
 
 

@@ -156,8 +156,9 @@ class _Sampling(BaseModel):
 # their no-op values: this server refuses them (400) rather than answering as if they were not there.
 _OTHER_EXTENSIONS = {"num_beams": 1, "use_beam_search": False, "best_of_beams": 1, "length_penalty": 1.0,
                      "early_stopping": False, "min_tokens": 0, "ignore_eos": False, "bad_words": [],
-                     "allowed_token_ids": [], "include_stop_str_in_output": False, "skip_special_tokens": True,
-                     "spaces_between_special_tokens": True, "truncate_prompt_tokens": None, "logits_processors": [],
+                     "allowed_token_ids": [], "include_stop_str_in_output": False, "truncate_prompt_tokens": None,
+                     "chat_template": None, "chat_template_kwargs": {}, "add_generation_prompt": True,
+                     "continue_final_message": False, "logits_processors": [],
                      "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
                      "structured_outputs": None, "no_repeat_ngram_size": 0, "min_new_tokens": 0, "typical_p": 1.0,
                      "prompt_logprobs": None}
