@@ -386,8 +386,9 @@ def cmd_embed(args) -> None:
         raise LmforgeError(f"--max-length {args.max_length} leaves no room for text; give 2 or more")
     model = load_model(args.model, pick_device(args.device))
     if not isinstance(model, Encoder):
-        kind = "a decoder" if hasattr(model, "wte") else "an encoder-decoder (t5)"
-        raise LmforgeError(f"{model.source} is {kind}; `lmforge embed` needs an encoder (bert) model folder")
+        from lmforge.model.checkpoint import model_kind
+
+        raise LmforgeError(f"{model.source} is {model_kind(model)}; `lmforge embed` needs an encoder (bert) model folder")
     tokenizer = load_tokenizer_for(model)
     max_length = args.max_length or declared_max_length(model.source)
     reads = min(max_length or model.config.block_size, model.config.block_size)

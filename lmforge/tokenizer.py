@@ -63,25 +63,6 @@ def _read_config(path: Path) -> dict:
     return read_json(path, "tokenizer configuration") if path.exists() else {}
 
 
-def _adapter_base_folder(adapter: Path) -> Path | None:
-    """The nearest folder with a tokenizer.json down an adapter's chain of bases (the folder lmforge recorded, or
-    adapter_config.json's ``base_model_name_or_path``), or None; a chain that loops ends it."""
-    seen = set()
-    while (adapter / "adapter_config.json").exists() and not (adapter / "tokenizer.json").exists():
-        if adapter.resolve() in seen:
-            return None
-        seen.add(adapter.resolve())
-        meta = _read_config(adapter / "lmforge_adapter.json")
-        config = _read_config(adapter / "adapter_config.json")
-        recorded = (meta.get("base_model") or {}).get("folder") if isinstance(meta, dict) else None
-        named = [p for p in (recorded, config.get("base_model_name_or_path") if isinstance(config, dict) else None)
-                 if isinstance(p, str) and p and Path(p).is_dir()]
-        if not named:
-            return None
-        adapter = Path(named[0])
-    return adapter if (adapter / "tokenizer.json").exists() else None
-
-
 def clean_up_tokenization(text: str) -> str:
     """transformers' ``clean_up_tokenization``: no space before punctuation and English contractions."""
     for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
@@ -131,10 +112,6 @@ class Tokenizer:
         """Load ``tokenizer.json`` from a file or a folder holding one (a model folder, a run)."""
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.exists() and path.is_dir() and (path / "adapter_config.json").exists():
-            base = _adapter_base_folder(path)  # (PEFT saves an adapter without the tokenizer: its base's is used)
-            if base is not None:
-                return cls.load(base)
         if not file.exists():
             where = f"{path} has no tokenizer.json" if path.is_dir() else f"{path} not found"
             raise LmforgeError(f"{where}; train one with `lmforge tokenizer train` or point at a folder that has one")

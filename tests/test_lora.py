@@ -458,6 +458,13 @@ def test_peft_rslora_and_a_seq_cls_adapter_on_its_causal_lm_load_with_peft_s_out
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(idx).logits, peft_model(idx).logits, atol=1e-5, rtol=0)
+    # as published: the base named by its Hub id, given with --base (its tokenizer is that folder's too)
+    shutil.copytree(tmp_path / "cls", tmp_path / "hub")
+    config = json.loads((tmp_path / "hub" / "adapter_config.json").read_text())
+    (tmp_path / "hub" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/m"}))
+    assert main(["merge", str(tmp_path / "hub"), "--base", str(tmp_path / "base"), "--out",
+                 str(tmp_path / "merged2")]) in (0, None)
+    assert (tmp_path / "merged2" / "tokenizer.json").exists()
 
 
 @pytest.mark.parametrize("change, message", [

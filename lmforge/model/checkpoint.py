@@ -366,10 +366,14 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
 
 def load_tokenizer_for(model: GPT, path: str | os.PathLike | None = None):
-    """The tokenizer in the model's folder (or ``path``), checked against the model's vocabulary."""
+    """The tokenizer in the model's folder (or ``path``), checked against the model's vocabulary. An adapter saved
+    without one (PEFT writes none) uses its base's: the exact folder it was put on (``base_source``)."""
     from lmforge.tokenizer import Tokenizer
 
-    tok = Tokenizer.load(path or model.source)
+    source = path or model.source
+    if path is None and not (Path(source) / "tokenizer.json").exists() and getattr(model, "base_source", None):
+        source = model.base_source
+    tok = Tokenizer.load(source)
     if tok.vocab_size > model.config.vocab_size:
         raise LmforgeError(
             f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's embedding has only "

@@ -45,6 +45,7 @@ from lmforge.data.masking import (
     span_raw_length,
 )
 from lmforge.errors import LmforgeError
+from lmforge.model.checkpoint import model_kind
 from lmforge.model.config import PRESETS, Config
 from lmforge.model.encoder import Encoder, EncoderConfig, MaskedLMHead, build_encoder
 from lmforge.train.config import TrainConfig
@@ -118,8 +119,7 @@ class MaskedLM(CausalLM):
                                f"data with it (or use a BERT tokenizer)")
 
         def refuse(model) -> str:
-            kind = "a decoder" if hasattr(model, "wte") else "an encoder-decoder (t5)"
-            return (f"{self.config.model} is {kind}; --objective {self.config.objective} trains an encoder (bert): "
+            return (f"{self.config.model} is {model_kind(model)}; --objective {self.config.objective} trains an encoder (bert): "
                     f"start from a preset or an encoder folder")
 
         model = load_or_build(self.config, self.device, checkpoint, Encoder, refuse,
