@@ -479,3 +479,195 @@ def test_text_longer_than_the_encoder_reads_is_said_when_indexed_or_embedded(tmp
     assert "1 passage(s) longer than the" in capsys.readouterr().err
     assert main(["embed", "--model", str(MINILM), "word " * 400, "short"]) == 0
     assert "1 text(s) longer than the" in capsys.readouterr().err
+
+
+# -- damaged indexes -------------------------------------------------------------------------------------
+
+
+def damage(index: Path, name: str, how) -> Path:
+    """A copy of ``index`` with its file ``name`` damaged by ``how(path)`` (the original is kept for the next)."""
+    import shutil
+
+    copy = index.parent / f"{index.name}-damaged-{len(list(index.parent.glob(index.name + '-damaged-*')))}"
+    shutil.copytree(index, copy)
+    how(copy / name)
+    return copy
+
+
+def truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def overwrite_end(path: Path) -> None:  # garbage bytes over its second half, the length kept
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] + bytes((b * 7 + 13) % 256 for b in data[len(data) // 2 :]))
+
+
+def legacy(index: Path) -> None:
+    """The index as lmforge wrote it before manifests kept each file's SHA-256: only its structure is checked."""
+    manifest = json.loads((index / "manifest.json").read_text())
+    manifest.pop("sha256", None)
+    (index / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_reindexing_a_damaged_index_builds_it_again_instead_of_reusing_it(docs, tmp_path, capsys):
+    """Re-indexing reused whatever passages and vectors it found: a passages file one line short, vectors cut
+    short or a passage edited by hand were kept, and search then gave other passages than it named."""
+    index = tmp_path / "index"
+    build_index([docs], MINILM, index, passage_tokens=32, overlap=8, progress=False, dtype="float32")
+    good = Index(index)
+
+    def drop_last_line(path):
+        path.write_text("".join(path.read_text().splitlines(True)[:-1]))
+
+    def edit_a_passage(path):  # same count, same sources: only the SHA-256 tells
+        path.write_text(path.read_text().replace("Reset password", "Delete account", 1))
+
+    def both_short(path):  # passages and vectors agree with each other, not with the manifest's files
+        from safetensors.torch import load_file, save_file
+
+        drop_last_line(path / "passages.jsonl")
+        vectors = load_file(path / "vectors.safetensors")["vectors"]
+        save_file({"vectors": vectors[:-1].contiguous()}, path / "vectors.safetensors")
+        legacy(path)
+
+    def swap_files(path):  # a passage of one file moved to another's place: the sources tell, without a SHA-256
+        rows = path.read_text().splitlines(True)
+        rows[0], rows[-1] = rows[-1], rows[0]
+        path.write_text("".join(rows))
+        legacy(path.parent)
+
+    for name, how, problem in [
+        ("passages.jsonl", drop_last_line, "passages.jsonl holds"),
+        ("vectors.safetensors", truncate, "vectors.safetensors cannot be read"),
+        ("passages.jsonl", edit_a_passage, "passages.jsonl changed since the index was built"),
+        ("vectors.safetensors", lambda p: p.unlink(), "vectors.safetensors is missing"),
+        (".", both_short, "manifest.json counts"),
+        ("passages.jsonl", swap_files, "passages.jsonl line 1 is not from"),
+        ("manifest.json", lambda p: p.write_text('{"format": "lmforge-index-v1", "files": '),
+         "manifest.json is not JSON"),
+    ]:
+        broken = damage(index, name, how)
+        capsys.readouterr()
+        assert main(["index", str(docs), "--model", str(MINILM), "--out", str(broken), "--passage-tokens", "32",
+                     "--overlap", "8", "--dtype", "float32", "--quiet"]) == 0, name
+        out, err = capsys.readouterr()
+        assert f"the index at {broken} is damaged ({problem}" in err and "building it again from scratch" in err, err
+        assert f"({len(good.passages)} embedded, 0 unchanged)" in out, out
+        rebuilt = Index(broken)
+        assert rebuilt.passages == good.passages
+        torch.testing.assert_close(rebuilt.vectors, good.vectors, atol=1e-5, rtol=0)
+        top = rebuilt.search("How do I reset my password?", k=1)[0]
+        assert top.passage.source == "faq.jsonl:1" and "Reset password" in top.passage.text
+    # a damaged manifest among files an index does not hold: refused, those files kept; no manifest: refused
+    broken = damage(index, "manifest.json", lambda p: p.write_text("{"))
+    (broken / "notes.txt").write_text("mine")
+    assert main(["index", str(docs), "--model", str(MINILM), "--out", str(broken), "--quiet"]) == 2
+    assert "has a damaged manifest.json (manifest.json is not JSON" in capsys.readouterr().err
+    assert (broken / "notes.txt").read_text() == "mine" and (broken / "passages.jsonl").exists()
+    broken = damage(index, "manifest.json", lambda p: p.unlink())
+    assert main(["index", str(docs), "--model", str(MINILM), "--out", str(broken), "--quiet"]) == 2
+    assert "choose another --out (it has no manifest.json: if it is an index that lost its manifest, delete" \
+        in capsys.readouterr().err
+    assert (broken / "vectors.safetensors").exists()
+
+
+def test_a_damaged_index_is_a_one_line_error_naming_the_file(docs, tmp_path, capsys):
+    """Damaged BM25 files, vectors, passages or manifest gave tracebacks (JSONDecodeError, TypeError,
+    AttributeError, numpy's ValueError), or wrong answers, in `search`."""
+    index = tmp_path / "index"
+    build_index([docs], MINILM, index, progress=False)
+
+    def int_text(path):
+        rows = path.read_text().splitlines(True)
+        path.write_text(json.dumps({"text": 5, "source": "faq.jsonl:1"}) + "\n" + "".join(rows[1:]))
+
+    def no_encoder_sha256(path):
+        manifest = json.loads(path.read_text())
+        del manifest["encoder_sha256"]
+        path.write_text(json.dumps(manifest))
+
+    def narrow_vectors(path):  # a matrix, of the wrong width: a query's product with it failed
+        from safetensors.torch import load_file, save_file
+
+        save_file({"vectors": load_file(path)["vectors"][:, :100].contiguous()}, path)
+
+    for name, how, problem in [
+        ("bm25/params.index.json", lambda p: p.write_text("{bad"), "bm25/params.index.json is not JSON"),
+        ("bm25/params.index.json", lambda p: p.write_text("[]"), "bm25/ covers None passages, the index"),
+        ("bm25/vocab.index.json", truncate, "bm25/vocab.index.json changed since the index was built"),
+        ("bm25", lambda p: __import__("shutil").rmtree(p), "bm25/ (keyword search's index) is missing"),
+        ("vectors.safetensors", overwrite_end, "vectors.safetensors"),
+        ("vectors.safetensors", narrow_vectors, "vectors.safetensors holds vectors of width 100, manifest.json says"),
+        ("passages.jsonl", lambda p: p.write_text("not json\n"), "passages.jsonl line 1 is not JSON"),
+        ("passages.jsonl", int_text, "passages.jsonl line 1 is not a passage"),
+        ("passages.jsonl", lambda p: p.write_bytes(b"\xff\xfe"), "passages.jsonl cannot be read"),
+        ("manifest.json", lambda p: p.write_text("[1]"), "manifest.json holds a JSON list, not an object"),
+        ("manifest.json", no_encoder_sha256, "manifest.json has no valid encoder_sha256"),
+    ]:
+        broken = damage(index, name, how)
+        for mode in ("bm25", "hybrid"):
+            assert main(["search", str(broken), "E-1042", "--mode", mode]) == 2, (name, problem)
+            err = capsys.readouterr().err
+            assert f"{broken} is damaged: {problem}" in err and f"--out {broken}`" in err, err
+            assert len(err.strip().splitlines()) == 1, err
+    # an index from before manifests kept SHA-256s: damage that its structure does not show is found when read
+    broken = damage(index, "bm25/data.csc.index.npy", truncate)
+    legacy(broken)
+    assert main(["search", str(broken), "E-1042", "--mode", "bm25"]) == 2
+    assert f"{broken} is damaged: bm25/ cannot be read" in capsys.readouterr().err
+    broken = damage(index, "vectors.safetensors", overwrite_end)
+    legacy(broken)
+    with pytest.raises(LmforgeError, match="vectors.safetensors holds vectors that are not of unit length"):
+        Index(broken)
+
+
+def test_a_damaged_or_smaller_ann_graph_is_refused_and_rebuilt(docs, tmp_path, capsys):
+    """A graph of fewer passages than the index was searched as if whole (passages it lacked were never found);
+    a truncated or missing ann.faiss gave FAISS's C++ RuntimeError as a traceback."""
+    pytest.importorskip("faiss", reason="faiss-cpu (the ann extra) is not installed")
+    from lmforge.infer.retrieval import build_ann
+
+    index = tmp_path / "index"
+    args = ["--model", str(MINILM), "--ann", "--passage-tokens", "32", "--overlap", "8", "--dtype", "float32",
+            "--quiet"]
+    assert main(["index", str(docs), "--out", str(index), *args]) == 0
+    vectors = Index(index).vectors
+
+    def smaller(path):  # a graph of the first three passages
+        build_ann(vectors[:3], path)
+        legacy(path.parent)
+
+    def other_vectors(path):  # as many vectors, other ones
+        build_ann(torch.nn.functional.normalize(torch.randn_like(vectors), dim=1), path)
+        legacy(path.parent)
+
+    for how, problem in [(smaller, f"ann.faiss covers 3 vectors of width 384, the index {len(vectors)} of width 384"),
+                         (truncate, "ann.faiss is not a FAISS index"), (lambda p: p.write_text("junk"), "ann.faiss is "
+                         "not a FAISS index"), (lambda p: p.unlink(), "ann.faiss (its --ann graph) is missing"),
+                         (other_vectors, "ann.faiss holds other vectors than vectors.safetensors"),
+                         (overwrite_end, "ann.faiss")]:
+        broken = damage(index, "ann.faiss", how)
+        assert main(["search", str(broken), "how much is pro?", "-k", str(len(vectors))]) == 2
+        err = capsys.readouterr().err
+        assert f"{broken} is damaged: {problem}" in err and len(err.strip().splitlines()) == 1, err
+        assert len(Index(broken, exact=True).search("how much is pro?", k=len(vectors))) == len(vectors)
+    # `lmforge index` again builds the graph again (the vectors, undamaged, are kept)
+    assert main(["index", str(docs), "--out", str(broken), *args]) == 0
+    assert f"(0 embedded, {len(vectors)} unchanged)" in capsys.readouterr().out
+    assert len(Index(broken).search("how much is pro?", k=len(vectors))) == len(vectors)
+
+
+def test_out_under_a_file_is_refused_before_any_work(docs, tmp_path, capsys, monkeypatch):
+    import lmforge.infer.retrieval as retrieval
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the encoder was loaded before --out was checked")
+
+    monkeypatch.setattr(retrieval, "load_encoder", no_work)
+    (tmp_path / "somefile.txt").write_text("mine")
+    assert main(["index", str(docs), "--model", str(MINILM), "--out", str(tmp_path / "somefile.txt" / "idx")]) == 2
+    assert "lies under" in capsys.readouterr().err and (tmp_path / "somefile.txt").read_text() == "mine"
+    assert main(["index", str(docs), "--model", str(MINILM), "--out", str(tmp_path / "somefile.txt")]) == 2
+    assert "is a file; give a folder path" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """A knowledge base to answer from: documents cut into passages, embedded by an encoder, searched by meaning
 (inner product of normalised vectors), by words (BM25, from bm25s) or by both (reciprocal-rank fusion).
 
-    INDEX/manifest.json        format, the encoder (folder, SHA-256 of its weights), passage settings, and each
-                               source file's SHA-256 with its passages' range (re-indexing embeds only what changed)
+    INDEX/manifest.json        format, the encoder (folder, SHA-256 of its weights), passage settings, each
+                               source file's SHA-256 with its passages' range (re-indexing embeds only what changed),
+                               and the SHA-256 of each file below (a file damaged or edited since is refused)
     INDEX/passages.jsonl       one passage a line: text, source ("file:line"), and for FAQ rows the answer
     INDEX/vectors.safetensors  "vectors": (passages, width) float32, L2-normalised
     INDEX/bm25/                the BM25 index of the same passages
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.utils import atomic_dir, atomic_write_json, read_json, refuse_overwriting_sources, sha256_file
+from lmforge.utils import (atomic_dir, atomic_write_json, refuse_file_on_path, refuse_overwriting_sources, sha256_file,
+                           warn)
 
 FORMAT = "lmforge-index-v1"
 SUFFIXES = (".txt", ".md", ".jsonl")
@@ -79,8 +81,6 @@ def document_files(paths: list[str | os.PathLike], skip: Path | None = None) -> 
             raise LmforgeError(f"{path}: documents are .txt, .md or .jsonl files (FAQ rows {{\"question\", \"answer\"}} "
                                f"or {{\"text\"}})")
     if others:
-        from lmforge.utils import warn
-
         warn(f"left out {len(others)} other index folder(s) among the documents: {', '.join(sorted(map(str, others))[:3])}")
     if not files:
         raise LmforgeError(f"no .txt, .md or .jsonl documents in {', '.join(map(str, paths))}")
@@ -229,20 +229,18 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
     counts and the precision's one-line reason.
     """
     import bm25s
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     if ann:
         _faiss()  # before any work: a missing library is said at once
     if passage_tokens < 8 or not 0 <= overlap < passage_tokens:
         raise LmforgeError("--passage-tokens must be at least 8 and --overlap in [0, passage-tokens)")
     out = Path(out)
+    refuse_file_on_path(out)  # (a file at --out or above it: said now, not after the embedding)
     files = document_files(paths, skip=out)
     previous = {}  # an index already there is built again, keeping what did not change; anything else is refused
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        manifest = out / "manifest.json"
-        previous = read_json(manifest, "index manifest") if out.is_dir() and manifest.exists() else {}
-        if previous.get("format") != FORMAT:
-            raise LmforgeError(f"--out {out} exists and is not an lmforge index; choose another --out")
+    if out.exists() and any(out.iterdir()):
+        previous = _previous_manifest(out)
         refuse_overwriting_sources(out, model, *files)  # (the index is replaced whole)
     from lmforge.utils import pick_device
 
@@ -258,9 +256,12 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
     reusable = (previous and previous.get("encoder_sha256") == fingerprint and previous.get("passages") == settings
                 and previous.get("dtype", "float32") == precision.dtype)
     old_passages, old_vectors = [], None
-    if reusable:
-        old_passages = _stored_passages(out)
-        old_vectors = load_file(out / "vectors.safetensors")["vectors"]
+    if reusable:  # (only what passes every check is reused: a damaged index is embedded again whole)
+        try:
+            old_passages, old_vectors = _stored(out, previous)
+        except DamagedIndex as e:
+            warn(f"the index at {out} is damaged ({e.problem}): building it again from scratch")
+            reusable = False
     common = os.path.commonpath([str(f.resolve().parent) for f in files])
     passages: list[Passage] = []
     vectors: list[torch.Tensor | None] = []
@@ -285,18 +286,14 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
         raise LmforgeError(f"the documents in {', '.join(map(str, paths))} hold no text to index")
     long = [passages[i].source for i in to_embed if len(tokenizer.encode(passages[i].text)) > reads]
     if long:  # (an FAQ row is one passage whatever its length)
-        from lmforge.utils import warn
-
         warn(f"{len(long)} passage(s) longer than the {reads} tokens of text the encoder reads ({', '.join(long[:3])}"
              f"{' ...' if len(long) > 3 else ''}): dense search sees their start only (keyword search reads them all)")
     fresh = _embed(encoder, tokenizer, [passages[i].text for i in to_embed], _max_length(encoder), progress,
                    precision.dtype)
     for i, vector in zip(to_embed, fresh):
         vectors[i] = vector
-    gone = sorted(set(previous.get("files") or {}) - set(entries))
+    gone = sorted(set(previous.get("files") if isinstance(previous.get("files"), dict) else {}) - set(entries))
     if gone:  # (the index holds what it was given this time: files not given again leave it)
-        from lmforge.utils import warn
-
         warn(f"{len(gone)} file(s) of the earlier index at {out} are not among the documents given now, and leave it: "
              f"{', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''} (give them too to keep them)")
     matrix = torch.stack(vectors).contiguous()
@@ -309,17 +306,165 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
         lexical.save(str(tmp / "bm25"))
         if ann:
             build_ann(matrix, tmp / "ann.faiss")
+        checksums = {f.relative_to(tmp).as_posix(): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         atomic_write_json(tmp / "manifest.json", {
             "format": FORMAT, "encoder": str(Path(model).resolve()), "encoder_sha256": fingerprint,
             "passages": settings, "dtype": precision.dtype, "count": len(passages), "dim": matrix.size(1), "files": entries,
-            **({"ann": {"kind": "hnsw", "neighbours": ANN_NEIGHBOURS}} if ann else {}),
+            **({"ann": {"kind": "hnsw", "neighbours": ANN_NEIGHBOURS}} if ann else {}), "sha256": checksums,
         })
     return {"out": str(out), "files": len(files), "passages": len(passages), "embedded": len(to_embed), "reused": reused,
             "precision": precision.reason}
 
 
-def _stored_passages(folder: Path) -> list[Passage]:
-    return [Passage(**json.loads(line)) for line in (folder / "passages.jsonl").read_text("utf-8").splitlines() if line]
+# -- reading an index back ---------------------------------------------------------------------------------
+
+INDEX_FILES = ("manifest.json", "passages.jsonl", "vectors.safetensors", "bm25", "ann.faiss")
+
+
+class DamagedIndex(LmforgeError):
+    """A file of an index folder missing, unreadable, or out of step with the others (``problem`` says which)."""
+
+    def __init__(self, folder: Path, problem: str, encoder: str | None = None):
+        self.folder, self.problem = folder, problem
+        super().__init__(f"{folder} is damaged: {problem}; build it again with `lmforge index DOCUMENTS --model "
+                         f"{encoder or 'ENCODER'} --out {folder}` (it rebuilds a damaged index)")
+
+
+def _read_manifest(folder: Path) -> dict:
+    """The manifest of an index folder, its fields checked (format aside: an object of another format is no index
+    of ours, for the caller to refuse)."""
+    path = folder / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DamagedIndex(folder, "manifest.json is missing") from None
+    except (OSError, ValueError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise DamagedIndex(folder, f"manifest.json is not JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(manifest, dict):
+        raise DamagedIndex(folder, f"manifest.json holds a JSON {type(manifest).__name__}, not an object")
+    if manifest.get("format") != FORMAT:
+        return manifest
+    encoder = manifest.get("encoder") if isinstance(manifest.get("encoder"), str) else None
+    wrong = [key for key, ok in (
+        ("encoder", encoder is not None), ("encoder_sha256", isinstance(manifest.get("encoder_sha256"), str)),
+        ("count", _whole(manifest.get("count", 0))), ("dim", _whole(manifest.get("dim", 1)) and manifest.get("dim") != 0),
+        ("files", isinstance(manifest.get("files", {}), dict)),
+        ("sha256", isinstance(manifest.get("sha256", {}), dict)
+         and all(isinstance(v, str) for v in manifest.get("sha256", {}).values())),
+        ("ann", isinstance(manifest.get("ann", {}), dict))) if not ok]
+    if wrong:
+        raise DamagedIndex(folder, f"manifest.json has no valid {', '.join(wrong)}", encoder)
+    return manifest
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _previous_manifest(out: Path) -> dict:
+    """The manifest of the index at ``out`` (a folder, not empty), to build it again keeping what did not change;
+    one that keeps nothing when the manifest is damaged but the folder holds only an index's files (it is built again
+    whole); refused when ``out`` is anything else (replacing it would lose what it holds)."""
+    only_index_files = all(p.name in INDEX_FILES for p in out.iterdir())
+    if not (out / "manifest.json").is_file():
+        lost = " (it has no manifest.json: if it is an index that lost its manifest, delete the folder and index " \
+               "again)" if only_index_files else ""
+        raise LmforgeError(f"--out {out} exists and is not an lmforge index; choose another --out{lost}")
+    try:
+        previous = _read_manifest(out)
+    except DamagedIndex as e:
+        if not only_index_files:
+            raise LmforgeError(f"--out {out} has a damaged manifest.json ({e.problem}) and files an index does not "
+                               f"hold, which building it again would delete: choose another --out") from None
+        warn(f"the index at {out} is damaged ({e.problem}): building it again from scratch")
+        return {"format": FORMAT}
+    if previous.get("format") != FORMAT:
+        raise LmforgeError(f"--out {out} exists and is not an lmforge index; choose another --out")
+    return previous
+
+
+def _check_sha256(folder: Path, manifest: dict, names: list[str]) -> None:
+    """Each file of ``names`` as it was written (an index from before the manifest kept SHA-256s: not checked)."""
+    recorded = manifest.get("sha256")
+    if recorded is None:
+        return
+    for name in names:
+        if name not in recorded:
+            raise DamagedIndex(folder, f"manifest.json has no SHA-256 of {name}", manifest["encoder"])
+        try:
+            digest = sha256_file(folder / name)
+        except FileNotFoundError:
+            raise DamagedIndex(folder, f"{name} is missing", manifest["encoder"]) from None
+        except OSError as e:
+            raise DamagedIndex(folder, f"{name} cannot be read ({e.strerror})", manifest["encoder"]) from None
+        if digest != recorded[name]:
+            raise DamagedIndex(folder, f"{name} changed since the index was built (its SHA-256 is not the one "
+                                       f"manifest.json records)", manifest["encoder"])
+
+
+def _stored(folder: Path, manifest: dict) -> tuple[list[Passage], torch.Tensor]:
+    """The passages and (float32) vectors of an index folder, checked against each other and the manifest (the
+    counts, the width, unit length, each source file's range, the SHA-256s): what search and re-indexing rely on."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    def damaged(problem: str) -> DamagedIndex:
+        return DamagedIndex(folder, problem, manifest["encoder"])
+
+    passages = []
+    try:
+        lines = (folder / "passages.jsonl").read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise damaged("passages.jsonl is missing") from None
+    except (OSError, ValueError) as e:
+        raise damaged(f"passages.jsonl cannot be read ({str(e).splitlines()[0]})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise damaged(f"passages.jsonl line {lineno} is not JSON") from None
+        if not (isinstance(row, dict) and {"text", "source"} <= set(row) <= {"text", "source", "answer"}
+                and all(isinstance(v, str) for v in row.values())):
+            raise damaged(f"passages.jsonl line {lineno} is not a passage {{\"text\", \"source\"[, \"answer\"]}}")
+        passages.append(Passage(**row))
+    try:
+        vectors = load_file(folder / "vectors.safetensors")["vectors"]
+    except FileNotFoundError:
+        raise damaged("vectors.safetensors is missing") from None
+    except (OSError, SafetensorError, ValueError) as e:
+        raise damaged(f"vectors.safetensors cannot be read ({str(e).splitlines()[0]})") from None
+    except KeyError:
+        raise damaged("vectors.safetensors holds no \"vectors\"") from None
+    if vectors.dim() != 2 or not vectors.is_floating_point():
+        raise damaged(f"vectors.safetensors holds a {tuple(vectors.shape)} {vectors.dtype} tensor, not a matrix of "
+                      f"floats")
+    vectors = vectors.float()
+    if vectors.size(0) != len(passages):
+        raise damaged(f"passages.jsonl holds {len(passages)} passages, vectors.safetensors {vectors.size(0)} vectors")
+    if manifest.get("count", len(passages)) != len(passages):
+        raise damaged(f"manifest.json counts {manifest['count']} passages, passages.jsonl holds {len(passages)}")
+    if manifest.get("dim", vectors.size(1)) != vectors.size(1):
+        raise damaged(f"vectors.safetensors holds vectors of width {vectors.size(1)}, manifest.json says "
+                      f"{manifest['dim']}")
+    if len(passages) and not ((vectors.norm(dim=1) - 1).abs() < 1e-3).all():  # (NaN fails too)
+        raise damaged("vectors.safetensors holds vectors that are not of unit length (overwritten?)")
+    first = 0  # each source file's passages, in order, one range after another, covering them all
+    for name, entry in manifest.get("files", {}).items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and entry.get("first") == first
+                and _whole(entry.get("count")) and first + entry["count"] <= len(passages)):
+            raise damaged(f"manifest.json's range of {name} does not follow the ranges before it within the "
+                          f"{len(passages)} passages")
+        stray = next((i for i in range(first, first + entry["count"]) if not passages[i].source.startswith(name + ":")),
+                     None)
+        if stray is not None:
+            raise damaged(f"passages.jsonl line {stray + 1} is not from {name}, as manifest.json says")
+        first += entry["count"]
+    if "files" in manifest and first != len(passages):
+        raise damaged(f"manifest.json's files cover {first} passages, passages.jsonl holds {len(passages)}")
+    _check_sha256(folder, manifest, ["passages.jsonl", "vectors.safetensors"])
+    return passages, vectors
 
 
 def _bm25_tokens(texts: list[str]):
@@ -338,28 +483,17 @@ class Index:
     MODES = ("dense", "bm25", "hybrid")
 
     def __init__(self, folder: str | os.PathLike, device="cpu", exact: bool = False):
-        """``exact``: search every vector even when the index has an approximate (``--ann``) graph."""
-        from safetensors.torch import load_file
-
+        """``exact``: search every vector even when the index has an approximate (``--ann``) graph. Every file is
+        checked when the index is opened (not at the first question): a damaged one is a ``DamagedIndex``."""
         self.folder = Path(folder)
         if not (self.folder / "manifest.json").exists():
             raise LmforgeError(f"{self.folder} is not an index (no manifest.json); build one with `lmforge index`")
-        self.manifest = read_json(self.folder / "manifest.json", "index manifest")
+        self.manifest = _read_manifest(self.folder)
         if self.manifest.get("format") != FORMAT:
             raise LmforgeError(f"{self.folder}/manifest.json is not an lmforge index")
-        from safetensors import SafetensorError
-
-        try:
-            self.passages = _stored_passages(self.folder)
-            self.vectors = load_file(self.folder / "vectors.safetensors")["vectors"].to(device)
-            if not (self.folder / "bm25" / "params.index.json").is_file():  # (keyword search's, read at a query)
-                raise FileNotFoundError(f"{self.folder / 'bm25'} is missing its files")
-        except (OSError, ValueError, TypeError, KeyError, SafetensorError) as e:
-            raise LmforgeError(f"{self.folder} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                               f"build it again with `lmforge index`") from None
-        if len(self.passages) != self.vectors.size(0):
-            raise LmforgeError(f"{self.folder} is damaged ({len(self.passages)} passages, {self.vectors.size(0)} "
-                               f"vectors); build it again with `lmforge index`")
+        passages, vectors = _stored(self.folder, self.manifest)
+        self.passages, self.vectors = passages, vectors.to(device)
+        self._check_bm25()  # (keyword search's files, loaded at its first query)
         self.device = device
         self._encoder = None
         self._bm25 = None
@@ -370,7 +504,45 @@ class Index:
             except ImportError:
                 raise LmforgeError(f"{self.folder} has an approximate graph (built with --ann): install FAISS (pip "
                                    f"install 'lmforge[ann]') or search it exactly (search --exact)") from None
-            self.ann = faiss.read_index(str(self.folder / "ann.faiss"))
+            self.ann = self._read_ann(faiss)
+
+    def _damaged(self, problem: str) -> DamagedIndex:
+        return DamagedIndex(self.folder, problem, self.manifest["encoder"])
+
+    def _check_bm25(self) -> None:
+        folder = self.folder / "bm25"
+        try:
+            params = json.loads((folder / "params.index.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise self._damaged("bm25/ (keyword search's index) is missing its files") from None
+        except (OSError, ValueError) as e:
+            raise self._damaged(f"bm25/params.index.json is not JSON ({str(e).splitlines()[0]})") from None
+        covers = params.get("num_docs") if isinstance(params, dict) else None
+        if covers != len(self.passages):
+            raise self._damaged(f"bm25/ covers {covers} passages, the index {len(self.passages)}")
+        _check_sha256(self.folder, self.manifest, [n for n in self.manifest.get("sha256", {}) if n.startswith("bm25/")])
+
+    def _read_ann(self, faiss):
+        path = self.folder / "ann.faiss"
+        if not path.is_file():
+            raise self._damaged("ann.faiss (its --ann graph) is missing")
+        try:
+            graph = faiss.read_index(str(path))
+        except RuntimeError:  # (FAISS says a truncated or overwritten file this way, in a C++ message)
+            raise self._damaged("ann.faiss is not a FAISS index (truncated or overwritten?)") from None
+        if not hasattr(graph, "hnsw") or graph.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise self._damaged("ann.faiss is not an HNSW graph by inner product")
+        if graph.ntotal != len(self.passages) or graph.d != self.vectors.size(1):
+            raise self._damaged(f"ann.faiss covers {graph.ntotal} vectors of width {graph.d}, the index "
+                                f"{len(self.passages)} of width {self.vectors.size(1)}")
+        if self.manifest.get("sha256") is not None:  # (as written, so its vectors are the index's)
+            _check_sha256(self.folder, self.manifest, ["ann.faiss"])
+            return graph
+        for start in range(0, graph.ntotal, 65536):  # (an older index: its copy of the vectors compared, in blocks)
+            block = torch.from_numpy(graph.reconstruct_n(start, min(65536, graph.ntotal - start)))
+            if not torch.equal(block, self.vectors[start : start + len(block)].cpu()):
+                raise self._damaged("ann.faiss holds other vectors than vectors.safetensors")
+        return graph
 
     def encoder(self):
         if self._encoder is None:
@@ -380,7 +552,11 @@ class Index:
             if encoder_fingerprint(folder) != self.manifest["encoder_sha256"]:
                 raise LmforgeError(f"the encoder {folder} changed since {self.folder} was built; its vectors no longer "
                                    f"match: run `lmforge index` again")
-            self._encoder = load_encoder(folder, self.device)
+            model, tokenizer = load_encoder(folder, self.device)
+            if model.config.n_embd != self.vectors.size(1):
+                raise self._damaged(f"vectors.safetensors holds vectors of width {self.vectors.size(1)}, its encoder "
+                                    f"makes {model.config.n_embd}")
+            self._encoder = model, tokenizer
         return self._encoder
 
     def embed_queries(self, queries: list[str]) -> torch.Tensor:
@@ -388,8 +564,6 @@ class Index:
         reads = _max_length(model)
         longest = max((len(tokenizer.encode(q, add_special_tokens=True)) for q in queries), default=0)
         if longest > reads:
-            from lmforge.utils import warn
-
             warn(f"a query of {longest} tokens is longer than the encoder reads ({reads}): dense search sees its "
                  f"first {reads} (keyword search reads it all)")
         # (fp32 whatever the passages' precision: one short query gains nothing from bf16 autocast, which
@@ -414,7 +588,17 @@ class Index:
         import bm25s
 
         if self._bm25 is None:
-            self._bm25 = bm25s.BM25.load(str(self.folder / "bm25"))
+            try:
+                lexical = bm25s.BM25.load(str(self.folder / "bm25"))
+                data, indices, indptr = (lexical.scores[key] for key in ("data", "indices", "indptr"))
+                fits = (lexical.scores["num_docs"] == len(self.passages) and len(data) == len(indices) == indptr[-1]
+                        and (len(indices) == 0 or 0 <= indices.min() <= indices.max() < len(self.passages)))
+            except Exception as e:  # (bm25s reading a damaged file fails in many ways, none of them ours)
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise self._damaged(f"bm25/ cannot be read ({why})") from None
+            if not fits:
+                raise self._damaged("bm25/ does not match the index's passages")
+            self._bm25 = lexical
         tokens = _bm25_tokens([query])
         if not tokens.vocab or not any(tokens.ids):
             return []
