@@ -81,6 +81,10 @@ class Tokenizer:
         hf.no_truncation()
         self.hf = hf
         self.config = dict(config or {})
+        # a folder's own settings (tokenizer_config.json, special_tokens_map.json): saved as they are, nothing added
+        self.configured = bool(self.config)
+        if self.config.get("split_special_tokens"):  # (transformers: special-token text in a text is plain text)
+            hf.encode_special_tokens = True
         # transformers cleans decoded text up where tokenizer_config.json asks, except after a BPE (where it would
         # take spaces the text has), unless told to all the same
         self.cleans_up = bool(self.config.get("clean_up_tokenization_spaces")) and (
@@ -129,8 +133,14 @@ class Tokenizer:
                 config["chat_template"] = jinja.read_text(encoding="utf-8")
             except UnicodeDecodeError:
                 raise LmforgeError(f"{jinja} is not UTF-8 text; fix or delete it") from None
+        # (transformers 5 reads special_tokens_map.json only for a tokenizer_config.json without added_tokens_decoder,
+        # and then it wins; lmforge also takes the tokens it names that tokenizer_config.json does not)
+        overrides = "added_tokens_decoder" not in config
         for key, value in _read_config(file.parent / "special_tokens_map.json").items():
-            config.setdefault(key, value)
+            if overrides and key in _SPECIAL_KEYS:
+                config[key] = value
+            else:
+                config.setdefault(key, value)
         for key, value in _CLASS_TOKENS.get(str(config.get("tokenizer_class", "")).removesuffix("Fast"), {}).items():
             if key not in config and hf.token_to_id(value) is not None:
                 config[key] = value
@@ -139,27 +149,40 @@ class Tokenizer:
         return tok
 
     def save(self, folder: str | os.PathLike) -> None:
-        """Write ``tokenizer.json`` and a ``tokenizer_config.json`` that ``transformers`` reads."""
+        """Write ``tokenizer.json`` and a ``tokenizer_config.json`` that ``transformers`` reads: a folder's own
+        settings as they were; for a tokenizer lmforge trained (or a bare tokenizer.json), the special tokens it has
+        under their roles."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "tokenizer.json", self.hf.to_str(pretty=True))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
         config.update(self.config)
-        if self.eos_id is not None:
-            eos = self.hf.id_to_token(self.eos_id)
-            config.setdefault("eos_token", eos)
-            config.setdefault("bos_token", eos)
-        if self.pad_id is not None:
-            config.setdefault("pad_token", self.hf.id_to_token(self.pad_id))
-        for key, token_id in (("cls_token", self.cls_id), ("sep_token", self.sep_id), ("mask_token", self.mask_id)):
-            if token_id is not None:
-                config.setdefault(key, self.hf.id_to_token(token_id))
-        pair = self.hf.encode("a", "b")
-        if any(pair.special_tokens_mask) and any(pair.type_ids):
-            # A BERT-style pair template: without this, transformers 5's PreTrainedTokenizerFast returns no
-            # token_type_ids and a (prompt, answer) pair scores differently there than here.
+        if not self.configured:  # (a folder's tokenizer gets no token it did not name: lmforge finds them again)
+            if self.eos_id is not None:
+                config.setdefault("eos_token", self.hf.id_to_token(self.eos_id))
+                config.setdefault("bos_token", self.hf.id_to_token(self.eos_id))
+            if self.pad_id is not None:
+                config.setdefault("pad_token", self.hf.id_to_token(self.pad_id))
+            for key, token_id in (("cls_token", self.cls_id), ("sep_token", self.sep_id), ("mask_token", self.mask_id)):
+                if token_id is not None:
+                    config.setdefault(key, self.hf.id_to_token(token_id))
+        single = self.hf.encode("a").ids
+        if (self.cls_id is not None and self.sep_id is not None and single[:1] == [self.cls_id]
+                and single[-1:] == [self.sep_id] and any(self.hf.encode("a", "b").type_ids)):
+            # BERT's [CLS] a [SEP] b [SEP] with segment ids: without this, transformers 5's PreTrainedTokenizerFast
+            # returns no token_type_ids and a (prompt, answer) pair scores differently there than here. (Not for
+            # Llama's or T5's pair templates, whose models take no token_type_ids: generate would refuse them.)
             config.setdefault("model_input_names", ["input_ids", "token_type_ids", "attention_mask"])
         atomic_write_json(folder / "tokenizer_config.json", config)
+        source = getattr(self, "path", None)
+        named = source.parent / "additional_chat_templates" if source is not None else None
+        if named is not None and named.is_dir() and named.resolve() != (folder / named.name).resolve():
+            # (transformers 4.54+'s named templates, one file each, beside the default in chat_template.jinja)
+            for template in sorted(named.glob("*.jinja")):
+                (folder / named.name).mkdir(exist_ok=True)
+                atomic_write_text(folder / named.name / template.name, template.read_text(encoding="utf-8"))
+            if isinstance(config.get("chat_template"), str):
+                atomic_write_text(folder / "chat_template.jinja", config["chat_template"])
 
     # -- chat ----------------------------------------------------------------------------------
 
@@ -172,26 +195,38 @@ class Tokenizer:
             template = named.get("default") or next(iter(named.values()), None)
         return template
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tools: list | None = None) -> str:
         """Render ``messages`` with the model's template (ChatML when it has none), as transformers does."""
+        return self._render(messages, add_generation_prompt, tools)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list | None,
+                mark_generation: bool = False) -> str:
+        """``apply_chat_template``; with ``mark_generation``, what the template's ``{% generation %}`` blocks write
+        (the assistant's part, in templates written for transformers' ``return_assistant_tokens_mask``) is
+        enclosed in ``_GENERATION_MARKS``."""
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
             raise TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols", _generation_block()])
+        env.mark_generation = mark_generation
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         env.filters["tojson"] = _tojson
+        # (as transformers: a message's keys set to None are left out, so `is defined` and `in` read them as absent)
+        messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
         try:
             template = env.from_string(self.chat_template or DEFAULT_CHAT_TEMPLATE)
-            # as transformers renders: the special tokens the tokenizer has (one it lacks is undefined), no tools
+            # as transformers renders: the special tokens the tokenizer has (one it lacks is undefined)
             special = {k: self._token_text(k) for k in _SPECIAL_KEYS if self._token_text(k)}
             extra = self.config.get("additional_special_tokens")
             if isinstance(extra, list):
                 special["additional_special_tokens"] = [t.get("content") if isinstance(t, dict) else t for t in extra]
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                    documents=None, **special)
         except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
             # (a template is code from the model's folder: what it raises is said in one line)
@@ -226,24 +261,49 @@ class Tokenizer:
         """The ids of the added tokens marked special."""
         return {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
 
-    def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+    def encode_chat(self, messages: list[dict], tools: list | None = None) -> tuple[list[int], list[int]]:
         """Token ids of a conversation and its loss mask: 1 on what each assistant turn adds after
-        its header (the content and the end-of-turn token, so the model learns to stop), 0 elsewhere."""
-        text = self.apply_chat_template(messages)
-        regions = []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before = self.apply_chat_template(messages[:i], add_generation_prompt=True)
-            upto = self.apply_chat_template(messages[: i + 1])
-            if not (text.startswith(upto) and upto.startswith(before)):
-                raise LmforgeError("the chat template does not render a conversation as a prefix of the next turn; "
-                                   "lmforge cannot tell which tokens are the assistant's")
-            turn = upto[len(before):]
-            regions.append((len(before), len(before) + len(turn.rstrip())))  # trailing newline is not learned
+        its header (the content and the end-of-turn token, so the model learns to stop), 0 elsewhere.
+        Where the template marks the assistant's part with ``{% generation %}``, that part (as transformers'
+        ``return_assistant_tokens_mask``); otherwise what each assistant turn adds to the conversation before it.
+        A token is learned when any of its characters is (as transformers: a word joined to the header's space)."""
+        marked = self._render(messages, False, tools, mark_generation=True)
+        regions = _generation_regions(marked) if _GENERATION_MARKS[0] in marked else None
+        if regions is not None:
+            text = marked.replace(_GENERATION_MARKS[0], "").replace(_GENERATION_MARKS[1], "")
+        else:
+            text = self.apply_chat_template(messages, tools=tools)
+            regions = [self._turn_region(messages, i, text, tools) for i, m in enumerate(messages)
+                       if isinstance(m, dict) and m.get("role") == "assistant"]
         enc = self.hf.encode(text, add_special_tokens=False)
-        mask = [int(any(a <= start < b for a, b in regions)) for start, _ in enc.offsets]
+        mask = [int(any(start < b and end > a for a, b in regions)) for start, end in enc.offsets]
         return enc.ids, mask
+
+    def _turn_region(self, messages: list[dict], i: int, text: str, tools: list | None) -> tuple[int, int]:
+        """Where assistant turn ``i`` is in the rendered conversation ``text``: from the end of the conversation
+        before it with the generation prompt, to the end of its content and end-of-turn token."""
+        cannot = LmforgeError("the chat template does not render a conversation as a prefix of the next turn; "
+                              "lmforge cannot tell which tokens are the assistant's (a template that marks them "
+                              "with {% generation %} ... {% endgeneration %} can be learned from)")
+        before = self.apply_chat_template(messages[:i], add_generation_prompt=True, tools=tools)
+        if not text.startswith(before):
+            raise cannot
+        start = len(before)
+        end_of_turn = self.hf.id_to_token(self.end_of_turn_id) if self.end_of_turn_id is not None else None
+        upto = self.apply_chat_template(messages[: i + 1], tools=tools)
+        if text.startswith(upto) and upto.startswith(before):
+            turn = upto[start:].rstrip()  # (a trailing newline is not learned)
+            if end_of_turn and end_of_turn in turn:  # (nor what a template writes after the turn's end at the
+                turn = turn[:turn.index(end_of_turn) + len(end_of_turn)]  # very end: Phi-3's <|endoftext|>)
+            return start, start + len(turn)
+        # A template that writes the last turn otherwise than the same turn further on (Phi-3's end-of-text after
+        # the last, Qwen3's empty thinking block in the last): the turn's content where it is in the whole
+        content = messages[i].get("content")
+        found = text.find(content, start) if isinstance(content, str) else -1
+        if found < 0 or (end_of_turn and end_of_turn in text[start:found]):
+            raise cannot
+        end = found + len(content)
+        return start, end + (len(end_of_turn) if end_of_turn and text.startswith(end_of_turn, end) else 0)
 
     # -- use -----------------------------------------------------------------------------------
 
@@ -312,6 +372,53 @@ class Tokenizer:
                               sort_keys=True)
 
         return essentials(self) == essentials(other)
+
+
+# What ``{% generation %}`` blocks write is enclosed in these while a loss mask is made (Unicode noncharacters,
+# which no text holds: a conversation holding one is rendered unmarked)
+_GENERATION_MARKS = ("\ufdd0", "\ufdd1")
+
+
+@functools.cache
+def _generation_block():
+    """The extension class (made at first use: jinja2 is imported only where a template is rendered)."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationBlock(Extension):
+        """transformers' ``{% generation %} ... {% endgeneration %}``: the assistant's part of a template, written
+        as it is (enclosed in ``_GENERATION_MARKS`` while a loss mask is made)."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_write"), [], [], body).set_lineno(lineno)
+
+        def _write(self, caller):
+            text = caller()
+            return f"{_GENERATION_MARKS[0]}{text}{_GENERATION_MARKS[1]}" if self.environment.mark_generation else text
+
+    return GenerationBlock
+
+
+def _generation_regions(marked: str) -> list[tuple[int, int]] | None:
+    """The (start, end) of each marked part in the text without the marks; None where the marks do not pair up
+    (a message that held one of them)."""
+    regions, offset, start = [], 0, None
+    for position, char in enumerate(marked):
+        if char in _GENERATION_MARKS:
+            opening = char == _GENERATION_MARKS[0]
+            if opening == (start is not None):
+                return None
+            if opening:
+                start = position - offset
+            else:
+                regions.append((start, position - offset))
+                start = None
+            offset += 1
+    return regions if start is None else None
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:

@@ -240,3 +240,161 @@ def test_the_end_of_a_turn_is_the_special_token_the_template_ends_an_answer_with
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = Tokenizer.load(tmp_path)
     assert tok.end_of_turn_id == tok.token_to_id(end)
+
+
+# -- what lmforge writes back, and the assistant's tokens of a conversation ---------------------------------------
+
+
+def byte_level_folder(folder, config: dict, specials=("<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|end|>",
+                                                      "<|user|>", "<|assistant|>", "<|endoftext|>")):
+    """A small byte-level BPE with chat markers as special tokens, and ``config`` as its tokenizer_config.json."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(["the quick brown fox answers a question", "User: Hi Assistant: the answer"] * 5,
+                           trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                               show_progress=False))
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    folder.mkdir(parents=True, exist_ok=True)
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **config}))
+    return folder
+
+
+def test_a_folders_tokenizer_is_saved_with_nothing_added_and_transformers_generate_takes_it(tmp_path):
+    """Saving a Llama-style tokenizer wrote model_input_names with token_type_ids (its pair template gives the second
+    text segment 1), so transformers' tokenizer returned them and a causal LM's generate refused them; it also
+    invented bos (= eos), [CLS] and [SEP] tokens the folder never named. A BERT pair still gets token_type_ids."""
+    from tokenizers import processors
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import AutoTokenizer
+
+    folder = llama2_style_folder(tmp_path / "llama", {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>"})
+    hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", 1)])
+    hf.save(str(folder / "tokenizer.json"))
+    Tokenizer.load(folder).save(tmp_path / "saved")
+    before, after = AutoTokenizer.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert "token_type_ids" not in after("Hello world")
+    for key in ("bos_token", "eos_token", "pad_token", "sep_token", "cls_token", "mask_token", "unk_token"):
+        assert getattr(after, key) == getattr(before, key), key
+    from test_retrieval import MINILM  # (BERT: [CLS] a [SEP] b [SEP] with segment ids)
+
+    Tokenizer.load(MINILM).save(tmp_path / "bert")
+    assert "token_type_ids" in AutoTokenizer.from_pretrained(str(tmp_path / "bert"))("a", "b")
+    assert json.loads((tmp_path / "bert" / "tokenizer_config.json").read_text()).get("eos_token") is None
+
+
+@pytest.mark.parametrize("with_decoder", [False, True])
+def test_special_tokens_come_from_where_transformers_takes_them(tmp_path, with_decoder):
+    """transformers 5: special_tokens_map.json wins over tokenizer_config.json unless the latter lists its
+    added_tokens_decoder; "split_special_tokens" makes special-token text in a text plain text."""
+    from transformers import AutoTokenizer
+
+    config = {"eos_token": "</s>", "split_special_tokens": True}
+    if with_decoder:
+        config["added_tokens_decoder"] = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                                   "single_word": False, "special": True}
+                                          for i, t in ((0, "<s>"), (1, "</s>"), (2, "<|im_start|>"), (3, "<|im_end|>"))}
+    folder = byte_level_folder(tmp_path / "t", config)
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    ours, theirs = Tokenizer.load(folder), AutoTokenizer.from_pretrained(str(folder))
+    assert ours.token_to_id(theirs.eos_token) == ours.eos_id
+    assert theirs.eos_token == ("</s>" if with_decoder else "<|im_end|>")
+    text = "the answer</s> <|im_end|>"
+    assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"]
+    assert ours.token_to_id("</s>") not in ours.encode(text)
+
+
+PHI3 = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+PHI3_MARKED = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|assistant|>\\n' }}{% generation %}"
+               "{{ m['content'] + '<|end|>' }}{% endgeneration %}{{ '\\n' }}{% else %}"
+               "{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endif %}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+SPACED = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\\n' }}{% else %}"
+          "{{ 'Assistant: ' + m['content'] + eos_token + '\\n' }}{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}")
+SPACED_MARKED = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\\n' }}{% else %}"
+                 "{{ 'Assistant: ' }}{% generation %}{{ m['content'] + eos_token }}{% endgeneration %}{{ '\\n' }}"
+                 "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}")
+QWEN3 = ("{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}"
+         "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m['content'] + '<|im_end|>\\n' }}{% else %}"
+         "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+QWEN3_MARKED = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+                "{% generation %}{% if loop.last %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+                "{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{% else %}"
+                "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("plain, marked", [(PHI3, PHI3_MARKED), (SPACED, SPACED_MARKED), (QWEN3, QWEN3_MARKED)],
+                         ids=["phi3", "spaced", "qwen3"])
+@pytest.mark.parametrize("turns", [1, 2])
+def test_the_assistants_tokens_are_those_transformers_marks_with_generation_blocks(tmp_path, plain, marked, turns):
+    """The loss mask of a conversation equals transformers' return_assistant_tokens_mask for the same template with
+    {% generation %} blocks, read from that template or worked out from the plain one. Before: a template with
+    {% generation %} failed to render anywhere; Phi-3's and Qwen3's multi-turn conversations were refused (their last
+    turn is written otherwise); the word after "Assistant: " was left out (joined to the space); Phi-3's last turn
+    taught its trailing end-of-text."""
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "the quick brown fox"},
+                {"role": "user", "content": "a question"}, {"role": "assistant", "content": "the answer"}][: 2 * turns]
+    masks = {}
+    for name, template in (("plain", plain), ("marked", marked)):
+        folder = byte_level_folder(tmp_path / name, {"eos_token": "<|endoftext|>", "chat_template": template})
+        masks[name] = Tokenizer.load(folder).encode_chat(messages)
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path / "marked")).apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    expected = (theirs["input_ids"], theirs["assistant_masks"])
+    assert masks["marked"] == expected
+    assert masks["plain"] == expected
+    tok = Tokenizer.load(tmp_path / "plain")
+    learned = tok.decode([i for i, m in zip(*masks["plain"]) if m])
+    assert "the quick" in learned and learned.rstrip().endswith(("<|end|>", "<|im_end|>", "<|endoftext|>"))
+    assert plain != PHI3 or "<|endoftext|>" not in learned  # (Phi-3's end of a turn is <|end|>)
+
+
+def test_tools_and_none_fields_reach_the_template_as_in_transformers(tmp_path):
+    """A row's tool definitions are rendered (they were dropped: the template's tools were always None), and message
+    keys set to None (a Parquet file's empty tool_calls) are absent, not None."""
+    from transformers import AutoTokenizer
+
+    template = ("{% if tools %}TOOLS {{ tools | tojson }}\n{% endif %}{% for m in messages %}"
+                "{% if m.tool_calls is defined %}{{ m.tool_calls | length }}{% endif %}"
+                "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}")
+    folder = byte_level_folder(tmp_path / "t", {"chat_template": template})
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Hi", "tool_calls": None}, {"role": "assistant", "content": "the answer"}]
+    theirs = AutoTokenizer.from_pretrained(str(folder))
+    expected = theirs.apply_chat_template(messages, tools=tools, tokenize=False)
+    ours = Tokenizer.load(folder)
+    assert ours.apply_chat_template(messages, tools=tools) == expected and expected.startswith("TOOLS [{")
+    assert ours.encode_chat(messages, tools=tools)[0] == ours.encode(expected)
+
+
+def test_sft_renders_each_rows_tools(tmp_path):
+    """Chat fine-tuning renders a row's "tools" (a list, or JSON text from a CSV or Parquet cell) as TRL does."""
+    from types import SimpleNamespace
+
+    from lmforge.train.finetune import SFT
+
+    folder = byte_level_folder(tmp_path / "t", {"chat_template": "{% if tools %}TOOLS {{ tools | tojson }}\n{% endif %}"
+                                                "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}"
+                                                "{% endfor %}"})
+    tok = Tokenizer.load(folder)
+    tools = [{"type": "function", "function": {"name": "add"}}]
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "the answer"}]
+    task = SimpleNamespace(tokenizer=tok, chat=True, max_length=512)
+    rows = [{"messages": messages, "tools": tools}, {"messages": messages, "tools": json.dumps(tools)},
+            {"messages": messages}]
+    with_tools, from_text, without = SFT.featurize(task, rows)
+    assert with_tools == from_text and tok.decode(with_tools[0]).startswith('TOOLS [{"type": "function"')
+    assert without[0] == tok.encode("user: Hi\nassistant: the answer\n")
+    with pytest.raises(LmforgeError, match="'tools' must be a list"):
+        SFT.featurize(task, [{"messages": messages, "tools": 5}])

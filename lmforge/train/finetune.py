@@ -71,6 +71,20 @@ def set_dropout(model, p: float | None):
     return model
 
 
+
+def _tools(row: dict) -> list | None:
+    """A chat row's ``tools`` (JSON text in a CSV or Parquet cell is read), or None."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError:
+            pass
+    if tools is not None and not isinstance(tools, list):
+        raise LmforgeError(f"a row's 'tools' must be a list of tool definitions (JSON objects), not "
+                           f"{type(tools).__name__}: {str(tools)[:60]!r}")
+    return tools or None
+
 class ExampleBatches(StepPosition):
     """Micro-batches of example indices: epochs of seeded permutations, read as one endless stream.
 
@@ -317,8 +331,8 @@ class SFT(Finetune):
     def featurize(self, rows: list) -> list[tuple[list[int], list[int]]]:
         tok, out, dropped = self.tokenizer, [], 0
         for row in rows:
-            if self.chat:
-                ids, mask = tok.encode_chat(row["messages"])
+            if self.chat:  # (with the row's tool definitions, as TRL renders them: the template writes them)
+                ids, mask = tok.encode_chat(row["messages"], tools=_tools(row))
             else:
                 # (the prompt as generate encodes it: with the tokenizer's leading special tokens, Llama's <s>)
                 prompt, completion = tok.encode_prompt(row["prompt"]), tok.encode(row["completion"])
