@@ -6,6 +6,7 @@ import threading
 import time
 
 import httpx
+import torch
 import pytest
 from conftest import make_hf_gpt2, run_cli
 
@@ -544,3 +545,30 @@ def test_stop_token_ids_stop_beside_the_end_tokens(server, model_dir):
     assert stopped["finish_reason"] == "stop" and stopped["logprobs"]["tokens"] == written[: ids.index(stop)]
     response = post(server, "/v1/completions", {**body, "stop_token_ids": [10**9]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "stop_token_ids"
+
+
+def test_special_tokens_are_left_out_of_the_text_unless_asked_for(tmp_path, tokenizer_dir):
+    """As vLLM (and transformers' pipelines) by default: a special token the model writes (here <|im_start|>, not
+    a stop token) adds no text; skip_special_tokens: false keeps it; the logprobs' tokens keep it either way. (The
+    field was accepted and ignored.)"""
+    from safetensors.torch import load_file, save_file
+
+    folder = make_hf_gpt2(tmp_path / "m", tokenizer_dir=tokenizer_dir)
+    weights = load_file(folder / "model.safetensors")
+    # every position's output is ln_f's bias; the tied embedding row of <|im_start|> points along it
+    bias = torch.randn(32)
+    weights["transformer.ln_f.weight"], weights["transformer.ln_f.bias"] = torch.zeros(32), bias
+    weights["transformer.wte.weight"][1] = 10 * bias
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    model = load_model(folder)
+    live = LiveServer(build_server_app(model, load_tokenizer_for(model), ServerSettings(max_batch=2, model_name="m")))
+    try:
+        body = {"prompt": "def", "max_tokens": 3, "temperature": 0, "logprobs": 0}
+        skipped = post(live, "/v1/completions", body).json()["choices"][0]
+        kept = post(live, "/v1/completions", {**body, "skip_special_tokens": False}).json()["choices"][0]
+        chat = post(live, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                                                    "temperature": 0}).json()["choices"][0]
+    finally:
+        live.stop()
+    assert skipped["logprobs"]["tokens"] == kept["logprobs"]["tokens"] == ["<|im_start|>"] * 3
+    assert (skipped["text"], kept["text"], chat["message"]["content"]) == ("", "<|im_start|>" * 3, "")

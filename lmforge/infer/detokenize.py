@@ -33,10 +33,13 @@ class Detokenizer:
     SETTLE = 64
     CONTEXT = 4
 
-    def __init__(self, tokenizer, stops: list[str], lazy: bool = False):
+    def __init__(self, tokenizer, stops: list[str], lazy: bool = False, skip_special: bool = False):
         """``lazy``: nobody reads the text before the end and there are no stop strings to find: ``add`` only
-        keeps the ids (``text`` stays empty) and ``finish`` decodes them once, handing out the whole text."""
+        keeps the ids (``text`` stays empty) and ``finish`` decodes them once, handing out the whole text.
+        ``skip_special``: special tokens add no text (as ``decode(ids, skip_special_tokens=True)``, which drops
+        them before decoding)."""
         self.tokenizer = tokenizer
+        self.skipped = set(getattr(tokenizer, "special_ids", ())) if skip_special else set()
         self.lazy = lazy and not any(stops)
         self.stops = [s for s in stops if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
@@ -54,6 +57,8 @@ class Detokenizer:
 
     def add(self, token: int) -> tuple[str, bool]:
         """(new text, whether a stop string was reached; the text then ends before it)."""
+        if token in self.skipped:
+            return "", False
         self.ids.append(token)
         if self.lazy:
             return "", False

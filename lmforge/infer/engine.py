@@ -80,7 +80,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_token: int | None = None  # the stop token that ended it (not part of ``tokens``)
         self.stop_ids = stop_ids
-        self.text_stream = Detokenizer(tokenizer, p.stop, lazy=not text_as_it_comes)
+        self.text_stream = Detokenizer(tokenizer, p.stop, lazy=not text_as_it_comes, skip_special=p.skip_special_tokens)
         self.generator = None
         if p.seed is not None and p.temperature > 0:
             self.generator = torch.Generator().manual_seed(p.seed + index)

@@ -79,9 +79,10 @@ def prompt_ids(model, tokenizer, prompt: str, rendered: bool = False) -> list[in
     return tokenizer.encode_prompt(prompt)
 
 
-def _beam_generation(tokenizer, tokens: list[int], stop_ids, stops: list[str], prompt_tokens: int) -> Generation:
+def _beam_generation(tokenizer, tokens: list[int], stop_ids, stops: list[str], prompt_tokens: int,
+                     skip_special: bool = False) -> Generation:
     """The best beam as a ``Generation``, its text cut before the first stop string as the engine cuts it."""
-    text = Detokenizer(tokenizer, stops)
+    text = Detokenizer(tokenizer, stops, skip_special=skip_special)
     reason = "length"
     for i, token in enumerate(tokens):
         if token in stop_ids or text.add(token)[1]:
@@ -189,7 +190,7 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
             stops = tuple(sampling.stop_token_ids if sampling.stop_token_ids is not None else end_tokens(model, tokenizer))
             beams = beam_search(model, ids, sampling.num_beams, sampling.max_new_tokens, sampling.length_penalty,
                                 sampling.early_stopping, tuple(t for t in stops if t is not None), n=sampling.n)
-            gens = [_beam_generation(tokenizer, tokens, stops, sampling.stop, len(ids)) for tokens, _ in beams]
+            gens = [_beam_generation(tokenizer, tokens, stops, sampling.stop, len(ids), sampling.skip_special_tokens) for tokens, _ in beams]
             out.append(gens[0] if sampling.n == 1 else gens)
         return out[0] if isinstance(prompt, str) else out
     engine = Engine(model, tokenizer, max_batch=max(len(prompts), 1) * sampling.n, text_as_it_comes=False)

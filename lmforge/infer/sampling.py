@@ -37,6 +37,7 @@ class SamplingParams:
     num_beams: int = 1  # > 1: beam search (greedy over beams: no sampling, penalties or logprobs; n: the n best beams)
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    skip_special_tokens: bool = False  # the text leaves special tokens out (the token ids keep them)
 
     def validate(self) -> None:
         def whole(v) -> bool:

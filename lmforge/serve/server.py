@@ -147,6 +147,9 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOPS)] | None = None  # vLLM's: beside the end tokens
     stream_options: StreamOptions | None = None
+    # vLLM's: special tokens (other than the stop token, never in the text) left out of the text, as vLLM and
+    # transformers' pipelines do by default; their logprobs keep them
+    skip_special_tokens: bool = True
     # OpenAI fields that change the answer and that this server does not implement: refused (400) when set to
     # anything but their no-op (see OpenAIService.refuse_unsupported), never silently dropped
     logit_bias: dict | None = None
@@ -467,7 +470,7 @@ class OpenAIService:
                               repetition_penalty=chosen["repetition_penalty"],
                               frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
                               n=body.n, stop=[s for s in stop if s], stop_token_ids=stop_ids, seed=body.seed,
-                              logprobs=logprobs)
+                              logprobs=logprobs, skip_special_tokens=body.skip_special_tokens)
 
     async def run(self, http: HTTPRequest, prompt_ids: list[int], params: SamplingParams, stream_fn, final_fn,
                   endpoint: str):
