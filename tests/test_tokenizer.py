@@ -398,3 +398,10 @@ def test_sft_renders_each_rows_tools(tmp_path):
     assert without[0] == tok.encode("user: Hi\nassistant: the answer\n")
     with pytest.raises(LmforgeError, match="'tools' must be a list"):
         SFT.featurize(task, [{"messages": messages, "tools": 5}])
+    # a template that refuses one conversation (Gemma's system turn): which one is said
+    refusing = byte_level_folder(tmp_path / "r", {"chat_template": "{% for m in messages %}{% if m['role'] == 'system' %}"
+                                                  "{{ raise_exception('System role not supported') }}{% endif %}"
+                                                  "{{ m['content'] }}{% endfor %}"})
+    task.tokenizer = Tokenizer.load(refusing)
+    with pytest.raises(LmforgeError, match="conversation that starts 'be brief': the chat template failed: System role"):
+        SFT.featurize(task, [{"messages": messages}, {"messages": [{"role": "system", "content": "be brief"}, *messages]}])

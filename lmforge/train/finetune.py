@@ -332,7 +332,12 @@ class SFT(Finetune):
         tok, out, dropped = self.tokenizer, [], 0
         for row in rows:
             if self.chat:  # (with the row's tool definitions, as TRL renders them: the template writes them)
-                ids, mask = tok.encode_chat(row["messages"], tools=_tools(row))
+                try:
+                    ids, mask = tok.encode_chat(row["messages"], tools=_tools(row))
+                except LmforgeError as e:  # (which conversation: a template may refuse only some, Gemma a system turn)
+                    first = str(row["messages"][0].get("content", ""))
+                    raise LmforgeError(f"the conversation that starts {first[:40]!r}{'...' if len(first) > 40 else ''}"
+                                       f": {e}") from None
             else:
                 # (the prompt as generate encodes it: with the tokenizer's leading special tokens, Llama's <s>)
                 prompt, completion = tok.encode_prompt(row["prompt"]), tok.encode(row["completion"])
