@@ -143,6 +143,38 @@ def test_the_implicit_prompt_form_gives_the_same_tokens_as_an_explicit_prompt(to
         assert tokenize_pairs(tok, read, 64)[0] == explicit
 
 
+HH_PAIRS = [  # Anthropic HH: one text each, the prompt implicit in what both begin with
+    {"chosen": "\n\nHuman: add 2 3\n\nAssistant: 5", "rejected": "\n\nHuman: add 2 3\n\nAssistant: six"},
+    {"chosen": "\n\nHuman: def?\n\nAssistant: a keyword", "rejected": "\n\nHuman: def?\n\nAssistant: no idea"},
+    {"chosen": "\n\nHuman: hi\n\nAssistant: hello there", "rejected": "\n\nHuman: hi\n\nAssistant: hello"},
+]
+
+
+def test_string_pairs_with_an_implicit_prompt_are_split_where_they_differ_and_train(base, tok, tmp_path):
+    """What both texts begin with is the prompt, the space before the first difference going to the answers (as TRL's
+    extract_prompt splits them: tests/test_preference_parity.py compares the two); where one answer is the other's
+    start, its last character stays in the answers. The reward model and DPO both train on such a file."""
+    rows = read_pairs(jsonl(tmp_path / "hh.jsonl", HH_PAIRS)).rows
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [
+        ("\n\nHuman: add 2 3\n\nAssistant:", " 5", " six"),
+        ("\n\nHuman: def?\n\nAssistant:", " a keyword", " no idea"),
+        ("\n\nHuman: hi\n\nAssistant: hell", "o there", "o")]
+    explicit = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    assert tokenize_pairs(tok, rows, 64)[0] == tokenize_pairs(tok, explicit, 64)[0]
+    # texts that differ from their first character: no prompt (each answer after the end-of-text token, as generate
+    # feeds an empty prompt); white space alone after the shared text is no answer
+    (row,) = read_pairs(jsonl(tmp_path / "none.jsonl", [{"chosen": "yes", "rejected": "no"}])).rows
+    assert (row["prompt"], row["chosen"], row["rejected"]) == ("", "yes", "no")
+    with pytest.raises(LmforgeError, match="'chosen' adds only white space to the text it shares with the other"):
+        read_pairs(jsonl(tmp_path / "space.jsonl", [{"chosen": "ab ", "rejected": "ab x"}]))
+    with pytest.raises(LmforgeError, match="'chosen' and 'rejected' are the same answer"):
+        read_pairs(jsonl(tmp_path / "same.jsonl", [{"chosen": "ab", "rejected": "ab"}]))
+    data = jsonl(tmp_path / "train.jsonl", HH_PAIRS * 4)
+    for command, run in (("reward", train_reward), ("dpo", dpo)):
+        run(model=str(base), train=data, progress=False, **settings(tmp_path / command, max_steps=1, val_fraction=0))
+        assert latest_checkpoint(tmp_path / command) is not None
+
+
 # -- 2. tokenisation ------------------------------------------------------------------------------
 
 
@@ -351,6 +383,71 @@ def test_reward_and_dpo_commands_train_and_save_and_reward_score_prints_the_mode
     assert "1 of 1 prompt(s) with their answer exceed the reward model's" in capsys.readouterr().err
     with pytest.raises(LmforgeError, match=r"rows.jsonl row 1: the answer alone is longer"):
         reward_scores(rm, [{"prompt": "p", "answer": " 5" * 2000}], source="rows.jsonl")
+
+
+def test_rows_in_turns_after_a_first_row_of_strings_still_save_the_chat_template_and_end_of_turn(base, tmp_path):
+    """Whichever row comes first: pairs rendered through the chat template save it with the model (and DPO's policy
+    ends its generation at the end of a turn), as a file of chats alone does."""
+    rows = [string_pairs(1)[0]] + chat_pairs(7)
+    data = jsonl(tmp_path / "mixed.jsonl", rows)
+    for command, run in (("reward", train_reward), ("dpo", dpo)):
+        run(model=str(base), train=data, progress=False, **settings(tmp_path / command, max_steps=1, val_fraction=0))
+        folder = latest_checkpoint(tmp_path / command) / "model"
+        saved = Tokenizer.load(folder)
+        assert saved.chat_template and "<|im_start|>" in saved.chat_template, command
+        if command == "dpo":
+            ends = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+            assert saved.end_of_turn_id in ends
+
+
+def nopad_reward_model(folder, tokenizer_dir):
+    """A transformers GPT-2 reward model whose config has no pad_token_id (transformers' default), its score scaled so
+    that reading the wrong position shows."""
+    import shutil
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=1024, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                     eos_token_id=0, num_labels=1)
+    assert config.pad_token_id is None
+    model = transformers.GPT2ForSequenceClassification(config).eval()
+    with torch.no_grad():
+        model.score.weight.mul_(50)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    return folder
+
+
+def test_a_reward_model_without_a_pad_id_scores_each_row_at_its_own_last_token_and_training_saves_one(
+        tok, tmp_path, tokenizer_dir):
+    """Rows of different lengths in one batch score as each alone: padding (of any id) is never read. `lmforge reward`
+    from such a model saves a pad id (the tokenizer's pad, else end-of-text, as TRL's RewardTrainer sets it), with
+    which transformers reads a padded batch where lmforge does."""
+    rm = nopad_reward_model(tmp_path / "rm", tokenizer_dir)
+    rows = [{"prompt": "def add(a, b):", "answer": "\n    return a + b"}, {"prompt": "x", "answer": " = 1"},
+            {"prompt": [{"role": "user", "content": "add 1 1"}], "answer": "2"},
+            {"prompt": "The answer is", "answer": " yes"}]
+    alone = [reward_scores(rm, [row])[0] for row in rows]
+    assert reward_scores(rm, rows, batch_size=4) == pytest.approx(alone, abs=1e-4)
+    assert len({round(x, 3) for x in alone}) == 4
+    train_reward(model=str(rm), train=jsonl(tmp_path / "p.jsonl", string_pairs(8)), progress=False,
+                 **settings(tmp_path / "run", max_steps=1, val_fraction=0))
+    folder = latest_checkpoint(tmp_path / "run") / "model"
+    assert json.loads((folder / "config.json").read_text())["pad_token_id"] == tok.pad_id is not None
+    trained = [reward_scores(folder, [row])[0] for row in rows]
+    assert reward_scores(folder, rows, batch_size=4) == pytest.approx(trained, abs=1e-4)
+    def turn(prompt, text):  # a chat prompt's answer: the assistant's message
+        return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+    pairs = [tokenize_pair(tok, {"prompt": r["prompt"], "chosen": turn(r["prompt"], r["answer"]),
+                                 "rejected": turn(r["prompt"], r["answer"] + "!")}, TokenizeStats()) for r in rows]
+    seqs = [p.prompt + p.chosen for p in pairs]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [tok.pad_id] * (width - len(s)) for s in seqs])
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        hf_scores = hf(ids, attention_mask=(ids != tok.pad_id).long()).logits[:, 0].tolist()
+    assert hf_scores == pytest.approx(trained, abs=1e-4)
 
 
 @pytest.fixture(scope="module")

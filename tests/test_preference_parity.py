@@ -277,6 +277,77 @@ def test_answer_ids_equal_trl_and_differ_only_where_documented(tmp_path, tokeniz
         assert t["chosen_ids"] == p.prompt + p.chosen + newline and t["rejected_ids"] == p.prompt + p.rejected + newline
 
 
+HH_PAIRS = [  # Anthropic HH style: no prompt, each answer the whole text
+    {"chosen": "\n\nHuman: add 2 3\n\nAssistant: 5", "rejected": "\n\nHuman: add 2 3\n\nAssistant: six"},
+    {"chosen": "\n\nHuman: def?\n\nAssistant: a keyword", "rejected": "\n\nHuman: def?\n\nAssistant: no idea at all"},
+    {"chosen": "The answer is yes", "rejected": "The answer is no"},
+]
+
+
+def test_an_implicit_prompt_is_split_as_trls_extract_prompt():
+    """Strings and message lists sharing starts of every length (none, some, one answer the other's whole start), split
+    by lmforge and by trl.data_utils.extract_prompt: the same prompt and answers. Where the answers differ from their
+    first item TRL's loop ends at index 0 and, if the chosen answer ends in a space, takes chosen[:-1] as the prompt
+    (its idx - 1 wraps around): lmforge gives such a pair no prompt, as TRL does whenever that last item is not a
+    space."""
+    import random
+
+    from trl.data_utils import extract_prompt
+
+    from lmforge.data.preference import split_implicit_prompt
+
+    rng = random.Random(0)
+    words = ["a", "b", " ", "ab", "  "]
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"},
+                {"role": "assistant", "content": "y"}, {"role": "user", "content": "r"}]
+    cases = [dict(r) for r in HH_PAIRS]
+    for _ in range(400):
+        shared = "".join(rng.choices(words, k=rng.randint(0, 4)))
+        cases.append({"chosen": shared + "".join(rng.choices(words, k=rng.randint(1, 3))),
+                      "rejected": shared + "".join(rng.choices(words, k=rng.randint(1, 3)))})
+        turns = rng.choices(messages, k=rng.randint(0, 2))
+        cases.append({"chosen": turns + rng.choices(messages, k=rng.randint(1, 2)),
+                      "rejected": turns + rng.choices(messages, k=rng.randint(1, 2))})
+    compared = quirk = 0
+    for case in cases:
+        if case["chosen"] == case["rejected"]:
+            continue  # (refused as no preference)
+        ours = split_implicit_prompt(case)
+        theirs = extract_prompt(case)
+        if case["chosen"][0] != case["rejected"][0] and case["chosen"][-1] == " ":
+            quirk += 1
+            assert ours["prompt"] == case["chosen"][:0] and theirs["prompt"] == case["chosen"][:-1]
+            continue
+        assert {k: ours[k] for k in ("prompt", "chosen", "rejected")} == theirs, case
+        compared += 1
+    assert compared > 600 and quirk > 0
+    assert sum(bool(split_implicit_prompt(c)["prompt"]) for c in cases if c["chosen"] != c["rejected"]) > 300
+
+
+def test_string_pairs_with_an_implicit_prompt_tokenise_as_trl(tmp_path, tokenizer_dir):
+    """HH-style pairs: DPO's prompt and answer ids are TRL's DPOTrainer's (it splits them with extract_prompt), and the
+    reward model reads prompt + answer: the ids TRL's RewardTrainer reads for the whole text, then the end-of-text."""
+    base = make_hf_gpt2(tmp_path / "base", tokenizer_dir=tokenizer_dir)
+    tok = Tokenizer.load(tokenizer_dir)
+    data = jsonl(tmp_path / "hh.jsonl", HH_PAIRS)
+    ours = DPO(DPOConfig(model=str(base), train=str(data), out=str(tmp_path / "dpo"), **RUN), torch.device("cpu"), None,
+               read_pairs(data))
+    trainer = trl_dpo(base, base, HH_PAIRS, hf_tokenizer(tokenizer_dir), tmp_path)
+    theirs = [trainer.train_dataset[i] for i in range(len(HH_PAIRS))]
+    assert [(p.prompt, p.chosen, p.rejected) for p in ours.train_pairs] == \
+        [(t["prompt_ids"], t["chosen_ids"], t["rejected_ids"]) for t in theirs]
+    config = RewardConfig(model=str(base), train=str(data), out=str(tmp_path / "r"), **RUN)
+    rm = RewardModel(config, torch.device("cpu"), None, read_pairs(data))
+    save_model(rm.model, tmp_path / "reward", rm.tokenizer)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "reward"), num_labels=1)
+    trainer = trl.RewardTrainer(model=hf, args=trl_args(trl.RewardConfig, tmp_path),
+                                train_dataset=datasets.Dataset.from_list(HH_PAIRS),
+                                processing_class=hf_tokenizer(tokenizer_dir))
+    for row, p, t in zip(HH_PAIRS, rm.train_pairs, (trainer.train_dataset[i] for i in range(len(HH_PAIRS)))):
+        assert p.prompt + p.chosen == tok.encode(row["chosen"]) + [tok.eos_id] == t["chosen_ids"]
+        assert p.prompt + p.rejected == tok.encode(row["rejected"]) + [tok.eos_id] == t["rejected_ids"]
+
+
 # -- 3. conservative DPO and IPO: the papers' formulas -----------------------------------------------
 
 

@@ -336,8 +336,10 @@ class LogitsTable(torch.nn.Module):
     ("grpo", "dr_grpo", -(1 - 1 + 8) / (3 * 5), [1 / 15] * 3),  # token sum / (completions x max_new_tokens 5)
     ("grpo", "bnpo", -(1 - 1 + 8) / 7, [1 / 7] * 3),  # the mean over the 7 tokens
     ("grpo", "dapo", -(1 - 1 + 8) / 7, [1 / 7] * 3),
-    ("rloo", "grpo", -(1 - 1 + 8) / 3, [1 / 3] * 3),  # -A log π(y): the token sum, then the mean over completions
-    ("reinforce", "grpo", -(1 - 1 + 8) / 3, [1 / 3] * 3),
+    # -ρ(y)·A with the completion's ratio ρ(y) = exp(Σ log π - Σ log π_old) = 1: the value -mean(A), the gradient
+    # -A ∇log π(y) (the token sum), then the mean over completions
+    ("rloo", "grpo", -(1 - 0.5 + 2) / 3, [1 / 3] * 3),
+    ("reinforce", "grpo", -(1 - 0.5 + 2) / 3, [1 / 3] * 3),
 ])
 def test_each_normalisation_by_hand_on_a_tiny_batch(algo, loss_norm, value, weights):
     objective = bare_objective(algo=algo, loss_norm=loss_norm, max_new_tokens=5, kl_coef=0.0)
@@ -360,6 +362,68 @@ def test_each_normalisation_by_hand_on_a_tiny_batch(algo, loss_norm, value, weig
     (token_weight * table.log_softmax(-1).gather(-1, labels[:, None])[:, 0]).sum().backward()
     torch.testing.assert_close(model.table.grad, table.grad, atol=1e-7, rtol=1e-6)
     assert metrics["clip_fraction"].item() == 0 and metrics["approx_kl"].item() == 0
+
+
+@pytest.mark.parametrize("algo", ["rloo", "reinforce"])
+def test_rloo_and_reinforce_clip_each_completions_ratio_as_trl_rloo_trainer(algo):
+    """With several passes over a rollout π ≠ π_old: TRL 1.16's RLOOTrainer._compute_loss clips the completion's
+    ratio exp(Σ log π - Σ log π_old) once (its lines are checked to be there, then computed here on the same tensors),
+    not each token's; lmforge's loss, gradient and clip fraction are that. REINFORCE's advantage is a completion's too:
+    the same."""
+    trl = pytest.importorskip("trl", reason="trl (a dev extra) is not installed")
+    source = inspect.getsource(trl.RLOOTrainer._compute_loss)
+    for line in ("logps = (per_token_logps * completion_mask).sum(1)", "log_ratio = logps - old_logps",
+                 "coef_1 = torch.exp(log_ratio)",
+                 "coef_2 = torch.clamp(coef_1, 1 - self.epsilon_low, 1 + self.epsilon_high)",
+                 "per_sequence_loss = -torch.min(per_sequence_loss1, per_sequence_loss2)",
+                 "loss = per_sequence_loss.mean()",
+                 "is_low_clipped = (coef_1 < 1 - self.epsilon_low) & (advantages < 0)",
+                 "is_high_clipped = (coef_1 > 1 + self.epsilon_high) & (advantages > 0)"):
+        assert line in source, line
+    eps_low, eps_high = 0.2, 0.28
+    objective = bare_objective(algo=algo, kl_coef=0.0, ppo_epochs=2, clip_eps=eps_low, clip_eps_high=eps_high)
+    g = torch.Generator().manual_seed(3)
+    lengths = [1, 3, 2, 5, 4, 3]
+    completions = [torch.randint(0, 5, (n,), generator=g).tolist() for n in lengths]
+    advantages = torch.tensor([1.0, -0.5, 2.0, -1.5, 0.7, -0.3])
+    logits = torch.randn(sum(lengths), 5, generator=g)
+    labels = torch.tensor([t for c in completions for t in c])
+    logp = logits.log_softmax(-1).gather(-1, labels[:, None])[:, 0]
+    cmask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
+    # π_old: each completion's log-ratio log π(y) - log π_old(y) set (in and out of the clip range, with advantages of
+    # both signs), spread over its tokens with ±0.35 that cancels: the tokens' own ratios are far from the completion's
+    log_ratio = torch.tensor([0.5, -0.5, 0.1, 0.4, -0.4, 0.2])
+    spread = torch.cat([torch.tensor([0.35 * (-1) ** j for j in range(n)]) - (0.35 if n % 2 else 0) / n
+                        for n in lengths])
+    old_flat = logp - log_ratio.repeat_interleave(torch.tensor(lengths)) / torch.tensor(lengths).repeat_interleave(
+        torch.tensor(lengths)) + spread
+    old = torch.zeros(cmask.shape).masked_scatter(cmask, old_flat)
+    batch = objective.micro_batch(rollout_buffer([[7, 8]] * len(lengths), completions, old, advantages),
+                                  list(range(len(lengths))), "cpu")
+    model = LogitsTable(logits)
+    loss, metrics = objective.loss(model, batch)
+    loss.backward()
+    # TRL's lines on (completions, tokens) tensors
+    table = logits.clone().requires_grad_(True)
+    token_logps = table.log_softmax(-1).gather(-1, labels[:, None])[:, 0]
+    per_token_logps = torch.zeros(cmask.shape).masked_scatter(cmask, token_logps)
+    completion_mask = cmask.float()
+    logps = (per_token_logps * completion_mask).sum(1)
+    old_logps = (old * completion_mask).sum(1)
+    coef_1 = torch.exp(logps - old_logps)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    theirs = -torch.min(coef_1 * advantages, coef_2 * advantages).mean()
+    theirs.backward()
+    clipped = ((coef_1 < 1 - eps_low) & (advantages < 0)) | ((coef_1 > 1 + eps_high) & (advantages > 0))
+    torch.testing.assert_close(coef_1.log().detach(), log_ratio, atol=1e-5, rtol=0)
+    assert clipped.tolist() == [True, True, False, False, False, False]  # the clip holds the first two
+    assert loss.item() == pytest.approx(theirs.item(), abs=1e-6)
+    torch.testing.assert_close(model.table.grad, table.grad, atol=1e-7, rtol=1e-6)
+    assert metrics["clip_fraction"].item() == pytest.approx(clipped.float().mean().item(), abs=1e-7)
+    # clipping each token's ratio, then summing, is another loss (the one lmforge had)
+    token_clipped, _ = clipped_surrogate(logp, old_flat, advantages.repeat_interleave(torch.tensor(lengths)), eps_low,
+                                         eps_high)
+    assert abs(segment_sum(token_clipped, batch["row_of_token"], len(lengths)).mean().item() - theirs.item()) > 0.1
 
 
 class ActorCriticTable(LogitsTable):
@@ -563,18 +627,23 @@ def test_the_first_steps_logged_loss_is_the_normalisation_of_the_rollouts_advant
     assert steps[0]["completion_length"] == pytest.approx(lengths.mean().item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("algo", ["ppo", "rloo", "rloo-k3", "reinforce", "grpo"])
+@pytest.mark.parametrize("algo", ["ppo", "rloo", "rloo-k3", "reinforce", "grpo", "grpo-kl"])
 def test_each_rollouts_advantages_follow_from_its_rewards_log_probs_and_values(base, prompts, tmp_path, monkeypatch, algo):
     """Recomputed by hand from what the rollout holds (π_old, π_ref, values) and the rewards in samples.jsonl:
     ppo: GAE(γ 0.9, λ 0.8) of per-token rewards -β·k1 with the score at the last token, whitened; returns = GAE + V.
     rloo: leave-one-out of r - β·Σk1 (Σk3 with kl_estimator k3; the logged kl is that sum's mean).
     reinforce: r - b, b ← 0.9·b + 0.1·mean(r), b starting at the first mean.
-    grpo (scale batch): (r - group mean) / (the rollout's std + 1e-4)."""
+    grpo (scale batch): (r - group mean) / (the rollout's std + 1e-4); with β > 0 the logged kl is k3's mean over every
+    completion token (the KL its loss penalises, and TRL's GRPOTrainer's logged kl), not a sum over each completion."""
     spy = Spy(monkeypatch)
     kw = {"ppo": dict(ppo_epochs=1, gamma=0.9, lam=0.8, kl_coef=0.1), "rloo": dict(kl_coef=0.1),
-          "rloo-k3": dict(kl_coef=0.1, kl_estimator="k3"), "reinforce": {}, "grpo": dict(scale_rewards="batch")}[algo]
-    estimator = kw.get("kl_estimator", "k1")
-    algo = algo.removesuffix("-k3")
+          "rloo-k3": dict(kl_coef=0.1, kl_estimator="k3"), "reinforce": {}, "grpo": dict(scale_rewards="batch"),
+          "grpo-kl": dict(scale_rewards="batch", kl_coef=0.1)}[algo]
+    estimator = "k3" if algo == "grpo-kl" else kw.get("kl_estimator", "k1")
+    algo = algo.removesuffix("-k3").removesuffix("-kl")
+    if algo == "grpo":
+        assert 'self._metrics[mode]["kl"].append(global_masked_mean(per_token_kl))' in \
+            inspect.getsource(pytest.importorskip("trl").GRPOTrainer._compute_loss)
     steps, _ = run_rl(base, prompts, tmp_path / "run", algo=algo, max_steps=3, lr=1e-2, **kw)
     written = samples(tmp_path / "run")
     assert len(spy.buffers) == 3 and len(written) == 24  # each rollout written whole
@@ -586,7 +655,8 @@ def test_each_rollouts_advantages_follow_from_its_rewards_log_probs_and_values(b
             log_ratio = buffer["old_logp"] - buffer["ref_logp"]
             kl = (log_ratio if estimator == "k1" else torch.exp(-log_ratio) + log_ratio - 1) * cmask
             assert (kl >= 0).all() or estimator == "k1"
-            assert steps[index]["kl"] == pytest.approx(kl.sum(1).mean().item(), abs=1e-6)
+            logged = kl.sum() / cmask.sum() if algo == "grpo" else kl.sum(1).mean()
+            assert steps[index]["kl"] == pytest.approx(logged.item(), abs=1e-6)
             assert (kl.abs().max() > 1e-3) == (index > 0)  # the policy is its reference only at the first rollout
         if algo == "ppo":
             values = buffer["values"]
@@ -1056,6 +1126,57 @@ def test_a_reward_module_that_fails_to_import_is_one_line_naming_where(user_rewa
         parse_rewards("rl_raising_rewards:score")
 
 
+def test_a_module_named_like_one_python_already_has_is_refused_naming_the_file_imported(user_rewards):
+    """./json.py holds score, but `import json` is the standard library's (imported long before): say which file was
+    imported and that yours needs another name, not "json has no function score"."""
+    (user_rewards / "json.py").write_text("def score(prompt, completion, **fields):\n    return 1.0\n")
+    with pytest.raises(LmforgeError) as e:
+        parse_rewards("json:score")
+    message = str(e.value)
+    assert message.startswith(f"reward json:score: `import json` gives {json.__file__}, not your json.py")
+    assert "rename your file (for example json_reward.py, then json_reward:score)" in message
+    assert "has no function" not in message
+    # a module of its own (here, the fixture's) imports from the current folder as before
+    assert parse_rewards("rl_user_rewards:boom")[0].fn.__module__ == "rl_user_rewards"
+
+
+@pytest.mark.parametrize("function, rows, line, message", [
+    # a parameter no row field fills (the third row lacks "answer"): caught in the file, not at the rollout meeting it
+    ("needs_answer", [{"prompt": "1 + 1 =", "answer": "2"}, {"prompt": "2 + 2 =", "answer": "4"},
+                      {"prompt": "3 + 3 ="}], 3,
+     "reward rl_user_rewards:needs_answer: needs_answer() needs the field(s) 'answer' (its parameters), which this row "
+     "lacks (its other fields: none but 'prompt'); add them to every row, or give the parameter(s) a default"),
+    # a row field the function takes no parameter for (lmforge passes them all) and no **fields
+    ("no_fields", [{"prompt": "1 + 1 =", "answer": "2"}], 1,
+     "reward rl_user_rewards:no_fields: lmforge passes every field of the row, no_fields(prompt=..., completion=..., "
+     "**row_fields), but no_fields() takes no parameter 'answer'; add **fields to its parameters"),
+], ids=["a-parameter-no-row-fills", "a-field-no-parameter-takes"])
+def test_a_user_function_the_rows_fields_cannot_call_is_refused_before_the_run_folder(base, user_rewards, capsys,
+                                                                                        function, rows, line, message):
+    with open(user_rewards / "rl_user_rewards.py", "a") as f:
+        f.write("def needs_answer(prompt, completion, answer):\n    return float(answer in completion)\n"
+                "def no_fields(prompt, completion):\n    return 1.0\n")
+    data = jsonl(user_rewards / "prompts.jsonl", rows)
+    good = jsonl(user_rewards / "good.jsonl", [{"prompt": "1 + 1 =", "answer": "2"}] if function == "needs_answer"
+                 else [{"prompt": "1 + 1 ="}])
+    for train, val, where in ((data, None, f"{data}:{line}"), (good, data, f"{data}:{line}")):  # train, then val rows
+        out = user_rewards / "run"
+        argv = ["rl", "--model", str(base), "--train", train, "--out", str(out), "--reward",
+                f"rl_user_rewards:{function}", "--max-new-tokens", "4", "--threads", "1", "--quiet",
+                *(["--val", val] if val else [])]
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == f"lmforge: error: {where}: {message}\n", err
+        assert not out.exists()
+    # the same rows with what the function needs train
+    fixed = [{**r, "answer": r.get("answer", "6")} for r in rows] if function == "needs_answer" else \
+        [{"prompt": r["prompt"]} for r in rows]
+    run_rl(base, jsonl(user_rewards / "fixed.jsonl", fixed), user_rewards / "run", reward=f"rl_user_rewards:{function}",
+           max_steps=1, micro_batch_size=4)
+    assert len(samples(user_rewards / "run")) == 4
+
+
 def test_a_user_function_gets_the_rows_fields_and_rewards_add_up_with_their_weights(base, user_rewards):
     rows = [{"prompt": f"{i} + {i} =", "answer": str(2 * i), "scale": 0.25 * (i + 1)} for i in range(8)]
     data = jsonl(user_rewards / "prompts.jsonl", rows)
@@ -1104,6 +1225,18 @@ def test_with_reward_errors_penalty_a_failing_reward_is_counted_and_scored_the_p
     # said once, with the first failure, not once a completion
     err = capsys.readouterr().err
     assert err.count("warning: reward rl_user_rewards:picky ") == 1 and "scored -3.0 (--reward-errors penalty)" in err
+
+
+def test_prompts_in_turns_after_a_first_prompt_of_text_save_the_chat_template_and_end_of_turn(base, tmp_path):
+    """Whichever row comes first: prompts rendered through the chat template save it with the policy, and the policy's
+    generation ends at the end of a turn, as a file of conversations alone does."""
+    rows = prompt_rows(1) + [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+                             for r in prompt_rows(7, seed=1)]
+    run_rl(base, jsonl(tmp_path / "mixed.jsonl", rows), tmp_path / "run", max_steps=1)
+    folder = latest_checkpoint(tmp_path / "run") / "model"
+    saved = Tokenizer.load(folder)
+    assert saved.chat_template and "<|im_start|>" in saved.chat_template
+    assert saved.end_of_turn_id in json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
 
 
 def test_missing_eos_penalty_is_subtracted_from_truncated_completions_only(base, prompts, tmp_path):
@@ -1289,11 +1422,23 @@ def test_the_rl_command_trains_a_policy_that_generate_loads_and_writes_its_sampl
     (["--reward", "exact", "--train", "{folder}"], "prompts file {folder} is a folder: give the .jsonl, .csv or .parquet"),
     (["--reward", "exact", "--gamma", "0.5"], "bad config: gamma applies to --algo ppo only, not grpo; leave it out"),
     (["--reward", "exact", "--algo", "ppo", "--loss-norm", "dapo"], "loss_norm applies to --algo grpo only, not ppo"),
+    # target_kl multiplies β: from 0 it would never move it, and the run would go on without the controller
+    (["--reward", "exact", "--target-kl", "0.1"],
+     "target_kl 0.1 adapts the KL coefficient by multiplying it, so it cannot move a coefficient of 0 (--algo grpo's "
+     "default); give --kl-coef > 0"),
+    (["--reward", "exact", "--algo", "rloo", "--kl-coef", "0", "--target-kl", "0.1"],
+     "cannot move a coefficient of 0 (--kl-coef 0); give --kl-coef > 0"),
+    (["--reward", "exact", "--kl-coef", "0.1", "--kl-estimator", "k3"],
+     "bad config: kl_estimator applies to --algo ppo, rloo or reinforce only, not grpo (GRPO's loss penalises k3"),
+    (["--reward", "lenr.py:score"], "reward lenr.py:score: MODULE:FUNCTION names a Python module as you would import "
+                                    "it, not a file (for a function score in lenr.py: lenr:score, run from the folder "
+                                    "that holds lenr.py)"),
 ], ids=["no-reward", "unknown-reward", "grpo-one-generation", "rloo-one-generation", "partial-group",
         "reward-model-as-policy", "policy-as-reward-model", "unimportable-function", "bad-prompt-line", "empty-prompt",
         "no-room-for-the-prompt", "weights-count", "zero-temperature", "ignored-key", "no-generations",
         "infinite-temperature", "a-late-row-without-answer", "a-late-row-without-operands", "a-folder",
-        "a-ppo-setting-for-grpo", "a-grpo-setting-for-ppo"])
+        "a-ppo-setting-for-grpo", "a-grpo-setting-for-ppo", "target-kl-from-beta-0", "target-kl-from-beta-0-rloo",
+        "kl-estimator-for-grpo", "a-file-name-as-module"])
 def test_command_mistakes_exit_2_with_one_line_and_write_no_run_folder(base, prompts, tmp_path, tokenizer_dir, capsys,
                                                                        argv, message):
     fill = {"base": str(base), "bad": jsonl(tmp_path / "bad.jsonl", [{"prompt": "1 + 1 ="}, {"text": "2 + 2 ="}]),

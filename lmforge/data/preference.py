@@ -2,8 +2,9 @@
 
     {"prompt": "...", "chosen": "...", "rejected": "..."}                       standard (strings)
     {"prompt": [messages], "chosen": [messages], "rejected": [messages]}       conversational
-    {"chosen": [messages], "rejected": [messages]}                             implicit prompt: the
-                                                                               messages both share
+    {"chosen": "...", "rejected": "..."}                                       implicit prompt (Anthropic
+    {"chosen": [messages], "rejected": [messages]}                             HH): the text or messages
+                                                                               both begin with
 An optional ``margin`` (a number) says how much better the chosen answer is (reward models use it).
 These are TRL's "preference" formats; a conversational pair is rendered through the model's chat
 template.
@@ -50,12 +51,21 @@ def _messages_problem(value, name: str) -> str | None:
 
 
 def split_implicit_prompt(row: dict) -> dict:
-    """A conversational pair without ``prompt``: the messages both answers share become the prompt."""
+    """A pair without ``prompt``: what both answers begin with (characters of strings, or messages) becomes the
+    prompt, split as TRL's ``extract_prompt`` splits it: at the first difference, a space just before it left to
+    the answers; where one answer begins with the whole other, the last shared item stays in the answers. Answers
+    that differ from their first item get an empty prompt (TRL's split would then go wrong, taking the whole
+    chosen answer but its last character as the prompt when that character is a space)."""
     chosen, rejected = row["chosen"], row["rejected"]
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-        shared += 1
-    return {**row, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+    if not chosen or not rejected or chosen[0] != rejected[0]:
+        return {**row, "prompt": chosen[:0]}
+    # (TRL's loop, line for line)
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":  # remove space before the prompt
+                idx -= 1
+            break
+    return {**row, "prompt": chosen[:idx], "chosen": chosen[idx:], "rejected": rejected[idx:]}
 
 
 def check_pair(row) -> str | None:
@@ -68,13 +78,28 @@ def check_pair(row) -> str | None:
     conversational = isinstance(row["chosen"], list)
     if "prompt" not in row:
         if not conversational:
-            return "missing field 'prompt' (only message lists can leave the prompt implicit)"
-        for name in ("chosen", "rejected"):
-            if (problem := _messages_problem(row[name], name)) is not None:
-                return problem
-        row.update(split_implicit_prompt(row))
-        if not row["prompt"]:
-            return "'chosen' and 'rejected' share no leading messages, so there is no prompt; add a 'prompt' field"
+            for name in ("chosen", "rejected"):
+                if not isinstance(row[name], str):
+                    return "'chosen' and 'rejected' must both be strings or both be message lists"
+                if not row[name].strip():
+                    return f"{name!r} is empty"
+            if row["chosen"] == row["rejected"]:
+                return "'chosen' and 'rejected' are the same answer, so there is no preference to learn"
+            # the text both begin with is the prompt (none: each answer is scored, or learned, on its own)
+            row.update(split_implicit_prompt(row))
+            for name in ("chosen", "rejected"):
+                if not row[name].strip():
+                    return (f"{name!r} adds only white space to the text it shares with the other answer (the implicit "
+                            f"prompt); add a 'prompt' field")
+        else:
+            for name in ("chosen", "rejected"):
+                if (problem := _messages_problem(row[name], name)) is not None:
+                    return problem
+            if row["chosen"] == row["rejected"]:
+                return "'chosen' and 'rejected' are the same answer, so there is no preference to learn"
+            row.update(split_implicit_prompt(row))
+            if not row["prompt"]:
+                return "'chosen' and 'rejected' share no leading messages, so there is no prompt; add a 'prompt' field"
     kinds = {name: isinstance(row[name], str) for name in ("prompt", "chosen", "rejected")}
     if len(set(kinds.values())) > 1:
         return "'prompt', 'chosen' and 'rejected' must all be strings or all be message lists"

@@ -36,7 +36,7 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.engine import record_end_of_turn
 from lmforge.model.checkpoint import load_model, model_kind
 from lmforge.model.encoder import Encoder
-from lmforge.model.gpt import GPT, last_tokens
+from lmforge.model.gpt import GPT
 from lmforge.model.heads import attach_head
 from lmforge.model.lora import adapters_off
 from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
@@ -58,7 +58,9 @@ class PairObjective(Finetune):
         return read_pairs(path, self.config.skip_bad_lines).rows
 
     def setup(self, train_rows: list, val_rows: list) -> None:
-        self.chat = isinstance(train_rows[0]["prompt"], list)
+        # rows in turns anywhere (not only the first) were rendered through a chat template: the saved tokenizer
+        # keeps it and DPO's policy its end-of-turn token
+        self.chat = any(isinstance(row["prompt"], list) for row in (*train_rows, *val_rows))
         self.train_pairs = self.featurize(train_rows, "training")
         self.val_pairs = self.featurize(val_rows, "validation")
         if not self.train_pairs:
@@ -152,7 +154,16 @@ class RewardModel(PairObjective):
 
     def attach(self, model) -> None:
         if getattr(model.config, "head", None) == self.head and model.config.num_labels == 1:
-            return  # already a reward model: train it on
+            # already a reward model: train it on. One without a pad id (transformers leaves it unset) gets the
+            # tokenizer's pad, else end-of-text, as TRL's RewardTrainer sets it: saved with the model, so that
+            # transformers reads each padded row's score where lmforge does (its last token that is not padding)
+            if isinstance(model, GPT) and model.config.pad_token_id is None:
+                from dataclasses import replace
+
+                tok = self.tokenizer_of(model)
+                pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+                model.config = replace(model.config, pad_token_id=pad)
+            return
         if isinstance(model, GPT):
             refuse_pooling(self.config.pooling)
             tok = self.tokenizer_of(model)
@@ -533,8 +544,10 @@ def reward_scores(model, rows: list[dict], tokenizer: Tokenizer | None = None, b
             lengths = torch.tensor([len(x[0]) for x in chunk], device=device)
             mask = (torch.arange(ids.size(1), device=device)[None] < lengths[:, None]).long()
             out = model(ids, mask, _pad([x[1] for x in chunk], 0).to(device)).logits
-        else:  # only the scored positions through the last block
-            out = model(ids, keep=last_tokens(ids, c.pad_token_id)[:, None])
+        else:  # only the scored positions through the last block: each row's own last token (as in training,
+            # ``packed_pairs``), found in the row before it was padded, so any pad id (or none) reads the same
+            last = torch.tensor([_last_real(x[0], c.pad_token_id) for x in chunk], device=device)
+            out = model(ids, keep=last[:, None])
         scores += out.flatten(1).float().squeeze(-1).tolist()
     return scores
 

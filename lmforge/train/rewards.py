@@ -75,15 +75,47 @@ ARITHMETIC_NEEDS = ("the arithmetic reward needs \"a\" and \"b\" (or \"answer\")
                     "\"A + B =\"")
 
 
-def row_problem(spec: str, row: dict) -> str | None:
-    """What a prompt row lacks for the built-in rewards named in ``spec`` (checked before a run starts, so that a
-    row deep in the file stops nothing half-way), or None."""
+def row_problem(spec: str, row: dict, functions: list | tuple = ()) -> str | None:
+    """What a prompt row lacks for the built-in rewards named in ``spec``, or what your ``functions``
+    (``user_functions(spec)``) cannot be called with (checked before a run starts, so that a row deep in the
+    file stops nothing half-way), or None."""
     names = {n.strip() for n in spec.split(";")}
     if "exact" in names and row.get("answer") is None:
         return EXACT_NEEDS
     if ("arithmetic" in names and row.get("answer") is None and (row.get("a") is None or row.get("b") is None)
             and _operands(row.get("prompt")) is None):
         return ARITHMETIC_NEEDS
+    for name, fn in functions:
+        if (problem := _fields_problem(name, fn, row)) is not None:
+            return problem
+    return None
+
+
+def _fields_problem(name: str, fn, row: dict) -> str | None:
+    """Whether ``fn(prompt=..., completion=..., **fields)`` binds for this row's fields (as ``Reward`` calls it)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # (a builtin without a signature: called as it is)
+        return None
+    keywords = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    named = {p.name for p in keywords}
+    required = [p.name for p in keywords if p.default is p.empty and p.name not in ("prompt", "completion")]
+    fields = [k for k in row if k not in ("prompt", "completion")]
+    function = name.rpartition(":")[2]
+    missing = [k for k in required if k not in row]
+    if missing:
+        have = ", ".join(repr(k) for k in fields) or "none but 'prompt'"
+        return (f"reward {name}: {function}() needs the field(s) {', '.join(map(repr, missing))} (its parameters), "
+                f"which this row lacks (its other fields: {have}); add them to every row, or give the parameter(s) a "
+                f"default")
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        extra = [k for k in fields if k not in named]
+        if extra:
+            return (f"reward {name}: lmforge passes every field of the row, {function}(prompt=..., completion=..., "
+                    f"**row_fields), but {function}() takes no parameter {', '.join(map(repr, extra))}; add **fields "
+                    f"to its parameters")
     return None
 
 
@@ -135,7 +167,8 @@ def _reward_model(path: str, device):
 def _user_function(spec: str):
     module_name, _, function = spec.rpartition(":")
     dotted = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
-    if not re.fullmatch(dotted, module_name) or not re.fullmatch(r"[A-Za-z_]\w*", function):
+    if (not re.fullmatch(dotted, module_name) or module_name.endswith(".py")  # (a file: lenr.py, not module py of lenr)
+            or not re.fullmatch(r"[A-Za-z_]\w*", function)):
         stem = Path(module_name).stem.lstrip(".") or "mymodule"
         raise LmforgeError(f"reward {spec}: MODULE:FUNCTION names a Python module as you would import it, not a "
                            f"file (for a function {function or 'score'} in {stem}.py: {stem}:{function or 'score'}, "
@@ -151,9 +184,20 @@ def _user_function(spec: str):
         where = f" ({Path(e.filename).name}:{e.lineno})" if isinstance(e, SyntaxError) and e.filename else ""
         raise LmforgeError(f"reward {spec}: importing {module_name} failed{where}: {type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    where = getattr(module, "__file__", None)
+    mine = Path.cwd() / f"{module_name.replace('.', '/')}.py"
+    if mine.is_file() and (where is None or Path(where).resolve() != mine.resolve()):
+        # a module of that name was found first (the standard library's json, an installed package's): not your file
+        top = module_name.partition(".")[0]
+        rename = (f"rename your file (for example {top}_reward.py, then {top}_reward:{function})" if top == module_name
+                  else f"rename your folder {top} (for example {top}_reward, then {top}_reward{module_name[len(top):]}:"
+                       f"{function})")
+        raise LmforgeError(f"reward {spec}: `import {module_name}` gives {where or 'a module built into Python'}, not "
+                           f"your {mine.relative_to(Path.cwd())} (Python finds a module of that name first); {rename}")
     fn = getattr(module, function, None)
     if not callable(fn):
-        raise LmforgeError(f"reward {spec}: {module_name} has no function {function}")
+        raise LmforgeError(f"reward {spec}: {module_name} (imported from {where or 'Python itself: a built-in module'})"
+                           f" has no function {function}")
     _check_signature(spec, fn)
     return fn
 
@@ -181,10 +225,24 @@ def _check_signature(spec: str, fn) -> None:
                            f"lists of prompts and completions)")
 
 
+def _names(spec: str) -> list[str]:
+    # a regex keeps its pattern exactly (a leading or trailing space may be the point); other names are trimmed
+    return [n if n.startswith("regex:") else n.strip() for n in (s.lstrip() for s in spec.split(";")) if n.strip()]
+
+
+def _is_user_function(name: str) -> bool:
+    return (name not in ("exact", "arithmetic") and not name.startswith(("regex:", "model:"))
+            and not Path(name).is_dir() and ":" in name)
+
+
+def user_functions(spec: str) -> list[tuple[str, object]]:
+    """Your MODULE:FUNCTION rewards of ``spec``, imported and checked: (name, function) pairs."""
+    return [(name, _user_function(name)) for name in _names(spec) if _is_user_function(name)]
+
+
 def parse_rewards(spec: str, weights: str = "", device="cpu") -> list[Reward]:
     """The rewards named by ``spec`` ("exact;model:runs/rm;mymodule:score") with ``weights`` ("1;0.5;2")."""
-    # a regex keeps its pattern exactly (a leading or trailing space may be the point); other names are trimmed
-    names = [n if n.startswith("regex:") else n.strip() for n in (s.lstrip() for s in spec.split(";")) if n.strip()]
+    names = _names(spec)
     if not names:
         raise LmforgeError("no reward given: set --reward (exact, arithmetic, regex:PATTERN, model:DIR or "
                            "MODULE:FUNCTION; several joined with ;)")
@@ -213,7 +271,7 @@ def parse_rewards(spec: str, weights: str = "", device="cpu") -> list[Reward]:
             rewards.append(Reward(name, weight, lambda completion, _p=pattern, **_: float(bool(_p.search(completion)))))
         elif name.startswith("model:") or Path(name).is_dir():
             rewards.append(Reward(name, weight, batch_fn=_reward_model(name.removeprefix("model:"), device)))
-        elif ":" in name:
+        elif _is_user_function(name):
             rewards.append(Reward(name, weight, _user_function(name)))
         else:
             raise LmforgeError(f"unknown reward {name!r}: use exact, arithmetic, regex:PATTERN, model:DIR or "

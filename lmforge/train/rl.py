@@ -13,18 +13,25 @@ optimizer steps, each of ``grad_accum_steps`` micro-batches; the buffer is saved
                β (Ziegler et al., 2019). The critic is a copy of the reward model or of the policy with a
                value head, or a value head on the policy's own trunk.
     grpo       G completions per prompt; Â = (r - mean_group) / std (group, batch or none); the clipped
-               surrogate with separate low/high ε; β·k3 KL to the reference in the loss. Normalisations:
+               surrogate with separate low/high ε; β·k3 KL to the reference in the loss (always k3, as TRL's;
+               the logged kl is k3's mean over the rollout's completion tokens, as TRL logs it). Normalisations:
                grpo (mean over each completion's tokens, then over completions), dr_grpo (sum over tokens
                / max_new_tokens, then mean), bnpo and dapo (mean over every token of the optimizer step;
                in lmforge the two coincide, since the loop always normalises over the whole step: TRL's
                bnpo normalises each process's micro-batch, which depends on the batch layout).
-    rloo       REINFORCE with the leave-one-out baseline: Â_i = r_i - mean_{j≠i} r_j, r including -β·KL;
-               the loss -Â_i · log π(y_i|x) summed over the completion's tokens (its sequence log-prob).
+    rloo       REINFORCE with the leave-one-out baseline: Â_i = r_i - mean_{j≠i} r_j, r including -β·KL (the
+               kl_estimator's sum over the completion); the loss is the clipped surrogate of the whole
+               completion, as TRL's RLOOTrainer: -min(ρ_i·Â_i, clip(ρ_i, 1-ε_low, 1+ε_high)·Â_i) with the
+               sequence ratio ρ_i = exp(Σ_t log π(y_t) - Σ_t log π_old(y_t)), a mean over completions.
     reinforce  the same with a moving-average baseline b ← d·b + (1-d)·mean(r): the seeds' "IFT",
-               ∇θ = E[(f(x, y) - b) ∇θ log p_θ(y|x)].
+               ∇θ = E[(f(x, y) - b) ∇θ log p_θ(y|x)]; its advantage belongs to the whole completion too, so
+               it takes the same sequence-level surrogate.
 
 With one pass over each rollout (GRPO, RLOO and REINFORCE by default) the ratio ρ is 1 and the clipped
-surrogate's gradient is the plain policy gradient.
+surrogate's gradient is the plain policy gradient (for RLOO and REINFORCE -Â_i ∇ log π(y_i|x), the loss's
+value -mean(Â)). With several (ppo_epochs or minibatches > 1) RLOO and REINFORCE clip each completion's
+ratio once, not each token's: a completion whose probability ratio to π_old left [1-ε_low, 1+ε_high] in
+its advantage's direction gets no more gradient.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from lmforge.model.lora import adapters_off, save_adapter
 from lmforge.train.config import RLConfig
 from lmforge.train.finetune import FIXED_ON_RESUME, Finetune, _pad
 from lmforge.train.loop import Distributed, resolve_config, train
-from lmforge.train.rewards import parse_rewards, row_problem, score
+from lmforge.train.rewards import parse_rewards, row_problem, score, user_functions
 from lmforge.utils import stop_strings, warn
 
 # -- prompts ------------------------------------------------------------------------------------
@@ -278,7 +285,7 @@ class RL(Finetune):
     def setup(self, train_rows: list, val_rows: list) -> None:
         c = self.config
         self.policy = self.model
-        self.chat = isinstance(train_rows[0]["prompt"], list)
+        self.chat = any(isinstance(row["prompt"], list) for row in (*train_rows, *val_rows))  # (any row, not the first)
         if self.chat:
             record_end_of_turn(self.policy, self.tokenizer)
         self.prompts = self.encode(train_rows, "training")
@@ -497,7 +504,10 @@ class RL(Finetune):
         self.rollout_stats = stats
         buffer["stats"] = torch.tensor(list(stats.values()), dtype=torch.float64)
         buffer["stat_names"] = list(stats)
-        self.adapt_beta(stats.get("kl"), len(completions) * world_size)
+        kl = stats.get("kl")
+        if kl is not None and c.algo == "grpo":  # (target_kl is a KL per completion: the per-token mean x mean length)
+            kl *= stats["completion_length"]
+        self.adapt_beta(kl, len(completions) * world_size)
         if rank == 0 and index % self.samples_every == 0:
             self.write_samples(index, completions, rewards)
         return buffer
@@ -529,7 +539,9 @@ class RL(Finetune):
         stats.update({k: t[k] / n for k in names if k.startswith("reward_") and k != "reward_sq"})
         stats.update(completion_length=t["length"] / n, truncated_share=t["truncated"] / n, reward_errors=t["errors"])
         if "kl" in t:
-            stats["kl"] = t["kl"] / n
+            # GRPO: k3's mean over every completion token, as TRL's GRPOTrainer logs the KL its loss holds;
+            # the others: the KL estimate of a completion (the sum over its tokens), as their reward holds it
+            stats["kl"] = t["kl"] / t["length"] if self.config.algo == "grpo" else t["kl"] / n
         if "explained_variance_sums0" in t:
             res, res_sq, ret, ret_sq, tokens = (t[f"explained_variance_sums{i}"] for i in range(5))
             var = lambda s1, s2: (s2 - s1 * s1 / tokens) / max(tokens - 1, 1)  # noqa: E731
@@ -607,7 +619,10 @@ class RL(Finetune):
         cmask = buffer["cmask"]
         kl_tokens = None
         if "ref_logp" in buffer:
-            kl_tokens = token_kl(buffer["old_logp"], buffer["ref_logp"], c.kl_estimator) * cmask
+            # GRPO's loss penalises β·k3 of each token (logged as its per-token mean, see rollout_statistics); the
+            # others shape the reward with the kl_estimator's sum over each completion
+            estimator = "k3" if c.algo == "grpo" else c.kl_estimator
+            kl_tokens = token_kl(buffer["old_logp"], buffer["ref_logp"], estimator) * cmask
             buffer["kl"] = kl_tokens.sum(1)
         G = c.num_generations
         dist_ = getattr(self, "dist", None)
@@ -730,23 +745,30 @@ class RL(Finetune):
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         eps_high = c.clip_eps_high or c.clip_eps
         old = batch["old_logp"] if "old_logp" in batch else logp.detach()  # (see on_policy)
-        per_token, clipped = clipped_surrogate(logp, old, batch["advantages"], c.clip_eps, eps_high)
-        if c.algo == "grpo" and self.beta > 0 and "ref_logp" in batch:
-            per_token = per_token + self.beta * token_kl(logp, batch["ref_logp"], "k3")
         rows, n = batch["row_of_token"], batch["seq_len"].numel()
-        if self.by_tokens():
-            loss = per_token.mean()
-        elif c.algo == "grpo" and c.loss_norm == "grpo":
-            loss = (segment_sum(per_token, rows, n) / batch["seq_len"]).mean()
-        elif c.algo == "grpo":  # dr_grpo
-            loss = (segment_sum(per_token, rows, n) / c.max_new_tokens).mean()
-        else:  # rloo, reinforce: the sequence's log-probability
-            loss = segment_sum(per_token, rows, n).mean()
+        if c.algo in ("rloo", "reinforce"):
+            # the surrogate of the whole completion, as TRL's RLOOTrainer: ρ = exp(Σ log π - Σ log π_old), clipped
+            # once, times the completion's advantage (every token holds it: taken from any of them)
+            advantage = torch.zeros(n, device=logp.device).scatter(0, rows, batch["advantages"].float())
+            per_completion, clipped = clipped_surrogate(segment_sum(logp, rows, n), segment_sum(old, rows, n),
+                                                        advantage, c.clip_eps, eps_high)
+            loss = per_completion.mean()
+        else:
+            per_token, clipped = clipped_surrogate(logp, old, batch["advantages"], c.clip_eps, eps_high)
+            if c.algo == "grpo" and self.beta > 0 and "ref_logp" in batch:
+                per_token = per_token + self.beta * token_kl(logp, batch["ref_logp"], "k3")
+            if self.by_tokens():
+                loss = per_token.mean()
+            elif c.loss_norm == "grpo":
+                loss = (segment_sum(per_token, rows, n) / batch["seq_len"]).mean()
+            else:  # dr_grpo
+                loss = (segment_sum(per_token, rows, n) / c.max_new_tokens).mean()
+
         def per_item(x):  # a per-token quantity, averaged over the same items as the loss
             return x.mean() if self.by_tokens() else (segment_sum(x, rows, n) / batch["seq_len"]).mean()
 
-        metrics = {"clip_fraction": per_item(clipped), "approx_kl": per_item(0.5 * (logp - old) ** 2),
-                   "entropy": per_item(entropy)}
+        metrics = {"clip_fraction": clipped.mean() if c.algo in ("rloo", "reinforce") else per_item(clipped),
+                   "approx_kl": per_item(0.5 * (logp - old) ** 2), "entropy": per_item(entropy)}
         if values is not None:
             old_values, returns = batch["values"], batch["returns"]
             kept = old_values + torch.clamp(values.float() - old_values, -c.value_clip, c.value_clip)
@@ -833,19 +855,35 @@ def _scatter(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def refuse_settings(config: RLConfig) -> None:
+    """Settings that would do nothing, refused before any work (config.py's validate holds the rest)."""
+    if config.target_kl > 0 and config.beta == 0:
+        given = f"--algo {config.algo}'s default" if config.kl_coef < 0 else "--kl-coef 0"
+        raise LmforgeError(f"target_kl {config.target_kl} adapts the KL coefficient by multiplying it, so it cannot "
+                           f"move a coefficient of 0 ({given}); give --kl-coef > 0 as its starting value (PPO's and "
+                           f"RLOO's default is 0.05)")
+    if config.algo == "grpo" and config.kl_estimator != RLConfig.__dataclass_fields__["kl_estimator"].default:
+        raise LmforgeError("bad config: kl_estimator applies to --algo ppo, rloo or reinforce only, not grpo (GRPO's "
+                           "loss penalises k3 of each token, as TRL's; its logged kl is k3's per-token mean); leave it "
+                           "out")
+
+
 def rl(config: RLConfig | dict | str | os.PathLike | None = None, *, resume: bool = False, overwrite: bool = False,
        progress: bool = True, **overrides) -> dict:
     """Improve a causal LM against a reward with PPO, GRPO, RLOO or REINFORCE; returns the loop's summary."""
     config = resolve_config(config, resume, overrides, cls=RLConfig)
+    refuse_settings(config)
     prompts = read_prompts(config.train, config.skip_bad_lines)
     if prompts.skipped:
         warn(f"skipped {prompts.skipped} malformed prompt(s) of {config.train} (lines {prompts.skipped_lines[:5]}"
              f"{' ...' if prompts.skipped > 5 else ''})")
-    # the fields the built-in rewards read, in every row, before the run starts (not at the rollout that meets one)
+    # the fields the rewards read, in every row, before the run starts (not at the rollout that meets one): the
+    # built-in rewards' and your functions' (imported here, as the run would, to read their parameters)
+    functions = user_functions(config.reward)
     files = [(config.train, prompts)] + ([(config.val, read_prompts(config.val, config.skip_bad_lines))] if config.val else [])
     for path, rows in files:
         for row, line in zip(rows.rows, rows.lines):
-            problem = row_problem(config.reward, row)
+            problem = row_problem(config.reward, row, functions)
             if problem is not None:
                 raise LmforgeError(f"{path}:{line}: {problem}")
     fixed = FIXED_ON_RESUME + ("algo", "num_generations", "critic", "minibatches", "ppo_epochs", "micro_batch_size",
