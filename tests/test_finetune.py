@@ -493,3 +493,17 @@ def test_common_dataset_layouts_are_read_as_chat_or_instruction(hf_gpt2, tmp_pat
              **settings(tmp_path, max_steps=20, eval_interval=10))
     _, evals = logs(tmp_path / "run")
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+
+def test_sft_counts_every_token_it_reads_not_only_the_learned_ones(hf_gpt2, tmp_path):
+    """tokens and tokens/s (and MFU from them) counted only the completions' tokens in SFT, while every other
+    objective counts what it reads: the prompts too, not the padding."""
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(hf_gpt2)
+    rows = [{"prompt": "def add(a, b):", "completion": " return a + b"}] * 6
+    length = len(tok.encode_prompt(rows[0]["prompt"]) + tok.encode(rows[0]["completion"])) + 1  # (and the end token)
+    finetune(model=str(hf_gpt2), train=jsonl(tmp_path / "t.jsonl", rows), progress=False, val_fraction=0,
+             **settings(tmp_path, max_steps=2, micro_batch_size=2, grad_accum_steps=2))
+    train, _ = logs(tmp_path / "run")
+    assert [r["tokens"] for r in train] == [4 * length, 8 * length]

@@ -510,3 +510,41 @@ def _autocast_without_nesting(autocast):
             return out
 
     return Afresh
+
+
+def test_a_resumed_run_uses_its_new_optimizer_settings_and_says_when_the_lr_jumps(data_dir, tmp_path, capsys):
+    """--weight-decay and --beta2 given to --resume went into config.yaml while the saved optimizer state put the
+    old ones back; a larger --max-steps stretches the cosine, so the lr jumps where the run goes on: said."""
+    run = tmp_path / "run"
+    pretrain(train_config(data_dir, run, max_steps=6, warmup_steps=2, checkpoint_interval=6), progress=False)
+    capsys.readouterr()
+    pretrain(out=str(run), max_steps=8, weight_decay=0.5, beta2=0.99, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "weight_decay 0.1 -> 0.5, betas (0.9, 0.95) -> (0.9, 0.99)" in err
+    assert "the learning-rate schedule changed (max_steps 6 -> 8)" in err
+    groups = torch.load(latest_checkpoint(run) / "trainer.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.5, (0.9, 0.99)), (0.0, (0.9, 0.99))]
+    # the same settings again: nothing to say
+    pretrain(out=str(run), max_steps=9, resume=True, progress=False)
+    assert "optimizer" not in capsys.readouterr().err
+
+
+def test_an_interrupted_run_names_its_last_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C said only "interrupted": which checkpoint --resume would go on from (what was lost) is said."""
+    from lmforge.train import loop
+
+    save = loop.save_checkpoint
+
+    def save_then_interrupt(run, step, *args, **kwargs):
+        result = save(run, step, *args, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_interrupt)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(train_config(data_dir, run, max_steps=8, checkpoint_interval=2), progress=False)
+    err = capsys.readouterr().err
+    assert "lmforge: stopped; the last checkpoint is " in err and "--resume goes on from it" in err
+    assert err.split("the last checkpoint is ")[1].split(";")[0] == str(latest_checkpoint(run))

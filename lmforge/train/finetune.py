@@ -364,7 +364,7 @@ class SFT(Finetune):
         mask = _pad([features[i][1] for i in indices], 0)
         labels = torch.full_like(ids, -100)
         labels[:, :-1] = torch.where(mask[:, 1:] == 1, ids[:, 1:], -100)
-        return {"ids": ids, "labels": labels}
+        return {"ids": ids, "labels": labels, "tokens": sum(len(features[i][0]) for i in indices)}
 
     def batches(self, rank: int, world_size: int):
         c = self.config
@@ -384,7 +384,8 @@ class SFT(Finetune):
         return int((batch["labels"] != -100).sum())
 
     def batch_tokens(self, batch) -> int:
-        return int((batch["labels"] != -100).sum())
+        """The examples' tokens the step read (prompts too: what tokens/s and MFU count), not the padding."""
+        return batch["tokens"] if "tokens" in batch else batch["ids"].numel()  # (packed rows have no padding)
 
     @torch.no_grad()
     def evaluate(self, dist_: Distributed, autocast) -> dict | None:

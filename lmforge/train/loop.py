@@ -17,8 +17,10 @@ import math
 import os
 import secrets
 import shutil
+import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -504,6 +506,12 @@ def train(config: TrainConfig, make_objective, *, resume: bool = False, overwrit
         with flushing_subnormals(), contextlib.ExitStack() as steps:
             return _train(config, make_objective, dist_, resume, overwrite, progress and dist_.is_main, tqdm,
                           fixed_on_resume, steps)
+    except KeyboardInterrupt:
+        if dist_.is_main and Path(config.out).is_dir():  # (what the interruption lost, and where to go on from)
+            last = latest_checkpoint(config.out)
+            print(f"lmforge: stopped; the last checkpoint is {last or 'none (nothing was saved)'}"
+                  f"{'; --resume goes on from it' if last else ''}", file=sys.stderr, flush=True)
+        raise
     except RuntimeError as e:
         if not dist_.enabled or not _lost_a_process(e):
             raise
@@ -527,7 +535,10 @@ def _lost_a_process(error: RuntimeError) -> bool:
 
 def _restore(state: dict, checkpoint: Path, model, optimizer, batches, device: torch.device, dist_: Distributed) -> None:
     """Put the optimizer (and, from a sharded checkpoint, the model), the loader's position and the RNGs
-    back where ``checkpoint`` left them, whatever the number of processes that saved it."""
+    back where ``checkpoint`` left them, whatever the number of processes that saved it. The optimizer's settings
+    are this run's (a resumed run given another --weight-decay or --beta2 uses it, as its config.yaml says; the
+    saved state would otherwise put the old ones back): said in one line when they changed."""
+    asked = [{k: group[k] for k in _OPTIMIZER_SETTINGS} for group in optimizer.param_groups]
     try:
         if (checkpoint / SHARDS).is_dir():  # saved under FSDP: each rank reads the parts its layout needs
             load_sharded(checkpoint / SHARDS, model, optimizer)
@@ -547,6 +558,15 @@ def _restore(state: dict, checkpoint: Path, model, optimizer, batches, device: t
         raise LmforgeError(f"the sharded state in {checkpoint / SHARDS} cannot be read into this run "
                            f"({type(cause).__name__}: {first_line(cause)}); resume with the settings the run was "
                            f"started with") from None
+    changed = {}
+    for group, settings in zip(optimizer.param_groups, asked):
+        for key, value in settings.items():
+            if (tuple(group[key]) if isinstance(group[key], list) else group[key]) != value:  # (DCP: lists)
+                changed.setdefault(key, (group[key], value))
+                group[key] = value
+    if changed and dist_.rank == 0:
+        warn("the optimizer goes on with this run's settings: " + ", ".join(
+            f"{key} {_setting(old)} -> {_setting(new)}" for key, (old, new) in changed.items()))
     batches.load_state_dict(state["loader"])
     # Each rank's own random state when the number of processes is the same; otherwise rank 0's for all.
     ranks = state["rng"].get("ranks")
@@ -555,6 +575,32 @@ def _restore(state: dict, checkpoint: Path, model, optimizer, batches, device: t
     torch.set_rng_state(rng["torch"])
     if device.type == "cuda" and rng.get("cuda") is not None:
         torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+_SCHEDULE = ("lr", "min_lr", "warmup_steps", "max_steps")  # what lr_at reads
+
+
+def _say_schedule_change(state: dict, config: TrainConfig) -> None:
+    """A resumed run whose learning-rate schedule changed (a larger --max-steps stretches the cosine over more
+    steps, as a new --lr moves it): the lr jumps where it goes on, said in one line."""
+    saved = state.get("schedule")
+    if not saved or all(saved.get(k) == getattr(config, k) for k in _SCHEDULE):
+        return
+    step = state["step"]
+    was, now = lr_at(step, replace(config, **{k: saved[k] for k in _SCHEDULE if k in saved})), lr_at(step, config)
+    if not math.isclose(was, now, rel_tol=1e-3, abs_tol=1e-12):
+        changed = ", ".join(f"{k} {saved[k]} -> {getattr(config, k)}" for k in _SCHEDULE
+                            if k in saved and saved[k] != getattr(config, k))
+        warn(f"the learning-rate schedule changed ({changed}): from step {step} on the lr is {now:.3g} where the "
+             f"run's own schedule was at {was:.3g} (an lr that jumps can set a run back; to go on as it was, keep "
+             f"these settings)")
+
+
+_OPTIMIZER_SETTINGS = ("weight_decay", "betas", "eps")  # (lr: set at every step, lr_at)
+
+
+def _setting(value) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in value) + ")" if isinstance(value, tuple) else f"{value:g}"
 
 
 def _rng_states(device: torch.device) -> dict:
@@ -589,9 +635,12 @@ def _keep_global_batch(config: TrainConfig, state: dict, dist_: Distributed) -> 
             f"{dist_.world_size} process(es) x micro_batch_size {config.micro_batch_size} cannot make that up: {hint}"
         )
     config.grad_accum_steps = saved // per_pass
-    if dist_.is_main:
+    if dist_.is_main and state.get("world_size") != dist_.world_size:
         print(f"resuming on {dist_.world_size} process(es) (saved on {state.get('world_size')}): grad_accum_steps "
               f"{config.grad_accum_steps} keeps the {saved} rows of a step", flush=True)
+    elif dist_.is_main:  # (the same processes, another --grad-accum-steps or --micro-batch-size)
+        warn(f"a resumed run keeps its {saved} rows a step: grad_accum_steps {config.grad_accum_steps} (not "
+             f"{now // per_pass}); to train on other batches, start a new run from its model folder")
 
 
 def _every_rank_sees(seen: bool, out: Path, dist_: Distributed, what: str, blind: list[int] | None = None) -> None:
@@ -689,8 +738,9 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
     if state is not None and state["step"] >= config.max_steps:
         # The run already went as far as asked: say so and change nothing, so running it again is harmless.
         if dist_.is_main:
+            larger = "--epochs" if getattr(config, "epochs", 0) > 0 else "--max-steps"  # (epochs set max_steps)
             print(f"{out} is already at step {state['step']} ≥ --max-steps {config.max_steps}; nothing to do "
-                  f"(pass a larger --max-steps to continue)", flush=True)
+                  f"(pass a larger {larger} to continue)", flush=True)
         return {"out": str(out), "steps": state["step"], "tokens": state["tokens"], "elapsed": state["elapsed"],
                 "skipped_steps": state.get("skipped_steps", 0), "val_loss": None, "eval": None,
                 "checkpoint": str(checkpoint) if dist_.is_main else None, "already_done": True}
@@ -721,6 +771,8 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
         _restore(state, checkpoint, model, optimizer, batches, device, dist_)
         step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
         skipped_steps, bad_steps = state.get("skipped_steps", 0), state.get("bad_steps", 0)
+        if dist_.is_main:
+            _say_schedule_change(state, config)
 
     train_model: torch.nn.Module = torch.compile(model) if config.compile else model
     train_model = wrap(train_model, dist_, device)
@@ -908,6 +960,7 @@ def _train(config: TrainConfig, make_objective, dist_: Distributed, resume: bool
                 "step": step, "tokens": tokens_seen, "elapsed": elapsed, "skipped_steps": skipped_steps,
                 "bad_steps": bad_steps, "loader": batches.state_dict(), "world_size": dist_.world_size,
                 "global_batch": config.micro_batch_size * config.grad_accum_steps * dist_.world_size,
+                "schedule": {k: getattr(config, k) for k in _SCHEDULE},
                 "rng": {**_rng_states(device), "ranks": dist_.gather(_rng_states(device))},
             }
             seal_pending()  # at most one checkpoint is written in the background at a time
