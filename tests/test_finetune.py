@@ -507,3 +507,14 @@ def test_sft_counts_every_token_it_reads_not_only_the_learned_ones(hf_gpt2, tmp_
              **settings(tmp_path, max_steps=2, micro_batch_size=2, grad_accum_steps=2))
     train, _ = logs(tmp_path / "run")
     assert [r["tokens"] for r in train] == [4 * length, 8 * length]
+
+
+def test_epochs_that_do_not_fill_whole_steps_are_said(hf_gpt2, tmp_path, capsys):
+    """Every step has its rows: with 6 examples and steps of 4, one pass is 2 steps whose last takes 2 examples of
+    the next pass (which repeats them). That was silent."""
+    rows = [{"prompt": f"x{i} =", "completion": f" {i}"} for i in range(6)]
+    for n, warned in ((6, True), (8, False)):
+        finetune(model=str(hf_gpt2), train=jsonl(tmp_path / f"{n}.jsonl", (rows * 2)[:n]), progress=False, val_fraction=0,
+                 epochs=1, **settings(tmp_path, out=str(tmp_path / f"run{n}"), micro_batch_size=4))
+        err = capsys.readouterr().err
+        assert ("the last step also takes 2 examples of the next pass" in err) == warned, err

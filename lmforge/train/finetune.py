@@ -207,6 +207,12 @@ class Finetune(Objective):
         if config.epochs > 0:  # the loop reads max_steps after this
             per_step = config.micro_batch_size * config.grad_accum_steps * int(os.environ.get("WORLD_SIZE", 1))
             config.max_steps = max(1, math.ceil(config.epochs * self.epoch_units / per_step))
+            over = config.max_steps * per_step - math.ceil(config.epochs * self.epoch_units)
+            if over > 0 and int(os.environ.get("RANK", 0)) == 0:  # (every step has its rows: the last one fills up)
+                unit = "rows of packed examples" if config.packing else "examples"
+                warn(f"{config.epochs:g} pass(es) over {self.epoch_units} {unit} is not a whole number of steps of "
+                     f"{per_step}: the last step also takes {over} {unit} of the next pass (for exact passes, "
+                     f"make the rows a step divide {self.epoch_units})")
 
     def read_val(self, path: str, task: str) -> list:
         return read_examples(path, task, self.config.skip_bad_lines).rows
