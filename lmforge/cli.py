@@ -16,19 +16,19 @@ from lmforge.errors import LmforgeError
 
 
 def cmd_tokenizer_train(args) -> None:
-    from lmforge.data.corpus import warn_non_utf8
+    from lmforge.data.corpus import warn_non_utf8_files
     from lmforge.tokenizer import train_tokenizer
 
     tok = train_tokenizer(args.inputs or None, args.out, args.vocab_size, args.min_frequency, args.text_field,
                           progress=not args.quiet, overwrite=args.overwrite, encoder=args.encoder,
                           sentinels=args.sentinels)
     print(f"cleaning: {tok.train_stats.summary()}")
-    warn_non_utf8(tok.train_stats.non_utf8_bytes)
+    warn_non_utf8_files(tok.train_stats.non_utf8_files)
     print(f"saved a {tok.vocab_size}-token byte-level BPE to {tok.path}")
 
 
 def cmd_prepare(args) -> None:
-    from lmforge.data.corpus import warn_non_utf8
+    from lmforge.data.corpus import warn_non_utf8_files
     from lmforge.data.prepare import prepare
 
     meta = prepare(
@@ -39,9 +39,10 @@ def cmd_prepare(args) -> None:
     print(
         f"cleaning: {stats['documents']} documents read, {stats['dropped_duplicates']} exact duplicates and "
         f"{stats['dropped_short']} shorter than {meta['min_chars']} characters dropped, "
-        f"{stats['control_chars_removed']} control characters removed"
+        + (f"{stats['null_texts']} rows whose text is null skipped, " if stats["null_texts"] else "")
+        + f"{stats['control_chars_removed']} control characters removed"
     )
-    warn_non_utf8(stats["non_utf8_bytes"])
+    warn_non_utf8_files(stats["non_utf8_files"])
     for split, info in meta["splits"].items():
         if not info["tokens"]:
             print(f"{split}: no documents")
@@ -283,7 +284,7 @@ def cmd_reward_score(args) -> None:
     import json
 
     from lmforge.data.examples import _raw_rows
-    from lmforge.train.preference import reward_scores
+    from lmforge.train.preference import reward_scores, scoring_problem
     from lmforge.utils import pick_device
 
     if args.batch_size < 1:
@@ -295,20 +296,23 @@ def cmd_reward_score(args) -> None:
         if not path.is_file():
             raise LmforgeError(f"--input {path} " + ("is a folder; give the JSONL file in it" if path.is_dir()
                                                      else "does not exist"))
-        rows = []
-        for number, row in _raw_rows(path):
-            if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
-                problem = row if isinstance(row, str) else "expected {\"prompt\": ..., \"answer\": ...}"
-                raise LmforgeError(f"{path}:{number}: {problem}")
+        rows, lines = [], []
+        for number, row in _raw_rows(path):  # (every row checked before the model loads)
+            problem = row if isinstance(row, str) else scoring_problem(row)
+            if problem:
+                raise LmforgeError(f"{path} row {number}: {problem}" if path.suffix.lower() == ".parquet"
+                                   else f"{path}:{number}: {problem}")
             rows.append(row)
+            lines.append(number)
         if not rows:
             raise LmforgeError(f"--input {path} holds no rows to score")
     else:
         if args.prompt is None or args.answer is None:
             raise LmforgeError("--prompt and --answer go together")
-        rows = [{"prompt": args.prompt, "answer": args.answer}]
+        rows, lines = [{"prompt": args.prompt, "answer": args.answer}], None
     scores = reward_scores(args.model, rows, batch_size=args.batch_size, device=pick_device(args.device),
-                           source=args.input or "", say_cut=True)
+                           source=args.input or "", say_cut=True,
+                           lines=lines if lines and Path(args.input).suffix.lower() != ".parquet" else None)
     for row, score in zip(rows, scores):
         print(json.dumps({**row, "reward": score}, ensure_ascii=False) if args.input else f"{score:.6f}")
 
@@ -332,11 +336,21 @@ def cmd_merge(args) -> None:
 
 def cmd_classify(args) -> None:
     from lmforge.eval.fewshot import DEFAULT_TEMPLATE, classify
-    from lmforge.model.checkpoint import load_decoder, load_tokenizer_for
-    from lmforge.model.gpt import use_fast_kernels
+    from lmforge.model.checkpoint import language_model, load_model, load_tokenizer_for, model_kind
+    from lmforge.model.gpt import GPT, use_fast_kernels
     from lmforge.utils import pick_device
 
-    model = load_decoder(args.model, pick_device(args.device))
+    model = load_model(args.model, pick_device(args.device))
+    if not isinstance(model, GPT):  # (it generates nothing either way: it scores each label's text)
+        from lmforge.model.encoder import Encoder
+
+        instead = ("to classify with an encoder, fine-tune a classification head on labelled examples: `lmforge "
+                   f"finetune --model {model.source} --train EXAMPLES.jsonl` (rows {{\"text\", \"label\"}}), or embed "
+                   f"the texts (`lmforge embed`)" if isinstance(model, Encoder)
+                   else "an encoder-decoder is not supported here yet")
+        raise LmforgeError(f"{model.source} is {model_kind(model)}: `lmforge classify` scores each label by a decoder "
+                           f"language model's log-likelihood of it (gpt2, llama, qwen2, mistral); {instead}")
+    model = language_model(model)
     use_fast_kernels(model, 8)  # (scored 8 rows at a time: the kernels measured fastest on this CPU; silent)
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     result = classify(model, load_tokenizer_for(model), args.data, labels, args.shots, args.selection, args.seed,
@@ -542,8 +556,39 @@ def cmd_lm_eval(args, extra: list[str]) -> None:
         from lm_eval.__main__ import cli_evaluate
     except ImportError:
         raise LmforgeError("lm-evaluation-harness is not installed; pip install 'lmforge[harness]' (or lm-eval)") from None
-    sys.argv = ["lm_eval", *extra]
-    cli_evaluate()
+    _check_lm_eval_arguments(extra)
+    argv, sys.argv = sys.argv, ["lm_eval", *extra]  # (the harness reads its own command line)
+    try:
+        cli_evaluate()
+    except ValueError as e:
+        import traceback
+
+        # The harness refuses what it was given (a task it does not know, none at all) with a ValueError of its own:
+        # that is the input's mistake, said in one line. One raised in lmforge's code is a bug, and stays a traceback.
+        frames = traceback.extract_tb(e.__traceback__)
+        if not frames or "lm_eval" not in Path(frames[-1].filename).parts:
+            raise
+        from lmforge.utils import first_line
+
+        hint = ("; `lmforge lm-eval ls tasks` lists the harness's tasks, and --include_path FOLDER adds your own "
+                "task YAML files" if "task" in str(e).lower() else "")
+        raise LmforgeError(f"lm-eval: {first_line(e).rstrip('.')}{hint}") from e
+    finally:
+        sys.argv = argv
+
+
+def _check_lm_eval_arguments(extra: list[str]) -> None:
+    """An --include_path that is not there, said first: the harness passes over it, and then knows none of its tasks
+    (or runs a task of its own of the same name)."""
+    for i, token in enumerate(extra):
+        flag, eq, value = token.partition("=")
+        if flag not in ("--include_path", "--include-path"):
+            continue
+        path = value if eq else (extra[i + 1] if i + 1 < len(extra) and not extra[i + 1].startswith("-") else "")
+        if not path:
+            raise LmforgeError("--include_path needs the folder of your task YAML files")
+        if not Path(path).exists():
+            raise LmforgeError(f"--include_path {path} does not exist; give the folder of your task YAML files")
 
 
 def cmd_report(args) -> None:
@@ -909,6 +954,22 @@ class _ReaderMayLeave:
         return getattr(self.stream, name)
 
 
+def _out_of_memory(error: BaseException) -> str | None:
+    """The one line for an allocation that failed (a model, batch or cache larger than the memory here; its size
+    comes from the input, so it is the input's to change), or None for another error."""
+    import re
+
+    text = str(error)
+    if isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower():
+        asked = re.search(r"tried to allocate (\d+) bytes", text, re.IGNORECASE)
+        size = f" ({int(asked.group(1)) / 1e9:,.1f} GB asked for)" if asked else ""
+        gpu = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+        size = f" ({gpu.group(1)} asked for)" if gpu and not size else size
+        return (f"out of memory{size}: ask for less (a smaller model, --micro-batch-size, --batch-size, -n or "
+                f"--max-new-tokens) or run where there is more memory")
+    return None
+
+
 def _say_error(message: str) -> None:
     """The one error line. Under torchrun the processes of a machine often meet the same mistake (a path, a
     setting) at once: the first to say it says it for all of them (a marker file per launch and message);
@@ -960,6 +1021,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0  # the reader (say, `| head`) has gone
+    except (MemoryError, RuntimeError) as e:
+        if debug or not _out_of_memory(e):
+            raise
+        _say_error(_out_of_memory(e))
+        return 2
     except OSError as e:
         if debug:
             raise

@@ -437,6 +437,10 @@ def new_byte_level_bpe() -> HFTokenizer:
     return hf
 
 
+# The largest --vocab-size trained: 8x the largest vocabularies in use (Gemma's 262,144).
+MAX_VOCAB_SIZE = 1 << 21
+
+
 def train_tokenizer(
     inputs: Sequence[str] | None = None,
     out: str | os.PathLike = "tokenizer",
@@ -464,13 +468,19 @@ def train_tokenizer(
     special_tokens = SPECIAL_TOKENS + (ENCODER_TOKENS if encoder else [])
     if sentinels < 0:
         raise LmforgeError(f"--sentinels {sentinels} must be 0 or more")
+    if sentinels >= vocab_size > 0:
+        raise LmforgeError(f"--sentinels {sentinels} leaves no room in --vocab-size {vocab_size}, which counts them "
+                           f"(T5 has 100)")
+    if vocab_size > MAX_VOCAB_SIZE:  # (the Rust trainer takes 64-bit sizes, and allocates for the vocabulary asked)
+        raise LmforgeError(f"--vocab-size {vocab_size} is too large: at most {MAX_VOCAB_SIZE:,} tokens (the largest "
+                           f"vocabularies in use have about 256,000)")
     if vocab_size - sentinels < n_byte_symbols + len(special_tokens) + 1:
         raise LmforgeError(
             f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least "
             f"{n_byte_symbols + len(special_tokens) + 1 + sentinels} (256 bytes + special tokens + sentinels + 1 merge)"
         )
-    if min_frequency < 0:
-        raise LmforgeError(f"--min-frequency {min_frequency} must be 0 or more")
+    if not 0 <= min_frequency < 2**63:  # (a pair count, 64 bits in the Rust trainer)
+        raise LmforgeError(f"--min-frequency {min_frequency} must be a pair count from 0 to {2**63 - 1} (default 2)")
     from lmforge.utils import check_output_dir, refuse_overwriting_sources
 
     # (a tokenizer that data was prepared with is not replaced by accident; nor a folder of something else)

@@ -69,6 +69,30 @@ def test_malformed_lines_name_the_line_and_the_format_or_are_skipped(tmp_path):
         read_examples(unknown)
 
 
+@pytest.mark.parametrize("row, problem", [
+    ({"prompt": 5, "completion": "c"}, "'prompt' must be a string, not a number (5)"),
+    ({"prompt": "p", "completion": None}, "'completion' must be a string, not null"),
+    ({"text": 5}, "'text' must be a string, not a number (5)"),
+    ({"text": ["a", "b"], "label": "x"}, "'text' must be a string, not a list"),
+    ({"text": "t", "label": 1.5}, "'label' must be a string or an integer, not a number (1.5)"),
+    ({"source": {"a": 1}, "target": "t"}, "'source' must be a string, not an object"),
+    ({"messages": "hi"}, "'messages' must be a non-empty list of messages, not a string"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 4}]},
+     "message 1's 'content' must be a string, not a number (4)"),
+    ({"messages": [{"role": "bot", "content": "q"}]}, "message 0 has role 'bot'; roles are system, user and assistant"),
+    ({"messages": [7]}, "message 0 must be an object"),
+    ({"instruction": 5, "output": "o"}, "'instruction' must be a string, not a number (5)"),
+], ids=["prompt", "completion", "text-alone", "text-list", "label", "source", "messages", "content", "role", "message",
+        "alpaca"])
+def test_a_field_of_the_wrong_type_is_named_with_its_type(tmp_path, row, problem):
+    """A value of the wrong type was said as the fields a row lacks ({"text": 5} was "'prompt' and 'completion' must
+    be strings", fields the file never had) or as a format to follow, not as what it was."""
+    path = write_jsonl(tmp_path / "e.jsonl", [row])
+    with pytest.raises(LmforgeError) as e:
+        read_examples(path)
+    assert str(e.value).startswith(f"{path}:1: {problem}"), str(e.value)
+
+
 def test_chat_template_matches_transformers_apply_chat_template(tokenizer_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
     tok = Tokenizer.load(tokenizer_dir)

@@ -147,3 +147,20 @@ def test_the_harness_model_refuses_what_it_cannot_run_in_one_line(hf_gpt2):
         with pytest.raises(LmforgeError, match=re.escape(message)):
             LmforgeLM(**kwargs)
     assert LmforgeLM(pretrained=str(hf_gpt2), batch_size="auto:4").batch_size == 8
+
+
+def test_lmforge_lm_eval_says_a_task_it_does_not_know_or_a_missing_include_path_in_one_line(hf_gpt2, tmp_path):
+    """An unknown task (or none) was the harness's ValueError traceback; a --include_path that does not exist was
+    passed over, and the harness went on to look for its own task of that name online."""
+    from conftest import run_cli
+
+    harness_dir, _ = write_task(tmp_path)
+    common = ["lm-eval", "run", "--model", "lmforge", "--model_args", f"pretrained={hf_gpt2}"]
+    for argv, message in [(["--tasks", "lmforge_local_mc", "--include_path", str(tmp_path / "nope")],
+                           f"--include_path {tmp_path / 'nope'} does not exist; give the folder of your task YAML files"),
+                          (["--tasks", "no_such_task", "--include_path", str(harness_dir)],
+                           "lm-eval: Tasks not found: no_such_task; `lmforge lm-eval ls tasks` lists the harness's tasks")]:
+        done = run_cli(*common, *argv)
+        assert done.returncode == 2, done.stderr[-2000:]
+        last = done.stderr.strip().splitlines()[-1]  # (the harness logs its progress above it)
+        assert "Traceback" not in done.stderr and last.startswith(f"lmforge: error: {message}"), done.stderr[-2000:]

@@ -88,3 +88,28 @@ def test_plan_refuses_what_it_would_ignore_or_cannot_compute(capsys, tmp_path):
     assert main(["plan", "--model", "gpt2", "--price", "3"]) == 0
     cost = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("cost"))
     assert "$3.00 per GPU-hour" in cost and "assumed" not in cost
+
+
+def test_absurd_figures_are_refused_and_large_ones_keep_the_table_in_columns(capsys, tmp_path):
+    """`--price 1e308` printed $inf and a cost of 300 digits; a huge micro-batch pushed the memory table apart."""
+    from lmforge.cli import main
+
+    for argv, message in [(["--price", "1e308"], "--price 1e+308 is beyond any run: at most 10,000 USD per GPU-hour"),
+                          (["--tokens", "1e308"], "--tokens 1e+308 is beyond any run"),
+                          (["--gpus", str(2**64)], "--gpus 18446744073709551616 is beyond any run"),
+                          (["--micro-batch", str(2**64)], "--micro-batch 18446744073709551616 is beyond any run"),
+                          (["--mfu", "1e-300"], "--mfu 1e-300 is below 0.001")]:
+        assert main(["plan", "--model", "tiny", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert main(["plan", "--model", "llama-7b", "--gpus", "1", "--micro-batch", "1000000", "--tokens", "1e16",
+                 "--price", "10000", "--mfu", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "inf" not in out and "nan" not in out
+    cost = next(line for line in out.splitlines() if line.startswith("cost"))
+    assert "$1.32e+15 at $10000.00" in cost, cost  # (a figure one reads, not 16 digits)
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("  strategy"))
+    column = lines[header].index("fits in")
+    for row in lines[header + 1: header + 5]:  # each row's answer under the header's question: the figures fit
+        assert row[column:] in ("yes", "no") and row[column - 3:column] == "   ", out

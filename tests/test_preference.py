@@ -897,3 +897,44 @@ def test_two_processes_of_4_match_one_process_of_8(base, tmp_path, command, para
     assert_same_run(one, two, final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), tokens=False)
     # the tokens trained on: every rank's, not rank 0's times the number of processes
     assert [r["tokens"] for r in two[0]] == [r["tokens"] for r in one[0]]
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ({"prompt": "p", "chosen": 5, "rejected": "r"}, "'chosen' must be a string or a list of messages, not a number (5)"),
+    ({"prompt": None, "chosen": "c", "rejected": "r"}, "'prompt' must be a string or a list of messages, not null"),
+    ({"chosen": {"text": "c"}, "rejected": "r"}, "'chosen' must be a string or a list of messages, not an object"),
+    ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": 3}],
+      "rejected": MESSAGES}, "'chosen' message 0's 'content' must be a string, not a number (3)"),
+    ({"prompt": [{"role": "human", "content": "q"}], "chosen": MESSAGES, "rejected": [{"role": "assistant", "content": "4"}]},
+     "'prompt' message 0 has role 'human'; roles are system, user and assistant"),
+    ({**GOOD, "margin": None}, "'margin' must be a finite number, not null"),
+], ids=["number-answer", "null-prompt", "object-answer", "number-content", "unknown-role", "null-margin"])
+def test_a_value_of_the_wrong_type_is_named_with_its_type(tmp_path, bad, problem):
+    """A number where an answer goes was "'prompt', 'chosen' and 'rejected' must all be strings or all be message
+    lists", as though the kinds were mixed."""
+    path = jsonl(tmp_path / "p.jsonl", [GOOD, bad])
+    with pytest.raises(LmforgeError) as e:
+        read_pairs(path)
+    assert str(e.value).startswith(f"{path}:2: {problem}"), str(e.value)
+
+
+def test_reward_score_names_the_file_and_line_of_a_bad_row(tokenizer_dir, tmp_path, capsys):
+    """A row of the wrong type was "row 2: 'prompt' and 'answer' must be strings...": no file, and its place among
+    the rows read rather than its line (a blank line before it was not counted)."""
+    rm = nopad_reward_model(tmp_path / "rm", tokenizer_dir)
+    good = json.dumps({"prompt": "a", "answer": " b"})
+    for row, problem in [({"prompt": 5, "answer": "b"}, "'prompt' must be a string or a list of messages, not a number (5)"),
+                         ({"prompt": "a", "answer": None}, "'answer' must be a string"),
+                         ({"prompt": "a"}, "missing field 'answer'"),
+                         (["a", "b"], "expected a JSON object {\"prompt\": ..., \"answer\": ...}, got a list")]:
+        path = tmp_path / "rows.jsonl"
+        path.write_text(f"{good}\n\n{json.dumps(row)}\n")
+        capsys.readouterr()
+        assert main(["reward-score", "--model", str(rm), "--input", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"lmforge: error: {path}:3: {problem}"), err
+    with pytest.raises(LmforgeError, match=r"^rows.jsonl:7: 'answer' must be a string"):
+        reward_scores(rm, [{"prompt": "a", "answer": " b"}, {"prompt": "a", "answer": 1}], source="rows.jsonl",
+                      lines=[2, 7])
+    with pytest.raises(LmforgeError, match=r"^row 2: 'answer' must be a string"):
+        reward_scores(rm, [{"prompt": "a", "answer": " b"}, {"prompt": "a", "answer": 1}])

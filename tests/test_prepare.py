@@ -1,5 +1,6 @@
 import io
 import json
+import re
 import sys
 
 import numpy as np
@@ -122,6 +123,66 @@ def test_non_utf8_bytes_are_replaced_and_counted(tokenizer_dir, tmp_path):
     meta = prepare([tmp_path / "in"], tokenizer_dir, tmp_path / "d", workers=0, progress=False)
     assert meta["cleaning"]["non_utf8_bytes"] == 32
     assert meta["cleaning"]["kept"] == 2
+
+
+@pytest.mark.parametrize("values, kind", [([1, 2], "int64"), ([["a"], ["b"]], "list<"), ([{"a": "x"}], "struct<a: string>"),
+                                          ([1.5, None], "double"), ([True], "bool")],
+                         ids=["ints", "lists", "structs", "floats", "booleans"])
+def test_a_parquet_text_column_that_is_not_strings_is_refused_by_name_and_type(tokenizer_dir, tmp_path, values, kind):
+    """Each value was tokenized as its Python repr ("1", "['a']", "{'a': 'x'}"): a corpus of numbers and brackets."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": values, "body": ["real text " * 10] * len(values)}), tmp_path / "in.parquet")
+    with pytest.raises(LmforgeError) as e:
+        prepare([tmp_path / "in.parquet"], tokenizer_dir, tmp_path / "d", workers=0, progress=False)
+    assert str(e.value).startswith(f"{tmp_path / 'in.parquet'}: column 'text' holds {kind}")
+    assert "not text (strings); pass --text-field to name the column of text (columns: text, body)" in str(e.value)
+    assert not (tmp_path / "d").exists()
+
+
+def test_null_texts_are_skipped_and_counted_in_parquet_and_jsonl_and_other_types_are_named(tokenizer_dir, tmp_path,
+                                                                                          capsys):
+    """A Parquet null was skipped without a word and a JSONL null stopped the run saying "found 'text'": both are
+    missing values now, skipped and counted; a JSONL text of another type says which type it is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmforge.cli import main
+
+    docs = [f"document number {i} " * 10 for i in range(4)]
+    pq.write_table(pa.table({"text": pa.array([docs[0], None, docs[1]]).dictionary_encode()}), tmp_path / "in.parquet")
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in [docs[2], None, docs[3], None]))
+    meta = prepare([tmp_path / "in.parquet", tmp_path / "in.jsonl"], tokenizer_dir, tmp_path / "d", workers=0,
+                   val_fraction=0, progress=False)
+    assert (meta["cleaning"]["documents"], meta["cleaning"]["null_texts"]) == (4, 3)
+    capsys.readouterr()
+    assert main(["tokenizer", "train", str(tmp_path / "in.parquet"), str(tmp_path / "in.jsonl"), "--out",
+                 str(tmp_path / "t"), "--vocab-size", "300", "--quiet"]) == 0
+    assert "dropped 0 exact duplicates and 0 too short, skipped 3 rows whose text is null;" in capsys.readouterr().out
+    for value, kind in [(5, "a number (5)"), (["a"], "a list"), ({"a": 1}, "an object"), (True, "a boolean (true)")]:
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"text": docs[0]}) + "\n" + json.dumps({"text": value}) + "\n")
+        with pytest.raises(LmforgeError, match=re.escape(f"bad.jsonl:2: field 'text' is {kind}, not a string")):
+            prepare([tmp_path / "bad.jsonl"], tokenizer_dir, tmp_path / "e", workers=0, progress=False)
+
+
+def test_the_non_utf8_warning_names_the_files(tokenizer_dir, tmp_path, capsys):
+    from lmforge.cli import main
+
+    (tmp_path / "in").mkdir()
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (tmp_path / "in" / name).write_bytes(f"text of {name} ".encode() * 10 + b"\xff\xfe")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "bad.txt").write_bytes(b"some text \xff " * 10)
+    capsys.readouterr()
+    assert main(["prepare", str(tmp_path / "in"), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "d"),
+                 "--workers", "0", "--quiet"]) == 0
+    assert (f"warning: 8 bytes were not valid UTF-8 and were replaced by U+FFFD, in 4 files: {tmp_path / 'in' / 'a.txt'} "
+            f"(2), {tmp_path / 'in' / 'b.txt'} (2), {tmp_path / 'in' / 'c.txt'} (2) and 1 more files") in capsys.readouterr().err
+    assert main(["tokenizer", "train", str(tmp_path / "one"), "--out", str(tmp_path / "t"), "--vocab-size", "300",
+                 "--quiet"]) == 0
+    assert (f"warning: {tmp_path / 'one' / 'bad.txt'}: 10 bytes were not valid UTF-8 and were replaced by U+FFFD"
+            in capsys.readouterr().err)
 
 
 def test_malformed_jsonl_names_the_line(tokenizer_dir, tmp_path):

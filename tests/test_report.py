@@ -71,3 +71,23 @@ def test_report_of_a_finetuning_run_shows_its_metrics(hf_gpt2, tmp_path):
     report = write_report(tmp_path / "run").read_text()
     assert "| step | tokens | loss | accuracy | macro f1 | mcc |" in report
     assert "| task, method | classification, full" in report
+
+
+def test_a_metrics_log_cut_short_by_a_crash_is_reported_up_to_its_last_whole_record(data_dir, tmp_path, capsys):
+    """A run killed while writing metrics.jsonl leaves its last line cut off mid-JSON: the report refused the whole
+    run ("the metrics log is corrupt"); it reports the records before it and says what it left out. A bad line
+    before the last one is still corruption."""
+    run = tmp_path / "run"
+    pretrain(train_config(data_dir, run, max_steps=4, eval_interval=2), progress=False)
+    records = (run / "metrics.jsonl").read_text()
+    steps = [json.loads(line) for line in records.splitlines() if '"loss"' in line]
+    capsys.readouterr()
+    (run / "metrics.jsonl").write_text(records + json.dumps({**steps[-1], "step": 5})[:25])
+    report = write_report(run).read_text()
+    assert f"| steps | {steps[-1]['step']:,} |" in report
+    lineno = len(records.splitlines()) + 1
+    assert (f"warning: {run / 'metrics.jsonl'}:{lineno}: the last record is cut short (the run stopped while writing "
+            f"it); reporting the {len(steps)} training step(s) before it") in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text(records + '{"step": 5, "lo\n' + json.dumps({**steps[-1], "step": 6}) + "\n")
+    with pytest.raises(LmforgeError, match=f"metrics.jsonl:{lineno} is not valid JSON; the metrics log is corrupt"):
+        write_report(run)

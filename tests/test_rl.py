@@ -1458,3 +1458,19 @@ def test_command_mistakes_exit_2_with_one_line_and_write_no_run_folder(base, pro
     assert err.count("\n") == 1 and err.startswith("lmforge: error: "), err
     assert message.format(**fill) in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("prompt, problem", [
+    (5, "'prompt' must be a string or a non-empty list of {\"role\", \"content\"} messages, not a number (5)"),
+    (None, "'prompt' must be a string or a non-empty list of {\"role\", \"content\"} messages, not null"),
+    ([{"role": "user", "content": 5}], "'prompt' message 0's 'content' must be a string, not a number (5)"),
+    ([{"role": "robot", "content": "q"}], "'prompt' message 0 has role 'robot'"),
+], ids=["number", "null", "content", "role"])
+def test_a_prompt_of_the_wrong_type_is_named_with_its_type(tmp_path, prompt, problem):
+    from lmforge.train.rl import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "add 1 2"}) + "\n" + json.dumps({"prompt": prompt}) + "\n")
+    with pytest.raises(LmforgeError) as e:
+        read_prompts(path)
+    assert str(e.value).startswith(f"{path}:2: {problem}"), str(e.value)

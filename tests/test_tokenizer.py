@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -98,6 +99,18 @@ def test_errors(tmp_path, corpus_dir):
     bad.write_text("{not json")
     with pytest.raises(LmforgeError, match="not a valid tokenizer.json"):
         Tokenizer.load(bad)
+
+
+def test_sizes_past_what_the_trainer_takes_are_refused_before_training(tmp_path, corpus_dir):
+    """--vocab-size or --min-frequency of 2**64 was an OverflowError from the Rust trainer; --vocab-size 2**32 asked
+    it for 283 GB and aborted the process."""
+    for kwargs, message in [({"vocab_size": 2**64}, "--vocab-size 18446744073709551616 is too large: at most 2,097,152"),
+                            ({"vocab_size": 2**32}, "--vocab-size 4294967296 is too large"),
+                            ({"min_frequency": 2**64}, "--min-frequency 18446744073709551616 must be a pair count from 0"),
+                            ({"sentinels": 2**64}, "--sentinels 18446744073709551616 leaves no room in --vocab-size 8192")]:
+        with pytest.raises(LmforgeError, match=re.escape(message)):
+            train_tokenizer([corpus_dir], tmp_path / "t", progress=False, **kwargs)
+    assert not (tmp_path / "t").exists()
 
 
 # -- what transformers' AutoTokenizer does with folders of other models --------------------------------

@@ -223,6 +223,31 @@ def test_continue_training_from_a_model_folder(data_dir, tmp_path):
     pretrain({**cfg, "n_layer": 2, "block_size": 32, "max_steps": 1, "out": str(tmp_path / "d")}, progress=False)
 
 
+def test_a_model_folder_named_like_a_preset_is_the_model_and_that_is_said(data_dir, tmp_path, monkeypatch, capsys):
+    """`--model tiny` beside a folder `tiny` built the preset without a word, while the tokenizer check read the
+    folder. A model (or run) folder of a preset's name in the working directory is taken, as transformers takes a
+    local folder before a Hub name, and said; a folder of something else, or the run's own --out, is not a model."""
+    from lmforge.train import config as config_module
+    from lmforge.train.plan import plan
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config_module, "_FOLDERS_SAID", set())
+    (tmp_path / "mini").mkdir()  # (not a model: `mini` is the preset)
+    assert config_module.means_preset("mini") and not config_module.means_preset("./tiny")
+    pretrain(train_config(data_dir, "tiny", max_steps=10), progress=False)  # a run folder named like the preset
+    assert config_module.means_preset("tiny", out="tiny")  # (--overwrite of it starts the preset again)
+    capsys.readouterr()
+    pretrain(train_config(data_dir, "b", max_steps=1), progress=False)
+    err = capsys.readouterr().err
+    assert (f"warning: model 'tiny': using the model folder {tmp_path / 'tiny'} here, not the preset 'tiny' (for the "
+            f"preset, run from another folder or rename that one)") in err
+    # it continued the folder's model: its first evaluation is the folder's last
+    assert read_log(tmp_path / "b")[1][0]["val_loss"] == pytest.approx(read_log(tmp_path / "tiny")[1][-1]["val_loss"],
+                                                                       abs=1e-6)
+    assert plan("tiny", gpus=1).params == json.loads((tmp_path / "tiny" / "run.json").read_text())["parameters"]
+    assert err.count("warning: model 'tiny'") == 1  # said once
+
+
 def test_a_llama_layout_model_trains_and_saves_a_llama_folder(data_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
     run = tmp_path / "run"

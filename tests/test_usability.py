@@ -211,6 +211,85 @@ def test_out_of_range_options_are_one_line_errors(capsys, tmp_path, tokenizer_di
     assert not (tmp_path / "out").exists()
 
 
+BIG = str(2**64)  # one more than any 64-bit integer holds
+
+
+def test_whole_numbers_too_large_or_negative_are_one_line_errors(capsys, tmp_path, corpus_dir, tokenizer_dir, data_dir,
+                                                                 hf_gpt2):
+    """Integers past 64 bits reached the Rust tokenizer trainer, torch and NumPy (OverflowError, TypeError, ValueError
+    tracebacks), hung (an n-gram order's key range, a model of 2**64 layers, 2**64 built-in examples) or allocated
+    without end (a vocabulary of 2**32): each is refused by name, before anything is written."""
+    out = str(tmp_path / "out")
+    cases = [
+        (["tokenizer", "train", str(corpus_dir), "--out", out, "--vocab-size", BIG], "--vocab-size 18446744073709551616 is too large"),
+        (["tokenizer", "train", str(corpus_dir), "--out", out, "--vocab-size", str(2**32)], "at most 2,097,152 tokens"),
+        (["tokenizer", "train", str(corpus_dir), "--out", out, "--min-frequency", BIG], "--min-frequency 18446744073709551616 must be"),
+        (["tokenizer", "train", str(corpus_dir), "--out", out, "--sentinels", BIG], "--sentinels 18446744073709551616 leaves no room"),
+        (["prepare", str(corpus_dir), "--tokenizer", str(tokenizer_dir), "--out", out, "--workers", BIG], "--workers"),
+        (["prepare", str(corpus_dir), "--tokenizer", str(tokenizer_dir), "--out", out, "--seed", "1" + "0" * 70], "--seed"),
+        (["pretrain", "--data", str(data_dir), "--out", out, "--seed", BIG], "seed 18446744073709551616 is too large"),
+        (["pretrain", "--data", str(data_dir), "--out", out, "--seed", "-1"], "seed must be from 0"),
+        (["pretrain", "--data", str(data_dir), "--out", out, "--n-layer", BIG], "n_layer 18446744073709551616 is too large"),
+        (["pretrain", "--data", str(data_dir), "--out", out, "--n-layer", str(2**40)], "n_layer must be at most 10,000"),
+        (["pretrain", "--data", str(data_dir), "--out", out, "--threads", BIG], "threads 18446744073709551616"),
+        (["pretrain", "--data", str(data_dir), "--out", out, "--grad-accum-steps", str(2**62)], "sequences a step"),
+        (["finetune", "--model", str(hf_gpt2), "--train", str(tmp_path / "x.jsonl"), "--out", out, "--method", "lora",
+          "--lora-r", str(2**62)], "lora_r must be from 1"),
+        (["baseline", "--kind", "ngram", "--data", str(data_dir), "--out", out, "--order", BIG], "does not fit 64-bit keys"),
+        (["baseline", "--kind", "lstm", "--data", str(data_dir), "--out", out, "--hidden", BIG], "--hidden 18446744073709551616"),
+        (["eval", "--model", str(hf_gpt2), "--tasks", "arithmetic", "--limit", BIG], "more examples than a built-in"),
+        (["generate", "hi", "--model", str(hf_gpt2), "-n", BIG], "n and num_beams must be at most"),
+        (["generate", "hi", "--model", str(hf_gpt2), "--num-beams", BIG], "n and num_beams must be at most"),
+        (["serve", "--model", str(hf_gpt2), "--max-batch", BIG], "--max-batch 18446744073709551616"),
+        (["plan", "--model", "tiny", "--gpus", BIG], "--gpus 18446744073709551616 is beyond any run"),
+    ]
+    for argv, match in cases:
+        one_error_line(capsys, argv, match)
+    assert not (tmp_path / "out").exists()
+    # a batch larger than the examples is fine: the engine is given the rows there are (it allocated 2**64)
+    assert main(["eval", "--model", str(hf_gpt2), "--tasks", "arithmetic", "--limit", "2", "--batch-size", BIG,
+                 "--quiet"]) == 0
+
+
+def test_running_out_of_memory_is_one_line_that_says_what_to_ask_less_of(capsys, monkeypatch):
+    """A model, batch or cache too large for this machine was a page of allocator traceback."""
+    import lmforge.cli
+
+    def allocate(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 13194139533312 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(lmforge.cli, "cmd_plan", allocate)
+    line = one_error_line(capsys, ["plan", "--model", "tiny"], "out of memory (13,194.1 GB asked for): ask for less")
+    assert "--micro-batch-size" in line
+    with pytest.raises(RuntimeError):  # (--debug: the traceback)
+        main(["plan", "--model", "tiny", "--debug"])
+
+    def bug(args):
+        raise RuntimeError("an error of lmforge's own")
+
+    monkeypatch.setattr(lmforge.cli, "cmd_plan", bug)
+    with pytest.raises(RuntimeError):  # another RuntimeError is a bug: it stays a traceback
+        main(["plan", "--model", "tiny"])
+
+
+def test_classify_tells_an_encoder_what_classifies_with_it(tmp_path, capsys, tokenizer_dir):
+    """An encoder given to `classify` (label log-likelihood: no generation) was told it "cannot generate text"."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=1024, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    shutil.copy(tokenizer_dir / "tokenizer.json", folder / "tokenizer.json")
+    rows = tmp_path / "c.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}) + "\n" for i in range(4)))
+    line = one_error_line(capsys, ["classify", str(rows), "--model", str(folder), "--labels", "a,b"],
+                          "is an encoder (bert): `lmforge classify` scores each label by a decoder language model's")
+    assert "cannot generate" not in line and f"lmforge finetune --model {folder}" in line and "lmforge embed" in line
+    line = one_error_line(capsys, ["eval", "--model", str(folder), "--tasks", "brackets", "--limit", "2"],
+                          "is an encoder (bert): it predicts no next token, which tasks score")
+
+
 def test_finetune_dropout_is_applied_and_saved(hf_gpt2, tmp_path):
     from lmforge.train.finetune import finetune
 

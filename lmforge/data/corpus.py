@@ -16,7 +16,7 @@ import sys
 import sysconfig
 import unicodedata
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -44,18 +44,21 @@ class CorpusStats:
     skipped_files: int = 0  # files in folders with a suffix lmforge does not read
     documents: int = 0
     non_utf8_bytes: int = 0  # undecodable bytes, each replaced by U+FFFD
+    non_utf8_files: dict[str, int] = field(default_factory=dict)  # those bytes by file
     control_chars_removed: int = 0
     dropped_duplicates: int = 0
     dropped_short: int = 0
+    null_texts: int = 0  # JSONL/Parquet rows whose text is null (a missing value): skipped
     kept: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
+        nulls = f", skipped {self.null_texts} rows whose text is null" if self.null_texts else ""
         return (
             f"{self.documents} documents from {self.files} files: kept {self.kept}, "
-            f"dropped {self.dropped_duplicates} exact duplicates and {self.dropped_short} too short; "
+            f"dropped {self.dropped_duplicates} exact duplicates and {self.dropped_short} too short{nulls}; "
             f"removed {self.control_chars_removed} control characters; "
             f"replaced {self.non_utf8_bytes} non-UTF-8 bytes"
         )
@@ -105,6 +108,39 @@ def warn_non_utf8(n_bytes: int, where: str = "") -> None:
         warn(f"{where + ': ' if where else ''}{n_bytes} bytes were not valid UTF-8 and were replaced by U+FFFD")
 
 
+def warn_non_utf8_files(by_file: dict[str, int]) -> None:
+    """``warn_non_utf8`` for a corpus: the files the bytes were in, named (the first three, and how many more)."""
+    if not by_file:
+        return
+    if len(by_file) == 1:
+        (path, n_bytes), = by_file.items()
+        warn_non_utf8(n_bytes, path)
+        return
+    from lmforge.utils import warn
+
+    shown = [f"{path} ({n})" for path, n in list(by_file.items())[:3]]
+    more = f" and {len(by_file) - 3} more files" if len(by_file) > 3 else ""
+    warn(f"{sum(by_file.values())} bytes were not valid UTF-8 and were replaced by U+FFFD, in {len(by_file)} files: "
+         f"{', '.join(shown)}{more}")
+
+
+def json_type(value) -> str:
+    """What a value read from JSON (or a CSV/Parquet cell) is, for messages: "a number (5)", "null", "a list"..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "bytes" if isinstance(value, bytes) else f"a {type(value).__name__}"
+
+
 def read_text_file(path: str | os.PathLike) -> str:
     """A text file as UTF-8, undecodable bytes replaced by U+FFFD and counted in one warning (as `prepare`
     and `tokenizer train` do for a corpus): every command reads text the same way."""
@@ -151,10 +187,12 @@ def read_stdin_text() -> str:
     return text
 
 
-def _decode(data: bytes, stats: CorpusStats) -> str:
-    """UTF-8 text of ``data``; undecodable bytes become U+FFFD and are counted in ``stats``."""
+def _decode(data: bytes, stats: CorpusStats, source: str) -> str:
+    """UTF-8 text of ``data``; undecodable bytes become U+FFFD and are counted in ``stats``, by ``source`` file."""
     text, bad = decode_utf8(data)
-    stats.non_utf8_bytes += bad
+    if bad:
+        stats.non_utf8_bytes += bad
+        stats.non_utf8_files[source] = stats.non_utf8_files.get(source, 0) + bad
     return text
 
 
@@ -217,15 +255,15 @@ def read_documents(
     for src in sources:
         stats.files += 1
         if src == "-":
-            yield Document(_decode(sys.stdin.buffer.read(), stats), "<stdin>")
+            yield Document(_decode(sys.stdin.buffer.read(), stats, "<stdin>"), "<stdin>")
             continue
         try:
             if src.suffix.lower() == ".jsonl":
                 yield from _read_jsonl(src, text_field, stats)
             elif src.suffix.lower() == ".parquet":
-                yield from _read_parquet(src, text_field)
+                yield from _read_parquet(src, text_field, stats)
             else:
-                yield Document(_decode(src.read_bytes(), stats), str(src))
+                yield Document(_decode(src.read_bytes(), stats, str(src)), str(src))
         except PermissionError:
             raise LmforgeError(f"cannot read {src}: permission denied") from None
         except IsADirectoryError:
@@ -235,7 +273,7 @@ def read_documents(
 def _read_jsonl(path: Path, text_field: str, stats: CorpusStats) -> Iterator[Document]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            line = _decode(raw, stats).strip()
+            line = _decode(raw, stats, str(path)).strip()
             if not line:
                 continue
             try:
@@ -244,17 +282,27 @@ def _read_jsonl(path: Path, text_field: str, stats: CorpusStats) -> Iterator[Doc
                 raise LmforgeError(
                     f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be an object with a {text_field!r} string"
                 ) from None
-            value = row.get(text_field) if isinstance(row, dict) else None
-            if not isinstance(value, str):
-                fields = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
+            if not isinstance(row, dict):
+                raise LmforgeError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} string, got "
+                                   f"{json_type(row)}")
+            if text_field not in row:
+                fields = ", ".join(map(repr, row))
                 raise LmforgeError(
                     f"{path}:{lineno}: expected a {text_field!r} string field, found {fields or 'no fields'}; "
                     f"pass --text-field to name the field that holds the text"
                 )
+            value = row[text_field]
+            if value is None:  # a missing value, as a Parquet null: skipped and counted
+                stats.null_texts += 1
+                continue
+            if not isinstance(value, str):
+                raise LmforgeError(f"{path}:{lineno}: field {text_field!r} is {json_type(value)}, not a string; the "
+                                   f"text to train on must be a string (or pass --text-field to name another field)")
             yield Document(value, f"{path}:{lineno}")
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
+def _read_parquet(path: Path, text_field: str, stats: CorpusStats) -> Iterator[Document]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -266,12 +314,22 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
         raise LmforgeError(
             f"{path} has no column {text_field!r} (columns: {', '.join(columns)}); pass --text-field to choose one"
         )
+    kind = pf.schema_arrow.field(text_field).type
+    if pa.types.is_dictionary(kind):  # (a categorical column: its values are what it holds)
+        kind = kind.value_type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        # (each value's Python repr would be tokenized as if it were the text)
+        raise LmforgeError(f"{path}: column {text_field!r} holds {kind} values, not text (strings); pass --text-field "
+                           f"to name the column of text (columns: {', '.join(columns)})")
     row = 0
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
         for value in batch.column(0).to_pylist():
             row += 1
-            if value is not None:
-                yield Document(str(value), f"{path}:{row}")
+            if value is None:  # a missing value: skipped and counted
+                stats.null_texts += 1
+                continue
+            yield Document(value, f"{path}:{row}")
 
 
 def clean_text(text: str) -> tuple[str, int]:

@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.data.corpus import read_text_file
+from lmforge.data.corpus import json_type, read_text_file
 from lmforge.errors import LmforgeError
 
 FORMATS = {
@@ -69,35 +69,61 @@ def detect_task(row: dict) -> str | None:
     return None
 
 
+# Fields that hold text wherever a format (or a layout read as one) has them
+_TEXT_FIELDS = ("text", "text_pair", "prompt", "completion", "source", "target", "query", "positive", "question",
+                "context", "instruction", "input", "output")
+
+
+def _not_text(row: dict, names=_TEXT_FIELDS) -> str | None:
+    """The first of ``names`` that ``row`` has and that is not a string, said with what it is instead."""
+    for name in names:
+        if name in row and not isinstance(row[name], str):
+            return f"{name!r} must be a string, not {json_type(row[name])}"
+    return None
+
+
+def messages_problem(messages, name: str = "messages") -> str | None:
+    """What is wrong with a list of chat messages (None when it is fine): the message and the field named."""
+    if not isinstance(messages, list) or not messages:
+        return f"{name!r} must be a non-empty list of messages, not {json_type(messages)}"
+    for i, m in enumerate(messages):
+        where = f"message {i}" if name == "messages" else f"{name!r} message {i}"
+        if not isinstance(m, dict):
+            return (f"{where} must be an object {{\"role\": system|user|assistant, \"content\": string}}, not "
+                    f"{json_type(m)}")
+        if m.get("role") not in ROLES:
+            return f"{where} has role {m.get('role')!r}; roles are system, user and assistant"
+        if not isinstance(m.get("content"), str):
+            return f"{where}'s 'content' must be a string, not {json_type(m.get('content'))}"
+    return None
+
+
 def _check(task: str, row: dict) -> str | None:
     """What is wrong with ``row`` for ``task`` (None when it is fine)."""
     if not isinstance(row, dict):
-        return f"expected a JSON object, got {type(row).__name__}"
+        return f"expected a JSON object, got {json_type(row)}"
     missing = [k for k in FORMATS[task] if k not in row]
-    if missing:
-        return f"missing field {', '.join(map(repr, missing))}"
+    if missing:  # (a text field of the wrong type was not read as its layout: say that, not the fields it lacks)
+        return _not_text(row) or f"missing field {', '.join(map(repr, missing))}"
     if task == "chat":
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            return "'messages' must be a non-empty list"
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                return f"message {i} must be {{\"role\": system|user|assistant, \"content\": string}}"
-        if not any(m["role"] == "assistant" for m in messages):
+        problem = messages_problem(row["messages"])
+        if problem:
+            return problem
+        if not any(m["role"] == "assistant" for m in row["messages"]):
             return "a conversation needs at least one assistant message to learn from"
     elif task == "seq2seq":
-        if not isinstance(row["source"], str) or not isinstance(row["target"], str):
-            return "'source' and 'target' must be strings"
+        if problem := _not_text(row, ("source", "target")):
+            return problem
         if not row["target"]:
             return "'target' is empty"
     elif task == "instruction":
-        if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
-            return "'prompt' and 'completion' must be strings"
+        if problem := _not_text(row, ("prompt", "completion")):
+            return problem
         if not row["completion"]:
             return "'completion' is empty"
     elif task == "retrieval":
-        if not isinstance(row["query"], str) or not isinstance(row["positive"], str):
-            return "'query' and 'positive' must be strings"
+        if problem := _not_text(row, ("query", "positive")):
+            return problem
         if not row["query"].strip() or not row["positive"].strip():
             return "'query' and 'positive' must not be empty"
     elif task == "tagging":
@@ -109,16 +135,14 @@ def _check(task: str, row: dict) -> str | None:
         if any(isinstance(t, bool) or not isinstance(t, (str, int)) for t in tags):
             return "each tag must be a string or an integer"
     elif task == "classification":
-        if not isinstance(row["text"], str):
-            return "'text' must be a string"
-        if not isinstance(row.get("text_pair", ""), str):
-            return "'text_pair' must be a string"
+        if problem := _not_text(row, ("text", "text_pair")):
+            return problem
         label = row["label"]
         if isinstance(label, bool) or not isinstance(label, (str, int)):
-            return "'label' must be a string or an integer"
+            return f"'label' must be a string or an integer, not {json_type(label)}"
     else:
-        if not isinstance(row["question"], str) or not isinstance(row["context"], str):
-            return "'question' and 'context' must be strings"
+        if problem := _not_text(row, ("question", "context")):
+            return problem
         answers = row["answers"]
         if not isinstance(answers, dict) or not isinstance(answers.get("text"), list) or \
                 not isinstance(answers.get("answer_start"), list):
@@ -154,7 +178,8 @@ def _common_layout(row, task: str) -> dict:
     if isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
         rest = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
         return {**rest, "messages": row["prompt"] + row["completion"]}
-    if task in ("auto", "instruction") and "text" in row and not any(k in row for k in ("text_pair", "prompt", "completion")):
+    if task in ("auto", "instruction") and isinstance(row.get("text"), str) \
+            and not any(k in row for k in ("text_pair", "prompt", "completion")):
         rest = {k: v for k, v in row.items() if k != "text"}
         return {**rest, "prompt": "", "completion": row["text"]}
     return row
@@ -246,8 +271,9 @@ def read_examples(path: str | os.PathLike, task: str = "auto", skip_bad_lines: b
         if problem is None and out.task == "auto":
             out.task = detect_task(row) if isinstance(row, dict) else None
             if out.task is None:
-                fields = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
-                problem = f"fields {fields} match no format; expected one of: " + "; ".join(EXPECTED.values())
+                fields = ", ".join(map(repr, row)) if isinstance(row, dict) else json_type(row)
+                problem = (isinstance(row, dict) and _not_text(row)) or \
+                    f"fields {fields} match no format; expected one of: " + "; ".join(EXPECTED.values())
                 out.task = "auto"
         if problem is None:
             problem = _check(out.task, row)

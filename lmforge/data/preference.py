@@ -24,7 +24,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.data.examples import ROLES, _raw_rows
+from lmforge.data.corpus import json_type
+from lmforge.data.examples import _raw_rows, messages_problem
 from lmforge.errors import LmforgeError
 
 EXPECTED = ('{"prompt": "...", "chosen": "...", "rejected": "..."} (strings, or lists of '
@@ -43,11 +44,8 @@ class Pairs:
 
 def _messages_problem(value, name: str) -> str | None:
     if not isinstance(value, list) or not value:
-        return f"{name!r} must be a string or a non-empty list of messages"
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            return f"{name!r} message {i} must be {{\"role\": system|user|assistant, \"content\": string}}"
-    return None
+        return f"{name!r} must be a string or a non-empty list of messages, not {json_type(value)}"
+    return messages_problem(value, name)
 
 
 def split_implicit_prompt(row: dict) -> dict:
@@ -71,10 +69,13 @@ def split_implicit_prompt(row: dict) -> dict:
 def check_pair(row) -> str | None:
     """What is wrong with a preference row (None when it is fine); fills in an implicit prompt."""
     if not isinstance(row, dict):
-        return f"expected a JSON object, got {type(row).__name__}"
+        return f"expected a JSON object, got {json_type(row)}"
     missing = [k for k in ("chosen", "rejected") if k not in row]
     if missing:
         return f"missing field {', '.join(map(repr, missing))}"
+    for name in ("prompt", "chosen", "rejected"):  # (a value of neither kind is named as what it is)
+        if name in row and not isinstance(row[name], (str, list)):
+            return f"{name!r} must be a string or a list of messages, not {json_type(row[name])}"
     conversational = isinstance(row["chosen"], list)
     if "prompt" not in row:
         if not conversational:
@@ -127,7 +128,7 @@ def check_pair(row) -> str | None:
         except ValueError:
             return f"'margin' must be a number, not {margin!r}"
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-        return f"'margin' must be a finite number, not {margin!r}"
+        return f"'margin' must be a finite number, not {json_type(margin) if margin is None else repr(margin)}"
     row["margin"] = float(margin)
     return None
 

@@ -195,6 +195,9 @@ def _batches(pairs: Iterator[tuple[str, int]], max_chars: int = 1 << 21) -> Iter
         yield texts, splits
 
 
+MAX_WORKERS = 1024  # tokenizer processes at most
+
+
 def prepare(
     inputs: Sequence[str | os.PathLike] | None = None,
     tokenizer: str | os.PathLike = "tokenizer",
@@ -216,6 +219,11 @@ def prepare(
         raise LmforgeError(f"--val-fraction {val_fraction} must be in [0, 1)")
     if shard_tokens < 1 or (workers is not None and workers < 0) or min_chars < 0:
         raise LmforgeError("--shard-tokens must be at least 1, and --workers and --min-chars 0 or more")
+    if workers is not None and workers > MAX_WORKERS:  # (each a process; a C int in the executor)
+        raise LmforgeError(f"--workers {workers} is too many processes: give at most {MAX_WORKERS} (this machine has "
+                           f"{os.cpu_count() or 1} CPUs; the default uses them all)")
+    if not -(2**63) <= seed < 2**63:  # (it keys the split's hash, which takes 64 bytes at most)
+        raise LmforgeError(f"--seed {seed} is out of range: give a whole number from {-(2**63)} to {2**63 - 1}")
     out = check_output_dir(out, overwrite, ("a prepared-data folder", "meta.json"))
     refuse_overwriting_sources(out, tokenizer, *(i for i in inputs or [] if str(i) != "-"))  # ("-": stdin)
     tok = Tokenizer.load(tokenizer)

@@ -44,7 +44,7 @@ class KneserNey:
         self.order, self.discount, self.vocab_size = order, discount, vocab_size
         self.bos, self.eos = vocab_size, vocab_size + 1  # padding symbols
         self.base = vocab_size + 2
-        if self.base ** order >= 2**63:
+        if order >= 63 or self.base ** order >= 2**63:  # (base 2 at least: an order of 63 never fits)
             raise LmforgeError(f"order {order} with a vocabulary of {vocab_size} does not fit 64-bit keys; lower --order")
         self.smooth_unigram = smooth_unigram
         self.tables: dict[str, np.ndarray] = {}
@@ -300,6 +300,9 @@ def train_lstm(data_dir: str, out: str, progress: bool = True, config: str | Non
 
     shape = {k: overrides.pop(k) for k in ("n_embd", "hidden", "n_layer") if k in overrides}
     overwrite = overrides.pop("overwrite", False)
+    for key, most in (("n_embd", 1 << 20), ("hidden", 1 << 20), ("n_layer", 10_000)):  # (as a Transformer's shape)
+        if key in shape and not 1 <= shape[key] <= most:
+            raise LmforgeError(f"--{key.replace('_', '-')} {shape[key]} must be from 1 to {most:,}")
 
     class LSTMObjective(CausalLM):
         def load(self, checkpoint):

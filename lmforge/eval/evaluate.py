@@ -142,7 +142,7 @@ def _generation_task(model, tokenizer, task: Task, batch_size: int, progress: bo
         warn(f"task {task.name}: a stop sequence ({', '.join(map(repr, task.until))}) occurs in {len(cut)} of its "
              f"answers (first: {task.target_delimiter + cut[0]!r}); generation stops there, so those cannot match")
     params = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=0, stop=list(task.until))
-    engine = Engine(model, tokenizer, max_batch=batch_size)
+    engine = Engine(model, tokenizer, max_batch=min(batch_size, len(task.docs)))  # (rows are allocated up front)
     fit = fit_prompt if isinstance(model, GPT) else fit_source  # an encoder-decoder's prompt is its source
     contexts = [task.context(i) for i in range(len(task.docs))]
     # Longest prompts first: similar lengths decode side by side.
@@ -248,7 +248,8 @@ def evaluate(models: str | os.PathLike | list, tasks: list[Task] = (), data: str
             warn(f"the tasks run on the first --model only ({models[0]}); the others are compared on --data")
         from lmforge.model.gpt import use_fast_kernels
 
-        model = load_generator(models[0], device, dtype=transformer_dtype(models[0], dtype, device))
+        model = load_generator(models[0], device, dtype=transformer_dtype(models[0], dtype, device),
+                               needs="it predicts no next token, which tasks score (a decoder or an encoder-decoder)")
         use_fast_kernels(model, batch_size)  # the kernels measured fastest on this CPU (silent: results stay the same)
         scored = [t.name for t in tasks if t.type not in ("generate", "regression")]
         if not isinstance(model, GPT) and scored:

@@ -52,7 +52,8 @@ class LmforgeLM(LM):
         if dtype not in (None, "auto", *DTYPES):
             raise LmforgeError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
         torch_dtype = getattr(torch, dtype) if dtype in DTYPES else None
-        self.model = load_decoder(pretrained, pick_device(device or "auto"), torch_dtype).eval()
+        needs = "it predicts no next token, which the harness's requests score (a decoder: gpt2, llama, qwen2, mistral)"
+        self.model = load_decoder(pretrained, pick_device(device or "auto"), torch_dtype, needs=needs).eval()
         self.tokenizer = load_tokenizer_for(self.model)
         if str(int8).lower() in ("1", "true"):
             from lmforge.infer.engine import quantize_int8

@@ -22,12 +22,22 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     if not path.exists():
         raise LmforgeError(f"{run_dir} has no metrics.jsonl; is it a run folder written by `lmforge pretrain`?")
     train, val = [], []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            if lineno == last and not text.endswith("\n"):
+                # a run killed while writing its last record (a crash, the machine lost): the records before it stand
+                from lmforge.utils import warn
+
+                warn(f"{path}:{lineno}: the last record is cut short (the run stopped while writing it); reporting "
+                     f"the {len(train)} training step(s) before it")
+                break
             raise LmforgeError(f"{path}:{lineno} is not valid JSON; the metrics log is corrupt") from None
         if not isinstance(record, dict):
             raise LmforgeError(f"{path}:{lineno} is no JSON object; the metrics log is corrupt")

@@ -362,6 +362,9 @@ BUILTIN = {
 }
 
 
+MAX_BUILTIN_EXAMPLES = 1_000_000  # the most --limit makes a built-in task generate
+
+
 def text_task(path: str | os.PathLike) -> Task:
     """Perplexity and bits per byte of one text file."""
     path = Path(path)
@@ -380,6 +383,10 @@ def resolve_tasks(names: list[str], limit: int | None = None, seed: int | None =
     data and every task's demonstrations; default: 0, or the task file's) and ``fewshot`` overriding the files."""
     if limit is not None and limit < 1:
         raise LmforgeError(f"--limit {limit} must be at least 1 (leave it out to use every example)")
+    if limit is not None and limit > MAX_BUILTIN_EXAMPLES and any(name in BUILTIN for name in names):
+        # (a built-in task makes --limit examples: a huge one would run out of memory making them)
+        raise LmforgeError(f"--limit {limit} is more examples than a built-in task makes: give at most "
+                           f"{MAX_BUILTIN_EXAMPLES:,} (default 100)")
     if fewshot is not None and fewshot < 0:
         raise LmforgeError(f"--shots {fewshot} must be 0 (zero-shot) or more")
     tasks = []

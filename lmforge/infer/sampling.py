@@ -18,6 +18,9 @@ from lmforge.errors import LmforgeError
 from lmforge.utils import warn
 
 
+MAX_ROWS = 1024  # samples (n) or beams decoded side by side for one prompt
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
@@ -71,6 +74,8 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (self.n >= 1, "n must be at least 1"),
+            # (each sample, each beam, is a row of the KV cache, allocated up front)
+            (self.n <= MAX_ROWS and self.num_beams <= MAX_ROWS, f"n and num_beams must be at most {MAX_ROWS:,}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
             (self.num_beams >= 1, "num_beams must be at least 1"),
             (self.num_beams == 1 or self.n <= self.num_beams,

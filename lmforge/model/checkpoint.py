@@ -313,14 +313,16 @@ def weights_precision(path: str | os.PathLike, device: torch.device, requested: 
                           int(hf.get("vocab_size") or 32000))
 
 
-def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
-    """``load_model`` for commands that need a decoder (generation, training)."""
+def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 needs: str | None = None) -> GPT:
+    """``load_model`` for commands that need a decoder (generation, training). ``needs``: what an encoder lacks
+    for the command, said when one is given (default: it cannot generate text)."""
     model = load_model(path, device, dtype)
     if not isinstance(model, GPT):
         from lmforge.model.encoder import Encoder
 
         if isinstance(model, Encoder):
-            raise LmforgeError(_encoder_refusal(model))
+            raise LmforgeError(_encoder_refusal(model, needs))
         raise LmforgeError(f"{model.source} is an encoder-decoder (t5); this command runs decoders (gpt2, llama, "
                            f"qwen2, mistral) only so far")
     return language_model(model)
@@ -336,13 +338,14 @@ def model_kind(model) -> str:
     return "an encoder (bert)" if isinstance(model, Encoder) else "a decoder"
 
 
-def _encoder_refusal(model) -> str:
-    """Why an encoder cannot serve a command that generates, with what it can do instead (by its head)."""
+def _encoder_refusal(model, needs: str | None = None) -> str:
+    """Why an encoder cannot serve a command that generates (or ``needs`` what else a decoder has), with what it can
+    do instead (by its head)."""
     use = {"sequence_classification": "it is a classifier (its head scores labels)",
            "question_answering": "it is an extractive QA model (its head points at answers in a context)",
            "token_classification": "it is a tagger (its head labels tokens)"}.get(
         getattr(model.config, "head", None), "use `lmforge embed` (or `index`) with it")
-    return f"{model.source} is an encoder (bert): it cannot generate text; {use}"
+    return f"{model.source} is an encoder (bert): {needs or 'it cannot generate text'}; {use}"
 
 
 def language_model(model):
@@ -355,13 +358,15 @@ def language_model(model):
     return model
 
 
-def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """``load_model`` for commands that generate text: a decoder or an encoder-decoder."""
+def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                   needs: str | None = None):
+    """``load_model`` for commands that generate text (or score it: ``needs`` says so to an encoder): a decoder or an
+    encoder-decoder."""
     from lmforge.model.encoder_decoder import EncoderDecoder
 
     model = load_model(path, device, dtype)
     if not isinstance(model, (GPT, EncoderDecoder)):
-        raise LmforgeError(_encoder_refusal(model))
+        raise LmforgeError(_encoder_refusal(model, needs))
     return language_model(model)
 
 

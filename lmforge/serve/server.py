@@ -53,6 +53,9 @@ API_KEY_ENV = "LMFORGE_API_KEY"
 log = logging.getLogger("lmforge.serve")
 
 
+MAX_BATCH = 4096  # the most sequences a server decodes together
+
+
 @dataclass
 class ServerSettings:
     max_batch: int = 16  # sequences decoded together
@@ -70,6 +73,9 @@ class ServerSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 flag = "--" + name.removesuffix("_bytes").replace("_", "-")
                 raise LmforgeError(f"{flag} must be a positive whole number, not {value!r}")
+        if self.max_batch > MAX_BATCH:  # (each a row of the KV cache, allocated when the server starts)
+            raise LmforgeError(f"--max-batch {self.max_batch} is too many rows decoded together: give at most "
+                               f"{MAX_BATCH:,}")
 
 
 class APIError(Exception):

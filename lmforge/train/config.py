@@ -21,6 +21,15 @@ def setting(default, meaning: str, choices: tuple[str, ...] | None = None):
     return field(default=default, metadata={"help": meaning, "choices": choices})
 
 
+# The largest model shapes and thread count a config may ask for: far past any model trained, still far below what
+# overflows a tensor's size (the largest models have about 130 layers, a width of 16,384, contexts of ~10M tokens).
+SHAPE_LIMITS = (("n_layer", 10_000, "Transformer blocks"), ("n_embd", 1 << 20, "model width"),
+                ("n_head", 1 << 16, "attention heads"), ("n_kv_head", 1 << 16, "key/value heads"),
+                ("block_size", 1 << 24, "context length in tokens"), ("micro_batch_size", 1 << 20, "sequences"))
+MAX_SEQUENCES_A_STEP = 1 << 24  # per process (the largest batches are a few thousand)
+MAX_THREADS = 1024
+
+
 @dataclass
 class TrainConfig:
     # Keys a command accepts but does nothing with: refused by name, with the reason, and left out of --help.
@@ -124,6 +133,20 @@ class TrainConfig:
         # NaN passes every comparison's negation, and no setting means anything at infinity: refuse both by name.
         checks += [(not (isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))),
                     f"{f.name} must be a finite number, not {getattr(self, f.name)}") for f in fields(self)]
+        # Whole numbers reach torch and NumPy as 64-bit integers (a larger one was an OverflowError deep inside), and
+        # the model's shape is allocated (a huge one hung building layers, or overflowed a tensor's size).
+        checks += [(not (isinstance(getattr(self, f.name), int) and abs(getattr(self, f.name)) >= 2**63),
+                    f"{f.name} {getattr(self, f.name)} is too large for a 64-bit integer") for f in fields(self)]
+        checks += [
+            (0 <= self.seed < 2**63, f"seed must be from 0 to {2**63 - 1}, not {self.seed}"),
+            (self.micro_batch_size * self.grad_accum_steps <= MAX_SEQUENCES_A_STEP,
+             f"micro_batch_size × grad_accum_steps must be at most {MAX_SEQUENCES_A_STEP:,} sequences a step, not "
+             f"{self.micro_batch_size * self.grad_accum_steps:,}"),
+            (self.threads <= MAX_THREADS, f"threads must be at most {MAX_THREADS:,} (this machine has {os.cpu_count()} "
+                                          f"CPUs), not {self.threads}"),
+            *((getattr(self, key) is None or getattr(self, key) <= most, f"{key} must be at most {most:,} ({what}), "
+               f"not {getattr(self, key)}") for key, most, what in SHAPE_LIMITS),
+        ]
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -217,7 +240,8 @@ class FinetuneConfig(TrainConfig):
         checks = [
             (bool(self.model), "model (the folder to fine-tune) is required"),
             (bool(self.train), "train (a JSONL, CSV or Parquet file of examples) is required"),
-            (self.lora_r >= 1, "lora_r must be at least 1"),
+            (1 <= self.lora_r <= 1 << 16, f"lora_r must be from 1 to {1 << 16:,} (a rank above the model's width "
+                                          f"adds nothing), not {self.lora_r}"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
             (self.lora_alpha > 0, "lora_alpha must be positive (the update is scaled by alpha / r: 0 trains nothing)"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
@@ -421,6 +445,35 @@ OBJECTIVE_ONLY = {**{key: ("mlm", "mlm+nsp") for key in ("mlm_probability", "mas
                                                         "whole_word_mask")},
                   "plm_probability": ("plm",), "max_span_length": ("plm",), "noise_density": ("span",),
                   "mean_span_length": ("span",)}
+
+
+_FOLDERS_SAID: set[str] = set()
+
+
+def means_preset(model: str, out: str | os.PathLike | None = None) -> bool:
+    """Whether a config's ``model`` names a preset. A model folder of the same name in the working directory (a
+    clone of Hugging Face's ``gpt2``, a run folder named ``tiny``) is taken instead, as transformers'
+    ``from_pretrained`` takes a local folder before a Hub name, and that is said once; the run's own ``out`` folder
+    is never the model it starts from (``--overwrite`` empties it)."""
+    from lmforge.model.config import PRESETS
+
+    if model not in PRESETS:
+        return False
+    folder = Path(model)
+    if not folder.is_dir() or (out is not None and folder.resolve() == Path(out).resolve()):
+        return True
+    from lmforge.train.checkpointing import latest_checkpoint
+
+    is_model = (folder / "config.json").exists() or (folder / "adapter_config.json").exists()
+    if not (is_model or latest_checkpoint(folder)):
+        return True  # (a folder of something else: the preset is meant)
+    if model not in _FOLDERS_SAID:
+        from lmforge.utils import warn
+
+        _FOLDERS_SAID.add(model)
+        warn(f"model {model!r}: using the model folder {Path.cwd() / model} here, not the preset {model!r} (for the "
+             f"preset, run from another folder or rename that one)")
+    return False
 
 
 def config_keys(cls=TrainConfig) -> list:

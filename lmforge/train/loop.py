@@ -41,7 +41,7 @@ from lmforge.train.checkpointing import (
     save_checkpoint,
     set_aside,
 )
-from lmforge.train.config import TrainConfig, load_config, read_config_file, save_config
+from lmforge.train.config import TrainConfig, load_config, means_preset, read_config_file, save_config
 from lmforge.train.distributed import (  # noqa: F401 (Distributed: objectives import it from here)
     SHARDS,
     Distributed,
@@ -357,7 +357,8 @@ class CausalLM(Objective):
                 f"{config.data} has token ids up to {made_with['vocab_size'] - 1} but the model of {source} has only "
                 f"{self.model.config.vocab_size} embeddings; prepare the data with that model's tokenizer"
             )
-        if checkpoint is None and config.model and Path(config.model).exists():  # (not a preset's name)
+        if checkpoint is None and config.model and not means_preset(config.model, config.out) \
+                and Path(config.model).exists():
             # continuing a model: on tokens of its own tokenizer
             from lmforge.model.checkpoint import resolve_model_dir
 
@@ -436,7 +437,7 @@ class CausalLM(Objective):
 
 def _build_model(config: TrainConfig, tokenizer: Tokenizer, device: torch.device) -> GPT:
     shape = {k: getattr(config, k) for k in ("block_size", "n_layer", "n_head", "n_embd", "n_kv_head")}
-    if config.model in PRESETS:
+    if means_preset(config.model, config.out):
         model_config = Config.from_preset(
             config.model,
             vocab_size=tokenizer.vocab_size,

@@ -46,6 +46,13 @@ GPUS = {
     "a100-80gb": GPU("A100 SXM 80 GB", 312e12, 80, 2.04, 1.80),
     "a100-40gb": GPU("A100 SXM 40 GB", 312e12, 40, 1.56, 1.30),
 }
+# The largest figures a plan takes: each far past the largest runs there are.
+MAX_GPUS = 10_000_000
+MAX_MICRO_BATCH = 1_000_000
+MAX_SEQ_LEN = 1 << 24
+MAX_TOKENS = 1e16
+MAX_PRICE = 10_000.0
+MIN_MFU = 0.001
 BYTES_PER_PARAM_STATES = 16  # bf16 weights 2 + bf16 grads 2 + fp32 master 4 + Adam m 4 + Adam v 4
 GB = 1e9
 
@@ -124,7 +131,9 @@ def memory_rows(c: Config, gpu: GPU, gpus: int, seq_len: int, micro_batch: int) 
 
 
 def resolve_config(model: str) -> tuple[str, Config]:
-    if model in PRESETS:
+    from lmforge.train.config import means_preset
+
+    if means_preset(model):
         return model, Config.from_preset(model)
     path = Path(model)
     if path.exists():
@@ -155,6 +164,18 @@ def plan(model: str | os.PathLike, gpus: int = 8, gpu: str = "h100", tokens: flo
         raise LmforgeError("--tokens and --seq-len must be positive (and finite) and --price a finite 0 or more")
     if not 0 < mfu <= 1:
         raise LmforgeError(f"--mfu {mfu} must be in (0, 1]; 0.4 (40%) is typical for well-tuned dense training")
+    # Beyond these no run is planned (they are far past the largest ones), and the figures would stop meaning anything.
+    for flag, value, most, what in (
+            ("--gpus", gpus, MAX_GPUS, "GPUs (the largest clusters have a few hundred thousand)"),
+            ("--micro-batch", micro_batch, MAX_MICRO_BATCH, "sequences per GPU"),
+            ("--seq-len", seq_len, MAX_SEQ_LEN, "tokens (the longest contexts are ~10M)"),
+            ("--tokens", tokens, MAX_TOKENS, "tokens (the largest runs train on tens of trillions)"),
+            ("--price", price, MAX_PRICE, "USD per GPU-hour (on-demand GPUs rent for a few dollars)")):
+        if value is not None and value > most:
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            raise LmforgeError(f"{flag} {shown} is beyond any run: at most {most:,.0f} {what}")
+    if mfu < MIN_MFU:
+        raise LmforgeError(f"--mfu {mfu} is below {MIN_MFU} (0.1%); 0.4 (40%) is typical for well-tuned dense training")
     name, config = resolve_config(str(model))
     spec = GPUS[gpu.lower()]
     if seq_len and config.pos_embedding == "learned" and seq_len > config.block_size:
@@ -165,13 +186,18 @@ def plan(model: str | os.PathLike, gpus: int = 8, gpu: str = "h100", tokens: flo
     chinchilla = 20.0 * n
     tokens = float(tokens) if tokens else chinchilla
     attention_per_token = 12 * config.n_layer * seq_len * config.n_head * config.head_size
-    return Plan(
+    result = Plan(
         name=name, config=config, params=n, tokens=tokens, chinchilla_tokens=chinchilla,
         flops_6nd=6.0 * n * tokens, flops_attention=attention_per_token * tokens,
         gpu=spec, gpus=gpus, mfu=mfu, seq_len=seq_len, micro_batch=micro_batch,
         price=spec.price_per_hour if price is None else price, price_assumed=price is None,
         memory=memory_rows(config, spec, gpus, seq_len, micro_batch),
     )
+    figures = [result.flops, result.seconds, result.cost, *(row.total for row in result.memory)]
+    if not all(math.isfinite(float(x)) for x in figures):  # (a model folder's config.json can be any shape)
+        raise LmforgeError(f"the plan for {name} ({human_count(n)} parameters) overflows floating point: check the "
+                           f"model's shape, --tokens and --seq-len")
+    return result
 
 
 def _duration(seconds: float) -> str:
@@ -189,6 +215,8 @@ def _duration(seconds: float) -> str:
 
 
 def _dollars(amount: float) -> str:
+    if amount >= 1e15:  # (a figure no one reads digit by digit)
+        return f"${amount:.3g}"
     if amount >= 100:
         return f"${amount:,.0f}"
     return f"${amount:.2f}" if amount >= 0.01 else "under $0.01"
@@ -212,11 +240,14 @@ def format_plan(p: Plan) -> str:
         "",
         f"memory per GPU ({unit}; 16 bytes/parameter of model states: bf16 weights and grads, fp32 master weights "
         f"and AdamW m, v; micro-batch {p.micro_batch} × {p.seq_len:,} tokens)",
-        f"  {'strategy':<46}{'states':>9}{'activations':>13}{'total':>9}   fits in {p.gpu.memory_gb:g} GB?",
     ]
-    for row in p.memory:
-        lines.append(f"  {row.strategy:<46}{row.states / size:>9.2f}{row.activations / size:>13.2f}{row.total / size:>9.2f}   "
-                     f"{'yes' if row.fits else 'no'}")
+    # Columns as wide as their widest figure: a huge micro-batch's activations do not push the table apart.
+    cells = [(row.strategy, f"{row.states / size:,.2f}", f"{row.activations / size:,.2f}", f"{row.total / size:,.2f}",
+              "yes" if row.fits else "no") for row in p.memory]
+    header = ("strategy", "states", "activations", "total", f"fits in {p.gpu.memory_gb:g} GB?")
+    widths = [max(least, *(len(c[i]) + 2 for c in cells)) for i, least in enumerate((46, 9, 13, 9))]
+    for row in [header, *cells]:
+        lines.append(f"  {row[0]:<{widths[0]}}" + "".join(f"{row[i]:>{widths[i]}}" for i in (1, 2, 3)) + f"   {row[4]}")
     return "\n".join(lines)
 
 

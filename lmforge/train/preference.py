@@ -489,10 +489,12 @@ def dpo(config: DPOConfig | dict | str | os.PathLike | None = None, *, resume: b
 
 @torch.no_grad()
 def reward_scores(model, rows: list[dict], tokenizer: Tokenizer | None = None, batch_size: int = 16,
-                  max_length: int | None = None, device=None, source: str = "", say_cut: bool = False) -> list[float]:
+                  max_length: int | None = None, device=None, source: str = "", say_cut: bool = False,
+                  lines: list[int] | None = None) -> list[float]:
     """Rewards of ``rows`` ``{"prompt", "answer"}`` (strings or message lists) from a reward model: a folder
     (a model, an adapter or a run) or a loaded model; batched. A prompt too long is cut from the left (with
-    ``say_cut``, said in a warning). ``source``: the rows' file, named in errors."""
+    ``say_cut``, said in a warning). ``source``: the rows' file, and ``lines`` each row's line in it, named in
+    errors (without them: the row's position in ``rows``)."""
     from lmforge.model.checkpoint import load_tokenizer_for
 
     if not isinstance(model, torch.nn.Module):
@@ -508,17 +510,19 @@ def reward_scores(model, rows: list[dict], tokenizer: Tokenizer | None = None, b
     stats = TokenizeStats()
     inputs = []
     cut = 0
-    at = f"{source} " if source else ""
+    def place(i: int) -> str:
+        if lines is not None and source:
+            return f"{source}:{lines[i]}"
+        return f"{source} row {i + 1}" if source else f"row {i + 1}"
+
     for i, row in enumerate(rows):
-        if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
-            raise LmforgeError(f"{at}row {i + 1}: expected {{\"prompt\": ..., \"answer\": ...}}")
-        row = _scoring_row(row, i)
+        row = _scoring_row(row, place(i))
         if isinstance(model, Encoder):
             ids, types, prompt_len = encoder_input(tokenizer, row["prompt"], row["answer"])
             excess = len(ids) - limit
             if excess > 0:
                 if excess >= prompt_len:
-                    raise LmforgeError(f"{at}row {i + 1}: the answer alone is longer than {limit} tokens")
+                    raise LmforgeError(f"{place(i)}: the answer alone is longer than {limit} tokens")
                 ids, types = ids[:1] + ids[1 + excess:], types[:1] + types[1 + excess:]
                 cut += 1
             inputs.append((ids, types))
@@ -527,7 +531,7 @@ def reward_scores(model, rows: list[dict], tokenizer: Tokenizer | None = None, b
         answer = encode_answer(tokenizer, row["prompt"], text, prompt_ids, row["answer"], end, stats)
         excess = len(prompt_ids) + len(answer) - limit
         if excess >= len(prompt_ids):
-            raise LmforgeError(f"{at}row {i + 1}: the answer alone is longer than {limit} tokens")
+            raise LmforgeError(f"{place(i)}: the answer alone is longer than {limit} tokens")
         cut += excess > 0
         inputs.append((prompt_ids[max(excess, 0):] + answer, None))
     if cut and say_cut:
@@ -552,21 +556,37 @@ def reward_scores(model, rows: list[dict], tokenizer: Tokenizer | None = None, b
     return scores
 
 
-def _scoring_row(row: dict, i: int) -> dict:
-    """A ``{"prompt", "answer"}`` row checked: strings, or a message-list prompt with a string (the
-    assistant's reply) or message-list answer."""
+def scoring_problem(row) -> str | None:
+    """What is wrong with a ``{"prompt", "answer"}`` row to score (None when it is fine): strings, or a message-list
+    prompt with a string (the assistant's reply) or message-list answer."""
+    from lmforge.data.corpus import json_type
     from lmforge.data.preference import _messages_problem
 
+    if not isinstance(row, dict):
+        return f"expected a JSON object {{\"prompt\": ..., \"answer\": ...}}, got {json_type(row)}"
+    missing = [k for k in ("prompt", "answer") if k not in row]
+    if missing:
+        return f"missing field {', '.join(map(repr, missing))}; expected {{\"prompt\": ..., \"answer\": ...}}"
     prompt, answer = row["prompt"], row["answer"]
     if isinstance(prompt, list):
         if isinstance(answer, str):
             answer = [{"role": "assistant", "content": answer}]
-        problem = _messages_problem(prompt, "prompt") or _messages_problem(answer, "answer")
-    else:
-        problem = None if isinstance(prompt, str) and isinstance(answer, str) else \
-            "'prompt' and 'answer' must be strings, or the prompt a list of messages"
+        return _messages_problem(prompt, "prompt") or _messages_problem(answer, "answer")
+    if not isinstance(prompt, str):
+        return f"'prompt' must be a string or a list of messages, not {json_type(prompt)}"
+    if not isinstance(answer, str):
+        return f"'answer' must be a string (or, after a list of messages, a list of messages), not {json_type(answer)}"
+    return None
+
+
+def _scoring_row(row, where: str) -> dict:
+    """``row`` checked (``scoring_problem``, said at ``where``), its answer to a message-list prompt as messages."""
+    problem = scoring_problem(row)
     if problem:
-        raise LmforgeError(f"row {i + 1}: {problem}")
+        raise LmforgeError(f"{where}: {problem}")
+    prompt, answer = row["prompt"], row["answer"]
+    if isinstance(prompt, list) and isinstance(answer, str):
+        answer = [{"role": "assistant", "content": answer}]
     return {"prompt": prompt, "answer": answer}
 
 

@@ -48,7 +48,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.checkpoint import model_kind
 from lmforge.model.config import PRESETS, Config
 from lmforge.model.encoder import Encoder, EncoderConfig, MaskedLMHead, build_encoder
-from lmforge.train.config import TrainConfig
+from lmforge.train.config import TrainConfig, means_preset
 from lmforge.train.loop import CausalLM, Distributed, may_defer, refuse_other_shape
 from lmforge.utils import human_count
 
@@ -559,7 +559,7 @@ def load_or_build(c: TrainConfig, device, checkpoint: Path | None, kind: type, r
     if checkpoint is not None:
         with may_defer(c):
             return load_model(checkpoint / "model", device).train()
-    if c.model in PRESETS:
+    if means_preset(c.model, c.out):
         with may_defer(c):
             return build()
     if not Path(c.model).exists():

@@ -48,7 +48,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.data.examples import ROLES, _raw_rows
+from lmforge.data.corpus import json_type
+from lmforge.data.examples import _raw_rows, messages_problem
 from lmforge.data.preference import Pairs, encode_prompt
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Engine, end_tokens, record_end_of_turn
@@ -67,16 +68,16 @@ from lmforge.utils import stop_strings, warn
 
 def check_prompt(row) -> str | None:
     if not isinstance(row, dict):
-        return f"expected a JSON object, got {type(row).__name__}"
+        return f"expected a JSON object, got {json_type(row)}"
     if "prompt" not in row:
         return "missing field 'prompt'"
     prompt = row["prompt"]
     if isinstance(prompt, str):
         return None if prompt.strip() else "'prompt' is empty"
-    if isinstance(prompt, list) and prompt and all(
-            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in prompt):
-        return None
-    return "'prompt' must be a string or a non-empty list of {\"role\", \"content\"} messages"
+    if isinstance(prompt, list) and prompt:
+        return messages_problem(prompt, "prompt")  # (the message, and what is wrong with it)
+    return (f"'prompt' must be a string or a non-empty list of {{\"role\", \"content\"}} messages, not "
+            f"{json_type(prompt)}")
 
 
 def read_prompts(path: str | os.PathLike, skip_bad_lines: bool = False) -> Pairs:
