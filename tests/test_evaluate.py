@@ -61,16 +61,18 @@ def mc_task(docs, **kw):
     return Task("mc", "multiple_choice", docs, prompt="Q: {{ q }}\nA:", choices="{{ options }}", target="{{ answer }}", **kw)
 
 
-def test_multiple_choice_accuracy_and_byte_normalised_accuracy(hf_gpt2):
+def test_multiple_choice_accuracy_and_length_normalised_accuracy(hf_gpt2):
+    """acc_norm divides by the choice's characters, as lm-evaluation-harness's acc_norm (it divided by UTF-8
+    bytes, the harness's acc_bytes: another number under the same name where a choice is not ASCII)."""
     model = load_model(hf_gpt2)
     tok = load_tokenizer_for(model)
-    docs = [{"q": f"item {i}", "options": ["red", "green light", "é"], "answer": i % 3} for i in range(12)]
+    docs = [{"q": f"item {i}", "options": ["red", "green light", "ééé"], "answer": i % 3} for i in range(12)]
     result = run_task(model, tok, mc_task(docs), progress=False)["metrics"]
     acc = acc_norm = 0
     for d in docs:
         scores = loglikelihoods(model, tok, [(f"Q: {d['q']}\nA:", " " + c) for c in d["options"]])
         acc += max(range(3), key=lambda j: scores[j]) == d["answer"]
-        acc_norm += max(range(3), key=lambda j: scores[j] / len(d["options"][j].encode("utf-8"))) == d["answer"]
+        acc_norm += max(range(3), key=lambda j: scores[j] / len(d["options"][j])) == d["answer"]
     assert result == {"acc": acc / 12, "acc_norm": acc_norm / 12}
 
 
@@ -311,3 +313,87 @@ def test_a_task_file_s_integer_target_is_an_index_even_among_number_choices(tmp_
         (tmp_path / "bad.yaml").write_text(spec + extra)
         with pytest.raises(LmforgeError, match=re.escape(message)):
             load_task_file(tmp_path / "bad.yaml")
+
+
+def test_perplexity_tasks_encode_as_transformers_and_count_the_bytes_they_predict(hf_gpt2, tmp_path):
+    """A perplexity task's texts are encoded as transformers' recipe encodes them, tokenizer(text): Llama's <s> went
+    missing, and with it the prediction of each text's first token. Bits per byte count the bytes of the tokens
+    predicted (a text's first token without <s> before it is not: its bytes were counted)."""
+    from test_tokenizer import llama2_style_folder
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    llama = llama2_style_folder(tmp_path / "llama", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                                                     "tokenizer_class": "PreTrainedTokenizerFast"})
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=282, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=64, bos_token_id=1,
+                                 eos_token_id=2)).save_pretrained(llama)
+    texts = ["Hello world", "Hello, world's", "world Hello Hello"]
+    for folder in (llama, hf_gpt2):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        hf_tok = AutoTokenizer.from_pretrained(str(folder))
+        nll = n = n_bytes = 0
+        for text in texts:
+            ids = hf_tok(text)["input_ids"]
+            with torch.no_grad():
+                nll += hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item() * (len(ids) - 1)
+            n += len(ids) - 1
+            first = ids[0] not in hf_tok.all_special_ids  # (a first token predicted from nothing is not scored)
+            n_bytes += len(text.encode()) - (len(hf_tok.decode(ids[:1]).encode()) if first else 0)
+        model = load_model(folder)
+        task = Task("ppl", "perplexity", [{"text": t} for t in texts])
+        metrics = run_task(model, load_tokenizer_for(model), task, progress=False)["metrics"]
+        assert metrics["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+        assert metrics["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-4)
+
+
+def test_macro_f1_is_over_the_labels_that_occur_as_scikit_learn_counts_it(hf_gpt2):
+    """A choice no reference and no prediction names added an F1 of 0 to the mean."""
+    from sklearn.metrics import f1_score
+
+    model = load_model(hf_gpt2)
+    tok = load_tokenizer_for(model)
+    docs = [{"text": f"sample {i}", "label": ["no", "yes"][i % 2]} for i in range(10)]
+    task = Task("cls", "classification", docs, prompt="{{ text }} ->", choices=["no", "yes", "\u2603 \u2603 \u2603"],
+                target="{{ label }}")
+    metrics = run_task(model, tok, task, progress=False)["metrics"]
+    scores = loglikelihoods(model, tok, [(f"sample {i} ->", " " + c) for i in range(10) for c in task.choices])
+    predicted = [max(range(3), key=lambda j: scores[3 * i + j]) for i in range(10)]
+    assert 2 not in predicted  # (the third choice is never the answer nor the guess)
+    assert metrics["macro_f1"] == pytest.approx(f1_score([i % 2 for i in range(10)], predicted, average="macro"))
+
+
+def test_a_list_of_answers_scores_the_best_match_and_special_tokens_are_no_part_of_an_answer(hf_gpt2, tmp_path):
+    """A target field holding several answers (SQuAD's) was scored as the text of the list; and an answer kept the
+    special tokens the model wrote (the harness's hf model leaves them out)."""
+    import sacrebleu
+    from safetensors.torch import load_file, save_file
+
+    from lmforge.infer.generate import generate
+
+    model = load_model(hf_gpt2)
+    tok = load_tokenizer_for(model)
+    docs = [{"x": "def", "answers": ["nothing like it"]}, {"x": "import", "answers": ["no", "nor this"]}]
+    said = [generate(model, d["x"], max_new_tokens=6, temperature=0).text.split("\n")[0].strip() for d in docs]
+    docs[1]["answers"].append(said[1])  # (the model's own answer, among others)
+    task = Task("gen", "generate", docs, prompt="{{ x }}", target="{{ answers }}", max_new_tokens=6,
+                metrics=["exact_match", "f1", "bleu"])
+    metrics = run_task(model, tok, task, progress=False)["metrics"]
+    assert metrics["exact_match"] == 0.5 and metrics["f1"] >= 0.5
+    streams = [["nothing like it", "no"], [None, "nor this"], [None, said[1]]]
+    assert metrics["bleu"] == pytest.approx(sacrebleu.corpus_bleu(said, streams).score)
+    # a model that writes <|im_start|> (a special token, not a stop token) answers nothing
+    folder = tmp_path / "m"
+    import shutil
+
+    shutil.copytree(hf_gpt2, folder)
+    weights = load_file(folder / "model.safetensors")
+    bias = torch.randn(32)
+    weights["transformer.ln_f.weight"], weights["transformer.ln_f.bias"] = torch.zeros(32), bias
+    weights["transformer.wte.weight"][1] = 10 * bias
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    special = load_model(folder)
+    task = Task("gen", "generate", [{"x": "def", "y": ""}], prompt="{{ x }}", target="{{ y }}", max_new_tokens=3,
+                metrics=["exact_match"])
+    result = run_task(special, load_tokenizer_for(special), task, progress=False)["metrics"]
+    assert result["samples"][0]["prediction"] == "" and result["exact_match"] == 1.0

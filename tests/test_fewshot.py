@@ -26,6 +26,9 @@ def test_prompt_builder_layout_and_label_gap():
     with pytest.raises(LmforgeError, match=r"takes \{text\} and \{label\} only, not \{foo\}"):
         build_prompt([], "x", template="{foo} {text} {label}")
     assert build_prompt([], "x", template="{{json}} {text}:{label}")[0] == "{json} x:"  # doubled braces are braces
+    # "{{label}}" before the slot is the text "{label}" (it was taken for the slot: "must come last")
+    prompt, gap = build_prompt(POOL[:1], "q", template="Task: write {{label}} for {text}\nAnswer: {label}")
+    assert (prompt, gap) == ("Task: write {label} for t0\nAnswer: neg\n\nTask: write {label} for q\nAnswer:", " ")
 
 
 def test_demonstration_selection():

@@ -70,21 +70,29 @@ def harness_folder(request, hf_gpt2, tmp_path):
     return folder
 
 
-def test_every_request_type_equals_the_harness_hf_model_on_the_same_folder(harness_folder):
-    """The harness's own transformers backend and lmforge's, on one Hugging Face folder, request by request."""
+@pytest.mark.parametrize("add_bos", [None, True])
+def test_every_request_type_equals_the_harness_hf_model_on_the_same_folder(harness_folder, add_bos):
+    """The harness's own transformers backend and lmforge's, on one Hugging Face folder, request by request; also
+    with add_bos_token=True (GPT-2's <|endoftext|> first; no second <s> before a text that has one), contexts that
+    merge with their continuation into one token ("Hello" + "world": the whole's tokens after the context's count)
+    and a context of whitespace only."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
     from lmforge.eval.harness import LmforgeLM
 
     hf_gpt2 = harness_folder
-
-    ours = LmforgeLM(pretrained=str(hf_gpt2), batch_size=3)
-    theirs = HFLM(pretrained=str(hf_gpt2), batch_size=3, device="cpu", dtype="float32")
+    kwargs = {} if add_bos is None else {"add_bos_token": add_bos}
+    ours = LmforgeLM(pretrained=str(hf_gpt2), batch_size=3, **kwargs)
+    theirs = HFLM(pretrained=str(hf_gpt2), batch_size=3, device="cpu", dtype="float32", **kwargs)
     contexts = ["import os\nimport", "def main():\n    return", "class A:\n    pass\n\n\nclass"]
     choices = [" sys", " json", " 0", "(", " B", " B(A):"]
-    requests = [Instance("loglikelihood", {}, (c, k), i)
-                for i, (c, k) in enumerate((c, k) for c in [*contexts, ""] for k in choices)]  # ("": from <s>)
+    # ("": from <s>; no two requests of one whole text: the harness scores such twins as one, one of them wrongly)
+    pairs = [(c, k) for c in [*contexts, ""] for k in choices]
+    pairs += [("Hello", "world"), ("def ma", "in():"), ("<s>Hello", " world"), ("<|endoftext|>import", " os")]
+    if ours.tokenizer.prefix_ids:  # (with nothing before a text, the harness's hf model fails on a blank context)
+        pairs.append(("\n", "Hello world"))
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     for (score, greedy), (score_ref, greedy_ref) in zip(ours.loglikelihood(requests, True), theirs.loglikelihood(requests, True)):
         assert score == pytest.approx(score_ref, abs=1e-4) and greedy == greedy_ref
     text = open(__file__).read()[:1500]  # several 64-token windows
@@ -164,3 +172,15 @@ def test_lmforge_lm_eval_says_a_task_it_does_not_know_or_a_missing_include_path_
         assert done.returncode == 2, done.stderr[-2000:]
         last = done.stderr.strip().splitlines()[-1]  # (the harness logs its progress above it)
         assert "Traceback" not in done.stderr and last.startswith(f"lmforge: error: {message}"), done.stderr[-2000:]
+
+
+def test_importing_lmforges_model_leaves_the_harness_its_own():
+    """lm-eval reads its built-in models only into an empty registry: registering "lmforge" first hid "hf" from
+    `lmforge lm-eval --model hf` and from simple_evaluate in the same process."""
+    import subprocess
+    import sys
+
+    code = ("import lmforge.eval.harness\nfrom lm_eval.api.registry import get_model\n"
+            "print(get_model('hf').__name__, get_model('lmforge').__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.stdout.split() == ["HFLM", "LmforgeLM"], result.stderr[-2000:]  # (a fresh process: a clean registry)

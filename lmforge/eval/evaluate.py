@@ -1,7 +1,7 @@
 """`lmforge eval`: perplexity, multiple-choice, classification, generation and regression tasks.
 
     multiple_choice / classification   each choice scored by the log-likelihood of " choice" after the prompt;
-                                       acc, acc_norm (log-likelihood / UTF-8 bytes of the choice);
+                                       acc, acc_norm (log-likelihood / characters of the choice, as the harness);
                                        accuracy, macro-F1, MCC (GLUE)
     generate                           greedy decoding until a stop sequence; exact match, SQuAD F1,
                                        BLEU (sacrebleu: corpus level, 13a, exp smoothing), ROUGE-1/2/L (rouge-score)
@@ -95,8 +95,12 @@ def run_task(model, tokenizer, task: Task, batch_size: int = 16, stride: int | N
         metrics = _generation_task(model, tokenizer, task, batch_size, progress)
     else:
         texts = [str(d[task.text_field]) for d in task.docs]
-        nll, n = rolling_nll(model, [tokenizer.encode(t) for t in texts], stride, batch_size=batch_size, progress=progress)
-        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        # (each text as transformers' perplexity recipe encodes it, tokenizer(text): Llama's <s> first, and then its
+        # first token is predicted too; without such a token the first is not, and its bytes are not counted)
+        sequences = [tokenizer.encode_prompt(t) for t in texts]
+        nll, n = rolling_nll(model, sequences, stride, batch_size=batch_size, progress=progress)
+        unscored = sum(len(tokenizer.decode(ids[:1]).encode("utf-8")) for ids in sequences if not tokenizer.prefix_ids)
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts) - unscored
         metrics = perplexity_metrics(nll, n, n_bytes, f"task {task.name} ({task.source})")
         metrics = {k: v for k, v in metrics.items() if k in task.metrics}
     return {"version": task.version, "type": task.type, "source": task.source, "examples": len(task.docs),
@@ -111,7 +115,7 @@ def _choice_task(model, tokenizer, task: Task, batch_size: int, progress: bool) 
         targets.append(task.target_index(doc))
         for choice in choices:
             requests.append((context, task.target_delimiter + choice))
-            lengths.append(len(choice.encode("utf-8")))
+            lengths.append(len(choice))  # (characters, as lm-evaluation-harness's acc_norm)
     scores = loglikelihoods(model, tokenizer, requests, batch_size, progress=progress, desc=task.name)
     predictions, normalized = [], []
     for start, n in spans:
@@ -124,8 +128,8 @@ def _choice_task(model, tokenizer, task: Task, batch_size: int, progress: bool) 
     if "acc_norm" in task.metrics:
         out["acc_norm"] = float(np.mean([p == t for p, t in zip(normalized, targets)]))
     if task.type == "classification":
-        n_labels = max(n for _, n in spans)
-        metrics = classification_metrics(predictions, targets, list(range(n_labels)))
+        # (macro-F1 over the labels that occur, in the references or the predictions: scikit-learn's default)
+        metrics = classification_metrics(predictions, targets, sorted(set(predictions) | set(targets)))
         out.update({k: v for k, v in metrics.items() if k in task.metrics})
     return out
 
@@ -136,12 +140,15 @@ def _generation_task(model, tokenizer, task: Task, batch_size: int, progress: bo
     from lmforge.infer.engine import Engine, fit_source
     from lmforge.infer.generate import SamplingParams, fit_prompt
 
-    references = [task.render(task.target, d).strip() for d in task.docs]
-    cut = [r for r in references if any(stop in task.target_delimiter + r for stop in task.until)]
+    answers = [task.references_of(d) for d in task.docs]  # (one or more right answers each)
+    references = [refs[0] for refs in answers]
+    cut = [r for refs in answers for r in refs if any(stop in task.target_delimiter + r for stop in task.until)]
     if cut:
         warn(f"task {task.name}: a stop sequence ({', '.join(map(repr, task.until))}) occurs in {len(cut)} of its "
              f"answers (first: {task.target_delimiter + cut[0]!r}); generation stops there, so those cannot match")
-    params = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=0, stop=list(task.until))
+    # (special tokens the model writes are left out of its answer, as the harness's hf model decodes it)
+    params = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=0, stop=list(task.until),
+                            skip_special_tokens=True)
     engine = Engine(model, tokenizer, max_batch=min(batch_size, len(task.docs)))  # (rows are allocated up front)
     fit = fit_prompt if isinstance(model, GPT) else fit_source  # an encoder-decoder's prompt is its source
     contexts = [task.context(i) for i in range(len(task.docs))]
@@ -186,15 +193,18 @@ def _generation_task(model, tokenizer, task: Task, batch_size: int, progress: bo
         if "spearman" in task.metrics:
             out["spearman"] = spearman(guesses, truth)
         return out
+    # several right answers (a list target): the best match counts, as SQuAD's and sacrebleu's multi-reference scores
     if "exact_match" in task.metrics:
-        out["exact_match"] = float(np.mean([p == r for p, r in zip(predictions, references)]))
+        out["exact_match"] = float(np.mean([p in refs for p, refs in zip(predictions, answers)]))
     if "f1" in task.metrics:
-        out["f1"] = float(np.mean([squad_f1(p, [r]) for p, r in zip(predictions, references)]))
+        out["f1"] = float(np.mean([squad_f1(p, refs) for p, refs in zip(predictions, answers)]))
     if "bleu" in task.metrics:
-        out["bleu"] = bleu(predictions, references)
+        out["bleu"] = bleu(predictions, answers)
     if "rouge" in task.metrics:
-        out.update(rouge(predictions, references))
-    out["samples"] = [{"prompt": contexts[i], "prediction": predictions[i], "reference": references[i]} for i in range(min(3, len(contexts)))]
+        out.update(rouge(predictions, answers))
+    out["samples"] = [{"prompt": contexts[i], "prediction": predictions[i],
+                       "reference": answers[i][0] if len(answers[i]) == 1 else answers[i]}
+                      for i in range(min(3, len(contexts)))]
     return out
 
 

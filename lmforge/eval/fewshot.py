@@ -66,9 +66,14 @@ def build_prompt(demonstrations: list[dict], query_text: str, template: str = DE
         raise LmforgeError(f"a few-shot template takes {{text}} and {{label}} only, not "
                            f"{', '.join('{' + f + '}' for f in sorted(fields - {'text', 'label'}))}; write {{{{ and }}}} "
                            f"for braces")
-    before, after = template.split("{label}", 1)
-    if after.strip():
+    # (where the {label} slot is: "{{label}}" before it is the text "{label}", not the slot)
+    pieces = list(string.Formatter().parse(template))
+    slot = next(i for i, (_, name, _, _) in enumerate(pieces) if name == "label")
+    if any(literal.strip() or name is not None for literal, name, _, _ in pieces[slot + 1:]):
         raise LmforgeError("in a few-shot template, {label} must come last")
+    before = "".join(literal.replace("{", "{{").replace("}", "}}") + ("" if name is None else "{" + name + (
+        "!" + conv if conv else "") + (":" + spec if spec else "") + "}") for literal, name, spec, conv in pieces[:slot])
+    before += pieces[slot][0].replace("{", "{{").replace("}", "}}")
     parts = [description] if description else []
     parts += [template.format(text=d["text"], label=d["label"]) for d in demonstrations]
     query = before.format(text=query_text)

@@ -18,6 +18,7 @@ start from the beginning-of-sequence token where the tokenizer names one, else f
 
 from __future__ import annotations
 
+import lm_eval.models  # noqa: F401  (the harness's own models first: it reads them only into an empty registry)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -113,7 +114,7 @@ class LmforgeLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
             params = SamplingParams(max_new_tokens=int(kwargs.get("max_gen_toks", self.max_gen_toks)), temperature=temperature,
-                                    stop=until, seed=kwargs.get("seed"))
+                                    stop=until, seed=kwargs.get("seed"), skip_special_tokens=True)  # (as hf decodes)
             ids = fit_prompt(self.encode(context) or [self.prefix], params.max_new_tokens,
                              self.model.config.block_size, truncate=True)
             handles.append(engine.add(ids, params))

@@ -23,11 +23,16 @@ from lmforge.utils import warn
 def harness_encode(tokenizer, text: str, add_bos: bool | None = None) -> list[int]:
     """Token ids of ``text`` as lm-evaluation-harness's ``hf`` model encodes it for a decoder: as the tokenizer
     does by default, with its leading special tokens (Llama's <s>), unless the text already begins with the
-    beginning-of-sequence token's text; ``add_bos`` (the harness's add_bos_token) True or False decides instead."""
+    beginning-of-sequence token's text (then nothing is added, whatever ``add_bos``); ``add_bos`` (the harness's
+    add_bos_token) False adds nothing, True the beginning-of-sequence token where the tokenizer would not (GPT-2's
+    <|endoftext|>)."""
     bos = tokenizer.hf.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else None
-    if add_bos is False or (add_bos is None and bos and text.startswith(bos)):
+    if add_bos is False or (bos and text.startswith(bos)):
         return tokenizer.encode(text)
-    return tokenizer.encode_prompt(text)
+    ids = tokenizer.encode_prompt(text)
+    if add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
+        ids = [tokenizer.bos_id, *ids]
+    return ids
 
 
 def empty_context(tokenizer, continuation: list[int]) -> tuple[list[int], list[int]]:
@@ -41,20 +46,21 @@ def empty_context(tokenizer, continuation: list[int]) -> tuple[list[int], list[i
 
 
 def split_context(tokenizer, context: str, continuation: str, encode=None) -> tuple[list[int], list[int]]:
-    """Token ids of (context, continuation), as the model would see the whole text.
-
-    Trailing whitespace of the context moves to the continuation (in BPE a space belongs to the word
-    after it; lm-evaluation-harness does the same). The two are tokenised together when the context's
-    tokens are a prefix of the whole (the usual case), else separately. ``encode``: how text is encoded
-    (default: ``harness_encode``, as the harness does).
+    """Token ids of (context, continuation), as the model would see the whole text, split as
+    lm-evaluation-harness splits them: trailing whitespace of the context moves to the continuation (in BPE a
+    space belongs to the word after it), the whole is encoded, and the continuation is what follows the context's
+    own number of tokens (where the two merge into one token at the seam, "Hello" + "world", that token counts as
+    the context's). A context of whitespace only is an empty one (``empty_context``); a continuation the whole's
+    tokens leave nothing of is encoded alone. ``encode``: how text is encoded (default: ``harness_encode``).
     """
     encode = encode or (lambda text: harness_encode(tokenizer, text))
     stripped = context.rstrip()
-    if stripped:  # an all-space context stays as it is
-        context, continuation = stripped, context[len(stripped):] + continuation
+    context, continuation = stripped, context[len(stripped):] + continuation
+    if not context:
+        return empty_context(tokenizer, encode(continuation))
     ctx = encode(context)
     whole = encode(context + continuation)
-    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+    if len(whole) > len(ctx):
         return ctx, whole[len(ctx):]
     return ctx, tokenizer.encode(continuation)
 

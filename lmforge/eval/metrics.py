@@ -104,21 +104,33 @@ def squad_metrics(predictions: Sequence[str], answers: Sequence[Sequence[str]]) 
 # -- generation (the reference libraries' own numbers) and regression (the GLUE conventions) ---------
 
 
-def bleu(predictions: list[str], references: list[str]) -> float:
-    """Corpus BLEU with sacrebleu's defaults (13a tokenisation, exp smoothing)."""
+def _reference_lists(references: list) -> list[list[str]]:
+    """Each prediction's references: a string is one, a list several."""
+    return [[r] if isinstance(r, str) else list(r) for r in references]
+
+
+def bleu(predictions: list[str], references: list) -> float:
+    """Corpus BLEU with sacrebleu's defaults (13a tokenisation, exp smoothing). ``references``: one string per
+    prediction, or a list of them (several references; rows with fewer are padded as sacrebleu asks, with None)."""
     import sacrebleu
 
-    return sacrebleu.corpus_bleu(predictions, [references]).score
+    lists = _reference_lists(references)
+    width = max((len(refs) for refs in lists), default=1)
+    streams = [[refs[k] if k < len(refs) else None for refs in lists] for k in range(width)]
+    return sacrebleu.corpus_bleu(predictions, streams).score
 
 
-def rouge(predictions: list[str], references: list[str]) -> dict:
-    """Mean ROUGE-1/2/L F-measures (×100) with rouge-score."""
+def rouge(predictions: list[str], references: list) -> dict:
+    """Mean ROUGE-1/2/L F-measures (×100) with rouge-score; with several references per prediction, the best of
+    each (rouge-score's ``score_multi``)."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
-    scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
+    lists = _reference_lists(references)
+    scores = [scorer.score(refs[0], p) if len(refs) == 1 else scorer.score_multi(refs, p)
+              for p, refs in zip(predictions, lists)]
     n = _require_items(scores)
-    unread = sum(not re.search(r"[a-z0-9]", r.lower()) and bool(r.strip()) for r in references)
+    unread = sum(not re.search(r"[a-z0-9]", r.lower()) and bool(r.strip()) for refs in lists for r in refs)
     if unread:  # rouge-score's tokenizer keeps ASCII letters and digits only
         from lmforge.utils import warn
 

@@ -105,6 +105,18 @@ class Task:
             raise LmforgeError(f"task {self.name}: `choices` gave {value!r}, not a list")
         return [str(c) for c in parsed]
 
+    def references_of(self, doc: dict) -> list[str]:
+        """A generation task's right answers: the rendered target, or each item where the target is one field
+        holding a list (``target: "{{ answers }}"``, SQuAD's several answers: the best match counts)."""
+        single = _SINGLE_FIELD.fullmatch(self.target or "")
+        value = doc.get(single.group(1)) if single else None
+        if isinstance(value, list):
+            if not value or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+                raise LmforgeError(f"task {self.name}: the target field {single.group(1)!r} holds {value!r}; a list "
+                                   f"of answers must hold at least one, each a string or a number")
+            return [str(v).strip() for v in value]
+        return [self.render(self.target, doc).strip()]
+
     def target_index(self, doc: dict) -> int:
         """The right choice's index: the target is an index, or the text of one of the choices. A target that is
         one field holding a JSON integer (``target: "{{ answer }}"`` with ``"answer": 2``) is an index, as in
