@@ -514,7 +514,14 @@ def test_epochs_that_do_not_fill_whole_steps_are_said(hf_gpt2, tmp_path, capsys)
     the next pass (which repeats them). That was silent."""
     rows = [{"prompt": f"x{i} =", "completion": f" {i}"} for i in range(6)]
     for n, warned in ((6, True), (8, False)):
+        options = settings(tmp_path, out=str(tmp_path / f"run{n}"), micro_batch_size=4)
+        del options["max_steps"]
         finetune(model=str(hf_gpt2), train=jsonl(tmp_path / f"{n}.jsonl", (rows * 2)[:n]), progress=False, val_fraction=0,
-                 epochs=1, **settings(tmp_path, out=str(tmp_path / f"run{n}"), micro_batch_size=4))
+                 epochs=1, **options)
         err = capsys.readouterr().err
         assert ("the last step also takes 2 examples of the next pass" in err) == warned, err
+    # --max-steps given beside --epochs decides, as transformers' max_steps over num_train_epochs (epochs won silently)
+    summary = finetune(model=str(hf_gpt2), train=jsonl(tmp_path / "8.jsonl", (rows * 2)[:8]), progress=False,
+                       val_fraction=0, epochs=1, **settings(tmp_path, out=str(tmp_path / "both"), max_steps=3,
+                                                            micro_batch_size=4))
+    assert summary["steps"] == 3 and "--max-steps 3 decides the run's length" in capsys.readouterr().err

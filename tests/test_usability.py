@@ -543,6 +543,8 @@ def test_settings_that_would_train_the_wrong_thing_are_refused(hf_gpt2, tmp_path
             (["finetune", *model, "--train", str(rows), "--labels", "a,b,a"], "--labels lists 'a' twice"),
             (["finetune", *model, "--train", str(typo)], "field 'lable' is no format's field; did you mean 'label'?"),
             (["finetune", *model, "--train", str(rows), "--epochs", "-1"], "epochs must be 0"),
+            # (a whole number written short is one; 1e-1 ran with 0 warmup steps)
+            (["finetune", *model, "--train", str(rows), "--warmup-steps", "1e-1"], "expects int, got '1e-1'"),
             (["finetune", *model, "--train", str(rows), "--pooling", "mean"], "--pooling mean applies to encoders"),
             (["finetune", "--model", str(wordpiece), "--train", str(chat)], "lacks <|im_start|> and <|im_end|>"),
             (["rl", *model, "--reward", "trl_reward:f", "--train", str(prompts), "--max-new-tokens", "8"],

@@ -508,7 +508,12 @@ def _coerce(key: str, value, cls=TrainConfig):
         if base is int:
             if isinstance(value, float) and not value.is_integer() or isinstance(value, bool):
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            if isinstance(value, str) and "e" in value.lower():  # ("1e6": a whole number written short; "1e-1" is not)
+                number = float(value)
+                if not number.is_integer():
+                    raise ValueError
+                return int(number)
+            return int(value)
         if base is float:
             return float(value)
         if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
@@ -617,6 +622,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
             values[_check_key(str(key), cls)] = value
     config = cls(**{k: _coerce(k, v, cls) for k, v in values.items()})
     config.validate()
+    # what this command was given (its file and its options, not a resumed run's saved config): where two settings
+    # decide one thing (--epochs and --max-steps), the one given wins
+    config.given = frozenset(_check_key(str(k), cls) for k in (*from_file, *(overrides or {})))
     return config
 
 

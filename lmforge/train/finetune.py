@@ -204,6 +204,11 @@ class Finetune(Objective):
         elif config.val_fraction > 0:
             train_rows, val_rows = split_examples(examples.rows, config.val_fraction, config.seed)
         self.setup(train_rows, val_rows)
+        given = getattr(config, "given", frozenset())
+        if config.epochs > 0 and "max_steps" in given:  # (as transformers' max_steps overrides num_train_epochs)
+            if "epochs" in given and int(os.environ.get("RANK", 0)) == 0:
+                warn(f"--max-steps {config.max_steps} decides the run's length; --epochs {config.epochs:g} is not used")
+            config.epochs = 0.0
         if config.epochs > 0:  # the loop reads max_steps after this
             per_step = config.micro_batch_size * config.grad_accum_steps * int(os.environ.get("WORLD_SIZE", 1))
             config.max_steps = max(1, math.ceil(config.epochs * self.epoch_units / per_step))
