@@ -572,3 +572,20 @@ def test_special_tokens_are_left_out_of_the_text_unless_asked_for(tmp_path, toke
         live.stop()
     assert skipped["logprobs"]["tokens"] == kept["logprobs"]["tokens"] == ["<|im_start|>"] * 3
     assert (skipped["text"], kept["text"], chat["message"]["content"]) == ("", "<|im_start|>" * 3, "")
+
+
+def test_a_prompt_of_token_ids_is_read_as_it_is(server, model_dir):
+    """The OpenAI API's other prompt form, token ids (as vLLM serves it; lm-evaluation-harness's local-completions
+    sends them by default): it was a 400."""
+    from lmforge.tokenizer import Tokenizer
+
+    ids = Tokenizer.load(model_dir).encode_prompt("def main():")
+    body = {"max_tokens": 6, "temperature": 0, "logprobs": 0}
+    as_text = post(server, "/v1/completions", {**body, "prompt": "def main():"}).json()
+    as_ids = post(server, "/v1/completions", {**body, "prompt": ids, "echo": True}).json()
+    assert as_ids["usage"]["prompt_tokens"] == len(ids) == as_text["usage"]["prompt_tokens"]
+    assert as_ids["choices"][0]["text"] == "def main():" + as_text["choices"][0]["text"]
+    assert as_ids["choices"][0]["logprobs"]["tokens"] == as_text["choices"][0]["logprobs"]["tokens"]
+    for prompt, param in (([10**6], "prompt"), ([ids, ids], "prompt"), ([], "prompt")):
+        response = post(server, "/v1/completions", {**body, "prompt": prompt})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text

@@ -174,7 +174,8 @@ _OTHER_EXTENSIONS = {"num_beams": 1, "use_beam_search": False, "best_of_beams": 
 
 
 class CompletionBody(_Sampling):
-    prompt: Text | list[Text]
+    # text, or token ids (the OpenAI API's other form, as vLLM serves it), or a list of one of them
+    prompt: Text | list[Text] | Annotated[list[int], Field(min_length=1)] | list[Annotated[list[int], Field(min_length=1)]]
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     best_of: int | None = None
@@ -542,12 +543,21 @@ class OpenAIService:
 
     async def completions(self, body: CompletionBody, http: HTTPRequest):
         self.check_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        given = body.prompt
+        prompts = [given] if isinstance(given, str) or (given and isinstance(given[0], int)) else given
         if len(prompts) != 1:
             raise APIError(400, "send one prompt per request (a list of prompts is not supported)", param="prompt")
-        prompt = prompts[0]
-        # plain text, as vLLM and transformers encode it (the tokenizer's leading special tokens: Llama's <s>)
-        prompt_ids = self.tokenizer.encode(prompt) if self.seq2seq else self.tokenizer.encode_prompt(prompt)
+        if isinstance(prompts[0], list):  # token ids, read as they are (as vLLM does: nothing added)
+            prompt_ids = list(prompts[0])
+            bad = next((i for i in prompt_ids if not 0 <= i < self.vocab_size), None)
+            if bad is not None:
+                raise APIError(400, f"prompt: {bad} is no token id of this model (0 to {self.vocab_size - 1})",
+                               param="prompt")
+            prompt = self.tokenizer.decode(prompt_ids)
+        else:
+            # plain text, as vLLM and transformers encode it (the tokenizer's leading special tokens: Llama's <s>)
+            prompt = prompts[0]
+            prompt_ids = self.tokenizer.encode(prompt) if self.seq2seq else self.tokenizer.encode_prompt(prompt)
         max_tokens = body.max_tokens or self.default_max_tokens(max(len(prompt_ids), 1), 16)  # OpenAI's default: 16
         # (an encoder-decoder reads the prompt and an end token: the engine's fit_source)
         if self.seq2seq:
