@@ -85,6 +85,34 @@ def make_hf_gpt2(folder: Path, vocab_size: int = 1024, tokenizer_dir: Path | Non
     return Path(folder)
 
 
+def make_special_token_writer(folder: Path, tokenizer_dir: Path, token: int = 1) -> Path:
+    """A tiny GPT-2 folder that writes special token ``token`` (<|im_start|>, not a stop token) at every step:
+    every position's output is ln_f's bias, and the tied embedding row of ``token`` points along it."""
+    from safetensors.torch import load_file, save_file
+
+    make_hf_gpt2(folder, tokenizer_dir=tokenizer_dir)
+    weights = load_file(folder / "model.safetensors")
+    bias = torch.randn(32)
+    weights["transformer.ln_f.weight"], weights["transformer.ln_f.bias"] = torch.zeros(32), bias
+    weights["transformer.wte.weight"][token] = 10 * bias
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def make_llama_with_bos(folder: Path) -> Path:
+    """A tiny Llama folder whose tokenizer puts <s> before a text (test_tokenizer's Llama-2-style tokenizer)."""
+    from test_tokenizer import llama2_style_folder
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama2_style_folder(folder, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                                 "tokenizer_class": "PreTrainedTokenizerFast"})
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=282, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=64, bos_token_id=1,
+                                 eos_token_id=2)).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def hf_gpt2(tmp_path, tokenizer_dir) -> Path:
     return make_hf_gpt2(tmp_path / "hf-gpt2", tokenizer_dir=tokenizer_dir)

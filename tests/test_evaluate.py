@@ -319,15 +319,10 @@ def test_perplexity_tasks_encode_as_transformers_and_count_the_bytes_they_predic
     """A perplexity task's texts are encoded as transformers' recipe encodes them, tokenizer(text): Llama's <s> went
     missing, and with it the prediction of each text's first token. Bits per byte count the bytes of the tokens
     predicted (a text's first token without <s> before it is not: its bytes were counted)."""
-    from test_tokenizer import llama2_style_folder
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from conftest import make_llama_with_bos
+    from transformers import AutoTokenizer
 
-    llama = llama2_style_folder(tmp_path / "llama", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                                                     "tokenizer_class": "PreTrainedTokenizerFast"})
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=282, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=64, bos_token_id=1,
-                                 eos_token_id=2)).save_pretrained(llama)
+    llama = make_llama_with_bos(tmp_path / "llama")
     texts = ["Hello world", "Hello, world's", "world Hello Hello"]
     for folder in (llama, hf_gpt2):
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
@@ -363,11 +358,12 @@ def test_macro_f1_is_over_the_labels_that_occur_as_scikit_learn_counts_it(hf_gpt
     assert metrics["macro_f1"] == pytest.approx(f1_score([i % 2 for i in range(10)], predicted, average="macro"))
 
 
-def test_a_list_of_answers_scores_the_best_match_and_special_tokens_are_no_part_of_an_answer(hf_gpt2, tmp_path):
+def test_a_list_of_answers_scores_the_best_match_and_special_tokens_are_no_part_of_an_answer(hf_gpt2, tmp_path,
+                                                                                               tokenizer_dir):
     """A target field holding several answers (SQuAD's) was scored as the text of the list; and an answer kept the
     special tokens the model wrote (the harness's hf model leaves them out)."""
     import sacrebleu
-    from safetensors.torch import load_file, save_file
+    from conftest import make_special_token_writer
 
     from lmforge.infer.generate import generate
 
@@ -383,16 +379,7 @@ def test_a_list_of_answers_scores_the_best_match_and_special_tokens_are_no_part_
     streams = [["nothing like it", "no"], [None, "nor this"], [None, said[1]]]
     assert metrics["bleu"] == pytest.approx(sacrebleu.corpus_bleu(said, streams).score)
     # a model that writes <|im_start|> (a special token, not a stop token) answers nothing
-    folder = tmp_path / "m"
-    import shutil
-
-    shutil.copytree(hf_gpt2, folder)
-    weights = load_file(folder / "model.safetensors")
-    bias = torch.randn(32)
-    weights["transformer.ln_f.weight"], weights["transformer.ln_f.bias"] = torch.zeros(32), bias
-    weights["transformer.wte.weight"][1] = 10 * bias
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    special = load_model(folder)
+    special = load_model(make_special_token_writer(tmp_path / "m", tokenizer_dir))
     task = Task("gen", "generate", [{"x": "def", "y": ""}], prompt="{{ x }}", target="{{ y }}", max_new_tokens=3,
                 metrics=["exact_match"])
     result = run_task(special, load_tokenizer_for(special), task, progress=False)["metrics"]

@@ -57,17 +57,9 @@ def harness_folder(request, hf_gpt2, tmp_path):
     """GPT-2's folder, or a Llama folder whose tokenizer puts <s> before a text (the harness adds it by default)."""
     if request.param == "gpt2":
         return hf_gpt2
-    import torch
-    from test_tokenizer import llama2_style_folder
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import make_llama_with_bos
 
-    folder = llama2_style_folder(tmp_path / "llama", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                                                      "tokenizer_class": "PreTrainedTokenizerFast"})
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=282, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=64, bos_token_id=1,
-                                 eos_token_id=2)).save_pretrained(folder)
-    return folder
+    return make_llama_with_bos(tmp_path / "llama")
 
 
 @pytest.mark.parametrize("add_bos", [None, True])

@@ -6,7 +6,6 @@ import threading
 import time
 
 import httpx
-import torch
 import pytest
 from conftest import make_hf_gpt2, run_cli
 
@@ -551,16 +550,9 @@ def test_special_tokens_are_left_out_of_the_text_unless_asked_for(tmp_path, toke
     """As vLLM (and transformers' pipelines) by default: a special token the model writes (here <|im_start|>, not
     a stop token) adds no text; skip_special_tokens: false keeps it; the logprobs' tokens keep it either way. (The
     field was accepted and ignored.)"""
-    from safetensors.torch import load_file, save_file
+    from conftest import make_special_token_writer
 
-    folder = make_hf_gpt2(tmp_path / "m", tokenizer_dir=tokenizer_dir)
-    weights = load_file(folder / "model.safetensors")
-    # every position's output is ln_f's bias; the tied embedding row of <|im_start|> points along it
-    bias = torch.randn(32)
-    weights["transformer.ln_f.weight"], weights["transformer.ln_f.bias"] = torch.zeros(32), bias
-    weights["transformer.wte.weight"][1] = 10 * bias
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    model = load_model(folder)
+    model = load_model(make_special_token_writer(tmp_path / "m", tokenizer_dir))
     live = LiveServer(build_server_app(model, load_tokenizer_for(model), ServerSettings(max_batch=2, model_name="m")))
     try:
         body = {"prompt": "def", "max_tokens": 3, "temperature": 0, "logprobs": 0}
