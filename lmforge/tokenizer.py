@@ -146,6 +146,9 @@ class Tokenizer:
                 config[key] = value
         tok = cls(hf, config)
         tok.path = file
+        # (a folder whose only setting is its chat template names no special token: saved as a bare one is)
+        tok.configured = any((file.parent / name).is_file() for name in ("tokenizer_config.json",
+                                                                         "special_tokens_map.json"))
         return tok
 
     def save(self, folder: str | os.PathLike) -> None:

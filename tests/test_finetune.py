@@ -525,3 +525,10 @@ def test_epochs_that_do_not_fill_whole_steps_are_said(hf_gpt2, tmp_path, capsys)
                        val_fraction=0, epochs=1, **settings(tmp_path, out=str(tmp_path / "both"), max_steps=3,
                                                             micro_batch_size=4))
     assert summary["steps"] == 3 and "--max-steps 3 decides the run's length" in capsys.readouterr().err
+    # a config object sets what differs from the defaults: its epochs decide (the default max_steps is not "given")
+    from lmforge.train.finetune import FinetuneConfig
+
+    config = FinetuneConfig(**{**settings(tmp_path, out=str(tmp_path / "object"), micro_batch_size=4), "epochs": 1,
+                               "max_steps": FinetuneConfig().max_steps},
+                            model=str(hf_gpt2), train=jsonl(tmp_path / "8.jsonl", (rows * 2)[:8]), val_fraction=0)
+    assert finetune(config, progress=False)["steps"] == 2

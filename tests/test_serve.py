@@ -558,12 +558,16 @@ def test_special_tokens_are_left_out_of_the_text_unless_asked_for(tmp_path, toke
         body = {"prompt": "def", "max_tokens": 3, "temperature": 0, "logprobs": 0}
         skipped = post(live, "/v1/completions", body).json()["choices"][0]
         kept = post(live, "/v1/completions", {**body, "skip_special_tokens": False}).json()["choices"][0]
+        # a stop string that is a left-out special token still stops (it ran on to max_tokens)
+        stopped = post(live, "/v1/completions", {**body, "max_tokens": 5, "stop": ["<|im_start|>"]}).json()
         chat = post(live, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
                                                     "temperature": 0}).json()["choices"][0]
     finally:
         live.stop()
     assert skipped["logprobs"]["tokens"] == kept["logprobs"]["tokens"] == ["<|im_start|>"] * 3
     assert (skipped["text"], kept["text"], chat["message"]["content"]) == ("", "<|im_start|>" * 3, "")
+    assert (stopped["choices"][0]["finish_reason"], stopped["usage"]["completion_tokens"]) == ("stop", 1)
+    assert skipped["logprobs"]["text_offset"] == [0, 0, 0]  # (offsets into the text, which leaves them out)
 
 
 def test_a_prompt_of_token_ids_is_read_as_it_is(server, model_dir):

@@ -296,6 +296,12 @@ def test_a_folders_tokenizer_is_saved_with_nothing_added_and_transformers_genera
         assert getattr(after, key) == getattr(before, key), key
     from test_retrieval import MINILM  # (BERT: [CLS] a [SEP] b [SEP] with segment ids)
 
+    # a folder whose only setting is a chat_template.jinja is saved as a bare tokenizer.json is (with its eos)
+    bare = byte_level_folder(tmp_path / "jinja", {})
+    (bare / "tokenizer_config.json").unlink()
+    (bare / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    Tokenizer.load(bare).save(tmp_path / "jinja-saved")
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "jinja-saved")).eos_token == "<|endoftext|>"
     Tokenizer.load(MINILM).save(tmp_path / "bert")
     assert "token_type_ids" in AutoTokenizer.from_pretrained(str(tmp_path / "bert"))("a", "b")
     assert json.loads((tmp_path / "bert" / "tokenizer_config.json").read_text()).get("eos_token") is None

@@ -58,7 +58,7 @@ class Detokenizer:
     def add(self, token: int) -> tuple[str, bool]:
         """(new text, whether a stop string was reached; the text then ends before it)."""
         if token in self.skipped:
-            return "", False
+            return self._stop_at_special(token)
         self.ids.append(token)
         if self.lazy:
             return "", False
@@ -71,6 +71,21 @@ class Detokenizer:
             self._settled, self._settled_text = len(self.ids), self.text
             self._overlap = self.tokenizer.decode(self.ids[max(0, self._settled - self.CONTEXT):])
         return self._advance(decided, len(decided) - self.hold)
+
+    def _stop_at_special(self, token: int) -> tuple[str, bool]:
+        """A special token left out of the text still ends it where a stop string ends in its text ("<|im_end|>",
+        "\n</s>"), as it would with the token written: the text then ends before the stop string."""
+        name = self._token_name(token) if self._token_name is not None else None
+        if not self.stops or not name:
+            return "", False
+        joined = self.text + name
+        hits = [i for i in (joined.find(s, max(0, self.emitted - self.hold)) for s in self.stops) if i >= 0]
+        if not hits:
+            return "", False
+        self.text, self.stopped = self.text[: min(min(hits), len(self.text))], True
+        piece = self.text[self.emitted :]
+        self.emitted += len(piece)
+        return piece, True
 
     def _decode(self) -> str:
         """decode(ids): the settled text, then the ids after it decoded with their CONTEXT ids before them."""

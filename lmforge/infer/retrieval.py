@@ -306,11 +306,14 @@ def build_index(paths: list[str | os.PathLike], model: str | os.PathLike, out: s
         lexical.save(str(tmp / "bm25"))
         if ann:
             build_ann(matrix, tmp / "ann.faiss")
-        checksums = {f.relative_to(tmp).as_posix(): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        written = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
+        checksums = {f.relative_to(tmp).as_posix(): sha256_file(f) for f in written}
+        stats = {f.relative_to(tmp).as_posix(): _file_stat(f) for f in written}  # (moving the folder keeps them)
         atomic_write_json(tmp / "manifest.json", {
             "format": FORMAT, "encoder": str(Path(model).resolve()), "encoder_sha256": fingerprint,
             "passages": settings, "dtype": precision.dtype, "count": len(passages), "dim": matrix.size(1), "files": entries,
             **({"ann": {"kind": "hnsw", "neighbours": ANN_NEIGHBOURS}} if ann else {}), "sha256": checksums,
+            "stat": stats,
         })
     return {"out": str(out), "files": len(files), "passages": len(passages), "embedded": len(to_embed), "reused": reused,
             "precision": precision.reason}
@@ -383,14 +386,27 @@ def _previous_manifest(out: Path) -> dict:
     return previous
 
 
+def _file_stat(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def _check_sha256(folder: Path, manifest: dict, names: list[str]) -> None:
-    """Each file of ``names`` as it was written (an index from before the manifest kept SHA-256s: not checked)."""
+    """Each file of ``names`` as it was written (an index from before the manifest kept SHA-256s: not checked). A
+    file whose size and modification time are those it was written with is not read again (opening a large
+    index hashed every file each time: 3x slower); one copied or edited since is."""
     recorded = manifest.get("sha256")
     if recorded is None:
         return
+    stats = manifest.get("stat") if isinstance(manifest.get("stat"), dict) else {}
     for name in names:
         if name not in recorded:
             raise DamagedIndex(folder, f"manifest.json has no SHA-256 of {name}", manifest["encoder"])
+        try:
+            if stats.get(name) == _file_stat(folder / name):
+                continue
+        except OSError:
+            pass  # (said below, where the file is read)
         try:
             digest = sha256_file(folder / name)
         except FileNotFoundError:

@@ -570,6 +570,8 @@ class OpenAIService:
         prefix = prompt if body.echo else ""
 
         token_texts: dict[int, list[str]] = {}
+        token_widths: dict[int, list[int]] = {}  # what each token adds to the text (a left-out special token: 0)
+        skipped = self.tokenizer.special_ids if body.skip_special_tokens else set()
 
         def legacy_logprobs(seq, start: int = 0, end: int | None = None) -> dict | None:
             if body.logprobs is None:
@@ -577,10 +579,11 @@ class OpenAIService:
             end = len(seq.tokens) if end is None else end
             # each token's character offset in the text returned (the echoed prompt, then the completion); the
             # token texts of a sequence are kept, so that a stream's chunks do not decode its tokens again
-            texts = token_texts.setdefault(seq.index, [])
-            texts += [self.token_text(t) for t in seq.tokens[len(texts):end]]
-            offsets = list(itertools.accumulate((len(t) for t in texts[start : end - 1]), initial=len(prefix)
-                                                + sum(len(t) for t in texts[:start])))
+            texts, widths = token_texts.setdefault(seq.index, []), token_widths.setdefault(seq.index, [])
+            new = seq.tokens[len(texts):end]
+            texts += [self.token_text(t) for t in new]
+            widths += [0 if t in skipped else len(text) for t, text in zip(new, texts[len(widths):])]
+            offsets = list(itertools.accumulate(widths[start : end - 1], initial=len(prefix) + sum(widths[:start])))
             return {"tokens": texts[start:end], "token_logprobs": seq.logprobs[start:end],
                     "top_logprobs": [{self.token_text(t): v for t, v in alts} if alts else None
                                      for alts in seq.top_logprobs[start:end]],

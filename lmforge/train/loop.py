@@ -162,8 +162,9 @@ def resolve_config(config, resume: bool, overrides: dict, cls=TrainConfig) -> Tr
     With ``resume``, the run folder's saved ``config.yaml`` is the starting point, so
     ``--resume --out RUN`` alone is enough.
     """
-    if isinstance(config, TrainConfig):
-        path, values = None, config.to_dict()
+    if isinstance(config, TrainConfig):  # (what it sets: what differs from the defaults; the rest is not "given")
+        defaults = type(config)().to_dict()
+        path, values = None, {k: v for k, v in config.to_dict().items() if defaults.get(k, object()) != v}
     elif isinstance(config, dict):
         path, values = None, dict(config)
     else:
