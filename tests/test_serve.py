@@ -582,6 +582,22 @@ def test_a_prompt_of_token_ids_is_read_as_it_is(server, model_dir):
     assert as_ids["usage"]["prompt_tokens"] == len(ids) == as_text["usage"]["prompt_tokens"]
     assert as_ids["choices"][0]["text"] == "def main():" + as_text["choices"][0]["text"]
     assert as_ids["choices"][0]["logprobs"]["tokens"] == as_text["choices"][0]["logprobs"]["tokens"]
-    for prompt, param in (([10**6], "prompt"), ([ids, ids], "prompt"), ([], "prompt")):
+    for prompt, param in (([10**6], "prompt"), ([ids, [10**6]], "prompt"), ([], "prompt")):
         response = post(server, "/v1/completions", {**body, "prompt": prompt})
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+def test_a_list_of_prompts_gets_every_prompts_choices(server, client):
+    """The OpenAI API's list of prompts (the openai client sends one as it is given): choice p * n + i is sample i
+    of prompt p, each as that prompt alone gives it; it was a 400. A stream takes one prompt."""
+    prompts = ["def", "import os", "x ="]
+    alone = [post(server, "/v1/completions", {"prompt": p, "max_tokens": 5, "temperature": 0, "n": 2}).json()
+             for p in prompts]
+    together = client.completions.create(model="tiny", prompt=prompts, max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in together.choices] == list(range(6))
+    assert [c.text for c in together.choices] == [c["text"] for a in alone for c in a["choices"]]
+    assert together.usage.prompt_tokens == sum(a["usage"]["prompt_tokens"] for a in alone)
+    ids = post(server, "/v1/completions", {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 3, "temperature": 0}).json()
+    assert [c["index"] for c in ids["choices"]] == [0, 1] and ids["usage"]["prompt_tokens"] == 5
+    response = post(server, "/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2, "stream": True})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"

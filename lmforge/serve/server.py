@@ -122,6 +122,7 @@ def _valid_text(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_valid_text)]
 MAX_STOPS = 16  # each stop string is searched for after every token
+MAX_PROMPTS = 64  # prompts in one completion request (each is a request of the engine's)
 
 
 class StreamOptions(BaseModel):
@@ -249,9 +250,10 @@ class EngineWorker:
             self.thread = threading.Thread(target=self.run, name="lmforge-engine", daemon=True)
             self.thread.start()
 
-    def queue_depth(self) -> int:
-        """Requests that will have to wait for a row (those arriving while rows are free do not)."""
-        pending = self.submissions.qsize() + len(self.engine.waiting)
+    def queue_depth(self, more: int = 0) -> int:
+        """Requests that will have to wait for a row (those arriving while rows are free do not); with ``more``
+        requests beside those submitted."""
+        pending = self.submissions.qsize() + len(self.engine.waiting) + more
         return max(0, pending - (self.engine.max_batch - len(self.engine.active)))
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, handle: Handle) -> None:
@@ -545,10 +547,39 @@ class OpenAIService:
         self.check_model(body.model)
         given = body.prompt
         prompts = [given] if isinstance(given, str) or (given and isinstance(given[0], int)) else given
-        if len(prompts) != 1:
-            raise APIError(400, "send one prompt per request (a list of prompts is not supported)", param="prompt")
-        if isinstance(prompts[0], list):  # token ids, read as they are (as vLLM does: nothing added)
-            prompt_ids = list(prompts[0])
+        if not prompts:
+            raise APIError(400, "prompt is an empty list; send a prompt", param="prompt")
+        if len(prompts) > 1 and body.stream:
+            raise APIError(400, "a stream answers one prompt; send the prompts one request each, or without stream",
+                           param="prompt")
+        most = min(MAX_PROMPTS, self.settings.max_batch + self.settings.max_queue)
+        if len(prompts) > most:
+            raise APIError(400, f"{len(prompts)} prompts in one request; this server takes at most {most}",
+                           param="prompt")
+        rid, model_name = f"cmpl-{uuid.uuid4().hex[:24]}", self.settings.model_name
+        # every prompt checked (and its settings made) before any is submitted
+        plans = [self._completion_plan(body, prompt, rid, model_name) for prompt in prompts]
+        if len(plans) == 1:
+            prompt_ids, params, stream, final = plans[0]
+            return await self.run(http, prompt_ids, params, stream if body.stream else None, final, "/v1/completions")
+        # several prompts (the OpenAI API's list): each a request of its own, decoded side by side; choice
+        # p * n + i is sample i of prompt p, as OpenAI numbers them. All wait in the queue or none does.
+        if self.worker.queue_depth(more=len(plans)) > self.settings.max_queue:
+            raise APIError(429, f"the server's queue has no room for {len(plans)} prompts now; retry shortly",
+                           "rate_limit_error", code="queue_full")
+        answers = await asyncio.gather(*(self.run(http, ids, params, None, final, "/v1/completions")
+                                         for ids, params, _, final in plans), return_exceptions=True)
+        failed = next((a for a in answers if isinstance(a, BaseException)), None)
+        if failed is not None:
+            raise failed
+        choices = [{**c, "index": p * body.n + c["index"]} for p, answer in enumerate(answers) for c in answer["choices"]]
+        usage = {k: sum(a["usage"][k] for a in answers) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        return {**answers[0], "choices": choices, "usage": usage}
+
+    def _completion_plan(self, body: CompletionBody, prompt: str | list[int], rid: str, model_name: str):
+        """(prompt ids, sampling settings, stream function, final function) of one prompt of a completion request."""
+        if isinstance(prompt, list):  # token ids, read as they are (as vLLM does: nothing added)
+            prompt_ids = list(prompt)
             bad = next((i for i in prompt_ids if not 0 <= i < self.vocab_size), None)
             if bad is not None:
                 raise APIError(400, f"prompt: {bad} is no token id of this model (0 to {self.vocab_size - 1})",
@@ -556,7 +587,6 @@ class OpenAIService:
             prompt = self.tokenizer.decode(prompt_ids)
         else:
             # plain text, as vLLM and transformers encode it (the tokenizer's leading special tokens: Llama's <s>)
-            prompt = prompts[0]
             prompt_ids = self.tokenizer.encode(prompt) if self.seq2seq else self.tokenizer.encode_prompt(prompt)
         max_tokens = body.max_tokens or self.default_max_tokens(max(len(prompt_ids), 1), 16)  # OpenAI's default: 16
         # (an encoder-decoder reads the prompt and an end token: the engine's fit_source)
@@ -566,7 +596,6 @@ class OpenAIService:
         else:
             read = max(len(prompt_ids), 1)
         params = self.sampling(body, max_tokens, read, body.logprobs)
-        rid, model_name = f"cmpl-{uuid.uuid4().hex[:24]}", self.settings.model_name
         prefix = prompt if body.echo else ""
 
         token_texts: dict[int, list[str]] = {}
@@ -615,7 +644,7 @@ class OpenAIService:
                                  "finish_reason": _reason(s)} for s in request.sequences],
                     "usage": self.usage(request)}
 
-        return await self.run(http, prompt_ids, params, stream if body.stream else None, final, "/v1/completions")
+        return prompt_ids, params, stream, final
 
     async def chat(self, body: ChatBody, http: HTTPRequest):
         self.check_model(body.model)
