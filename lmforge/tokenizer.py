@@ -271,11 +271,12 @@ class Tokenizer:
         ``return_assistant_tokens_mask``); otherwise what each assistant turn adds to the conversation before it.
         A token is learned when any of its characters is (as transformers: a word joined to the header's space)."""
         marked = self._render(messages, False, tools, mark_generation=True)
-        regions = _generation_regions(marked) if _GENERATION_MARKS[0] in marked else None
+        marks = _GENERATION_MARKS[0] in marked
+        regions = _generation_regions(marked) if marks else None
         if regions is not None:
             text = marked.replace(_GENERATION_MARKS[0], "").replace(_GENERATION_MARKS[1], "")
-        else:
-            text = self.apply_chat_template(messages, tools=tools)
+        else:  # (no {% generation %} block: the marked rendering is the plain one)
+            text = self.apply_chat_template(messages, tools=tools) if marks else marked
             regions = [self._turn_region(messages, i, text, tools) for i, m in enumerate(messages)
                        if isinstance(m, dict) and m.get("role") == "assistant"]
         enc = self.hf.encode(text, add_special_tokens=False)
