@@ -1429,7 +1429,7 @@ def test_the_rl_command_trains_a_policy_that_generate_loads_and_writes_its_sampl
     (["--reward", "exact", "--algo", "rloo", "--kl-coef", "0", "--target-kl", "0.1"],
      "cannot move a coefficient of 0 (--kl-coef 0); give --kl-coef > 0"),
     (["--reward", "exact", "--kl-coef", "0.1", "--kl-estimator", "k3"],
-     "bad config: kl_estimator applies to --algo ppo, rloo or reinforce only, not grpo (GRPO's loss penalises k3"),
+     "bad config: kl_estimator applies to --algo ppo or rloo or reinforce only, not grpo; leave it out"),
     (["--reward", "lenr.py:score"], "reward lenr.py:score: MODULE:FUNCTION names a Python module as you would import "
                                     "it, not a file (for a function score in lenr.py: lenr:score, run from the folder "
                                     "that holds lenr.py)"),

@@ -415,6 +415,10 @@ class RLConfig(FinetuneConfig):
             (self.sample_interval >= 1, "sample_interval must be at least 1"),
             (self.kl_coef >= 0 or self.kl_coef == -1, "kl_coef must be 0 or more"),
             (self.target_kl >= 0 and self.kl_horizon >= 1, "target_kl must be 0 or more, kl_horizon at least 1"),
+            (self.target_kl == 0 or self.beta > 0,
+             f"target_kl {self.target_kl} adapts the KL coefficient by multiplying it, so it cannot move a coefficient "
+             f"of 0 ({f'--algo {self.algo}' + chr(39) + 's default' if self.kl_coef < 0 else '--kl-coef 0'}); give "
+             f"--kl-coef > 0 as its starting value (PPO's and RLOO's default is 0.05)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -429,7 +433,9 @@ class RLConfig(FinetuneConfig):
     # settings that only one algorithm reads
     ALGORITHM_ONLY = {"gamma": ("ppo",), "lam": ("ppo",), "vf_coef": ("ppo",), "value_clip": ("ppo",),
                       "whiten_advantages": ("ppo",), "critic": ("ppo",), "loss_norm": ("grpo",),
-                      "scale_rewards": ("grpo",), "baseline_decay": ("reinforce",)}
+                      "scale_rewards": ("grpo",), "baseline_decay": ("reinforce",),
+                      # (GRPO's loss penalises k3 of each token, as TRL's; its logged kl is k3's per-token mean)
+                      "kl_estimator": ("ppo", "rloo", "reinforce")}
 
     @property
     def epochs_per_rollout(self) -> int:

@@ -79,7 +79,7 @@ def row_problem(spec: str, row: dict, functions: list | tuple = ()) -> str | Non
     """What a prompt row lacks for the built-in rewards named in ``spec``, or what your ``functions``
     (``user_functions(spec)``) cannot be called with (checked before a run starts, so that a row deep in the
     file stops nothing half-way), or None."""
-    names = {n.strip() for n in spec.split(";")}
+    names = set(_names(spec))
     if "exact" in names and row.get("answer") is None:
         return EXACT_NEEDS
     if ("arithmetic" in names and row.get("answer") is None and (row.get("a") is None or row.get("b") is None)

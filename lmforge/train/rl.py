@@ -856,24 +856,10 @@ def _scatter(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def refuse_settings(config: RLConfig) -> None:
-    """Settings that would do nothing, refused before any work (config.py's validate holds the rest)."""
-    if config.target_kl > 0 and config.beta == 0:
-        given = f"--algo {config.algo}'s default" if config.kl_coef < 0 else "--kl-coef 0"
-        raise LmforgeError(f"target_kl {config.target_kl} adapts the KL coefficient by multiplying it, so it cannot "
-                           f"move a coefficient of 0 ({given}); give --kl-coef > 0 as its starting value (PPO's and "
-                           f"RLOO's default is 0.05)")
-    if config.algo == "grpo" and config.kl_estimator != RLConfig.__dataclass_fields__["kl_estimator"].default:
-        raise LmforgeError("bad config: kl_estimator applies to --algo ppo, rloo or reinforce only, not grpo (GRPO's "
-                           "loss penalises k3 of each token, as TRL's; its logged kl is k3's per-token mean); leave it "
-                           "out")
-
-
 def rl(config: RLConfig | dict | str | os.PathLike | None = None, *, resume: bool = False, overwrite: bool = False,
        progress: bool = True, **overrides) -> dict:
     """Improve a causal LM against a reward with PPO, GRPO, RLOO or REINFORCE; returns the loop's summary."""
     config = resolve_config(config, resume, overrides, cls=RLConfig)
-    refuse_settings(config)
     prompts = read_prompts(config.train, config.skip_bad_lines)
     if prompts.skipped:
         warn(f"skipped {prompts.skipped} malformed prompt(s) of {config.train} (lines {prompts.skipped_lines[:5]}"
