@@ -455,6 +455,7 @@ def train_tokenizer(
     overwrite: bool = False,
     encoder: bool = False,
     sentinels: int = 0,
+    min_chars: int = 64,
 ) -> Tokenizer:
     """Train a byte-level BPE on ``inputs`` (files, folders, ``-``; default: the Python stdlib).
 
@@ -463,7 +464,8 @@ def train_tokenizer(
     reserves [CLS], [SEP] and [MASK] for masked-LM pretraining, and makes ``encode(...,
     add_special_tokens=True)`` give "[CLS] text [SEP]" (and "[CLS] a [SEP] b [SEP]" for a pair), as BERT's does.
     ``sentinels`` adds T5's ``<extra_id_0>`` ... at the end of the vocabulary (``<extra_id_0>`` last, the others
-    counting down), for span corruption; ``vocab_size`` counts them.
+    counting down), for span corruption; ``vocab_size`` counts them. Documents shorter than ``min_chars`` are left
+    out, as ``prepare`` leaves them out (0 keeps every one: a corpus of short sentences).
     """
     from lmforge.data.corpus import CorpusStats, corpus_inputs, read_clean_documents
 
@@ -483,6 +485,8 @@ def train_tokenizer(
             f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least "
             f"{n_byte_symbols + len(special_tokens) + 1 + sentinels} (256 bytes + special tokens + sentinels + 1 merge)"
         )
+    if min_chars < 0:
+        raise LmforgeError(f"--min-chars {min_chars} must be 0 or more")
     if not 0 <= min_frequency < 2**63:  # (a pair count, 64 bits in the Rust trainer)
         raise LmforgeError(f"--min-frequency {min_frequency} must be a pair count from 0 to {2**63 - 1} (default 2)")
     from lmforge.utils import check_output_dir, refuse_overwriting_sources
@@ -499,10 +503,11 @@ def train_tokenizer(
         show_progress=progress,
     )
     stats = CorpusStats()
-    documents = (doc.text for doc in read_clean_documents(inputs, text_field=text_field, stats=stats))
+    documents = (doc.text for doc in read_clean_documents(inputs, text_field, min_chars, stats))
     hf.train_from_iterator(documents, trainer=trainer)
     if stats.kept == 0:
-        raise LmforgeError("the corpus has no documents left after cleaning; pass files with some text in them")
+        raise LmforgeError(f"the corpus has no documents left after cleaning ({stats.summary()}); pass files with some "
+                           f"text in them, or lower min_chars ({min_chars}) for a corpus of short texts")
     if sentinels:
         from tokenizers import AddedToken
 

@@ -205,7 +205,7 @@ def _expand(inputs: Sequence[str | os.PathLike], stats: CorpusStats) -> Iterator
         if not path.exists():
             raise LmforgeError(f"input {path} does not exist; pass files or folders of {_suffix_list()}, or - for stdin")
         if path.is_dir():
-            found = False
+            found, skipped = False, []
             for folder, dirs, names in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for name in sorted(names):
@@ -214,13 +214,27 @@ def _expand(inputs: Sequence[str | os.PathLike], stats: CorpusStats) -> Iterator
                         found = True
                         yield p
                     else:
-                        stats.skipped_files += 1
+                        skipped.append(p)
             if not found:
                 raise LmforgeError(f"folder {path} holds no {_suffix_list()} files")
+            stats.skipped_files += len(skipped)
+            _warn_skipped(path, skipped)
         elif path.suffix.lower() in SUFFIXES:
             yield path
         else:
             raise LmforgeError(f"cannot read {path}: unsupported file type {path.suffix or '(none)'}; use {_suffix_list()}")
+
+
+def _warn_skipped(folder: Path, skipped: list[Path]) -> None:
+    """One warning naming the files of ``folder`` left out for their suffix (the first three, and how many more):
+    text in a ``.csv`` or ``.rst`` file is not read, and the user is told so."""
+    if not skipped:
+        return
+    from lmforge.utils import warn
+
+    shown = ", ".join(str(p.relative_to(folder)) for p in skipped[:3])
+    more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    warn(f"{folder}: skipped {len(skipped)} file(s) that are not {_suffix_list()}: {shown}{more}")
 
 
 def _suffix_list() -> str:

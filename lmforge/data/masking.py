@@ -20,12 +20,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lmforge.errors import LmforgeError
+
 
 def mask_tokens(ids: torch.Tensor, no_mask: torch.Tensor, mask_id: int, vocab_size: int, generator: torch.Generator,
                 mlm_probability: float = 0.15, mask_replace_prob: float = 0.8, random_replace_prob: float = 0.1,
                 word_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, labels), both like ``ids`` (B, T). ``no_mask`` (B, T) bool: tokens never chosen (special
     tokens, padding). ``word_starts`` (B, T) bool turns on whole-word masking: True where a word begins."""
+    if mask_id is None:  # (as transformers' collator refuses it: chosen tokens would have nothing to become)
+        raise LmforgeError("the tokenizer has no mask token ([MASK] or <mask>), which masked-LM pretraining needs; "
+                           "train one with `lmforge tokenizer train --encoder` (or use a BERT tokenizer)")
     ids = ids.clone()
     labels = ids.clone()
     probability = torch.full(ids.shape, mlm_probability).masked_fill_(no_mask, 0.0)
@@ -192,6 +197,11 @@ def span_raw_length(input_length: int, noise_density: float = 0.15, mean_span_le
     tokens = 2  # the shortest row that has a kept and a noise token
     while span_input_lengths(tokens + 1, noise_density, mean_span_length)[0] <= input_length:
         tokens += 1
+    # The reference's "minor hack": at noise density 0.5, a token less where that makes the targets no longer than the
+    # inputs (a round number, more likely), here only where the inputs stay ``input_length`` long.
+    if (noise_density == 0.5 and span_input_lengths(tokens, noise_density, mean_span_length)[1] > input_length
+            and span_input_lengths(tokens - 1, noise_density, mean_span_length)[0] == input_length):
+        tokens -= 1
     return tokens
 
 

@@ -145,7 +145,7 @@ def _split_lone_document(docs: Iterator[Document]) -> Iterator[Document]:
         return
     piece: list[str] = []
     size = 0
-    for line in first.text.splitlines(keepends=True):
+    for line in _short_lines(first.text):
         piece.append(line)
         size += len(line)
         if size >= SINGLE_DOCUMENT_PIECE_CHARS:
@@ -153,6 +153,17 @@ def _split_lone_document(docs: Iterator[Document]) -> Iterator[Document]:
             piece, size = [], 0
     if piece:
         yield Document("".join(piece), first.source)
+
+
+def _short_lines(text: str) -> Iterator[str]:
+    """The lines of ``text`` (with their line breaks), a line longer than ``SINGLE_DOCUMENT_PIECE_CHARS`` cut after
+    the last space before that length (anywhere where it has none): a text of one long line can be split too."""
+    for line in text.splitlines(keepends=True):
+        while len(line) > SINGLE_DOCUMENT_PIECE_CHARS:
+            cut = line.rfind(" ", 0, SINGLE_DOCUMENT_PIECE_CHARS) + 1 or SINGLE_DOCUMENT_PIECE_CHARS
+            yield line[:cut]
+            line = line[cut:]
+        yield line
 
 
 def _assign_splits(docs: Iterator[Document], seed: int, val_fraction: float) -> Iterator[tuple[str, int]]:
