@@ -21,7 +21,7 @@ def cmd_tokenizer_train(args) -> None:
 
     tok = train_tokenizer(args.inputs or None, args.out, args.vocab_size, args.min_frequency, args.text_field,
                           progress=not args.quiet, overwrite=args.overwrite, encoder=args.encoder,
-                          sentinels=args.sentinels)
+                          sentinels=args.sentinels, min_chars=args.min_chars)
     print(f"cleaning: {tok.train_stats.summary()}")
     warn_non_utf8_files(tok.train_stats.non_utf8_files)
     print(f"saved a {tok.vocab_size}-token byte-level BPE to {tok.path}")
@@ -101,14 +101,15 @@ def _inference_dtype(args, device):
 
 def _sampling_from(args, model, **overrides):
     """The sampling flags given; for those not given, what the model's folder recommends (its
-    generation_config.json; not for beam search, which samples nothing), else the command's defaults."""
+    generation_config.json; for beam search, which samples nothing, only what it applies), else the command's
+    defaults."""
     from lmforge.infer.generate import SamplingParams
-    from lmforge.infer.sampling import describe_sampling, recommended_sampling
+    from lmforge.infer.sampling import describe_sampling, recommended_for_beams, recommended_sampling
 
     own = {"temperature": args.own_temperature, "top_p": args.own_top_p, "top_k": 0, "min_p": 0.0,
-           "repetition_penalty": 1.0}
+           "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0}
     given = {name: getattr(args, name) for name in own if getattr(args, name) is not None}
-    recommended = {} if overrides.get("num_beams", 1) > 1 else recommended_sampling(model)
+    recommended = recommended_for_beams(model) if overrides.get("num_beams", 1) > 1 else recommended_sampling(model)
     taken = {k: v for k, v in recommended.items() if k not in given}
     if taken:
         folder = getattr(model, "base_source", None) or model.source
@@ -134,6 +135,8 @@ def cmd_generate(args) -> None:
     seq2seq = not isinstance(model, GPT)  # the prompt is the encoder's source
     from lmforge.utils import stop_strings
 
+    if "" in (args.stop or []):
+        raise LmforgeError("--stop \"\" is empty: give the text to stop before (\\n for a newline)")
     text, stops = prompt, SamplingParams(stop=[s for given in args.stop or [] for s in stop_strings(given)])
     rendered = False
     if args.system and (tokenizer.chat_template is None or args.raw or seq2seq):  # (it would be dropped)
@@ -151,7 +154,8 @@ def cmd_generate(args) -> None:
         room = model.config.block_size - (0 if seq2seq else max(len(prompt_ids(model, tokenizer, text, rendered)), 1))
         max_new_tokens = max(1, min(recommended_length(model) or 128, room))
     params = _sampling_from(args, model, max_new_tokens=max_new_tokens, stop=stops.stop, stop_token_ids=stops.stop_token_ids,
-                            truncate=args.truncate, n=args.n, num_beams=args.num_beams, length_penalty=args.length_penalty)
+                            truncate=args.truncate, n=args.n, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                            early_stopping={"false": False, "true": True}.get(args.early_stopping, args.early_stopping))
     from lmforge.model.gpt import use_fast_kernels
 
     # (rows a step; silent: a mistake in the request must stay the one line said)
@@ -622,6 +626,8 @@ def sampling_options(p: argparse.ArgumentParser, temperature: float, top_p: floa
     p.add_argument("--top-p", type=float, help=f"nucleus sampling (default: {top_p})")
     p.add_argument("--min-p", type=float, help="drop tokens below this fraction of the top probability (default: 0)")
     p.add_argument("--repetition-penalty", type=float, help="(default: 1, off)")
+    p.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this many tokens (default: 0, off)")
+    p.add_argument("--min-new-tokens", type=int, help="hold the end token back until this many are written (default: 0)")
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
@@ -658,6 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--vocab-size", type=int, default=8192,
                     help="tokens in the vocabulary, the 4 reserved special tokens included (default: 8192)")
     tt.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
+    tt.add_argument("--min-chars", type=int, default=64,
+                    help="leave out documents shorter than this, as prepare does (default: 64; 0 keeps every one)")
     tt.add_argument("--overwrite", action="store_true", help="replace the tokenizer in a non-empty --out folder")
     tt.add_argument("--encoder", action="store_true",
                     help="also reserve [CLS], [SEP] and [MASK] for an encoder (pretrain --objective mlm)")
@@ -699,6 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("-n", "--n", type=int, default=1, help="number of samples")
     ge.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
     ge.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length ** this")
+    ge.add_argument("--early-stopping", choices=["false", "true", "never"], default="false",
+                    help="beam search: true ends once num-beams beams have ended; false (default) and never go on "
+                         "while a running beam can still win (transformers' early_stopping)")
     ge.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     ge.add_argument("--truncate", action="store_true", help="keep the end of a prompt that does not fit the context")
     ge.add_argument("--raw", action="store_true", help="do not apply the model's chat template to the prompt")

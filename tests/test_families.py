@@ -197,7 +197,19 @@ def test_generation_config_settings_apply_as_transformers_applies_them(tmp_path,
     capsys.readouterr()
     assert len(generate(str(tmp_path / "m"), "w9 w10 w11", temperature=0).token_ids) == 5
     err = capsys.readouterr().err
-    assert "sets num_beams 3, no_repeat_ngram_size 2, which lmforge does not apply" in err and "--num-beams" in err
+    assert "sets num_beams 3, which lmforge does not apply" in err and "--num-beams" in err
+    # no_repeat_ngram_size and min_new_tokens are applied, as transformers applies them, greedy or beams
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({**settings, "no_repeat_ngram_size": 1,
+                                                                         "min_new_tokens": 3}))
+    hf.generation_config.repetition_penalty = 1.0
+    for beams in (1, 2):
+        expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, num_beams=beams, no_repeat_ngram_size=1,
+                               min_new_tokens=3,
+                               attention_mask=torch.ones_like(prompt), pad_token_id=0)[0, 3:].tolist()
+        plain = hf.generate(prompt, max_new_tokens=12, do_sample=False, num_beams=beams,
+                            attention_mask=torch.ones_like(prompt), pad_token_id=0)[0, 3:].tolist()
+        got = generate(str(tmp_path / "m"), "w9 w10 w11", max_new_tokens=12, temperature=0, num_beams=beams)
+        assert got.token_ids == expected != plain, beams
 
 
 def test_the_python_api_fits_its_default_length_to_a_small_context(tmp_path):
@@ -209,3 +221,28 @@ def test_the_python_api_fits_its_default_length_to_a_small_context(tmp_path):
     word_tokenizer(tmp_path / "m")
     out = generate(str(tmp_path / "m"), "w9 w10 w11", temperature=0)
     assert len(out.token_ids) + 3 <= 64 and out.finish_reason in ("length", "stop")
+
+
+def test_the_generate_command_takes_no_repeat_ngram_size_min_new_tokens_and_early_stopping(tmp_path):
+    """transformers' no_repeat_ngram_size, min_new_tokens and beam search's early_stopping were only in the Python
+    API; `lmforge generate` has them as flags (and refuses an empty --stop, which it used to ignore)."""
+    from conftest import run_cli
+
+    hf = make(tmp_path / "m", "llama-gqa-untied-theta")
+    word_tokenizer(tmp_path / "m")
+    prompt = torch.tensor([[9, 10, 11]])
+    for beams, early in ((1, "false"), (2, "true"), (3, "never")):
+        expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, num_beams=beams, no_repeat_ngram_size=1,
+                               min_new_tokens=4, early_stopping={"true": True, "false": False}.get(early, early),
+                               attention_mask=torch.ones_like(prompt), pad_token_id=0)[0, 3:].tolist()
+        r = run_cli("generate", "w9 w10 w11", "--model", str(tmp_path / "m"), "--temperature", "0", "--raw",
+                    "--max-new-tokens", "12", "--no-repeat-ngram-size", "1", "--min-new-tokens", "4",
+                    "--num-beams", str(beams), "--early-stopping", early)
+        assert r.returncode == 0, r.stderr
+        words = r.stdout.split()
+        assert words == [f"w{t}" for t in expected if t != hf.generation_config.eos_token_id], (beams, r.stdout)
+        assert len(set(words)) == len(words)  # (no token twice: the prompt's are barred too)
+    r = run_cli("generate", "w9", "--model", str(tmp_path / "m"), "--stop", "")
+    assert r.returncode == 2 and "--stop" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("generate", "w9", "--model", str(tmp_path / "m"), "--no-repeat-ngram-size", "-1")
+    assert r.returncode == 2 and "no_repeat_ngram_size" in r.stderr and "Traceback" not in r.stderr

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.detokenize import Detokenizer
-from lmforge.infer.sampling import SamplingParams, draw_rows, filter_logits, fit_prompt, process_logits, sample
+from lmforge.infer.sampling import (SamplingParams, draw_rows, filter_logits, fit_prompt, process_logits,
+                                    repeated_ngram_ends, sample)
 from lmforge.model.encoder_decoder import join_rows, select_rows
 from lmforge.model.gpt import GPT, KVCache, use_matvec
 from lmforge.utils import warn
@@ -89,7 +90,7 @@ class Sequence:
         self.next_input: int | None = None  # sampled but not yet in the cache
         self.pos = len(request.prompt_ids)  # cache position of next_input
         plain = (p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
-                 and p.logprobs is None)
+                 and not p.no_repeat_ngram_size and not p.min_new_tokens and p.logprobs is None)
         self.plain_greedy = plain and p.temperature == 0
         # Plain sampling rows with the same settings are sampled together (each with its own generator).
         self.plain_sampling = (p.temperature, p.top_k, p.top_p, p.min_p) if plain and p.temperature > 0 else None
@@ -108,7 +109,7 @@ class Sequence:
         if p.frequency_penalty or p.presence_penalty:
             if self.counts is None:
                 self.counts = torch.zeros_like(raw)
-        processed = process_logits(raw, self.history, p, self.counts)
+        processed = process_logits(raw, self.history, p, self.counts, len(self.tokens), self.stop_ids)
         if p.temperature == 0:
             token = int(processed.argmax())
         else:
@@ -132,7 +133,7 @@ class Sequence:
         if logprob is not None:
             self.logprobs.append(logprob)
             self.top_logprobs.append(top)
-        if p.repetition_penalty != 1.0:
+        if p.repetition_penalty != 1.0 or p.no_repeat_ngram_size:
             self.history = torch.cat([self.history, self.history.new_tensor([token])])
         if self.counts is not None:
             self.counts[token] += 1
@@ -599,7 +600,8 @@ class Engine:
 
 @torch.inference_mode()
 def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
-                early_stopping: bool | str = False, eos_ids: tuple[int, ...] = (), n: int | None = None):
+                early_stopping: bool | str = False, eos_ids: tuple[int, ...] = (), n: int | None = None,
+                no_repeat_ngram_size: int = 0, min_new_tokens: int = 0):
     """The best beam's new tokens (ending with its end-of-sequence token, if it chose one) and its score; with
     ``n``, a list of the ``n`` best (at most ``num_beams``), best first, as transformers'
     ``num_return_sequences``.
@@ -609,6 +611,7 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
     maximum length) is scored ``sum / generated_length ** length_penalty`` and kept among the best
     ``num_beams`` finished; the rest continue. ``early_stopping`` True stops once ``num_beams`` have
     finished; False and "never" stop when no running beam can still beat the finished ones.
+    ``no_repeat_ngram_size`` and ``min_new_tokens`` act on each beam's log-probabilities as transformers' processors.
     """
     from lmforge.model.encoder_decoder import EncoderDecoder
 
@@ -664,7 +667,14 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
         reorder = cache.reorder
     cur = P
     while True:
-        log_probs = F.log_softmax(logits.float(), dim=-1) + running_scores[:, None]
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        if no_repeat_ngram_size:
+            for b in range(num_beams):
+                banned = repeated_ngram_ends(running[b, :cur].tolist(), no_repeat_ngram_size)
+                log_probs[b, banned] = float("-inf")
+        if cur - P < min_new_tokens:
+            log_probs[:, eos[(eos >= 0) & (eos < log_probs.size(-1))]] = float("-inf")
+        log_probs = log_probs + running_scores[:, None]
         vocab = log_probs.size(-1)
         top_lp, top_idx = torch.topk(log_probs.reshape(-1), keep)
         parent, token = top_idx // vocab, top_idx % vocab

@@ -14,7 +14,7 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.detokenize import Detokenizer
 from lmforge.infer.engine import Engine, beam_search, end_tokens, fit_source
 from lmforge.infer.sampling import (SamplingParams, fit_prompt, process_logits, recommended_length,
-                                    recommended_sampling)
+                                    recommended_for_beams, recommended_sampling)
 from lmforge.model.gpt import GPT, use_fast_kernels
 from lmforge.model.encoder_decoder import EncoderDecoder
 
@@ -151,8 +151,8 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
 
         tokenizer = Tokenizer.load(tokenizer)
     tokenizer = tokenizer or load_tokenizer_for(model)
-    beams = params.get("num_beams", 1)  # (beam search samples nothing: no recommended sampling)
-    recommended = {} if isinstance(beams, int) and beams > 1 else recommended_sampling(model)
+    beams = params.get("num_beams", 1)
+    recommended = recommended_for_beams(model) if isinstance(beams, int) and beams > 1 else recommended_sampling(model)
     sampling = sampling_params({**{k: v for k, v in recommended.items() if k not in params}, **params})
     if isinstance(prompt, str):
         prompts = [prompt]
@@ -172,7 +172,8 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
             rendered.append(text)
         prompts = rendered
     if "max_new_tokens" not in params:  # as the commands: the folder's setting, else up to 128, within the context
-        longest = 0 if seq2seq else max(max(len(prompt_ids(model, tokenizer, p, templated)), 1) for p in prompts)
+        lengths = [] if seq2seq else [max(len(prompt_ids(model, tokenizer, p, templated)), 1) for p in prompts]
+        longest = 0 if seq2seq else max(lengths, default=1)  # (an empty list of prompts: nothing to fit)
         wanted = recommended_length(model) or 128
         # (with truncate the prompt gives way to the length, not the length to the prompt)
         room = model.config.block_size - (1 if sampling.truncate and not seq2seq else longest)
@@ -189,7 +190,9 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
                 ids = fit_prompt(ids, sampling.max_new_tokens, model.config.block_size, sampling.truncate)
             stops = tuple(sampling.stop_token_ids if sampling.stop_token_ids is not None else end_tokens(model, tokenizer))
             beams = beam_search(model, ids, sampling.num_beams, sampling.max_new_tokens, sampling.length_penalty,
-                                sampling.early_stopping, tuple(t for t in stops if t is not None), n=sampling.n)
+                                sampling.early_stopping, tuple(t for t in stops if t is not None), n=sampling.n,
+                                no_repeat_ngram_size=sampling.no_repeat_ngram_size,
+                                min_new_tokens=sampling.min_new_tokens)
             gens = [_beam_generation(tokenizer, tokens, stops, sampling.stop, len(ids), sampling.skip_special_tokens) for tokens, _ in beams]
             out.append(gens[0] if sampling.n == 1 else gens)
         return out[0] if isinstance(prompt, str) else out

@@ -1,9 +1,9 @@
 """Decoding settings and the logit processing every decoder shares.
 
 Logits go through the same steps, in the same order, as ``transformers``' ``generate``:
-repetition penalty → (OpenAI's frequency and presence penalties) → temperature → top-k → top-p →
-min-p; temperature 0 means greedy (as in the OpenAI API). A seed makes sampling reproducible and
-touches no global random state.
+repetition penalty → (OpenAI's frequency and presence penalties) → no repeated n-gram → no end before
+min_new_tokens → temperature → top-k → top-p → min-p; temperature 0 means greedy (as in the OpenAI API). A seed
+makes sampling reproducible and touches no global random state.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (transformers)
     frequency_penalty: float = 0.0  # minus this × how often a token was generated (OpenAI)
     presence_penalty: float = 0.0  # minus this once a token was generated (OpenAI)
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size twice in the prompt and output (transformers)
+    min_new_tokens: int = 0  # the end tokens are held back until this many tokens are generated (transformers)
     n: int = 1  # samples per prompt
     stop: list[str] = field(default_factory=list)  # stop before the first of these strings
     stop_token_ids: list[int] | None = None  # None: the model's end-of-text token
@@ -51,7 +53,8 @@ class SamplingParams:
 
         reals = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty",
                  "length_penalty")
-        kinds = [(name, whole) for name in ("max_new_tokens", "top_k", "n", "num_beams")]
+        kinds = [(name, whole) for name in ("max_new_tokens", "top_k", "n", "num_beams", "no_repeat_ngram_size",
+                                            "min_new_tokens")]
         kinds += [(name, number) for name in reals]
         kinds += [("seed", lambda v: v is None or whole(v)), ("logprobs", lambda v: v is None or whole(v)),
                   ("stop", lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)),
@@ -74,6 +77,8 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (self.n >= 1, "n must be at least 1"),
+            (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be 0 (off) or more"),
+            (self.min_new_tokens >= 0, "min_new_tokens must be 0 (off) or more"),
             # (each sample, each beam, is a row of the KV cache, allocated up front)
             (self.n <= MAX_ROWS and self.num_beams <= MAX_ROWS, f"n and num_beams must be at most {MAX_ROWS:,}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
@@ -108,8 +113,10 @@ def recommended_sampling(model) -> dict:
     (Qwen2.5's and Llama 3's instruct models: temperature 0.7 / top_p 0.8 / top_k 20 / repetition_penalty 1.05,
     temperature 0.6 / top_p 0.9), the settings transformers' ``generate`` samples with: the file's, and
     transformers' defaults for the rest (top_k 50); where it does not, its repetition penalty (transformers'
-    greedy search applies it too). generate, chat and serve use them where not told otherwise; the settings
-    transformers applies and lmforge does not (num_beams, no_repeat_ngram_size, ...) are warned about.
+    greedy search applies it too), and its no_repeat_ngram_size and min_new_tokens, which transformers applies
+    either way. generate, chat and serve use them where not told otherwise (serve only the sampling settings and
+    the penalty, as vLLM); the settings transformers applies and lmforge does not (num_beams, bad_words_ids, ...)
+    are warned about.
     {} when the folder recommends none (or the model was not loaded from a folder). Worked out (and a bad one
     said) once per model."""
     settings = getattr(model, "generation_settings", None) or {}
@@ -120,9 +127,9 @@ def recommended_sampling(model) -> dict:
 
 
 # generation_config.json settings that transformers' generate applies and lmforge does not (their no-op values)
-_NOT_APPLIED = {"num_beams": 1, "num_beam_groups": 1, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+_NOT_APPLIED = {"num_beams": 1, "num_beam_groups": 1, "encoder_no_repeat_ngram_size": 0,
                 "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "force_words_ids": None,
-                "forced_bos_token_id": None, "forced_eos_token_id": None, "min_length": 0, "min_new_tokens": None,
+                "forced_bos_token_id": None, "forced_eos_token_id": None, "min_length": 0,
                 "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "diversity_penalty": 0.0,
                 "sequence_bias": None, "exponential_decay_length_penalty": None, "guidance_scale": None}
 
@@ -134,19 +141,29 @@ def _recommended(settings: dict, folder) -> dict:
         warn(f"{folder}/generation_config.json sets {', '.join(used)}, which lmforge does not apply by default "
              f"(transformers' generate does): its results differ from transformers' there"
              + ("; `lmforge generate --num-beams` (or num_beams= in Python) runs beam search" if any(u.startswith("num_beams ") for u in used)
-                else ""))
+                else "")
+             )
+    # what transformers applies whether it samples or not: no repeated n-grams, no end before min_new_tokens
+    always = {name: settings[name] for name in ("no_repeat_ngram_size", "min_new_tokens")
+              if isinstance(settings.get(name), int) and not isinstance(settings[name], bool) and settings[name] > 0}
     if settings.get("do_sample") is not True:  # greedy in transformers; a repetition penalty still applies
         penalty = settings.get("repetition_penalty")
         ok = isinstance(penalty, (int, float)) and not isinstance(penalty, bool) and 0 < penalty < math.inf
-        return {"repetition_penalty": float(penalty)} if ok and penalty != 1.0 else {}
+        return always | ({"repetition_penalty": float(penalty)} if ok and penalty != 1.0 else {})
     values = {name: settings.get(name) if settings.get(name) is not None else default
               for name, default in _SAMPLING_DEFAULTS.items()}
     try:
         SamplingParams(**values).validate()
     except (LmforgeError, TypeError) as e:
         warn(f"the sampling settings of {folder}/generation_config.json are not used ({e})")
-        return {}
-    return values
+        return always
+    return values | always
+
+
+def recommended_for_beams(model) -> dict:
+    """What beam search takes of ``recommended_sampling``: it samples nothing, but transformers' beam search
+    applies no_repeat_ngram_size and min_new_tokens too."""
+    return {k: v for k, v in recommended_sampling(model).items() if k in ("no_repeat_ngram_size", "min_new_tokens")}
 
 
 def recommended_length(model) -> int | None:
@@ -162,18 +179,33 @@ def describe_sampling(values: dict) -> str:
 
 
 def process_logits(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
-                   counts: torch.Tensor | None = None) -> torch.Tensor:
+                   counts: torch.Tensor | None = None, generated: int = 0, ends=()) -> torch.Tensor:
     """Apply penalties and filters to next-token ``logits`` (vocab,). ``history`` (n,) is the prompt and
-    output so far (repetition penalty); ``counts`` (vocab,) how often each token was generated."""
+    output so far (repetition penalty, repeated n-grams); ``counts`` (vocab,) how often each token was generated;
+    ``generated``: how many tokens were; ``ends``: the tokens that end generation (held back by min_new_tokens)."""
     if p.repetition_penalty != 1.0 and history.numel():
         history = history.to(logits.device)
         seen = logits.gather(0, history)
         logits = logits.scatter(0, history, torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty))
     if counts is not None and (p.frequency_penalty or p.presence_penalty):
         logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
+    banned = repeated_ngram_ends(history.tolist(), p.no_repeat_ngram_size) if p.no_repeat_ngram_size else []
+    if generated < p.min_new_tokens:
+        banned += [t for t in ends if 0 <= t < logits.size(-1)]
+    if banned:
+        logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
     if p.temperature == 0:
         return logits
     return filter_logits(logits, p)
+
+
+def repeated_ngram_ends(tokens: list[int], n: int) -> list[int]:
+    """The tokens that would repeat an n-gram of ``tokens`` (transformers' ``no_repeat_ngram_size``): each token
+    that followed an earlier occurrence of the last n - 1 tokens (n 1: every token there)."""
+    if n < 1 or len(tokens) < n:
+        return []
+    last = tokens[len(tokens) - n + 1 :]
+    return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i : i + n - 1] == last]
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -184,11 +216,12 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens before it already reach top_p; the first is always kept.
-        drop = (probs.cumsum(-1) - probs) >= p.top_p
-        drop[..., 0] = False
+        # transformers' arithmetic: least likely first, a token is dropped while it and those below it hold at most
+        # 1 - top_p; the most likely is always kept. (Sorted the same way, tied logits at the cut, common in bf16,
+        # are kept or dropped as transformers keeps them.)
+        sorted_logits, order = torch.sort(logits, dim=-1)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - p.top_p
+        drop[..., -1] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     if p.min_p > 0:
         probs = logits.softmax(-1)
