@@ -4,6 +4,7 @@ and the encoder trained by the one loop (layouts, resume, export to BertForMaske
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -310,15 +311,19 @@ def test_segment_pairs_are_next_text_or_another_documents_half_the_time(encoder_
     config = TrainConfig(**mlm_config(encoder_data, tmp_path / "x", objective="mlm+nsp"))
     objective = NextSentence(config, torch.device("cpu"), None)
     tok = objective.tokenizer
-    ids, types, labels = objective.rows(objective.pairs, np.random.default_rng(0), 400)
-    assert ids.shape == (400, 34) and (ids[:, 0] == tok.cls_id).all() and (ids[:, -1] == tok.sep_id).all()
+    ids, types, mask, labels = objective.rows(objective.pairs, np.random.default_rng(0), 400)
+    assert ids.shape == (400, 34) and (ids[:, 0] == tok.cls_id).all()
+    assert (ids[mask.sum(1) < 34].size(0) < 100) and all(row[n - 1] == tok.sep_id for row, n in zip(ids.tolist(), mask.sum(1).tolist()))
     stream = np.concatenate([np.asarray(s) for s in objective.train_split.shards])
     documents = np.cumsum(stream == tok.eos_id)  # a document's number at each position
     told = 0
-    for row, row_types, label in zip(ids[:100].tolist(), types[:100].tolist(), labels[:100].tolist()):
+    for row, row_types, row_mask, label in zip(ids[:100].tolist(), types[:100].tolist(), mask[:100].tolist(),
+                                                labels[:100].tolist()):
+        row, padding = row[: sum(row_mask)], 34 - sum(row_mask)
         middle = row.index(tok.sep_id)
         a, b = row[1:middle], row[middle + 1 : -1]
-        assert row_types == [0] * (middle + 1) + [1] * (len(b) + 1) and a and b
+        assert row_types == [0] * (middle + 1) + [1] * (len(b) + 1) + [0] * padding and a and b
+        assert tok.eos_id not in a + b  # (a segment never runs past its document's end)
         assert contiguous_in(stream, a + b) == (label == 0)  # B follows A only when the label says so
         if label == 1:
             where_a = np.flatnonzero(np.lib.stride_tricks.sliding_window_view(stream, len(a)).__eq__(a).all(1))
@@ -332,6 +337,42 @@ def test_segment_pairs_are_next_text_or_another_documents_half_the_time(encoder_
     share = labels.float().mean().item()
     assert abs(share - 0.5) < 4 * (0.25 / 400) ** 0.5
     assert len({row.index(tok.sep_id) for row in ids.tolist()}) > 10  # A's length varies
+
+
+def test_next_sentence_pairs_stay_in_one_document_and_short_ones_are_padded(encoder_tok, tmp_path):
+    """Windows ran across document ends: A could end a document and B, labelled "is next", begin the following
+    one (36 of 189 such pairs on 200 short documents). A "next" pair is now text of one document, as BERT draws
+    them; a pair cut short by a document's end is padded, its padding masked and never chosen for masked LM."""
+    from lmforge.data.prepare import prepare
+    from lmforge.train.config import TrainConfig
+    from lmforge.train.pretraining import NextSentence
+
+    rng = np.random.default_rng(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    docs = [" ".join(rng.choice(words, 14)) + ". " + " ".join(rng.choice(words, 10)) + "." for _ in range(200)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare([tmp_path / "docs.jsonl"], encoder_tok, tmp_path / "data", val_fraction=0.1, workers=0, progress=False)
+    config = TrainConfig(**mlm_config(tmp_path / "data", tmp_path / "x", objective="mlm+nsp", block_size=64))
+    objective = NextSentence(config, torch.device("cpu"), None)
+    tok = objective.tokenizer
+    ids, types, mask, labels = objective.rows(objective.pairs, np.random.default_rng(0), 300)
+    texts = {tuple(tok.encode(d)) for d in docs}
+    short = 0
+    for row, row_mask, label in zip(ids.tolist(), mask.tolist(), labels.tolist()):
+        n = sum(row_mask)
+        short += n < 64
+        assert row[n - 1] == tok.sep_id and set(row[n:]) <= {tok.pad_id} and 0 not in row_mask[:n]
+        middle = row.index(tok.sep_id)
+        a, b = row[1:middle], row[middle + 1 : n - 1]
+        assert tok.eos_id not in a + b and a
+        if label == 0:  # A and B follow each other inside one document
+            assert any(contiguous_in(np.array(t), a + b) for t in texts if len(t) >= len(a + b)), tok.decode(a + b)
+    assert short > 100  # (documents of ~40 tokens: most pairs are cut by their document's end)
+    masked = objective.corrupt(ids, torch.Generator().manual_seed(0), mask)
+    assert (masked["labels"][mask == 0] == -100).all() and (masked["ids"][mask == 0] == tok.pad_id).all()
+    pretrain(mlm_config(tmp_path / "data", tmp_path / "run", objective="mlm+nsp", block_size=64, max_steps=4),
+             progress=False)
+    assert all(math.isfinite(r["val_loss"]) for r in logs(tmp_path / "run") if "val_loss" in r)
 
 
 @pytest.mark.parametrize("which", ["bpe", "wordpiece"])

@@ -279,21 +279,36 @@ class NextSentence(MaskedLM):
         return PairBatches(self, c.micro_batch_size, c.seed, rank, world_size, c.grad_accum_steps)
 
     def rows(self, pairs: SegmentPairs, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, ...]:
-        """``n`` rows: ids and token types (n, block_size), next-sentence labels (n,)."""
+        """``n`` rows: ids, token types and attention mask (n, block_size), next-sentence labels (n,). A pair
+        cut short by its document's end is padded (mask 0), as BERT pads its instances."""
         tok = self.tokenizer
-        ids, types, labels = [], [], []
+        pad = tok.pad_id if tok.pad_id is not None else tok.sep_id
+        ids, types, mask, labels = [], [], [], []
         for _ in range(n):
             a, b, label = pairs.draw(rng)
-            ids.append([tok.cls_id, *a, tok.sep_id, *b, tok.sep_id])
-            types.append([0] * (len(a) + 2) + [1] * (len(b) + 1))
+            row = [tok.cls_id, *a, tok.sep_id, *b, tok.sep_id]
+            padding = self.block_size - len(row)
+            ids.append(row + [pad] * padding)
+            types.append([0] * (len(a) + 2) + [1] * (len(b) + 1) + [0] * padding)
+            mask.append([1] * len(row) + [0] * padding)
             labels.append(label)
-        return torch.tensor(ids), torch.tensor(types), torch.tensor(labels)
+        return torch.tensor(ids), torch.tensor(types), torch.tensor(mask), torch.tensor(labels)
+
+    def corrupt(self, ids: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None):
+        """As masked LM's, with the padding (``mask`` 0) never chosen and the mask passed on."""
+        if mask is None:
+            return super().corrupt(ids, generator)
+        c = self.config
+        ids, labels = mask_tokens(ids, self.no_mask[ids] | (mask == 0), self.tokenizer.mask_id, self.vocab, generator,
+                                  c.mlm_probability, c.mask_replace_prob, c.random_replace_prob,
+                                  self.word_starts(ids) if self.word_starts is not None else None)
+        return {"ids": ids, "labels": labels, "mask": mask}
 
     def forward(self, model, batch):
         """(masked-LM loss summed over the batch's predicted tokens, next-sentence loss summed over its rows,
         correct masked-token and next-sentence predictions)."""
         chosen = batch["labels"] != -100
-        out = model(batch["ids"], token_type_ids=batch["types"], select=chosen)
+        out = model(batch["ids"], attention_mask=batch["mask"], token_type_ids=batch["types"], select=chosen)
         logits, target = out.logits.float(), batch["labels"][chosen]
         nsp = out.nsp_logits.float()
         return (F.cross_entropy(logits, target, reduction="sum"), F.cross_entropy(nsp, batch["nsp"], reduction="sum"),
@@ -324,8 +339,8 @@ class NextSentence(MaskedLM):
         for index in dist_.share(self.config.eval_windows):
             if index is None and not dist_.sharded:
                 continue
-            ids, types, label = self.rows(self.val_pairs, np.random.default_rng([self.config.seed, 1, index or 0]), 1)
-            batch = {**self.corrupt(ids, step_generator(self.config.seed, index or 0, 1)), "types": types, "nsp": label}
+            ids, types, mask, label = self.rows(self.val_pairs, np.random.default_rng([self.config.seed, 1, index or 0]), 1)
+            batch = {**self.corrupt(ids, step_generator(self.config.seed, index or 0, 1), mask), "types": types, "nsp": label}
             labels = batch["labels"]
             with autocast:  # (under FSDP every rank makes as many forward passes; the padding's are dropped)
                 mlm_sum, nsp_sum, mlm_right, nsp_right = self.forward(model, {k: v.to(self.device) for k, v in batch.items()})
@@ -358,7 +373,9 @@ class SegmentPairs:
     a sentence start at a random place, ending at a random sentence start inside the pair's ``content`` tokens; B
     the text after it (label 0) or, with probability 1/2, text from a sentence start in another document
     (label 1); A and B together ``content`` tokens (B cut at the end, as BERT truncates pairs). Where a window
-    holds no sentence start (a long line), the cut falls at a random token instead."""
+    holds no sentence start (a long line), the cut falls at a random token instead. A segment never runs past its
+    document's end (the end-of-text token is in neither): a pair "is next" only inside one document, as BERT
+    draws them, and a pair cut short by a document's end is shorter than ``content`` (its row padded)."""
 
     def __init__(self, split, content: int, eos_id: int | None, sentences: SentenceStarts | None = None):
         self.split, self.content = split, content
@@ -387,22 +404,44 @@ class SegmentPairs:
     def document(self, shard: int, offset: int) -> tuple[int, int]:
         return shard, int(np.searchsorted(self.ends[shard], offset, side="right"))
 
-    def draw(self, rng: np.random.Generator) -> tuple[list[int], list[int], int]:
+    def document_end(self, shard: int, offset: int, length: int) -> int:
+        """Where a segment of at most ``length`` tokens from ``offset`` ends: at the first end-of-text token from
+        ``offset`` on, if that comes first."""
+        ends, end = self.ends[shard], min(offset + length, len(self.split.shards[shard]))
+        k = int(np.searchsorted(ends, offset))
+        return min(end, int(ends[k])) if k < len(ends) else end
+
+    def start(self, rng: np.random.Generator) -> tuple[int, int]:
+        """``place``, moved past an end-of-text token it falls on (to the next document's first token)."""
         shard, offset = self.place(rng)
+        ends = self.ends[shard]
+        k = int(np.searchsorted(ends, offset))
+        return shard, offset + int(k < len(ends) and ends[k] == offset)
+
+    def draw(self, rng: np.random.Generator) -> tuple[list[int], list[int], int]:
+        for _ in range(10):  # a window of at least two tokens of one document (a corpus of tiny ones keeps the last)
+            shard, offset = self.start(rng)
+            limit = self.document_end(shard, offset, self.content)
+            if limit - offset >= 2:
+                break
         sentences = self.sentences[shard]
-        inside = sentences[np.searchsorted(sentences, offset + 1) : np.searchsorted(sentences, offset + self.content)]
+        inside = sentences[np.searchsorted(sentences, offset + 1) : np.searchsorted(sentences, limit)]
         # A's length (B's is the rest): up to a sentence start inside the window, or a random token
-        cut = int(inside[rng.integers(len(inside))]) - offset if len(inside) else int(rng.integers(1, self.content))
+        if len(inside):
+            cut = int(inside[rng.integers(len(inside))]) - offset
+        else:
+            cut = int(rng.integers(1, limit - offset)) if limit - offset >= 2 else limit - offset
         text = self.split.shards[shard]
         a = text[offset : offset + cut]
         if rng.random() < 0.5:
-            return a.tolist(), text[offset + cut : offset + self.content].tolist(), 0
+            return a.tolist(), text[offset + cut : limit].tolist(), 0
         here = self.document(shard, offset)
         for _ in range(10):  # another document (a one-document corpus keeps the last draw)
-            other, at = self.place(rng)
+            other, at = self.start(rng)
             if self.document(other, at) != here:
                 break
-        return a.tolist(), self.split.shards[other][at : at + self.content - cut].tolist(), 1
+        b = self.split.shards[other][at : self.document_end(other, at, self.content - cut)]
+        return a.tolist(), b.tolist(), 1
 
 
 class PairBatches(StepPosition):
@@ -420,11 +459,12 @@ class PairBatches(StepPosition):
         step, micro = divmod(self.batch_index, self.accum_steps)
         self.batch_index += 1
         total = self.batch_size * self.accum_steps * self.world_size
-        ids, types, nsp = o.rows(o.pairs, np.random.default_rng([self.seed, step]), total)
-        masked = o.corrupt(ids, step_generator(self.seed, step, 0))
+        ids, types, mask, nsp = o.rows(o.pairs, np.random.default_rng([self.seed, step]), total)
+        masked = o.corrupt(ids, step_generator(self.seed, step, 0), mask)
         first = (micro * self.world_size + self.rank) * self.batch_size
         mine = slice(first, first + self.batch_size)
-        batch = {"ids": masked["ids"][mine], "types": types[mine], "labels": masked["labels"][mine], "nsp": nsp[mine],
+        batch = {"ids": masked["ids"][mine], "types": types[mine], "mask": mask[mine], "labels": masked["labels"][mine],
+                 "nsp": nsp[mine],
                  "step_rows": torch.tensor(float(total)),
                  "step_chosen": torch.tensor(float(max(int((masked["labels"] != -100).sum()), 1)))}
         return {k: v.to(device) for k, v in batch.items()}
