@@ -63,6 +63,12 @@ CHAT_OPTIONAL = {**SAMPLING, "logprobs": st.booleans(), "top_logprobs": st.integ
                  "max_completion_tokens": st.integers(1, MAX_TOKENS)}
 
 
+def refused_together(text: str) -> bool:
+    """Valid fields that the server refuses together (400), as OpenAI's API does: top_logprobs without logprobs."""
+    request = json.loads(text)
+    return bool(request.get("top_logprobs")) and request.get("logprobs") is not True
+
+
 def hostile(fields: dict) -> dict:
     """Each field mostly valid (so that requests get past the first check), sometimes anything."""
     return {name: st.integers(0, 5).flatmap(lambda k, valid=valid: anything if k == 0 else valid)
@@ -80,8 +86,8 @@ def post_json(path: str, content, ok: bool):
 
 extra_fields = st.dictionaries(st.text(max_size=8), anything, max_size=2)
 request_strategy = st.one_of(
-    post_json("/v1/completions", body(COMPLETION, COMPLETION_OPTIONAL), ok=True),
-    post_json("/v1/chat/completions", body(CHAT, CHAT_OPTIONAL), ok=True),
+    post_json("/v1/completions", body(COMPLETION, COMPLETION_OPTIONAL).filter(lambda t: not refused_together(t)), ok=True),
+    post_json("/v1/chat/completions", body(CHAT, CHAT_OPTIONAL).filter(lambda t: not refused_together(t)), ok=True),
     post_json("/v1/completions", body(hostile(COMPLETION), hostile(COMPLETION_OPTIONAL), extra_fields), ok=False),
     post_json("/v1/chat/completions", body(hostile(CHAT), hostile(CHAT_OPTIONAL), extra_fields), ok=False),
     st.tuples(st.just("POST"), st.sampled_from(["/v1/completions", "/v1/chat/completions"]),

@@ -11,7 +11,7 @@ import re
 # SentencePiece-style byte-fallback tokens ("<0xE4>"): a run of them is decoded as one UTF-8 sequence,
 # and a run that is not valid UTF-8 becomes one U+FFFD per byte, so text already decoded from the run
 # ("&" from <0x26>) can still turn into U+FFFD until a token that is not a byte closes the run.
-_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class Detokenizer:
@@ -63,7 +63,7 @@ class Detokenizer:
         if self.lazy:
             return "", False
         self.text = self._decode()
-        if self._token_name is not None and _BYTE_TOKEN.fullmatch(self._token_name(token) or ""):
+        if self._token_name is not None and BYTE_TOKEN.fullmatch(self._token_name(token) or ""):
             return "", False  # the run of byte tokens is still open: nothing new is decided
         # Otherwise decoding is stable but for trailing U+FFFD: the next bytes may make them a character.
         decided = self.text.rstrip("\ufffd")

@@ -51,6 +51,9 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     aborted: bool = False
     error: Exception | None = None  # why it failed alone, in an engine that isolates failures
+    # with params.prompt_logprobs: each prompt token's (logprob, top alternatives) given the tokens before it,
+    # None for the first (nothing before it), as the OpenAI API's echo gives them
+    prompt_logprobs: list | None = None
 
     @property
     def finished(self) -> bool:
@@ -80,6 +83,7 @@ class Sequence:
         self.finished = False
         self.finish_reason: str | None = None
         self.stop_token: int | None = None  # the stop token that ended it (not part of ``tokens``)
+        self.stop_logprob: tuple | None = None  # its (logprob, top alternatives), where logprobs were asked for
         self.stop_ids = stop_ids
         self.text_stream = Detokenizer(tokenizer, p.stop, lazy=not text_as_it_comes, skip_special=p.skip_special_tokens)
         self.generator = None
@@ -127,6 +131,7 @@ class Sequence:
         p = self.request.params
         if token in self.stop_ids:
             self.stop_token = token
+            self.stop_logprob = (logprob, top) if logprob is not None else None
             self._finish("stop")
             return Event(self, token, self.text_stream.finish(), True, logprob, top)
         self.tokens.append(token)
@@ -284,6 +289,8 @@ class Engine:
             raise LmforgeError(f"n={params.n} samples exceed the engine's {self.max_batch} rows")
         if params.num_beams > 1:
             raise LmforgeError("beam search runs through beam_search(), not the batching engine")
+        if params.prompt_logprobs is not None and self.seq2seq:
+            raise LmforgeError("prompt_logprobs are a decoder's: an encoder-decoder reads its prompt, it does not predict it")
         if isinstance(prompt_ids, str) or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
                                                   for t in prompt_ids):
             raise LmforgeError("Engine.add takes the prompt's token ids (tokenizer.encode(text)), a list of whole numbers")
@@ -357,8 +364,9 @@ class Engine:
                     events += self._isolated(request, _reraise, e)
                 admitted = []
         for group in prefill_groups(admitted, self.PREFILL_TOKENS):
-            if len(group) > 1:
-                self._stage(group)
+            together = [r for r in group if r.params.prompt_logprobs is None]  # (those prefill alone: all logits)
+            if len(together) > 1:
+                self._stage(together)
             for request in group:
                 events += self._isolated(request, self._prefill, request)
         self._staged.clear()  # (the prompts of requests that failed before taking theirs)
@@ -410,12 +418,36 @@ class Engine:
         own): its ``n`` sequences share the prompt's keys and values."""
         first = len(self.active)
         staged = self._staged.pop(request.id, None)
+        if request.params.prompt_logprobs is not None and request.prompt_ids:
+            staged = (first, self._scored_prompt_pass(request, first))
         source, logits = staged if staged is not None else (first, self._prompt_pass([request], first)[0])
         for row in range(first, first + len(request.sequences)):
             if row != source:
                 self.cache.copy_row(source, row, len(request.prompt_ids))
         self.active += request.sequences
         return [seq.accept(*seq.choose(logits), self.max_len) for seq in request.sequences]
+
+    def _scored_prompt_pass(self, request: Request, row: int) -> torch.Tensor:
+        """``request``'s prompt through the model into cache row ``row``, keeping in ``request.prompt_logprobs``
+        each prompt token's log-probability given the tokens before it and the ``prompt_logprobs`` likeliest
+        there (as ``Sequence.choose`` gives a generated token's: from the raw logits); returns the logits after
+        the prompt. The vocabulary's projection runs over a slice of positions at a time (a whole prompt's
+        logits, positions x vocabulary in fp32, could take gigabytes)."""
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        hidden = self.model.hidden_states(ids, kv_cache=self.cache.row(row, 1), start=0)[0]
+        k, targets = request.params.prompt_logprobs, ids[0, 1:]
+        scored: list = [None]
+        for i in range(0, len(targets), 256):
+            logp = F.log_softmax(self.model.lm_logits(hidden[i : i + 256][: len(targets) - i]).float(), dim=-1)
+            chosen = logp.gather(1, targets[i : i + 256, None])[:, 0].tolist()
+            if k:
+                values, alternatives = logp.topk(k, dim=-1)
+                tops = [list(zip(a, v)) for a, v in zip(alternatives.tolist(), values.tolist())]
+            else:
+                tops = [None] * len(chosen)
+            scored += list(zip(chosen, tops))
+        request.prompt_logprobs = scored
+        return self.model.lm_logits(hidden[-1:])[0]
 
     def _decode_forward(self, tokens, positions, mask):
         return self.model(tokens, kv_cache=self.cache, start=positions[:, 0], positions=positions, attn_mask=mask,

@@ -38,6 +38,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # None: the model's end-of-text token
     seed: int | None = None
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: also the k most likely alternatives
+    prompt_logprobs: int | None = None  # the same for each prompt token given those before it (a decoder's)
     truncate: bool = False  # keep the end of a prompt that does not fit, instead of an error
     num_beams: int = 1  # > 1: beam search (greedy over beams: no sampling, penalties or logprobs; n: the n best beams)
     length_penalty: float = 1.0
@@ -57,6 +58,7 @@ class SamplingParams:
                                             "min_new_tokens")]
         kinds += [(name, number) for name in reals]
         kinds += [("seed", lambda v: v is None or whole(v)), ("logprobs", lambda v: v is None or whole(v)),
+                  ("prompt_logprobs", lambda v: v is None or whole(v)),
                   ("stop", lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)),
                   ("stop_token_ids", lambda v: v is None or (isinstance(v, (list, tuple)) and all(whole(x) for x in v)))]
         for name, ok in kinds:  # (checked first: the comparisons below assume the types)
@@ -82,6 +84,7 @@ class SamplingParams:
             # (each sample, each beam, is a row of the KV cache, allocated up front)
             (self.n <= MAX_ROWS and self.num_beams <= MAX_ROWS, f"n and num_beams must be at most {MAX_ROWS:,}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be between 0 and 20"),
             (self.num_beams >= 1, "num_beams must be at least 1"),
             (self.num_beams == 1 or self.n <= self.num_beams,
              f"n ({self.n}) must not exceed num_beams ({self.num_beams}): beam search returns its n best beams"),

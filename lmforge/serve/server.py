@@ -3,7 +3,7 @@
     GET  /                      a chat page (static HTML/JS shipped in the package)
     GET  /health                {"status": "ok"} (503 once the GPU is in an error state: restart the server)
     GET  /metrics               Prometheus text: requests, tokens in/out, latency histogram, queue depth
-    GET  /v1/models
+    GET  /v1/models, /v1/models/{id}
     POST /v1/completions        (stream: true → server-sent events ending with "data: [DONE]")
     POST /v1/chat/completions   (the model's chat template; streaming too)
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hmac
 import itertools
 import json
@@ -31,6 +32,7 @@ import socket
 import threading
 import time
 import uuid
+import dataclasses
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -44,6 +46,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from lmforge.errors import LmforgeError
+from lmforge.infer.detokenize import BYTE_TOKEN
 from lmforge.infer.engine import Engine, Request, end_tokens
 from lmforge.infer.generate import SamplingParams, chat_prompt
 from lmforge.infer.sampling import recommended_length, recommended_sampling
@@ -172,6 +175,11 @@ _OTHER_EXTENSIONS = {"num_beams": 1, "use_beam_search": False, "best_of_beams": 
                      "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
                      "structured_outputs": None, "no_repeat_ngram_size": 0, "min_new_tokens": 0, "typical_p": 1.0,
                      "prompt_logprobs": None}
+
+
+# what the server takes of a folder's generation_config.json where a request sets none, as vLLM does (not its
+# no_repeat_ngram_size or min_new_tokens, which `lmforge generate` applies as transformers does)
+SERVED_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class CompletionBody(_Sampling):
@@ -442,9 +450,10 @@ class OpenAIService:
         """The engine's settings for ``body``, refused (400) where they exceed this server or this model."""
         limits = self.settings
         self.refuse_unsupported(body)
-        if max_tokens > limits.max_tokens:
-            raise APIError(400, f"max_tokens {max_tokens} is above this server's limit of {limits.max_tokens}",
-                           param="max_tokens", code="max_tokens_too_large")
+        if max_tokens > limits.max_tokens:  # (named as the request named it: chat's newer max_completion_tokens)
+            param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            raise APIError(400, f"{param} {max_tokens} is above this server's limit of {limits.max_tokens}",
+                           param=param, code="max_tokens_too_large")
         max_n = min(limits.max_n, limits.max_batch)  # the n samples decode side by side
         if body.n > max_n:
             raise APIError(400, f"n {body.n} is above this server's limit of {max_n}", param="n", code="n_too_large")
@@ -473,7 +482,7 @@ class OpenAIService:
         # what the request leaves out: what the model's generation_config.json recommends (as vLLM does), else
         # OpenAI's defaults
         chosen = {**recommended_sampling(self.model), **{k: getattr(body, k) for k in body.model_fields_set}}
-        chosen = {k: chosen.get(k, getattr(body, k)) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+        chosen = {k: chosen.get(k, getattr(body, k)) for k in SERVED_SAMPLING}
         return SamplingParams(max_new_tokens=max_tokens, temperature=chosen["temperature"], top_p=chosen["top_p"],
                               top_k=max(chosen["top_k"], 0), min_p=chosen["min_p"],
                               repetition_penalty=chosen["repetition_penalty"],
@@ -541,7 +550,32 @@ class OpenAIService:
                 "total_tokens": len(request.prompt_ids) + completion}
 
     def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        """How log-probabilities name ``token``, as OpenAI's API does: its text, or, where its bytes are no whole
+        UTF-8 text (a piece of a multi-byte character, which decode() writes as U+FFFD), "bytes:\\xe2\\x80"; an
+        id the tokenizer has no token for (a padded vocabulary) is "token_id:ID", as vLLM names ids. Tokens that
+        differ are named differently, so that none hides another among a position's top log-probabilities."""
+        if token >= self.tokenizer.vocab_size:
+            return f"token_id:{token}"
+        raw = self.token_bytes(token)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes ``token`` stands for (chat logprobs' ``bytes``, which a client joins to rebuild a character
+        split across tokens): those of its text, but for a byte-level BPE's or a byte-fallback (``<0xE2>``) piece of
+        a character, its own bytes rather than U+FFFD's."""
+        text = self.tokenizer.decode([token])
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        name = self.tokenizer.hf.id_to_token(token) or ""
+        if BYTE_TOKEN.fullmatch(name):
+            return bytes([int(name[3:5], 16)])
+        byte_level = _byte_level_alphabet()
+        if name and all(c in byte_level for c in name):
+            return bytes(byte_level[c] for c in name)
+        return text.encode("utf-8")
 
     async def completions(self, body: CompletionBody, http: HTTPRequest):
         self.check_model(body.model)
@@ -549,6 +583,10 @@ class OpenAIService:
         prompts = [given] if isinstance(given, str) or (given and isinstance(given[0], int)) else given
         if not prompts:
             raise APIError(400, "prompt is an empty list; send a prompt", param="prompt")
+        if body.echo and body.logprobs is not None and self.seq2seq:
+            raise APIError(400, "logprobs with echo (log-probabilities of the prompt's tokens too) need a decoder; this "
+                                "model is an encoder-decoder, which reads its prompt without predicting it; ask for one "
+                                "or the other", param="echo", code="unsupported_parameter")
         if len(prompts) > 1 and body.stream:
             raise APIError(400, "a stream answers one prompt; send the prompts one request each, or without stream",
                            param="prompt")
@@ -596,13 +634,22 @@ class OpenAIService:
         else:
             read = max(len(prompt_ids), 1)
         params = self.sampling(body, max_tokens, read, body.logprobs)
+        if body.echo and body.logprobs is not None:
+            # the prompt's tokens are scored too, as OpenAI's API does (scorers such as lm-evaluation-harness's
+            # local-completions sum them: echo, logprobs 1, max_tokens 1)
+            params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         prefix = prompt if body.echo else ""
 
         token_texts: dict[int, list[str]] = {}
         token_widths: dict[int, list[int]] = {}  # what each token adds to the text (a left-out special token: 0)
         skipped = self.tokenizer.special_ids if body.skip_special_tokens else set()
 
-        def legacy_logprobs(seq, start: int = 0, end: int | None = None) -> dict | None:
+        def named(alternatives) -> dict | None:
+            return {self.token_text(t): v for t, v in alternatives} if alternatives else None
+
+        def legacy_logprobs(seq, start: int = 0, end: int | None = None, whole: bool = False) -> dict | None:
+            """Log-probabilities of ``seq``'s tokens ``start:end``; ``whole`` (the final answer): of all of them, after
+            the echoed prompt's (with echo) and with the stop token that ended it, if any, as OpenAI's API lists it."""
             if body.logprobs is None:
                 return None
             end = len(seq.tokens) if end is None else end
@@ -611,24 +658,41 @@ class OpenAIService:
             texts, widths = token_texts.setdefault(seq.index, []), token_widths.setdefault(seq.index, [])
             new = seq.tokens[len(texts):end]
             texts += [self.token_text(t) for t in new]
-            widths += [0 if t in skipped else len(text) for t, text in zip(new, texts[len(widths):])]
+            widths += [0 if t in skipped else len(self.tokenizer.decode([t])) for t in new]
             offsets = list(itertools.accumulate(widths[start : end - 1], initial=len(prefix) + sum(widths[:start])))
-            return {"tokens": texts[start:end], "token_logprobs": seq.logprobs[start:end],
-                    "top_logprobs": [{self.token_text(t): v for t, v in alts} if alts else None
-                                     for alts in seq.top_logprobs[start:end]],
-                    "text_offset": offsets[: end - start]}
+            out = {"tokens": texts[start:end], "token_logprobs": seq.logprobs[start:end],
+                   "top_logprobs": [named(alts) for alts in seq.top_logprobs[start:end]],
+                   "text_offset": offsets[: end - start]}
+            if whole and body.echo:
+                out = {k: prompt_logprobs(seq.request)[k] + v for k, v in out.items()}
+            if whole and body.echo and seq.stop_logprob is not None:
+                # (what a scorer's [context:-1] slice drops: without it, the slice would cut the prompt's last token)
+                stop = {"tokens": self.token_text(seq.stop_token), "token_logprobs": seq.stop_logprob[0],
+                        "top_logprobs": named(seq.stop_logprob[1]), "text_offset": len(prefix) + len(seq.text)}
+                out = {k: v + [stop[k]] for k, v in out.items()}
+            return out
+
+        def prompt_logprobs(request: Request) -> dict:
+            """The echoed prompt's tokens in ``legacy_logprobs``' form: the first token's log-probability None."""
+            ids, scored = request.prompt_ids, request.prompt_logprobs or [None] * len(request.prompt_ids)
+            widths = [0 if t in skipped else len(self.tokenizer.decode([t])) for t in ids]
+            return {"tokens": [self.token_text(t) for t in ids],
+                    "token_logprobs": [None if e is None else e[0] for e in scored],
+                    "top_logprobs": [None if e is None else named(e[1]) for e in scored],
+                    "text_offset": list(itertools.accumulate(widths[:-1], initial=0))[: len(ids)]}
 
         def chunk(choice: dict) -> dict:
             return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
                     "choices": [choice]}
 
         async def stream(events):
-            if prefix:
-                for i in range(body.n):
-                    yield chunk({"text": prefix, "index": i, "logprobs": None, "finish_reason": None})
             request, written = None, [0] * body.n  # tokens of each sequence sent so far
             async for ev in events:
                 seq = ev.sequence
+                if prefix and request is None:  # (once the prompt has been read: its log-probabilities with it)
+                    echoed = prompt_logprobs(seq.request) if body.logprobs is not None else None
+                    for i in range(body.n):
+                        yield chunk({"text": prefix, "index": i, "logprobs": echoed, "finish_reason": None})
                 request = seq.request
                 i = _appended_index(ev, written)
                 lp = legacy_logprobs(seq, i, i + 1) if i is not None else None
@@ -640,7 +704,7 @@ class OpenAIService:
 
         def final(request: Request):
             return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                    "choices": [{"text": prefix + s.text, "index": s.index, "logprobs": legacy_logprobs(s),
+                    "choices": [{"text": prefix + s.text, "index": s.index, "logprobs": legacy_logprobs(s, whole=True),
                                  "finish_reason": _reason(s)} for s in request.sequences],
                     "usage": self.usage(request)}
 
@@ -651,6 +715,8 @@ class OpenAIService:
         if self.seq2seq:
             raise APIError(400, "This model is an encoder-decoder without a chat template; use /v1/completions",
                            param="messages", code="chat_not_supported")
+        if body.top_logprobs and not body.logprobs:  # (as OpenAI's API and vLLM answer; it was silently left out)
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
                     for m in body.messages]
         extra = {}  # with an index: the passages the answer came from, a field OpenAI clients ignore
@@ -729,8 +795,16 @@ class OpenAIService:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     def _token_entry(self, token: int, logprob: float) -> dict:
-        text = self.token_text(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": self.token_text(token), "logprob": logprob, "bytes": list(self.token_bytes(token))}
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte each character of a byte-level BPE vocabulary (GPT-2's, Llama 3's, Qwen's) stands for: printable
+    bytes as themselves, the others as the characters from U+0100 on, in order (GPT-2's ``bytes_to_unicode``)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
 
 
 def _reason(seq) -> str:
@@ -817,8 +891,7 @@ def create_app(model, tokenizer, settings: ServerSettings | None = None, compile
 
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models():
+    def served_models() -> list[dict]:
         served = []
         if service is not None:
             served.append({"id": settings.model_name, "object": "model", "created": created, "owned_by": "lmforge",
@@ -826,7 +899,19 @@ def create_app(model, tokenizer, settings: ServerSettings | None = None, compile
         if embedder is not None:
             served.append({"id": embedder.name, "object": "model", "created": created, "owned_by": "lmforge",
                            "max_model_len": embedder.max_length})
-        return {"object": "list", "data": served}
+        return served
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": served_models()}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):  # (the openai client's models.retrieve)
+        served = {m["id"]: m for m in served_models()}
+        if name not in served:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves {', '.join(map(repr, served))}",
+                           param="model", code="model_not_found")
+        return served[name]
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HTTPRequest):
@@ -1091,10 +1176,11 @@ def _serve_on(sock: socket.socket, model_dir, settings: ServerSettings, int8: bo
             print(f"precision: {precision.reason}", flush=True)
         model = load_generator(model_dir, device, precision.torch_dtype)
         tokenizer = load_tokenizer_for(model)
-        if recommended_sampling(model):
+        applied = {k: v for k, v in recommended_sampling(model).items() if k in SERVED_SAMPLING}
+        if applied:
             from lmforge.infer.sampling import describe_sampling
 
-            print(f"sampling: {describe_sampling(recommended_sampling(model))} where a request sets none, as "
+            print(f"sampling: {describe_sampling(applied)} where a request sets none, as "
                   f"{getattr(model, 'base_source', None) or model.source}/generation_config.json recommends", flush=True)
     if embedding_model is not None:
         embedder = Embedder(embedding_model, device)
