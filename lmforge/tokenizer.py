@@ -146,6 +146,16 @@ class Tokenizer:
                 config[key] = value
         tok = cls(hf, config)
         tok.path = file
+        # transformers 4.54+'s named templates, one file each: when there are any, they and chat_template.jinja (as
+        # "default") are the templates, whatever tokenizer_config.json says, as transformers reads them
+        extra = sorted((file.parent / "additional_chat_templates").glob("*.jinja"))
+        if extra:
+            tok.named_templates = {"default": config["chat_template"]} if jinja.is_file() else {}
+            for template in extra:
+                try:
+                    tok.named_templates[template.stem] = template.read_text(encoding="utf-8")
+                except UnicodeDecodeError:
+                    raise LmforgeError(f"{template} is not UTF-8 text; fix or delete it") from None
         # (a folder whose only setting is its chat template names no special token: saved as a bare one is)
         tok.configured = any((file.parent / name).is_file() for name in ("tokenizer_config.json",
                                                                          "special_tokens_map.json"))
@@ -189,14 +199,41 @@ class Tokenizer:
 
     # -- chat ----------------------------------------------------------------------------------
 
-    @property
-    def chat_template(self) -> str | None:
-        """The ``chat_template`` of tokenizer_config.json (the "default" one when several are named)."""
+    named_templates: dict[str, str] | None = None  # additional_chat_templates/ (with chat_template.jinja's)
+
+    def _named(self) -> dict[str, str] | None:
+        """The templates by name, where a folder names several (a list in tokenizer_config.json, or
+        additional_chat_templates/); None where it has one or none."""
+        if self.named_templates:
+            return self.named_templates
         template = self.config.get("chat_template")
         if isinstance(template, list):
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default") or next(iter(named.values()), None)
-        return template
+            return {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        return None
+
+    @property
+    def chat_template(self) -> str | None:
+        """The ``chat_template`` of tokenizer_config.json or chat_template.jinja (the "default" one when several are
+        named, else the first: whether there is one at all; rendering picks as ``_template_for`` says)."""
+        named = self._named()
+        if named is not None:
+            return named.get("default") or next(iter(named.values()), None)
+        return self.config.get("chat_template")
+
+    def _template_for(self, tools) -> str | None:
+        """The template transformers renders ``tools`` (or none) with: of several named ones, "tool_use" where tools
+        are given and there is one, else "default"; several without a default are refused, as transformers
+        refuses them."""
+        named = self._named()
+        if named is None:
+            return self.chat_template
+        if tools and named.get("tool_use"):
+            return named["tool_use"]
+        if named.get("default"):
+            return named["default"]
+        raise LmforgeError(f"the tokenizer has several chat templates ({', '.join(sorted(map(str, named)))}) and none "
+                           f"named default, so which one to use is not said (transformers refuses it too); name one "
+                           f"default in tokenizer_config.json, or keep one as chat_template.jinja")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
                             tools: list | None = None) -> str:
@@ -223,7 +260,7 @@ class Tokenizer:
         # (as transformers: a message's keys set to None are left out, so `is defined` and `in` read them as absent)
         messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
         try:
-            template = env.from_string(self.chat_template or DEFAULT_CHAT_TEMPLATE)
+            template = env.from_string(self._template_for(tools) or DEFAULT_CHAT_TEMPLATE)
             # as transformers renders: the special tokens the tokenizer has (one it lacks is undefined)
             special = {k: self._token_text(k) for k in _SPECIAL_KEYS if self._token_text(k)}
             extra = self.config.get("additional_special_tokens")

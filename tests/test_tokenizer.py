@@ -424,3 +424,44 @@ def test_sft_renders_each_rows_tools(tmp_path):
     task.tokenizer = Tokenizer.load(refusing)
     with pytest.raises(LmforgeError, match="conversation that starts 'be brief': the chat template failed: System role"):
         SFT.featurize(task, [{"messages": messages}, {"messages": [{"role": "system", "content": "be brief"}, *messages]}])
+
+
+@pytest.mark.parametrize("layout", ["list", "files"])
+def test_named_chat_templates_are_chosen_as_transformers_chooses_them(tmp_path, layout):
+    """A folder with several named templates (a list in tokenizer_config.json, or transformers 4.54+'s
+    additional_chat_templates/ beside chat_template.jinja): transformers renders "tool_use" where tools are given
+    and "default" otherwise, and refuses several without a default. lmforge rendered the default (or the first)
+    whatever the tools, and read none of additional_chat_templates/."""
+    from transformers import AutoTokenizer
+
+    default = "{% for m in messages %}D {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tool_use = "TOOLS {{ tools | length }}\n{% for m in messages %}T {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    templates = {"default": default, "tool_use": tool_use}
+    if layout == "list":
+        folder = byte_level_folder(tmp_path / "t", {"chat_template": [{"name": k, "template": v}
+                                                                      for k, v in templates.items()]})
+    else:
+        folder = byte_level_folder(tmp_path / "t", {"chat_template": "NOT THIS {{ messages }}"})
+        (folder / "chat_template.jinja").write_text(default)
+        (folder / "additional_chat_templates").mkdir()
+        (folder / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Hi"}]
+    theirs, ours = AutoTokenizer.from_pretrained(str(folder)), Tokenizer.load(folder)
+    for given in (None, tools):
+        expected = theirs.apply_chat_template(messages, tools=given, tokenize=False)
+        assert ours.apply_chat_template(messages, tools=given) == expected
+    assert ours.apply_chat_template(messages, tools=tools).startswith("TOOLS 1")
+    assert ours.apply_chat_template(messages) == "D user: Hi\n"
+    if layout == "files":  # saved, the named ones go with it and read back the same
+        ours.save(tmp_path / "saved")
+        again = Tokenizer.load(tmp_path / "saved")
+        assert again.apply_chat_template(messages, tools=tools) == ours.apply_chat_template(messages, tools=tools)
+        (folder / "chat_template.jinja").unlink()
+    else:
+        (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+            {"name": "chatml", "template": default}, {"name": "tool_use", "template": tool_use}]}))
+    with pytest.raises(ValueError, match="no default"):
+        AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(messages, tokenize=False)
+    with pytest.raises(LmforgeError, match="none named default"):
+        Tokenizer.load(folder).apply_chat_template(messages)
