@@ -321,7 +321,7 @@ def test_generate_api_batches_beams_and_n(hf_gpt2):
     assert [g.token_ids for g in two] == [t for t, _ in beam_search(model, tok.encode("def"), 3, 6, eos_ids=(tok.eos_id,), n=2)]
     assert two[0].token_ids == beams.token_ids
     for bad, message in [(dict(n=4), "n \\(4\\) must not exceed num_beams \\(3\\)"),
-                         (dict(repetition_penalty=1.2), "beam search takes no repetition"),
+                         (dict(frequency_penalty=1.2), "beam search takes no frequency"),
                          (dict(logprobs=1), "gives no logprobs"),
                          (dict(temperature=0.7), "draws nothing: temperature, top_k"),
                          (dict(seed=3), "would be ignored"), (dict(top_p=0.9), "would be ignored")]:

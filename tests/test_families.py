@@ -246,3 +246,26 @@ def test_the_generate_command_takes_no_repeat_ngram_size_min_new_tokens_and_earl
     assert r.returncode == 2 and "--stop" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("generate", "w9", "--model", str(tmp_path / "m"), "--no-repeat-ngram-size", "-1")
     assert r.returncode == 2 and "no_repeat_ngram_size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_beam_search_takes_the_repetition_penalty_as_transformers_does(tmp_path):
+    """transformers' beam search applies repetition_penalty (to each beam's log-probabilities); lmforge refused it
+    with beams, and dropped a folder's silently. Both give transformers' beams now."""
+    from lmforge import generate
+
+    hf = make(tmp_path / "m", "llama-gqa-untied-theta")
+    word_tokenizer(tmp_path / "m")
+    prompt = torch.tensor([[9, 10, 11, 9, 10]])
+    for beams, penalty in ((2, 1.3), (3, 0.8)):
+        expected = hf.generate(prompt, max_new_tokens=10, do_sample=False, num_beams=beams, repetition_penalty=penalty,
+                               attention_mask=torch.ones_like(prompt), pad_token_id=0)[0, 5:].tolist()
+        plain = hf.generate(prompt, max_new_tokens=10, do_sample=False, num_beams=beams,
+                            attention_mask=torch.ones_like(prompt), pad_token_id=0)[0, 5:].tolist()
+        got = generate(str(tmp_path / "m"), "w9 w10 w11 w9 w10", max_new_tokens=10, num_beams=beams,
+                       repetition_penalty=penalty)
+        assert got.token_ids == expected != plain, (beams, penalty)
+    settings = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({**settings, "repetition_penalty": 1.3}))
+    got = generate(str(tmp_path / "m"), "w9 w10 w11 w9 w10", max_new_tokens=10, num_beams=2)
+    assert got.token_ids == hf.generate(prompt, max_new_tokens=10, do_sample=False, num_beams=2, repetition_penalty=1.3,
+                                        attention_mask=torch.ones_like(prompt), pad_token_id=0)[0, 5:].tolist()

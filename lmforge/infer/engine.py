@@ -633,7 +633,7 @@ class Engine:
 @torch.inference_mode()
 def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, eos_ids: tuple[int, ...] = (), n: int | None = None,
-                no_repeat_ngram_size: int = 0, min_new_tokens: int = 0):
+                no_repeat_ngram_size: int = 0, min_new_tokens: int = 0, repetition_penalty: float = 1.0):
     """The best beam's new tokens (ending with its end-of-sequence token, if it chose one) and its score; with
     ``n``, a list of the ``n`` best (at most ``num_beams``), best first, as transformers'
     ``num_return_sequences``.
@@ -643,7 +643,8 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
     maximum length) is scored ``sum / generated_length ** length_penalty`` and kept among the best
     ``num_beams`` finished; the rest continue. ``early_stopping`` True stops once ``num_beams`` have
     finished; False and "never" stop when no running beam can still beat the finished ones.
-    ``no_repeat_ngram_size`` and ``min_new_tokens`` act on each beam's log-probabilities as transformers' processors.
+    ``repetition_penalty``, ``no_repeat_ngram_size`` and ``min_new_tokens`` act on each beam's log-probabilities as
+    transformers' processors do there (the penalty multiplies a seen token's log-probability, which is negative).
     """
     from lmforge.model.encoder_decoder import EncoderDecoder
 
@@ -700,6 +701,11 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
     cur = P
     while True:
         log_probs = F.log_softmax(logits.float(), dim=-1)
+        if repetition_penalty != 1.0:
+            seen = running[:, :cur]
+            picked = log_probs.gather(1, seen)
+            log_probs = log_probs.scatter(1, seen, torch.where(picked < 0, picked * repetition_penalty,
+                                                                picked / repetition_penalty))
         if no_repeat_ngram_size:
             for b in range(num_beams):
                 banned = repeated_ngram_ends(running[b, :cur].tolist(), no_repeat_ngram_size)

@@ -192,7 +192,7 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
             beams = beam_search(model, ids, sampling.num_beams, sampling.max_new_tokens, sampling.length_penalty,
                                 sampling.early_stopping, tuple(t for t in stops if t is not None), n=sampling.n,
                                 no_repeat_ngram_size=sampling.no_repeat_ngram_size,
-                                min_new_tokens=sampling.min_new_tokens)
+                                min_new_tokens=sampling.min_new_tokens, repetition_penalty=sampling.repetition_penalty)
             gens = [_beam_generation(tokenizer, tokens, stops, sampling.stop, len(ids), sampling.skip_special_tokens) for tokens, _ in beams]
             out.append(gens[0] if sampling.n == 1 else gens)
         return out[0] if isinstance(prompt, str) else out

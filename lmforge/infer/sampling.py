@@ -40,7 +40,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: also the k most likely alternatives
     prompt_logprobs: int | None = None  # the same for each prompt token given those before it (a decoder's)
     truncate: bool = False  # keep the end of a prompt that does not fit, instead of an error
-    num_beams: int = 1  # > 1: beam search (greedy over beams: no sampling, penalties or logprobs; n: the n best beams)
+    num_beams: int = 1  # > 1: beam search (greedy over beams: no sampling, OpenAI penalties or logprobs; n: the n best beams)
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     skip_special_tokens: bool = False  # the text leaves special tokens out (the token ids keep them)
@@ -88,10 +88,8 @@ class SamplingParams:
             (self.num_beams >= 1, "num_beams must be at least 1"),
             (self.num_beams == 1 or self.n <= self.num_beams,
              f"n ({self.n}) must not exceed num_beams ({self.num_beams}): beam search returns its n best beams"),
-            (self.num_beams == 1 or (self.repetition_penalty == 1 and not self.frequency_penalty
-                                     and not self.presence_penalty and self.logprobs is None),
-             "beam search takes no repetition, frequency or presence penalty and gives no logprobs; drop them or "
-             "num_beams"),
+            (self.num_beams == 1 or (not self.frequency_penalty and not self.presence_penalty and self.logprobs is None),
+             "beam search takes no frequency or presence penalty and gives no logprobs; drop them or num_beams"),
             (self.num_beams == 1 or (self.temperature in (0, 1) and self.top_k == 0 and self.top_p == 1
                                      and self.min_p == 0 and self.seed is None),
              "beam search keeps the likeliest beams and draws nothing: temperature, top_k, top_p, min_p and seed "
@@ -165,8 +163,9 @@ def _recommended(settings: dict, folder) -> dict:
 
 def recommended_for_beams(model) -> dict:
     """What beam search takes of ``recommended_sampling``: it samples nothing, but transformers' beam search
-    applies no_repeat_ngram_size and min_new_tokens too."""
-    return {k: v for k, v in recommended_sampling(model).items() if k in ("no_repeat_ngram_size", "min_new_tokens")}
+    applies the repetition penalty, no_repeat_ngram_size and min_new_tokens too."""
+    return {k: v for k, v in recommended_sampling(model).items()
+            if k in ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens")}
 
 
 def recommended_length(model) -> int | None:
