@@ -22,6 +22,8 @@ CASES = {
                                dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=50000.0)),
     "llama-mqa-tied-llama3-rope": ("LlamaConfig", "LlamaForCausalLM",
                                    dict(num_key_value_heads=1, tie_word_embeddings=True, rope_scaling=LLAMA3_SCALING)),
+    "llama-linear-rope": ("LlamaConfig", "LlamaForCausalLM",
+                          dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0})),
     "qwen2-biases-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen2-untied": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=False)),
     "mistral-sliding-window": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=6)),

@@ -45,9 +45,20 @@ MAX_SHARD_BYTES = 5 * 2**30
 
 def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     try:
+        with open(path, "rb") as f:  # (a clone made without git-lfs holds these small text files in place of weights)
+            if f.read(64).startswith(b"version https://git-lfs"):
+                raise LmforgeError(f"{path} is a Git LFS pointer, not the weights: fetch them (`git lfs pull` in the "
+                                   f"clone) or download the folder again")
         if path.suffix == ".safetensors":
             return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        # (a plain pickle may hold anything: a list, a nested dict, numbers beside the tensors)
+        odd = type(tensors).__name__ if not isinstance(tensors, dict) else next(
+            (f"{k!r}: {type(v).__name__}" for k, v in tensors.items() if not isinstance(v, torch.Tensor)), None)
+        if odd:
+            raise LmforgeError(f"{path} is not a state dict of named tensors (it holds {odd}); the checkpoint is "
+                               f"corrupt or not a model's weights")
+        return tensors
     except SafetensorError as e:
         raise LmforgeError(f"{path} is not a valid safetensors file ({e}); the checkpoint is corrupt") from None
     except pickle.UnpicklingError as e:
@@ -188,7 +199,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     if hf.get("model_type") == "bert":
         config = bert_config_from_hf(hf, raw.keys(), where)
         model = build_encoder(config, "meta")
-        weights = bert_state_dict_from_hf(config, raw, str(folder), tied=hf.get("tie_word_embeddings", True) is not False)
+        weights = bert_state_dict_from_hf(config, raw, str(folder))
     elif hf.get("model_type") in ENCODER_DECODER_TYPES:
         from lmforge.model.encoder_decoder import build_encoder_decoder
 
@@ -196,7 +207,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         model = build_encoder_decoder(config, "meta")
         weights = t5_state_dict_from_hf(config, raw, str(folder))
     else:
-        config = config_from_hf(hf, where)
+        config = config_from_hf(hf, where, raw)
         model = build_model(config, "meta")
         weights = state_dict_from_hf(config, raw, str(folder))
     # (kept when the model is saved again, as save_pretrained keeps generation_config; its end ids stop generation)

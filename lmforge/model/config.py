@@ -34,7 +34,8 @@ class Config:
     family: str = "gpt2"  # the Hugging Face model_type a checkpoint is saved as (see the module docstring)
     pos_embedding: str = "learned"  # "learned" (GPT-2), "rope" (rotary), "sinusoidal" (Vaswani et al. 2017)
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # Llama 3: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    # Llama 3: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings; or rope_type "linear": factor
+    rope_scaling: dict | None = None
     norm: str = "layernorm"  # "layernorm" or "rmsnorm"
     mlp: str = "gelu"  # "gelu": fc → activation → proj; "swiglu": down(silu(gate) · up)
     activation: str = "gelu_tanh"  # of the "gelu" MLP: "gelu_tanh" (GPT-2's gelu_new) or "gelu" (exact)

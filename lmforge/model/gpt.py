@@ -90,10 +90,13 @@ class KVCache:
 
 
 def rope_inv_freq(config: Config, device=None) -> torch.Tensor:
-    """Rotary frequencies (head_dim/2,), with Llama 3's scaling of the low frequencies when configured."""
+    """Rotary frequencies (head_dim/2,), scaled where configured: linearly (positions divided by ``factor``, as
+    transformers' "linear" rope type) or with Llama 3's scaling of the low frequencies (the default kind)."""
     dim = config.head_size
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     s = config.rope_scaling
+    if s and s.get("rope_type") == "linear":
+        return inv_freq / s["factor"]
     if s:
         # Llama 3: wavelengths longer than the original context are stretched by `factor`, short ones
         # kept, and the band between blended smoothly.

@@ -73,7 +73,7 @@ def _gpt2_config_from_hf(hf: dict, where: str) -> dict:
         n_layer=int(hf["n_layer"]),
         n_head=int(hf["n_head"]),
         n_embd=int(hf["n_embd"]),
-        mlp_hidden=hf.get("n_inner"),
+        mlp_hidden=int(hf["n_inner"]) if hf.get("n_inner") is not None else None,
         activation=activation,
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         dropout=float(hf.get("resid_pdrop", 0.0)),
@@ -106,8 +106,9 @@ _LLAMA_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistra
 
 
 def _llama_config_to_hf(c: Config) -> dict:
-    rope_parameters = {"rope_type": "llama3" if c.rope_scaling else "default", "rope_theta": c.rope_theta}
-    rope_parameters.update(c.rope_scaling or {})
+    kind = (c.rope_scaling.get("rope_type", "llama3") if c.rope_scaling else "default")
+    scaling = {k: v for k, v in (c.rope_scaling or {}).items() if k != "rope_type"}
+    rope_parameters = {"rope_type": kind, "rope_theta": c.rope_theta, **scaling}
     hf = {
         "architectures": [_LLAMA_ARCH[c.family]],
         "model_type": c.family,
@@ -125,7 +126,7 @@ def _llama_config_to_hf(c: Config) -> dict:
         # Both spellings: transformers >= 5 reads rope_parameters, older versions rope_theta/rope_scaling.
         "rope_parameters": rope_parameters,
         "rope_theta": c.rope_theta,
-        "rope_scaling": {"rope_type": "llama3", **c.rope_scaling} if c.rope_scaling else None,
+        "rope_scaling": {"rope_type": kind, **scaling} if c.rope_scaling else None,
     }
     if c.family == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
@@ -158,8 +159,11 @@ def _llama_config_from_hf(hf: dict, where: str) -> dict:
             keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
             rope_scaling = {k: float(scaling[k]) for k in keys}
             rope_scaling["original_max_position_embeddings"] = int(rope_scaling["original_max_position_embeddings"])
+        elif kind == "linear":  # (positions divided by the factor)
+            rope_scaling = {"rope_type": "linear", "factor": float(scaling["factor"])}
         elif kind != "default":
-            raise LmforgeError(f"{where}: rope scaling {kind!r} is not supported; lmforge supports default and llama3")
+            raise LmforgeError(f"{where}: rope scaling {kind!r} is not supported; lmforge supports default, linear "
+                               f"and llama3")
     window = None
     if family == "mistral":
         window = hf.get("sliding_window", 4096)  # (transformers' MistralConfig when the key is absent)
@@ -179,7 +183,7 @@ def _llama_config_from_hf(hf: dict, where: str) -> dict:
         n_head=n_head,
         n_kv_head=int(hf.get("num_key_value_heads") or n_head),
         n_embd=int(hf["hidden_size"]),
-        head_dim=hf.get("head_dim"),
+        head_dim=int(hf["head_dim"]) if hf.get("head_dim") is not None else None,
         mlp_hidden=int(hf["intermediate_size"]),
         family=family,
         pos_embedding="rope",
@@ -318,7 +322,10 @@ def config_to_hf(config: Config) -> dict:
     return hf
 
 
-def config_from_hf(hf: dict, where: str = "config.json") -> Config:
+def config_from_hf(hf: dict, where: str = "config.json", weights: dict[str, torch.Tensor] | None = None) -> Config:
+    """A decoder's ``Config`` from its ``config.json``. With the folder's ``weights``, an ``lm_head`` that differs from
+    the token embeddings is an untied head whatever tie_word_embeddings says, as transformers 5 reads it (it ties
+    only what the file does not hold twice)."""
     model_type = hf.get("model_type")
     if model_type in ("lmforge-ngram", "lmforge-lstm"):
         kind = {"lmforge-ngram": "n-gram", "lmforge-lstm": "LSTM"}[model_type]
@@ -345,13 +352,27 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         elif arch and not arch.endswith(("LMHeadModel", "ForCausalLM", "Model")):
             raise LmforgeError(f"{where}: architecture {arch} is not supported; lmforge reads causal LMs and "
                                f"sequence classifiers of {model_type}")
+        tied = bool(hf.get("tie_word_embeddings", model_type == "gpt2"))
+        if tied and fields.get("head") is None and weights is not None and _own_head(weights):
+            tied = False
         return Config(
             **fields,
-            tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gpt2")),
+            tie_embeddings=tied,
             init_std=float(hf.get("initializer_range", 0.02)),
             bos_token_id=_first_id(hf.get("bos_token_id")),
             eos_token_id=_first_id(hf.get("eos_token_id")),
         )
+
+
+_EMBEDDINGS = ("transformer.wte.weight", "wte.weight", "model.embed_tokens.weight", "embed_tokens.weight")
+
+
+def _own_head(weights: dict[str, torch.Tensor]) -> bool:
+    """Whether ``weights`` hold an lm_head that is not a copy of the token embeddings."""
+    head = weights.get("lm_head.weight")
+    embeddings = next((weights[name] for name in _EMBEDDINGS if name in weights), None)
+    return (head is not None and embeddings is not None
+            and not (head.shape == embeddings.shape and torch.equal(head, embeddings)))
 
 
 @contextmanager
@@ -361,7 +382,7 @@ def _reading(where: str, model_type: str):
         yield
     except KeyError as e:
         raise LmforgeError(f"{where}: missing field {e.args[0]!r}; is this a {model_type} config.json?") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, AttributeError) as e:  # (AttributeError: a list or string where an object belongs)
         raise LmforgeError(f"{where}: a field has the wrong type ({e})") from None
 
 
@@ -389,7 +410,8 @@ def state_dict_from_hf(config: Config, hf_sd: dict[str, torch.Tensor], where: st
         return {k: v.contiguous() for k, v in hf_sd.items()}  # lmforge's own names; load_state_dict checks them
     hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
     head = hf_sd.pop("lm_head.weight", None)
-    score = hf_sd.pop("score.weight", None)
+    # (a score head in a language model's folder stays in: it is refused below, not dropped)
+    score = hf_sd.pop("score.weight", None) if config.head == "sequence_classification" else None
     if config.family == "gpt2":
         out, problems = _gpt2_from_hf(config, hf_sd)
     else:
@@ -542,16 +564,32 @@ def _bert_fused(c) -> list[tuple[str, list[str]]]:
             for i in range(c.n_layer) for part in ("weight", "bias")]
 
 
-def bert_state_dict_from_hf(c, hf_sd: dict[str, torch.Tensor], where: str, tied: bool = True) -> dict[str, torch.Tensor]:
-    """lmforge's tensors of a BERT folder; ``tied`` is config.json's tie_word_embeddings (an MLM head of its own,
-    which lmforge's encoder does not have, is refused rather than replaced by the word embeddings)."""
+def _legacy_norm_name(name: str) -> str:
+    """``name`` with LayerNorm's ``gamma``/``beta`` (TensorFlow's names) as ``weight``/``bias``."""
+    for old, new in (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias")):
+        if name.endswith(old):
+            return name[: -len(old)] + new
+    return name
+
+
+def bert_state_dict_from_hf(c, hf_sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """lmforge's tensors of a BERT folder. An MLM head of its own (not a copy of the word embeddings), which lmforge's
+    encoder does not have, is refused rather than replaced by the word embeddings, whatever tie_word_embeddings says:
+    transformers 5 predicts with such a head even where the field is true (4 tied it over)."""
     own = next((v for k, v in hf_sd.items() if k.endswith("cls.predictions.decoder.weight")), None)
     words = next((v for k, v in hf_sd.items() if k.endswith("embeddings.word_embeddings.weight")), None)
-    if (not tied and c.head in ("masked_lm", "pretraining") and own is not None and words is not None
+    if (c.head in ("masked_lm", "pretraining") and own is not None and words is not None
             and not (own.shape == words.shape and torch.equal(own, words))):
-        raise LmforgeError(f"{where}: the masked-LM head has weights of its own (tie_word_embeddings false), which "
+        raise LmforgeError(f"{where}: the masked-LM head has weights of its own (not the word embeddings'), which "
                            f"lmforge's encoder does not support: it predicts with the word embeddings")
-    hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith(_BERT_IGNORED)}
+    # Google's BERT checkpoints (bert-base-uncased) name LayerNorm's parameters gamma and beta, as transformers renames
+    # on loading, and carry the next-sentence head beside the masked-LM one, which transformers leaves unused there
+    hf_sd = {_legacy_norm_name(k): v for k, v in hf_sd.items()}
+    if "cls.predictions.decoder.bias" in hf_sd:  # the bias the head adds, where a file holds it (transformers uses it)
+        hf_sd["cls.predictions.bias"] = hf_sd["cls.predictions.decoder.bias"]
+    next_sentence = ("cls.seq_relationship.weight", "cls.seq_relationship.bias")
+    unused = _BERT_IGNORED + (next_sentence if c.head == "masked_lm" else ())
+    hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith(unused)}
     if c.head is None:  # a bare backbone saved from a head model keeps its "bert." prefix
         hf_sd = {k.removeprefix("bert."): v for k, v in hf_sd.items()}
     fused, missing = {}, []
@@ -583,7 +621,10 @@ def bert_state_dict_to_hf(model) -> dict[str, torch.Tensor]:
 # scaling). transformers 5 always ties unless the file holds an lm_head that differs, and reads the
 # scaling from scale_decoder_outputs. lmforge reads the head from the weights and the scaling from
 # scale_decoder_outputs when present, else from tie_word_embeddings, and writes both fields.
-_T5_IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+_T5_IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+               # the original T5 checkpoints (t5-small ...) carry a cross-attention position bias that no T5 uses
+               # (transformers ignores it too)
+               "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
 
 
 def t5_config_from_hf(hf: dict, weights: dict[str, torch.Tensor], where: str):
@@ -688,6 +729,10 @@ def weight_files(folder: Path) -> list[Path]:
         if index.exists():
             from lmforge.utils import read_json
 
-            weight_map = read_json(index, "weight index").get("weight_map", {})
+            weight_map = read_json(index, "weight index").get("weight_map")
+            if not (isinstance(weight_map, dict) and weight_map
+                    and all(isinstance(file, str) for file in weight_map.values())):
+                raise LmforgeError(f"{index}: its weight_map must map tensor names to shard files (it is "
+                                   f"{str(weight_map)[:80]}); the weight index is corrupt, restore or re-create it")
             return [folder / shard for shard in sorted(set(weight_map.values()))]
     return []
