@@ -181,3 +181,24 @@ def test_a_masked_lm_heads_decoder_bias_is_the_bias_it_adds(tmp_path, keep_bias)
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "bert")(ids).logits, theirs(input_ids=ids).logits,
                                    atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_python", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_accurate"])
+def test_every_name_transformers_gives_gelu_loads_with_its_logits(tmp_path, name):
+    """GPT-2's activation_function and BERT's hidden_act: transformers' six names of the two GELUs (exact and tanh)
+    each load with transformers' logits; gelu_python, gelu_accurate (and gelu_fast for BERT) were refused."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                      activation_function=name)).eval()
+    bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=48, max_position_embeddings=32, hidden_act=name)).eval()
+    idx = torch.randint(0, 64, (2, 12))
+    for model, out in ((gpt2, lambda m: m(idx).logits), (bert, lambda m: m(idx).last_hidden_state)):
+        model.save_pretrained(tmp_path / name / type(model).__name__)
+        ours = load_model(tmp_path / name / type(model).__name__).eval()
+        with torch.no_grad():
+            theirs = out(model)
+            mine = ours(idx) if model is gpt2 else ours(idx).hidden
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)

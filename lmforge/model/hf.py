@@ -56,11 +56,16 @@ def _gpt2_config_to_hf(c: Config) -> dict:
     }
 
 
+# transformers' names of GELU (ACT2FN) → lmforge's two: the exact one, and the tanh approximation (gelu_new,
+# gelu_fast and gelu_accurate are that formula written three ways)
+_GELU_NAMES = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu_fast": "gelu_tanh", "gelu_accurate": "gelu_tanh"}
+
+
 def _gpt2_config_from_hf(hf: dict, where: str) -> dict:
-    activation = hf.get("activation_function", "gelu_new")
-    if activation in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        activation = "gelu_tanh"
-    elif activation != "gelu":
+    activation = _GELU_NAMES.get(hf.get("activation_function", "gelu_new"))
+    if activation is None:
+        activation = hf["activation_function"]
         raise LmforgeError(f"{where}: activation_function {activation!r} is not supported; use gelu_new or gelu")
     for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
         if hf.get(flag):
@@ -449,9 +454,9 @@ def bert_config_from_hf(hf: dict, weight_names, where: str):
                            f"supported; lmforge's encoder attends both ways")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise LmforgeError(f"{where}: position_embedding_type {hf['position_embedding_type']!r} is not supported")
-    act = hf.get("hidden_act", "gelu")
-    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
-        raise LmforgeError(f"{where}: hidden_act {act!r} is not supported for bert; use gelu")
+    act = _GELU_NAMES.get(hf.get("hidden_act", "gelu"))
+    if act is None:
+        raise LmforgeError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported for bert; use gelu")
     heads = {v: k for k, v in _BERT_ARCH.items()}
     arch = (hf.get("architectures") or ["BertModel"])[0]
     if arch not in heads:
@@ -473,7 +478,7 @@ def _bert_config(hf: dict, weight_names, head: str | None, act: str):
         n_embd=int(hf["hidden_size"]),
         mlp_hidden=int(hf["intermediate_size"]),
         type_vocab_size=int(hf.get("type_vocab_size", 2)),
-        activation="gelu" if act == "gelu" else "gelu_tanh",
+        activation=act,
         norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
         dropout=float(hf.get("hidden_dropout_prob", 0.1)),
         init_std=float(hf.get("initializer_range", 0.02)),
