@@ -202,3 +202,31 @@ def test_every_name_transformers_gives_gelu_loads_with_its_logits(tmp_path, name
             theirs = out(model)
             mine = ours(idx) if model is gpt2 else ours(idx).hidden
         torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_tied_model_whose_file_holds_only_the_head_loads_as_transformers_ties_it(tmp_path, family):
+    """tie_word_embeddings true and a file holding the shared matrix as lm_head.weight alone (no embeddings):
+    transformers ties the embeddings to the head; lmforge refused it as missing its embeddings."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)).eval()
+        embeddings = "transformer.wte.weight"
+    else:
+        hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=32,
+                                          tie_word_embeddings=True)).eval()
+        embeddings = "model.embed_tokens.weight"
+    hf.save_pretrained(tmp_path / "m")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    shared = weights.pop(embeddings, None)
+    weights["lm_head.weight"] = shared if shared is not None else weights["lm_head.weight"]
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp_path / "m" / "model.safetensors",
+              metadata={"format": "pt"})
+    again = type(hf).from_pretrained(tmp_path / "m").eval()
+    idx = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx).logits, hf(idx).logits)  # (transformers ties them)
+        torch.testing.assert_close(load_model(tmp_path / "m")(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)

@@ -415,6 +415,9 @@ def state_dict_from_hf(config: Config, hf_sd: dict[str, torch.Tensor], where: st
         return {k: v.contiguous() for k, v in hf_sd.items()}  # lmforge's own names; load_state_dict checks them
     hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
     head = hf_sd.pop("lm_head.weight", None)
+    if config.tie_embeddings and head is not None and not any(k in hf_sd for k in _EMBEDDINGS):
+        # a tied model saved with its head's name for the shared matrix: transformers ties the embeddings to it
+        hf_sd["model.embed_tokens.weight" if config.family != "gpt2" else "transformer.wte.weight"] = head
     # (a score head in a language model's folder stays in: it is refused below, not dropped)
     score = hf_sd.pop("score.weight", None) if config.head == "sequence_classification" else None
     if config.family == "gpt2":
