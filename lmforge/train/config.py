@@ -210,7 +210,8 @@ class FinetuneConfig(TrainConfig):
     lora_r: int = setting(8, "LoRA rank")
     lora_alpha: float = setting(16.0, "LoRA scale numerator (the update is scaled by alpha / r)")
     lora_dropout: float = setting(0.0, "dropout on the LoRA branch's input")
-    lora_targets: str = setting("q,v", "comma-separated: q, k, v, o (attention) and fc, proj (MLP)")
+    lora_targets: str = setting("q,v", "comma-separated: q, k, v, o (attention) and fc, proj (MLP), or PEFT's "
+                                       "names (q_proj,v_proj; GPT-2's c_attn; all-linear)")
     max_length: int = setting(0, "tokens per example (longer ones are truncated); 0: the model's context")
     packing: bool = setting(False, "SFT: pack examples into full rows, attention kept inside each example")
     labels: str = setting("", "classification: label names in index order (default: sorted labels of the data)")

@@ -36,7 +36,7 @@ from lmforge.model.encoder import Encoder
 from lmforge.model.gpt import GPT
 from lmforge.model.heads import attach_head, decoder_classifier_ids
 from lmforge.model.hf import ENCODER_DECODER_TYPES
-from lmforge.model.lora import LoRALinear, add_lora, count_trainable, save_adapter
+from lmforge.model.lora import TARGETS, LoRALinear, _targets_from_peft, add_lora, count_trainable, save_adapter
 from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 from lmforge.train.checkpointing import checkpoint_dirs
 from lmforge.train.config import FinetuneConfig
@@ -70,6 +70,15 @@ def set_dropout(model, p: float | None):
     model.config = dataclasses.replace(model.config, dropout=p)
     return model
 
+
+
+def lora_targets(model, targets: str) -> list[str]:
+    """lmforge's LoRA targets for ``--lora-targets`` in lmforge's names (q, k, v, o, fc, proj) or in PEFT's
+    (``q_proj,v_proj``, GPT-2's ``c_attn``, ``all-linear``), which adapt what PEFT's target_modules would."""
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if all(name in TARGETS for name in names):
+        return names
+    return _targets_from_peft(model, {"target_modules": "all-linear" if names == ["all-linear"] else names})
 
 
 def _tools(row: dict) -> list | None:
@@ -256,7 +265,7 @@ class Finetune(Objective):
                 warn(f"the adapter's base is a checkpoint of the run {c.model}, which that run deletes if it trains on "
                      f"(it keeps its last keep_checkpoints); to keep the adapter usable, fine-tune from a copy made "
                      f"with `lmforge convert {c.model} BASE`")
-            add_lora(model, c.lora_targets, c.lora_r, c.lora_alpha, c.lora_dropout)
+            add_lora(model, lora_targets(model, c.lora_targets), c.lora_r, c.lora_alpha, c.lora_dropout)
         return self._freeze(model)
 
     def attach(self, model) -> None:
@@ -340,7 +349,7 @@ class SFT(Finetune):
         self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (self.tokenizer.eos_id or 0)
 
     def featurize(self, rows: list) -> list[tuple[list[int], list[int]]]:
-        tok, out, dropped = self.tokenizer, [], 0
+        tok, out, dropped, cut, merged = self.tokenizer, [], 0, 0, 0
         for row in rows:
             if self.chat:  # (with the row's tool definitions, as TRL renders them: the template writes them)
                 try:
@@ -350,15 +359,29 @@ class SFT(Finetune):
                     raise LmforgeError(f"the conversation that starts {first[:40]!r}{'...' if len(first) > 40 else ''}"
                                        f": {e}") from None
             else:
-                # (the prompt as generate encodes it: with the tokenizer's leading special tokens, Llama's <s>)
-                prompt, completion = tok.encode_prompt(row["prompt"]), tok.encode(row["completion"])
-                end = [tok.eos_id] if tok.eos_id is not None else []
-                ids, mask = prompt + completion + end, [0] * len(prompt) + [1] * (len(completion) + len(end))
+                # As TRL's completion-only loss: prompt + completion tokenized as one text (with the tokenizer's
+                # leading special tokens, Llama's <s>), learned from where it parts from the prompt's own tokens. (A
+                # completion tokenized alone gets a SentencePiece tokenizer's word-start "▁": a space the text lacks.)
+                prompt, ids = tok.encode_prompt(row["prompt"]), tok.encode_prompt(row["prompt"] + row["completion"])
+                start = next((i for i, (a, b) in enumerate(zip(prompt, ids)) if a != b), min(len(prompt), len(ids)))
+                merged += start < len(prompt)
+                if tok.eos_id is not None and ids[-1:] != [tok.eos_id]:  # (TRL adds it where the completion lacks it)
+                    ids = ids + [tok.eos_id]
+                mask = [0] * start + [1] * (len(ids) - start)
+            long = len(ids) > self.max_length
             ids, mask = ids[: self.max_length], mask[: self.max_length]
             if sum(mask[1:]) == 0:
                 dropped += 1
                 continue
+            cut += long
             out.append((ids, mask))
+        if merged:
+            warn(f"{merged} of {len(rows)} example(s) end their prompt inside a token of prompt + completion (a space "
+                 f"at the prompt's end?): their completion is learned from that token on, as TRL does; end the "
+                 f"prompts where a token ends for a model that sees at inference what it learned from")
+        if cut:
+            warn(f"{cut} of {len(rows)} example(s) are longer than {self.max_length} tokens: cut to their "
+                 f"first {self.max_length}, the rest not learned; {self.longer_hint()}")
         if dropped:
             warn(f"{dropped} example(s) had nothing to learn within {self.max_length} tokens and were dropped")
         return out
@@ -482,6 +505,14 @@ class Classification(Finetune):
             # sentence-transformers models are trained for mean pooling; plain BERT has a trained pooler
             pooling = "mean" if (Path(self.config.model) / "modules.json").exists() or model.pooler is None else "pooler"
         attach_head(model, self.head, len(self.label_names), self.label_names, pad, None if pooling == "auto" else pooling)
+
+    def save_tokenizer(self) -> Tokenizer:
+        pad = self.model.config.pad_token_id
+        if isinstance(self.model, GPT) and self.tokenizer.pad_id is None and pad is not None:
+            # A decoder without a pad token pads with its end-of-text token (see attach): the saved tokenizer says so,
+            # as transformers' recipe sets tokenizer.pad_token, or tokenizer(texts, padding=True) fails there.
+            self.tokenizer.config["pad_token"] = self.tokenizer.hf.id_to_token(pad)
+        return self.tokenizer
 
     def label_of(self, value) -> int:
         key = str(value)
@@ -786,13 +817,19 @@ class QA(Finetune):
         """One window per example: the question, then as much of the context as fits."""
         hf = self.tokenizer.hf
         hf.enable_truncation(self.max_length, strategy="only_second")
-        out, outside, empty = [], 0, 0
+        out, outside, empty, long_questions = [], 0, 0, 0
         try:
             for row in rows:
                 if training and not (row["answers"]["text"] or [""])[0].strip():
                     empty += 1  # (an unanswerable question, SQuAD 2's: no span to learn)
                     continue
-                enc = hf.encode(row["question"], row["context"], add_special_tokens=True)
+                try:
+                    enc = hf.encode(row["question"], row["context"], add_special_tokens=True)
+                except Exception as e:  # (the tokenizers library's "Truncation error": no room left for the context)
+                    if "runcation" not in str(e):
+                        raise
+                    long_questions += 1
+                    continue
                 context_tokens = [i for i, s in enumerate(enc.sequence_ids) if s == 1]
                 start_char = row["answers"]["answer_start"][0]
                 end_char = start_char + len(row["answers"]["text"][0])
@@ -806,6 +843,9 @@ class QA(Finetune):
                             "answers": row["answers"]["text"]})
         finally:
             hf.no_truncation()
+        if long_questions:
+            warn(f"{long_questions} {'training' if training else 'validation'} example(s) have a question that leaves "
+                 f"no room for the context within {self.max_length} tokens and were left out; {self.longer_hint()}")
         if outside:
             warn(f"{outside} training example(s) had the answer beyond {self.max_length} tokens and were dropped")
         if empty:
@@ -982,6 +1022,8 @@ def finetune(config: FinetuneConfig | dict | str | os.PathLike | None = None, *,
     objective = OBJECTIVES[examples.task]
     if examples.task == "instruction" and _model_type(config.model) in ENCODER_DECODER_TYPES:
         objective = Seq2Seq  # prompt → completion is source → target for an encoder-decoder
+    if config.labels and not issubclass(objective, Classification):
+        raise LmforgeError(f"--labels names a classifier's labels, but {config.train} holds {examples.task} examples")
     if config.packing and objective is not SFT:
         raise LmforgeError("packing applies to chat and instruction fine-tuning only")
     run_info = Path(config.out) / "run.json"
