@@ -12,7 +12,8 @@ template.
 Tokenising: the prompt's tokens are exactly what `lmforge generate` / `chat` feed the model, and the
 answer's tokens are those the model would produce after them, ending with the end-of-turn (chat) or
 end-of-text token, so the model learns to stop. Where byte-level BPE would merge a token across the
-prompt/answer boundary (a prompt ending in a space), the answer is tokenised on its own instead, since
+prompt/answer boundary (a prompt ending in a space), the answer is tokenised on its own instead (as text
+that follows other text: without the word-start "▁" a SentencePiece tokenizer puts before a text), since
 the model at inference time continues from the prompt's own tokens. Text a chat template adds after
 the end-of-turn token (a newline) is not part of the answer: generation stops before it.
 """
@@ -210,7 +211,16 @@ def _answer_ids(tokenizer, prompt_text: str, prompt_ids: list[int], answer_text:
     if full[: len(prompt_ids)] == prompt_ids:
         return full[len(prompt_ids):]
     stats.boundary += 1
-    return tokenizer.encode(answer_text)
+    return _continuation_ids(tokenizer, answer_text)
+
+
+def _continuation_ids(tokenizer, text: str) -> list[int]:
+    """``text``'s tokens as they follow other text: tokenised after a newline whose tokens are then dropped (a
+    SentencePiece tokenizer, Llama 2's or Mistral's, starts a text of its own with a word-start "▁": a space the
+    answer lacks, "Hello " + "world" learned as "Hello  world")."""
+    newline = tokenizer.encode("\n")
+    ids = tokenizer.encode("\n" + text)
+    return ids[len(newline):] if ids[: len(newline)] == newline else tokenizer.encode(text)
 
 
 def _chat_answer_text(tokenizer, prompt: list[dict], prompt_text: str, answer: list[dict]) -> str:
