@@ -1474,3 +1474,14 @@ def test_a_prompt_of_the_wrong_type_is_named_with_its_type(tmp_path, prompt, pro
     with pytest.raises(LmforgeError) as e:
         read_prompts(path)
     assert str(e.value).startswith(f"{path}:2: {problem}"), str(e.value)
+
+
+def test_rewards_read_completions_without_special_tokens_as_trl_decodes_them(tmp_path, tokenizer_dir, prompts):
+    """TRL decodes completions with skip_special_tokens=True before its reward functions read them; lmforge gave
+    them the special tokens' text too (a model writing <|im_start|>, which is no stop token, scored on it)."""
+    from conftest import make_special_token_writer
+
+    model = make_special_token_writer(tmp_path / "m", tokenizer_dir)
+    run_rl(model, prompts, tmp_path / "run", max_steps=1, reward="regex:im_start", stop="")
+    rows = samples(tmp_path / "run")
+    assert rows and all(r["completion"] == "" and r["reward"] == 0.0 for r in rows), rows[:2]

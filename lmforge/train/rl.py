@@ -402,7 +402,9 @@ class RL(Finetune):
         for j, p in enumerate(prompts):
             params = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=0.0 if greedy else c.temperature,
                                     top_k=c.top_k, top_p=c.top_p, stop=stops, stop_token_ids=p["stops"], n=n,
-                                    seed=None if greedy else (c.seed * 1_000_003 + (first + j) * n) % (2**62))
+                                    seed=None if greedy else (c.seed * 1_000_003 + (first + j) * n) % (2**62),
+                                    # the text rewards read leaves special tokens out, as TRL decodes completions
+                                    skip_special_tokens=True)
             requests.append(engine.add(list(p["ids"]), params))
         engine.run(requests)
         out = []
