@@ -126,3 +126,15 @@ def test_a_qa_question_longer_than_max_length_is_said_not_a_tokenizers_traceback
              max_length=32, progress=False, **settings(tmp_path, max_steps=1, micro_batch_size=4))
     assert "1 training example(s) have a question that leaves no room for the context within 32 tokens" in \
         capsys.readouterr().err
+
+
+def test_classification_texts_longer_than_max_length_are_said(tmp_path, hf_gpt2, capsys):
+    """A text longer than --max-length was cut without a word (an encoder keeps its first tokens, a decoder its
+    last, where its score reads): the count is said, as SFT says its cut rows."""
+    from lmforge.train.finetune import finetune
+
+    rows = [{"text": "word " * (200 if i % 3 == 0 else 5), "label": "ab"[i % 2]} for i in range(12)]
+    (tmp_path / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    finetune(model=str(hf_gpt2), train=str(tmp_path / "cls.jsonl"), out=str(tmp_path / "run"), max_steps=1,
+             max_length=32, val_fraction=0, micro_batch_size=4, progress=False)
+    assert "4 of 12 text(s) are longer than 32 tokens: cut to their last" in capsys.readouterr().err

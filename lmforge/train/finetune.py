@@ -522,18 +522,26 @@ class Classification(Finetune):
         return self.label_index[key]
 
     def featurize(self, rows: list) -> list[tuple[list[int], list[int], int]]:
-        tok, out = self.tokenizer, []
+        tok, out, cut = self.tokenizer, [], 0
+        encoder = isinstance(self.model, Encoder)
         for row in rows:
-            if isinstance(self.model, Encoder):
+            if encoder:
                 enc = tok.hf.encode(row["text"], row.get("text_pair") or None, add_special_tokens=True)
                 ids, types = enc.ids, enc.type_ids
+                cut += len(ids) > self.max_length
                 if len(ids) > self.max_length:  # keep [SEP] at the end
                     ids, types = ids[: self.max_length - 1] + ids[-1:], types[: self.max_length - 1] + types[-1:]
             else:
                 text = row["text"] + ("\n" + row["text_pair"] if row.get("text_pair") else "")
-                ids = decoder_classifier_ids(tok, text, self.model)[-self.max_length:]
+                ids = decoder_classifier_ids(tok, text, self.model, whole=True)
+                cut += len(ids) > min(self.max_length, self.model.config.block_size)
+                ids = ids[-min(self.max_length, self.model.config.block_size):]
                 types = [0] * len(ids)
             out.append((ids, types, self.label_of(row["label"])))
+        if cut:
+            kept = "first" if encoder else "last (where a decoder's score reads)"
+            warn(f"{cut} of {len(rows)} text(s) are longer than {self.max_length} tokens: cut to their {kept} "
+                 f"{self.max_length}; {self.longer_hint()}")
         return out
 
     def setup(self, train_rows: list, val_rows: list) -> None:
