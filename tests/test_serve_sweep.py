@@ -131,3 +131,22 @@ def test_logprobs_with_echo_score_the_prompt_as_transformers_and_lm_eval_reads_t
         want = sum(logp[i - 1, whole[i]].item() for i in range(len(head), len(whole)))
         assert score == pytest.approx(want, abs=1e-3), (context, continuation)
     assert lm_eval  # (the harness itself read the server's answers)
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_alone(server, client):
+    """OpenAI's legacy scoring request, max_tokens 0 with echo (and logprobs): the prompt alone, its tokens scored,
+    no completion token counted; it was a 400. max_tokens 0 without echo asks for nothing: a 400 says so."""
+    ids = [5, 6, 7, 300, 9, 41]
+    one = client.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0, logprobs=3, echo=True)
+    zero = client.completions.create(model="tiny", prompt=ids, max_tokens=0, temperature=0, logprobs=3, echo=True)
+    choice = zero.choices[0]
+    assert choice.text == one.choices[0].text[: len(choice.text)] and choice.finish_reason == "length"
+    assert choice.logprobs.token_logprobs == one.choices[0].logprobs.token_logprobs[: len(ids)]
+    assert len(choice.logprobs.tokens) == len(ids) and choice.logprobs.top_logprobs[1:] == \
+        one.choices[0].logprobs.top_logprobs[1 : len(ids)]
+    assert (zero.usage.prompt_tokens, zero.usage.completion_tokens, zero.usage.total_tokens) == (len(ids), 0, len(ids))
+    chunks = list(client.completions.create(model="tiny", prompt="import os", max_tokens=0, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == "import os" and chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny", prompt="import os", max_tokens=0)
+    assert caught.value.param == "max_tokens" and "echo" in caught.value.message

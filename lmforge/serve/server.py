@@ -186,6 +186,8 @@ class CompletionBody(_Sampling):
     # text, or token ids (the OpenAI API's other form, as vLLM serves it), or a list of one of them
     prompt: Text | list[Text] | Annotated[list[int], Field(min_length=1)] | list[Annotated[list[int], Field(min_length=1)]]
     logprobs: int | None = Field(default=None, ge=0, le=5)
+    # 0 with echo: the prompt alone, scored (OpenAI's legacy scoring request); the field's 0 is refused otherwise
+    max_tokens: int | None = Field(default=None, ge=0)
     echo: bool = False
     best_of: int | None = None
     suffix: Text | None = None
@@ -626,7 +628,11 @@ class OpenAIService:
         else:
             # plain text, as vLLM and transformers encode it (the tokenizer's leading special tokens: Llama's <s>)
             prompt_ids = self.tokenizer.encode(prompt) if self.seq2seq else self.tokenizer.encode_prompt(prompt)
-        max_tokens = body.max_tokens or self.default_max_tokens(max(len(prompt_ids), 1), 16)  # OpenAI's default: 16
+        scoring = body.max_tokens == 0  # (the engine decodes one token, which the answer leaves out)
+        if scoring and not body.echo:
+            raise APIError(400, "max_tokens 0 writes nothing; with echo it returns the prompt (and with logprobs the "
+                                "log-probabilities of its tokens)", param="max_tokens")
+        max_tokens = 1 if scoring else body.max_tokens or self.default_max_tokens(max(len(prompt_ids), 1), 16)  # OpenAI's: 16
         # (an encoder-decoder reads the prompt and an end token: the engine's fit_source)
         if self.seq2seq:
             eos = self.tokenizer.eos_id
@@ -652,6 +658,8 @@ class OpenAIService:
             the echoed prompt's (with echo) and with the stop token that ended it, if any, as OpenAI's API lists it."""
             if body.logprobs is None:
                 return None
+            if scoring:
+                return prompt_logprobs(seq.request)
             end = len(seq.tokens) if end is None else end
             # each token's character offset in the text returned (the echoed prompt, then the completion); the
             # token texts of a sequence are kept, so that a stream's chunks do not decode its tokens again
@@ -694,19 +702,28 @@ class OpenAIService:
                     for i in range(body.n):
                         yield chunk({"text": prefix, "index": i, "logprobs": echoed, "finish_reason": None})
                 request = seq.request
+                if scoring:  # (the prompt was all: each choice ends with it)
+                    if ev.finished:
+                        yield chunk({"text": "", "index": seq.index, "logprobs": None, "finish_reason": "length"})
+                    continue
                 i = _appended_index(ev, written)
                 lp = legacy_logprobs(seq, i, i + 1) if i is not None else None
                 if ev.text or ev.finished or lp:
                     yield chunk({"text": ev.text, "index": seq.index, "logprobs": lp,
                                  "finish_reason": _reason(seq) if ev.finished else None})
             if body.stream_options and body.stream_options.include_usage and request is not None:
-                yield {**chunk({}), "choices": [], "usage": self.usage(request)}
+                yield {**chunk({}), "choices": [], "usage": usage(request)}
+
+        def usage(request: Request) -> dict:
+            counts = self.usage(request)
+            return {**counts, "completion_tokens": 0, "total_tokens": counts["prompt_tokens"]} if scoring else counts
 
         def final(request: Request):
             return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                    "choices": [{"text": prefix + s.text, "index": s.index, "logprobs": legacy_logprobs(s, whole=True),
-                                 "finish_reason": _reason(s)} for s in request.sequences],
-                    "usage": self.usage(request)}
+                    "choices": [{"text": prefix + ("" if scoring else s.text), "index": s.index,
+                                 "logprobs": legacy_logprobs(s, whole=True),
+                                 "finish_reason": "length" if scoring else _reason(s)} for s in request.sequences],
+                    "usage": usage(request)}
 
         return prompt_ids, params, stream, final
 
