@@ -653,6 +653,7 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
     if n is not None and not 1 <= n <= num_beams:
         raise LmforgeError(f"n {n} must be from 1 to num_beams ({num_beams}): beam search returns its n best beams")
     c = model.config
+    model.eval()  # (no dropout: as the engine, which sets it too)
     seq2seq = isinstance(model, EncoderDecoder)
     # an encoder-decoder reads the prompt in its encoder; its decoder's prefix is the start token
     prefix = [model.start_token_id] if seq2seq else prompt_ids

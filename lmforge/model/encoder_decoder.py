@@ -105,7 +105,9 @@ def relative_position_bucket(relative_position: torch.Tensor, bidirectional: boo
     exact = num_buckets // 2
     logarithmic = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact)
                            * (num_buckets - exact)).long()
-    logarithmic = logarithmic.clamp(max=num_buckets - 1)
+    # (where max_distance is at most ``exact``, the logarithm is undefined from distance ``exact`` on: transformers
+    # fails there, and a decoding step's bias table, which holds distances not reached yet, must still index)
+    logarithmic = logarithmic.clamp(exact, num_buckets - 1)
     return buckets + torch.where(distance < exact, distance, logarithmic)
 
 
