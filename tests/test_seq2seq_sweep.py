@@ -48,3 +48,32 @@ def test_beam_search_on_a_model_in_training_mode_has_no_dropout(tmp_path):
     expected = beam_search(model, SOURCES[0], 3, 8, eos_ids=(1,), n=3)
     model.train()
     assert [beam_search(model, SOURCES[0], 3, 8, eos_ids=(1,), n=3) for _ in range(2)] == [expected] * 2
+
+
+def test_chat_with_an_encoder_decoder_and_a_folders_max_length_are_said(tmp_path, capsys):
+    """generate(t5, chat=True) wrapped the source in ChatML silently (serve refuses chat for such a model); a
+    generation_config.json max_length (transformers' limit of the decoder's length) was passed over without a word."""
+    import json
+
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from lmforge import generate
+    from lmforge.errors import LmforgeError
+
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
+                                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).save_pretrained(tmp_path / "t5")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w2"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "t5" / "tokenizer.json"))
+    (tmp_path / "t5" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w1", "pad_token": "w0"}))
+    with pytest.raises(LmforgeError, match="encoder-decoder reads its prompt as a source"):
+        generate(str(tmp_path / "t5"), "w5 w6", chat=True, max_new_tokens=3)
+    settings = json.loads((tmp_path / "t5" / "generation_config.json").read_text())
+    (tmp_path / "t5" / "generation_config.json").write_text(json.dumps({**settings, "max_length": 6}))
+    capsys.readouterr()
+    generate(str(tmp_path / "t5"), "w5 w6", max_new_tokens=3, temperature=0)
+    err = capsys.readouterr().err
+    assert "max_length 6" in err and "--max-new-tokens" in err

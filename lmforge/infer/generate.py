@@ -160,6 +160,9 @@ def generate(model: GPT | str | os.PathLike, prompt: str | list[str] = "", token
         prompts = list(prompt)
     else:
         raise LmforgeError(f"the prompt must be a string or a list of strings, not {_kind(prompt)}")
+    if chat and seq2seq:  # (as serve refuses chat for one: its prompt is the encoder's source, not a conversation)
+        raise LmforgeError("chat=True renders a chat template, and an encoder-decoder reads its prompt as a source "
+                           "without one: leave chat out")
     templated = chat if chat is not None else (tokenizer.chat_template is not None and not seq2seq)
     if system and not templated:
         raise LmforgeError("system= goes into the chat template, and this generation uses none (the model has no "

@@ -130,7 +130,7 @@ def recommended_sampling(model) -> dict:
 # generation_config.json settings that transformers' generate applies and lmforge does not (their no-op values)
 _NOT_APPLIED = {"num_beams": 1, "num_beam_groups": 1, "encoder_no_repeat_ngram_size": 0,
                 "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "force_words_ids": None,
-                "forced_bos_token_id": None, "forced_eos_token_id": None, "min_length": 0,
+                "forced_bos_token_id": None, "forced_eos_token_id": None, "min_length": 0, "max_length": 20,
                 "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "diversity_penalty": 0.0,
                 "sequence_bias": None, "exponential_decay_length_penalty": None, "guidance_scale": None}
 
@@ -143,6 +143,8 @@ def _recommended(settings: dict, folder) -> dict:
              f"(transformers' generate does): its results differ from transformers' there"
              + ("; `lmforge generate --num-beams` (or num_beams= in Python) runs beam search" if any(u.startswith("num_beams ") for u in used)
                 else "")
+             + ("; lmforge reads max_new_tokens: pass --max-new-tokens (max_new_tokens= in Python)"
+                if any(u.startswith("max_length ") for u in used) else "")
              )
     # what transformers applies whether it samples or not: no repeated n-grams, no end before min_new_tokens
     always = {name: settings[name] for name in ("no_repeat_ngram_size", "min_new_tokens")
