@@ -174,14 +174,18 @@ def test_decoder_classifier_learns_and_transformers_loads_it(tmp_path, tokenizer
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
     assert hf.config.id2label == {0: "neg", 1: "pos"}
     ours = load_model(folder)
+    # the folder's own tokenizer in transformers, a padded batch: the texts' ids are the ones lmforge classified (it
+    # appended an end-of-text token the transformers tokenizer does not, so the two read different last tokens)
+    texts = ["the day was lovely", "the meal was awful", "lovely"]
+    batch = transformers.AutoTokenizer.from_pretrained(str(folder))(texts, padding=True, return_tensors="pt")
+    from lmforge.model.heads import decoder_classifier_ids
+
     tok = Tokenizer.load(folder)
-    rows = [tok.encode("the day was lovely") + [tok.eos_id], tok.encode("the meal was awful") + [tok.eos_id]]
-    width = max(map(len, rows))
-    pad = ours.config.pad_token_id
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
-    assert ours(ids).argmax(-1).tolist() == [1, 0]
+        alone = torch.cat([ours(torch.tensor([decoder_classifier_ids(tok, t, ours)])) for t in texts])
+        torch.testing.assert_close(hf(**batch).logits, alone, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours(batch["input_ids"]), alone, atol=1e-4, rtol=0)
+    assert alone.argmax(-1).tolist()[:2] == [1, 0]
 
 
 def test_metrics_are_logged_at_each_evaluation(hf_gpt2, tmp_path):

@@ -55,10 +55,8 @@ def attach_head(model, head: str, num_labels: int = 2, labels=None, pad_token_id
 
 
 def decoder_classifier_ids(tokenizer, text: str, model, whole: bool = False) -> list[int]:
-    """The ids a decoder classifier reads ``text`` as, in training and after: as transformers' ``tokenizer(text)``
-    (with the tokenizer's leading special tokens: Llama's <s>), then the end-of-text token as a fixed last token
-    for the score to read, where padding is not that token; the last ``block_size`` ids (``whole``: all)."""
+    """The ids a decoder classifier reads ``text`` as, in training and after: transformers' ``tokenizer(text)``
+    (with the tokenizer's leading special tokens: Llama's <s>), so that the saved folder classifies in transformers
+    what it classifies here (its score reads the last token); the last ``block_size`` ids (``whole``: all)."""
     ids = tokenizer.encode_prompt(text)
-    if tokenizer.eos_id is not None and model.config.pad_token_id != tokenizer.eos_id:
-        ids = ids + [tokenizer.eos_id]
     return ids if whole else ids[-model.config.block_size:]
