@@ -2,8 +2,8 @@
 
 Bidirectional attention over non-padding tokens, token-type embeddings, post-norm blocks
 (x = norm(x + sublayer(x)), as in BERT), an optional tanh pooler over the first token, and one
-optional head: masked-LM, sequence classification or token classification. ``embed`` gives
-mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe).
+optional head: masked-LM, sequence classification or token classification. ``embed`` gives sentence
+embeddings as sentence-transformers makes them from the folder (``sentence_recipe``: mean pooling by default).
 """
 
 from __future__ import annotations
@@ -245,7 +245,12 @@ class Encoder(nn.Module):
             out.start_logits, out.end_logits = self.qa_outputs(hidden).float().unbind(-1)
             if start_positions is not None:
                 out.loss = (F.cross_entropy(out.start_logits, start_positions) + F.cross_entropy(out.end_logits, end_positions)) / 2
-        if labels is not None and out.logits is not None:
+        if labels is not None and head == "sequence_classification" and (self.config.num_labels == 1 or labels.is_floating_point()):
+            # as transformers infers the problem from the labels: one label is regression, float ones multi-label
+            logits = out.logits.float()
+            out.loss = (F.mse_loss(logits.squeeze(-1), labels.float().view(-1)) if self.config.num_labels == 1
+                        else F.binary_cross_entropy_with_logits(logits, labels.float()))
+        elif labels is not None and out.logits is not None:
             out.loss = F.cross_entropy(out.logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100)
         if next_sentence_label is not None and out.nsp_logits is not None:
             nsp_loss = F.cross_entropy(out.nsp_logits.float(), next_sentence_label.flatten())
@@ -272,10 +277,94 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+# sentence-transformers' Pooling modes, and the keys of its older 1_Pooling/config.json that switch each on
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
+                 "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                 "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+
+
+@dataclass(frozen=True)
+class SentenceRecipe:
+    """How a folder's sentence vectors are made from its hidden states, as sentence-transformers makes them from
+    modules.json (Transformer → Pooling → Normalize) and config_sentence_transformers.json. A folder without
+    modules.json: mean pooling, normalised (sentence-transformers, too, mean-pools such a folder, with a warning)."""
+    pooling: tuple[str, ...] = ("mean",)  # several: their vectors side by side
+    include_prompt: bool = True  # False: the prompt's tokens are read but left out of the pooling
+    normalize: bool = True  # a Normalize module
+    prompt: str = ""  # the default prompt (default_prompt_name), put before every text
+
+
+def sentence_recipe(folder) -> SentenceRecipe:
+    """The ``SentenceRecipe`` of a model folder; a module lmforge does not apply (Dense, LSTM...) is an error
+    rather than vectors that differ from sentence-transformers'."""
+    import json
+
+    def read(path: Path, kind=dict):
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise LmforgeError(f"{path} cannot be read ({e}); fix or delete it") from None
+        if not isinstance(value, kind):
+            raise LmforgeError(f"{path} is not a JSON {'object' if kind is dict else 'list'}; fix or delete it")
+        return value
+
+    folder = Path(folder) if folder is not None else None
+    if folder is None or not (folder / "modules.json").is_file():
+        return SentenceRecipe()
+    pooling, include_prompt, normalize = None, True, False
+    for module in read(folder / "modules.json", list):
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1] if isinstance(module, dict) else ""
+        if kind == "Pooling":
+            config = read(folder / module.get("path", "") / "config.json")
+            modes = config.get("pooling_mode") or [mode for key, mode in _POOLING_KEYS.items() if config.get(key)] or "mean"
+            pooling = (modes,) if isinstance(modes, str) else tuple(modes)
+            include_prompt = bool(config.get("include_prompt", True))
+            unknown = [m for m in pooling if m not in POOLING_MODES]
+            if unknown:
+                raise LmforgeError(f"{folder}: pooling mode {unknown[0]!r} is not one of {', '.join(POOLING_MODES)}")
+        elif kind == "Normalize":
+            normalize = True
+        elif kind != "Transformer":
+            raise LmforgeError(f"{folder}: modules.json has a {kind or module!r} module, which lmforge does not apply "
+                               f"(it applies Transformer, Pooling and Normalize): its vectors would differ from "
+                               f"sentence-transformers'")
+    settings = folder / "config_sentence_transformers.json"
+    settings = read(settings) if settings.is_file() else {}
+    prompts, default = settings.get("prompts") or {}, settings.get("default_prompt_name")
+    return SentenceRecipe(pooling or ("mean",), include_prompt, normalize, str(prompts.get(default) or "") if default else "")
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, modes=("mean",)) -> torch.Tensor:
+    """Sentence vectors as sentence-transformers' Pooling makes them: (B, T, C) hidden states and (B, T) ``mask``
+    (1 = a token pooled; padding on the right) → (B, len(modes) * C)."""
+    B, T, _ = hidden.shape
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    rows = torch.arange(B, device=hidden.device)
+    out = []
+    for mode in modes:
+        if mode == "cls":  # the first token pooled ([CLS], or the first after a prompt left out)
+            out.append(hidden[rows, mask.int().argmax(1)])
+        elif mode == "lasttoken":
+            out.append((hidden * weights)[rows, T - 1 - mask.flip(1).int().argmax(1)])
+        elif mode == "max":
+            out.append(hidden.masked_fill(weights == 0, float("-inf")).max(1).values)
+        elif mode == "weightedmean":  # the i-th token (from 1) weighs i
+            w = weights * torch.arange(1, T + 1, device=hidden.device, dtype=hidden.dtype)[None, :, None]
+            out.append((hidden * w).sum(1) / w.sum(1).clamp(min=1e-9))
+        else:
+            count = weights.sum(1).clamp(min=1e-9)
+            out.append((hidden * weights).sum(1) / (count if mode == "mean" else count.sqrt()))
+    return torch.cat(out, dim=-1)
+
+
 @torch.inference_mode()
 def embed(model: Encoder, tokenizer, texts: list[str], max_length: int | None = None, batch_size: int = 32,
-          normalize: bool = True, progress: bool = False) -> torch.Tensor:
-    """Sentence embeddings (len(texts), n_embd): mean-pooled last hidden states, L2-normalised.
+          normalize: bool | None = True, progress: bool = False, prompt: str | None = None) -> torch.Tensor:
+    """Sentence embeddings (len(texts), dim) as sentence-transformers makes them from the model's folder
+    (``sentence_recipe``): its pooling (mean for a folder that names none, dim = n_embd per mode), its default
+    prompt (or ``prompt``) before each text, at most ``max_length`` tokens (default: ``declared_max_length``).
+    ``normalize``: L2-normalised (True), not (False), or as the folder's Normalize module says (None).
 
     Texts are batched in order of length (as sentence-transformers does), so that a batch pads to
     about its own length rather than to the longest text's; the rows come back in the texts' order."""
@@ -294,38 +383,54 @@ def embed(model: Encoder, tokenizer, texts: list[str], max_length: int | None = 
             or not (isinstance(batch_size, int) and batch_size >= 1):
         raise LmforgeError(f"max_length must be a whole number of 2 or more (room for text between [CLS] and [SEP]), "
                            f"and batch_size of 1 or more (they are {max_length!r} and {batch_size!r})")
-    max_length = min(max_length or model.config.block_size, model.config.block_size)
+    source = getattr(model, "source", None)
+    recipe = sentence_recipe(source)
+    prompt = recipe.prompt if prompt is None else prompt
+    normalize = recipe.normalize if normalize is None else normalize
+    declared = declared_max_length(source) if source is not None else None
+    max_length = min(max_length or declared or model.config.block_size, model.config.block_size)
     device = model.wte.weight.device
     # a text longer than max_length keeps its end token ([SEP]), as sentence-transformers' truncation does
     encoded = [ids if len(ids) <= max_length else ids[: max_length - 1] + ids[-1:]
-               for ids in (tokenizer.encode(t, add_special_tokens=True) for t in texts)]
+               for ids in (tokenizer.encode(prompt + t, add_special_tokens=True) for t in texts)]
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:  # (a tokenizer without BERT's [CLS] ... [SEP] template, and an empty text)
         raise LmforgeError(f"text {empty[0]} ({texts[empty[0]]!r}) gives no tokens to embed; give it some text")
+    skip = 0  # the prompt's tokens, less its end token, where the pooling leaves them out (sentence-transformers)
+    if prompt and not recipe.include_prompt:
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=True)
+        skip = len(prompt_ids) - (1 if prompt_ids and prompt_ids[-1] in tokenizer.special_ids else 0)
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     pad = model.config.pad_token_id
-    out = torch.zeros(len(texts), model.config.n_embd, device=device)
+    out = torch.zeros(len(texts), len(recipe.pooling) * model.config.n_embd, device=device)
     for i in tqdm(range(0, len(texts), batch_size), desc="embedding", unit="batch", disable=not progress):
         rows = order[i : i + batch_size]
         ids = [encoded[r] for r in rows]
         width = max(map(len, ids))
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
-        pooled = mean_pool(model.encode(input_ids, mask), mask).float()
+        pooled_mask = mask.clone()
+        pooled_mask[:, :skip] = 0
+        pooled = pool(model.encode(input_ids, mask).float(), pooled_mask, recipe.pooling)
         out[torch.tensor(rows, device=device)] = F.normalize(pooled, p=2, dim=1) if normalize else pooled
     return out
 
 
 def declared_max_length(folder) -> int | None:
-    """The max_seq_length a sentence-transformers folder declares (256 for all-MiniLM-L6-v2): the length its
-    embeddings were trained and are compared at."""
+    """The tokens a folder's sentence embeddings are made from, as sentence-transformers reads it:
+    sentence_bert_config.json's max_seq_length (256 for all-MiniLM-L6-v2), else the tokenizer's model_max_length
+    (tokenizer_config.json). The caller keeps it within the model's positions."""
     import json
 
-    path = Path(folder) / "sentence_bert_config.json"
-    try:
-        return int(json.loads(path.read_text())["max_seq_length"]) if path.exists() else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
+        path = Path(folder) / name
+        try:
+            value = int(json.loads(path.read_text())[key]) if path.exists() else None
+        except (OSError, ValueError, KeyError, TypeError):
+            value = None
+        if value and 2 <= value < 10**9:  # (transformers writes 1e30 for "no limit")
+            return value
+    return None
 
 
 def build_encoder(config: EncoderConfig, device="cpu", init: bool = True) -> Encoder:

@@ -1,6 +1,7 @@
-"""`POST /v1/embeddings` in OpenAI's format: an encoder's sentence embeddings (mean-pooled, L2-normalised, as
-`lmforge embed` and sentence-transformers make them), as floats or as base64 of little-endian float32 (what
-the official client asks for by default)."""
+"""`POST /v1/embeddings` in OpenAI's format: an encoder's sentence embeddings as sentence-transformers makes them
+from the folder (its pooling, prompt and Normalize module: ``lmforge.model.encoder.sentence_recipe``), as floats or
+as base64 of little-endian float32 (what the official client asks for by default); ``dimensions`` keeps the first
+ones (Matryoshka), normalised again where the full vectors are."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_INPUTS = 2048  # OpenAI's limit on the inputs of one request
@@ -31,25 +33,26 @@ class Embedder:
 
     def __init__(self, folder: str | Path, device="cpu"):
         from lmforge.infer.retrieval import load_encoder
-        from lmforge.model.encoder import declared_max_length
+        from lmforge.model.encoder import declared_max_length, sentence_recipe
 
         self.model, self.tokenizer = load_encoder(folder, device, "/v1/embeddings embeds")
         self.name = Path(folder).resolve().name
         self.max_length = min(declared_max_length(self.model.source) or self.model.config.block_size,
                               self.model.config.block_size)
-        self.dim = self.model.config.n_embd
+        self.recipe = sentence_recipe(self.model.source)
+        self.dim = len(self.recipe.pooling) * self.model.config.n_embd
         self.lock = threading.Lock()
 
     def lengths(self, texts: list[str]) -> list[int]:
-        """Each text's tokens with [CLS]/[SEP]."""
-        return [len(self.tokenizer.encode(t, add_special_tokens=True)) for t in texts]
+        """Each text's tokens with [CLS]/[SEP] and the folder's prompt."""
+        return [len(self.tokenizer.encode(self.recipe.prompt + t, add_special_tokens=True)) for t in texts]
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         """The vectors (len(texts), dim) of texts that fit ``max_length``."""
         from lmforge.model.encoder import embed
 
         with self.lock, torch.inference_mode():
-            return embed(self.model, self.tokenizer, texts, max_length=self.max_length).float().cpu()
+            return embed(self.model, self.tokenizer, texts, max_length=self.max_length, normalize=None).float().cpu()
 
 
 async def embeddings(body: EmbeddingBody, embedder: Embedder, check_model, error) -> dict:
@@ -64,14 +67,18 @@ async def embeddings(body: EmbeddingBody, embedder: Embedder, check_model, error
             raise error(f"input[{i}] is empty; every input must hold text", "input")
         if "\x00" in text or not _encodable(text):
             raise error(f"input[{i}] is not valid text (a NUL or a lone surrogate)", "input")
-    if body.dimensions is not None and body.dimensions != embedder.dim:
-        raise error(f"dimensions: {embedder.name} makes vectors of {embedder.dim}; it cannot shorten them", "dimensions")
+    if body.dimensions is not None and body.dimensions > embedder.dim:
+        raise error(f"dimensions: {embedder.name} makes vectors of {embedder.dim}; ask for {embedder.dim} or fewer",
+                    "dimensions")
     lengths = await asyncio.to_thread(embedder.lengths, texts)
     for i, n in enumerate(lengths):  # (as OpenAI's API answers: an error, not a vector of the text's start alone)
         if n > embedder.max_length:
             raise error(f"input[{i}] is {n} tokens; {embedder.name} reads at most {embedder.max_length} (with its "
                         f"special tokens): shorten or split it", "input", "context_length_exceeded")
     vectors, tokens = await asyncio.to_thread(embedder.embed, texts), sum(lengths)
+    if body.dimensions is not None and body.dimensions < embedder.dim:  # (as OpenAI and sentence-transformers cut)
+        vectors = vectors[:, : body.dimensions]
+        vectors = F.normalize(vectors, dim=1) if embedder.recipe.normalize else vectors
     data = []
     for i, vector in enumerate(vectors):
         if body.encoding_format == "base64":
