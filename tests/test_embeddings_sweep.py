@@ -193,3 +193,26 @@ def test_broken_sentence_transformers_files_are_one_line_errors(bert_folder, tmp
         assert main(["embed", "--model", str(folder), "hello"]) == 2
         err = capsys.readouterr().err
         assert name in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_retrieval_fine_tuning_trains_the_vectors_the_folder_is_read_by(bert_folder, tmp_path):
+    """A folder that pools its [CLS] token (BGE's recipe) was fine-tuned on mean-pooled vectors and then read by its
+    [CLS] token: the loss is now sentence-transformers' MultipleNegativesRankingLoss on that folder's own vectors."""
+    from sentence_transformers import losses
+
+    from lmforge.train.finetune import Contrastive
+
+    folder = sentence_folder(bert_folder, tmp_path / "cls", POOLINGS["cls"])
+    queries, docs = TEXTS[:3], TEXTS[3:6]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = st.SentenceTransformer(str(folder), device="cpu")
+    theirs = losses.MultipleNegativesRankingLoss(model)([model.tokenize(queries), model.tokenize(docs)], None)
+    objective = Contrastive.__new__(Contrastive)  # the loss alone, on a batch made as the objective makes them
+    objective.model = load_model(folder)
+    objective.tokenizer, objective.max_length = load_tokenizer_for(objective.model), 64
+    objective.config = type("Config", (), {"model": str(folder), "method": "full"})()
+    objective.setup([{"query": q, "positive": d} for q, d in zip(queries, docs)], [])
+    assert objective.pooling == ("cls",)
+    ours, _ = objective.loss(objective.model, objective.collate(list(range(3))))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)

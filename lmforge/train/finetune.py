@@ -713,11 +713,13 @@ class Contrastive(Finetune):
     """Sentence embeddings for retrieval, from ``{"query", "positive"}`` pairs: each query's embedding is pulled
     towards its positive's and pushed from the micro-batch's other positives (in-batch negatives; the loss of
     sentence-transformers' MultipleNegativesRankingLoss: cross-entropy over ``scale`` × cosine similarities).
-    Embeddings are mean-pooled and normalised, as `lmforge embed` and `lmforge index` make them, so a folder
-    saved from here indexes better. The negatives are a micro-batch's rows: its size matters, not only the step's."""
+    Embeddings are pooled as the folder's modules.json says (``encoder.sentence_recipe``: mean where it says
+    nothing) and normalised, as `lmforge embed` and `lmforge index` make them, so a folder saved from here indexes
+    better. The negatives are a micro-batch's rows: its size matters, not only the step's."""
 
     task = "retrieval"
     scale = 20.0  # sentence-transformers' default: cosine similarities in [-1, 1] become logits in [-20, 20]
+    pooling: tuple[str, ...] = ("mean",)  # the folder's (setup reads it)
 
     def setup(self, train_rows: list, val_rows: list) -> None:
         if not isinstance(self.model, Encoder):
@@ -725,8 +727,10 @@ class Contrastive(Finetune):
                                f"encoder for retrieval (a bert folder such as all-MiniLM-L6-v2)")
         if self.config.method == "linear-probe":
             raise LmforgeError("--method linear-probe trains a task head; retrieval has none: use full or lora")
-        from lmforge.model.encoder import declared_max_length
+        from lmforge.model.encoder import declared_max_length, sentence_recipe
 
+        # (a folder that pools its [CLS] token, BGE's, is trained on the vectors it will be read by)
+        self.pooling = sentence_recipe(getattr(self.model, "source", None) or Path(self.config.model)).pooling
         declared = declared_max_length(Path(self.config.model))
         self.max_length = min(self.max_length, declared) if declared else self.max_length
         self.train_features, self.val_features = self.featurize(train_rows), self.featurize(val_rows)
@@ -754,11 +758,10 @@ class Contrastive(Finetune):
         c = self.config
         return ExampleBatches(self.n_train, c.micro_batch_size, c.seed, rank, world_size, c.grad_accum_steps, self.collate)
 
-    @staticmethod
-    def embed(model, ids, mask) -> torch.Tensor:
-        from lmforge.model.encoder import mean_pool
+    def embed(self, model, ids, mask) -> torch.Tensor:
+        from lmforge.model.encoder import pool
 
-        return F.normalize(mean_pool(model.encode(ids, mask), mask).float(), dim=-1)
+        return F.normalize(pool(model.encode(ids, mask), mask, self.pooling).float(), dim=-1)
 
     def loss(self, model, batch):
         queries = self.embed(model, batch["query_ids"], batch["query_mask"])
