@@ -72,3 +72,39 @@ def test_reward_scores_read_an_answer_after_a_prompt_ending_in_a_space_without_a
     whole = model(torch.tensor([prompt_ids + answer]), keep=torch.tensor([[len(prompt_ids) + len(answer) - 2]]))
     got = reward_scores(model, [{"prompt": "Hello ", "answer": "world"}], tok)
     assert got[0] == pytest.approx(whole.flatten().item(), abs=1e-6)
+
+
+def test_chat_pairs_whose_template_renders_the_prompt_otherwise_split_as_trl_splits_them(tmp_path):
+    """A template whose generation prompt opens a thinking block that an answered turn does not write (DeepSeek-R1's
+    kind): the rendered prompt is no prefix of the conversation, and lmforge refused the pairs. They are split as
+    TRL's DPOTrainer splits them: the prompt is what both begin with, token for token, each answer the rest (up to
+    its end of turn: TRL keeps the newline the template writes after it, which generation never reaches)."""
+    trl = pytest.importorskip("trl", reason="trl (a dev extra) is not installed")
+    datasets = pytest.importorskip("datasets")
+    import transformers
+    from test_tokenizer import byte_level_folder
+
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+    folder = byte_level_folder(tmp_path / "t", {"chat_template": template, "eos_token": "<|im_end|>",
+                                                "pad_token": "<|endoftext|>"})
+    rows = [{"prompt": [{"role": "user", "content": "the question"}],
+             "chosen": [{"role": "assistant", "content": "the answer"}],
+             "rejected": [{"role": "assistant", "content": "a fox"}]}]
+    tok = Tokenizer.load(folder)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, stats = tokenize_pairs(tok, read_pairs(path).rows, 64)
+    assert stats.diverged == 1 and "thinking block" in stats.summary(64)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(hf_tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=64)
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+                         disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    trainer = trl.DPOTrainer(model=transformers.LlamaForCausalLM(config), ref_model=transformers.LlamaForCausalLM(config),
+                             args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=hf_tok)
+    theirs, end = trainer.train_dataset[0], tok.end_of_turn_id
+    assert pairs[0].prompt == theirs["prompt_ids"]
+    for ours, their in ((pairs[0].chosen, theirs["chosen_ids"]), (pairs[0].rejected, theirs["rejected_ids"])):
+        assert ours == their[: their.index(end) + 1] and ours[-1] == end

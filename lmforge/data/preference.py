@@ -192,6 +192,7 @@ class TokenizeStats:
     truncated: int = 0  # prompts cut from the left to fit max_length
     dropped: int = 0  # pairs left out (too long with truncation "drop", or no room for an answer)
     boundary: int = 0  # answers tokenised on their own because BPE merged across the prompt boundary
+    diverged: int = 0  # chat pairs whose template renders the prompt alone otherwise than before an answer
 
     def summary(self, max_length: int) -> str | None:
         parts = []
@@ -202,11 +203,18 @@ class TokenizeStats:
         if self.boundary:
             parts.append(f"{self.boundary} answer(s) tokenised apart from their prompt, where a token would have "
                          f"spanned the boundary (end prompts on a word boundary to avoid it)")
+        if self.diverged:
+            parts.append(f"{self.diverged} chat pair(s) whose template renders the prompt alone otherwise than before "
+                         f"an answer (a thinking block, say): the answers start where the two part, as TRL's do, and "
+                         f"the model learns from a prompt that differs from the one it is given at inference")
         return "; ".join(parts) or None
 
 
-def _answer_ids(tokenizer, prompt_text: str, prompt_ids: list[int], answer_text: str, stats: TokenizeStats,
+def _answer_ids(tokenizer, prompt_text: str, prompt_ids: list[int], answer_text: str | None, stats: TokenizeStats,
                 chat: bool) -> list[int]:
+    if answer_text is None:  # (see _chat_answer_text)
+        raise LmforgeError("the chat template does not render the prompt as a prefix of the conversation with its "
+                           "answer; lmforge cannot tell which tokens are the answer's")
     full = (tokenizer.encode if chat else tokenizer.encode_prompt)(prompt_text + answer_text)
     if full[: len(prompt_ids)] == prompt_ids:
         return full[len(prompt_ids):]
@@ -223,12 +231,29 @@ def _continuation_ids(tokenizer, text: str) -> list[int]:
     return ids[len(newline):] if ids[: len(newline)] == newline else tokenizer.encode(text)
 
 
-def _chat_answer_text(tokenizer, prompt: list[dict], prompt_text: str, answer: list[dict]) -> str:
+def _chat_answer_text(tokenizer, prompt: list[dict], prompt_text: str, answer: list[dict]) -> str | None:
+    """The text the template writes for ``answer`` after ``prompt_text``; None where it does not render the prompt as
+    a prefix of the conversation with its answer."""
     text = tokenizer.apply_chat_template(prompt + answer)
     if not text.startswith(prompt_text):
-        raise LmforgeError("the chat template does not render the prompt as a prefix of the conversation with its "
-                           "answer; lmforge cannot tell which tokens are the answer's")
+        return None
     return text[len(prompt_text):].rstrip()  # what follows the end-of-turn token is not generated
+
+
+def _diverging_chat_pair(tokenizer, row: dict, prompt_ids: list[int], end: int | None) -> tuple[list[int], ...]:
+    """(prompt, chosen, rejected) ids of a chat pair whose template renders the prompt alone otherwise than before an
+    answer (Qwen3's or DeepSeek-R1's thinking blocks): as TRL's DPOTrainer splits it, the prompt is what the prompt
+    alone and both conversations begin with, token for token, and each answer the rest, up to its end of turn."""
+    fulls = [tokenizer.encode(tokenizer.apply_chat_template(row["prompt"] + row[k])) for k in ("chosen", "rejected")]
+    common = min(next((i for i, (a, b) in enumerate(zip(prompt_ids, f)) if a != b), min(len(prompt_ids), len(f)))
+                 for f in fulls)
+    answers = []
+    for full in fulls:
+        answer = full[common:]
+        if end is not None and end in answer:  # (what the template writes after the end of turn is not generated)
+            answer = answer[: len(answer) - answer[::-1].index(end)]
+        answers.append(answer if end is None or answer[-1:] == [end] else answer + [end])
+    return (prompt_ids[:common], *answers)
 
 
 def encode_prompt(tokenizer, prompt) -> tuple[str, list[int], int | None]:
@@ -251,7 +276,11 @@ def encode_answer(tokenizer, prompt, prompt_text: str, prompt_ids: list[int], an
     """The answer's token ids after ``prompt_ids``, ending with ``end`` (end-of-turn or end-of-text)."""
     chat = isinstance(prompt, list)
     text = _chat_answer_text(tokenizer, prompt, prompt_text, answer) if chat else answer
-    ids = _answer_ids(tokenizer, prompt_text, prompt_ids, text, stats, chat)
+    return _ended(tokenizer, _answer_ids(tokenizer, prompt_text, prompt_ids, text, stats, chat), end, chat)
+
+
+def _ended(tokenizer, ids: list[int], end: int | None, chat: bool) -> list[int]:
+    """``ids`` ending with ``end`` (end-of-turn or end-of-text), unless the template ended the turn itself."""
     if chat and ids and ids[-1] in tokenizer.special_ids:
         return ids  # the template ended the turn with its own special token (<|im_end|>, <|eot_id|>, </s>)
     return ids if end is None or (ids and ids[-1] == end) else ids + [end]
@@ -260,8 +289,15 @@ def encode_answer(tokenizer, prompt, prompt_text: str, prompt_ids: list[int], an
 def tokenize_pair(tokenizer, row: dict, stats: TokenizeStats) -> TokenizedPair:
     """The prompt's and both answers' token ids (answers end with the end-of-turn or end-of-text token)."""
     prompt_text, prompt_ids, end = encode_prompt(tokenizer, row["prompt"])
-    chosen, rejected = (encode_answer(tokenizer, row["prompt"], prompt_text, prompt_ids, row[k], end, stats)
-                        for k in ("chosen", "rejected"))
+    chat = isinstance(row["prompt"], list)
+    texts = [_chat_answer_text(tokenizer, row["prompt"], prompt_text, row[k]) if chat else row[k]
+             for k in ("chosen", "rejected")]
+    if None in texts:
+        stats.diverged += 1
+        prompt_ids, chosen, rejected = _diverging_chat_pair(tokenizer, row, prompt_ids, end)
+        return TokenizedPair(prompt_ids, chosen, rejected, float(row.get("margin", 0.0)))
+    chosen, rejected = (_ended(tokenizer, _answer_ids(tokenizer, prompt_text, prompt_ids, text, stats, chat), end, chat)
+                        for text in texts)
     return TokenizedPair(prompt_ids, chosen, rejected, float(row.get("margin", 0.0)))
 
 
