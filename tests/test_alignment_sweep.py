@@ -63,10 +63,9 @@ def test_reward_scores_read_an_answer_after_a_prompt_ending_in_a_space_without_a
     model = load_model(llama, "cpu")
     attach_head(model, "sequence_classification", 1, ("reward",), tok.eos_id)
     stats = TokenizeStats()
-    from lmforge.data.preference import encode_answer, encode_prompt
+    from lmforge.data.preference import encode_answers
 
-    text, prompt_ids, end = encode_prompt(tok, "Hello ")
-    answer = encode_answer(tok, "Hello ", text, prompt_ids, "world", end, stats)
+    prompt_ids, (answer,) = encode_answers(tok, "Hello ", ["world"], stats)
     assert stats.boundary == 1 and tok.decode(prompt_ids + answer) == "<s> Hello world</s>"
     # the score is that of those tokens (the same as of the pair's chosen answer in training)
     whole = model(torch.tensor([prompt_ids + answer]), keep=torch.tensor([[len(prompt_ids) + len(answer) - 2]]))
@@ -108,3 +107,17 @@ def test_chat_pairs_whose_template_renders_the_prompt_otherwise_split_as_trl_spl
     assert pairs[0].prompt == theirs["prompt_ids"]
     for ours, their in ((pairs[0].chosen, theirs["chosen_ids"]), (pairs[0].rejected, theirs["rejected_ids"])):
         assert ours == their[: their.index(end) + 1] and ours[-1] == end
+    # reward-score reads such a chat row the same way (it was refused too)
+    from lmforge.data.preference import encode_answers
+    from lmforge.model.checkpoint import load_model
+    from lmforge.model.heads import attach_head
+
+    trainer.model.save_pretrained(tmp_path / "policy")
+    hf_tok.save_pretrained(tmp_path / "policy")
+    model = load_model(tmp_path / "policy")
+    attach_head(model, "sequence_classification", 1, ("reward",), tok.pad_id)
+    prompt_ids, (answer,) = encode_answers(tok, rows[0]["prompt"], [rows[0]["chosen"]], TokenizeStats())
+    assert (prompt_ids, answer) == (pairs[0].prompt, pairs[0].chosen)
+    ids = prompt_ids + answer
+    got = reward_scores(model, [{"prompt": rows[0]["prompt"], "answer": rows[0]["chosen"]}], tok)
+    assert got[0] == pytest.approx(model(torch.tensor([ids])).flatten().item(), abs=1e-6)

@@ -210,11 +210,8 @@ class TokenizeStats:
         return "; ".join(parts) or None
 
 
-def _answer_ids(tokenizer, prompt_text: str, prompt_ids: list[int], answer_text: str | None, stats: TokenizeStats,
+def _answer_ids(tokenizer, prompt_text: str, prompt_ids: list[int], answer_text: str, stats: TokenizeStats,
                 chat: bool) -> list[int]:
-    if answer_text is None:  # (see _chat_answer_text)
-        raise LmforgeError("the chat template does not render the prompt as a prefix of the conversation with its "
-                           "answer; lmforge cannot tell which tokens are the answer's")
     full = (tokenizer.encode if chat else tokenizer.encode_prompt)(prompt_text + answer_text)
     if full[: len(prompt_ids)] == prompt_ids:
         return full[len(prompt_ids):]
@@ -240,20 +237,22 @@ def _chat_answer_text(tokenizer, prompt: list[dict], prompt_text: str, answer: l
     return text[len(prompt_text):].rstrip()  # what follows the end-of-turn token is not generated
 
 
-def _diverging_chat_pair(tokenizer, row: dict, prompt_ids: list[int], end: int | None) -> tuple[list[int], ...]:
-    """(prompt, chosen, rejected) ids of a chat pair whose template renders the prompt alone otherwise than before an
-    answer (Qwen3's or DeepSeek-R1's thinking blocks): as TRL's DPOTrainer splits it, the prompt is what the prompt
-    alone and both conversations begin with, token for token, and each answer the rest, up to its end of turn."""
-    fulls = [tokenizer.encode(tokenizer.apply_chat_template(row["prompt"] + row[k])) for k in ("chosen", "rejected")]
+def _diverging_chat(tokenizer, prompt: list[dict], answers: list, prompt_ids: list[int],
+                    end: int | None) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, each answer's ids) of a chat prompt whose template renders it alone otherwise than before an
+    answer (Qwen3's or DeepSeek-R1's thinking blocks): as TRL's DPOTrainer splits such pairs, the prompt is what the
+    prompt alone and every conversation begin with, token for token, and each answer the rest, up to its end of
+    turn."""
+    fulls = [tokenizer.encode(tokenizer.apply_chat_template(prompt + answer)) for answer in answers]
     common = min(next((i for i, (a, b) in enumerate(zip(prompt_ids, f)) if a != b), min(len(prompt_ids), len(f)))
                  for f in fulls)
-    answers = []
+    out = []
     for full in fulls:
         answer = full[common:]
         if end is not None and end in answer:  # (what the template writes after the end of turn is not generated)
             answer = answer[: len(answer) - answer[::-1].index(end)]
-        answers.append(answer if end is None or answer[-1:] == [end] else answer + [end])
-    return (prompt_ids[:common], *answers)
+        out.append(answer if end is None or answer[-1:] == [end] else answer + [end])
+    return prompt_ids[:common], out
 
 
 def encode_prompt(tokenizer, prompt) -> tuple[str, list[int], int | None]:
@@ -271,12 +270,17 @@ def encode_prompt(tokenizer, prompt) -> tuple[str, list[int], int | None]:
     return text, ids, end
 
 
-def encode_answer(tokenizer, prompt, prompt_text: str, prompt_ids: list[int], answer, end: int | None,
-                  stats: TokenizeStats) -> list[int]:
-    """The answer's token ids after ``prompt_ids``, ending with ``end`` (end-of-turn or end-of-text)."""
+def encode_answers(tokenizer, prompt, answers: list, stats: TokenizeStats) -> tuple[list[int], list[list[int]]]:
+    """The prompt's token ids and each answer's after them, ending with the end-of-turn (chat) or end-of-text token.
+    A chat template that renders the prompt alone otherwise than before an answer: split as ``_diverging_chat``."""
+    prompt_text, prompt_ids, end = encode_prompt(tokenizer, prompt)
     chat = isinstance(prompt, list)
-    text = _chat_answer_text(tokenizer, prompt, prompt_text, answer) if chat else answer
-    return _ended(tokenizer, _answer_ids(tokenizer, prompt_text, prompt_ids, text, stats, chat), end, chat)
+    texts = [_chat_answer_text(tokenizer, prompt, prompt_text, answer) if chat else answer for answer in answers]
+    if None in texts:
+        stats.diverged += 1
+        return _diverging_chat(tokenizer, prompt, answers, prompt_ids, end)
+    return prompt_ids, [_ended(tokenizer, _answer_ids(tokenizer, prompt_text, prompt_ids, text, stats, chat), end, chat)
+                        for text in texts]
 
 
 def _ended(tokenizer, ids: list[int], end: int | None, chat: bool) -> list[int]:
@@ -288,16 +292,7 @@ def _ended(tokenizer, ids: list[int], end: int | None, chat: bool) -> list[int]:
 
 def tokenize_pair(tokenizer, row: dict, stats: TokenizeStats) -> TokenizedPair:
     """The prompt's and both answers' token ids (answers end with the end-of-turn or end-of-text token)."""
-    prompt_text, prompt_ids, end = encode_prompt(tokenizer, row["prompt"])
-    chat = isinstance(row["prompt"], list)
-    texts = [_chat_answer_text(tokenizer, row["prompt"], prompt_text, row[k]) if chat else row[k]
-             for k in ("chosen", "rejected")]
-    if None in texts:
-        stats.diverged += 1
-        prompt_ids, chosen, rejected = _diverging_chat_pair(tokenizer, row, prompt_ids, end)
-        return TokenizedPair(prompt_ids, chosen, rejected, float(row.get("margin", 0.0)))
-    chosen, rejected = (_ended(tokenizer, _answer_ids(tokenizer, prompt_text, prompt_ids, text, stats, chat), end, chat)
-                        for text in texts)
+    prompt_ids, (chosen, rejected) = encode_answers(tokenizer, row["prompt"], [row["chosen"], row["rejected"]], stats)
     return TokenizedPair(prompt_ids, chosen, rejected, float(row.get("margin", 0.0)))
 
 

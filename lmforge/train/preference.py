@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmforge.data.preference import TokenizedPair, TokenizeStats, encode_answer, encode_prompt, read_pairs, tokenize_pairs
+from lmforge.data.preference import TokenizedPair, TokenizeStats, encode_answers, read_pairs, tokenize_pairs
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import record_end_of_turn
 from lmforge.model.checkpoint import load_model, model_kind
@@ -527,8 +527,7 @@ def reward_scores(model, rows: list[dict], tokenizer: Tokenizer | None = None, b
                 cut += 1
             inputs.append((ids, types))
             continue
-        text, prompt_ids, end = encode_prompt(tokenizer, row["prompt"])
-        answer = encode_answer(tokenizer, row["prompt"], text, prompt_ids, row["answer"], end, stats)
+        prompt_ids, (answer,) = encode_answers(tokenizer, row["prompt"], [row["answer"]], stats)
         excess = len(prompt_ids) + len(answer) - limit
         if excess >= len(prompt_ids):
             raise LmforgeError(f"{place(i)}: the answer alone is longer than {limit} tokens")
