@@ -15,10 +15,20 @@ from lmforge import __version__
 from lmforge.errors import LmforgeError
 
 
+def _refuse_terminal_stdin(what: str) -> None:
+    """``-`` reads standard input: when that is the terminal, nothing is piped in and the command would wait
+    silently for text the user does not know it is being asked for."""
+    if sys.stdin is None or sys.stdin.isatty():
+        raise LmforgeError(f"- reads {what} from standard input, but nothing is piped in (it is the terminal); pipe "
+                           f"it in (`cat FILE | lmforge ...`) or pass it on the command line")
+
+
 def cmd_tokenizer_train(args) -> None:
     from lmforge.data.corpus import warn_non_utf8_files
     from lmforge.tokenizer import train_tokenizer
 
+    if "-" in args.inputs:
+        _refuse_terminal_stdin("the corpus")
     tok = train_tokenizer(args.inputs or None, args.out, args.vocab_size, args.min_frequency, args.text_field,
                           progress=not args.quiet, overwrite=args.overwrite, encoder=args.encoder,
                           sentinels=args.sentinels, min_chars=args.min_chars)
@@ -31,6 +41,8 @@ def cmd_prepare(args) -> None:
     from lmforge.data.corpus import warn_non_utf8_files
     from lmforge.data.prepare import prepare
 
+    if "-" in args.inputs:
+        _refuse_terminal_stdin("the corpus")
     meta = prepare(
         args.inputs or None, args.tokenizer, args.out, args.val_fraction, args.seed, args.min_chars, args.workers,
         args.text_field, args.shard_tokens, args.overwrite, progress=not args.quiet,
@@ -128,7 +140,13 @@ def cmd_generate(args) -> None:
 
     from lmforge.data.corpus import read_stdin_text
 
-    prompt = read_stdin_text() if args.prompt == "-" else args.prompt
+    prompt = args.prompt
+    if prompt == "-":
+        _refuse_terminal_stdin("the prompt")
+        prompt = read_stdin_text()
+        if not prompt:  # (a pipe that gave nothing: not the deliberate "" of a generation from nothing)
+            raise LmforgeError("- read an empty prompt from standard input; pipe the prompt in, or pass \"\" to "
+                               "generate from nothing")
     from lmforge.model.gpt import GPT
 
     model, tokenizer = _load_for_inference(args, seq2seq=True)
@@ -386,13 +404,15 @@ def cmd_embed(args) -> None:
     import json
 
     from lmforge.model.checkpoint import load_model, load_tokenizer_for
-    from lmforge.model.encoder import Encoder, declared_max_length, embed
+    from lmforge.model.encoder import Encoder, declared_max_length, embed, sentence_recipe
     from lmforge.utils import pick_device, warn
 
     from lmforge.data.corpus import read_stdin_text
 
     if "-" in args.texts and len(args.texts) > 1:
         raise LmforgeError("- reads the texts from stdin: give it alone, or give the texts themselves")
+    if args.texts == ["-"]:
+        _refuse_terminal_stdin("the texts")
     given = read_stdin_text().splitlines() if args.texts == ["-"] else args.texts
     texts = [t for t in given if t.strip()]
     if not texts:
@@ -410,7 +430,8 @@ def cmd_embed(args) -> None:
     tokenizer = load_tokenizer_for(model)
     max_length = args.max_length or declared_max_length(model.source)
     reads = min(max_length or model.config.block_size, model.config.block_size)
-    long = sum(len(tokenizer.encode(t, add_special_tokens=True)) > reads for t in texts)
+    prompt = sentence_recipe(model.source).prompt  # (the folder's default prompt goes before each text)
+    long = sum(len(tokenizer.encode(prompt + t, add_special_tokens=True)) > reads for t in texts)
     if long:
         warn(f"{long} text(s) longer than the {reads} tokens the encoder reads: each embedding is of its start only")
     vectors = embed(model, tokenizer, texts, max_length=max_length, normalize=not args.no_normalize)
@@ -444,6 +465,8 @@ def cmd_search(args) -> None:
     from lmforge.data.corpus import read_stdin_text
     from lmforge.infer.retrieval import Index
 
+    if args.query == "-":
+        _refuse_terminal_stdin("the question")
     query = read_stdin_text() if args.query == "-" else args.query
     from lmforge.utils import pick_device
 
@@ -514,6 +537,13 @@ def cmd_eval(args) -> None:
     out = args.out
     if out is None and models and (Path(models[0]) / "metrics.jsonl").exists():
         out = str(Path(models[0]) / "eval.json")  # a training run keeps its evaluation (`lmforge report` shows it)
+    if out is not None:  # (said before the models run, not when their results cannot be written)
+        from lmforge.utils import file_above
+
+        blocking = file_above(Path(out))
+        if blocking is not None:
+            raise LmforgeError(f"--out {out} lies under {blocking}, which is a file; give a .json file path in a "
+                               f"folder")
     results = evaluate(models, tasks, args.data, args.split, args.batch_size, args.stride, args.max_tokens,
                        progress=not args.quiet, out=out, dtype=args.dtype, device=args.device)
     print(format_results(results))
@@ -1016,6 +1046,9 @@ def main(argv: list[str] | None = None) -> int:
     trains = (cmd_pretrain, cmd_finetune, cmd_reward, cmd_dpo, cmd_rl, cmd_baseline)
     stdout = sys.stdout
     try:
+        if args.func in trains and args.resume is True and args.overwrite:  # ("--resume auto" may empty a dead run)
+            raise LmforgeError("--resume continues the run in --out and --overwrite deletes it to start over; give "
+                               "one of them")
         if args.func in trains:  # a run outlives a reader of its output that goes away (`| head`)
             sys.stdout = _ReaderMayLeave(stdout)
         if args.func in takes_keys:

@@ -123,13 +123,18 @@ def atomic_dir(folder: str | os.PathLike):
         raise
 
 
+def file_above(path: Path) -> Path | None:
+    """The nearest of ``path``'s parent folders that is a file instead (nothing can be written under it), or None."""
+    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+
+
 def refuse_file_on_path(out: Path) -> None:
     """``--out`` must be a folder, or a path a folder can be made at: not a file, nor under one."""
     from lmforge.errors import LmforgeError
 
     if out.exists() and not out.is_dir():
         raise LmforgeError(f"--out {out} is a file; give a folder path")
-    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    blocking = file_above(out)
     if blocking is not None:
         raise LmforgeError(f"--out {out} lies under {blocking}, which is a file; give a folder path")
 

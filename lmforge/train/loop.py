@@ -192,6 +192,8 @@ def _check_run_dir(out: Path, config: TrainConfig, resume: bool, overwrite: bool
     from lmforge.utils import refuse_file_on_path
 
     refuse_file_on_path(out)
+    if resume is True and overwrite:  # (as the commands refuse them together; "auto" may empty a run that died early)
+        raise LmforgeError("resume continues the run in out and overwrite deletes it to start over; give one of them")
     if resume == "auto":  # continue when there is something to continue (torchrun --max-restarts), else start
         if checkpoint_dirs(out):
             resume = True
