@@ -114,6 +114,15 @@ def make_llama_with_bos(folder: Path) -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test, as the runs it compares with set themselves (their losses to the last digit)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def hf_gpt2(tmp_path, tokenizer_dir) -> Path:
     return make_hf_gpt2(tmp_path / "hf-gpt2", tokenizer_dir=tokenizer_dir)
 

@@ -16,12 +16,7 @@ SPACE_PAIRS = [{"prompt": "Hello ", "chosen": "world", "rejected": "Hello, world
                {"prompt": "Hello world, ", "chosen": "'s", "rejected": "world"}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest: torch on one thread, as the runs are)
 
 
 @pytest.fixture(scope="module")

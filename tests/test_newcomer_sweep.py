@@ -6,19 +6,10 @@ import sys
 
 import pytest
 from conftest import train_config
+from test_usability import one_error_line
 
 from lmforge.cli import main
 from lmforge.train.loop import pretrain
-
-
-def one_error_line(capsys, argv, match):
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lmforge: error: ") and match in lines[0], err
-    return lines[0]
 
 
 def test_resume_and_overwrite_together_are_refused_and_the_run_is_kept(data_dir, tmp_path, capsys):
@@ -80,10 +71,7 @@ def test_eval_out_under_a_file_is_refused_before_the_model_runs(hf_gpt2, tmp_pat
 
 def test_the_python_api_refuses_resume_and_overwrite_together(tmp_path, data_dir):
     """pretrain(resume=True, overwrite=True) ignored overwrite and continued, as the command did."""
-    from conftest import train_config
-
     from lmforge.errors import LmforgeError
-    from lmforge.train.loop import pretrain
 
     pretrain(train_config(data_dir, tmp_path / "run", max_steps=2), progress=False)
     before = (tmp_path / "run" / "metrics.jsonl").read_text()

@@ -55,12 +55,7 @@ SCORE_ROWS = [  # (prompt, answer) rows of different lengths, scored in one padd
 RUN = {"threads": 1, "dtype": "float32", "tensorboard": False, "seed": 0, "val_fraction": 0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest: torch on one thread, as the runs are)
 
 
 def jsonl(path, rows):

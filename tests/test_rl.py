@@ -51,12 +51,7 @@ TIMING = ("elapsed", "tokens_per_second", "generation_seconds", "scoring_seconds
 # -- fixtures and helpers ---------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest: torch on one thread, as the runs are)
 
 
 @pytest.fixture(scope="module")
