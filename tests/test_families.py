@@ -225,10 +225,10 @@ def test_the_python_api_fits_its_default_length_to_a_small_context(tmp_path):
     assert len(out.token_ids) + 3 <= 64 and out.finish_reason in ("length", "stop")
 
 
-def test_the_generate_command_takes_no_repeat_ngram_size_min_new_tokens_and_early_stopping(tmp_path):
+def test_the_generate_command_takes_no_repeat_ngram_size_min_new_tokens_and_early_stopping(tmp_path, capsys):
     """transformers' no_repeat_ngram_size, min_new_tokens and beam search's early_stopping were only in the Python
     API; `lmforge generate` has them as flags (and refuses an empty --stop, which it used to ignore)."""
-    from conftest import run_cli
+    from lmforge.cli import main
 
     hf = make(tmp_path / "m", "llama-gqa-untied-theta")
     word_tokenizer(tmp_path / "m")
@@ -237,17 +237,19 @@ def test_the_generate_command_takes_no_repeat_ngram_size_min_new_tokens_and_earl
         expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, num_beams=beams, no_repeat_ngram_size=1,
                                min_new_tokens=4, early_stopping={"true": True, "false": False}.get(early, early),
                                attention_mask=torch.ones_like(prompt), pad_token_id=0)[0, 3:].tolist()
-        r = run_cli("generate", "w9 w10 w11", "--model", str(tmp_path / "m"), "--temperature", "0", "--raw",
-                    "--max-new-tokens", "12", "--no-repeat-ngram-size", "1", "--min-new-tokens", "4",
-                    "--num-beams", str(beams), "--early-stopping", early)
-        assert r.returncode == 0, r.stderr
-        words = r.stdout.split()
-        assert words == [f"w{t}" for t in expected if t != hf.generation_config.eos_token_id], (beams, r.stdout)
+        capsys.readouterr()
+        code = main(["generate", "w9 w10 w11", "--model", str(tmp_path / "m"), "--temperature", "0", "--raw",
+                     "--max-new-tokens", "12", "--no-repeat-ngram-size", "1", "--min-new-tokens", "4",
+                     "--num-beams", str(beams), "--early-stopping", early])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        words = out.out.split()
+        assert words == [f"w{t}" for t in expected if t != hf.generation_config.eos_token_id], (beams, out.out)
         assert len(set(words)) == len(words)  # (no token twice: the prompt's are barred too)
-    r = run_cli("generate", "w9", "--model", str(tmp_path / "m"), "--stop", "")
-    assert r.returncode == 2 and "--stop" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("generate", "w9", "--model", str(tmp_path / "m"), "--no-repeat-ngram-size", "-1")
-    assert r.returncode == 2 and "no_repeat_ngram_size" in r.stderr and "Traceback" not in r.stderr
+    for flags, said in ((["--stop", ""], "--stop"), (["--no-repeat-ngram-size", "-1"], "no_repeat_ngram_size")):
+        assert main(["generate", "w9", "--model", str(tmp_path / "m"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_beam_search_takes_the_repetition_penalty_as_transformers_does(tmp_path):
