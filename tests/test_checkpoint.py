@@ -154,3 +154,22 @@ def test_weights_that_do_not_fit_the_config_are_reported(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "n_embd": 64}))
     with pytest.raises(LmforgeError, match="do not fit"):
         load_model(folder)
+
+
+def test_a_checkpoint_or_the_checkpoints_folder_of_a_run_loads_and_a_file_is_one_line(tmp_path, data_dir):
+    """A newcomer passes --model runs/x/checkpoints/step_N (or runs/x/checkpoints, or a file in a model folder):
+    each was "has no config.json and no checkpoints". A checkpoint loads its model, the checkpoints folder its
+    latest, and a file names the folder to give."""
+    from conftest import train_config
+
+    from lmforge.errors import LmforgeError
+    from lmforge.model.checkpoint import resolve_model_dir
+    from lmforge.train.loop import pretrain
+
+    pretrain(train_config(data_dir, tmp_path / "run", max_steps=4, checkpoint_interval=2, eval_interval=100),
+             progress=False)
+    steps = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert resolve_model_dir(steps[0]) == steps[0] / "model"
+    assert resolve_model_dir(tmp_path / "run" / "checkpoints") == steps[-1] / "model" == resolve_model_dir(tmp_path / "run")
+    with pytest.raises(LmforgeError, match="is a file; give the folder that holds the model"):
+        resolve_model_dir(steps[0] / "model" / "config.json")

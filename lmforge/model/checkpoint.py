@@ -158,15 +158,20 @@ def _end_ids(model, eos: int | None) -> int | list[int]:
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """A model folder, or a training run folder (its latest checkpoint's model folder)."""
+    """A model folder, a training run folder (its latest checkpoint's model folder), one of its checkpoints
+    (``checkpoints/step_N``: its model folder) or its ``checkpoints`` folder (the latest)."""
     path = Path(path)
     if not path.exists():
         raise LmforgeError(f"model folder {path} does not exist")
+    if path.is_file():
+        raise LmforgeError(f"{path} is a file; give the folder that holds the model ({path.parent})")
     if (path / "config.json").exists() or (path / "adapter_config.json").exists():
         return path
+    if (path / "model" / "config.json").exists() or (path / "model" / "adapter_config.json").exists():
+        return path / "model"  # a checkpoint of a run: its model folder
     from lmforge.train.checkpointing import latest_checkpoint
 
-    ckpt = latest_checkpoint(path)
+    ckpt = latest_checkpoint(path) or (latest_checkpoint(path.parent) if path.name == "checkpoints" else None)
     if ckpt is not None:
         return ckpt / "model"
     raise LmforgeError(f"{path} has no config.json and no checkpoints; pass a model folder or a training run folder")
