@@ -78,3 +78,14 @@ def test_the_python_api_refuses_resume_and_overwrite_together(tmp_path, data_dir
     with pytest.raises(LmforgeError, match="give one of them"):
         pretrain(train_config(data_dir, tmp_path / "run", max_steps=4), resume=True, overwrite=True, progress=False)
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_a_run_resumed_by_another_command_says_which_command_trained_it(tmp_path, data_dir, capsys):
+    """`lmforge finetune --out <a pretraining run> --resume` said "train ... is required"; it now names the command
+    that trained the run, and nothing in it changes."""
+    pretrain(train_config(data_dir, tmp_path / "run", max_steps=2), progress=False)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    for command in ("finetune", "dpo", "rl"):
+        one_error_line(capsys, [command, "--out", str(tmp_path / "run"), "--resume"],
+                       "is a run of `lmforge pretrain`; resume it with `lmforge pretrain --resume")
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before

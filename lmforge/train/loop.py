@@ -174,10 +174,28 @@ def resolve_config(config, resume: bool, overrides: dict, cls=TrainConfig) -> Tr
         out = overrides.get("out") or values.get("out") or (read_config_file(path).get("out") if path else None)
         saved = Path(out or cls.out) / "config.yaml"
         if saved.exists():
+            _refuse_another_command(saved.parent, cls)
             base = read_config_file(saved)
     config = load_config(path, {**values, **overrides}, base=base, cls=cls)
     config.source_file = path  # (read by --overwrite's check: the file must not lie in the folder it empties)
     return config
+
+
+def _refuse_another_command(run: Path, cls) -> None:
+    """A run resumed by the command that did not train it (finetune --resume on a pretraining run) is said as such,
+    not as a key the other command misses. The command is read from run.json's task (pretraining writes none)."""
+    from lmforge.train.config import DPOConfig, FinetuneConfig, RewardConfig, RLConfig
+    from lmforge.utils import read_json
+
+    if not (run / "run.json").is_file():
+        return
+    task = read_json(run / "run.json", "run description").get("task")
+    trained = "pretrain" if task is None else {"reward": "reward", "dpo": "dpo", "rl": "rl"}.get(task, "finetune")
+    resuming = next((name for kind, name in ((RLConfig, "rl"), (DPOConfig, "dpo"), (RewardConfig, "reward"),
+                                             (FinetuneConfig, "finetune")) if issubclass(cls, kind)), "pretrain")
+    if trained != resuming:
+        raise LmforgeError(f"{run} is a run of `lmforge {trained}`; resume it with `lmforge {trained} --resume --out "
+                           f"{run}`, or give `lmforge {resuming}` another --out")
 
 
 # Keys that shape the model. A resumed run takes its model from the checkpoint, so a new value would be
