@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import math
+import shutil
 import warnings
 
 import pytest
@@ -18,6 +19,7 @@ from conftest import make_hf_gpt2
 
 from lmforge.cli import main
 from lmforge.data.preference import read_pairs
+from lmforge.errors import LmforgeError
 from lmforge.model.checkpoint import load_adapted, load_model, save_model
 from lmforge.model.hf import state_dict_to_hf
 from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
@@ -579,3 +581,31 @@ def test_lora_dpo_adapter_loads_in_peft_with_the_same_logits(tmp_path, tokenizer
         assert_near(ours, auto(ids).logits, 1e-4, "LoRA DPO logits vs AutoPeftModelForCausalLM")
         assert_near(ours, wrapped(ids).logits, 1e-4, "LoRA DPO logits vs PeftModel")
     assert max_diff(ours, base_logits) > 1e-3  # the adapter was trained: it changes the logits
+
+
+@pytest.mark.parametrize("reference", ["auto", "precomputed"])
+def test_a_reference_model_of_its_own_gives_trls_loss_with_that_ref_model(reference, tmp_path, tokenizer_dir):
+    """TRL's DPOTrainer takes any ref_model; lmforge's reference was always the model the run starts from.
+    --reference-model names another folder: the loss is TRL's with that ref_model, live or precomputed; a
+    reference of another vocabulary is one line, before anything is written."""
+    base = make_hf_gpt2(tmp_path / "base", tokenizer_dir=tokenizer_dir)
+    policy = perturbed_policy(base, tmp_path / "policy", scale=0.1)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, policy / name)
+    data = jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    config = DPOConfig(model=str(policy), reference_model=str(base), train=str(data), out=str(tmp_path / "run"),
+                       reference=reference, **RUN)
+    ours = DPO(config, torch.device("cpu"), None, read_pairs(data))
+    trainer = trl_dpo(base, policy, PAIRS, hf_tokenizer(tokenizer_dir), tmp_path)
+    examples = [trainer.train_dataset[i] for i in range(len(PAIRS))]
+    trainer.model.train()
+    theirs = trainer.compute_loss(trainer.model, trainer.data_collator(examples))
+    ours.model.train()
+    loss, _ = ours.pair_loss(ours.model, ours.collate(list(range(len(PAIRS)))))
+    assert abs(loss.item() - math.log(2)) > 1e-3  # (the policy is not its reference)
+    assert_near(loss.item(), theirs.item(), 1e-5, f"DPO loss with a reference model of its own ({reference})")
+    other = make_hf_gpt2(tmp_path / "other", tokenizer_dir=tokenizer_dir, vocab_size=2048)
+    bad = DPOConfig(model=str(policy), reference_model=str(other), train=str(data), out=str(tmp_path / "bad"), **RUN)
+    with pytest.raises(LmforgeError, match="vocabulary of 2048 tokens, not the policy's 1024"):
+        DPO(bad, torch.device("cpu"), None, read_pairs(data))
+    assert not (tmp_path / "bad").exists()

@@ -305,6 +305,8 @@ class DPOConfig(FinetuneConfig):
     reference: str = setting("auto", "the frozen reference: auto (adapter with lora, else copy), copy, adapter "
                              "(the policy with its LoRA switched off) or precomputed (log-probs cached once)",
                          choices=("auto", "copy", "adapter", "precomputed"))
+    reference_model: str = setting("", "a model folder to be the frozen reference (TRL's ref_model; with the "
+                                   "policy's tokenizer): default, the model the run starts from")
     truncation: str = setting("left", "pairs over max_length: left (cut the prompt's start) or drop",
                           choices=("left", "drop"))
     dropout: float | None = setting(0.0, "dropout while training (TRL turns it off too); none: the model's own")
@@ -318,6 +320,8 @@ class DPOConfig(FinetuneConfig):
             (0 <= self.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5)"),
             (self.label_smoothing == 0 or self.loss == "cdpo", "label_smoothing applies to --loss cdpo only"),
             (self.reference != "adapter" or self.method == "lora", "reference adapter needs --method lora"),
+            (not self.reference_model or self.reference != "adapter",
+             "--reference-model is a model of its own; --reference adapter is the policy with its adapters off"),
         ]
         for ok, message in checks:
             if not ok:

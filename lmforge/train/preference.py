@@ -354,7 +354,8 @@ class DPO(PairObjective):
         if self.chat:  # (the policy answers in turns: its saved generation config ends them)
             record_end_of_turn(self.model, self.tokenizer)
         c = self.config
-        self.reference = c.reference if c.reference != "auto" else ("adapter" if c.method == "lora" else "copy")
+        self.reference = c.reference if c.reference != "auto" else (
+            "adapter" if c.method == "lora" and not c.reference_model else "copy")
         self.ref_model = None
         self.ref_logps: dict[str, torch.Tensor] = {}
         if self.reference == "copy":
@@ -367,14 +368,22 @@ class DPO(PairObjective):
             # after sharding, every rank passing over every pair (a sharded forward pass is a collective)
 
     def base_model(self):
-        """The frozen reference: the model the run started from (never a resumed checkpoint)."""
-        model = load_model(self.config.model, self.device)
+        """The frozen reference: ``reference_model``, else the model the run started from (never a resumed
+        checkpoint). A reference of another vocabulary than the policy's is refused: it would score other tokens."""
+        c = self.config
+        model = load_model(c.reference_model or c.model, self.device)
+        if c.reference_model and (not isinstance(model, GPT) or model.score is not None):
+            raise LmforgeError(f"--reference-model {c.reference_model} is not a causal language model; give one")
+        if c.reference_model and model.config.vocab_size != self.model.config.vocab_size:
+            raise LmforgeError(f"--reference-model {c.reference_model} has a vocabulary of {model.config.vocab_size} "
+                               f"tokens, not the policy's {self.model.config.vocab_size}; give a model with the "
+                               f"policy's tokenizer")
         for p in model.parameters():
             p.requires_grad_(False)
         return model.eval()
 
     def cache_key(self) -> str:
-        digest = hashlib.sha256(str(Path(self.config.model).resolve()).encode())
+        digest = hashlib.sha256(str(Path(self.config.reference_model or self.config.model).resolve()).encode())
         for pairs in (self.train_pairs, self.val_pairs):
             for p in pairs:
                 digest.update(repr((p.prompt, p.chosen, p.rejected)).encode())
@@ -394,10 +403,10 @@ class DPO(PairObjective):
     def precomputed(self) -> dict[str, torch.Tensor]:
         """Reference log-probs of every pair, computed once, outside autocast (in the weights' own precision, as
         when it runs in setup, even if it runs at the first step of a bf16 run)."""
-        if self.checkpoint is None and not getattr(self.model, "lora", None):
+        if self.checkpoint is None and not getattr(self.model, "lora", None) and not self.config.reference_model:
             model = self.model  # a fresh run: the policy is still the reference
         else:
-            model = self.base_model() if self.config.method != "lora" else self.model
+            model = self.base_model() if self.config.method != "lora" or self.config.reference_model else self.model
         out = {}
         was_training = self.model.training
         with torch.no_grad(), adapters_off(model), torch.autocast(self.device.type, enabled=False):
