@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
@@ -56,7 +57,36 @@ _CLASS_TOKENS = {
                       "mask_token": "[MASK]"},
     "GemmaTokenizer": {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"},
 }
+_TOKEN_FIELDS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")  # (an AddedToken's)
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _add_configured_tokens(hf: HFTokenizer, config: dict) -> None:
+    """Make the added tokens what transformers makes them on loading: an entry of tokenizer_config.json's
+    added_tokens_decoder that differs from tokenizer.json's is added again (its flags win), and every special token
+    the files name (bos_token ... mask_token, additional and extra special tokens) is an added token marked special:
+    a new one where the vocabulary lacks it. (Otherwise "</s>" in a text was pieces of "<", "/s", ">", and an eos
+    token not flagged special stayed in text decoded without special tokens.)"""
+    decoder = config.get("added_tokens_decoder")
+    existing = {t.content: t for t in hf.get_added_tokens_decoder().values()}
+    for spec in decoder.values() if isinstance(decoder, dict) else []:
+        if isinstance(spec, dict) and isinstance(spec.get("content"), str):
+            # (a token special in tokenizer.json stays special: the Rust library's decode still skips it)
+            special = bool(spec.get("special")) or getattr(existing.get(spec["content"]), "special", False)
+            token = AddedToken(**{**{k: spec[k] for k in _TOKEN_FIELDS if k in spec}, "special": special})
+            if spec["content"] not in existing or existing[spec["content"]].__getstate__() != token.__getstate__():
+                (hf.add_special_tokens if token.special else hf.add_tokens)([token])
+    named = [config.get(key) for key in _SPECIAL_KEYS]
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        value = config.get(key)
+        named += value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else []
+    existing = {t.content: t for t in hf.get_added_tokens_decoder().values()}
+    for value in named:
+        spec = value if isinstance(value, dict) else {"content": value}
+        if isinstance(spec.get("content"), str) and spec["content"] and not getattr(existing.get(spec["content"]),
+                                                                                      "special", False):
+            flags = {"normalized": False, **{k: spec[k] for k in _TOKEN_FIELDS if k in spec}, "special": True}
+            hf.add_special_tokens([existing.get(spec["content"]) or AddedToken(**flags)])
 
 
 def _read_config(path: Path) -> dict:
@@ -144,6 +174,7 @@ class Tokenizer:
         for key, value in _CLASS_TOKENS.get(str(config.get("tokenizer_class", "")).removesuffix("Fast"), {}).items():
             if key not in config and hf.token_to_id(value) is not None:
                 config[key] = value
+        _add_configured_tokens(hf, config)
         tok = cls(hf, config)
         tok.path = file
         # transformers 4.54+'s named templates, one file each: when there are any, they and chat_template.jinja (as
@@ -170,6 +201,14 @@ class Tokenizer:
         atomic_write_text(folder / "tokenizer.json", self.hf.to_str(pretty=True))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
         config.update(self.config)
+        # special_tokens_map.json's {"content": ..., "lstrip": ...}: transformers 5 refuses it in tokenizer_config.json
+        # (the token, flags and all, is in tokenizer.json's added tokens: its text says which)
+        for key in _SPECIAL_KEYS:
+            if isinstance(config.get(key), dict):
+                config[key] = self._token_text(key)
+        if isinstance(config.get("additional_special_tokens"), list):
+            config["additional_special_tokens"] = [t.get("content") if isinstance(t, dict) else t
+                                                   for t in config["additional_special_tokens"]]
         if not self.configured:  # (a folder's tokenizer gets no token it did not name: lmforge finds them again)
             if self.eos_id is not None:
                 config.setdefault("eos_token", self.hf.id_to_token(self.eos_id))
