@@ -176,3 +176,44 @@ def test_importing_lmforges_model_leaves_the_harness_its_own():
             "print(get_model('hf').__name__, get_model('lmforge').__name__)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.stdout.split() == ["HFLM", "LmforgeLM"], result.stderr[-2000:]  # (a fresh process: a clean registry)
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+          "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_apply_chat_template_renders_prompts_as_the_harness_hf_model_does(hf_gpt2, tmp_path):
+    """--apply_chat_template with the lmforge model was the harness's NotImplementedError (no tokenizer_name, no
+    apply_chat_template); now its prompts are the hf model's, continued final message (a task's gen_prefix) included,
+    and the harness's scores are the hf model's."""
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from lmforge.eval.harness import LmforgeLM
+
+    config = json.loads((hf_gpt2 / "tokenizer_config.json").read_text())
+    (hf_gpt2 / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    ours = LmforgeLM(pretrained=str(hf_gpt2), batch_size=4)
+    theirs = HFLM(pretrained=str(hf_gpt2), batch_size=4, device="cpu", dtype="float32")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Which colour?"},
+            {"role": "assistant", "content": "The answer is "}]
+    for history, generation_prompt in [(chat[:2], True), (chat, False)]:
+        ours_text = ours.apply_chat_template(history, generation_prompt)
+        assert ours_text == theirs.apply_chat_template(history, generation_prompt)
+    assert ours.chat_template(True) == CHATML and ours.tokenizer_name
+    no_system = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}" + CHATML
+    ours.tokenizer.config["chat_template"] = theirs.tokenizer.chat_template = no_system  # (both render without it)
+    assert ours.apply_chat_template(chat[:2]) == theirs.apply_chat_template(chat[:2]) == \
+        "<|im_start|>user\nWhich colour?<|im_end|>\n<|im_start|>assistant\n"
+
+    harness_dir, _ = write_task(tmp_path)
+    scores = {}
+    for name in ("lmforge", "hf"):
+        results = lm_eval.simple_evaluate(
+            model=name, model_args=f"pretrained={hf_gpt2},dtype=float32", batch_size=4, tasks=["lmforge_local_mc"],
+            task_manager=TaskManager(include_path=str(harness_dir), include_defaults=False), num_fewshot=0, limit=6,
+            apply_chat_template=True, log_samples=True, device="cpu")
+        samples = results["samples"]["lmforge_local_mc"]
+        assert samples[0]["arguments"][0][0].startswith("<|im_start|>user\n")
+        scores[name] = [resp[0][0] for s in samples for resp in s["resps"]]
+    assert scores["lmforge"] == pytest.approx(scores["hf"], abs=1e-4)

@@ -80,7 +80,7 @@ def perplexity_of(model, token_ids, n_bytes: int, stride: int | None = None, pro
     return {**perplexity_metrics(nll, n, n_bytes, what), "tokens": n, "bytes": n_bytes}
 
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)")  # (".5" is 0.5, not 5)
 
 
 # -- running tasks ------------------------------------------------------------------------------------

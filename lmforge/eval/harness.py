@@ -75,6 +75,41 @@ class LmforgeLM(LM):
             warn(f"model_args {', '.join(unused)} are not read by the lmforge model (it reads pretrained, batch_size, "
                  f"device, dtype, max_gen_toks, int8, add_bos_token)")
 
+    # -- chat templates (--apply_chat_template), as the hf model renders them --------------------------
+
+    @property
+    def tokenizer_name(self) -> str:
+        """What the harness keys its request cache by with a chat template (the hf model: the tokenizer's path)."""
+        return str(self.model.source).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The template prompts are rendered with under --apply_chat_template (the harness records it)."""
+        return self.tokenizer.chat_template if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation (the task's demonstrations and question) rendered with the model's chat template, as the
+        hf model renders it: ready for the assistant's turn, or, without ``add_generation_prompt`` (a task's
+        gen_prefix), ending inside the last message (transformers' continue_final_message); a template that refuses
+        a system message is rendered again without it."""
+        from lmforge.errors import LmforgeError
+
+        if self.tokenizer.chat_template is None:
+            raise LmforgeError(f"{self.model.source} has no chat template; leave out --apply_chat_template")
+        tag = "CONTINUE_FINAL_MESSAGE_TAG "  # (transformers' marker for where the last message ends)
+        if not add_generation_prompt:
+            chat_history = [*chat_history[:-1], {**chat_history[-1], "content": chat_history[-1]["content"] + tag}]
+        try:
+            text = self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+        except LmforgeError:
+            chat_history = [m for m in chat_history if m["role"] != "system"]
+            text = self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+        if add_generation_prompt:
+            return text
+        if tag.strip() not in text:
+            raise LmforgeError("the chat template leaves out part of the last message, so it cannot be continued")
+        at = text.rindex(tag.strip())
+        return text[:at] if text[at : at + len(tag)] == tag else text[:at].rstrip()
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = []
         for request in requests:

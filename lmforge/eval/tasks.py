@@ -102,20 +102,27 @@ class Task:
             value = self.render(self.choices, doc)
             parsed = _parse_list(value)
         if not isinstance(parsed, list) or not parsed:
-            raise LmforgeError(f"task {self.name}: `choices` gave {value!r}, not a list")
+            raise LmforgeError(f"task {self.name}: `choices` gave {value!r}, " + ("an empty list" if parsed == [] else
+                                                                                 "not a list"))
         return [str(c) for c in parsed]
 
     def references_of(self, doc: dict) -> list[str]:
         """A generation task's right answers: the rendered target, or each item where the target is one field
         holding a list (``target: "{{ answers }}"``, SQuAD's several answers: the best match counts)."""
-        single = _SINGLE_FIELD.fullmatch(self.target or "")
-        value = doc.get(single.group(1)) if single else None
-        if isinstance(value, list):
+        value = self._answer_list(doc)
+        if value is not None:
             if not value or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
-                raise LmforgeError(f"task {self.name}: the target field {single.group(1)!r} holds {value!r}; a list "
-                                   f"of answers must hold at least one, each a string or a number")
+                field = _SINGLE_FIELD.fullmatch(self.target).group(1)
+                raise LmforgeError(f"task {self.name}: the target field {field!r} holds {value!r}; a list of answers "
+                                   f"must hold at least one, each a string or a number")
             return [str(v).strip() for v in value]
         return [self.render(self.target, doc).strip()]
+
+    def _answer_list(self, doc: dict) -> list | None:
+        """The list a target of one field (``{{ answers }}``) names, or None where the target is no such field."""
+        single = _SINGLE_FIELD.fullmatch(self.target or "")
+        value = doc.get(single.group(1)) if single else None
+        return value if isinstance(value, list) else None
 
     def target_index(self, doc: dict) -> int:
         """The right choice's index: the target is an index, or the text of one of the choices. A target that is
@@ -168,6 +175,7 @@ class Task:
                 self.target_index(doc)
             else:
                 target = self.render(self.target, doc)
+                self.references_of(doc)  # (a list of answers holds answers)
                 if self.type == "regression":
                     try:
                         float(target)
@@ -182,6 +190,8 @@ class Task:
         """A solved example: the prompt followed by the right answer."""
         if self.type in ("multiple_choice", "classification"):
             answer = self.choices_of(doc)[self.target_index(doc)]
+        elif self._answer_list(doc) is not None:  # several right answers: the first, as lm-evaluation-harness shows it
+            answer = self.references_of(doc)[0]
         else:
             answer = self.render(self.target, doc)
         return self.render(self.prompt, doc) + self.target_delimiter + answer
@@ -230,7 +240,7 @@ def _render(template: str, doc: dict, task: str) -> str:
     from jinja2 import TemplateError
     try:
         return _compiled(template).render(**doc)
-    except TemplateError as e:
+    except (TemplateError, ArithmeticError, TypeError, ValueError) as e:  # (also {{ q + n }}: a text and a number)
         raise LmforgeError(f"task {task}: template {template!r} failed on an example ({e}); check the field names") from None
 
 
@@ -259,7 +269,10 @@ def load_task_file(path: str | os.PathLike) -> Task:
     for key in ("type", "data"):
         if key not in spec:
             raise LmforgeError(f"task file {path} needs `{key}`")
-    name = str(spec.get("task", path.stem))
+    name = spec.get("task", path.stem)
+    if not isinstance(name, (str, int, float)) or isinstance(name, bool) or name == "":
+        raise LmforgeError(f"task file {path}: `task` must be a name (text), not {name!r}")
+    name = str(name)
 
     def value(key: str, default, kind: str):
         """``spec[key]`` checked against what the key takes: text, a whole number (0 or more; max_new_tokens 1 or
