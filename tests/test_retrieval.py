@@ -192,6 +192,8 @@ def test_embedding_requests_that_are_wrong_get_openai_errors(embedding_server):
         ({"input": []}, 400, "input"),
         ({"input": "x", "model": "gpt-4"}, 404, "The model 'gpt-4' does not exist"),
         ({"input": "x", "dimensions": 385}, 400, "makes vectors of 384"),
+        ({"input": "x", "dimensions": True}, 400, "dimensions"),  # (no count: it was read as 1)
+        ({"input": "x", "dimensions": "128"}, 400, "dimensions"),
         ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
         ({}, 400, "input"),
         # longer than MiniLM reads (256 tokens): refused as OpenAI refuses it, not embedded from its start alone

@@ -24,7 +24,7 @@ class EmbeddingBody(BaseModel):
     input: str | Annotated[list, Field(min_length=1, max_length=MAX_INPUTS)]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)
+    dimensions: int | None = Field(default=None, ge=1, strict=True)  # (true and "5" are no count: a 400, not 1 and 5)
     user: str | None = None
 
 
