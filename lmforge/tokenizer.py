@@ -57,6 +57,11 @@ _CLASS_TOKENS = {
                       "mask_token": "[MASK]"},
     "GemmaTokenizer": {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"},
 }
+# The byte each character of a byte-level BPE vocabulary (GPT-2's, Llama 3's, Qwen's) stands for: printable bytes
+# as themselves, the others as the characters from U+0100 on, in order (GPT-2's bytes_to_unicode)
+_PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+_BYTE_LEVEL = {chr(b): b for b in _PRINTABLE} | {chr(256 + i): b for i, b in
+                                                 enumerate(b for b in range(256) if b not in _PRINTABLE)}
 _TOKEN_FIELDS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")  # (an AddedToken's)
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -429,6 +434,21 @@ class Tokenizer:
         tokenizer asks: ``cleans_up``)."""
         text = self.hf.decode(list(ids), skip_special_tokens=False)
         return clean_up_tokenization(text) if self.cleans_up else text
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes ``token`` stands for: those of its text, but for a byte-level BPE's or a byte-fallback
+        (``<0xE2>``) piece of a character, its own bytes rather than U+FFFD's (what ``decode`` writes for it)."""
+        from lmforge.infer.detokenize import BYTE_TOKEN
+
+        text = self.decode([token])
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        name = self.hf.id_to_token(token) or ""
+        if BYTE_TOKEN.fullmatch(name):
+            return bytes([int(name[3:5], 16)])
+        if name and all(c in _BYTE_LEVEL for c in name):
+            return bytes(_BYTE_LEVEL[c] for c in name)
+        return text.encode("utf-8")
 
     def token_to_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)

@@ -465,3 +465,18 @@ def test_named_chat_templates_are_chosen_as_transformers_chooses_them(tmp_path, 
         AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(messages, tokenize=False)
     with pytest.raises(LmforgeError, match="none named default"):
         Tokenizer.load(folder).apply_chat_template(messages)
+
+
+def test_each_tokens_own_bytes_add_up_to_the_text(tok, tmp_path):
+    """A byte-level BPE or a byte-fallback tokenizer splits "€" into pieces that decode alone to U+FFFD; their own
+    bytes (what the server's logprobs report, and what bits per byte count for a text's unscored first token) add
+    up to the text's, where decoding each piece gave 3 bytes of U+FFFD apiece."""
+    from conftest import make_llama_with_bos
+
+    text = "€ price 😀 naïve"
+    for tokenizer in (tok, Tokenizer.load(make_llama_with_bos(tmp_path / "llama"))):
+        ids = tokenizer.encode(text)
+        assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # (the case: pieces of a character)
+        joined = b"".join(tokenizer.token_bytes(i) for i in ids).decode("utf-8")
+        # (a SentencePiece token decoded alone loses its word-start space, as transformers' decode([id]) does)
+        assert joined == text if tokenizer is tok else joined == text.replace(" ", "")

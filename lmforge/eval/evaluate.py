@@ -99,7 +99,7 @@ def run_task(model, tokenizer, task: Task, batch_size: int = 16, stride: int | N
         # first token is predicted too; without such a token the first is not, and its bytes are not counted)
         sequences = [tokenizer.encode_prompt(t) for t in texts]
         nll, n = rolling_nll(model, sequences, stride, batch_size=batch_size, progress=progress)
-        unscored = sum(len(tokenizer.decode(ids[:1]).encode("utf-8")) for ids in sequences if not tokenizer.prefix_ids)
+        unscored = sum(len(tokenizer.token_bytes(ids[0])) for ids in sequences if ids and not tokenizer.prefix_ids)
         n_bytes = sum(len(t.encode("utf-8")) for t in texts) - unscored
         metrics = perplexity_metrics(nll, n, n_bytes, f"task {task.name} ({task.source})")
         metrics = {k: v for k, v in metrics.items() if k in task.metrics}

@@ -551,6 +551,15 @@ def load_adapter(model, folder: str | os.PathLike) -> None:
                 param.copy_(tensors[key])
 
 
+def lora_targets(model, targets: str) -> list[str]:
+    """lmforge's LoRA targets for ``--lora-targets`` in lmforge's names (q, k, v, o, fc, proj) or in PEFT's
+    (``q_proj,v_proj``, GPT-2's ``c_attn``, ``all-linear``), which adapt what PEFT's target_modules would."""
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if all(name in TARGETS for name in names):
+        return names
+    return _targets_from_peft(model, {"target_modules": "all-linear" if names == ["all-linear"] else names})
+
+
 def _targets_from_peft(model, config: dict) -> list[str]:
     """lmforge's targets for a PEFT adapter's ``target_modules``, matched as PEFT matches them: a name adapts every
     module whose path is that name or ends with "." + it (GPT-2's ``c_proj`` is attention's and the MLP's output;

@@ -46,7 +46,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.detokenize import BYTE_TOKEN
 from lmforge.infer.engine import Engine, Request, end_tokens
 from lmforge.infer.generate import SamplingParams, chat_prompt
 from lmforge.infer.sampling import recommended_length, recommended_sampling
@@ -558,26 +557,11 @@ class OpenAIService:
         differ are named differently, so that none hides another among a position's top log-probabilities."""
         if token >= self.tokenizer.vocab_size:
             return f"token_id:{token}"
-        raw = self.token_bytes(token)
+        raw = self.tokenizer.token_bytes(token)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-
-    def token_bytes(self, token: int) -> bytes:
-        """The bytes ``token`` stands for (chat logprobs' ``bytes``, which a client joins to rebuild a character
-        split across tokens): those of its text, but for a byte-level BPE's or a byte-fallback (``<0xE2>``) piece of
-        a character, its own bytes rather than U+FFFD's."""
-        text = self.tokenizer.decode([token])
-        if "\ufffd" not in text:
-            return text.encode("utf-8")
-        name = self.tokenizer.hf.id_to_token(token) or ""
-        if BYTE_TOKEN.fullmatch(name):
-            return bytes([int(name[3:5], 16)])
-        byte_level = _byte_level_alphabet()
-        if name and all(c in byte_level for c in name):
-            return bytes(byte_level[c] for c in name)
-        return text.encode("utf-8")
 
     async def completions(self, body: CompletionBody, http: HTTPRequest):
         self.check_model(body.model)
@@ -812,16 +796,7 @@ class OpenAIService:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     def _token_entry(self, token: int, logprob: float) -> dict:
-        return {"token": self.token_text(token), "logprob": logprob, "bytes": list(self.token_bytes(token))}
-
-
-@functools.cache
-def _byte_level_alphabet() -> dict[str, int]:
-    """The byte each character of a byte-level BPE vocabulary (GPT-2's, Llama 3's, Qwen's) stands for: printable
-    bytes as themselves, the others as the characters from U+0100 on, in order (GPT-2's ``bytes_to_unicode``)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
-    others = [b for b in range(256) if b not in printable]
-    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+        return {"token": self.token_text(token), "logprob": logprob, "bytes": list(self.tokenizer.token_bytes(token))}
 
 
 def _reason(seq) -> str:

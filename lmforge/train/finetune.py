@@ -36,7 +36,7 @@ from lmforge.model.encoder import Encoder
 from lmforge.model.gpt import GPT
 from lmforge.model.heads import attach_head, decoder_classifier_ids
 from lmforge.model.hf import ENCODER_DECODER_TYPES
-from lmforge.model.lora import TARGETS, LoRALinear, _targets_from_peft, add_lora, count_trainable, save_adapter
+from lmforge.model.lora import LoRALinear, add_lora, count_trainable, lora_targets, save_adapter
 from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 from lmforge.train.checkpointing import checkpoint_dirs
 from lmforge.train.config import FinetuneConfig
@@ -69,16 +69,6 @@ def set_dropout(model, p: float | None):
             module.dropout = p
     model.config = dataclasses.replace(model.config, dropout=p)
     return model
-
-
-
-def lora_targets(model, targets: str) -> list[str]:
-    """lmforge's LoRA targets for ``--lora-targets`` in lmforge's names (q, k, v, o, fc, proj) or in PEFT's
-    (``q_proj,v_proj``, GPT-2's ``c_attn``, ``all-linear``), which adapt what PEFT's target_modules would."""
-    names = [t.strip() for t in targets.split(",") if t.strip()]
-    if all(name in TARGETS for name in names):
-        return names
-    return _targets_from_peft(model, {"target_modules": "all-linear" if names == ["all-linear"] else names})
 
 
 def _tools(row: dict) -> list | None:
